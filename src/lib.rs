@@ -1,0 +1,5 @@
+pub mod domain;
+
+pub mod proto {
+    tonic::include_proto!("backstop.v1");
+}
