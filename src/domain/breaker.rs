@@ -263,14 +263,28 @@ impl BreakerConfig {
 /// Why the breaker changed state.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Cause {
-    ConsecutiveFailures { count: u32, trigger: Trigger },
-    FailureRate { failures: u64, calls: u64 },
+    ConsecutiveFailures {
+        count: u32,
+        trigger: Trigger,
+    },
+    FailureRate {
+        failures: u64,
+        calls: u64,
+    },
     /// A PERSISTENT-class outcome (invalid key, exhausted quota).
-    Persistent { class: OutcomeClass },
-    ProbeFailed { trigger: Trigger },
+    Persistent {
+        class: OutcomeClass,
+    },
+    ProbeFailed {
+        trigger: Trigger,
+    },
     OpenElapsed,
-    ProbesSucceeded { count: u32 },
-    Operator { mode: Mode },
+    ProbesSucceeded {
+        count: u32,
+    },
+    Operator {
+        mode: Mode,
+    },
     Reset,
 }
 
@@ -291,9 +305,13 @@ pub struct Transition {
 pub enum BreakerEvent {
     Transition(Transition),
     /// A probe lease ran out without an outcome; its slot was reclaimed.
-    ProbeExpired { probe: u64 },
+    ProbeExpired {
+        probe: u64,
+    },
     /// A PERSISTENT outcome arrived while open and lengthened the open period.
-    OpenExtended { until: Time },
+    OpenExtended {
+        until: Time,
+    },
 }
 
 /// Why admission was refused.

@@ -164,8 +164,19 @@ mod tests {
     #[test]
     fn rejects_malformed_without_panicking() {
         for input in [
-            "", "s", "10", "-1s", "1x", "1..2s", ".s", "1s2", "ms10", "99999999999999999999h",
-            "1e3s", "NaN", "1 s",
+            "",
+            "s",
+            "10",
+            "-1s",
+            "1x",
+            "1..2s",
+            ".s",
+            "1s2",
+            "ms10",
+            "99999999999999999999h",
+            "1e3s",
+            "NaN",
+            "1 s",
         ] {
             assert!(parse_duration(input).is_err(), "{input:?} should fail");
         }
@@ -173,7 +184,13 @@ mod tests {
 
     #[test]
     fn formats_round_trip() {
-        for d in [ms(250), ms(30_000), ms(90_000), ms(3_723_500), Duration::ZERO] {
+        for d in [
+            ms(250),
+            ms(30_000),
+            ms(90_000),
+            ms(3_723_500),
+            Duration::ZERO,
+        ] {
             assert_eq!(parse_duration(&format_duration(d)), Ok(d));
         }
         assert_eq!(format_duration(ms(90_000)), "1m30s");

@@ -7,7 +7,10 @@
 //! is shared and persisted.
 
 pub mod breaker;
+pub mod budget;
 pub mod duration;
+pub mod headers;
+pub mod retry;
 pub mod taxonomy;
 pub mod time;
 pub mod window;

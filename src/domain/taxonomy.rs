@@ -267,10 +267,7 @@ mod tests {
 
     #[test]
     fn rejects_what_cannot_be_classified() {
-        assert_eq!(
-            classify(None, 0, ""),
-            Err(ClassifyError::NothingToClassify)
-        );
+        assert_eq!(classify(None, 0, ""), Err(ClassifyError::NothingToClassify));
         assert_eq!(classify(None, 600, ""), Err(ClassifyError::BadStatus(600)));
         assert_eq!(classify(None, -1, ""), Err(ClassifyError::BadStatus(-1)));
         // A success status is never turned into a failure by a stray error type.

@@ -105,7 +105,10 @@ mod tests {
             Time::from_secs(10).since(Time::from_secs(4)),
             Duration::from_secs(6)
         );
-        assert_eq!(Time::from_secs(4).since(Time::from_secs(10)), Duration::ZERO);
+        assert_eq!(
+            Time::from_secs(4).since(Time::from_secs(10)),
+            Duration::ZERO
+        );
         assert_eq!(
             Time::from_secs(4).until(Time::from_secs(10)),
             Duration::from_secs(6)

@@ -146,8 +146,16 @@ fn slow_successes_count_as_failures_when_enabled() {
         slow_call_duration: Some(Duration::from_millis(500)),
         ..cfg()
     };
-    let fast = c.effect(OutcomeClass::Success, Some(Duration::from_millis(499)), false);
-    let slow = c.effect(OutcomeClass::Success, Some(Duration::from_millis(501)), false);
+    let fast = c.effect(
+        OutcomeClass::Success,
+        Some(Duration::from_millis(499)),
+        false,
+    );
+    let slow = c.effect(
+        OutcomeClass::Success,
+        Some(Duration::from_millis(501)),
+        false,
+    );
     assert_eq!(fast, Effect::Success);
     assert_eq!(slow, Effect::Failure(Trigger::SlowCall));
     let mut b = Breaker::new(7);
@@ -183,7 +191,11 @@ fn open_becomes_half_open_exactly_when_the_period_ends() {
     let t = transitions(&ev);
     assert_eq!(
         (t[0].from, t[0].to, t[0].cause),
-        (BreakerState::Open, BreakerState::HalfOpen, Cause::OpenElapsed)
+        (
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+            Cause::OpenElapsed
+        )
     );
 }
 
@@ -400,8 +412,14 @@ fn rate_limited_with_a_hint_is_left_to_the_budget() {
         c.effect(OutcomeClass::RateLimited, None, false),
         Effect::Failure(Trigger::Outcome(OutcomeClass::RateLimited))
     );
-    assert_eq!(c.effect(OutcomeClass::BadInput, None, false), Effect::Ignore);
-    assert_eq!(c.effect(OutcomeClass::Partial, None, false), Effect::Success);
+    assert_eq!(
+        c.effect(OutcomeClass::BadInput, None, false),
+        Effect::Ignore
+    );
+    assert_eq!(
+        c.effect(OutcomeClass::Partial, None, false),
+        Effect::Success
+    );
     assert_eq!(
         c.effect(OutcomeClass::Timeout, None, false),
         Effect::Failure(Trigger::Outcome(OutcomeClass::Timeout))
@@ -441,10 +459,7 @@ fn forced_states_override_and_return_to_a_fresh_closed_breaker() {
     let mut ev = Vec::new();
     b.set_mode(Mode::ForcedOpen, &mut ev);
     assert_eq!(b.state(), BreakerState::ForcedOpen);
-    assert_eq!(
-        b.admit(T0, &c, &mut ev),
-        Err((Refusal::ForcedOpen, None))
-    );
+    assert_eq!(b.admit(T0, &c, &mut ev), Err((Refusal::ForcedOpen, None)));
     // Outcomes do not move a forced-open breaker.
     b.record(T0, &c, None, Effect::Success, &mut ev);
     assert_eq!(b.state(), BreakerState::ForcedOpen);

@@ -1,0 +1,652 @@
+//! Fleet-wide budgets: request and token rates (GCRA) and a concurrency bulkhead.
+//!
+//! # Rolling accounting
+//! Rates use the generic cell rate algorithm: each budget keeps one number, the
+//! *theoretical arrival time* (TAT). A budget of `amount` per `window` has an
+//! emission interval `T = window / amount` and a capacity of `amount`: a call
+//! costing `n` is admitted when `max(TAT, now) + n·T − now ≤ window`, and then
+//! `TAT` advances by `n·T`. This is a token bucket of `amount` that refills
+//! continuously, the same shape the providers enforce, so there is no window
+//! boundary at which a fleet could spend its limit twice: over any interval of
+//! length `t`, at most `amount + amount·t/window` is admitted.
+//!
+//! # Reserve, then settle
+//! Admission reserves the caller's estimate; the outcome reports real usage and
+//! [`BudgetState::settle`] charges or refunds the difference. An overcharge can
+//! push the TAT past `now + window`: the budget is then in debt and refuses
+//! until the debt has drained, exactly as the provider would.
+
+use super::time::Time;
+use std::time::Duration;
+
+/// What a budget meters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Requests,
+    Tokens,
+    InputTokens,
+    OutputTokens,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [
+        Kind::Requests,
+        Kind::Tokens,
+        Kind::InputTokens,
+        Kind::OutputTokens,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Requests => "requests",
+            Kind::Tokens => "tokens",
+            Kind::InputTokens => "input_tokens",
+            Kind::OutputTokens => "output_tokens",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// `amount` per `window`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub amount: u64,
+    pub window: Duration,
+}
+
+impl Rate {
+    pub fn per_minute(amount: u64) -> Self {
+        Rate {
+            amount,
+            window: Duration::from_secs(60),
+        }
+    }
+
+    fn window_nanos(&self) -> u128 {
+        self.window.as_nanos().max(1)
+    }
+
+    /// Nanoseconds of TAT that `cost` units occupy: `cost · window / amount`, rounded up.
+    fn cost_nanos(&self, cost: u64) -> u128 {
+        let amount = u128::from(self.amount.max(1));
+        (u128::from(cost) * self.window_nanos()).div_ceil(amount)
+    }
+}
+
+/// Sizes of one budget scope (a key slot or a budget group). `None` = unlimited.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BudgetConfig {
+    pub rates: [Option<Rate>; 4],
+    pub max_concurrency: Option<u32>,
+}
+
+impl BudgetConfig {
+    pub fn rate(&self, kind: Kind) -> Option<Rate> {
+        self.rates[kind.index()]
+    }
+
+    pub fn is_unlimited(&self) -> bool {
+        self.rates.iter().all(Option::is_none) && self.max_concurrency.is_none()
+    }
+}
+
+/// One GCRA cell: the theoretical arrival time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gcra {
+    tat: Time,
+}
+
+impl Gcra {
+    fn base(&self, now: Time) -> u128 {
+        u128::from(self.tat.max(now).as_nanos())
+    }
+
+    /// The TAT after admitting `cost`, or how long until it could be admitted.
+    fn try_take(&self, now: Time, rate: &Rate, cost: u64) -> Result<Time, Duration> {
+        let new_tat = self.base(now) + rate.cost_nanos(cost);
+        let limit = u128::from(now.as_nanos()) + rate.window_nanos();
+        if new_tat <= limit {
+            Ok(Time::from_nanos(u64::try_from(new_tat).unwrap_or(u64::MAX)))
+        } else {
+            let wait = u64::try_from(new_tat - limit).unwrap_or(u64::MAX);
+            Err(Duration::from_nanos(wait))
+        }
+    }
+
+    /// Charges (positive) or refunds (negative) `delta` units after the fact.
+    /// A refund never lifts the budget above full.
+    fn adjust(&mut self, now: Time, rate: &Rate, delta: i64) {
+        let nanos = rate.cost_nanos(delta.unsigned_abs());
+        let tat = u128::from(self.tat.as_nanos());
+        let new = if delta >= 0 {
+            self.base(now) + nanos
+        } else {
+            tat.saturating_sub(nanos).max(u128::from(now.as_nanos()))
+        };
+        self.tat = Time::from_nanos(u64::try_from(new).unwrap_or(u64::MAX));
+    }
+
+    /// Units admissible right now (negative while in debt).
+    pub fn available(&self, now: Time, rate: &Rate) -> f64 {
+        let used = self.tat.as_nanos().saturating_sub(now.as_nanos()) as f64;
+        let window = rate.window_nanos() as f64;
+        rate.amount as f64 * (window - used) / window
+    }
+
+    /// Lowers the budget so that at most `remaining` units are admissible now
+    /// (a provider's `remaining` header wins over our estimate). Never raises it.
+    fn cap_available(&mut self, now: Time, rate: &Rate, remaining: u64) {
+        let remaining = remaining.min(rate.amount);
+        let target = u128::from(now.as_nanos()) + rate.cost_nanos(rate.amount - remaining);
+        if target > u128::from(self.tat.as_nanos()) {
+            self.tat = Time::from_nanos(u64::try_from(target).unwrap_or(u64::MAX));
+        }
+    }
+
+    pub fn tat(&self) -> Time {
+        self.tat
+    }
+
+    pub fn from_tat(tat: Time) -> Self {
+        Gcra { tat }
+    }
+}
+
+/// Why a budget refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetRefusal {
+    /// A rate budget is exhausted; admissible again after `retry_after`.
+    Rate { kind: Kind, retry_after: Duration },
+    /// `max_concurrency` calls in flight; a slot frees on an outcome or lease expiry.
+    Concurrency { retry_after: Duration },
+    /// The request costs more than the budget can ever hold.
+    TooLarge {
+        kind: Kind,
+        cost: u64,
+        capacity: u64,
+    },
+}
+
+impl BudgetRefusal {
+    pub fn retry_after(&self) -> Option<Duration> {
+        match *self {
+            BudgetRefusal::Rate { retry_after, .. }
+            | BudgetRefusal::Concurrency { retry_after } => Some(retry_after),
+            BudgetRefusal::TooLarge { .. } => None,
+        }
+    }
+}
+
+/// An in-flight admission holding a concurrency slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// Unique per budget scope: (target index << 40) | admission number.
+    pub key: u64,
+    pub until: Time,
+}
+
+/// Longest CONCURRENCY_LIMIT retry_after: slots usually free when a call
+/// reports, long before a lease expires, so waiters poll rather than wait it out.
+pub const CONCURRENCY_POLL: Duration = Duration::from_millis(250);
+
+/// The new state a successful check computed, applied by [`BudgetState::commit`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    tats: [Option<Time>; 4],
+    lease: bool,
+}
+
+/// What admission reserves: the request itself and its estimated tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cost {
+    pub tokens: u64,
+}
+
+impl Cost {
+    /// Units charged to a rate of this kind at admission. Input-token budgets
+    /// take the estimate (the prompt dominates what is known before the call);
+    /// output-token budgets are only charged at settle but must not be in debt.
+    fn units(&self, kind: Kind) -> u64 {
+        match kind {
+            Kind::Requests => 1,
+            Kind::Tokens | Kind::InputTokens => self.tokens,
+            Kind::OutputTokens => 0,
+        }
+    }
+}
+
+/// Live state of one budget scope.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BudgetState {
+    cells: [Gcra; 4],
+    leases: Vec<Lease>,
+}
+
+impl BudgetState {
+    /// Drops leases that ran out (crashed agents give their slots back).
+    /// Returns how many were reclaimed.
+    pub fn expire_leases(&mut self, now: Time) -> usize {
+        let before = self.leases.len();
+        self.leases.retain(|l| l.until > now);
+        before - self.leases.len()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.leases.len()
+    }
+
+    pub fn cell(&self, kind: Kind) -> &Gcra {
+        &self.cells[kind.index()]
+    }
+
+    pub fn set_cell(&mut self, kind: Kind, cell: Gcra) {
+        self.cells[kind.index()] = cell;
+    }
+
+    /// Checks every budget of this scope without changing anything.
+    pub fn check(
+        &mut self,
+        now: Time,
+        cfg: &BudgetConfig,
+        cost: Cost,
+    ) -> Result<Plan, BudgetRefusal> {
+        let mut plan = Plan::default();
+        for kind in Kind::ALL {
+            let Some(rate) = cfg.rate(kind) else { continue };
+            let units = cost.units(kind);
+            if units > rate.amount {
+                return Err(BudgetRefusal::TooLarge {
+                    kind,
+                    cost: units,
+                    capacity: rate.amount,
+                });
+            }
+            match self.cells[kind.index()].try_take(now, &rate, units) {
+                Ok(tat) => plan.tats[kind.index()] = Some(tat),
+                Err(retry_after) => return Err(BudgetRefusal::Rate { kind, retry_after }),
+            }
+        }
+        if let Some(max) = cfg.max_concurrency {
+            self.expire_leases(now);
+            if self.leases.len() >= max as usize {
+                let soonest = self.leases.iter().map(|l| l.until).min().unwrap_or(now);
+                return Err(BudgetRefusal::Concurrency {
+                    retry_after: now.until(soonest).min(CONCURRENCY_POLL),
+                });
+            }
+            plan.lease = true;
+        }
+        Ok(plan)
+    }
+
+    /// Applies a plan from [`BudgetState::check`] made in the same critical section.
+    pub fn commit(&mut self, plan: &Plan, lease: Lease) {
+        for (cell, tat) in self.cells.iter_mut().zip(plan.tats) {
+            if let Some(tat) = tat {
+                cell.tat = tat;
+            }
+        }
+        if plan.lease {
+            self.leases.push(lease);
+        }
+    }
+
+    /// Whether `commit` of this plan takes a concurrency lease.
+    pub fn plan_leases(plan: &Plan) -> bool {
+        plan.lease
+    }
+
+    /// Settles an admission: charges the difference between the real usage and
+    /// the reservation, and releases its concurrency slot.
+    pub fn settle(&mut self, now: Time, cfg: &BudgetConfig, usage: Usage, lease_key: Option<u64>) {
+        if let Some(key) = lease_key {
+            if let Some(pos) = self.leases.iter().position(|l| l.key == key) {
+                self.leases.swap_remove(pos);
+            }
+        }
+        if !usage.reported {
+            return;
+        }
+        let total = usage.input.saturating_add(usage.output);
+        let deltas = [
+            (Kind::Tokens, total as i128 - usage.reserved as i128),
+            (
+                Kind::InputTokens,
+                usage.input as i128 - usage.reserved as i128,
+            ),
+            (Kind::OutputTokens, usage.output as i128),
+        ];
+        for (kind, delta) in deltas {
+            if let Some(rate) = cfg.rate(kind) {
+                let delta = delta.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+                if delta != 0 {
+                    self.cells[kind.index()].adjust(now, &rate, delta);
+                }
+            }
+        }
+    }
+
+    /// A provider reported `remaining` for `kind`: never believe we have more.
+    pub fn observe_remaining(&mut self, now: Time, cfg: &BudgetConfig, kind: Kind, remaining: u64) {
+        if let Some(rate) = cfg.rate(kind) {
+            self.cells[kind.index()].cap_available(now, &rate, remaining);
+        }
+    }
+
+    /// How long until this scope could admit `cost` (zero if it can now);
+    /// `None` if it never can.
+    pub fn wait_for(&self, now: Time, cfg: &BudgetConfig, cost: Cost) -> Option<Duration> {
+        let mut wait = Duration::ZERO;
+        for kind in Kind::ALL {
+            let Some(rate) = cfg.rate(kind) else { continue };
+            let units = cost.units(kind);
+            if units > rate.amount {
+                return None;
+            }
+            if let Err(w) = self.cells[kind.index()].try_take(now, &rate, units) {
+                wait = wait.max(w);
+            }
+        }
+        Some(wait)
+    }
+}
+
+/// Real usage reported by an outcome, against what admission reserved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Tokens reserved at admission (the estimate).
+    pub reserved: u64,
+    pub input: u64,
+    pub output: u64,
+    /// False when the outcome reported no token counts: the reservation stands.
+    pub reported: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Time = Time::from_secs(1_000_000);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn rpm(n: u64) -> BudgetConfig {
+        let mut c = BudgetConfig::default();
+        c.rates[Kind::Requests.index()] = Some(Rate::per_minute(n));
+        c
+    }
+
+    fn lease(k: u64) -> Lease {
+        Lease {
+            key: k,
+            until: Time::MAX,
+        }
+    }
+
+    /// Admits as many 1-request calls as possible at `now`.
+    fn drain(b: &mut BudgetState, c: &BudgetConfig, now: Time) -> u64 {
+        let mut n = 0;
+        while let Ok(p) = b.check(now, c, Cost::default()) {
+            b.commit(&p, lease(n));
+            n += 1;
+            assert!(n < 1_000_000);
+        }
+        n
+    }
+
+    #[test]
+    fn a_full_budget_admits_exactly_its_amount_then_one_per_interval() {
+        let c = rpm(600); // T = 100 ms
+        let mut b = BudgetState::default();
+        assert_eq!(drain(&mut b, &c, T0), 600);
+        assert_eq!(
+            b.check(T0, &c, Cost::default()),
+            Err(BudgetRefusal::Rate {
+                kind: Kind::Requests,
+                retry_after: ms(100)
+            })
+        );
+        assert_eq!(drain(&mut b, &c, T0 + ms(99)), 0);
+        assert_eq!(drain(&mut b, &c, T0 + ms(100)), 1);
+        assert_eq!(drain(&mut b, &c, T0 + ms(1000)), 9);
+    }
+
+    #[test]
+    fn no_double_spend_across_a_window_boundary() {
+        // A fixed-window limiter admits 600 at 0:59.9 and 600 more at 1:00.0.
+        // Rolling accounting admits 600 at 0:59.9 and only what refilled since.
+        let c = rpm(600);
+        let mut b = BudgetState::default();
+        let edge = T0 + Duration::from_secs(60);
+        assert_eq!(drain(&mut b, &c, edge - ms(100)), 600);
+        assert_eq!(drain(&mut b, &c, edge), 1);
+        assert_eq!(drain(&mut b, &c, edge + ms(100)), 1);
+        // Over a 60 s span starting full: exactly amount + amount·t/window
+        // (the bucket's contents plus its refill), never more.
+        let mut b = BudgetState::default();
+        let mut admitted = 0;
+        for step in 0..=600u64 {
+            admitted += drain(&mut b, &c, T0 + ms(step * 100));
+        }
+        assert_eq!(admitted, 600 + 600);
+    }
+
+    #[test]
+    fn any_window_length_works() {
+        let mut c = BudgetConfig::default();
+        c.rates[Kind::Requests.index()] = Some(Rate {
+            amount: 5,
+            window: Duration::from_secs(10),
+        });
+        let mut b = BudgetState::default();
+        assert_eq!(drain(&mut b, &c, T0), 5);
+        assert_eq!(drain(&mut b, &c, T0 + ms(1999)), 0);
+        assert_eq!(drain(&mut b, &c, T0 + ms(2000)), 1);
+    }
+
+    #[test]
+    fn tokens_reserve_then_settle_refunds_and_overcharges() {
+        let mut c = BudgetConfig::default();
+        c.rates[Kind::Tokens.index()] = Some(Rate::per_minute(1000));
+        let mut b = BudgetState::default();
+        let p = b.check(T0, &c, Cost { tokens: 800 }).expect("fits");
+        b.commit(&p, lease(1));
+        assert_eq!(
+            b.cell(Kind::Tokens)
+                .available(T0, &c.rate(Kind::Tokens).unwrap()),
+            200.0
+        );
+        assert!(matches!(
+            b.check(T0, &c, Cost { tokens: 300 }),
+            Err(BudgetRefusal::Rate {
+                kind: Kind::Tokens,
+                ..
+            })
+        ));
+        // The call used 500 of the 800 reserved: 300 come back.
+        let usage = Usage {
+            reserved: 800,
+            input: 400,
+            output: 100,
+            reported: true,
+        };
+        b.settle(T0, &c, usage, None);
+        assert_eq!(
+            b.cell(Kind::Tokens)
+                .available(T0, &c.rate(Kind::Tokens).unwrap()),
+            500.0
+        );
+        assert!(b.check(T0, &c, Cost { tokens: 300 }).is_ok());
+        // Another used 1500 against a reservation of 500: the budget goes into debt.
+        let p = b.check(T0, &c, Cost { tokens: 500 }).expect("fits");
+        b.commit(&p, lease(2));
+        let usage = Usage {
+            reserved: 500,
+            input: 1000,
+            output: 500,
+            reported: true,
+        };
+        b.settle(T0, &c, usage, None);
+        let avail = b
+            .cell(Kind::Tokens)
+            .available(T0, &c.rate(Kind::Tokens).unwrap());
+        assert_eq!(avail, -1000.0);
+        // Refused until the debt drains: 1000 tokens at 1000/min = 60 s, plus the 1 token.
+        match b.check(T0, &c, Cost { tokens: 1 }) {
+            Err(BudgetRefusal::Rate { retry_after, .. }) => {
+                assert_eq!(retry_after, Duration::from_millis(60_060))
+            }
+            other => panic!("{other:?}"),
+        }
+        // A refund never lifts a budget above full.
+        let mut b = BudgetState::default();
+        b.settle(
+            T0,
+            &c,
+            Usage {
+                reserved: 900,
+                input: 0,
+                output: 0,
+                reported: true,
+            },
+            None,
+        );
+        assert_eq!(
+            b.cell(Kind::Tokens)
+                .available(T0, &c.rate(Kind::Tokens).unwrap()),
+            1000.0
+        );
+    }
+
+    #[test]
+    fn unreported_usage_keeps_the_reservation() {
+        let mut c = BudgetConfig::default();
+        c.rates[Kind::Tokens.index()] = Some(Rate::per_minute(1000));
+        let mut b = BudgetState::default();
+        let p = b.check(T0, &c, Cost { tokens: 600 }).expect("fits");
+        b.commit(&p, lease(1));
+        b.settle(
+            T0,
+            &c,
+            Usage {
+                reserved: 600,
+                ..Usage::default()
+            },
+            None,
+        );
+        assert_eq!(
+            b.cell(Kind::Tokens)
+                .available(T0, &c.rate(Kind::Tokens).unwrap()),
+            400.0
+        );
+    }
+
+    #[test]
+    fn output_budget_is_charged_at_settle_and_gates_when_in_debt() {
+        let mut c = BudgetConfig::default();
+        c.rates[Kind::OutputTokens.index()] = Some(Rate::per_minute(100));
+        let mut b = BudgetState::default();
+        let p = b
+            .check(T0, &c, Cost { tokens: 5000 })
+            .expect("output is not reserved");
+        b.commit(&p, lease(1));
+        b.settle(
+            T0,
+            &c,
+            Usage {
+                reserved: 5000,
+                input: 10,
+                output: 150,
+                reported: true,
+            },
+            None,
+        );
+        assert!(matches!(
+            b.check(T0, &c, Cost::default()),
+            Err(BudgetRefusal::Rate {
+                kind: Kind::OutputTokens,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_request_larger_than_capacity_is_never_admissible() {
+        let mut c = BudgetConfig::default();
+        c.rates[Kind::Tokens.index()] = Some(Rate::per_minute(1000));
+        let mut b = BudgetState::default();
+        assert_eq!(
+            b.check(T0, &c, Cost { tokens: 1001 }),
+            Err(BudgetRefusal::TooLarge {
+                kind: Kind::Tokens,
+                cost: 1001,
+                capacity: 1000
+            })
+        );
+        assert_eq!(b.wait_for(T0, &c, Cost { tokens: 1001 }), None);
+        assert_eq!(
+            b.wait_for(T0, &c, Cost { tokens: 1000 }),
+            Some(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn concurrency_is_released_by_outcome_and_by_lease_expiry() {
+        let c = BudgetConfig {
+            max_concurrency: Some(2),
+            ..BudgetConfig::default()
+        };
+        let mut b = BudgetState::default();
+        for k in 1..=2 {
+            let p = b.check(T0, &c, Cost::default()).expect("slot");
+            b.commit(
+                &p,
+                Lease {
+                    key: k,
+                    until: T0 + ms(5000),
+                },
+            );
+        }
+        assert_eq!(
+            b.check(T0, &c, Cost::default()),
+            Err(BudgetRefusal::Concurrency {
+                retry_after: CONCURRENCY_POLL
+            })
+        );
+        // An outcome releases its slot.
+        b.settle(T0, &c, Usage::default(), Some(1));
+        assert_eq!(b.in_flight(), 1);
+        let p = b.check(T0, &c, Cost::default()).expect("released slot");
+        b.commit(
+            &p,
+            Lease {
+                key: 3,
+                until: T0 + ms(10_000),
+            },
+        );
+        assert!(b.check(T0 + ms(4999), &c, Cost::default()).is_err());
+        // Lease 2 (the crashed agent) expires at 5 s and gives its slot back.
+        assert!(b.check(T0 + ms(5000), &c, Cost::default()).is_ok());
+        assert_eq!(b.in_flight(), 1);
+        // Releasing an unknown lease is harmless.
+        b.settle(T0, &c, Usage::default(), Some(99));
+        assert_eq!(b.in_flight(), 1);
+    }
+
+    #[test]
+    fn provider_remaining_lowers_but_never_raises_our_view() {
+        let c = rpm(100);
+        let rate = c.rate(Kind::Requests).unwrap();
+        let mut b = BudgetState::default();
+        b.observe_remaining(T0, &c, Kind::Requests, 10);
+        assert_eq!(b.cell(Kind::Requests).available(T0, &rate), 10.0);
+        b.observe_remaining(T0, &c, Kind::Requests, 50);
+        assert_eq!(b.cell(Kind::Requests).available(T0, &rate), 10.0);
+        assert_eq!(drain(&mut b, &c, T0), 10);
+    }
+}
