@@ -1,0 +1,232 @@
+//! The config file as written: serde structs that mirror the TOML exactly.
+//!
+//! Every struct denies unknown keys (a typo must be an error, not a silently
+//! ignored setting), and value types validate themselves so that serde's error
+//! carries the location of the offending value.
+
+use crate::domain::duration::parse_duration;
+use serde::{Deserialize, Deserializer};
+use std::time::Duration;
+use toml::Spanned;
+
+/// A human duration string ("250ms", "30s", "10m").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A strictly positive integer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Positive(pub u64);
+
+impl<'de> Deserialize<'de> for Positive {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        if v <= 0 {
+            return Err(serde::de::Error::custom(format!(
+                "must be a positive integer, got {v}"
+            )));
+        }
+        Ok(Positive(v as u64))
+    }
+}
+
+/// A non-negative number (costs, rates).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NonNeg(pub f64);
+
+impl<'de> Deserialize<'de> for NonNeg {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !v.is_finite() || v < 0.0 {
+            return Err(serde::de::Error::custom(format!(
+                "must be a non-negative number, got {v}"
+            )));
+        }
+        Ok(NonNeg(v))
+    }
+}
+
+/// A fraction in (0, 1] (failure-rate threshold) or [0, 1] (jitter), checked at resolution.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fraction(pub f64);
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !v.is_finite() || !(0.0..=1.0).contains(&v) {
+            return Err(serde::de::Error::custom(format!(
+                "must be a fraction between 0 and 1 (e.g. 0.5 for 50%), got {v}"
+            )));
+        }
+        Ok(Fraction(v))
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ServerToml {
+    /// gRPC listen address.
+    pub listen: Option<Spanned<String>>,
+    /// HTTP listen address (metrics, events, dashboard); "off" disables it.
+    pub http: Option<Spanned<String>>,
+    pub data_dir: Option<String>,
+    pub ephemeral: Option<bool>,
+    pub max_targets: Option<Positive>,
+    /// When set, Admin calls need `authorization: Bearer <token>`.
+    pub admin_token: Option<Spanned<String>>,
+    pub max_message_bytes: Option<Positive>,
+    pub shutdown_grace: Option<Dur>,
+    /// Longest pause a provider header or retry hint can impose.
+    pub max_pause: Option<Dur>,
+    pub max_headers: Option<Positive>,
+    pub max_header_bytes: Option<Positive>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsToml {
+    pub breaker: Option<BreakerToml>,
+    pub retry: Option<RetryToml>,
+    pub permit_lease: Option<Dur>,
+}
+
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerToml {
+    pub failure_threshold: Option<Positive>,
+    pub success_threshold: Option<Positive>,
+    pub open_duration: Option<Dur>,
+    pub half_open_max_probes: Option<Positive>,
+    pub probe_lease: Option<Dur>,
+    pub backoff_multiplier: Option<f64>,
+    pub max_open_duration: Option<Dur>,
+    pub jitter: Option<Fraction>,
+    pub failure_rate_threshold: Option<Fraction>,
+    pub window: Option<Dur>,
+    pub minimum_calls: Option<Positive>,
+    pub slow_call_duration: Option<Dur>,
+    pub persistent_open_duration: Option<Dur>,
+    pub treat: Option<TreatToml>,
+}
+
+/// Per-class breaker treatment overrides: "failure", "success", "ignore" or "open".
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TreatToml {
+    pub transient: Option<TreatmentToml>,
+    pub timeout: Option<TreatmentToml>,
+    pub rate_limited: Option<TreatmentToml>,
+    pub persistent: Option<TreatmentToml>,
+    pub bad_input: Option<TreatmentToml>,
+    pub partial: Option<TreatmentToml>,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub enum TreatmentToml {
+    Failure,
+    Success,
+    Ignore,
+    Open,
+}
+
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RetryToml {
+    pub max_retries: Option<u32>,
+    pub base_delay: Option<Dur>,
+    pub max_delay: Option<Dur>,
+    pub strategy: Option<StrategyToml>,
+    pub retry_ratio: Option<NonNeg>,
+    pub retry_window: Option<Dur>,
+    pub min_retries_per_second: Option<NonNeg>,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub enum StrategyToml {
+    Full,
+    Equal,
+    Decorrelated,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModeToml {
+    Enforce,
+    Shadow,
+}
+
+/// Declares a struct holding the budget keys, shared by targets and budget groups,
+/// plus the struct's own keys. (serde cannot combine `flatten` with
+/// `deny_unknown_fields`, so the shared keys are repeated by this macro.)
+macro_rules! with_budget_fields {
+    ($(#[$m:meta])* pub struct $name:ident { $($(#[$fm:meta])* pub $f:ident: $t:ty,)* }) => {
+        $(#[$m])*
+        pub struct $name {
+            pub requests_per_minute: Option<Positive>,
+            pub tokens_per_minute: Option<Positive>,
+            pub input_tokens_per_minute: Option<Positive>,
+            pub output_tokens_per_minute: Option<Positive>,
+            /// Budgets per `window` instead of per minute.
+            pub requests: Option<Positive>,
+            pub tokens: Option<Positive>,
+            pub input_tokens: Option<Positive>,
+            pub output_tokens: Option<Positive>,
+            pub window: Option<Dur>,
+            pub max_concurrency: Option<Positive>,
+            $($(#[$fm])* pub $f: $t,)*
+        }
+        impl $name {
+            /// (per-minute, per-window) amounts for each budget kind, in `Kind::ALL` order.
+            pub fn amounts(&self) -> [(Option<Positive>, Option<Positive>); 4] {
+                [
+                    (self.requests_per_minute, self.requests),
+                    (self.tokens_per_minute, self.tokens),
+                    (self.input_tokens_per_minute, self.input_tokens),
+                    (self.output_tokens_per_minute, self.output_tokens),
+                ]
+            }
+        }
+    };
+}
+
+with_budget_fields! {
+    #[derive(Deserialize, Debug, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct TargetToml {
+        pub max_tokens: Option<u64>,
+        pub context_window: Option<u64>,
+        pub cost_per_mtok_input: Option<NonNeg>,
+        pub cost_per_mtok_output: Option<NonNeg>,
+        pub breaker: Option<BreakerToml>,
+        pub retry: Option<RetryToml>,
+        /// Key slot names (never secrets).
+        pub keys: Option<Vec<Spanned<String>>>,
+        /// Shared budget groups this target also draws on.
+        pub budgets: Option<Vec<Spanned<String>>>,
+        pub mode: Option<ModeToml>,
+        pub permit_lease: Option<Dur>,
+    }
+}
+
+with_budget_fields! {
+    #[derive(Deserialize, Debug, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct GroupToml {
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RouteToml {
+    pub targets: Vec<Spanned<String>>,
+}
