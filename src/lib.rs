@@ -4,3 +4,4 @@ pub mod proto {
     tonic::include_proto!("backstop.v1");
 }
 pub mod config;
+pub mod engine;

@@ -69,10 +69,15 @@ impl Rate {
         self.window.as_nanos().max(1)
     }
 
-    /// Nanoseconds of TAT that `cost` units occupy: `cost · window / amount`, rounded up.
+    /// Nanoseconds of TAT that `cost` units occupy: `cost · window / amount`.
+    ///
+    /// Rounded down so that exactly `amount` units fit in a window (rounding
+    /// up would make 3 per second admit only 2), but never zero for a
+    /// non-zero cost, so an enormous amount cannot make calls free.
     fn cost_nanos(&self, cost: u64) -> u128 {
         let amount = u128::from(self.amount.max(1));
-        (u128::from(cost) * self.window_nanos()).div_ceil(amount)
+        let nanos = u128::from(cost) * self.window_nanos() / amount;
+        if cost > 0 { nanos.max(1) } else { 0 }
     }
 }
 
@@ -434,6 +439,17 @@ mod tests {
             admitted += drain(&mut b, &c, T0 + ms(step * 100));
         }
         assert_eq!(admitted, 600 + 600);
+    }
+
+    #[test]
+    fn a_window_that_does_not_divide_evenly_still_admits_the_full_amount() {
+        let mut c = BudgetConfig::default();
+        c.rates[Kind::Requests.index()] = Some(Rate {
+            amount: 3,
+            window: Duration::from_secs(1),
+        });
+        let mut b = BudgetState::default();
+        assert_eq!(drain(&mut b, &c, T0), 3);
     }
 
     #[test]

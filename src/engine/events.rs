@@ -1,0 +1,221 @@
+//! The engine's event log: every breaker transition, pause, fallback and
+//! override, numbered by one server-wide sequence.
+//!
+//! Events are kept in a bounded in-memory ring (so a dashboard that
+//! reconnects with its last `seq` resumes with no loss) and fanned out live
+//! through a broadcast channel. Publishing never waits for a subscriber: a
+//! slow subscriber's channel overflows and it is told so (a gap), instead of
+//! the engine slowing down. Publishing happens inside the target's critical
+//! section so that one target's events are in the order its state changed.
+
+use crate::domain::breaker::{BreakerState, Mode};
+use crate::domain::budget::Kind;
+use crate::domain::{OutcomeClass, Time};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Why a route moved to a fallback, or why a target was refused.
+pub use super::Reason;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventKind {
+    BreakerTransition {
+        from: BreakerState,
+        to: BreakerState,
+        /// Human-readable cause, e.g. "5 consecutive transient failures".
+        cause: String,
+        /// The outcome class that moved the breaker, when one did.
+        class: Option<OutcomeClass>,
+        /// Consecutive failures (or failures in the window) behind a trip.
+        failures: u32,
+        /// The agent whose outcome caused the transition, if it said.
+        caller: Option<Arc<str>>,
+        open_until: Option<Time>,
+    },
+    ProbeExpired {
+        probe: u64,
+    },
+    TargetForced {
+        mode: Mode,
+        reason: String,
+    },
+    /// A budget or a provider pause started refusing.
+    RateLimited {
+        key_slot: Option<Arc<str>>,
+        kind: Option<Kind>,
+        until: Time,
+        why: String,
+    },
+    /// The budget admits again.
+    BudgetRestored {
+        key_slot: Option<Arc<str>>,
+    },
+    /// A key slot was disabled by a PERSISTENT outcome.
+    KeySlotDisabled {
+        key_slot: Arc<str>,
+        until: Time,
+        why: String,
+    },
+    FallbackActivated {
+        route: Arc<str>,
+        from: Option<Arc<str>>,
+        to: Arc<str>,
+        depth: u32,
+        why: Reason,
+    },
+    RouteExhausted {
+        route: Arc<str>,
+        retry_after: Option<Duration>,
+    },
+    /// An operator reset the target.
+    TargetReset,
+}
+
+impl EventKind {
+    /// Stable name, for filters and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::BreakerTransition { .. } => "breaker_transition",
+            EventKind::ProbeExpired { .. } => "probe_expired",
+            EventKind::TargetForced { .. } => "target_forced",
+            EventKind::RateLimited { .. } => "rate_limited",
+            EventKind::BudgetRestored { .. } => "budget_restored",
+            EventKind::KeySlotDisabled { .. } => "key_slot_disabled",
+            EventKind::FallbackActivated { .. } => "fallback_activated",
+            EventKind::RouteExhausted { .. } => "route_exhausted",
+            EventKind::TargetReset => "target_reset",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// Strictly increasing across the server.
+    pub seq: u64,
+    pub at: Time,
+    /// The target (or, for route events, the route name).
+    pub target: Arc<str>,
+    pub kind: EventKind,
+}
+
+struct Ring {
+    next_seq: u64,
+    buf: VecDeque<Arc<Event>>,
+}
+
+/// The event log and its live fan-out.
+pub struct EventBus {
+    ring: Mutex<Ring>,
+    capacity: usize,
+    tx: broadcast::Sender<Arc<Event>>,
+}
+
+impl EventBus {
+    /// `capacity` events are kept for resumption; each live subscriber may lag
+    /// by up to `subscriber_buffer` events before it is told it missed some.
+    pub fn new(capacity: usize, subscriber_buffer: usize) -> Self {
+        let (tx, _) = broadcast::channel(subscriber_buffer.max(1));
+        EventBus {
+            ring: Mutex::new(Ring {
+                next_seq: 1,
+                buf: VecDeque::with_capacity(capacity.min(4096)),
+            }),
+            capacity: capacity.max(1),
+            tx,
+        }
+    }
+
+    /// Appends an event and hands it to live subscribers. Never blocks on them.
+    pub fn publish(&self, at: Time, target: &Arc<str>, kind: EventKind) -> u64 {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = ring.next_seq;
+        ring.next_seq += 1;
+        let ev = Arc::new(Event {
+            seq,
+            at,
+            target: target.clone(),
+            kind,
+        });
+        if ring.buf.len() == self.capacity {
+            ring.buf.pop_front();
+        }
+        ring.buf.push_back(ev.clone());
+        // Sent under the ring lock so live order equals seq order. An error
+        // only means nobody is listening.
+        let _ = self.tx.send(ev);
+        seq
+    }
+
+    /// The last seq handed out (0 if none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner()).next_seq - 1
+    }
+
+    /// Subscribes to live events and returns, atomically with it, the retained
+    /// events with `seq > since` (or `None` if some of those were already
+    /// evicted from the ring) and the last seq at subscription time.
+    pub fn subscribe_since(
+        &self,
+        since: u64,
+    ) -> (
+        broadcast::Receiver<Arc<Event>>,
+        Option<Vec<Arc<Event>>>,
+        u64,
+    ) {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = self.tx.subscribe();
+        let last = ring.next_seq - 1;
+        let oldest = ring.buf.front().map_or(ring.next_seq, |e| e.seq);
+        let backlog = if since + 1 >= oldest || since >= last {
+            Some(ring.buf.iter().filter(|e| e.seq > since).cloned().collect())
+        } else {
+            None
+        };
+        (rx, backlog, last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t() -> Arc<str> {
+        Arc::from("t")
+    }
+
+    #[test]
+    fn seqs_increase_and_the_ring_is_bounded() {
+        let bus = EventBus::new(3, 16);
+        for _ in 0..5 {
+            bus.publish(Time::ZERO, &t(), EventKind::TargetReset);
+        }
+        assert_eq!(bus.last_seq(), 5);
+        let (_rx, backlog, last) = bus.subscribe_since(2);
+        assert_eq!(last, 5);
+        let seqs: Vec<u64> = backlog
+            .expect("3..=5 retained")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![3, 4, 5]);
+        // seq 2 was evicted: resuming after 1 cannot be lossless.
+        assert!(bus.subscribe_since(1).1.is_none());
+        // Resuming at the head is an empty backlog, not a gap.
+        assert_eq!(bus.subscribe_since(5).1.map(|b| b.len()), Some(0));
+    }
+
+    #[tokio::test]
+    async fn live_subscribers_see_events_in_order() {
+        let bus = EventBus::new(100, 16);
+        let (mut rx, backlog, _) = bus.subscribe_since(0);
+        assert_eq!(backlog.map(|b| b.len()), Some(0));
+        for _ in 0..3 {
+            bus.publish(Time::ZERO, &t(), EventKind::TargetReset);
+        }
+        for want in 1..=3 {
+            assert_eq!(rx.recv().await.expect("event").seq, want);
+        }
+    }
+}

@@ -1,0 +1,872 @@
+//! The engine: owns every target's state, decides concurrently, publishes
+//! events and makes durable what must survive a restart.
+//!
+//! # Concurrency
+//! Targets live in a sharded map ([`DashMap`]); a lookup read-locks one shard
+//! briefly, then the decision locks only that target's mutex (and the budget
+//! groups it draws on, always in index order, so two decisions can never
+//! deadlock). No lock is held across an await, and the decision path does no
+//! I/O: when a decision changes durable state (a breaker transition, a pause,
+//! a disabled key), the answer waits for the store *after* the lock is
+//! released, so a client is never told about a transition that a crash could
+//! forget.
+
+pub mod clock;
+pub mod error;
+pub mod events;
+pub mod permit;
+mod target;
+
+pub use error::{EngineError, Result};
+pub use target::{Admission, AdmitArgs, Counters, Learned, OutcomeResult, Target};
+
+use crate::config::{Config, MAX_ROUTE_LEN, MAX_TARGET_LEN, RouteSettings, TargetSettings};
+use crate::domain::breaker::{BreakerState, Mode};
+use crate::domain::budget::{BudgetState, Kind};
+use crate::domain::headers::parse_headers;
+use crate::domain::taxonomy::classify;
+use crate::domain::{OutcomeClass, Time};
+use clock::Clock;
+use dashmap::DashMap;
+use error::invalid;
+use events::{EventBus, EventKind};
+use permit::Permit;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use target::{Effects, Group, OutcomeArgs};
+
+/// Why a call was admitted or refused (mirrors `backstop.v1.Reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Allowed,
+    CircuitOpen,
+    ProbeLimit,
+    ForcedOpen,
+    RateLimited,
+    ConcurrencyLimit,
+    RetryBudgetExhausted,
+    KeySlotsUnavailable,
+    RequestTooLarge,
+    Excluded,
+    ContextTooSmall,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 11] = [
+        Reason::Allowed,
+        Reason::CircuitOpen,
+        Reason::ProbeLimit,
+        Reason::ForcedOpen,
+        Reason::RateLimited,
+        Reason::ConcurrencyLimit,
+        Reason::RetryBudgetExhausted,
+        Reason::KeySlotsUnavailable,
+        Reason::RequestTooLarge,
+        Reason::Excluded,
+        Reason::ContextTooSmall,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::CircuitOpen => "circuit_open",
+            Reason::ProbeLimit => "probe_limit",
+            Reason::ForcedOpen => "forced_open",
+            Reason::RateLimited => "rate_limited",
+            Reason::ConcurrencyLimit => "concurrency_limit",
+            Reason::RetryBudgetExhausted => "retry_budget_exhausted",
+            Reason::KeySlotsUnavailable => "key_slots_unavailable",
+            Reason::RequestTooLarge => "request_too_large",
+            Reason::Excluded => "excluded",
+            Reason::ContextTooSmall => "context_too_small",
+        }
+    }
+}
+
+/// An outcome report, as received.
+#[derive(Clone, Debug, Default)]
+pub struct OutcomeReport<'a> {
+    pub permit: &'a str,
+    /// None = let the server classify.
+    pub class: Option<OutcomeClass>,
+    pub http_status: i32,
+    pub error_type: &'a str,
+    pub latency: Option<Duration>,
+    pub retry_after: Option<Duration>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub attempt: u32,
+    pub headers: Vec<(&'a str, &'a str)>,
+    pub key_slot: &'a str,
+    pub caller: &'a str,
+}
+
+/// A route request, as received.
+#[derive(Clone, Debug, Default)]
+pub struct RouteQuery<'a> {
+    pub route: &'a str,
+    pub candidates: &'a [String],
+    pub estimated_tokens: u64,
+    pub required_context_tokens: u64,
+    pub exclude: &'a [String],
+    pub caller: &'a str,
+    pub attempt: u32,
+}
+
+/// A candidate Route passed over.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Skip {
+    pub target: Arc<str>,
+    pub reason: Reason,
+    pub retry_after: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteDecision {
+    /// The admitted target and its admission; None when every candidate was skipped.
+    pub chosen: Option<(Arc<str>, Admission, Arc<TargetSettings>)>,
+    pub fallback_depth: u32,
+    pub skipped: Vec<Skip>,
+    /// When nothing was admitted: the soonest any candidate may be tried.
+    pub retry_after: Option<Duration>,
+}
+
+/// One budget's size and headroom, for status views.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BudgetView {
+    pub kind: &'static str,
+    pub limit: u64,
+    pub window: Duration,
+    pub available: f64,
+    pub group: Option<Arc<str>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlotView {
+    pub name: Option<Arc<str>>,
+    pub disabled_until: Option<Time>,
+    pub disabled_reason: Option<String>,
+    pub paused_until: Option<Time>,
+    pub budgets: Vec<BudgetView>,
+    pub learned: Vec<(Kind, Learned)>,
+    pub in_flight: u32,
+}
+
+/// Everything known about one target (Admin GetTarget).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TargetView {
+    pub name: Arc<str>,
+    pub state: BreakerState,
+    pub configured: bool,
+    pub open_until: Option<Time>,
+    pub opened_at: Option<Time>,
+    pub consecutive_failures: u32,
+    pub half_open_successes: u32,
+    pub probes_outstanding: u32,
+    pub reopen_count: u32,
+    pub generation: u64,
+    pub counters: Counters,
+    pub window_calls: u64,
+    pub window_failures: u64,
+    pub settings: Arc<TargetSettings>,
+    pub slots: Vec<SlotView>,
+    pub forced_reason: Option<String>,
+    pub last_cause: Option<String>,
+    pub in_flight: u32,
+    pub groups: Vec<BudgetView>,
+}
+
+/// A page of targets (Admin ListTargets).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TargetPage {
+    pub targets: Vec<(Arc<str>, BreakerState, bool, Option<Time>, u32)>,
+    pub next_page_token: String,
+    pub total: u64,
+}
+
+/// Tracks which candidate a configured route last served, so fallbacks are
+/// published as events when they start and end, not on every request.
+struct RouteRuntime {
+    settings: Arc<RouteSettings>,
+    /// (depth, target) last served; depth u32::MAX = exhausted.
+    last: Mutex<Option<(u32, Arc<str>)>>,
+}
+
+/// Event-log sizes.
+#[derive(Clone, Copy, Debug)]
+pub struct EventLimits {
+    pub ring: usize,
+    pub subscriber_buffer: usize,
+}
+
+impl Default for EventLimits {
+    fn default() -> Self {
+        EventLimits {
+            ring: 10_000,
+            subscriber_buffer: 1024,
+        }
+    }
+}
+
+pub struct Engine {
+    config: Arc<Config>,
+    clock: Arc<dyn Clock>,
+    targets: DashMap<Arc<str>, Arc<Target>>,
+    created: AtomicUsize,
+    next_index: AtomicU32,
+    groups: Box<[Group]>,
+    routes: HashMap<String, RouteRuntime>,
+    events: EventBus,
+}
+
+/// Checks a target name from a client.
+pub fn validate_target(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(invalid(
+            "target is empty; name the provider/model, e.g. \"anthropic/claude-sonnet\"",
+        ));
+    }
+    if name.len() > MAX_TARGET_LEN {
+        return Err(invalid(format!(
+            "target is {} bytes; the maximum is {MAX_TARGET_LEN}",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(invalid("target contains control characters"));
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// An engine over `config`, with every configured target created up front.
+    pub fn new(config: Arc<Config>, clock: Arc<dyn Clock>) -> Engine {
+        Self::with_limits(config, clock, EventLimits::default())
+    }
+
+    pub fn with_limits(config: Arc<Config>, clock: Arc<dyn Clock>, limits: EventLimits) -> Engine {
+        let groups = config
+            .groups
+            .iter()
+            .map(|g| Group {
+                name: g.name.clone(),
+                config: g.budget.clone(),
+                state: Mutex::new(BudgetState::default()),
+                limited: AtomicBool::new(false),
+            })
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|(name, r)| {
+                (
+                    name.clone(),
+                    RouteRuntime {
+                        settings: r.clone(),
+                        last: Mutex::new(None),
+                    },
+                )
+            })
+            .collect();
+        let engine = Engine {
+            targets: DashMap::new(),
+            created: AtomicUsize::new(0),
+            next_index: AtomicU32::new(0),
+            groups,
+            routes,
+            events: EventBus::new(limits.ring, limits.subscriber_buffer),
+            clock,
+            config,
+        };
+        for (name, settings) in &engine.config.targets {
+            engine.insert_target(Arc::from(name.as_str()), settings.clone());
+        }
+        engine
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    pub fn now(&self) -> Time {
+        self.clock.now()
+    }
+
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
+    /// Number of targets held.
+    pub fn target_count(&self) -> usize {
+        self.targets.len()
+    }
+
+    fn insert_target(&self, name: Arc<str>, settings: Arc<TargetSettings>) -> Arc<Target> {
+        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        let t = Arc::new(Target::new(name.clone(), index, settings));
+        self.targets.insert(name, t.clone());
+        t
+    }
+
+    /// The target, created with default settings on first use (up to `max_targets`).
+    pub fn target(&self, name: &str) -> Result<Arc<Target>> {
+        if let Some(t) = self.targets.get(name) {
+            return Ok(t.clone());
+        }
+        validate_target(name)?;
+        let max = self.config.server.max_targets;
+        if self.created.load(Ordering::Relaxed) >= max {
+            return Err(EngineError::ResourceExhausted(format!(
+                "target {name:?} is unknown and the server already tracks the maximum of {max} targets created on first use; \
+                 declare it in the config file or raise [server] max_targets"
+            )));
+        }
+        let entry = self.targets.entry(Arc::from(name));
+        let t = entry.or_insert_with(|| {
+            self.created.fetch_add(1, Ordering::Relaxed);
+            let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+            Arc::new(Target::new(
+                Arc::from(name),
+                index,
+                self.config.default_target.clone(),
+            ))
+        });
+        Ok(t.clone())
+    }
+
+    /// An existing target, without creating it.
+    pub fn existing(&self, name: &str) -> Result<Arc<Target>> {
+        validate_target(name)?;
+        self.targets.get(name).map(|t| t.clone()).ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "target {name:?} is not configured and has not been used yet"
+            ))
+        })
+    }
+
+    /// Publishes a critical section's events. Called with the target still locked.
+    fn publish(&self, now: Time, target: &Target, fx: &mut Effects) {
+        for kind in fx.events.drain(..) {
+            self.events.publish(now, &target.name, kind);
+        }
+    }
+
+    /// Makes a target's durable state durable. (The embedded in-memory mode has nothing to do.)
+    async fn persist(&self, _target: &Arc<Target>, fx: &Effects) -> Result<()> {
+        let _ = fx.durable;
+        Ok(())
+    }
+
+    fn admit_locked(
+        &self,
+        target: &Arc<Target>,
+        args: &AdmitArgs<'_>,
+        fx: &mut Effects,
+    ) -> Admission {
+        let mut st = target.lock();
+        let now = self.clock.now();
+        let adm = target.admit(&mut st, &self.groups, now, args, fx);
+        self.publish(now, target, fx);
+        adm
+    }
+
+    /// May a call go to `target` now? Admission reserves what it needs.
+    pub async fn can_proceed(&self, target: &str, args: AdmitArgs<'_>) -> Result<Admission> {
+        let t = self.target(target)?;
+        let mut fx = Effects::default();
+        let adm = self.admit_locked(&t, &args, &mut fx);
+        self.persist(&t, &fx).await?;
+        Ok(adm)
+    }
+
+    /// Applies an outcome: classification, provider signals, breaker, budgets, retry advice.
+    pub async fn record_outcome(
+        &self,
+        target: &str,
+        report: OutcomeReport<'_>,
+    ) -> Result<OutcomeResult> {
+        let t = self.target(target)?;
+        let class = classify(report.class, report.http_status, report.error_type)
+            .map_err(|e| invalid(e.to_string()))?;
+        let permit = if report.permit.is_empty() {
+            None
+        } else {
+            let p = Permit::parse(report.permit).map_err(|e| invalid(e.to_string()))?;
+            if p.tag != t.tag() {
+                return Err(invalid(format!(
+                    "permit was issued for a different target than {target:?}; report the outcome with the target the permit came from"
+                )));
+            }
+            Some(p)
+        };
+        let slot = match (permit, report.key_slot) {
+            (Some(p), "") => usize::from(p.slot),
+            (_, "") => 0,
+            (_, name) => t.slot_index(name).ok_or_else(|| {
+                invalid(format!(
+                    "unknown key slot {name:?} for target {target:?}; its slots are {:?}",
+                    t.settings.keys
+                ))
+            })?,
+        };
+        if slot >= t.settings.keys.len().max(1) {
+            return Err(invalid("permit names a key slot this target does not have"));
+        }
+        let server = &self.config.server;
+        if report.headers.len() > server.max_headers {
+            return Err(invalid(format!(
+                "{} headers; at most {} are accepted (send the provider's response headers only)",
+                report.headers.len(),
+                server.max_headers
+            )));
+        }
+        let bytes: usize = report.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if bytes > server.max_header_bytes {
+            return Err(invalid(format!(
+                "headers total {bytes} bytes; at most {} are accepted",
+                server.max_header_bytes
+            )));
+        }
+        let now = self.clock.now();
+        let signals = parse_headers(report.headers.iter().copied(), now, server.max_pause);
+        if !signals.warnings.is_empty() {
+            tracing::warn!(target_name = target, warnings = ?signals.warnings, "provider headers partly ignored");
+        }
+        let args = OutcomeArgs {
+            http_status: report.http_status,
+            error_type: report.error_type,
+            permit,
+            slot,
+            latency: report.latency,
+            retry_after: report.retry_after,
+            input_tokens: report.input_tokens,
+            output_tokens: report.output_tokens,
+            attempt: report.attempt,
+            caller: report.caller,
+        };
+        let mut fx = Effects::default();
+        let result = {
+            let mut st = t.lock();
+            let now = self.clock.now();
+            let r = t.record(
+                &mut st,
+                &self.groups,
+                now,
+                class,
+                &args,
+                &signals,
+                server.max_pause,
+                &mut fx,
+            );
+            self.publish(now, &t, &mut fx);
+            r
+        };
+        self.persist(&t, &fx).await?;
+        Ok(result)
+    }
+
+    /// Picks the first admissible candidate of a route and admits it.
+    pub async fn route(&self, q: RouteQuery<'_>) -> Result<RouteDecision> {
+        let (name, list): (Arc<str>, Vec<Arc<str>>) = match (
+            q.route.is_empty(),
+            q.candidates.is_empty(),
+        ) {
+            (false, true) => {
+                let r = self.routes.get(q.route).ok_or_else(|| {
+                    let mut known: Vec<&String> = self.routes.keys().collect();
+                    known.sort();
+                    EngineError::NotFound(format!(
+                        "route {:?} is not configured; configured routes: {known:?}",
+                        q.route
+                    ))
+                })?;
+                (r.settings.name.clone(), r.settings.targets.clone())
+            }
+            (true, false) => {
+                if q.candidates.len() > MAX_ROUTE_LEN {
+                    return Err(invalid(format!(
+                        "{} candidates; at most {MAX_ROUTE_LEN} are accepted",
+                        q.candidates.len()
+                    )));
+                }
+                for c in q.candidates {
+                    validate_target(c)?;
+                }
+                (
+                    Arc::from("_adhoc"),
+                    q.candidates.iter().map(|c| Arc::from(c.as_str())).collect(),
+                )
+            }
+            (false, false) => return Err(invalid("set either route or candidates, not both")),
+            (true, true) => {
+                return Err(invalid(
+                    "set route (a configured route name) or candidates (an ordered list of targets)",
+                ));
+            }
+        };
+        if q.exclude.len() > MAX_ROUTE_LEN {
+            return Err(invalid(format!(
+                "exclude lists {} targets; at most {MAX_ROUTE_LEN}",
+                q.exclude.len()
+            )));
+        }
+        let args = AdmitArgs {
+            caller: q.caller,
+            estimated_tokens: q.estimated_tokens,
+            attempt: q.attempt,
+        };
+        let mut skipped = Vec::new();
+        let mut chosen = None;
+        let mut depth = 0;
+        for (i, cand) in list.iter().enumerate() {
+            if q.exclude.iter().any(|e| e.as_str() == cand.as_ref()) {
+                skipped.push(Skip {
+                    target: cand.clone(),
+                    reason: Reason::Excluded,
+                    retry_after: None,
+                });
+                continue;
+            }
+            let settings = self.config.target(cand);
+            if q.required_context_tokens > 0
+                && settings.context_window > 0
+                && settings.context_window < q.required_context_tokens
+            {
+                skipped.push(Skip {
+                    target: cand.clone(),
+                    reason: Reason::ContextTooSmall,
+                    retry_after: None,
+                });
+                continue;
+            }
+            let t = self.target(cand)?;
+            let mut fx = Effects::default();
+            let adm = self.admit_locked(&t, &args, &mut fx);
+            self.persist(&t, &fx).await?;
+            if adm.allowed {
+                depth = i as u32;
+                chosen = Some((cand.clone(), adm, t.settings.clone()));
+                break;
+            }
+            skipped.push(Skip {
+                target: cand.clone(),
+                reason: adm.reason,
+                retry_after: adm.retry_after,
+            });
+        }
+        let retry_after = if chosen.is_none() {
+            skipped.iter().filter_map(|s| s.retry_after).min()
+        } else {
+            None
+        };
+        if let Some(rt) = self.routes.get(name.as_ref()) {
+            self.note_route(
+                rt,
+                chosen.as_ref().map(|c| (depth, c.0.clone())),
+                &skipped,
+                retry_after,
+            );
+        }
+        Ok(RouteDecision {
+            chosen,
+            fallback_depth: depth,
+            skipped,
+            retry_after,
+        })
+    }
+
+    /// Publishes FallbackActivated / RouteExhausted when a route's choice changes.
+    fn note_route(
+        &self,
+        rt: &RouteRuntime,
+        now_serving: Option<(u32, Arc<str>)>,
+        skipped: &[Skip],
+        retry_after: Option<Duration>,
+    ) {
+        let mut last = rt.last.lock().unwrap_or_else(|e| e.into_inner());
+        let current = now_serving.clone().unwrap_or((u32::MAX, Arc::from("")));
+        if last.as_ref() == Some(&current) {
+            return;
+        }
+        let previous = last
+            .replace(current)
+            .filter(|(d, _)| *d != u32::MAX)
+            .map(|(_, t)| t);
+        let now = self.clock.now();
+        match now_serving {
+            Some((depth, to)) => {
+                if depth == 0 && previous.is_none() {
+                    return; // the primary serving from the start is not news
+                }
+                let why = skipped.last().map_or(Reason::Allowed, |s| s.reason);
+                self.events.publish(
+                    now,
+                    &rt.settings.name,
+                    EventKind::FallbackActivated {
+                        route: rt.settings.name.clone(),
+                        from: previous,
+                        to,
+                        depth,
+                        why,
+                    },
+                );
+            }
+            None => {
+                self.events.publish(
+                    now,
+                    &rt.settings.name,
+                    EventKind::RouteExhausted {
+                        route: rt.settings.name.clone(),
+                        retry_after,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Targets sorted by name, filtered by prefix, paginated by the last name seen.
+    pub fn list_targets(
+        &self,
+        prefix: &str,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<TargetPage> {
+        let size = match page_size {
+            0 => 100,
+            n if n > 1000 => {
+                return Err(invalid(format!(
+                    "page_size {n} is above the maximum of 1000"
+                )));
+            }
+            n => n as usize,
+        };
+        let mut names: Vec<Arc<str>> = self
+            .targets
+            .iter()
+            .filter(|e| e.key().starts_with(prefix))
+            .map(|e| e.key().clone())
+            .collect();
+        names.sort();
+        let total = names.len() as u64;
+        let start = if page_token.is_empty() {
+            0
+        } else {
+            names.partition_point(|n| n.as_ref() <= page_token)
+        };
+        let now = self.clock.now();
+        let mut targets = Vec::new();
+        for name in names.iter().skip(start).take(size) {
+            if let Some(t) = self.targets.get(name.as_ref()) {
+                let mut st = t.lock();
+                let mut bev = Vec::new();
+                st.breaker.tick(now, &t.settings.breaker, &mut bev);
+                let mut fx = Effects::default();
+                t.absorb_breaker_events(&mut st, &bev, None, &mut fx);
+                self.publish(now, &t, &mut fx);
+                targets.push((
+                    name.clone(),
+                    st.breaker.state(),
+                    t.settings.configured,
+                    st.breaker.open_until(),
+                    st.breaker.consecutive_failures(),
+                ));
+            }
+        }
+        let next_page_token = if start + size < names.len() {
+            targets.last().map(|t| t.0.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(TargetPage {
+            targets,
+            next_page_token,
+            total,
+        })
+    }
+
+    /// Full state of one target.
+    pub fn get_target(&self, name: &str) -> Result<TargetView> {
+        let t = self.existing(name)?;
+        Ok(self.view(&t))
+    }
+
+    fn view(&self, t: &Arc<Target>) -> TargetView {
+        let now = self.clock.now();
+        let mut st = t.lock();
+        let mut bev = Vec::new();
+        st.breaker.tick(now, &t.settings.breaker, &mut bev);
+        let mut fx = Effects::default();
+        t.absorb_breaker_events(&mut st, &bev, None, &mut fx);
+        self.publish(now, t, &mut fx);
+        let budget_views = |b: &BudgetState,
+                            cfg: &crate::domain::budget::BudgetConfig,
+                            group: Option<Arc<str>>| {
+            let mut v = Vec::new();
+            for kind in Kind::ALL {
+                if let Some(rate) = cfg.rate(kind) {
+                    v.push(BudgetView {
+                        kind: kind.as_str(),
+                        limit: rate.amount,
+                        window: rate.window,
+                        available: b.cell(kind).available(now, &rate),
+                        group: group.clone(),
+                    });
+                }
+            }
+            if let Some(max) = cfg.max_concurrency {
+                v.push(BudgetView {
+                    kind: "concurrency",
+                    limit: u64::from(max),
+                    window: Duration::ZERO,
+                    available: f64::from(max) - b.in_flight() as f64,
+                    group,
+                });
+            }
+            v
+        };
+        let mut in_flight = 0u32;
+        let slots = st
+            .slots
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| {
+                s.budget.expire_leases(now);
+                in_flight += s.budget.in_flight() as u32;
+                SlotView {
+                    name: t.slot_name(i),
+                    disabled_until: (s.disabled_until > now).then_some(s.disabled_until),
+                    disabled_reason: s.disabled_reason.as_deref().map(str::to_string),
+                    paused_until: (s.paused_until > now).then_some(s.paused_until),
+                    budgets: budget_views(&s.budget, &t.settings.budget, None),
+                    learned: s
+                        .learned
+                        .as_ref()
+                        .map(|l| {
+                            Kind::ALL
+                                .iter()
+                                .filter_map(|k| l[k.index()].map(|v| (*k, v)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    in_flight: s.budget.in_flight() as u32,
+                }
+            })
+            .collect();
+        let groups = t
+            .settings
+            .groups
+            .iter()
+            .flat_map(|&gi| {
+                let g = &self.groups[gi];
+                let mut gs = g.state.lock().unwrap_or_else(|e| e.into_inner());
+                gs.expire_leases(now);
+                budget_views(&gs, &g.config, Some(g.name.clone()))
+            })
+            .collect();
+        let (window_calls, window_failures) = st.breaker.window_totals(now);
+        TargetView {
+            name: t.name.clone(),
+            state: st.breaker.state(),
+            configured: t.settings.configured,
+            open_until: st.breaker.open_until(),
+            opened_at: st.breaker.opened_at(),
+            consecutive_failures: st.breaker.consecutive_failures(),
+            half_open_successes: st.breaker.half_open_successes(),
+            probes_outstanding: st.breaker.probes().len() as u32,
+            reopen_count: st.breaker.reopen_count(),
+            generation: st.breaker.generation(),
+            counters: st.counters,
+            window_calls,
+            window_failures,
+            settings: t.settings.clone(),
+            slots,
+            forced_reason: st.forced_reason.as_deref().map(str::to_string),
+            last_cause: st.last_cause.as_deref().map(str::to_string),
+            in_flight: in_flight + st.breaker.probes().len() as u32,
+            groups,
+        }
+    }
+
+    /// Forces a breaker open or closed, or returns it to automatic control.
+    pub async fn set_breaker_mode(
+        &self,
+        name: &str,
+        mode: Mode,
+        reason: &str,
+    ) -> Result<TargetView> {
+        if reason.len() > 1024 {
+            return Err(invalid("reason is longer than 1024 bytes"));
+        }
+        let t = self.target(name)?;
+        let mut fx = Effects::default();
+        {
+            let mut st = t.lock();
+            let now = self.clock.now();
+            let mut bev = Vec::new();
+            st.breaker.tick(now, &t.settings.breaker, &mut bev);
+            st.breaker.set_mode(mode, &mut bev);
+            st.forced_reason =
+                (mode != Mode::Automatic && !reason.is_empty()).then(|| reason.into());
+            if !bev.is_empty() {
+                fx.events.push(EventKind::TargetForced {
+                    mode,
+                    reason: reason.to_string(),
+                });
+            }
+            let origin = Some((
+                None,
+                format!(
+                    "operator: {}",
+                    if reason.is_empty() {
+                        "no reason given"
+                    } else {
+                        reason
+                    }
+                ),
+            ));
+            t.absorb_breaker_events(&mut st, &bev, origin, &mut fx);
+            self.publish(now, &t, &mut fx);
+        }
+        self.persist(&t, &fx).await?;
+        Ok(self.view(&t))
+    }
+
+    /// Back to a fresh closed breaker with no pauses, disabled keys or counters.
+    pub async fn reset_target(&self, name: &str) -> Result<TargetView> {
+        let t = self.existing(name)?;
+        let mut fx = Effects::default();
+        {
+            let mut st = t.lock();
+            let now = self.clock.now();
+            let mut bev = Vec::new();
+            st.breaker.reset(&mut bev);
+            for s in st.slots.iter_mut() {
+                s.paused_until = Time::ZERO;
+                s.disabled_until = Time::ZERO;
+                s.disabled_reason = None;
+                s.learned = None;
+                s.limited = false;
+            }
+            st.counters = Counters::default();
+            st.retry = None;
+            st.forced_reason = None;
+            st.last_cause = None;
+            fx.durable = true;
+            fx.events.push(EventKind::TargetReset);
+            t.absorb_breaker_events(
+                &mut st,
+                &bev,
+                Some((None, "operator reset".into())),
+                &mut fx,
+            );
+            self.publish(now, &t, &mut fx);
+        }
+        self.persist(&t, &fx).await?;
+        Ok(self.view(&t))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,804 @@
+//! One target's live state and the critical sections that decide for it.
+//!
+//! Each target has its own mutex; a decision locks only that target (and, in
+//! index order, the budget groups it draws on), does arithmetic, and unlocks.
+//! There is no I/O and no await inside; the few allocations happen only when
+//! something changes (events, a new lease).
+
+use super::Reason;
+use super::events::EventKind;
+use super::permit::Permit;
+use crate::config::{Enforcement, TargetSettings};
+use crate::domain::breaker::{
+    Breaker, BreakerEvent, BreakerState, Cause, Effect, PermitRef, Refusal, Ticket, Transition,
+    Trigger,
+};
+use crate::domain::budget::{BudgetConfig, BudgetRefusal, BudgetState, Cost, Kind, Lease, Usage};
+use crate::domain::headers::Signals;
+use crate::domain::retry::{Advice, RetryBudget, advise};
+use crate::domain::{OutcomeClass, Time};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// What a provider's headers last said about one budget kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_at: Time,
+    pub observed_at: Time,
+}
+
+/// One key slot (or the implicit slot of a target without keys).
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    pub budget: BudgetState,
+    /// The provider asked the fleet to wait until then.
+    pub paused_until: Time,
+    /// Disabled by a PERSISTENT outcome until then.
+    pub disabled_until: Time,
+    pub disabled_reason: Option<Box<str>>,
+    pub learned: Option<Box<[Option<Learned>; 4]>>,
+    /// Set while the slot is refusing for budget reasons, so that
+    /// RateLimited / BudgetRestored events fire on edges only.
+    pub limited: bool,
+}
+
+/// Totals since creation or reset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub admitted: u64,
+    pub refused: u64,
+    pub by_class: [u64; 7],
+    pub stale: u64,
+}
+
+pub(crate) struct TargetState {
+    pub breaker: Breaker,
+    pub slots: Box<[Slot]>,
+    /// Allocated on the first failure or retry: healthy targets never need it.
+    pub retry: Option<Box<RetryBudget>>,
+    pub counters: Counters,
+    pub next_admission: u64,
+    pub forced_reason: Option<Box<str>>,
+    pub last_cause: Option<Box<str>>,
+}
+
+/// A target: name, settings and state.
+pub struct Target {
+    pub name: Arc<str>,
+    /// Dense number, unique per process; namespaces concurrency leases in shared groups.
+    pub(crate) index: u32,
+    /// Hash of the name: seeds jitter and tags permits.
+    pub(crate) seed: u64,
+    pub(crate) settings: Arc<TargetSettings>,
+    pub(crate) state: Mutex<TargetState>,
+}
+
+/// A budget group: one shared budget several targets draw on.
+pub(crate) struct Group {
+    pub name: Arc<str>,
+    pub config: BudgetConfig,
+    pub state: Mutex<BudgetState>,
+    pub limited: std::sync::atomic::AtomicBool,
+}
+
+/// The decision for one admission request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Admission {
+    pub allowed: bool,
+    pub reason: Reason,
+    pub state: BreakerState,
+    pub retry_after: Option<Duration>,
+    pub permit: Option<Permit>,
+    pub key_slot: Option<Arc<str>>,
+    /// Shadow mode: the refusal that was not enforced.
+    pub shadow_reason: Option<Reason>,
+}
+
+/// Admission inputs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AdmitArgs<'a> {
+    pub caller: &'a str,
+    pub estimated_tokens: u64,
+    pub attempt: u32,
+}
+
+/// Outcome inputs, validated by the engine.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct OutcomeArgs<'a> {
+    pub http_status: i32,
+    pub error_type: &'a str,
+    pub permit: Option<Permit>,
+    pub slot: usize,
+    pub latency: Option<Duration>,
+    pub retry_after: Option<Duration>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub attempt: u32,
+    pub caller: &'a str,
+}
+
+/// The result of applying an outcome.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutcomeResult {
+    pub classified_as: OutcomeClass,
+    pub state: BreakerState,
+    pub advice: Advice,
+    pub stale: bool,
+}
+
+/// What a critical section did that others must hear about.
+#[derive(Default)]
+pub(crate) struct Effects {
+    pub events: Vec<EventKind>,
+    /// Durable state changed: persist before answering.
+    pub durable: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Longest wait reported for a slot refusal that has no natural end (e.g. every slot disabled).
+const NEVER: Duration = Duration::from_secs(3600);
+
+impl Target {
+    pub(crate) fn new(name: Arc<str>, index: u32, settings: Arc<TargetSettings>) -> Self {
+        let seed = name_hash(&name);
+        let slots = (0..settings.keys.len().max(1))
+            .map(|_| Slot::default())
+            .collect();
+        Target {
+            state: Mutex::new(TargetState {
+                breaker: Breaker::new(seed),
+                slots,
+                retry: None,
+                counters: Counters::default(),
+                next_admission: 1,
+                forced_reason: None,
+                last_cause: None,
+            }),
+            name,
+            index,
+            seed,
+            settings,
+        }
+    }
+
+    pub(crate) fn tag(&self) -> u16 {
+        (self.seed >> 48) as u16
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, TargetState> {
+        lock(&self.state)
+    }
+
+    pub fn settings(&self) -> &Arc<TargetSettings> {
+        &self.settings
+    }
+
+    /// Name of slot `i` (None for the implicit slot).
+    pub(crate) fn slot_name(&self, i: usize) -> Option<Arc<str>> {
+        self.settings.keys.get(i).cloned()
+    }
+
+    /// Index of the named key slot.
+    pub(crate) fn slot_index(&self, name: &str) -> Option<usize> {
+        self.settings.keys.iter().position(|k| k.as_ref() == name)
+    }
+
+    /// Decides one admission. Called with the state locked; locks groups itself.
+    pub(crate) fn admit(
+        &self,
+        st: &mut TargetState,
+        groups: &[Group],
+        now: Time,
+        args: &AdmitArgs<'_>,
+        fx: &mut Effects,
+    ) -> Admission {
+        let cfg = &self.settings;
+        let mut bev = Vec::new();
+        let checked = st.breaker.check(now, &cfg.breaker, &mut bev);
+        self.absorb_breaker_events(st, &bev, None, fx);
+        let state = st.breaker.state();
+
+        let refuse = |reason: Reason, retry_after: Option<Duration>| Admission {
+            allowed: false,
+            reason,
+            state,
+            retry_after,
+            permit: None,
+            key_slot: None,
+            shadow_reason: None,
+        };
+
+        let admission_no = st.next_admission;
+        let lease = Lease {
+            key: lease_key(self.index, admission_no),
+            until: now + cfg.permit_lease,
+        };
+        let decision: Result<(Ticket, usize, bool), Admission> = (|| {
+            let ticket = match checked {
+                Ok(t) => t,
+                Err((r, after)) => {
+                    let reason = match r {
+                        Refusal::CircuitOpen => Reason::CircuitOpen,
+                        Refusal::ProbeLimit => Reason::ProbeLimit,
+                        Refusal::ForcedOpen => Reason::ForcedOpen,
+                    };
+                    return Err(refuse(reason, after));
+                }
+            };
+            if args.attempt > 0 {
+                let rb = st
+                    .retry
+                    .get_or_insert_with(|| Box::new(RetryBudget::new(cfg.retry.budget_window)));
+                if !rb.allows(now, &cfg.retry) {
+                    return Err(refuse(
+                        Reason::RetryBudgetExhausted,
+                        Some(Duration::from_secs(1)),
+                    ));
+                }
+            }
+            let cost = Cost {
+                tokens: args.estimated_tokens,
+            };
+            let (slot, leased) = self
+                .choose_slot(st, groups, now, cost, lease, fx)
+                .map_err(|(r, a)| refuse(r, a))?;
+            Ok((ticket, slot, leased))
+        })();
+
+        match decision {
+            Ok((ticket, slot_ix, leased)) => {
+                let permit_ref = st.breaker.commit(now, &cfg.breaker, ticket);
+                st.next_admission += 1;
+                self.note_budget_ok(st, groups, slot_ix, fx);
+                if args.attempt > 0 {
+                    if let Some(rb) = st.retry.as_mut() {
+                        rb.try_retry(now, &cfg.retry);
+                    }
+                } else if let Some(rb) = st.retry.as_mut() {
+                    rb.record_first(now);
+                }
+                st.counters.admitted += 1;
+                Admission {
+                    allowed: true,
+                    reason: Reason::Allowed,
+                    state,
+                    retry_after: None,
+                    permit: Some(Permit {
+                        generation: permit_ref.generation,
+                        probe: permit_ref.probe.unwrap_or(0),
+                        lease: if leased { admission_no } else { 0 },
+                        slot: slot_ix as u8,
+                        reserved_tokens: args.estimated_tokens,
+                        tag: self.tag(),
+                    }),
+                    key_slot: self.slot_name(slot_ix),
+                    shadow_reason: None,
+                }
+            }
+            Err(refusal) => {
+                st.counters.refused += 1;
+                if cfg.mode == Enforcement::Shadow {
+                    // Dry run: report what would have happened, admit without reserving.
+                    st.counters.admitted += 1;
+                    return Admission {
+                        allowed: true,
+                        reason: Reason::Allowed,
+                        state,
+                        retry_after: None,
+                        permit: Some(Permit {
+                            generation: st.breaker.generation(),
+                            tag: self.tag(),
+                            ..Permit::default()
+                        }),
+                        key_slot: self.slot_name(0),
+                        shadow_reason: Some(refusal.reason),
+                    };
+                }
+                refusal
+            }
+        }
+    }
+
+    /// Picks the usable key slot with the most headroom whose budgets (and the
+    /// target's groups) admit `cost`, and charges them while the group locks
+    /// are still held, so that a shared group can never be overspent by two
+    /// targets checking at once. Returns the slot and whether a concurrency
+    /// lease was taken, or the refusal with the soonest retry.
+    fn choose_slot(
+        &self,
+        st: &mut TargetState,
+        groups: &[Group],
+        now: Time,
+        cost: Cost,
+        lease: Lease,
+        fx: &mut Effects,
+    ) -> Result<(usize, bool), (Reason, Option<Duration>)> {
+        let cfg = &self.settings;
+        let metered = !cfg.budget.is_unlimited() || !cfg.groups.is_empty();
+        let n = st.slots.len();
+        // Lift pauses and disables that have run out (restoration is an event).
+        for i in 0..n {
+            let slot = &mut st.slots[i];
+            if slot.paused_until != Time::ZERO && now >= slot.paused_until {
+                slot.paused_until = Time::ZERO;
+                fx.durable = true;
+                fx.events.push(EventKind::BudgetRestored {
+                    key_slot: self.slot_name(i),
+                });
+            }
+            if slot.disabled_until != Time::ZERO && now >= slot.disabled_until {
+                slot.disabled_until = Time::ZERO;
+                slot.disabled_reason = None;
+                fx.durable = true;
+            }
+        }
+        if n == 1 && !metered {
+            let s = &st.slots[0];
+            if s.paused_until > now {
+                return Err((Reason::RateLimited, Some(now.until(s.paused_until))));
+            }
+            if s.disabled_until > now {
+                return Err((
+                    Reason::KeySlotsUnavailable,
+                    Some(now.until(s.disabled_until)),
+                ));
+            }
+            return Ok((0, false));
+        }
+        // Order slots by headroom, rotating ties so unmetered keys share load.
+        let rotate = (st.next_admission as usize) % n;
+        let mut order: Vec<(usize, f64)> = (0..n)
+            .map(|k| {
+                let i = (k + rotate) % n;
+                (i, headroom(&st.slots[i].budget, &cfg.budget, now))
+            })
+            .collect();
+        order.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
+
+        let mut best: Option<(Reason, Option<Duration>)> = None;
+        let mut consider = |reason: Reason, after: Option<Duration>| {
+            let better = match (&best, after) {
+                (None, _) => true,
+                (Some((_, Some(b))), Some(a)) => a < *b,
+                (Some((_, None)), Some(_)) => true,
+                _ => false,
+            };
+            if better {
+                best = Some((reason, after));
+            }
+        };
+        let mut guards: Vec<MutexGuard<'_, BudgetState>> = cfg
+            .groups
+            .iter()
+            .map(|&gi| lock(&groups[gi].state))
+            .collect();
+        for (i, _) in order {
+            let slot = &mut st.slots[i];
+            if slot.disabled_until > now {
+                consider(
+                    Reason::KeySlotsUnavailable,
+                    Some(now.until(slot.disabled_until).min(NEVER)),
+                );
+                continue;
+            }
+            if slot.paused_until > now {
+                consider(Reason::RateLimited, Some(now.until(slot.paused_until)));
+                continue;
+            }
+            let slot_plan = match slot.budget.check(now, &cfg.budget, cost) {
+                Ok(p) => p,
+                Err(r) => {
+                    let (reason, after) = budget_reason(&r);
+                    if !slot.limited {
+                        slot.limited = true;
+                        fx.events.push(EventKind::RateLimited {
+                            key_slot: self.slot_name(i),
+                            kind: budget_kind(&r),
+                            until: now + after.unwrap_or(Duration::ZERO),
+                            why: describe_refusal(&r, None),
+                        });
+                    }
+                    consider(reason, after);
+                    continue;
+                }
+            };
+            let mut group_plans = Vec::with_capacity(guards.len());
+            for (g, &gi) in guards.iter_mut().zip(&cfg.groups) {
+                match g.check(now, &groups[gi].config, cost) {
+                    Ok(p) => group_plans.push(p),
+                    Err(r) => {
+                        let (reason, after) = budget_reason(&r);
+                        if !groups[gi]
+                            .limited
+                            .swap(true, std::sync::atomic::Ordering::Relaxed)
+                        {
+                            fx.events.push(EventKind::RateLimited {
+                                key_slot: None,
+                                kind: budget_kind(&r),
+                                until: now + after.unwrap_or(Duration::ZERO),
+                                why: describe_refusal(&r, Some(&groups[gi].name)),
+                            });
+                        }
+                        // Groups are shared by every slot: no other slot can pass.
+                        return Err((reason, after));
+                    }
+                }
+            }
+            let mut leased = BudgetState::plan_leases(&slot_plan);
+            slot.budget.commit(&slot_plan, lease);
+            for (g, plan) in guards.iter_mut().zip(&group_plans) {
+                leased |= BudgetState::plan_leases(plan);
+                g.commit(plan, lease);
+            }
+            return Ok((i, leased));
+        }
+        Err(best.unwrap_or((Reason::KeySlotsUnavailable, None)))
+    }
+
+    /// Emits BudgetRestored for a slot (and groups) that had been refusing.
+    fn note_budget_ok(
+        &self,
+        st: &mut TargetState,
+        groups: &[Group],
+        slot: usize,
+        fx: &mut Effects,
+    ) {
+        if std::mem::take(&mut st.slots[slot].limited) {
+            fx.events.push(EventKind::BudgetRestored {
+                key_slot: self.slot_name(slot),
+            });
+        }
+        for &gi in &self.settings.groups {
+            if groups[gi]
+                .limited
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
+                fx.events.push(EventKind::BudgetRestored { key_slot: None });
+            }
+        }
+    }
+
+    /// Applies an outcome. Called with the state locked; locks groups itself.
+    pub(crate) fn record(
+        &self,
+        st: &mut TargetState,
+        groups: &[Group],
+        now: Time,
+        class: OutcomeClass,
+        args: &OutcomeArgs<'_>,
+        signals: &Signals,
+        max_pause: Duration,
+        fx: &mut Effects,
+    ) -> OutcomeResult {
+        let cfg = &self.settings;
+        st.counters.by_class[class.index()] += 1;
+        let slot_ix = args.slot.min(st.slots.len() - 1);
+
+        // The provider's hint: the explicit field or the headers, whichever is longer.
+        let hint = match (args.retry_after, signals.retry_after) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+        .map(|d| d.min(max_pause))
+        .filter(|d| !d.is_zero());
+        let paused_by_hint = class == OutcomeClass::RateLimited && hint.is_some();
+
+        // Provider signals: pauses (fleet-wide) and learned limits.
+        let mut pause: Option<(Duration, String)> = None;
+        if paused_by_hint {
+            pause = hint.map(|d| (d, "provider answered 429 with a retry hint".to_string()));
+        }
+        for kind in Kind::ALL {
+            let sig = signals.limit(kind);
+            if sig.is_empty() {
+                continue;
+            }
+            let slot = &mut st.slots[slot_ix];
+            let learned = slot.learned.get_or_insert_with(Default::default);
+            let entry = learned[kind.index()].get_or_insert_with(Learned::default);
+            if let Some(l) = sig.limit {
+                entry.limit = l;
+            }
+            if let Some(r) = sig.remaining {
+                entry.remaining = r;
+                slot.budget.observe_remaining(now, &cfg.budget, kind, r);
+            }
+            if let Some(d) = sig.reset_after {
+                entry.reset_at = now + d;
+            }
+            entry.observed_at = now;
+            if let Some(d) = sig.exhausted_for() {
+                let d = d.min(max_pause);
+                if pause.as_ref().is_none_or(|(p, _)| d > *p) {
+                    pause = Some((
+                        d,
+                        format!("provider reported 0 {} remaining", kind.as_str()),
+                    ));
+                }
+            }
+        }
+        if let Some((d, why)) = pause {
+            let until = now + d;
+            let slot = &mut st.slots[slot_ix];
+            if until > slot.paused_until {
+                slot.paused_until = until;
+                fx.durable = true;
+                fx.events.push(EventKind::RateLimited {
+                    key_slot: self.slot_name(slot_ix),
+                    kind: None,
+                    until,
+                    why,
+                });
+            }
+        }
+
+        // The breaker (or, for keyed targets, the key slot) takes the class.
+        let mut effect = cfg.breaker.effect(class, args.latency, paused_by_hint);
+        if let (Effect::OpenFor(d, _), false) = (effect, cfg.keys.is_empty()) {
+            // An invalid key or exhausted quota disables that key, not the model.
+            let until = now + d;
+            let slot = &mut st.slots[slot_ix];
+            let why = describe_outcome(class, args.http_status, args.error_type);
+            if until > slot.disabled_until {
+                slot.disabled_until = until;
+                slot.disabled_reason = Some(why.clone().into_boxed_str());
+                fx.durable = true;
+                if let Some(key_slot) = self.slot_name(slot_ix) {
+                    fx.events.push(EventKind::KeySlotDisabled {
+                        key_slot,
+                        until,
+                        why,
+                    });
+                }
+            }
+            effect = Effect::Ignore;
+        }
+        let permit_ref = args.permit.map(|p| PermitRef {
+            generation: p.generation,
+            probe: (p.probe != 0).then_some(p.probe),
+        });
+        let mut bev = Vec::new();
+        let stale = st
+            .breaker
+            .record(now, &cfg.breaker, permit_ref, effect, &mut bev);
+        if stale {
+            st.counters.stale += 1;
+        }
+        let caller = (!args.caller.is_empty()).then(|| Arc::from(args.caller));
+        let detail = describe_outcome(class, args.http_status, args.error_type);
+        self.absorb_breaker_events(st, &bev, Some((caller, detail)), fx);
+
+        // Settle budgets: release the concurrency slot, charge real usage.
+        let usage = Usage {
+            reserved: args.permit.map_or(0, |p| p.reserved_tokens),
+            input: args.input_tokens,
+            output: args.output_tokens,
+            reported: args.input_tokens > 0 || args.output_tokens > 0,
+        };
+        let lease_key = args
+            .permit
+            .filter(|p| p.lease != 0)
+            .map(|p| lease_key(self.index, p.lease));
+        if args.permit.is_some() || usage.reported {
+            st.slots[slot_ix]
+                .budget
+                .settle(now, &cfg.budget, usage, lease_key);
+            for &gi in &cfg.groups {
+                lock(&groups[gi].state).settle(now, &groups[gi].config, usage, lease_key);
+            }
+        }
+
+        // Retry advice, against the fleet's retry budget.
+        if class != OutcomeClass::Success && st.retry.is_none() {
+            st.retry = Some(Box::new(RetryBudget::new(cfg.retry.budget_window)));
+        }
+        let budget_ok = st
+            .retry
+            .as_ref()
+            .is_none_or(|rb| rb.allows(now, &cfg.retry));
+        let slot = &st.slots[slot_ix];
+        let wait = (slot.paused_until > now).then(|| now.until(slot.paused_until));
+        let hint = match (hint, wait) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let advice = advise(
+            &cfg.retry,
+            class,
+            args.attempt,
+            hint,
+            budget_ok,
+            rand::random::<f64>(),
+        );
+        OutcomeResult {
+            classified_as: class,
+            state: st.breaker.state(),
+            advice,
+            stale,
+        }
+    }
+
+    /// Turns the breaker's events into engine events and remembers the cause.
+    pub(crate) fn absorb_breaker_events(
+        &self,
+        st: &mut TargetState,
+        bev: &[BreakerEvent],
+        origin: Option<(Option<Arc<str>>, String)>,
+        fx: &mut Effects,
+    ) {
+        for e in bev {
+            match *e {
+                BreakerEvent::Transition(t) => {
+                    let (cause, class, failures) =
+                        describe_transition(&t, origin.as_ref().map(|o| o.1.as_str()));
+                    st.last_cause = Some(cause.clone().into_boxed_str());
+                    fx.durable = true;
+                    fx.events.push(EventKind::BreakerTransition {
+                        from: t.from,
+                        to: t.to,
+                        cause,
+                        class,
+                        failures,
+                        caller: origin.as_ref().and_then(|o| o.0.clone()),
+                        open_until: t.open_until,
+                    });
+                }
+                BreakerEvent::ProbeExpired { probe } => {
+                    fx.events.push(EventKind::ProbeExpired { probe });
+                }
+                BreakerEvent::OpenExtended { until } => {
+                    fx.durable = true;
+                    st.last_cause = Some(
+                        format!(
+                            "open period extended by {}",
+                            origin
+                                .as_ref()
+                                .map_or("a persistent failure", |o| o.1.as_str())
+                        )
+                        .into_boxed_str(),
+                    );
+                    fx.events.push(EventKind::BreakerTransition {
+                        from: BreakerState::Open,
+                        to: BreakerState::Open,
+                        cause: "open period extended by a persistent failure".into(),
+                        class: Some(OutcomeClass::Persistent),
+                        failures: 0,
+                        caller: origin.as_ref().and_then(|o| o.0.clone()),
+                        open_until: Some(until),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Fraction of the tightest budget still available (1.0 = untouched or unmetered).
+fn headroom(b: &BudgetState, cfg: &BudgetConfig, now: Time) -> f64 {
+    let mut h: f64 = 1.0;
+    for kind in Kind::ALL {
+        if let Some(rate) = cfg.rate(kind) {
+            h = h.min(b.cell(kind).available(now, &rate) / rate.amount as f64);
+        }
+    }
+    if let Some(max) = cfg.max_concurrency {
+        h = h.min(1.0 - b.in_flight() as f64 / f64::from(max.max(1)));
+    }
+    h
+}
+
+fn budget_reason(r: &BudgetRefusal) -> (Reason, Option<Duration>) {
+    match r {
+        BudgetRefusal::Rate { retry_after, .. } => (Reason::RateLimited, Some(*retry_after)),
+        BudgetRefusal::Concurrency { retry_after } => {
+            (Reason::ConcurrencyLimit, Some(*retry_after))
+        }
+        BudgetRefusal::TooLarge { .. } => (Reason::RequestTooLarge, None),
+    }
+}
+
+fn budget_kind(r: &BudgetRefusal) -> Option<Kind> {
+    match r {
+        BudgetRefusal::Rate { kind, .. } | BudgetRefusal::TooLarge { kind, .. } => Some(*kind),
+        BudgetRefusal::Concurrency { .. } => None,
+    }
+}
+
+fn describe_refusal(r: &BudgetRefusal, group: Option<&str>) -> String {
+    let scope = group.map_or(String::new(), |g| format!(" of budget group {g:?}"));
+    match r {
+        BudgetRefusal::Rate { kind, .. } => format!("{} budget{scope} exhausted", kind.as_str()),
+        BudgetRefusal::Concurrency { .. } => format!("max_concurrency{scope} reached"),
+        BudgetRefusal::TooLarge {
+            kind,
+            cost,
+            capacity,
+        } => {
+            format!(
+                "request of {cost} {} exceeds the budget{scope} of {capacity}",
+                kind.as_str()
+            )
+        }
+    }
+}
+
+pub(crate) fn describe_outcome(class: OutcomeClass, status: i32, error_type: &str) -> String {
+    let mut s = class.as_str().to_string();
+    if status != 0 || !error_type.is_empty() {
+        s.push_str(" (");
+        if status != 0 {
+            s.push_str(&format!("http {status}"));
+        }
+        if !error_type.is_empty() {
+            if status != 0 {
+                s.push(' ');
+            }
+            s.extend(error_type.chars().take(64));
+        }
+        s.push(')');
+    }
+    s
+}
+
+fn trigger_class(t: Trigger) -> Option<OutcomeClass> {
+    match t {
+        Trigger::Outcome(c) => Some(c),
+        Trigger::SlowCall => None,
+    }
+}
+
+fn describe_transition(
+    t: &Transition,
+    outcome: Option<&str>,
+) -> (String, Option<OutcomeClass>, u32) {
+    let last = outcome.map_or(String::new(), |o| format!("; last: {o}"));
+    match t.cause {
+        Cause::ConsecutiveFailures { count, trigger } => {
+            let what = match trigger {
+                Trigger::Outcome(c) => format!("{c} failures"),
+                Trigger::SlowCall => "slow calls".into(),
+            };
+            (
+                format!("{count} consecutive {what}{last}"),
+                trigger_class(trigger),
+                count,
+            )
+        }
+        Cause::FailureRate { failures, calls } => (
+            format!("failure rate {failures}/{calls} over the window{last}"),
+            None,
+            u32::try_from(failures).unwrap_or(u32::MAX),
+        ),
+        Cause::Persistent { class } => (format!("persistent failure{last}"), Some(class), 1),
+        Cause::ProbeFailed { trigger } => {
+            (format!("probe failed{last}"), trigger_class(trigger), 1)
+        }
+        Cause::OpenElapsed => ("open period elapsed".into(), None, 0),
+        Cause::ProbesSucceeded { count } => (
+            format!("{count} probe successes"),
+            Some(OutcomeClass::Success),
+            0,
+        ),
+        Cause::Operator { mode } => (format!("operator set {mode:?}"), None, 0),
+        Cause::Reset => ("operator reset".into(), None, 0),
+    }
+}
+
+/// Concurrency lease keys are unique across targets (groups hold leases of many).
+fn lease_key(target_index: u32, admission: u64) -> u64 {
+    (u64::from(target_index) << 40) | (admission & ((1 << 40) - 1))
+}
+
+/// FNV-1a, mixed: stable across processes (permit tags must survive restarts).
+pub(crate) fn name_hash(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    crate::domain::breaker::mix64(h)
+}
