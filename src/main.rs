@@ -1,1 +1,112 @@
-fn main() {}
+//! The `backstop` command: `serve` runs the service, `check-config` validates a config file.
+
+use backstop::config::Config;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "backstop",
+    version,
+    about = "Resilience control plane for fleets of AI agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (no config file needed: gRPC on 127.0.0.1:50051).
+    Serve(ServeArgs),
+    /// Validate a config file; prints every error with its line and exits non-zero.
+    CheckConfig { file: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file; without it, built-in defaults apply.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// gRPC listen address (overrides [server] listen); port 0 picks a free port.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "pretty")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} targets, {} routes, {} budget groups)",
+                    file.display(),
+                    c.targets.len(),
+                    c.routes.len(),
+                    c.groups.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                eprintln!("{} error(s) in {}", e.len(), file.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve(args) => {
+            init_logging(args.log_format);
+            let mut config = match &args.config {
+                Some(path) => match Config::load(path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => Config::default(),
+            };
+            if let Some(l) = args.listen {
+                config.server.listen = l;
+            }
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(backstop::server::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("backstop: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! `backstop.v1.Admin`: inspect targets and override breakers.
+
+use super::{breaker_state, check_len, opt_timestamp, status, to_proto_duration, to_timestamp};
+use crate::domain::breaker::Mode;
+use crate::engine::{BudgetView, Engine, TargetView};
+use crate::proto;
+use crate::proto::admin_server::Admin;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct AdminService {
+    engine: Arc<Engine>,
+}
+
+impl AdminService {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        AdminService { engine }
+    }
+}
+
+/// Checks `authorization: Bearer <token>` when the server has an admin token.
+pub fn auth_interceptor(
+    token: Option<String>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let Some(want) = token.as_deref() else {
+            return Ok(req);
+        };
+        let got = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match got {
+            Some(g) if constant_time_eq(g.as_bytes(), want.as_bytes()) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("the admin token is wrong")),
+            None => Err(Status::unauthenticated(
+                "Admin calls need the metadata `authorization: Bearer <admin_token>`",
+            )),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn budget(b: &BudgetView) -> proto::BudgetStatus {
+    proto::BudgetStatus {
+        kind: b.kind.to_string(),
+        limit: b.limit,
+        window: (!b.window.is_zero()).then(|| to_proto_duration(b.window)),
+        available: b.available,
+        group: b.group.as_deref().unwrap_or_default().to_string(),
+    }
+}
+
+pub(crate) fn target_status(v: TargetView) -> proto::TargetStatus {
+    let s = &v.settings;
+    let b = &s.breaker;
+    let settings = proto::TargetSettings {
+        breaker: Some(proto::BreakerSettings {
+            failure_threshold: b.failure_threshold,
+            success_threshold: b.success_threshold,
+            open_duration: Some(to_proto_duration(b.open_duration)),
+            half_open_max_probes: b.half_open_max_probes,
+            probe_lease: Some(to_proto_duration(b.probe_lease)),
+            backoff_multiplier: b.backoff_multiplier,
+            max_open_duration: Some(to_proto_duration(b.max_open_duration)),
+            failure_rate_threshold: b.rate_rule.map_or(0.0, |r| r.threshold),
+            window: Some(to_proto_duration(b.window)),
+            minimum_calls: b.rate_rule.map_or(0, |r| r.minimum_calls),
+            slow_call_duration: b.slow_call_duration.map(to_proto_duration),
+            persistent_open_duration: Some(to_proto_duration(b.persistent_open_duration)),
+        }),
+        max_tokens: s.max_tokens,
+        context_window: s.context_window,
+        cost_per_mtok_input: s.cost_per_mtok_input,
+        cost_per_mtok_output: s.cost_per_mtok_output,
+        keys: s.keys.iter().map(|k| k.to_string()).collect(),
+        budget_groups: Vec::new(),
+        mode: match s.mode {
+            crate::config::Enforcement::Enforce => "enforce".into(),
+            crate::config::Enforcement::Shadow => "shadow".into(),
+        },
+    };
+    let c = &v.counters;
+    let class = |c: crate::domain::OutcomeClass| v.counters.by_class[c.index()];
+    use crate::domain::OutcomeClass as O;
+    let mut group_names: Vec<String> = v
+        .groups
+        .iter()
+        .filter_map(|g| g.group.as_deref().map(str::to_string))
+        .collect();
+    group_names.dedup();
+    proto::TargetStatus {
+        target: v.name.to_string(),
+        state: breaker_state(v.state) as i32,
+        configured: v.configured,
+        open_until: opt_timestamp(v.open_until),
+        consecutive_failures: v.consecutive_failures,
+        half_open_successes: v.half_open_successes,
+        probes_outstanding: v.probes_outstanding,
+        reopen_count: v.reopen_count,
+        generation: v.generation,
+        counters: Some(proto::OutcomeCounters {
+            admitted: c.admitted,
+            refused: c.refused,
+            success: class(O::Success),
+            transient: class(O::Transient),
+            rate_limited: class(O::RateLimited),
+            persistent: class(O::Persistent),
+            bad_input: class(O::BadInput),
+            partial: class(O::Partial),
+            timeout: class(O::Timeout),
+            stale: c.stale,
+        }),
+        window_calls: v.window_calls,
+        window_failures: v.window_failures,
+        settings: Some(proto::TargetSettings {
+            budget_groups: group_names,
+            ..settings
+        }),
+        key_slots: v
+            .slots
+            .iter()
+            .map(|s| proto::KeySlotStatus {
+                name: s.name.as_deref().unwrap_or_default().to_string(),
+                disabled: s.disabled_until.is_some(),
+                disabled_until: opt_timestamp(s.disabled_until),
+                disabled_reason: s.disabled_reason.clone().unwrap_or_default(),
+                paused_until: opt_timestamp(s.paused_until),
+                budgets: s.budgets.iter().map(budget).collect(),
+                learned: s
+                    .learned
+                    .iter()
+                    .map(|(k, l)| proto::ProviderLimit {
+                        kind: k.as_str().to_string(),
+                        limit: l.limit,
+                        remaining: l.remaining,
+                        reset_at: (l.reset_at != crate::domain::Time::ZERO)
+                            .then(|| to_timestamp(l.reset_at)),
+                        observed_at: Some(to_timestamp(l.observed_at)),
+                    })
+                    .collect(),
+                in_flight: s.in_flight,
+            })
+            .collect(),
+        forced_reason: v.forced_reason.unwrap_or_default(),
+        opened_at: opt_timestamp(v.opened_at),
+        last_cause: v.last_cause.unwrap_or_default(),
+        in_flight: v.in_flight,
+        group_budgets: v.groups.iter().map(budget).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_targets(
+        &self,
+        req: Request<proto::ListTargetsRequest>,
+    ) -> Result<Response<proto::ListTargetsResponse>, Status> {
+        let r = req.into_inner();
+        check_len(&r.prefix, "prefix", 256)?;
+        check_len(&r.page_token, "page_token", 256)?;
+        let page = self
+            .engine
+            .list_targets(&r.prefix, r.page_size, &r.page_token)
+            .map_err(status)?;
+        Ok(Response::new(proto::ListTargetsResponse {
+            targets: page
+                .targets
+                .into_iter()
+                .map(
+                    |(name, state, configured, open_until, failures)| proto::TargetSummary {
+                        target: name.to_string(),
+                        state: breaker_state(state) as i32,
+                        configured,
+                        open_until: opt_timestamp(open_until),
+                        consecutive_failures: failures,
+                    },
+                )
+                .collect(),
+            next_page_token: page.next_page_token,
+            total: page.total,
+        }))
+    }
+
+    async fn get_target(
+        &self,
+        req: Request<proto::GetTargetRequest>,
+    ) -> Result<Response<proto::TargetStatus>, Status> {
+        let r = req.into_inner();
+        let v = self.engine.get_target(&r.target).map_err(status)?;
+        Ok(Response::new(target_status(v)))
+    }
+
+    async fn set_breaker_state(
+        &self,
+        req: Request<proto::SetBreakerStateRequest>,
+    ) -> Result<Response<proto::TargetStatus>, Status> {
+        let r = req.into_inner();
+        let mode = match proto::BreakerMode::try_from(r.mode) {
+            Ok(proto::BreakerMode::Automatic) => Mode::Automatic,
+            Ok(proto::BreakerMode::ForceOpen) => Mode::ForcedOpen,
+            Ok(proto::BreakerMode::ForceClosed) => Mode::ForcedClosed,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "mode {} is not one of BREAKER_MODE_AUTOMATIC (1), BREAKER_MODE_FORCE_OPEN (2), BREAKER_MODE_FORCE_CLOSED (3)",
+                    r.mode
+                )));
+            }
+        };
+        let v = self
+            .engine
+            .set_breaker_mode(&r.target, mode, &r.reason)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(target_status(v)))
+    }
+
+    async fn reset_target(
+        &self,
+        req: Request<proto::ResetTargetRequest>,
+    ) -> Result<Response<proto::TargetStatus>, Status> {
+        let r = req.into_inner();
+        let v = self.engine.reset_target(&r.target).await.map_err(status)?;
+        Ok(Response::new(target_status(v)))
+    }
+}

@@ -1,0 +1,235 @@
+//! `backstop.v1.Resilience`: CanProceed, RecordOutcome, Route and their batches.
+
+use super::{
+    breaker_state, check_len, from_outcome_class, from_proto_duration, outcome_class, reason,
+    status, to_proto_duration,
+};
+use crate::domain::retry::RetryReason;
+use crate::engine::{Admission, AdmitArgs, Engine, OutcomeReport, RouteQuery};
+use crate::proto;
+use crate::proto::resilience_server::Resilience;
+use std::sync::Arc;
+use tonic::{Code, Request, Response, Status};
+
+/// Most items one batch call may carry.
+pub const MAX_BATCH: usize = 1000;
+/// Longest `caller` / `error_type` accepted.
+const MAX_LABEL: usize = 256;
+
+pub struct ResilienceService {
+    engine: Arc<Engine>,
+}
+
+impl ResilienceService {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        ResilienceService { engine }
+    }
+
+    async fn can_proceed_one(
+        &self,
+        r: &proto::CanProceedRequest,
+    ) -> Result<proto::CanProceedResponse, Status> {
+        check_len(&r.caller, "caller", MAX_LABEL)?;
+        let args = AdmitArgs {
+            caller: &r.caller,
+            estimated_tokens: r.estimated_tokens,
+            attempt: r.attempt,
+        };
+        let adm = self
+            .engine
+            .can_proceed(&r.target, args)
+            .await
+            .map_err(status)?;
+        Ok(admission(adm))
+    }
+
+    async fn record_one(
+        &self,
+        r: &proto::RecordOutcomeRequest,
+    ) -> Result<proto::RecordOutcomeResponse, Status> {
+        check_len(&r.caller, "caller", MAX_LABEL)?;
+        check_len(&r.error_type, "error_type", MAX_LABEL)?;
+        check_len(&r.key_slot, "key_slot", MAX_LABEL)?;
+        let report = OutcomeReport {
+            permit: &r.permit,
+            class: from_outcome_class(r.outcome)?,
+            http_status: r.http_status,
+            error_type: &r.error_type,
+            latency: from_proto_duration(r.latency, "latency")?,
+            retry_after: from_proto_duration(r.retry_after, "retry_after")?,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            attempt: r.attempt,
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            key_slot: &r.key_slot,
+            caller: &r.caller,
+        };
+        let res = self
+            .engine
+            .record_outcome(&r.target, report)
+            .await
+            .map_err(status)?;
+        Ok(proto::RecordOutcomeResponse {
+            classified_as: outcome_class(res.classified_as) as i32,
+            state: breaker_state(res.state) as i32,
+            retry: Some(proto::RetryAdvice {
+                retry: res.advice.retry,
+                delay: Some(to_proto_duration(res.advice.delay)),
+                reason: retry_reason(res.advice.reason) as i32,
+            }),
+            stale_permit: res.stale,
+        })
+    }
+}
+
+pub(crate) fn admission(a: Admission) -> proto::CanProceedResponse {
+    proto::CanProceedResponse {
+        allowed: a.allowed,
+        reason: reason(a.reason) as i32,
+        state: breaker_state(a.state) as i32,
+        retry_after: a.retry_after.map(to_proto_duration),
+        permit: a.permit.map(|p| p.encode()).unwrap_or_default(),
+        key_slot: a.key_slot.map(|k| k.to_string()).unwrap_or_default(),
+        shadow_reason: a.shadow_reason.map_or(0, |r| reason(r) as i32),
+    }
+}
+
+fn retry_reason(r: RetryReason) -> proto::RetryReason {
+    match r {
+        RetryReason::Succeeded => proto::RetryReason::Succeeded,
+        RetryReason::Retryable => proto::RetryReason::Retryable,
+        RetryReason::Persistent => proto::RetryReason::Persistent,
+        RetryReason::BadInput => proto::RetryReason::BadInput,
+        RetryReason::MaxRetries => proto::RetryReason::MaxRetries,
+        RetryReason::BudgetExhausted => proto::RetryReason::RetryBudgetExhausted,
+        RetryReason::CorrectAndRetry => proto::RetryReason::CorrectAndRetry,
+    }
+}
+
+fn item_error(s: Status) -> proto::ItemError {
+    proto::ItemError {
+        code: s.code() as i32,
+        message: s.message().to_string(),
+    }
+}
+
+fn check_batch(n: usize) -> Result<(), Status> {
+    if n == 0 {
+        return Err(Status::invalid_argument("the batch has no items"));
+    }
+    if n > MAX_BATCH {
+        return Err(Status::invalid_argument(format!(
+            "the batch has {n} items; the maximum is {MAX_BATCH}: split it"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Resilience for ResilienceService {
+    async fn can_proceed(
+        &self,
+        req: Request<proto::CanProceedRequest>,
+    ) -> Result<Response<proto::CanProceedResponse>, Status> {
+        let r = req.into_inner();
+        self.can_proceed_one(&r).await.map(Response::new)
+    }
+
+    async fn record_outcome(
+        &self,
+        req: Request<proto::RecordOutcomeRequest>,
+    ) -> Result<Response<proto::RecordOutcomeResponse>, Status> {
+        let r = req.into_inner();
+        self.record_one(&r).await.map(Response::new)
+    }
+
+    async fn route(
+        &self,
+        req: Request<proto::RouteRequest>,
+    ) -> Result<Response<proto::RouteResponse>, Status> {
+        let r = req.into_inner();
+        check_len(&r.caller, "caller", MAX_LABEL)?;
+        let d = self
+            .engine
+            .route(RouteQuery {
+                route: &r.route,
+                candidates: &r.candidates,
+                estimated_tokens: r.estimated_tokens,
+                required_context_tokens: r.required_context_tokens,
+                exclude: &r.exclude,
+                caller: &r.caller,
+                attempt: r.attempt,
+            })
+            .await
+            .map_err(status)?;
+        let skipped = d
+            .skipped
+            .iter()
+            .map(|s| proto::Skip {
+                target: s.target.to_string(),
+                reason: reason(s.reason) as i32,
+                retry_after: s.retry_after.map(to_proto_duration),
+            })
+            .collect();
+        let mut out = proto::RouteResponse {
+            fallback_depth: d.fallback_depth,
+            skipped,
+            retry_after: d.retry_after.map(to_proto_duration),
+            ..Default::default()
+        };
+        if let Some((target, adm, settings)) = d.chosen {
+            out.target = target.to_string();
+            out.state = breaker_state(adm.state) as i32;
+            out.permit = adm.permit.map(|p| p.encode()).unwrap_or_default();
+            out.key_slot = adm.key_slot.map(|k| k.to_string()).unwrap_or_default();
+            out.max_tokens = settings.max_tokens;
+            out.cost_per_mtok_input = settings.cost_per_mtok_input;
+            out.cost_per_mtok_output = settings.cost_per_mtok_output;
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn can_proceed_batch(
+        &self,
+        req: Request<proto::CanProceedBatchRequest>,
+    ) -> Result<Response<proto::CanProceedBatchResponse>, Status> {
+        let r = req.into_inner();
+        check_batch(r.items.len())?;
+        let mut items = Vec::with_capacity(r.items.len());
+        for item in &r.items {
+            let result = match self.can_proceed_one(item).await {
+                Ok(ok) => proto::can_proceed_result::Result::Ok(ok),
+                Err(e) if e.code() == Code::Unavailable => return Err(e),
+                Err(e) => proto::can_proceed_result::Result::Error(item_error(e)),
+            };
+            items.push(proto::CanProceedResult {
+                result: Some(result),
+            });
+        }
+        Ok(Response::new(proto::CanProceedBatchResponse { items }))
+    }
+
+    async fn record_outcome_batch(
+        &self,
+        req: Request<proto::RecordOutcomeBatchRequest>,
+    ) -> Result<Response<proto::RecordOutcomeBatchResponse>, Status> {
+        let r = req.into_inner();
+        check_batch(r.items.len())?;
+        let mut items = Vec::with_capacity(r.items.len());
+        for item in &r.items {
+            let result = match self.record_one(item).await {
+                Ok(ok) => proto::record_outcome_result::Result::Ok(ok),
+                Err(e) if e.code() == Code::Unavailable => return Err(e),
+                Err(e) => proto::record_outcome_result::Result::Error(item_error(e)),
+            };
+            items.push(proto::RecordOutcomeResult {
+                result: Some(result),
+            });
+        }
+        Ok(Response::new(proto::RecordOutcomeBatchResponse { items }))
+    }
+}
