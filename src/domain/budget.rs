@@ -307,10 +307,10 @@ impl BudgetState {
     /// Settles an admission: charges the difference between the real usage and
     /// the reservation, and releases its concurrency slot.
     pub fn settle(&mut self, now: Time, cfg: &BudgetConfig, usage: Usage, lease_key: Option<u64>) {
-        if let Some(key) = lease_key {
-            if let Some(pos) = self.leases.iter().position(|l| l.key == key) {
-                self.leases.swap_remove(pos);
-            }
+        if let Some(key) = lease_key
+            && let Some(pos) = self.leases.iter().position(|l| l.key == key)
+        {
+            self.leases.swap_remove(pos);
         }
         if !usage.reported {
             return;

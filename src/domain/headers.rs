@@ -224,14 +224,14 @@ pub fn parse_headers<'a>(
             *sig = LimitSignal::default();
             continue;
         }
-        if let (Some(limit), Some(rem)) = (sig.limit, sig.remaining) {
-            if rem > limit {
-                s.warnings.push(format!(
-                    "ignored {} remaining {rem}: larger than the limit {limit}",
-                    kind.as_str()
-                ));
-                sig.remaining = None;
-            }
+        if let (Some(limit), Some(rem)) = (sig.limit, sig.remaining)
+            && rem > limit
+        {
+            s.warnings.push(format!(
+                "ignored {} remaining {rem}: larger than the limit {limit}",
+                kind.as_str()
+            ));
+            sig.remaining = None;
         }
     }
     s

@@ -118,18 +118,6 @@ const BAD_INPUT_MARKERS: &[&str] = &[
     "not_found_error",
 ];
 
-/// Error types meaning the provider is overloaded or failed internally.
-const TRANSIENT_MARKERS: &[&str] = &[
-    "overloaded",
-    "api_error",
-    "server_error",
-    "unavailable",
-    "internal",
-    "slow_down",
-    "server_is_overloaded",
-    "connection",
-];
-
 const RATE_MARKERS: &[&str] = &["rate_limit", "resource_exhausted", "too_many_requests"];
 
 const TIMEOUT_MARKERS: &[&str] = &["timeout", "timed_out", "deadline_exceeded"];
@@ -189,9 +177,8 @@ pub fn classify(
         OutcomeClass::RateLimited
     } else if contains_any(&et, BAD_INPUT_MARKERS) {
         OutcomeClass::BadInput
-    } else if contains_any(&et, TRANSIENT_MARKERS) {
-        OutcomeClass::Transient
     } else {
+        // overloaded_error, api_error, UNAVAILABLE, ECONNRESET...
         OutcomeClass::Transient
     })
 }

@@ -156,14 +156,7 @@ impl EventBus {
     /// Subscribes to live events and returns, atomically with it, the retained
     /// events with `seq > since` (or `None` if some of those were already
     /// evicted from the ring) and the last seq at subscription time.
-    pub fn subscribe_since(
-        &self,
-        since: u64,
-    ) -> (
-        broadcast::Receiver<Arc<Event>>,
-        Option<Vec<Arc<Event>>>,
-        u64,
-    ) {
+    pub fn subscribe_since(&self, since: u64) -> Subscription {
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.tx.subscribe();
         let last = ring.next_seq - 1;
@@ -173,8 +166,21 @@ impl EventBus {
         } else {
             None
         };
-        (rx, backlog, last)
+        Subscription {
+            rx,
+            backlog,
+            last_seq: last,
+        }
     }
+}
+
+/// A live subscription plus what it missed.
+pub struct Subscription {
+    pub rx: broadcast::Receiver<Arc<Event>>,
+    /// Retained events after the requested seq; None if some were evicted (a gap).
+    pub backlog: Option<Vec<Arc<Event>>>,
+    /// The newest seq at the moment of subscribing.
+    pub last_seq: u64,
 }
 
 #[cfg(test)]
@@ -192,25 +198,27 @@ mod tests {
             bus.publish(Time::ZERO, &t(), EventKind::TargetReset);
         }
         assert_eq!(bus.last_seq(), 5);
-        let (_rx, backlog, last) = bus.subscribe_since(2);
-        assert_eq!(last, 5);
-        let seqs: Vec<u64> = backlog
+        let sub = bus.subscribe_since(2);
+        assert_eq!(sub.last_seq, 5);
+        let seqs: Vec<u64> = sub
+            .backlog
             .expect("3..=5 retained")
             .iter()
             .map(|e| e.seq)
             .collect();
         assert_eq!(seqs, vec![3, 4, 5]);
         // seq 2 was evicted: resuming after 1 cannot be lossless.
-        assert!(bus.subscribe_since(1).1.is_none());
+        assert!(bus.subscribe_since(1).backlog.is_none());
         // Resuming at the head is an empty backlog, not a gap.
-        assert_eq!(bus.subscribe_since(5).1.map(|b| b.len()), Some(0));
+        assert_eq!(bus.subscribe_since(5).backlog.map(|b| b.len()), Some(0));
     }
 
     #[tokio::test]
     async fn live_subscribers_see_events_in_order() {
         let bus = EventBus::new(100, 16);
-        let (mut rx, backlog, _) = bus.subscribe_since(0);
-        assert_eq!(backlog.map(|b| b.len()), Some(0));
+        let sub = bus.subscribe_since(0);
+        let mut rx = sub.rx;
+        assert_eq!(sub.backlog.map(|b| b.len()), Some(0));
         for _ in 0..3 {
             bus.publish(Time::ZERO, &t(), EventKind::TargetReset);
         }

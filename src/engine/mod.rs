@@ -178,10 +178,20 @@ pub struct TargetView {
     pub groups: Vec<BudgetView>,
 }
 
+/// One line of a target listing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TargetSummary {
+    pub name: Arc<str>,
+    pub state: BreakerState,
+    pub configured: bool,
+    pub open_until: Option<Time>,
+    pub consecutive_failures: u32,
+}
+
 /// A page of targets (Admin ListTargets).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TargetPage {
-    pub targets: Vec<(Arc<str>, BreakerState, bool, Option<Time>, u32)>,
+    pub targets: Vec<TargetSummary>,
     pub next_page_token: String,
     pub total: u64,
 }
@@ -435,6 +445,9 @@ impl Engine {
             tracing::warn!(target_name = target, warnings = ?signals.warnings, "provider headers partly ignored");
         }
         let args = OutcomeArgs {
+            class,
+            signals,
+            max_pause: server.max_pause,
             http_status: report.http_status,
             error_type: report.error_type,
             permit,
@@ -450,16 +463,7 @@ impl Engine {
         let result = {
             let mut st = t.lock();
             let now = self.clock.now();
-            let r = t.record(
-                &mut st,
-                &self.groups,
-                now,
-                class,
-                &args,
-                &signals,
-                server.max_pause,
-                &mut fx,
-            );
+            let r = t.record(&mut st, &self.groups, now, &args, &mut fx);
             self.publish(now, &t, &mut fx);
             r
         };
@@ -665,17 +669,20 @@ impl Engine {
                 let mut fx = Effects::default();
                 t.absorb_breaker_events(&mut st, &bev, None, &mut fx);
                 self.publish(now, &t, &mut fx);
-                targets.push((
-                    name.clone(),
-                    st.breaker.state(),
-                    t.settings.configured,
-                    st.breaker.open_until(),
-                    st.breaker.consecutive_failures(),
-                ));
+                targets.push(TargetSummary {
+                    name: name.clone(),
+                    state: st.breaker.state(),
+                    configured: t.settings.configured,
+                    open_until: st.breaker.open_until(),
+                    consecutive_failures: st.breaker.consecutive_failures(),
+                });
             }
         }
         let next_page_token = if start + size < names.len() {
-            targets.last().map(|t| t.0.to_string()).unwrap_or_default()
+            targets
+                .last()
+                .map(|t| t.name.to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         };

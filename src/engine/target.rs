@@ -105,8 +105,13 @@ pub struct AdmitArgs<'a> {
 }
 
 /// Outcome inputs, validated by the engine.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct OutcomeArgs<'a> {
+    pub class: OutcomeClass,
+    /// Parsed provider headers.
+    pub signals: Signals,
+    /// Clamp on any pause.
+    pub max_pause: Duration,
     pub http_status: i32,
     pub error_type: &'a str,
     pub permit: Option<Permit>,
@@ -469,13 +474,11 @@ impl Target {
         st: &mut TargetState,
         groups: &[Group],
         now: Time,
-        class: OutcomeClass,
         args: &OutcomeArgs<'_>,
-        signals: &Signals,
-        max_pause: Duration,
         fx: &mut Effects,
     ) -> OutcomeResult {
         let cfg = &self.settings;
+        let (class, signals, max_pause) = (args.class, &args.signals, args.max_pause);
         st.counters.by_class[class.index()] += 1;
         let slot_ix = args.slot.min(st.slots.len() - 1);
 

@@ -457,7 +457,7 @@ async fn route_falls_back_and_reports_every_skip() {
     assert!(d.chosen.is_none());
     assert_eq!(d.retry_after, Some(secs(10)));
     // Events: a fallback, then exhaustion.
-    let (_rx, backlog, _) = e.events().subscribe_since(0);
+    let backlog = e.events().subscribe_since(0).backlog;
     let kinds: Vec<&'static str> = backlog
         .expect("retained")
         .iter()
@@ -579,7 +579,7 @@ async fn transitions_are_published_in_order_with_the_caller() {
     }
     clock.advance(secs(10));
     admit(&e, "t").await;
-    let (_rx, backlog, _) = e.events().subscribe_since(0);
+    let backlog = e.events().subscribe_since(0).backlog;
     let evs = backlog.expect("retained");
     let transitions: Vec<(BreakerState, BreakerState)> = evs
         .iter()
@@ -635,8 +635,8 @@ async fn forced_states_and_listing() {
     }
     let page = e.list_targets("a/", 1, "").expect("ok");
     assert_eq!(page.total, 2);
-    assert_eq!(page.targets[0].0.as_ref(), "a/1");
+    assert_eq!(page.targets[0].name.as_ref(), "a/1");
     let page2 = e.list_targets("a/", 1, &page.next_page_token).expect("ok");
-    assert_eq!(page2.targets[0].0.as_ref(), "a/2");
+    assert_eq!(page2.targets[0].name.as_ref(), "a/2");
     assert!(page2.next_page_token.is_empty());
 }

@@ -171,15 +171,13 @@ impl Admin for AdminService {
             targets: page
                 .targets
                 .into_iter()
-                .map(
-                    |(name, state, configured, open_until, failures)| proto::TargetSummary {
-                        target: name.to_string(),
-                        state: breaker_state(state) as i32,
-                        configured,
-                        open_until: opt_timestamp(open_until),
-                        consecutive_failures: failures,
-                    },
-                )
+                .map(|t| proto::TargetSummary {
+                    target: t.name.to_string(),
+                    state: breaker_state(t.state) as i32,
+                    configured: t.configured,
+                    open_until: opt_timestamp(t.open_until),
+                    consecutive_failures: t.consecutive_failures,
+                })
                 .collect(),
             next_page_token: page.next_page_token,
             total: page.total,

@@ -1,0 +1,172 @@
+//! Helpers shared by the end-to-end tests: start the real `backstop` binary on
+//! ephemeral ports with a given config, connect gRPC clients to it.
+
+#![allow(dead_code)]
+
+use backstop::proto::admin_client::AdminClient;
+use backstop::proto::resilience_client::ResilienceClient;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "backstop-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `backstop serve`, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub grpc: String,
+    pub http: Option<String>,
+    pub dir: TempDir,
+    pub config_path: PathBuf,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_backstop")
+}
+
+impl Server {
+    /// Starts the binary with `config` (TOML) and extra flags; waits until it listens.
+    pub fn start(config: &str, extra: &[&str]) -> Server {
+        let dir = TempDir::new("srv");
+        Self::start_in(dir, config, extra)
+    }
+
+    pub fn start_in(dir: TempDir, config: &str, extra: &[&str]) -> Server {
+        let config_path = dir.path().join("backstop.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(extra)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn backstop");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                if line.starts_with("backstop listening") {
+                    let _ = tx.send(line.clone());
+                }
+                line.clear();
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("backstop did not report its listening address within 30 s");
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .map(str::to_string)
+        };
+        Server {
+            child,
+            grpc: field("grpc").expect("grpc address"),
+            http: field("http"),
+            dir,
+            config_path,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Channel::from_shared(self.url())
+                .expect("url")
+                .connect()
+                .await
+            {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => panic!("cannot connect: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    pub async fn resilience(&self) -> ResilienceClient<Channel> {
+        ResilienceClient::new(self.channel().await)
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel().await)
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.wait_exit(Duration::from_secs(20))
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("backstop did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Takes the scratch dir (e.g. to restart on the same data dir).
+    pub fn into_dir(mut self) -> TempDir {
+        self.kill9();
+        TempDir(std::mem::take(&mut self.dir.0))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
