@@ -32,6 +32,15 @@ struct ServeArgs {
     /// gRPC listen address (overrides [server] listen); port 0 picks a free port.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// Where state is persisted (overrides [server] data_dir; default ./backstop-data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Keep all state in memory: nothing survives a restart.
+    #[arg(long, conflicts_with_all = ["data_dir", "reset_state"])]
+    ephemeral: bool,
+    /// Discard the saved state (open breakers, pauses, queued requests) before starting.
+    #[arg(long)]
+    reset_state: bool,
     /// Log format.
     #[arg(long, value_enum, default_value = "pretty")]
     log_format: LogFormat,
@@ -90,6 +99,15 @@ fn main() -> ExitCode {
             if let Some(l) = args.listen {
                 config.server.listen = l;
             }
+            if let Some(d) = args.data_dir {
+                config.server.data_dir = d;
+            }
+            if args.ephemeral {
+                config.server.ephemeral = true;
+            }
+            let state = backstop::server::StateOptions {
+                reset: args.reset_state,
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -100,7 +118,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(backstop::server::run(config)) {
+            match runtime.block_on(backstop::server::run(config, state)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("backstop: {e}");

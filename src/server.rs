@@ -3,9 +3,12 @@
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::engine::clock::SystemClock;
+use crate::engine::store::{MemoryStore, RedbStore, Store};
 use crate::grpc::admin::{AdminService, auth_interceptor};
+use crate::grpc::deferred::DeferredService;
 use crate::grpc::resilience::ResilienceService;
 use crate::proto::admin_server::AdminServer;
+use crate::proto::deferred_server::DeferredServer;
 use crate::proto::resilience_server::ResilienceServer;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -57,11 +60,40 @@ async fn shutdown_signal() {
     }
 }
 
+/// How to treat the state store at startup.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StateOptions {
+    /// Discard the saved state before starting.
+    pub reset: bool,
+}
+
+/// Opens the store the config asks for and restores the engine from it.
+fn open_engine(config: Arc<Config>, opts: StateOptions) -> Result<Engine, StartError> {
+    let store: Box<dyn Store> = if config.server.ephemeral {
+        Box::new(MemoryStore)
+    } else {
+        Box::new(RedbStore::open(&config.server.data_dir, opts.reset).map_err(|e| StartError(e.0))?)
+    };
+    let (engine, report) =
+        Engine::open(config, Arc::new(SystemClock::new()), store).map_err(|e| StartError(e.0))?;
+    tracing::info!(
+        store = engine.store_description(),
+        targets = report.targets,
+        not_closed = report.not_closed,
+        dropped = report.dropped,
+        queued = report.items,
+        dead_letters = report.dead,
+        load_ms = report.elapsed.as_secs_f64() * 1000.0,
+        "state loaded"
+    );
+    Ok(engine)
+}
+
 /// Serves until SIGTERM / Ctrl-C, then drains in-flight calls (up to
 /// `shutdown_grace`) and returns.
-pub async fn run(config: Config) -> Result<(), StartError> {
+pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
     let config = Arc::new(config);
-    let engine = Arc::new(Engine::new(config.clone(), Arc::new(SystemClock::new())));
+    let engine = Arc::new(open_engine(config.clone(), opts)?);
     let max_msg = config.server.max_message_bytes;
 
     let grpc_listener = bind(config.server.listen, "gRPC").await?;
@@ -76,6 +108,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     health_reporter
         .set_serving::<AdminServer<AdminService>>()
         .await;
+    health_reporter
+        .set_serving::<DeferredServer<DeferredService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -83,6 +118,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .map_err(|e| StartError(format!("cannot build the reflection service: {e}")))?;
 
     let resilience = ResilienceServer::new(ResilienceService::new(engine.clone()))
+        .max_decoding_message_size(max_msg);
+    let deferred = DeferredServer::new(DeferredService::new(engine.clone()))
         .max_decoding_message_size(max_msg);
     let admin = tonic::service::interceptor::InterceptedService::new(
         AdminServer::new(AdminService::new(engine.clone())).max_decoding_message_size(max_msg),
@@ -94,11 +131,27 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(resilience)
+        .add_service(deferred)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
             let _ = stop_rx.await;
         });
     let server = tokio::spawn(server);
+
+    // Write-behind of counters and budget levels, about once a second.
+    let flusher = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = engine.flush_dirty().wait().await {
+                    tracing::error!(error = %e, "write-behind flush failed");
+                }
+            }
+        })
+    };
 
     // Tests and supervisors read this line to learn the bound ports.
     let mut out = std::io::stdout();
@@ -114,8 +167,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     health_reporter
         .set_not_serving::<AdminServer<AdminService>>()
         .await;
+    health_reporter
+        .set_not_serving::<DeferredServer<DeferredService>>()
+        .await;
     let _ = stop_tx.send(());
-    match tokio::time::timeout(config.server.shutdown_grace, server).await {
+    let drained = tokio::time::timeout(config.server.shutdown_grace, server).await;
+    flusher.abort();
+    if let Err(e) = engine.flush_dirty().wait().await {
+        tracing::error!(error = %e, "final state flush failed");
+    }
+    match drained {
         Ok(Ok(Ok(()))) => tracing::info!("drained; bye"),
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server stopped with an error"),
         Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),

@@ -73,6 +73,32 @@ impl Default for ServerConfig {
     }
 }
 
+/// Bounds of the deferred-request queue.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueConfig {
+    /// Largest payload one Defer may carry.
+    pub max_payload_bytes: usize,
+    /// Items waiting or in flight per queue.
+    pub max_depth: usize,
+    /// Payload bytes held across all queues (including dead letters).
+    pub max_total_bytes: u64,
+    pub default_max_attempts: u32,
+    /// How long an idempotency key is remembered after its item was acked.
+    pub idempotency_ttl: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_payload_bytes: 1024 * 1024,
+            max_depth: 10_000,
+            max_total_bytes: 256 * 1024 * 1024,
+            default_max_attempts: 5,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
 /// Whether a target's refusals are enforced or only reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Enforcement {
@@ -144,12 +170,14 @@ pub struct Config {
     pub targets: BTreeMap<String, Arc<TargetSettings>>,
     pub routes: HashMap<String, Arc<RouteSettings>>,
     pub groups: Vec<GroupSettings>,
+    pub queue: QueueConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             server: ServerConfig::default(),
+            queue: QueueConfig::default(),
             default_target: Arc::new(TargetSettings::default()),
             targets: BTreeMap::new(),
             routes: HashMap::new(),
@@ -330,6 +358,11 @@ impl Cx {
                         }
                     }
                 }
+                "queue" => {
+                    if let Some(q) = self.de::<QueueToml>(value, "[queue]") {
+                        config.queue = self.queue(q, key_span);
+                    }
+                }
                 "budgets" => {
                     if let Some(t) = self.table(value, "[budgets]") {
                         for (name, v) in t {
@@ -345,13 +378,22 @@ impl Cx {
                 other => self.err(
                     key_span,
                     format!(
-                        "unknown section `{other}`; expected one of: server, defaults, targets, routes, budgets"
+                        "unknown section `{other}`; expected one of: server, defaults, targets, routes, budgets, queue"
                     ),
                 ),
             }
         }
         if let Some(s) = server {
             config.server = self.server(s);
+        }
+        if config.server.max_message_bytes < config.queue.max_payload_bytes + 64 * 1024 {
+            self.err(
+                0..0,
+                format!(
+                    "[server] max_message_bytes ({}) must exceed [queue] max_payload_bytes ({}) by at least 64 KiB",
+                    config.server.max_message_bytes, config.queue.max_payload_bytes
+                ),
+            );
         }
 
         // Defaults every target starts from.
@@ -478,6 +520,29 @@ impl Cx {
             );
         }
         config
+    }
+
+    fn queue(&mut self, q: QueueToml, span: Range<usize>) -> QueueConfig {
+        let mut out = QueueConfig::default();
+        if let Some(Positive(n)) = q.max_payload_bytes {
+            out.max_payload_bytes = n as usize;
+        }
+        if let Some(Positive(n)) = q.max_depth {
+            out.max_depth = n as usize;
+        }
+        if let Some(Positive(n)) = q.max_total_bytes {
+            out.max_total_bytes = n;
+        }
+        if let Some(Positive(n)) = q.default_max_attempts {
+            if n > 100 {
+                self.err(span, "[queue] default_max_attempts must be at most 100");
+            }
+            out.default_max_attempts = n.min(100) as u32;
+        }
+        if let Some(Dur(d)) = q.idempotency_ttl {
+            out.idempotency_ttl = d;
+        }
+        out
     }
 
     fn target_name(&mut self, name: &str, span: Range<usize>, what: &str) {

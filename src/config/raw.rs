@@ -90,6 +90,17 @@ pub struct ServerToml {
     pub max_header_bytes: Option<Positive>,
 }
 
+/// `[queue]`: bounds of the deferred-request queue.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct QueueToml {
+    pub max_payload_bytes: Option<Positive>,
+    pub max_depth: Option<Positive>,
+    pub max_total_bytes: Option<Positive>,
+    pub default_max_attempts: Option<Positive>,
+    pub idempotency_ttl: Option<Dur>,
+}
+
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DefaultsToml {

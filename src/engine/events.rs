@@ -71,6 +71,24 @@ pub enum EventKind {
     },
     /// An operator reset the target.
     TargetReset,
+    /// A request was saved to a deferred queue.
+    ItemDeferred {
+        queue: Arc<str>,
+        id: u64,
+        depth: u64,
+    },
+    /// A deferred item was processed.
+    ItemDrained {
+        queue: Arc<str>,
+        id: u64,
+    },
+    /// A deferred item used its last attempt.
+    ItemDeadLettered {
+        queue: Arc<str>,
+        id: u64,
+        reason: String,
+        attempts: u32,
+    },
 }
 
 impl EventKind {
@@ -86,6 +104,9 @@ impl EventKind {
             EventKind::FallbackActivated { .. } => "fallback_activated",
             EventKind::RouteExhausted { .. } => "route_exhausted",
             EventKind::TargetReset => "target_reset",
+            EventKind::ItemDeferred { .. } => "deferred",
+            EventKind::ItemDrained { .. } => "drained",
+            EventKind::ItemDeadLettered { .. } => "dead_lettered",
         }
     }
 }

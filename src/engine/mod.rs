@@ -15,6 +15,9 @@ pub mod clock;
 pub mod error;
 pub mod events;
 pub mod permit;
+pub mod persist;
+pub mod queue;
+pub mod store;
 mod target;
 
 pub use error::{EngineError, Result};
@@ -31,11 +34,13 @@ use dashmap::DashMap;
 use error::invalid;
 use events::{EventBus, EventKind};
 use permit::Permit;
+use persist::Persister;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use target::{Effects, Group, OutcomeArgs};
+use store::{Op, Store, StoreError};
+use target::{Effects, Group, OutcomeArgs, TargetState};
 
 /// Why a call was admitted or refused (mirrors `backstop.v1.Reason`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -229,6 +234,22 @@ pub struct Engine {
     groups: Box<[Group]>,
     routes: HashMap<String, RouteRuntime>,
     events: EventBus,
+    /// None in ephemeral mode.
+    persister: Option<Persister>,
+    queues: queue::Queues,
+}
+
+/// What startup restored from the store.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadReport {
+    pub targets: usize,
+    /// Targets whose breaker came back not closed (open, half-open, forced).
+    pub not_closed: usize,
+    /// Saved targets no longer in the config.
+    pub dropped: usize,
+    pub items: usize,
+    pub dead: usize,
+    pub elapsed: Duration,
 }
 
 /// Checks a target name from a client.
@@ -287,6 +308,8 @@ impl Engine {
             groups,
             routes,
             events: EventBus::new(limits.ring, limits.subscriber_buffer),
+            persister: None,
+            queues: queue::Queues::default(),
             clock,
             config,
         };
@@ -356,17 +379,137 @@ impl Engine {
         })
     }
 
-    /// Publishes a critical section's events. Called with the target still locked.
-    fn publish(&self, now: Time, target: &Target, fx: &mut Effects) {
+    /// Ends a critical section (the target is still locked): publishes its
+    /// events and, if durable state changed, queues a snapshot for the store.
+    /// Snapshots are queued under the lock so they reach the store in order.
+    fn finish(&self, now: Time, target: &Target, st: &TargetState, fx: &mut Effects) {
         for kind in fx.events.drain(..) {
             self.events.publish(now, &target.name, kind);
         }
+        if let Some(p) = &self.persister {
+            if fx.durable {
+                fx.pending = Some(p.write(vec![Op::Target(
+                    target.name.clone(),
+                    Some(target.to_record(st)),
+                )]));
+            } else {
+                target.dirty.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
-    /// Makes a target's durable state durable. (The embedded in-memory mode has nothing to do.)
-    async fn persist(&self, _target: &Arc<Target>, fx: &Effects) -> Result<()> {
-        let _ = fx.durable;
-        Ok(())
+    /// Waits until the critical section's durable change is on disk, so that a
+    /// client is never told about a transition a crash could forget.
+    async fn persist(&self, fx: &mut Effects) -> Result<()> {
+        match fx.pending.take() {
+            None => Ok(()),
+            Some(p) => p.wait().await.map_err(|e| {
+                EngineError::Unavailable(format!(
+                    "the decision could not be made durable, so it was not acknowledged: {e}"
+                ))
+            }),
+        }
+    }
+
+    /// Write-behind: queues the state of every target changed since the last
+    /// flush (counters, budget levels) and of every budget group. Called about
+    /// once a second; what it writes is approximate across a crash by design.
+    pub fn flush_dirty(&self) -> persist::Pending {
+        let Some(p) = &self.persister else {
+            return persist::Pending::none();
+        };
+        let mut ops = Vec::new();
+        for entry in self.targets.iter() {
+            let t = entry.value();
+            if t.dirty.swap(false, Ordering::Relaxed) {
+                let st = t.lock();
+                ops.push(Op::Target(t.name.clone(), Some(t.to_record(&st))));
+            }
+        }
+        for g in self.groups.iter() {
+            let st = g.state.lock().unwrap_or_else(|e| e.into_inner());
+            let tats = Kind::ALL
+                .iter()
+                .map(|k| st.cell(*k).tat().as_nanos())
+                .collect();
+            ops.push(Op::Group(g.name.clone(), Some(store::GroupRecord { tats })));
+        }
+        p.write(ops)
+    }
+
+    /// Where state is kept, for logs.
+    pub fn store_description(&self) -> &str {
+        self.persister
+            .as_ref()
+            .map_or("memory (ephemeral)", |p| p.describe())
+    }
+
+    /// An engine restored from `store`, reconciled with the config: targets
+    /// removed from the config are dropped, changed settings apply, open
+    /// periods that ran out while down become half-open.
+    pub fn open(
+        config: Arc<Config>,
+        clock: Arc<dyn Clock>,
+        store: Box<dyn Store>,
+    ) -> std::result::Result<(Engine, LoadReport), StoreError> {
+        let started = std::time::Instant::now();
+        let loaded = store.load()?;
+        let mut engine = Engine::new(config, clock);
+        let now = engine.clock.now();
+        let mut report = LoadReport::default();
+        let mut cleanup = Vec::new();
+        for (name, rec) in loaded.targets {
+            let t = if let Some(t) = engine.targets.get(name.as_str()).map(|t| t.clone()) {
+                t
+            } else if rec.configured {
+                // Declared in the config it was saved under, gone from this one.
+                report.dropped += 1;
+                cleanup.push(Op::Target(Arc::from(name.as_str()), None));
+                continue;
+            } else {
+                match engine.target(&name) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        report.dropped += 1;
+                        cleanup.push(Op::Target(Arc::from(name.as_str()), None));
+                        continue;
+                    }
+                }
+            };
+            let mut st = t.lock();
+            t.restore(&mut st, &rec, now);
+            report.targets += 1;
+            if st.breaker.state() != BreakerState::Closed {
+                report.not_closed += 1;
+            }
+        }
+        for (name, rec) in loaded.groups {
+            match engine.groups.iter().find(|g| g.name.as_ref() == name) {
+                Some(g) => {
+                    let mut st = g.state.lock().unwrap_or_else(|e| e.into_inner());
+                    for (k, tat) in Kind::ALL.iter().zip(&rec.tats) {
+                        st.set_cell(
+                            *k,
+                            crate::domain::budget::Gcra::from_tat(Time::from_nanos(*tat)),
+                        );
+                    }
+                }
+                None => cleanup.push(Op::Group(Arc::from(name.as_str()), None)),
+            }
+        }
+        report.items = loaded.items.len();
+        report.dead = loaded.dead.len();
+        let (qs, idem_ops) = queue::QueueState::load(loaded.items, loaded.dead, loaded.idem, now);
+        cleanup.extend(idem_ops);
+        *engine.queues_state() = qs;
+        store.commit(&cleanup)?;
+        engine.persister = Some(Persister::start(store));
+        report.elapsed = started.elapsed();
+        Ok((engine, report))
+    }
+
+    fn queues_state(&self) -> std::sync::MutexGuard<'_, queue::QueueState> {
+        self.queues.state_lock()
     }
 
     fn admit_locked(
@@ -378,7 +521,7 @@ impl Engine {
         let mut st = target.lock();
         let now = self.clock.now();
         let adm = target.admit(&mut st, &self.groups, now, args, fx);
-        self.publish(now, target, fx);
+        self.finish(now, target, &st, fx);
         adm
     }
 
@@ -387,7 +530,7 @@ impl Engine {
         let t = self.target(target)?;
         let mut fx = Effects::default();
         let adm = self.admit_locked(&t, &args, &mut fx);
-        self.persist(&t, &fx).await?;
+        self.persist(&mut fx).await?;
         Ok(adm)
     }
 
@@ -464,10 +607,10 @@ impl Engine {
             let mut st = t.lock();
             let now = self.clock.now();
             let r = t.record(&mut st, &self.groups, now, &args, &mut fx);
-            self.publish(now, &t, &mut fx);
+            self.finish(now, &t, &st, &mut fx);
             r
         };
-        self.persist(&t, &fx).await?;
+        self.persist(&mut fx).await?;
         Ok(result)
     }
 
@@ -548,7 +691,7 @@ impl Engine {
             let t = self.target(cand)?;
             let mut fx = Effects::default();
             let adm = self.admit_locked(&t, &args, &mut fx);
-            self.persist(&t, &fx).await?;
+            self.persist(&mut fx).await?;
             if adm.allowed {
                 depth = i as u32;
                 chosen = Some((cand.clone(), adm, t.settings.clone()));
@@ -668,7 +811,7 @@ impl Engine {
                 st.breaker.tick(now, &t.settings.breaker, &mut bev);
                 let mut fx = Effects::default();
                 t.absorb_breaker_events(&mut st, &bev, None, &mut fx);
-                self.publish(now, &t, &mut fx);
+                self.finish(now, &t, &st, &mut fx);
                 targets.push(TargetSummary {
                     name: name.clone(),
                     state: st.breaker.state(),
@@ -706,7 +849,7 @@ impl Engine {
         st.breaker.tick(now, &t.settings.breaker, &mut bev);
         let mut fx = Effects::default();
         t.absorb_breaker_events(&mut st, &bev, None, &mut fx);
-        self.publish(now, t, &mut fx);
+        self.finish(now, t, &st, &mut fx);
         let budget_views = |b: &BudgetState,
                             cfg: &crate::domain::budget::BudgetConfig,
                             group: Option<Arc<str>>| {
@@ -834,9 +977,9 @@ impl Engine {
                 ),
             ));
             t.absorb_breaker_events(&mut st, &bev, origin, &mut fx);
-            self.publish(now, &t, &mut fx);
+            self.finish(now, &t, &st, &mut fx);
         }
-        self.persist(&t, &fx).await?;
+        self.persist(&mut fx).await?;
         Ok(self.view(&t))
     }
 
@@ -868,9 +1011,9 @@ impl Engine {
                 Some((None, "operator reset".into())),
                 &mut fx,
             );
-            self.publish(now, &t, &mut fx);
+            self.finish(now, &t, &st, &mut fx);
         }
-        self.persist(&t, &fx).await?;
+        self.persist(&mut fx).await?;
         Ok(self.view(&t))
     }
 }

@@ -8,6 +8,8 @@
 use super::Reason;
 use super::events::EventKind;
 use super::permit::Permit;
+use super::persist::Pending;
+use super::store::{LearnedRecord, SlotRecord, TargetRecord};
 use crate::config::{Enforcement, TargetSettings};
 use crate::domain::breaker::{
     Breaker, BreakerEvent, BreakerState, Cause, Effect, PermitRef, Refusal, Ticket, Transition,
@@ -73,6 +75,8 @@ pub struct Target {
     pub(crate) seed: u64,
     pub(crate) settings: Arc<TargetSettings>,
     pub(crate) state: Mutex<TargetState>,
+    /// Changed since the last write-behind flush.
+    pub(crate) dirty: std::sync::atomic::AtomicBool,
 }
 
 /// A budget group: one shared budget several targets draw on.
@@ -139,6 +143,8 @@ pub(crate) struct Effects {
     pub events: Vec<EventKind>,
     /// Durable state changed: persist before answering.
     pub durable: bool,
+    /// The queued write of that change, awaited before the answer leaves.
+    pub pending: Option<Pending>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -168,6 +174,137 @@ impl Target {
             index,
             seed,
             settings,
+            dirty: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The durable record of this target's state.
+    pub(crate) fn to_record(&self, st: &TargetState) -> TargetRecord {
+        let b = st.breaker.snapshot();
+        TargetRecord {
+            configured: self.settings.configured,
+            state: match b.state {
+                BreakerState::Closed => 1,
+                BreakerState::Open => 2,
+                BreakerState::HalfOpen => 3,
+                BreakerState::ForcedOpen => 4,
+                BreakerState::ForcedClosed => 5,
+            },
+            open_until: b.open_until.as_nanos(),
+            opened_at: b.opened_at.as_nanos(),
+            generation: b.generation,
+            reopen_count: b.reopen_count,
+            consecutive_failures: b.consecutive_failures,
+            half_open_successes: b.half_open_successes,
+            persistent_open: b.persistent_open,
+            forced_reason: st.forced_reason.as_deref().unwrap_or_default().to_string(),
+            last_cause: st.last_cause.as_deref().unwrap_or_default().to_string(),
+            slots: st
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| SlotRecord {
+                    name: self.slot_name(i).as_deref().unwrap_or_default().to_string(),
+                    paused_until: s.paused_until.as_nanos(),
+                    disabled_until: s.disabled_until.as_nanos(),
+                    disabled_reason: s.disabled_reason.as_deref().unwrap_or_default().to_string(),
+                    learned: s
+                        .learned
+                        .as_ref()
+                        .map(|l| {
+                            Kind::ALL
+                                .iter()
+                                .filter_map(|k| {
+                                    l[k.index()].map(|v| LearnedRecord {
+                                        kind: k.index() as u32,
+                                        limit: v.limit,
+                                        remaining: v.remaining,
+                                        reset_at: v.reset_at.as_nanos(),
+                                        observed_at: v.observed_at.as_nanos(),
+                                    })
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    tats: Kind::ALL
+                        .iter()
+                        .map(|k| s.budget.cell(*k).tat().as_nanos())
+                        .collect(),
+                })
+                .collect(),
+            admitted: st.counters.admitted,
+            refused: st.counters.refused,
+            by_class: st.counters.by_class.to_vec(),
+            stale: st.counters.stale,
+        }
+    }
+
+    /// Restores state saved before a restart. Key slots are matched by name
+    /// (slots no longer configured are dropped); an open period that ran out
+    /// while the server was down becomes half-open at `now`.
+    pub(crate) fn restore(&self, st: &mut TargetState, rec: &TargetRecord, now: Time) {
+        let state = match rec.state {
+            2 => BreakerState::Open,
+            3 => BreakerState::HalfOpen,
+            4 => BreakerState::ForcedOpen,
+            5 => BreakerState::ForcedClosed,
+            _ => BreakerState::Closed,
+        };
+        let snap = crate::domain::breaker::BreakerSnapshot {
+            state,
+            open_until: Time::from_nanos(rec.open_until),
+            opened_at: Time::from_nanos(rec.opened_at),
+            generation: rec.generation,
+            reopen_count: rec.reopen_count,
+            consecutive_failures: rec.consecutive_failures,
+            half_open_successes: rec.half_open_successes,
+            persistent_open: rec.persistent_open,
+        };
+        st.breaker = Breaker::restore(&snap, self.seed);
+        let mut ev = Vec::new();
+        st.breaker.tick(now, &self.settings.breaker, &mut ev);
+        st.forced_reason =
+            (!rec.forced_reason.is_empty()).then(|| rec.forced_reason.clone().into_boxed_str());
+        st.last_cause =
+            (!rec.last_cause.is_empty()).then(|| rec.last_cause.clone().into_boxed_str());
+        st.counters.admitted = rec.admitted;
+        st.counters.refused = rec.refused;
+        st.counters.stale = rec.stale;
+        for (dst, src) in st.counters.by_class.iter_mut().zip(&rec.by_class) {
+            *dst = *src;
+        }
+        for sr in &rec.slots {
+            let ix = if sr.name.is_empty() {
+                (self.settings.keys.is_empty()).then_some(0)
+            } else {
+                self.slot_index(&sr.name)
+            };
+            let Some(ix) = ix else { continue };
+            let slot = &mut st.slots[ix];
+            slot.paused_until = Time::from_nanos(sr.paused_until);
+            slot.disabled_until = Time::from_nanos(sr.disabled_until);
+            slot.disabled_reason = (!sr.disabled_reason.is_empty())
+                .then(|| sr.disabled_reason.clone().into_boxed_str());
+            for (k, tat) in Kind::ALL.iter().zip(&sr.tats) {
+                slot.budget.set_cell(
+                    *k,
+                    crate::domain::budget::Gcra::from_tat(Time::from_nanos(*tat)),
+                );
+            }
+            if !sr.learned.is_empty() {
+                let mut l: [Option<Learned>; 4] = Default::default();
+                for lr in &sr.learned {
+                    if let Some(k) = Kind::ALL.get(lr.kind as usize) {
+                        l[k.index()] = Some(Learned {
+                            limit: lr.limit,
+                            remaining: lr.remaining,
+                            reset_at: Time::from_nanos(lr.reset_at),
+                            observed_at: Time::from_nanos(lr.observed_at),
+                        });
+                    }
+                }
+                slot.learned = Some(Box::new(l));
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod codec;
+pub mod deferred;
 pub mod resilience;
 
 use crate::domain::breaker::BreakerState;

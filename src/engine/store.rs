@@ -1,0 +1,436 @@
+//! Persistence: what must survive a restart, and where it is kept.
+//!
+//! The engine keeps live state in memory and hands the [`Store`] whole
+//! records to write. The store's only promise is the one the engine needs:
+//! when [`Store::commit`] returns, the batch is on disk (or, for cluster mode,
+//! in the shared store) and will be there after a crash. The embedded default
+//! is [`RedbStore`] (an ACID single-file database, fsync'd on commit);
+//! `--ephemeral` uses [`MemoryStore`], which keeps nothing.
+//!
+//! Records are protobuf messages (prost), so they can grow fields without a
+//! migration, exactly like the public contract.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A breaker's durable core plus the key-slot state providers imposed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TargetRecord {
+    /// Declared in config when written (a target later removed from config is dropped on load).
+    #[prost(bool, tag = "1")]
+    pub configured: bool,
+    /// `BreakerState` as 1..=5 (closed, open, half-open, forced open, forced closed).
+    #[prost(uint32, tag = "2")]
+    pub state: u32,
+    #[prost(uint64, tag = "3")]
+    pub open_until: u64,
+    #[prost(uint64, tag = "4")]
+    pub opened_at: u64,
+    #[prost(uint64, tag = "5")]
+    pub generation: u64,
+    #[prost(uint32, tag = "6")]
+    pub reopen_count: u32,
+    #[prost(uint32, tag = "7")]
+    pub consecutive_failures: u32,
+    #[prost(uint32, tag = "8")]
+    pub half_open_successes: u32,
+    #[prost(bool, tag = "9")]
+    pub persistent_open: bool,
+    #[prost(string, tag = "10")]
+    pub forced_reason: String,
+    #[prost(string, tag = "11")]
+    pub last_cause: String,
+    #[prost(message, repeated, tag = "12")]
+    pub slots: Vec<SlotRecord>,
+    #[prost(uint64, tag = "13")]
+    pub admitted: u64,
+    #[prost(uint64, tag = "14")]
+    pub refused: u64,
+    /// Outcomes per class, indexed like `OutcomeClass::index`.
+    #[prost(uint64, repeated, tag = "15")]
+    pub by_class: Vec<u64>,
+    #[prost(uint64, tag = "16")]
+    pub stale: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SlotRecord {
+    /// Key slot name; empty for the implicit slot.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint64, tag = "2")]
+    pub paused_until: u64,
+    #[prost(uint64, tag = "3")]
+    pub disabled_until: u64,
+    #[prost(string, tag = "4")]
+    pub disabled_reason: String,
+    #[prost(message, repeated, tag = "5")]
+    pub learned: Vec<LearnedRecord>,
+    /// GCRA theoretical arrival times per budget kind (written behind; approximate after a crash).
+    #[prost(uint64, repeated, tag = "6")]
+    pub tats: Vec<u64>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LearnedRecord {
+    /// `Kind::index`.
+    #[prost(uint32, tag = "1")]
+    pub kind: u32,
+    #[prost(uint64, tag = "2")]
+    pub limit: u64,
+    #[prost(uint64, tag = "3")]
+    pub remaining: u64,
+    #[prost(uint64, tag = "4")]
+    pub reset_at: u64,
+    #[prost(uint64, tag = "5")]
+    pub observed_at: u64,
+}
+
+/// A budget group's levels (written behind).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GroupRecord {
+    #[prost(uint64, repeated, tag = "1")]
+    pub tats: Vec<u64>,
+}
+
+/// One deferred request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ItemRecord {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(string, tag = "2")]
+    pub queue: String,
+    #[prost(bytes = "vec", tag = "3")]
+    pub payload: Vec<u8>,
+    #[prost(map = "string, string", tag = "4")]
+    pub metadata: std::collections::HashMap<String, String>,
+    #[prost(string, tag = "5")]
+    pub idempotency_key: String,
+    /// Claimable from this time (not_before, or after a Nack's delay).
+    #[prost(uint64, tag = "6")]
+    pub due: u64,
+    #[prost(uint32, tag = "7")]
+    pub max_attempts: u32,
+    /// Deliveries so far (incremented, durably, at each claim).
+    #[prost(uint32, tag = "8")]
+    pub attempt: u32,
+    #[prost(uint64, tag = "9")]
+    pub enqueued_at: u64,
+    #[prost(string, tag = "10")]
+    pub last_error: String,
+    /// Set when the item is in the dead-letter list.
+    #[prost(uint64, tag = "11")]
+    pub dead_lettered_at: u64,
+}
+
+/// An idempotency key remembered after its item was acked, until `expires_at`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IdemRecord {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(uint64, tag = "2")]
+    pub expires_at: u64,
+}
+
+/// One write; `None` deletes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    Target(Arc<str>, Option<TargetRecord>),
+    Group(Arc<str>, Option<GroupRecord>),
+    Item(u64, Option<ItemRecord>),
+    Dead(u64, Option<ItemRecord>),
+    Idem(String, Option<IdemRecord>),
+}
+
+/// Everything a store holds, as loaded at startup.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Loaded {
+    pub targets: Vec<(String, TargetRecord)>,
+    pub groups: Vec<(String, GroupRecord)>,
+    pub items: Vec<ItemRecord>,
+    pub dead: Vec<ItemRecord>,
+    pub idem: Vec<(String, IdemRecord)>,
+}
+
+/// A store failure, naming what failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Where durable state lives. Implementations: [`RedbStore`] (embedded
+/// default), [`MemoryStore`] (ephemeral); a shared store for cluster mode
+/// implements the same two calls.
+pub trait Store: Send + Sync + 'static {
+    /// Reads everything (startup only).
+    fn load(&self) -> Result<Loaded, StoreError>;
+    /// Applies `ops` atomically; durable when this returns `Ok`.
+    fn commit(&self, ops: &[Op]) -> Result<(), StoreError>;
+    /// Where the data is, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Keeps nothing: `--ephemeral`.
+#[derive(Debug, Default)]
+pub struct MemoryStore;
+
+impl Store for MemoryStore {
+    fn load(&self) -> Result<Loaded, StoreError> {
+        Ok(Loaded::default())
+    }
+    fn commit(&self, _ops: &[Op]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "memory (ephemeral: nothing survives a restart)".into()
+    }
+}
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+const TARGETS: TableDefinition<&str, &[u8]> = TableDefinition::new("targets");
+const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
+const ITEMS: TableDefinition<u64, &[u8]> = TableDefinition::new("items");
+const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
+const IDEM: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const FORMAT: &[u8] = b"backstop-state-v1";
+
+/// The embedded persistent store: one redb file, fsync'd on every commit.
+pub struct RedbStore {
+    db: Database,
+    path: PathBuf,
+}
+
+/// The state file inside a data directory.
+pub fn state_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("backstop.redb")
+}
+
+impl RedbStore {
+    /// Opens (or creates) `data_dir/backstop.redb`. `reset` discards it first.
+    pub fn open(data_dir: &Path, reset: bool) -> Result<RedbStore, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError(format!(
+                "cannot create the data directory {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let path = state_file(data_dir);
+        if reset && path.exists() {
+            std::fs::remove_file(&path).map_err(|e| {
+                StoreError(format!(
+                    "--reset-state: cannot remove {}: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        let db = Database::create(&path).map_err(|e| corrupt(&path, &e.to_string()))?;
+        let store = RedbStore { db, path };
+        store.init()?;
+        Ok(store)
+    }
+
+    fn init(&self) -> Result<(), StoreError> {
+        let err = |e: &dyn std::fmt::Display| corrupt(&self.path, &e.to_string());
+        let tx = self.db.begin_write().map_err(|e| err(&e))?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| err(&e))?;
+            let existing = meta
+                .get("format")
+                .map_err(|e| err(&e))?
+                .map(|v| v.value().to_vec());
+            match existing {
+                Some(f) if f != FORMAT => {
+                    return Err(corrupt(
+                        &self.path,
+                        &format!("unknown format {:?}", String::from_utf8_lossy(&f)),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("format", FORMAT).map_err(|e| err(&e))?;
+                }
+            }
+            // Create every table so reads never meet a missing one.
+            tx.open_table(TARGETS).map_err(|e| err(&e))?;
+            tx.open_table(GROUPS).map_err(|e| err(&e))?;
+            tx.open_table(ITEMS).map_err(|e| err(&e))?;
+            tx.open_table(DEAD).map_err(|e| err(&e))?;
+            tx.open_table(IDEM).map_err(|e| err(&e))?;
+        }
+        tx.commit().map_err(|e| err(&e))
+    }
+}
+
+fn corrupt(path: &Path, why: &str) -> StoreError {
+    StoreError(format!(
+        "cannot use the state store {}: {why}. If it is damaged beyond repair, \
+         `backstop serve --reset-state` discards it (every open breaker, pause and queued request is forgotten)",
+        path.display()
+    ))
+}
+
+fn decode<M: prost::Message + Default>(
+    path: &Path,
+    table: &str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| {
+        corrupt(
+            path,
+            &format!("record {key:?} in table {table} does not decode: {e}"),
+        )
+    })
+}
+
+impl Store for RedbStore {
+    fn load(&self) -> Result<Loaded, StoreError> {
+        let err = |e: &dyn std::fmt::Display| corrupt(&self.path, &e.to_string());
+        let tx = self.db.begin_read().map_err(|e| err(&e))?;
+        let mut out = Loaded::default();
+        let t = tx.open_table(TARGETS).map_err(|e| err(&e))?;
+        for row in t.range::<&str>(..).map_err(|e| err(&e))? {
+            let (k, v) = row.map_err(|e| err(&e))?;
+            let rec = decode(&self.path, "targets", k.value(), v.value())?;
+            out.targets.push((k.value().to_string(), rec));
+        }
+        let t = tx.open_table(GROUPS).map_err(|e| err(&e))?;
+        for row in t.range::<&str>(..).map_err(|e| err(&e))? {
+            let (k, v) = row.map_err(|e| err(&e))?;
+            let rec = decode(&self.path, "groups", k.value(), v.value())?;
+            out.groups.push((k.value().to_string(), rec));
+        }
+        for (def, dest, name) in [
+            (ITEMS, &mut out.items, "items"),
+            (DEAD, &mut out.dead, "dead"),
+        ] {
+            let t = tx.open_table(def).map_err(|e| err(&e))?;
+            for row in t.range::<u64>(..).map_err(|e| err(&e))? {
+                let (k, v) = row.map_err(|e| err(&e))?;
+                dest.push(decode(&self.path, name, &k.value().to_string(), v.value())?);
+            }
+        }
+        let t = tx.open_table(IDEM).map_err(|e| err(&e))?;
+        for row in t.range::<&str>(..).map_err(|e| err(&e))? {
+            let (k, v) = row.map_err(|e| err(&e))?;
+            let rec = decode(&self.path, "idempotency", k.value(), v.value())?;
+            out.idem.push((k.value().to_string(), rec));
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
+        use prost::Message as _;
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let err =
+            |e: &dyn std::fmt::Display| StoreError(format!("writing {}: {e}", self.path.display()));
+        let tx = self.db.begin_write().map_err(|e| err(&e))?;
+        {
+            let mut targets = tx.open_table(TARGETS).map_err(|e| err(&e))?;
+            let mut groups = tx.open_table(GROUPS).map_err(|e| err(&e))?;
+            let mut items = tx.open_table(ITEMS).map_err(|e| err(&e))?;
+            let mut dead = tx.open_table(DEAD).map_err(|e| err(&e))?;
+            let mut idem = tx.open_table(IDEM).map_err(|e| err(&e))?;
+            for op in ops {
+                let r = match op {
+                    Op::Target(k, Some(v)) => targets
+                        .insert(k.as_ref(), v.encode_to_vec().as_slice())
+                        .map(|_| ()),
+                    Op::Target(k, None) => targets.remove(k.as_ref()).map(|_| ()),
+                    Op::Group(k, Some(v)) => groups
+                        .insert(k.as_ref(), v.encode_to_vec().as_slice())
+                        .map(|_| ()),
+                    Op::Group(k, None) => groups.remove(k.as_ref()).map(|_| ()),
+                    Op::Item(k, Some(v)) => {
+                        items.insert(*k, v.encode_to_vec().as_slice()).map(|_| ())
+                    }
+                    Op::Item(k, None) => items.remove(*k).map(|_| ()),
+                    Op::Dead(k, Some(v)) => {
+                        dead.insert(*k, v.encode_to_vec().as_slice()).map(|_| ())
+                    }
+                    Op::Dead(k, None) => dead.remove(*k).map(|_| ()),
+                    Op::Idem(k, Some(v)) => idem
+                        .insert(k.as_str(), v.encode_to_vec().as_slice())
+                        .map(|_| ()),
+                    Op::Idem(k, None) => idem.remove(k.as_str()).map(|_| ()),
+                };
+                r.map_err(|e| err(&e))?;
+            }
+        }
+        tx.commit().map_err(|e| err(&e))
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("backstop-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        p
+    }
+
+    #[test]
+    fn commits_survive_reopen_and_reset_discards() {
+        let d = dir("reopen");
+        {
+            let s = RedbStore::open(&d, false).expect("open");
+            let rec = TargetRecord {
+                state: 2,
+                open_until: 42,
+                ..Default::default()
+            };
+            let item = ItemRecord {
+                id: 7,
+                queue: "chat".into(),
+                payload: vec![1, 2, 3],
+                ..Default::default()
+            };
+            s.commit(&[
+                Op::Target(Arc::from("a"), Some(rec)),
+                Op::Item(7, Some(item)),
+            ])
+            .expect("commit");
+            s.commit(&[
+                Op::Target(Arc::from("gone"), Some(TargetRecord::default())),
+                Op::Target(Arc::from("gone"), None),
+            ])
+            .expect("commit");
+        }
+        let s = RedbStore::open(&d, false).expect("reopen");
+        let l = s.load().expect("load");
+        assert_eq!(l.targets.len(), 1);
+        assert_eq!(l.targets[0].1.open_until, 42);
+        assert_eq!(l.items[0].payload, vec![1, 2, 3]);
+        drop(s);
+        let s = RedbStore::open(&d, true).expect("reset");
+        assert_eq!(s.load().expect("load"), Loaded::default());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_naming_it() {
+        let d = dir("corrupt");
+        std::fs::create_dir_all(&d).expect("dir");
+        std::fs::write(state_file(&d), vec![0xAB; 8192]).expect("write garbage");
+        let e = RedbStore::open(&d, false).err().expect("must fail");
+        assert!(e.0.contains("backstop.redb"), "{e}");
+        assert!(e.0.contains("--reset-state"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

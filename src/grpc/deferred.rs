@@ -1,0 +1,191 @@
+//! `backstop.v1.Deferred`: the deferred-request queue.
+
+use super::{check_len, from_proto_duration, reason, status, to_proto_duration, to_timestamp};
+use crate::domain::Time;
+use crate::engine::Engine;
+use crate::engine::queue::{Claimed, DEFERRED_MESSAGE, DeferArgs};
+use crate::engine::store::ItemRecord;
+use crate::proto;
+use crate::proto::deferred_server::Deferred;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct DeferredService {
+    engine: Arc<Engine>,
+}
+
+impl DeferredService {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        DeferredService { engine }
+    }
+}
+
+fn ts(nanos: u64) -> Option<prost_types::Timestamp> {
+    (nanos != 0).then(|| to_timestamp(Time::from_nanos(nanos)))
+}
+
+fn item(rec: ItemRecord) -> proto::DeferredItem {
+    proto::DeferredItem {
+        id: rec.id.to_string(),
+        queue: rec.queue,
+        payload: rec.payload,
+        metadata: rec.metadata,
+        attempt: rec.attempt,
+        max_attempts: rec.max_attempts,
+        enqueued_at: ts(rec.enqueued_at),
+        last_error: rec.last_error,
+        dead_lettered_at: ts(rec.dead_lettered_at),
+        ..Default::default()
+    }
+}
+
+fn claimed(c: Claimed) -> proto::DeferredItem {
+    proto::DeferredItem {
+        lease_token: c.lease_token,
+        lease_expires_at: Some(to_timestamp(c.lease_until)),
+        target: c.target.to_string(),
+        permit: c.permit,
+        key_slot: c.key_slot.map(|k| k.to_string()).unwrap_or_default(),
+        ..item(c.item)
+    }
+}
+
+#[tonic::async_trait]
+impl Deferred for DeferredService {
+    async fn defer(
+        &self,
+        req: Request<proto::DeferRequest>,
+    ) -> Result<Response<proto::DeferResponse>, Status> {
+        let r = req.into_inner();
+        let not_before = match r.not_before {
+            Some(t) if t.seconds < 0 || t.nanos < 0 => {
+                return Err(Status::invalid_argument("not_before is before 1970"));
+            }
+            Some(t) => Some(Time::from_nanos(
+                (t.seconds as u64)
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(t.nanos as u64),
+            )),
+            None => None,
+        };
+        let res = self
+            .engine
+            .defer(DeferArgs {
+                queue: r.queue,
+                payload: r.payload,
+                metadata: r.metadata,
+                idempotency_key: r.idempotency_key,
+                not_before,
+                max_attempts: r.max_attempts,
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::DeferResponse {
+            id: res.id.to_string(),
+            duplicate: res.duplicate,
+            depth: res.depth,
+            message: DEFERRED_MESSAGE.into(),
+        }))
+    }
+
+    async fn claim(
+        &self,
+        req: Request<proto::ClaimRequest>,
+    ) -> Result<Response<proto::ClaimResponse>, Status> {
+        let r = req.into_inner();
+        check_len(&r.worker, "worker", 256)?;
+        let lease = from_proto_duration(r.lease, "lease")?;
+        let wait = from_proto_duration(r.wait, "wait")?;
+        let res = self
+            .engine
+            .claim(&r.queue, r.max_items, lease, wait, &r.worker)
+            .await
+            .map_err(status)?;
+        let (blocked_reason, retry_after) = match res.blocked {
+            Some((why, after)) if res.items.is_empty() => {
+                (reason(why) as i32, after.map(to_proto_duration))
+            }
+            _ => (0, None),
+        };
+        Ok(Response::new(proto::ClaimResponse {
+            items: res.items.into_iter().map(claimed).collect(),
+            blocked_reason,
+            retry_after,
+        }))
+    }
+
+    async fn ack(
+        &self,
+        req: Request<proto::AckRequest>,
+    ) -> Result<Response<proto::AckResponse>, Status> {
+        let r = req.into_inner();
+        self.engine
+            .ack(&r.id, &r.lease_token)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::AckResponse {}))
+    }
+
+    async fn nack(
+        &self,
+        req: Request<proto::NackRequest>,
+    ) -> Result<Response<proto::NackResponse>, Status> {
+        let r = req.into_inner();
+        let delay = from_proto_duration(r.delay, "delay")?.unwrap_or_default();
+        let (dead_lettered, attempt) = self
+            .engine
+            .nack(&r.id, &r.lease_token, delay, &r.reason)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::NackResponse {
+            dead_lettered,
+            attempt,
+        }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        req: Request<proto::ListDeadLettersRequest>,
+    ) -> Result<Response<proto::ListDeadLettersResponse>, Status> {
+        let r = req.into_inner();
+        let (items, next_page_token) = self
+            .engine
+            .list_dead_letters(&r.queue, r.page_size, &r.page_token)
+            .map_err(status)?;
+        Ok(Response::new(proto::ListDeadLettersResponse {
+            items: items.into_iter().map(item).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn requeue(
+        &self,
+        req: Request<proto::RequeueRequest>,
+    ) -> Result<Response<proto::RequeueResponse>, Status> {
+        let r = req.into_inner();
+        self.engine.requeue(&r.id).await.map_err(status)?;
+        Ok(Response::new(proto::RequeueResponse {}))
+    }
+
+    async fn queue_stats(
+        &self,
+        req: Request<proto::QueueStatsRequest>,
+    ) -> Result<Response<proto::QueueStatsResponse>, Status> {
+        let r = req.into_inner();
+        check_len(&r.queue, "queue", 256)?;
+        let queues = self
+            .engine
+            .queue_stats(&r.queue)
+            .into_iter()
+            .map(|q| proto::QueueStat {
+                queue: q.queue,
+                depth: q.depth,
+                in_flight: q.in_flight,
+                dead_letters: q.dead_letters,
+                oldest_age: Some(to_proto_duration(q.oldest_age)),
+                bytes: q.bytes,
+            })
+            .collect();
+        Ok(Response::new(proto::QueueStatsResponse { queues }))
+    }
+}
