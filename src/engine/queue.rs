@@ -611,12 +611,7 @@ impl Engine {
     }
 
     /// Finds a claimed item and checks its lease token.
-    fn leased_entry<'a>(
-        s: &'a mut QueueState,
-        id: u64,
-        token: u64,
-        now: Time,
-    ) -> Result<&'a mut Entry> {
+    fn leased_entry(s: &mut QueueState, id: u64, token: u64, now: Time) -> Result<&mut Entry> {
         if s.dead.contains_key(&id) {
             return Err(EngineError::FailedPrecondition(format!(
                 "item {id} is in the dead-letter list; Requeue it first"

@@ -1,0 +1,325 @@
+"""Conversions between the generated protobuf messages and :mod:`backstop.types`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+from google.protobuf import duration_pb2
+
+from ._proto import admin_pb2, deferred_pb2, resilience_pb2
+from .types import (
+    Admission,
+    BreakerMode,
+    BreakerState,
+    ClaimResult,
+    DeferredItem,
+    KeySlotStatus,
+    NackResult,
+    OutcomeClass,
+    OutcomeCounters,
+    OutcomeReport,
+    OutcomeResult,
+    QueueStat,
+    Reason,
+    RetryAdvice,
+    RetryReason,
+    RouteDecision,
+    Skip,
+    TargetStatus,
+    TargetSummary,
+)
+
+
+def duration(seconds: Optional[float]) -> Optional[duration_pb2.Duration]:
+    """Float seconds -> Duration (None stays unset; negatives clamp to 0)."""
+    if seconds is None:
+        return None
+    s = max(0.0, float(seconds))
+    if math.isinf(s) or math.isnan(s):
+        raise ValueError(f"duration must be finite, got {seconds!r}")
+    whole = int(s)
+    nanos = int(round((s - whole) * 1e9))
+    if nanos >= 1_000_000_000:
+        whole, nanos = whole + 1, nanos - 1_000_000_000
+    return duration_pb2.Duration(seconds=whole, nanos=nanos)
+
+
+def seconds(msg: Any, field: str) -> Optional[float]:
+    """An optional Duration field as float seconds (None when unset)."""
+    if not msg.HasField(field):
+        return None
+    d = getattr(msg, field)
+    return d.seconds + d.nanos / 1e9
+
+
+def timestamp(msg: Any, field: str) -> Optional[_dt.datetime]:
+    if not msg.HasField(field):
+        return None
+    t = getattr(msg, field)
+    return _dt.datetime.fromtimestamp(t.seconds + t.nanos / 1e9, tz=_dt.timezone.utc)
+
+
+def _enum(cls: Any, proto_enum: Any, value: int, prefix: str) -> Any:
+    try:
+        name = proto_enum.Name(value)
+    except ValueError:
+        return cls.UNSPECIFIED
+    return cls._from_proto_name(name, prefix)
+
+
+def state(v: int) -> BreakerState:
+    result: BreakerState = _enum(BreakerState, resilience_pb2.BreakerState, v, "BREAKER_STATE_")
+    return result
+
+
+def reason(v: int) -> Reason:
+    result: Reason = _enum(Reason, resilience_pb2.Reason, v, "REASON_")
+    return result
+
+
+def outcome_class(v: int) -> OutcomeClass:
+    result: OutcomeClass = _enum(OutcomeClass, resilience_pb2.OutcomeClass, v, "OUTCOME_CLASS_")
+    return result
+
+
+def retry_reason(v: int) -> RetryReason:
+    result: RetryReason = _enum(RetryReason, resilience_pb2.RetryReason, v, "RETRY_REASON_")
+    return result
+
+
+def outcome_class_to_proto(c: OutcomeClass) -> int:
+    value: int = resilience_pb2.OutcomeClass.Value("OUTCOME_CLASS_" + c.name)
+    return value
+
+
+def breaker_mode_to_proto(m: BreakerMode) -> int:
+    value: int = admin_pb2.BreakerMode.Value("BREAKER_MODE_" + m.name)
+    return value
+
+
+# --- Resilience ---------------------------------------------------------------
+
+
+def can_proceed_request(
+    target: str, *, caller: str, estimated_tokens: int, attempt: int
+) -> resilience_pb2.CanProceedRequest:
+    return resilience_pb2.CanProceedRequest(
+        target=target, caller=caller, estimated_tokens=int(estimated_tokens), attempt=int(attempt)
+    )
+
+
+def admission(target: str, r: resilience_pb2.CanProceedResponse) -> Admission:
+    shadow = reason(r.shadow_reason) if r.shadow_reason else None
+    return Admission(
+        target=target,
+        allowed=r.allowed,
+        reason=reason(r.reason),
+        state=state(r.state),
+        retry_after=seconds(r, "retry_after"),
+        permit=r.permit,
+        key_slot=r.key_slot,
+        shadow_reason=shadow,
+    )
+
+
+def record_request(rep: OutcomeReport) -> resilience_pb2.RecordOutcomeRequest:
+    req = resilience_pb2.RecordOutcomeRequest(
+        target=rep.target,
+        permit=rep.permit,
+        outcome=outcome_class_to_proto(rep.outcome),
+        http_status=int(rep.http_status),
+        error_type=rep.error_type,
+        input_tokens=int(rep.input_tokens),
+        output_tokens=int(rep.output_tokens),
+        attempt=int(rep.attempt),
+        headers=dict(rep.headers),
+        key_slot=rep.key_slot,
+        caller=rep.caller,
+    )
+    if rep.latency is not None:
+        req.latency.CopyFrom(duration(rep.latency))
+    if rep.retry_after is not None:
+        req.retry_after.CopyFrom(duration(rep.retry_after))
+    return req
+
+
+def retry_advice(r: Any) -> RetryAdvice:
+    return RetryAdvice(
+        retry=r.retry,
+        delay=seconds(r, "delay") or 0.0,
+        reason=retry_reason(r.reason),
+    )
+
+
+def outcome_result(target: str, r: resilience_pb2.RecordOutcomeResponse) -> OutcomeResult:
+    return OutcomeResult(
+        target=target,
+        classified_as=outcome_class(r.classified_as),
+        state=state(r.state),
+        retry=retry_advice(r.retry) if r.HasField("retry") else RetryAdvice(False, 0.0, RetryReason.UNSPECIFIED),
+        stale_permit=r.stale_permit,
+    )
+
+
+def route_request(
+    route: Optional[str],
+    candidates: Sequence[str],
+    *,
+    estimated_tokens: int,
+    required_context_tokens: int,
+    exclude: Sequence[str],
+    caller: str,
+    attempt: int,
+) -> resilience_pb2.RouteRequest:
+    return resilience_pb2.RouteRequest(
+        route=route or "",
+        candidates=list(candidates),
+        estimated_tokens=int(estimated_tokens),
+        required_context_tokens=int(required_context_tokens),
+        exclude=list(exclude),
+        caller=caller,
+        attempt=int(attempt),
+    )
+
+
+def route_decision(r: resilience_pb2.RouteResponse) -> RouteDecision:
+    skipped = tuple(
+        Skip(target=s.target, reason=reason(s.reason), retry_after=seconds(s, "retry_after")) for s in r.skipped
+    )
+    return RouteDecision(
+        target=r.target or None,
+        permit=r.permit,
+        key_slot=r.key_slot,
+        fallback_depth=r.fallback_depth,
+        skipped=skipped,
+        max_tokens=r.max_tokens,
+        cost_per_mtok_input=r.cost_per_mtok_input,
+        cost_per_mtok_output=r.cost_per_mtok_output,
+        retry_after=seconds(r, "retry_after"),
+        state=state(r.state),
+    )
+
+
+# --- Deferred -----------------------------------------------------------------
+
+
+def defer_request(
+    queue: str,
+    payload: bytes,
+    *,
+    metadata: Optional[Mapping[str, str]],
+    idempotency_key: str,
+    not_before: Optional[_dt.datetime],
+    max_attempts: int,
+) -> deferred_pb2.DeferRequest:
+    req = deferred_pb2.DeferRequest(
+        queue=queue,
+        payload=payload,
+        metadata=dict(metadata or {}),
+        idempotency_key=idempotency_key,
+        max_attempts=int(max_attempts),
+    )
+    if not_before is not None:
+        req.not_before.FromDatetime(not_before)
+    return req
+
+
+def deferred_item(i: deferred_pb2.DeferredItem) -> DeferredItem:
+    return DeferredItem(
+        id=i.id,
+        queue=i.queue,
+        payload=bytes(i.payload),
+        metadata=dict(i.metadata),
+        lease_token=i.lease_token,
+        attempt=i.attempt,
+        max_attempts=i.max_attempts,
+        target=i.target,
+        permit=i.permit,
+        key_slot=i.key_slot,
+        last_error=i.last_error,
+        enqueued_at=timestamp(i, "enqueued_at"),
+        lease_expires_at=timestamp(i, "lease_expires_at"),
+        dead_lettered_at=timestamp(i, "dead_lettered_at"),
+    )
+
+
+def claim_result(r: deferred_pb2.ClaimResponse) -> ClaimResult:
+    return ClaimResult(
+        items=tuple(deferred_item(i) for i in r.items),
+        blocked_reason=reason(r.blocked_reason) if r.blocked_reason else None,
+        retry_after=seconds(r, "retry_after"),
+    )
+
+
+def nack_result(r: deferred_pb2.NackResponse) -> NackResult:
+    return NackResult(dead_lettered=r.dead_lettered, attempt=r.attempt)
+
+
+def queue_stat(q: deferred_pb2.QueueStat) -> QueueStat:
+    return QueueStat(
+        queue=q.queue,
+        depth=q.depth,
+        in_flight=q.in_flight,
+        dead_letters=q.dead_letters,
+        oldest_age=seconds(q, "oldest_age"),
+        bytes=q.bytes,
+    )
+
+
+# --- Admin --------------------------------------------------------------------
+
+
+def _counters(c: admin_pb2.OutcomeCounters) -> OutcomeCounters:
+    return OutcomeCounters(
+        admitted=c.admitted,
+        refused=c.refused,
+        success=c.success,
+        transient=c.transient,
+        rate_limited=c.rate_limited,
+        persistent=c.persistent,
+        bad_input=c.bad_input,
+        partial=c.partial,
+        timeout=c.timeout,
+        stale=c.stale,
+    )
+
+
+def _slot(s: admin_pb2.KeySlotStatus) -> KeySlotStatus:
+    learned: Dict[str, Tuple[int, int]] = {lim.kind: (lim.limit, lim.remaining) for lim in s.learned}
+    return KeySlotStatus(
+        name=s.name,
+        disabled=s.disabled,
+        disabled_until=timestamp(s, "disabled_until"),
+        disabled_reason=s.disabled_reason,
+        paused_until=timestamp(s, "paused_until"),
+        in_flight=s.in_flight,
+        learned=learned,
+    )
+
+
+def target_status(t: admin_pb2.TargetStatus) -> TargetStatus:
+    return TargetStatus(
+        target=t.target,
+        state=state(t.state),
+        configured=t.configured,
+        consecutive_failures=t.consecutive_failures,
+        counters=_counters(t.counters),
+        open_until=timestamp(t, "open_until"),
+        last_cause=t.last_cause,
+        generation=t.generation,
+        in_flight=t.in_flight,
+        key_slots=tuple(_slot(s) for s in t.key_slots),
+        raw=t,
+    )
+
+
+def target_summary(t: admin_pb2.TargetSummary) -> TargetSummary:
+    return TargetSummary(
+        target=t.target,
+        state=state(t.state),
+        configured=t.configured,
+        consecutive_failures=t.consecutive_failures,
+        open_until=timestamp(t, "open_until"),
+    )

@@ -1,0 +1,436 @@
+//! The deferred queue and restart behaviour, with a manual clock.
+
+use super::clock::ManualClock;
+use super::queue::DeferArgs;
+use super::store::{RedbStore, Store};
+use super::*;
+
+const T0: Time = Time::from_secs(1_800_000_000);
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn dir(tag: &str) -> std::path::PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "backstop-engine-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+fn open(toml: &str, data: &std::path::Path, clock: &Arc<ManualClock>) -> (Engine, LoadReport) {
+    let config = Arc::new(Config::parse(toml, "t").expect("config"));
+    let store: Box<dyn Store> = Box::new(RedbStore::open(data, false).expect("store"));
+    Engine::open(config, clock.clone(), store).expect("open")
+}
+
+fn ephemeral(toml: &str) -> (Engine, Arc<ManualClock>) {
+    let config = Arc::new(Config::parse(toml, "t").expect("config"));
+    let clock = Arc::new(ManualClock::new(T0));
+    (Engine::new(config, clock.clone()), clock)
+}
+
+fn item(queue: &str, n: u8) -> DeferArgs {
+    DeferArgs {
+        queue: queue.into(),
+        payload: vec![n; 10],
+        ..Default::default()
+    }
+}
+
+const FAST: &str = "[defaults.breaker]\nfailure_threshold = 1\nopen_duration = \"10s\"\nsuccess_threshold = 1\n[routes.chat]\ntargets = [\"a\", \"b\"]\n";
+
+#[tokio::test]
+async fn claim_waits_for_the_target_and_hands_out_admitted_items() {
+    let (e, clock) = ephemeral(FAST);
+    e.record_outcome(
+        "t",
+        OutcomeReport {
+            http_status: 503,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("ok");
+    let id = e.defer(item("t", 1)).await.expect("defer").id;
+    // The target is open: nothing is handed out, and the worker is told when to come back.
+    let r = e.claim("t", 10, None, None, "w").await.expect("claim");
+    assert!(r.items.is_empty());
+    assert_eq!(r.blocked, Some((Reason::CircuitOpen, Some(secs(10)))));
+    assert_eq!(e.queue_stats("t")[0].depth, 1, "the item stays queued");
+    clock.advance(secs(10));
+    let r = e.claim("t", 10, None, None, "w").await.expect("claim");
+    assert_eq!(r.items.len(), 1);
+    let c = &r.items[0];
+    assert_eq!((c.item.id, c.item.attempt, c.target.as_ref()), (id, 1, "t"));
+    assert!(
+        !c.permit.is_empty(),
+        "the item comes admitted (a half-open probe here)"
+    );
+    // The worker reports the call's success with the permit: the breaker closes.
+    e.record_outcome(
+        "t",
+        OutcomeReport {
+            permit: &c.permit,
+            http_status: 200,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("ok");
+    assert_eq!(e.get_target("t").expect("t").state, BreakerState::Closed);
+    e.ack(&id.to_string(), &c.lease_token).await.expect("ack");
+    let s = &e.queue_stats("t")[0];
+    assert_eq!((s.depth, s.in_flight), (0, 0));
+}
+
+#[tokio::test]
+async fn route_queues_claim_through_the_route() {
+    let (e, _) = ephemeral(FAST);
+    e.set_breaker_mode("a", Mode::ForcedOpen, "")
+        .await
+        .expect("force");
+    e.defer(item("chat", 1)).await.expect("defer");
+    let r = e.claim("chat", 1, None, None, "w").await.expect("claim");
+    assert_eq!(r.items[0].target.as_ref(), "b", "admitted to the fallback");
+}
+
+#[tokio::test]
+async fn lease_expiry_redelivers_nack_delays_and_max_attempts_dead_letters() {
+    let (e, clock) = ephemeral("");
+    let id = e
+        .defer(DeferArgs {
+            max_attempts: 3,
+            ..item("q", 1)
+        })
+        .await
+        .expect("defer")
+        .id
+        .to_string();
+    let first = e
+        .claim("q", 1, Some(secs(5)), None, "w1")
+        .await
+        .expect("claim")
+        .items
+        .remove(0);
+    assert!(
+        e.claim("q", 1, None, None, "w2")
+            .await
+            .expect("claim")
+            .items
+            .is_empty(),
+        "leased"
+    );
+    clock.advance(secs(5));
+    // The lease ran out: redelivered, and the old token is stale.
+    let second = e
+        .claim("q", 1, Some(secs(5)), None, "w2")
+        .await
+        .expect("claim")
+        .items
+        .remove(0);
+    assert_eq!(second.item.attempt, 2);
+    assert_eq!(second.item.last_error, "lease expired without Ack or Nack");
+    let stale = e.ack(&id, &first.lease_token).await;
+    assert!(
+        matches!(stale, Err(EngineError::FailedPrecondition(_))),
+        "{stale:?}"
+    );
+    // Nack with a delay: not claimable until it passes.
+    let (dead, attempt) = e
+        .nack(&id, &second.lease_token, secs(30), "provider 500")
+        .await
+        .expect("nack");
+    assert_eq!((dead, attempt), (false, 2));
+    assert!(
+        e.claim("q", 1, None, None, "w")
+            .await
+            .expect("claim")
+            .items
+            .is_empty()
+    );
+    clock.advance(secs(30));
+    let third = e
+        .claim("q", 1, None, None, "w")
+        .await
+        .expect("claim")
+        .items
+        .remove(0);
+    assert_eq!(
+        (third.item.attempt, third.item.last_error.as_str()),
+        (3, "provider 500")
+    );
+    let (dead, _) = e
+        .nack(&id, &third.lease_token, Duration::ZERO, "still broken")
+        .await
+        .expect("nack");
+    assert!(dead, "third of three attempts: dead-lettered");
+    let (dl, _) = e.list_dead_letters("q", 10, "").expect("list");
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].last_error, "still broken");
+    assert_eq!(e.queue_stats("q")[0].dead_letters, 1);
+    // Requeue brings it back with fresh attempts.
+    e.requeue(&id).await.expect("requeue");
+    let again = e
+        .claim("q", 1, None, None, "w")
+        .await
+        .expect("claim")
+        .items
+        .remove(0);
+    assert_eq!(again.item.attempt, 1);
+    assert!(matches!(
+        e.requeue(&id).await,
+        Err(EngineError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn depth_size_and_input_limits() {
+    let (e, _) = ephemeral("[queue]\nmax_depth = 2\nmax_payload_bytes = 100\n");
+    e.defer(item("q", 1)).await.expect("1");
+    e.defer(item("q", 2)).await.expect("2");
+    let full = e.defer(item("q", 3)).await;
+    assert!(matches!(full, Err(EngineError::ResourceExhausted(m)) if m.contains("max_depth = 2")));
+    e.defer(item("other", 1))
+        .await
+        .expect("other queues are separate");
+    let big = e
+        .defer(DeferArgs {
+            payload: vec![0; 101],
+            ..item("x", 0)
+        })
+        .await;
+    assert!(matches!(big, Err(EngineError::InvalidArgument(m)) if m.contains("max_payload_bytes")));
+    assert!(matches!(
+        e.defer(item("", 0)).await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        e.ack("nope", "1").await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        e.ack("999", "1").await,
+        Err(EngineError::NotFound(_))
+    ));
+    assert!(matches!(
+        e.claim("q", 1000, None, None, "").await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+}
+
+#[tokio::test]
+async fn idempotency_keys_dedupe_even_after_ack() {
+    let (e, _) = ephemeral("");
+    let a = DeferArgs {
+        idempotency_key: "k1".into(),
+        ..item("q", 1)
+    };
+    let first = e.defer(a.clone()).await.expect("defer");
+    let again = e.defer(a.clone()).await.expect("defer");
+    assert_eq!((again.id, again.duplicate), (first.id, true));
+    let c = e
+        .claim("q", 1, None, None, "w")
+        .await
+        .expect("claim")
+        .items
+        .remove(0);
+    e.ack(&first.id.to_string(), &c.lease_token)
+        .await
+        .expect("ack");
+    let after = e.defer(a).await.expect("defer");
+    assert_eq!(
+        (after.id, after.duplicate),
+        (first.id, true),
+        "a retried Defer after processing is still a duplicate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_wakes_when_work_arrives() {
+    let (e, _) = ephemeral("");
+    let e = Arc::new(e);
+    let waiter = {
+        let e = e.clone();
+        tokio::spawn(async move { e.claim("q", 1, None, Some(secs(10)), "w").await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    e.defer(item("q", 1)).await.expect("defer");
+    let got = waiter.await.expect("join").expect("claim");
+    assert_eq!(got.items.len(), 1);
+    assert!(started.elapsed() < secs(2), "woken, not timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_breakers_pauses_disabled_keys_and_queued_work() {
+    let d = dir("restart");
+    let clock = Arc::new(ManualClock::new(T0));
+    let cfg = "[defaults.breaker]\nfailure_threshold = 1\nopen_duration = \"60s\"\n[targets.keyed]\nkeys = [\"k1\", \"k2\"]\n[targets.removed]\n";
+    let (dead_id, idem_id);
+    {
+        let (e, _) = open(cfg, &d, &clock);
+        e.record_outcome(
+            "open",
+            OutcomeReport {
+                http_status: 503,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("ok");
+        e.record_outcome(
+            "keyed",
+            OutcomeReport {
+                http_status: 401,
+                key_slot: "k1",
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("ok");
+        e.record_outcome(
+            "paused",
+            OutcomeReport {
+                http_status: 429,
+                headers: vec![("retry-after", "120")],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("ok");
+        e.set_breaker_mode("forced", Mode::ForcedOpen, "incident 42")
+            .await
+            .expect("force");
+        e.record_outcome(
+            "removed",
+            OutcomeReport {
+                http_status: 503,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("ok");
+        idem_id = e
+            .defer(DeferArgs {
+                idempotency_key: "k".into(),
+                ..item("q", 1)
+            })
+            .await
+            .expect("defer")
+            .id;
+        let dl = e
+            .defer(DeferArgs {
+                max_attempts: 1,
+                ..item("q", 2)
+            })
+            .await
+            .expect("defer")
+            .id;
+        let c = e.claim("q", 2, None, None, "w").await.expect("claim");
+        let tok = c
+            .items
+            .iter()
+            .find(|i| i.item.id == dl)
+            .expect("claimed")
+            .lease_token
+            .clone();
+        e.nack(&dl.to_string(), &tok, Duration::ZERO, "bad")
+            .await
+            .expect("nack");
+        dead_id = dl;
+        // Simulate a crash: no graceful flush beyond what was acknowledged.
+    }
+    clock.advance(secs(30));
+    let cfg2 = "[defaults.breaker]\nfailure_threshold = 1\nopen_duration = \"60s\"\n[targets.keyed]\nkeys = [\"k1\", \"k2\"]\n";
+    let (e, report) = open(cfg2, &d, &clock);
+    assert_eq!(
+        report.dropped, 1,
+        "a target removed from the config is dropped"
+    );
+    assert!(matches!(
+        e.get_target("removed"),
+        Err(EngineError::NotFound(_))
+    ));
+    let a = e
+        .can_proceed("open", AdmitArgs::default())
+        .await
+        .expect("ok");
+    assert_eq!(
+        (a.reason, a.retry_after),
+        (Reason::CircuitOpen, Some(secs(30))),
+        "same open-until"
+    );
+    let k = e
+        .can_proceed("keyed", AdmitArgs::default())
+        .await
+        .expect("ok");
+    assert_eq!(k.key_slot.as_deref(), Some("k2"), "k1 is still disabled");
+    let p = e
+        .can_proceed("paused", AdmitArgs::default())
+        .await
+        .expect("ok");
+    assert_eq!(
+        (p.reason, p.retry_after),
+        (Reason::RateLimited, Some(secs(90)))
+    );
+    let f = e.get_target("forced").expect("forced");
+    assert_eq!(
+        (f.state, f.forced_reason.as_deref()),
+        (BreakerState::ForcedOpen, Some("incident 42"))
+    );
+    // Queued work: the claimed-but-unacked item is waiting again; the dead letter is still dead.
+    let stats = &e.queue_stats("q")[0];
+    assert_eq!(
+        (stats.depth, stats.in_flight, stats.dead_letters),
+        (1, 0, 1)
+    );
+    assert_eq!(
+        e.list_dead_letters("q", 10, "").expect("dl").0[0].id,
+        dead_id
+    );
+    let dup = e
+        .defer(DeferArgs {
+            idempotency_key: "k".into(),
+            ..item("q", 9)
+        })
+        .await
+        .expect("defer");
+    assert_eq!(
+        (dup.id, dup.duplicate),
+        (idem_id, true),
+        "idempotency survives a restart"
+    );
+    let c = e.claim("q", 5, None, None, "w").await.expect("claim");
+    assert_eq!(c.items.len(), 1);
+    assert_eq!(c.items[0].item.attempt, 2, "the pre-crash delivery counted");
+    // An open period that ran out while down comes back half-open.
+    clock.advance(secs(31));
+    drop(e);
+    let (e, _) = open(cfg2, &d, &clock);
+    assert_eq!(
+        e.get_target("open").expect("open").state,
+        BreakerState::HalfOpen
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test]
+async fn write_behind_flushes_counters() {
+    let d = dir("behind");
+    let clock = Arc::new(ManualClock::new(T0));
+    {
+        let (e, _) = open("", &d, &clock);
+        for _ in 0..3 {
+            e.can_proceed("t", AdmitArgs::default()).await.expect("ok");
+        }
+        e.flush_dirty().wait().await.expect("flush");
+    }
+    let (e, _) = open("", &d, &clock);
+    assert_eq!(e.get_target("t").expect("t").counters.admitted, 3);
+    let _ = std::fs::remove_dir_all(&d);
+}
