@@ -15,6 +15,7 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod grpc;
+pub mod http;
 pub mod server;
 
 /// Generated types and stubs for `proto/backstop/v1/*.proto`.

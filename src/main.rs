@@ -32,6 +32,9 @@ struct ServeArgs {
     /// gRPC listen address (overrides [server] listen); port 0 picks a free port.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// HTTP listen address for metrics, events and the dashboard (overrides [server] http); "off" disables it.
+    #[arg(long)]
+    http: Option<String>,
     /// Where state is persisted (overrides [server] data_dir; default ./backstop-data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -98,6 +101,20 @@ fn main() -> ExitCode {
             };
             if let Some(l) = args.listen {
                 config.server.listen = l;
+            }
+            if let Some(h) = args.http.as_deref() {
+                config.server.http = match h {
+                    "off" | "" => None,
+                    addr => match addr.parse() {
+                        Ok(a) => Some(a),
+                        Err(_) => {
+                            eprintln!(
+                                "--http {addr:?} is not an address like 127.0.0.1:9464 (or \"off\")"
+                            );
+                            return ExitCode::from(2);
+                        }
+                    },
+                };
             }
             if let Some(d) = args.data_dir {
                 config.server.data_dir = d;

@@ -6,9 +6,11 @@ use crate::engine::clock::SystemClock;
 use crate::engine::store::{MemoryStore, RedbStore, Store};
 use crate::grpc::admin::{AdminService, auth_interceptor};
 use crate::grpc::deferred::DeferredService;
+use crate::grpc::events::EventsService;
 use crate::grpc::resilience::ResilienceService;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::deferred_server::DeferredServer;
+use crate::proto::events_server::EventsServer;
 use crate::proto::resilience_server::ResilienceServer;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -111,6 +113,9 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
     health_reporter
         .set_serving::<DeferredServer<DeferredService>>()
         .await;
+    health_reporter
+        .set_serving::<EventsServer<EventsService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -119,6 +124,7 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
 
     let resilience = ResilienceServer::new(ResilienceService::new(engine.clone()))
         .max_decoding_message_size(max_msg);
+    let events = EventsServer::new(EventsService::new(engine.clone()));
     let deferred = DeferredServer::new(DeferredService::new(engine.clone()))
         .max_decoding_message_size(max_msg);
     let admin = tonic::service::interceptor::InterceptedService::new(
@@ -132,6 +138,7 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
         .add_service(reflection)
         .add_service(resilience)
         .add_service(deferred)
+        .add_service(events)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
             let _ = stop_rx.await;
@@ -153,11 +160,39 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
         })
     };
 
+    // HTTP: metrics, SSE events, dashboard, probes.
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let http_addr = match config.server.http {
+        Some(addr) => {
+            let listener = bind(addr, "HTTP").await?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| StartError(format!("cannot read the bound HTTP address: {e}")))?;
+            let app = crate::http::router(crate::http::HttpState {
+                engine: engine.clone(),
+                ready: ready.clone(),
+            });
+            tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = http_stop_rx.await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            });
+            bound.to_string()
+        }
+        None => "off".to_string(),
+    };
+
     // Tests and supervisors read this line to learn the bound ports.
     let mut out = std::io::stdout();
-    let _ = writeln!(out, "backstop listening grpc={grpc_addr}");
+    let _ = writeln!(out, "backstop listening grpc={grpc_addr} http={http_addr}");
     let _ = out.flush();
-    tracing::info!(%grpc_addr, targets = engine.target_count(), "backstop serving");
+    tracing::info!(%grpc_addr, %http_addr, targets = engine.target_count(), "backstop serving");
 
     shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight calls");
@@ -170,7 +205,17 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
     health_reporter
         .set_not_serving::<DeferredServer<DeferredService>>()
         .await;
+    health_reporter
+        .set_not_serving::<EventsServer<EventsService>>()
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    // Live event streams end so the drain is not held up by dashboards.
+    engine.begin_shutdown();
     let _ = stop_tx.send(());
+    let _ = http_stop_tx.send(());
     let drained = tokio::time::timeout(config.server.shutdown_grace, server).await;
     flusher.abort();
     if let Err(e) = engine.flush_dirty().wait().await {

@@ -73,6 +73,50 @@ impl Default for ServerConfig {
     }
 }
 
+/// The event log and its subscribers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventsConfig {
+    /// Events kept for resumption (`since_seq`, `Last-Event-ID`).
+    pub ring_size: usize,
+    /// Events one subscriber may lag before it gets a Gap and a fresh Snapshot.
+    pub subscriber_buffer: usize,
+    /// Live subscribers (gRPC Watch + SSE) at once.
+    pub max_subscribers: usize,
+    /// Most targets one Snapshot lists.
+    pub max_snapshot_targets: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            ring_size: 10_000,
+            subscriber_buffer: 1024,
+            max_subscribers: 256,
+            max_snapshot_targets: 10_000,
+        }
+    }
+}
+
+/// Metrics labels and OpenTelemetry export.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TelemetryConfig {
+    /// Targets beyond this many share the metrics label `target="_other"`.
+    pub max_target_labels: usize,
+    /// OTLP/gRPC endpoint for traces; None = off (unless OTEL_EXPORTER_OTLP_ENDPOINT is set).
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            max_target_labels: 1000,
+            otlp_endpoint: None,
+            service_name: "backstop".into(),
+        }
+    }
+}
+
 /// Bounds of the deferred-request queue.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QueueConfig {
@@ -171,6 +215,8 @@ pub struct Config {
     pub routes: HashMap<String, Arc<RouteSettings>>,
     pub groups: Vec<GroupSettings>,
     pub queue: QueueConfig,
+    pub events: EventsConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for Config {
@@ -178,6 +224,8 @@ impl Default for Config {
         Config {
             server: ServerConfig::default(),
             queue: QueueConfig::default(),
+            events: EventsConfig::default(),
+            telemetry: TelemetryConfig::default(),
             default_target: Arc::new(TargetSettings::default()),
             targets: BTreeMap::new(),
             routes: HashMap::new(),
@@ -358,6 +406,28 @@ impl Cx {
                         }
                     }
                 }
+                "events" => {
+                    if let Some(e) = self.de::<EventsToml>(value, "[events]") {
+                        let d = EventsConfig::default();
+                        let n = |p: Option<Positive>, d: usize| p.map_or(d, |Positive(n)| n as usize);
+                        config.events = EventsConfig {
+                            ring_size: n(e.ring_size, d.ring_size),
+                            subscriber_buffer: n(e.subscriber_buffer, d.subscriber_buffer),
+                            max_subscribers: n(e.max_subscribers, d.max_subscribers),
+                            max_snapshot_targets: n(e.max_snapshot_targets, d.max_snapshot_targets),
+                        };
+                    }
+                }
+                "telemetry" => {
+                    if let Some(t) = self.de::<TelemetryToml>(value, "[telemetry]") {
+                        let d = TelemetryConfig::default();
+                        config.telemetry = TelemetryConfig {
+                            max_target_labels: t.max_target_labels.map_or(d.max_target_labels, |Positive(n)| n as usize),
+                            otlp_endpoint: t.otlp_endpoint.filter(|e| !e.is_empty()),
+                            service_name: t.service_name.unwrap_or(d.service_name),
+                        };
+                    }
+                }
                 "queue" => {
                     if let Some(q) = self.de::<QueueToml>(value, "[queue]") {
                         config.queue = self.queue(q, key_span);
@@ -378,7 +448,7 @@ impl Cx {
                 other => self.err(
                     key_span,
                     format!(
-                        "unknown section `{other}`; expected one of: server, defaults, targets, routes, budgets, queue"
+                        "unknown section `{other}`; expected one of: server, defaults, targets, routes, budgets, queue, events, telemetry"
                     ),
                 ),
             }

@@ -90,6 +90,25 @@ pub struct ServerToml {
     pub max_header_bytes: Option<Positive>,
 }
 
+/// `[events]`: the event log and its subscribers.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EventsToml {
+    pub ring_size: Option<Positive>,
+    pub subscriber_buffer: Option<Positive>,
+    pub max_subscribers: Option<Positive>,
+    pub max_snapshot_targets: Option<Positive>,
+}
+
+/// `[telemetry]`: metrics labels and OpenTelemetry export.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryToml {
+    pub max_target_labels: Option<Positive>,
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+}
+
 /// `[queue]`: bounds of the deferred-request queue.
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]

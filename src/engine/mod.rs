@@ -14,11 +14,13 @@
 pub mod clock;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod permit;
 pub mod persist;
 pub mod queue;
 pub mod store;
 mod target;
+pub mod watch;
 
 pub use error::{EngineError, Result};
 pub use target::{Admission, AdmitArgs, Counters, Learned, OutcomeResult, Target};
@@ -33,6 +35,7 @@ use clock::Clock;
 use dashmap::DashMap;
 use error::invalid;
 use events::{EventBus, EventKind};
+use metrics::Metrics;
 use permit::Permit;
 use persist::Persister;
 use std::collections::HashMap;
@@ -209,22 +212,6 @@ struct RouteRuntime {
     last: Mutex<Option<(u32, Arc<str>)>>,
 }
 
-/// Event-log sizes.
-#[derive(Clone, Copy, Debug)]
-pub struct EventLimits {
-    pub ring: usize,
-    pub subscriber_buffer: usize,
-}
-
-impl Default for EventLimits {
-    fn default() -> Self {
-        EventLimits {
-            ring: 10_000,
-            subscriber_buffer: 1024,
-        }
-    }
-}
-
 pub struct Engine {
     config: Arc<Config>,
     clock: Arc<dyn Clock>,
@@ -236,6 +223,11 @@ pub struct Engine {
     events: EventBus,
     /// None in ephemeral mode.
     persister: Option<Persister>,
+    metrics: Arc<Metrics>,
+    /// Live event subscribers (bounded by `[events] max_subscribers`).
+    subscribers: AtomicUsize,
+    /// Flips to true when the server starts draining: live streams end.
+    shutdown: tokio::sync::watch::Sender<bool>,
     queues: queue::Queues,
 }
 
@@ -274,10 +266,6 @@ pub fn validate_target(name: &str) -> Result<()> {
 impl Engine {
     /// An engine over `config`, with every configured target created up front.
     pub fn new(config: Arc<Config>, clock: Arc<dyn Clock>) -> Engine {
-        Self::with_limits(config, clock, EventLimits::default())
-    }
-
-    pub fn with_limits(config: Arc<Config>, clock: Arc<dyn Clock>, limits: EventLimits) -> Engine {
         let groups = config
             .groups
             .iter()
@@ -307,7 +295,10 @@ impl Engine {
             next_index: AtomicU32::new(0),
             groups,
             routes,
-            events: EventBus::new(limits.ring, limits.subscriber_buffer),
+            events: EventBus::new(config.events.ring_size, config.events.subscriber_buffer),
+            metrics: Arc::new(Metrics::new(config.telemetry.max_target_labels)),
+            subscribers: AtomicUsize::new(0),
+            shutdown: tokio::sync::watch::Sender::new(false),
             persister: None,
             queues: queue::Queues::default(),
             clock,
@@ -338,7 +329,12 @@ impl Engine {
 
     fn insert_target(&self, name: Arc<str>, settings: Arc<TargetSettings>) -> Arc<Target> {
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
-        let t = Arc::new(Target::new(name.clone(), index, settings));
+        let t = Arc::new(Target::new(
+            name.clone(),
+            index,
+            settings,
+            self.metrics.for_target(&name),
+        ));
         self.targets.insert(name, t.clone());
         t
     }
@@ -364,6 +360,7 @@ impl Engine {
                 Arc::from(name),
                 index,
                 self.config.default_target.clone(),
+                self.metrics.for_target(name),
             ))
         });
         Ok(t.clone())
@@ -384,6 +381,9 @@ impl Engine {
     /// Snapshots are queued under the lock so they reach the store in order.
     fn finish(&self, now: Time, target: &Target, st: &TargetState, fx: &mut Effects) {
         for kind in fx.events.drain(..) {
+            if let EventKind::BreakerTransition { from, to, .. } = &kind {
+                self.metrics.transition(&target.metrics, *from, *to);
+            }
             self.events.publish(now, &target.name, kind);
         }
         if let Some(p) = &self.persister {
@@ -437,6 +437,49 @@ impl Engine {
         p.write(ops)
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Refreshes the gauges read at scrape time (budget headroom, queue depth)
+    /// and returns the Prometheus text exposition.
+    pub fn render_metrics(&self) -> String {
+        let now = self.clock.now();
+        for entry in self.targets.iter() {
+            let t = entry.value();
+            if t.metrics.label.as_ref() == metrics::OTHER
+                || (t.settings.budget.is_unlimited() && t.settings.groups.is_empty())
+            {
+                continue;
+            }
+            let st = t.lock();
+            for (i, slot) in st.slots.iter().enumerate() {
+                for kind in Kind::ALL {
+                    if let Some(rate) = t.settings.budget.rate(kind) {
+                        let labels = metrics::BudgetLabels {
+                            target: t.name.to_string(),
+                            key_slot: t.slot_name(i).as_deref().unwrap_or_default().to_string(),
+                            kind: kind.as_str().into(),
+                        };
+                        self.metrics
+                            .budget_remaining
+                            .get_or_create(&labels)
+                            .set(slot.budget.cell(kind).available(now, &rate));
+                    }
+                }
+            }
+        }
+        for q in self.queue_stats("") {
+            self.metrics.set_queue(&q.queue, q.depth, q.oldest_age);
+        }
+        self.metrics.encode()
+    }
+
+    /// Starts draining: live event streams end.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
     /// Where state is kept, for logs.
     pub fn store_description(&self) -> &str {
         self.persister
@@ -478,6 +521,7 @@ impl Engine {
             };
             let mut st = t.lock();
             t.restore(&mut st, &rec, now);
+            engine.metrics.set_state(&t.metrics, st.breaker.state());
             report.targets += 1;
             if st.breaker.state() != BreakerState::Closed {
                 report.not_closed += 1;
@@ -522,6 +566,10 @@ impl Engine {
         let now = self.clock.now();
         let adm = target.admit(&mut st, &self.groups, now, args, fx);
         self.finish(now, target, &st, fx);
+        drop(st);
+        target
+            .metrics
+            .decision(adm.shadow_reason.unwrap_or(adm.reason), args.attempt);
         adm
     }
 
@@ -607,6 +655,7 @@ impl Engine {
             let mut st = t.lock();
             let now = self.clock.now();
             let r = t.record(&mut st, &self.groups, now, &args, &mut fx);
+            t.metrics.outcome(class, report.latency);
             self.finish(now, &t, &st, &mut fx);
             r
         };
@@ -708,6 +757,7 @@ impl Engine {
         } else {
             None
         };
+        self.metrics.route(&name, chosen.as_ref().map(|_| depth));
         if let Some(rt) = self.routes.get(name.as_ref()) {
             self.note_route(
                 rt,

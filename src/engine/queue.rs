@@ -259,6 +259,9 @@ impl Engine {
 
     fn publish_queue_events(&self, now: Time, events: Vec<(String, EventKind)>) {
         for (queue, kind) in events {
+            if let EventKind::ItemDeadLettered { .. } = kind {
+                self.metrics.dead_lettered(&queue);
+            }
             self.events.publish(now, &Arc::from(queue.as_str()), kind);
         }
     }
@@ -401,6 +404,7 @@ impl Engine {
                 "the request could not be saved: {e}"
             )));
         }
+        self.metrics.deferred(&a.queue);
         self.events.publish(
             now,
             &Arc::from(a.queue.as_str()),
@@ -667,6 +671,7 @@ impl Engine {
             .wait()
             .await
             .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        self.metrics.drained(&queue);
         self.events.publish(
             now,
             &Arc::from(queue.as_str()),

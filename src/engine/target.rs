@@ -7,6 +7,7 @@
 
 use super::Reason;
 use super::events::EventKind;
+use super::metrics::TargetMetrics;
 use super::permit::Permit;
 use super::persist::Pending;
 use super::store::{LearnedRecord, SlotRecord, TargetRecord};
@@ -77,6 +78,8 @@ pub struct Target {
     pub(crate) state: Mutex<TargetState>,
     /// Changed since the last write-behind flush.
     pub(crate) dirty: std::sync::atomic::AtomicBool,
+    /// Pre-resolved metric handles (shared `_other` beyond the label cap).
+    pub(crate) metrics: Arc<TargetMetrics>,
 }
 
 /// A budget group: one shared budget several targets draw on.
@@ -155,7 +158,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 const NEVER: Duration = Duration::from_secs(3600);
 
 impl Target {
-    pub(crate) fn new(name: Arc<str>, index: u32, settings: Arc<TargetSettings>) -> Self {
+    pub(crate) fn new(
+        name: Arc<str>,
+        index: u32,
+        settings: Arc<TargetSettings>,
+        metrics: Arc<TargetMetrics>,
+    ) -> Self {
         let seed = name_hash(&name);
         let slots = (0..settings.keys.len().max(1))
             .map(|_| Slot::default())
@@ -175,6 +183,7 @@ impl Target {
             seed,
             settings,
             dirty: std::sync::atomic::AtomicBool::new(false),
+            metrics,
         }
     }
 

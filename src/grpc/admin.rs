@@ -45,7 +45,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn budget(b: &BudgetView) -> proto::BudgetStatus {
+pub(crate) fn budget(b: &BudgetView) -> proto::BudgetStatus {
     proto::BudgetStatus {
         kind: b.kind.to_string(),
         limit: b.limit,

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod codec;
 pub mod deferred;
+pub mod events;
 pub mod resilience;
 
 use crate::domain::breaker::BreakerState;

@@ -68,6 +68,11 @@ impl Server {
             .arg(&config_path)
             .arg("--listen")
             .arg("127.0.0.1:0")
+            .args(if extra.contains(&"--http") {
+                &[][..]
+            } else {
+                &["--http", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .current_dir(dir.path())
             .env("RUST_LOG", "warn")

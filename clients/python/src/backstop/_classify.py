@@ -21,7 +21,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from .errors import MalformedOutput
+from .errors import MalformedOutput, StructuredOutputError
 from .types import OutcomeClass
 
 #: Bounds the server enforces on RecordOutcome.headers (``[server] max_headers`` /
@@ -241,7 +241,7 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 
 def _is_parse_error(exc: BaseException) -> bool:
-    if isinstance(exc, (MalformedOutput, json.JSONDecodeError)):
+    if isinstance(exc, (MalformedOutput, StructuredOutputError, json.JSONDecodeError)):
         return True
     mod = type(exc).__module__ or ""
     return type(exc).__name__ == "ValidationError" and mod.startswith(("pydantic", "jsonschema"))

@@ -1,0 +1,104 @@
+"""Python client for Backstop, the resilience control plane for fleets of AI agents.
+
+One Backstop server owns the circuit breakers, rate-limit budgets, retry
+budget and fallback order for a whole fleet; this package asks it before every
+provider call and tells it what happened after:
+
+    from backstop import Backstop
+
+    bs = Backstop("127.0.0.1:50051")
+    reply = bs.call("chat", lambda target, max_tokens, key_slot: ask(target, prompt, max_tokens))
+
+See :class:`Backstop` (and :class:`AsyncBackstop`) for ``guard()``, ``call()``,
+the deferred queue and admin calls; :func:`structured` for validated JSON
+replies; :class:`DeferredWorker` to drain deferred requests.
+"""
+
+from ._local import LocalPolicy
+from .aio import AsyncBackstop
+from .client import Backstop
+from .errors import (
+    AllTargetsFailed,
+    BackstopError,
+    BackstopUnreachable,
+    CircuitOpen,
+    ControlPlaneError,
+    ControlPlaneUnavailable,
+    MalformedOutput,
+    RateLimited,
+    Refused,
+    RequestTooLarge,
+    StructuredOutputError,
+)
+from .guard import AsyncGuard, Guard
+from .structured import Correction, Structured, structured
+from .types import (
+    Admission,
+    AttemptError,
+    BreakerMode,
+    BreakerState,
+    ClaimResult,
+    Deferred,
+    DeferredItem,
+    NackResult,
+    OutcomeClass,
+    OutcomeCounters,
+    OutcomeReport,
+    OutcomeResult,
+    QueueStat,
+    Reason,
+    RetryAdvice,
+    RetryReason,
+    RouteDecision,
+    Skip,
+    TargetStatus,
+    TargetSummary,
+)
+from .worker import AsyncDeferredWorker, DeferredWorker, WorkerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Admission",
+    "AllTargetsFailed",
+    "AsyncBackstop",
+    "AsyncDeferredWorker",
+    "AsyncGuard",
+    "AttemptError",
+    "Backstop",
+    "BackstopError",
+    "BackstopUnreachable",
+    "BreakerMode",
+    "BreakerState",
+    "CircuitOpen",
+    "ClaimResult",
+    "ControlPlaneError",
+    "ControlPlaneUnavailable",
+    "Correction",
+    "Deferred",
+    "DeferredItem",
+    "DeferredWorker",
+    "Guard",
+    "LocalPolicy",
+    "MalformedOutput",
+    "NackResult",
+    "OutcomeClass",
+    "OutcomeCounters",
+    "OutcomeReport",
+    "OutcomeResult",
+    "QueueStat",
+    "RateLimited",
+    "Reason",
+    "Refused",
+    "RequestTooLarge",
+    "RetryAdvice",
+    "RetryReason",
+    "RouteDecision",
+    "Skip",
+    "Structured",
+    "StructuredOutputError",
+    "TargetStatus",
+    "TargetSummary",
+    "WorkerStats",
+    "structured",
+]

@@ -1,0 +1,494 @@
+"""State and rules shared by the sync and the asyncio client.
+
+Both clients hold one of these: settings, the local fail-safe engine, the
+route memory, and the remote/local switch. They differ only in how they
+perform I/O (blocking gRPC vs grpc.aio) and how they probe for recovery
+(a thread vs a task).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import grpc
+
+from . import _convert as conv
+from ._local import LOCAL_PERMIT_PREFIX, LocalEngine, LocalPolicy, RouteMemory
+from ._plan import CallSpec, defer_message, encode_payload, metadata_dict
+from ._proto import admin_pb2, deferred_pb2
+from .errors import ControlPlaneError, ControlPlaneUnavailable, refusal
+from .structured import Structured
+from .types import (
+    Admission,
+    BreakerMode,
+    BreakerState,
+    Deferred,
+    DeferredItem,
+    OutcomeClass,
+    OutcomeReport,
+    OutcomeResult,
+    Reason,
+    RouteDecision,
+    Skip,
+)
+
+log = logging.getLogger("backstop")
+
+FAIL_OPEN = "fail_open"
+FAIL_CLOSED = "fail_closed"
+
+#: gRPC codes that mean "Backstop cannot answer right now" (as opposed to "Backstop said no").
+OUTAGE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+_HEALTH_METHOD = "/grpc.health.v1.Health/Check"
+_HEALTH_SERVICE = "backstop.v1.Resilience"
+
+
+def health_request() -> bytes:
+    """``grpc.health.v1.HealthCheckRequest{service: "backstop.v1.Resilience"}``, hand-encoded
+    (one length-delimited field) so the client needs no health-checking package."""
+    name = _HEALTH_SERVICE.encode()
+    return b"\x0a" + bytes([len(name)]) + name
+
+
+def health_serving(response: bytes) -> bool:
+    """True when a HealthCheckResponse says SERVING (field 1 = enum 1)."""
+    return response == b"\x08\x01"
+
+
+def default_caller() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def is_outage(e: grpc.RpcError) -> bool:
+    code = e.code() if callable(getattr(e, "code", None)) else None
+    return code in OUTAGE_CODES
+
+
+def rpc_error(method: str, e: grpc.RpcError) -> ControlPlaneError:
+    code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = e.details() if callable(getattr(e, "details", None)) else str(e)
+    cls = ControlPlaneUnavailable if code in OUTAGE_CODES else ControlPlaneError
+    return cls(code, details or "", method)
+
+
+RouteArg = Union[str, Sequence[str]]
+
+
+class Core:
+    """Settings and fail-safe state of one client."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        timeout: float = 0.05,
+        caller: Optional[str] = None,
+        policy: str = FAIL_OPEN,
+        local_policy: Optional[LocalPolicy] = None,
+        local_routes: Optional[Mapping[str, Sequence[str]]] = None,
+        admin_token: Optional[str] = None,
+        queue_timeout: float = 5.0,
+        connect_timeout: float = 1.0,
+        reconnect_interval: float = 0.5,
+        channel_options: Sequence[Tuple[str, Any]] = (),
+    ) -> None:
+        if policy not in (FAIL_OPEN, FAIL_CLOSED):
+            raise ValueError(f"policy must be {FAIL_OPEN!r} or {FAIL_CLOSED!r}, got {policy!r}")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.address = address
+        self.timeout = float(timeout)
+        self.caller = caller if caller is not None else default_caller()
+        self.policy = policy
+        self.queue_timeout = float(queue_timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.reconnect_interval = float(reconnect_interval)
+        self.local_engine = LocalEngine(local_policy or LocalPolicy())
+        self.route_memory = RouteMemory(local_routes)
+        self._admin_metadata: Optional[Tuple[Tuple[str, str], ...]] = (
+            (("authorization", f"Bearer {admin_token}"),) if admin_token else None
+        )
+        self._mode_lock = threading.Lock()
+        self._remote = True
+        self._down_since = 0.0
+        self._connected_once = False
+        self._closed = False
+        backoff_ms = max(50, int(self.reconnect_interval * 1000))
+        self.channel_options: List[Tuple[str, Any]] = [
+            # Reconnect quickly after an outage, so switching back is prompt.
+            ("grpc.initial_reconnect_backoff_ms", backoff_ms),
+            ("grpc.min_reconnect_backoff_ms", backoff_ms),
+            ("grpc.max_reconnect_backoff_ms", max(backoff_ms, 2000)),
+            *channel_options,
+        ]
+
+    # --- the remote/local switch ------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """``"remote"`` while Backstop answers; ``"local"`` while the fail-safe decides."""
+        return "remote" if self._remote else "local"
+
+    @property
+    def is_local(self) -> bool:
+        return not self._remote
+
+    def _went_down(self, method: str, err: BaseException) -> bool:
+        """Switches to local decisions. True for the caller that made the switch
+        (it starts the recovery probe); logged once per outage."""
+        with self._mode_lock:
+            if not self._remote or self._closed:
+                return False
+            self._remote = False
+            self._down_since = time.monotonic()
+        log.warning(
+            "Backstop at %s is unreachable (%s: %s); deciding locally (%s) and reconnecting in the background",
+            self.address,
+            method,
+            err,
+            self.policy,
+        )
+        return True
+
+    def _came_back(self) -> None:
+        with self._mode_lock:
+            if self._remote:
+                return
+            self._remote = True
+            down = time.monotonic() - self._down_since
+        log.warning("Backstop at %s is reachable again after %.1fs; using the fleet's decisions", self.address, down)
+
+    # --- local decisions ----------------------------------------------------------
+
+    def _local_admit(self, target: str, attempt: int) -> Admission:
+        if self.policy == FAIL_CLOSED:
+            return Admission(
+                target,
+                False,
+                Reason.CONTROL_PLANE_UNAVAILABLE,
+                BreakerState.UNSPECIFIED,
+                retry_after=self.reconnect_interval,
+                local=True,
+            )
+        return self.local_engine.admit(target, attempt)
+
+    def _local_route(
+        self, route: Optional[str], candidates: Sequence[str], exclude: Sequence[str], attempt: int
+    ) -> RouteDecision:
+        cands = list(candidates) if candidates else self.route_memory.candidates(route or "")
+        if self.policy == FAIL_CLOSED:
+            skipped = tuple(Skip(c, Reason.CONTROL_PLANE_UNAVAILABLE, self.reconnect_interval) for c in cands)
+            return RouteDecision(None, skipped=skipped, retry_after=self.reconnect_interval, local=True)
+        return self.local_engine.route(cands, exclude, attempt)
+
+    def _local_record(self, report: OutcomeReport) -> OutcomeResult:
+        return self.local_engine.record(report)
+
+    @staticmethod
+    def _is_local_permit(permit: str) -> bool:
+        return permit.startswith(LOCAL_PERMIT_PREFIX)
+
+    def _seen_admission(self, adm: Admission) -> Admission:
+        # A fleet refusal is carried into local mode if the outage starts now.
+        if not adm.allowed and adm.reason == Reason.CIRCUIT_OPEN and adm.retry_after:
+            self.local_engine.seed_open(adm.target, adm.retry_after)
+        return adm
+
+    def _seen_route(self, route: Optional[str], decision: RouteDecision) -> RouteDecision:
+        if route:
+            self.route_memory.learn(route, decision)
+        for s in decision.skipped:
+            if s.reason == Reason.CIRCUIT_OPEN and s.retry_after:
+                self.local_engine.seed_open(s.target, s.retry_after)
+        return decision
+
+    # --- request building ------------------------------------------------------------
+
+    @staticmethod
+    def _route_args(route: RouteArg) -> Tuple[Optional[str], List[str]]:
+        if isinstance(route, str):
+            if not route:
+                raise ValueError("route is empty: name a configured route, or pass a list of targets")
+            return route, []
+        cands = list(route)
+        if not cands:
+            raise ValueError("the candidate list is empty")
+        return None, cands
+
+    def _report(
+        self,
+        target: str,
+        *,
+        permit: str = "",
+        outcome: OutcomeClass = OutcomeClass.UNSPECIFIED,
+        http_status: int = 0,
+        error_type: str = "",
+        headers: Optional[Mapping[str, str]] = None,
+        latency: Optional[float] = None,
+        retry_after: Optional[float] = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        attempt: int = 0,
+        key_slot: str = "",
+    ) -> OutcomeReport:
+        return OutcomeReport(
+            target=target,
+            permit=permit,
+            outcome=outcome,
+            http_status=http_status,
+            error_type=error_type,
+            latency=latency,
+            retry_after=retry_after,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            attempt=attempt,
+            headers=dict(headers or {}),
+            key_slot=key_slot,
+            caller=self.caller,
+        )
+
+    def _call_spec(
+        self,
+        route: RouteArg,
+        *,
+        estimated_tokens: int,
+        required_context_tokens: int,
+        exclude: Sequence[str],
+        defer_to: Optional[str],
+        queue: Optional[str],
+        payload: Any,
+        metadata: Optional[Mapping[str, Any]],
+        idempotency_key: str,
+        max_attempts: int,
+        deadline: Optional[float],
+    ) -> CallSpec:
+        name, cands = self._route_args(route)
+        if defer_to not in (None, "queue"):
+            raise ValueError(f"defer_to must be None or 'queue', got {defer_to!r}")
+        defer = defer_to == "queue"
+        q = queue or name or ""
+        if defer:
+            if payload is None:
+                raise ValueError("defer_to='queue' needs payload=: the request to save for later")
+            if not q:
+                raise ValueError("defer_to='queue' with a candidate list needs queue= (a route or target name)")
+        return CallSpec(
+            route=name,
+            candidates=cands,
+            caller=self.caller,
+            estimated_tokens=estimated_tokens,
+            required_context_tokens=required_context_tokens,
+            exclude=list(exclude),
+            defer=defer,
+            queue=q,
+            payload=encode_payload(payload) if defer else None,
+            metadata=metadata_dict(metadata),
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
+            deadline=deadline,
+        )
+
+    def _refuse_if_needed(self, adm: Admission) -> Admission:
+        if not adm.allowed:
+            raise refusal(adm.target, adm.reason, state=adm.state, retry_after=adm.retry_after, local=adm.local)
+        return adm
+
+
+def invoker(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A fresh per-call callable: ``structured()`` wrappers get their own correction state."""
+    if isinstance(fn, Structured):
+        return fn.session()
+    return fn
+
+
+class Rpc:
+    """One unary call, described: which stub method, the request, how to convert
+    the answer, the deadline. Built once here; the sync and async clients only
+    execute it."""
+
+    __slots__ = ("service", "method", "request", "convert", "timeout", "admin")
+
+    def __init__(
+        self,
+        service: str,
+        method: str,
+        request: Any,
+        convert: Callable[[Any], Any],
+        timeout: float,
+        admin: bool = False,
+    ) -> None:
+        self.service = service
+        self.method = method
+        self.request = request
+        self.convert = convert
+        self.timeout = timeout
+        self.admin = admin
+
+
+class Requests(Core):
+    """Builds every RPC of the public API (shared by both clients)."""
+
+    # Resilience -------------------------------------------------------------------
+
+    def _rpc_can_proceed(self, target: str, estimated_tokens: int, attempt: int) -> Rpc:
+        req = conv.can_proceed_request(target, caller=self.caller, estimated_tokens=estimated_tokens, attempt=attempt)
+        return Rpc(
+            "resilience",
+            "CanProceed",
+            req,
+            lambda r: self._seen_admission(conv.admission(target, r)),
+            self.timeout,
+        )
+
+    def _rpc_record(self, report: OutcomeReport) -> Rpc:
+        return Rpc(
+            "resilience",
+            "RecordOutcome",
+            conv.record_request(report),
+            lambda r: conv.outcome_result(report.target, r),
+            self.timeout,
+        )
+
+    def _rpc_route(
+        self,
+        route: Optional[str],
+        candidates: Sequence[str],
+        estimated_tokens: int,
+        required_context_tokens: int,
+        exclude: Sequence[str],
+        attempt: int,
+    ) -> Rpc:
+        req = conv.route_request(
+            route,
+            candidates,
+            estimated_tokens=estimated_tokens,
+            required_context_tokens=required_context_tokens,
+            exclude=exclude,
+            caller=self.caller,
+            attempt=attempt,
+        )
+        return Rpc(
+            "resilience",
+            "Route",
+            req,
+            lambda r: self._seen_route(route, conv.route_decision(r)),
+            self.timeout,
+        )
+
+    # Deferred ---------------------------------------------------------------------
+
+    def _rpc_defer(
+        self,
+        queue: str,
+        payload: Any,
+        metadata: Optional[Mapping[str, Any]],
+        idempotency_key: str,
+        not_before: Any,
+        max_attempts: int,
+    ) -> Rpc:
+        req = conv.defer_request(
+            queue,
+            encode_payload(payload),
+            metadata=metadata_dict(metadata),
+            idempotency_key=idempotency_key,
+            not_before=not_before,
+            max_attempts=max_attempts,
+        )
+
+        def convert(r: Any) -> Deferred:
+            return Deferred(
+                id=r.id,
+                queue=queue,
+                message=r.message or defer_message(r.depth),
+                duplicate=r.duplicate,
+                depth=r.depth,
+            )
+
+        return Rpc("deferred", "Defer", req, convert, self.queue_timeout)
+
+    def _rpc_claim(self, queue: str, max_items: int, lease: Optional[float], wait: float, worker: str) -> Rpc:
+        req = deferred_pb2.ClaimRequest(queue=queue, max_items=max_items, worker=worker or self.caller)
+        if lease is not None:
+            req.lease.CopyFrom(conv.duration(lease))
+        if wait > 0:
+            req.wait.CopyFrom(conv.duration(wait))
+        return Rpc("deferred", "Claim", req, conv.claim_result, self.queue_timeout + max(0.0, wait))
+
+    def _rpc_ack(self, item: Union[DeferredItem, str], lease_token: Optional[str]) -> Rpc:
+        item_id, token = _item_ref(item, lease_token)
+        return Rpc("deferred", "Ack", deferred_pb2.AckRequest(id=item_id, lease_token=token), lambda r: None, self.queue_timeout)
+
+    def _rpc_nack(
+        self, item: Union[DeferredItem, str], lease_token: Optional[str], delay: float, reason: str
+    ) -> Rpc:
+        item_id, token = _item_ref(item, lease_token)
+        req = deferred_pb2.NackRequest(id=item_id, lease_token=token, reason=reason)
+        if delay > 0:
+            req.delay.CopyFrom(conv.duration(delay))
+        return Rpc("deferred", "Nack", req, conv.nack_result, self.queue_timeout)
+
+    def _rpc_queue_stats(self, queue: str) -> Rpc:
+        return Rpc(
+            "deferred",
+            "QueueStats",
+            deferred_pb2.QueueStatsRequest(queue=queue),
+            lambda r: [conv.queue_stat(q) for q in r.queues],
+            self.queue_timeout,
+        )
+
+    def _rpc_dead_letters(self, queue: str, page_token: str) -> Rpc:
+        req = deferred_pb2.ListDeadLettersRequest(queue=queue, page_size=1000, page_token=page_token)
+        return Rpc(
+            "deferred",
+            "ListDeadLetters",
+            req,
+            lambda r: ([conv.deferred_item(i) for i in r.items], r.next_page_token),
+            self.queue_timeout,
+        )
+
+    def _rpc_requeue(self, item_id: str) -> Rpc:
+        return Rpc("deferred", "Requeue", deferred_pb2.RequeueRequest(id=item_id), lambda r: None, self.queue_timeout)
+
+    # Admin ------------------------------------------------------------------------
+
+    def _rpc_get_target(self, target: str) -> Rpc:
+        return Rpc(
+            "admin", "GetTarget", admin_pb2.GetTargetRequest(target=target), conv.target_status, self.queue_timeout, True
+        )
+
+    def _rpc_list_targets(self, prefix: str, page_token: str) -> Rpc:
+        req = admin_pb2.ListTargetsRequest(prefix=prefix, page_size=1000, page_token=page_token)
+        return Rpc(
+            "admin",
+            "ListTargets",
+            req,
+            lambda r: ([conv.target_summary(t) for t in r.targets], r.next_page_token),
+            self.queue_timeout,
+            True,
+        )
+
+    def _rpc_set_breaker(self, target: str, mode: BreakerMode, reason: str) -> Rpc:
+        req = admin_pb2.SetBreakerStateRequest(target=target, mode=conv.breaker_mode_to_proto(mode), reason=reason)
+        return Rpc("admin", "SetBreakerState", req, conv.target_status, self.queue_timeout, True)
+
+    def _rpc_reset_target(self, target: str) -> Rpc:
+        return Rpc(
+            "admin", "ResetTarget", admin_pb2.ResetTargetRequest(target=target), conv.target_status, self.queue_timeout, True
+        )
+
+    def _metadata(self, rpc: Rpc) -> Optional[Tuple[Tuple[str, str], ...]]:
+        return self._admin_metadata if rpc.admin else None
+
+
+def _item_ref(item: Union[DeferredItem, str], lease_token: Optional[str]) -> Tuple[str, str]:
+    if isinstance(item, DeferredItem):
+        return item.id, lease_token if lease_token is not None else item.lease_token
+    if lease_token is None:
+        raise ValueError("pass the claimed DeferredItem, or its id and lease_token")
+    return item, lease_token

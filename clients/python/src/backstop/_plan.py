@@ -1,0 +1,265 @@
+"""The ``call()`` loop, written once for the sync and the asyncio client.
+
+The loop is a generator that *describes* what to do (route, call the
+provider, report, sleep, defer) by yielding small operation objects, and
+receives each result back. :class:`backstop.Backstop` runs it with blocking
+calls, :class:`backstop.AsyncBackstop` with awaits; the policy itself (when to
+retry the same target, when to fall back, what to collect for the error
+message) exists in exactly one place.
+
+Errors raised while executing an operation (e.g. NOT_FOUND for an unknown
+route) are thrown into the generator, so it can react (a failed Defer becomes
+part of :class:`AllTargetsFailed`) or let them propagate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Generator, List, Mapping, Optional, Sequence, Union
+
+from ._classify import Observed, describe, observe_exception, observe_success
+from .errors import AllTargetsFailed, BackstopError, StructuredOutputError
+from .types import (
+    Admission,
+    AttemptError,
+    Deferred,
+    OutcomeClass,
+    OutcomeReport,
+    OutcomeResult,
+    Reason,
+    RouteDecision,
+)
+
+
+# --- operations ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouteOp:
+    route: Optional[str]
+    candidates: Sequence[str]
+    estimated_tokens: int
+    required_context_tokens: int
+    exclude: Sequence[str]
+    attempt: int
+
+
+@dataclass(frozen=True)
+class AdmitOp:
+    target: str
+    estimated_tokens: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class InvokeOp:
+    """Call the provider function with ``(target, max_tokens, key_slot)``."""
+
+    target: str
+    max_tokens: int
+    key_slot: str
+
+
+@dataclass(frozen=True)
+class RecordOp:
+    report: OutcomeReport
+
+
+@dataclass(frozen=True)
+class SleepOp:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DeferOp:
+    queue: str
+    payload: bytes
+    metadata: Mapping[str, str]
+    idempotency_key: str
+    max_attempts: int
+
+
+Op = Union[RouteOp, AdmitOp, InvokeOp, RecordOp, SleepOp, DeferOp]
+
+
+@dataclass
+class Invoked:
+    """What one provider call produced."""
+
+    value: Any = None
+    error: Optional[BaseException] = None
+    latency: float = 0.0
+
+
+@dataclass
+class CallSpec:
+    """Everything :func:`call_plan` needs besides the I/O."""
+
+    route: Optional[str]
+    candidates: Sequence[str]
+    caller: str
+    estimated_tokens: int = 0
+    required_context_tokens: int = 0
+    exclude: Sequence[str] = ()
+    defer: bool = False
+    queue: str = ""
+    payload: Optional[bytes] = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    idempotency_key: str = ""
+    max_attempts: int = 0
+    #: Seconds from the start after which no retry sleep is begun (None = no limit).
+    deadline: Optional[float] = None
+    clock: Callable[[], float] = time.monotonic
+
+
+def encode_payload(payload: Any) -> bytes:
+    """bytes as-is, str as UTF-8, anything else as JSON (read back with ``item.json()``)."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True, default=str).encode("utf-8")
+
+
+def _report(
+    spec: CallSpec, target: str, permit: str, key_slot: str, attempt: int, obs: Observed, latency: float
+) -> OutcomeReport:
+    return OutcomeReport(
+        target=target,
+        permit=permit,
+        outcome=obs.outcome,
+        http_status=obs.http_status,
+        error_type=obs.error_type,
+        latency=latency,
+        input_tokens=obs.input_tokens,
+        output_tokens=obs.output_tokens,
+        attempt=attempt,
+        headers=obs.headers,
+        key_slot=key_slot,
+        caller=spec.caller,
+    )
+
+
+def _refusal_error(adm: Admission) -> AttemptError:
+    return AttemptError(
+        target=adm.target,
+        outcome=None,
+        message="refused",
+        reason=adm.reason,
+        retry_after=adm.retry_after,
+    )
+
+
+def _route_name(spec: CallSpec) -> str:
+    if spec.route:
+        return f"route {spec.route!r}"
+    return "candidates [" + ", ".join(spec.candidates) + "]"
+
+
+def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
+    """Route -> call -> report -> retry per advice -> fall back -> exhausted.
+
+    * After a failure whose advice says retry, sleep the advised delay and ask
+      CanProceed for the *same* target with ``attempt + 1`` (the server draws
+      on the fleet's retry budget); a refusal ends that target.
+    * When the advice says not to retry (PERSISTENT, BAD_INPUT, MAX_RETRIES,
+      RETRY_BUDGET_EXHAUSTED), exclude the target and Route again.
+    * When Route has no target left: defer (if asked) or raise
+      :class:`AllTargetsFailed` with every attempt and every skip.
+    """
+    started = spec.clock()
+    errors: List[AttemptError] = []
+    exclude: List[str] = list(spec.exclude)
+    tried: List[str] = []
+    last: Optional[RouteDecision] = None
+    while True:
+        decision: RouteDecision = yield RouteOp(
+            spec.route, spec.candidates, spec.estimated_tokens, spec.required_context_tokens, exclude, 0
+        )
+        last = decision
+        if decision.target is None:
+            for s in decision.skipped:
+                if s.reason != Reason.EXCLUDED and s.target not in tried:
+                    errors.append(
+                        AttemptError(s.target, None, "skipped", reason=s.reason, retry_after=s.retry_after)
+                    )
+            break
+        target = decision.target
+        tried.append(target)
+        permit, key_slot, attempt = decision.permit, decision.key_slot, 0
+        while True:
+            inv: Invoked = yield InvokeOp(target, decision.max_tokens, key_slot)
+            if inv.error is None:
+                obs = observe_success(inv.value)
+                yield RecordOp(_report(spec, target, permit, key_slot, attempt, obs, inv.latency))
+                return inv.value
+            obs = observe_exception(inv.error)
+            result: OutcomeResult = yield RecordOp(
+                _report(spec, target, permit, key_slot, attempt, obs, inv.latency)
+            )
+            errors.append(
+                AttemptError(
+                    target=target,
+                    outcome=result.classified_as,
+                    message=obs.message or describe(inv.error),
+                    http_status=obs.http_status,
+                    attempt=attempt,
+                    exception=inv.error,
+                )
+            )
+            if isinstance(inv.error, StructuredOutputError):
+                # The corrections are used up: falling back would only repeat them.
+                raise inv.error
+            if not isinstance(inv.error, Exception):
+                raise inv.error  # cancellation / interrupt: reported, never swallowed
+            advice = result.retry
+            if not advice.retry:
+                break
+            if spec.deadline is not None and spec.clock() - started + advice.delay > spec.deadline:
+                break
+            if advice.delay > 0:
+                yield SleepOp(advice.delay)
+            attempt += 1
+            adm: Admission = yield AdmitOp(target, spec.estimated_tokens, attempt)
+            if not adm.allowed:
+                errors.append(_refusal_error(adm))
+                break
+            permit, key_slot = adm.permit, adm.key_slot
+        exclude.append(target)
+
+    retry_after = last.retry_after if last is not None else None
+    note = ""
+    if last is not None and last.local and not last.skipped and not tried:
+        note = (
+            "Backstop is unreachable and this client knows no targets for it; "
+            "pass local_routes={...} to keep routing while the control plane is down"
+        )
+    if spec.defer:
+        assert spec.payload is not None
+        try:
+            d = yield DeferOp(spec.queue, spec.payload, spec.metadata, spec.idempotency_key, spec.max_attempts)
+        except BackstopError as e:
+            raise AllTargetsFailed(
+                _route_name(spec), errors, retry_after=retry_after, defer_error=e, note=note
+            ) from e
+        return Deferred(
+            id=d.id,
+            queue=d.queue,
+            message=d.message,
+            duplicate=d.duplicate,
+            depth=d.depth,
+            errors=tuple(errors),
+        )
+    raise AllTargetsFailed(_route_name(spec), errors, retry_after=retry_after, note=note)
+
+
+def defer_message(depth: int) -> str:
+    """A fallback user message when the server's is empty."""
+    ahead = f" ({depth} request(s) waiting)" if depth else ""
+    return f"All models are busy right now; your request is saved and will be processed shortly{ahead}."
+
+
+def metadata_dict(metadata: Optional[Mapping[str, Any]]) -> Dict[str, str]:
+    return {str(k): str(v) for k, v in (metadata or {}).items()}

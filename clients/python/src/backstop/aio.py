@@ -1,0 +1,418 @@
+"""The asyncio client, :class:`AsyncBackstop` (grpc.aio): the same API as
+:class:`backstop.Backstop`, with coroutines."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import inspect
+import logging
+import time
+from typing import Any, Awaitable, Callable, Generator, List, Mapping, Optional, Sequence, TypeVar, Union, overload
+
+import grpc
+import grpc.aio
+
+from ._core import FAIL_OPEN, Requests, RouteArg, Rpc, _HEALTH_METHOD, health_request, health_serving, invoker, rpc_error
+from ._local import LocalPolicy
+from ._plan import AdmitOp, DeferOp, InvokeOp, Invoked, Op, RecordOp, RouteOp, SleepOp, call_plan
+from .client import Stubs
+from .errors import BackstopError, ControlPlaneError, ControlPlaneUnavailable
+from .guard import AsyncGuard
+from .types import (
+    Admission,
+    BreakerMode,
+    ClaimResult,
+    Deferred,
+    DeferredItem,
+    NackResult,
+    OutcomeClass,
+    OutcomeReport,
+    OutcomeResult,
+    QueueStat,
+    RouteDecision,
+    TargetStatus,
+    TargetSummary,
+)
+
+log = logging.getLogger("backstop")
+
+T = TypeVar("T")
+
+
+class AsyncBackstop(Requests):
+    """asyncio Backstop client; same parameters as :class:`backstop.Backstop`.
+
+    The channel is created on first use, inside the running event loop; use
+    one client per event loop.
+    """
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        timeout: float = 0.05,
+        caller: Optional[str] = None,
+        policy: str = FAIL_OPEN,
+        local_policy: Optional[LocalPolicy] = None,
+        local_routes: Optional[Mapping[str, Sequence[str]]] = None,
+        admin_token: Optional[str] = None,
+        queue_timeout: float = 5.0,
+        connect_timeout: float = 1.0,
+        reconnect_interval: float = 0.5,
+        channel_options: Sequence[Any] = (),
+    ) -> None:
+        super().__init__(
+            address,
+            timeout=timeout,
+            caller=caller,
+            policy=policy,
+            local_policy=local_policy,
+            local_routes=local_routes,
+            admin_token=admin_token,
+            queue_timeout=queue_timeout,
+            connect_timeout=connect_timeout,
+            reconnect_interval=reconnect_interval,
+            channel_options=channel_options,
+        )
+        self._channel: Optional[grpc.aio.Channel] = None
+        self._stubs: Optional[Stubs] = None
+        self._health: Any = None
+        self._connect_lock: Optional[asyncio.Lock] = None
+        self._prober: Optional["asyncio.Task[None]"] = None
+
+    @property
+    def stubs(self) -> Stubs:
+        """The generated grpc.aio stubs (created on first use)."""
+        if self._stubs is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=self.channel_options)
+            self._stubs = Stubs(self._channel)
+            self._health = self._channel.unary_unary(_HEALTH_METHOD)
+        return self._stubs
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stops the recovery probe and closes the channel."""
+        with self._mode_lock:
+            self._closed = True
+        if self._prober is not None:
+            self._prober.cancel()
+            try:
+                await self._prober
+            except asyncio.CancelledError:
+                pass
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncBackstop":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    # --- transport -------------------------------------------------------------------
+
+    async def _unary(self, rpc: Rpc) -> Any:
+        method = getattr(getattr(self.stubs, rpc.service), rpc.method)
+        try:
+            response = await method(rpc.request, timeout=rpc.timeout, metadata=self._metadata(rpc))
+        except grpc.RpcError as e:
+            raise rpc_error(rpc.method, e) from e
+        return rpc.convert(response)
+
+    async def _use_remote(self) -> bool:
+        if not self._remote:
+            return False
+        if not self._connected_once:
+            if self._connect_lock is None:
+                self._connect_lock = asyncio.Lock()
+            async with self._connect_lock:
+                if not self._connected_once:
+                    self._connected_once = True
+                    _ = self.stubs
+                    assert self._channel is not None
+                    try:
+                        await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout)
+                    except asyncio.TimeoutError:
+                        self._outage("connect", f"not connected within {self.connect_timeout}s")
+        return self._remote
+
+    def _outage(self, method: str, err: Any) -> None:
+        if self._went_down(method, err):
+            self._prober = asyncio.get_running_loop().create_task(self._probe())
+
+    async def _probe(self) -> None:
+        """Background recovery: health-checks Backstop until it serves again."""
+        probe_timeout = max(1.0, self.timeout)
+        while not self._closed:
+            await asyncio.sleep(self.reconnect_interval)
+            try:
+                answer = await self._health(health_request(), timeout=probe_timeout, wait_for_ready=True)
+            except grpc.RpcError as e:
+                log.debug("Backstop still unreachable: %s", e.code())
+                continue
+            if health_serving(answer):
+                self._came_back()
+                return
+
+    async def _decide(self, rpc: Rpc, local: Callable[[], T]) -> T:
+        if await self._use_remote():
+            try:
+                return await self._unary(rpc)  # type: ignore[no-any-return]
+            except ControlPlaneUnavailable as e:
+                self._outage(rpc.method, e)
+        return local()
+
+    # --- decisions -------------------------------------------------------------------
+
+    async def can_proceed(self, target: str, *, estimated_tokens: int = 0, attempt: int = 0) -> Admission:
+        return await self._decide(
+            self._rpc_can_proceed(target, estimated_tokens, attempt),
+            lambda: self._local_admit(target, attempt),
+        )
+
+    async def route(
+        self,
+        route: RouteArg,
+        *,
+        estimated_tokens: int = 0,
+        required_context_tokens: int = 0,
+        exclude: Sequence[str] = (),
+        attempt: int = 0,
+    ) -> RouteDecision:
+        name, cands = self._route_args(route)
+        return await self._decide(
+            self._rpc_route(name, cands, estimated_tokens, required_context_tokens, exclude, attempt),
+            lambda: self._local_route(name, cands, exclude, attempt),
+        )
+
+    async def record_outcome(
+        self,
+        target: str,
+        *,
+        permit: str = "",
+        outcome: OutcomeClass = OutcomeClass.UNSPECIFIED,
+        http_status: int = 0,
+        error_type: str = "",
+        headers: Optional[Mapping[str, str]] = None,
+        latency: Optional[float] = None,
+        retry_after: Optional[float] = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        attempt: int = 0,
+        key_slot: str = "",
+    ) -> OutcomeResult:
+        return await self._record(
+            self._report(
+                target,
+                permit=permit,
+                outcome=outcome,
+                http_status=http_status,
+                error_type=error_type,
+                headers=headers,
+                latency=latency,
+                retry_after=retry_after,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                attempt=attempt,
+                key_slot=key_slot,
+            )
+        )
+
+    async def _record(self, report: OutcomeReport) -> OutcomeResult:
+        if self._is_local_permit(report.permit):
+            return self._local_record(report)
+        return await self._decide(self._rpc_record(report), lambda: self._local_record(report))
+
+    def guard(self, target: str, *, estimated_tokens: int = 0, attempt: int = 0) -> AsyncGuard:
+        """``async with bs.guard(target) as g:`` -- see :meth:`backstop.Backstop.guard`."""
+        return AsyncGuard(self, target, estimated_tokens, attempt)
+
+    # --- call ------------------------------------------------------------------------
+
+    @overload
+    async def call(
+        self,
+        route: RouteArg,
+        fn: Callable[[str, int, str], Union[Awaitable[T], T]],
+        *,
+        estimated_tokens: int = ...,
+        required_context_tokens: int = ...,
+        exclude: Sequence[str] = ...,
+        defer_to: None = ...,
+        queue: Optional[str] = ...,
+        payload: Any = ...,
+        metadata: Optional[Mapping[str, Any]] = ...,
+        idempotency_key: str = ...,
+        max_attempts: int = ...,
+        deadline: Optional[float] = ...,
+    ) -> T: ...
+
+    @overload
+    async def call(
+        self,
+        route: RouteArg,
+        fn: Callable[[str, int, str], Union[Awaitable[T], T]],
+        *,
+        estimated_tokens: int = ...,
+        required_context_tokens: int = ...,
+        exclude: Sequence[str] = ...,
+        defer_to: str,
+        queue: Optional[str] = ...,
+        payload: Any = ...,
+        metadata: Optional[Mapping[str, Any]] = ...,
+        idempotency_key: str = ...,
+        max_attempts: int = ...,
+        deadline: Optional[float] = ...,
+    ) -> Union[T, Deferred]: ...
+
+    async def call(
+        self,
+        route: RouteArg,
+        fn: Callable[[str, int, str], Any],
+        *,
+        estimated_tokens: int = 0,
+        required_context_tokens: int = 0,
+        exclude: Sequence[str] = (),
+        defer_to: Optional[str] = None,
+        queue: Optional[str] = None,
+        payload: Any = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+        idempotency_key: str = "",
+        max_attempts: int = 0,
+        deadline: Optional[float] = None,
+    ) -> Any:
+        """See :meth:`backstop.Backstop.call`; ``fn`` may be a coroutine function."""
+        spec = self._call_spec(
+            route,
+            estimated_tokens=estimated_tokens,
+            required_context_tokens=required_context_tokens,
+            exclude=exclude,
+            defer_to=defer_to,
+            queue=queue,
+            payload=payload,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
+            deadline=deadline,
+        )
+        return await self._drive(call_plan(spec), invoker(fn))
+
+    async def _drive(self, plan: Generator[Op, Any, Any], fn: Callable[..., Any]) -> Any:
+        send: Any = None
+        throw: Optional[BaseException] = None
+        while True:
+            try:
+                op = plan.throw(throw) if throw is not None else plan.send(send)
+            except StopIteration as done:
+                return done.value
+            send, throw = None, None
+            try:
+                send = await self._execute(op, fn)
+            except BackstopError as e:
+                throw = e
+
+    async def _execute(self, op: Op, fn: Callable[..., Any]) -> Any:
+        if isinstance(op, InvokeOp):
+            started = time.monotonic()
+            try:
+                value = fn(op.target, op.max_tokens, op.key_slot)
+                if inspect.isawaitable(value):
+                    value = await value
+            except BaseException as e:  # reported, then re-raised by the plan if not an Exception
+                return Invoked(error=e, latency=time.monotonic() - started)
+            return Invoked(value=value, latency=time.monotonic() - started)
+        if isinstance(op, RecordOp):
+            try:
+                return await self._record(op.report)
+            except ControlPlaneError as e:
+                log.error("could not report an outcome to Backstop (%s); using local advice", e)
+                return self._local_record(op.report)
+        if isinstance(op, RouteOp):
+            return await self.route(
+                op.route or list(op.candidates),
+                estimated_tokens=op.estimated_tokens,
+                required_context_tokens=op.required_context_tokens,
+                exclude=op.exclude,
+                attempt=op.attempt,
+            )
+        if isinstance(op, AdmitOp):
+            return await self.can_proceed(op.target, estimated_tokens=op.estimated_tokens, attempt=op.attempt)
+        if isinstance(op, SleepOp):
+            await asyncio.sleep(op.seconds)
+            return None
+        if isinstance(op, DeferOp):
+            return await self._unary(
+                self._rpc_defer(op.queue, op.payload, op.metadata, op.idempotency_key, None, op.max_attempts)
+            )
+        raise TypeError(f"unknown operation {op!r}")
+
+    # --- deferred queue ----------------------------------------------------------------
+
+    async def defer(
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        metadata: Optional[Mapping[str, Any]] = None,
+        idempotency_key: str = "",
+        not_before: Optional[_dt.datetime] = None,
+        max_attempts: int = 0,
+    ) -> Deferred:
+        return await self._unary(  # type: ignore[no-any-return]
+            self._rpc_defer(queue, payload, metadata, idempotency_key, not_before, max_attempts)
+        )
+
+    async def claim(
+        self, queue: str, *, max_items: int = 1, lease: Optional[float] = None, wait: float = 0.0, worker: str = ""
+    ) -> ClaimResult:
+        return await self._unary(self._rpc_claim(queue, max_items, lease, wait, worker))  # type: ignore[no-any-return]
+
+    async def ack(self, item: Union[DeferredItem, str], lease_token: Optional[str] = None) -> None:
+        await self._unary(self._rpc_ack(item, lease_token))
+
+    async def nack(
+        self,
+        item: Union[DeferredItem, str],
+        lease_token: Optional[str] = None,
+        *,
+        delay: float = 0.0,
+        reason: str = "",
+    ) -> NackResult:
+        return await self._unary(self._rpc_nack(item, lease_token, delay, reason))  # type: ignore[no-any-return]
+
+    async def queue_stats(self, queue: str = "") -> List[QueueStat]:
+        return await self._unary(self._rpc_queue_stats(queue))  # type: ignore[no-any-return]
+
+    async def dead_letters(self, queue: str = "") -> List[DeferredItem]:
+        items: List[DeferredItem] = []
+        token = ""
+        while True:
+            page, token = await self._unary(self._rpc_dead_letters(queue, token))
+            items.extend(page)
+            if not token:
+                return items
+
+    async def requeue(self, item_id: str) -> None:
+        await self._unary(self._rpc_requeue(item_id))
+
+    # --- admin -----------------------------------------------------------------------
+
+    async def get_target(self, target: str) -> TargetStatus:
+        return await self._unary(self._rpc_get_target(target))  # type: ignore[no-any-return]
+
+    async def list_targets(self, prefix: str = "") -> List[TargetSummary]:
+        out: List[TargetSummary] = []
+        token = ""
+        while True:
+            page, token = await self._unary(self._rpc_list_targets(prefix, token))
+            out.extend(page)
+            if not token:
+                return out
+
+    async def set_breaker_state(self, target: str, mode: BreakerMode, reason: str = "") -> TargetStatus:
+        return await self._unary(self._rpc_set_breaker(target, mode, reason))  # type: ignore[no-any-return]
+
+    async def reset_target(self, target: str) -> TargetStatus:
+        return await self._unary(self._rpc_reset_target(target))  # type: ignore[no-any-return]

@@ -1,0 +1,457 @@
+"""The blocking client, :class:`Backstop`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import threading
+import time
+from typing import Any, Callable, Generator, List, Mapping, Optional, Sequence, TypeVar, Union, overload
+
+import grpc
+
+from ._core import (
+    FAIL_OPEN,
+    Requests,
+    RouteArg,
+    Rpc,
+    _HEALTH_METHOD,
+    health_request,
+    health_serving,
+    invoker,
+    rpc_error,
+)
+from ._local import LocalPolicy
+from ._plan import AdmitOp, DeferOp, InvokeOp, Invoked, Op, RecordOp, RouteOp, SleepOp, call_plan
+from ._proto import admin_pb2_grpc, deferred_pb2_grpc, events_pb2_grpc, resilience_pb2_grpc
+from .errors import BackstopError, ControlPlaneError, ControlPlaneUnavailable
+from .guard import Guard
+from .types import (
+    Admission,
+    BreakerMode,
+    ClaimResult,
+    Deferred,
+    DeferredItem,
+    NackResult,
+    OutcomeClass,
+    OutcomeReport,
+    OutcomeResult,
+    QueueStat,
+    RouteDecision,
+    TargetStatus,
+    TargetSummary,
+)
+
+log = logging.getLogger("backstop")
+
+T = TypeVar("T")
+
+
+class Stubs:
+    """The generated gRPC stubs on the client's channel, for calls the wrapper
+    does not cover (e.g. ``stubs.events.Watch``)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.resilience = resilience_pb2_grpc.ResilienceStub(channel)
+        self.admin = admin_pb2_grpc.AdminStub(channel)
+        self.deferred = deferred_pb2_grpc.DeferredStub(channel)
+        self.events = events_pb2_grpc.EventsStub(channel)
+
+
+class Backstop(Requests):
+    """Blocking Backstop client. Thread-safe; create one per process and share it.
+
+    :param address: ``host:port`` of the Backstop gRPC listener.
+    :param timeout: deadline of each decision call (CanProceed, RecordOutcome,
+        Route), 50 ms by default: a control plane that cannot answer that fast
+        is treated as down rather than slowing every agent call.
+    :param policy: what to do while Backstop is unreachable: ``"fail_open"``
+        (default: decide locally with an in-process breaker and backoff) or
+        ``"fail_closed"`` (refuse every call with :class:`BackstopUnreachable`).
+    :param local_policy: settings of the local breaker and backoff (defaults:
+        the server's defaults).
+    :param local_routes: candidate lists for routes, used while Backstop is
+        unreachable (routes seen in earlier Route answers are remembered too).
+    :param caller: agent id sent with every call (default ``hostname:pid``).
+    :param admin_token: bearer token for Admin calls, if the server has one.
+    :param queue_timeout: deadline of deferred-queue and admin calls.
+    :param connect_timeout: how long the first call may wait for the connection.
+    :param reconnect_interval: how often the background probe retries Backstop
+        while it is unreachable.
+    """
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        timeout: float = 0.05,
+        caller: Optional[str] = None,
+        policy: str = FAIL_OPEN,
+        local_policy: Optional[LocalPolicy] = None,
+        local_routes: Optional[Mapping[str, Sequence[str]]] = None,
+        admin_token: Optional[str] = None,
+        queue_timeout: float = 5.0,
+        connect_timeout: float = 1.0,
+        reconnect_interval: float = 0.5,
+        channel_options: Sequence[Any] = (),
+    ) -> None:
+        super().__init__(
+            address,
+            timeout=timeout,
+            caller=caller,
+            policy=policy,
+            local_policy=local_policy,
+            local_routes=local_routes,
+            admin_token=admin_token,
+            queue_timeout=queue_timeout,
+            connect_timeout=connect_timeout,
+            reconnect_interval=reconnect_interval,
+            channel_options=channel_options,
+        )
+        self._channel = grpc.insecure_channel(address, options=self.channel_options)
+        self.stubs = Stubs(self._channel)
+        self._health = self._channel.unary_unary(_HEALTH_METHOD)
+        self._connect_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._prober: Optional[threading.Thread] = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stops the recovery probe and closes the channel."""
+        with self._mode_lock:
+            self._closed = True
+        self._stopping.set()
+        if self._prober is not None:
+            self._prober.join(timeout=5)
+        self._channel.close()
+
+    def __enter__(self) -> "Backstop":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- transport -------------------------------------------------------------------
+
+    def _unary(self, rpc: Rpc) -> Any:
+        method = getattr(getattr(self.stubs, rpc.service), rpc.method)
+        try:
+            response = method(rpc.request, timeout=rpc.timeout, metadata=self._metadata(rpc))
+        except grpc.RpcError as e:
+            raise rpc_error(rpc.method, e) from e
+        return rpc.convert(response)
+
+    def _use_remote(self) -> bool:
+        if not self._remote:
+            return False
+        if not self._connected_once:
+            with self._connect_lock:
+                if not self._connected_once:
+                    self._connected_once = True
+                    ready = grpc.channel_ready_future(self._channel)
+                    try:
+                        ready.result(timeout=self.connect_timeout)
+                    except grpc.FutureTimeoutError:
+                        ready.cancel()
+                        self._outage("connect", f"not connected within {self.connect_timeout}s")
+        return self._remote
+
+    def _outage(self, method: str, err: Any) -> None:
+        if self._went_down(method, err):
+            self._prober = threading.Thread(target=self._probe, name="backstop-reconnect", daemon=True)
+            self._prober.start()
+
+    def _probe(self) -> None:
+        """Background recovery: health-checks Backstop until it serves again."""
+        probe_timeout = max(1.0, self.timeout)
+        while not self._stopping.wait(self.reconnect_interval):
+            try:
+                answer = self._health(health_request(), timeout=probe_timeout, wait_for_ready=True)
+            except grpc.RpcError as e:
+                log.debug("Backstop still unreachable: %s", e.code())
+                continue
+            if health_serving(answer):
+                self._came_back()
+                return
+
+    def _decide(self, rpc: Rpc, local: Callable[[], T]) -> T:
+        """A decision call with the fail-safe: remote when possible, local otherwise."""
+        if self._use_remote():
+            try:
+                return self._unary(rpc)  # type: ignore[no-any-return]
+            except ControlPlaneUnavailable as e:
+                self._outage(rpc.method, e)
+        return local()
+
+    # --- decisions -------------------------------------------------------------------
+
+    def can_proceed(self, target: str, *, estimated_tokens: int = 0, attempt: int = 0) -> Admission:
+        """May a call go to ``target`` now? (Does not raise on refusal; see :meth:`guard`.)"""
+        return self._decide(
+            self._rpc_can_proceed(target, estimated_tokens, attempt),
+            lambda: self._local_admit(target, attempt),
+        )
+
+    def route(
+        self,
+        route: RouteArg,
+        *,
+        estimated_tokens: int = 0,
+        required_context_tokens: int = 0,
+        exclude: Sequence[str] = (),
+        attempt: int = 0,
+    ) -> RouteDecision:
+        """Which target of ``route`` (a configured route name, or a list of targets) should serve now."""
+        name, cands = self._route_args(route)
+        return self._decide(
+            self._rpc_route(name, cands, estimated_tokens, required_context_tokens, exclude, attempt),
+            lambda: self._local_route(name, cands, exclude, attempt),
+        )
+
+    def record_outcome(
+        self,
+        target: str,
+        *,
+        permit: str = "",
+        outcome: OutcomeClass = OutcomeClass.UNSPECIFIED,
+        http_status: int = 0,
+        error_type: str = "",
+        headers: Optional[Mapping[str, str]] = None,
+        latency: Optional[float] = None,
+        retry_after: Optional[float] = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        attempt: int = 0,
+        key_slot: str = "",
+    ) -> OutcomeResult:
+        """Reports what happened to a call (see :meth:`guard` for the automatic version)."""
+        return self._record(
+            self._report(
+                target,
+                permit=permit,
+                outcome=outcome,
+                http_status=http_status,
+                error_type=error_type,
+                headers=headers,
+                latency=latency,
+                retry_after=retry_after,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                attempt=attempt,
+                key_slot=key_slot,
+            )
+        )
+
+    def _record(self, report: OutcomeReport) -> OutcomeResult:
+        if self._is_local_permit(report.permit):
+            return self._local_record(report)
+        return self._decide(self._rpc_record(report), lambda: self._local_record(report))
+
+    def guard(self, target: str, *, estimated_tokens: int = 0, attempt: int = 0) -> Guard:
+        """A context manager around one provider call: CanProceed on entry
+        (raising :class:`CircuitOpen` / :class:`RateLimited` when refused),
+        RecordOutcome on exit, classified from the block's exception."""
+        return Guard(self, target, estimated_tokens, attempt)
+
+    # --- call ------------------------------------------------------------------------
+
+    @overload
+    def call(
+        self,
+        route: RouteArg,
+        fn: Callable[[str, int, str], T],
+        *,
+        estimated_tokens: int = ...,
+        required_context_tokens: int = ...,
+        exclude: Sequence[str] = ...,
+        defer_to: None = ...,
+        queue: Optional[str] = ...,
+        payload: Any = ...,
+        metadata: Optional[Mapping[str, Any]] = ...,
+        idempotency_key: str = ...,
+        max_attempts: int = ...,
+        deadline: Optional[float] = ...,
+    ) -> T: ...
+
+    @overload
+    def call(
+        self,
+        route: RouteArg,
+        fn: Callable[[str, int, str], T],
+        *,
+        estimated_tokens: int = ...,
+        required_context_tokens: int = ...,
+        exclude: Sequence[str] = ...,
+        defer_to: str,
+        queue: Optional[str] = ...,
+        payload: Any = ...,
+        metadata: Optional[Mapping[str, Any]] = ...,
+        idempotency_key: str = ...,
+        max_attempts: int = ...,
+        deadline: Optional[float] = ...,
+    ) -> Union[T, Deferred]: ...
+
+    def call(
+        self,
+        route: RouteArg,
+        fn: Callable[[str, int, str], Any],
+        *,
+        estimated_tokens: int = 0,
+        required_context_tokens: int = 0,
+        exclude: Sequence[str] = (),
+        defer_to: Optional[str] = None,
+        queue: Optional[str] = None,
+        payload: Any = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+        idempotency_key: str = "",
+        max_attempts: int = 0,
+        deadline: Optional[float] = None,
+    ) -> Any:
+        """Runs ``fn(target, max_tokens, key_slot)`` on the best available target of
+        ``route``, retrying per Backstop's advice and falling back along the route.
+
+        Returns ``fn``'s result. When every target is exhausted, raises
+        :class:`AllTargetsFailed` (listing every error), or with
+        ``defer_to="queue"`` saves ``payload`` to the route's deferred queue and
+        returns a :class:`Deferred`. ``deadline`` (seconds) stops retry sleeps
+        that would end later than that after the start.
+        """
+        spec = self._call_spec(
+            route,
+            estimated_tokens=estimated_tokens,
+            required_context_tokens=required_context_tokens,
+            exclude=exclude,
+            defer_to=defer_to,
+            queue=queue,
+            payload=payload,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
+            deadline=deadline,
+        )
+        return self._drive(call_plan(spec), invoker(fn))
+
+    def _drive(self, plan: Generator[Op, Any, Any], fn: Callable[..., Any]) -> Any:
+        send: Any = None
+        throw: Optional[BaseException] = None
+        while True:
+            try:
+                op = plan.throw(throw) if throw is not None else plan.send(send)
+            except StopIteration as done:
+                return done.value
+            send, throw = None, None
+            try:
+                send = self._execute(op, fn)
+            except BackstopError as e:
+                throw = e
+
+    def _execute(self, op: Op, fn: Callable[..., Any]) -> Any:
+        if isinstance(op, InvokeOp):
+            started = time.monotonic()
+            try:
+                value = fn(op.target, op.max_tokens, op.key_slot)
+            except BaseException as e:  # reported, then re-raised by the plan if not an Exception
+                return Invoked(error=e, latency=time.monotonic() - started)
+            return Invoked(value=value, latency=time.monotonic() - started)
+        if isinstance(op, RecordOp):
+            try:
+                return self._record(op.report)
+            except ControlPlaneError as e:
+                log.error("could not report an outcome to Backstop (%s); using local advice", e)
+                return self._local_record(op.report)
+        if isinstance(op, RouteOp):
+            return self.route(
+                op.route or list(op.candidates),
+                estimated_tokens=op.estimated_tokens,
+                required_context_tokens=op.required_context_tokens,
+                exclude=op.exclude,
+                attempt=op.attempt,
+            )
+        if isinstance(op, AdmitOp):
+            return self.can_proceed(op.target, estimated_tokens=op.estimated_tokens, attempt=op.attempt)
+        if isinstance(op, SleepOp):
+            time.sleep(op.seconds)
+            return None
+        if isinstance(op, DeferOp):
+            return self._unary(
+                self._rpc_defer(op.queue, op.payload, op.metadata, op.idempotency_key, None, op.max_attempts)
+            )
+        raise TypeError(f"unknown operation {op!r}")
+
+    # --- deferred queue ----------------------------------------------------------------
+
+    def defer(
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        metadata: Optional[Mapping[str, Any]] = None,
+        idempotency_key: str = "",
+        not_before: Optional[_dt.datetime] = None,
+        max_attempts: int = 0,
+    ) -> Deferred:
+        """Saves a request to ``queue`` (a route or target name) for a :class:`DeferredWorker`.
+        ``payload``: bytes, str, or anything JSON-serializable."""
+        return self._unary(  # type: ignore[no-any-return]
+            self._rpc_defer(queue, payload, metadata, idempotency_key, not_before, max_attempts)
+        )
+
+    def claim(
+        self, queue: str, *, max_items: int = 1, lease: Optional[float] = None, wait: float = 0.0, worker: str = ""
+    ) -> ClaimResult:
+        """Takes up to ``max_items`` ready items (long-polling up to ``wait`` seconds)."""
+        return self._unary(self._rpc_claim(queue, max_items, lease, wait, worker))  # type: ignore[no-any-return]
+
+    def _claim_future(self, queue: str, max_items: int, lease: Optional[float], wait: float, worker: str) -> Any:
+        """A cancellable Claim, so a worker can stop in the middle of a long poll."""
+        rpc = self._rpc_claim(queue, max_items, lease, wait, worker)
+        return rpc, self.stubs.deferred.Claim.future(rpc.request, timeout=rpc.timeout)
+
+    def ack(self, item: Union[DeferredItem, str], lease_token: Optional[str] = None) -> None:
+        self._unary(self._rpc_ack(item, lease_token))
+
+    def nack(
+        self,
+        item: Union[DeferredItem, str],
+        lease_token: Optional[str] = None,
+        *,
+        delay: float = 0.0,
+        reason: str = "",
+    ) -> NackResult:
+        return self._unary(self._rpc_nack(item, lease_token, delay, reason))  # type: ignore[no-any-return]
+
+    def queue_stats(self, queue: str = "") -> List[QueueStat]:
+        return self._unary(self._rpc_queue_stats(queue))  # type: ignore[no-any-return]
+
+    def dead_letters(self, queue: str = "") -> List[DeferredItem]:
+        items: List[DeferredItem] = []
+        token = ""
+        while True:
+            page, token = self._unary(self._rpc_dead_letters(queue, token))
+            items.extend(page)
+            if not token:
+                return items
+
+    def requeue(self, item_id: str) -> None:
+        self._unary(self._rpc_requeue(item_id))
+
+    # --- admin -----------------------------------------------------------------------
+
+    def get_target(self, target: str) -> TargetStatus:
+        return self._unary(self._rpc_get_target(target))  # type: ignore[no-any-return]
+
+    def list_targets(self, prefix: str = "") -> List[TargetSummary]:
+        out: List[TargetSummary] = []
+        token = ""
+        while True:
+            page, token = self._unary(self._rpc_list_targets(prefix, token))
+            out.extend(page)
+            if not token:
+                return out
+
+    def set_breaker_state(self, target: str, mode: BreakerMode, reason: str = "") -> TargetStatus:
+        return self._unary(self._rpc_set_breaker(target, mode, reason))  # type: ignore[no-any-return]
+
+    def reset_target(self, target: str) -> TargetStatus:
+        return self._unary(self._rpc_reset_target(target))  # type: ignore[no-any-return]

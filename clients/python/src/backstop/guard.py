@@ -1,0 +1,184 @@
+"""``guard()``: one provider call between CanProceed and RecordOutcome.
+
+    with bs.guard("anthropic/claude-sonnet", estimated_tokens=2000) as g:
+        reply = client.messages.create(model=..., max_tokens=..., messages=...)
+        g.usage(reply.usage.input_tokens, reply.usage.output_tokens)
+
+Entering asks CanProceed and raises :class:`CircuitOpen` / :class:`RateLimited`
+(with ``retry_after``) when refused. Leaving reports the outcome, classified
+from what the block did (see :func:`backstop._classify.observe_exception`),
+and never swallows the block's exception. ``g.outcome`` then holds what
+Backstop made of it, including its retry advice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Type
+
+from ._classify import normalize_headers, observe_exception
+from .errors import ControlPlaneError
+from .types import Admission, OutcomeClass, OutcomeReport, OutcomeResult
+
+if TYPE_CHECKING:
+    from .aio import AsyncBackstop
+    from .client import Backstop
+
+log = logging.getLogger("backstop")
+
+
+class _GuardBase:
+    def __init__(self, target: str, estimated_tokens: int, attempt: int, caller: str) -> None:
+        self.target = target
+        self.estimated_tokens = estimated_tokens
+        self.attempt = attempt
+        self._caller = caller
+        #: The admission (set on entry).
+        self.admission: Optional[Admission] = None
+        #: What Backstop made of the outcome (set on exit).
+        self.outcome: Optional[OutcomeResult] = None
+        #: The report that was sent (set on exit).
+        self.report: Optional[OutcomeReport] = None
+        self._input_tokens = 0
+        self._output_tokens = 0
+        self._headers: Dict[str, str] = {}
+        self._override: Optional[Dict[str, Any]] = None
+        self._started = 0.0
+
+    @property
+    def permit(self) -> str:
+        return self.admission.permit if self.admission else ""
+
+    @property
+    def key_slot(self) -> str:
+        """Which API key to use for this call ("" when the target declares none)."""
+        return self.admission.key_slot if self.admission else ""
+
+    @property
+    def local(self) -> bool:
+        """True when admitted by the local fail-safe (Backstop unreachable)."""
+        return bool(self.admission and self.admission.local)
+
+    def usage(self, input_tokens: int, output_tokens: int) -> None:
+        """Token usage of the call: settles the token budget with real numbers."""
+        self._input_tokens = max(0, int(input_tokens))
+        self._output_tokens = max(0, int(output_tokens))
+
+    def response_headers(self, headers: Any) -> None:
+        """Headers of a *successful* response: their rate-limit fields let the
+        server pause the fleet before the provider starts answering 429."""
+        self._headers = normalize_headers(headers)
+
+    def report_as(
+        self,
+        outcome: OutcomeClass = OutcomeClass.UNSPECIFIED,
+        *,
+        http_status: int = 0,
+        error_type: str = "",
+        headers: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        """Overrides the automatic classification, e.g. ``g.report_as(OutcomeClass.PARTIAL)``
+        for a reply the block judged unusable without raising."""
+        self._override = {
+            "outcome": outcome,
+            "http_status": http_status,
+            "error_type": error_type,
+            "headers": normalize_headers(headers) if headers is not None else None,
+        }
+
+    def _build(self, exc: Optional[BaseException]) -> OutcomeReport:
+        latency = time.monotonic() - self._started
+        if exc is None:
+            outcome, status, etype, headers = OutcomeClass.SUCCESS, 0, "", dict(self._headers)
+        else:
+            obs = observe_exception(exc)
+            outcome, status, etype, headers = obs.outcome, obs.http_status, obs.error_type, obs.headers
+        if self._override is not None:
+            o = self._override
+            outcome = o["outcome"]
+            status = o["http_status"] or status
+            etype = o["error_type"] or etype
+            if o["headers"] is not None:
+                headers = o["headers"]
+        adm = self.admission
+        assert adm is not None
+        return OutcomeReport(
+            target=self.target,
+            permit=adm.permit,
+            outcome=outcome,
+            http_status=status,
+            error_type=etype,
+            latency=latency,
+            input_tokens=self._input_tokens,
+            output_tokens=self._output_tokens,
+            attempt=self.attempt,
+            headers=headers,
+            key_slot=adm.key_slot,
+            caller=self._caller,
+        )
+
+    def _report_failed(self, err: ControlPlaneError, exc: Optional[BaseException]) -> None:
+        if exc is None:
+            raise err
+        # The block's own exception matters more; do not replace it.
+        log.error("could not report the outcome of a call to %s: %s", self.target, err)
+
+
+class Guard(_GuardBase):
+    """Sync guard; see the module docs. Create with :meth:`Backstop.guard`."""
+
+    def __init__(self, client: "Backstop", target: str, estimated_tokens: int = 0, attempt: int = 0) -> None:
+        super().__init__(target, estimated_tokens, attempt, client.caller)
+        self._client = client
+
+    def __enter__(self) -> "Guard":
+        adm = self._client.can_proceed(self.target, estimated_tokens=self.estimated_tokens, attempt=self.attempt)
+        self._client._refuse_if_needed(adm)
+        self.admission = adm
+        self._started = time.monotonic()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool:
+        self.report = self._build(exc)
+        try:
+            self.outcome = self._client._record(self.report)
+        except ControlPlaneError as err:
+            self._report_failed(err, exc)
+        return False
+
+
+class AsyncGuard(_GuardBase):
+    """asyncio guard; see the module docs. Create with :meth:`AsyncBackstop.guard`."""
+
+    def __init__(self, client: "AsyncBackstop", target: str, estimated_tokens: int = 0, attempt: int = 0) -> None:
+        super().__init__(target, estimated_tokens, attempt, client.caller)
+        self._client = client
+
+    async def __aenter__(self) -> "AsyncGuard":
+        adm = await self._client.can_proceed(
+            self.target, estimated_tokens=self.estimated_tokens, attempt=self.attempt
+        )
+        self._client._refuse_if_needed(adm)
+        self.admission = adm
+        self._started = time.monotonic()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool:
+        self.report = self._build(exc)
+        try:
+            self.outcome = await self._client._record(self.report)
+        except ControlPlaneError as err:
+            self._report_failed(err, exc)
+        return False

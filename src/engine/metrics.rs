@@ -1,0 +1,564 @@
+//! Prometheus metrics (prometheus-client), shaped for a hot path.
+//!
+//! Every target holds an `Arc<TargetMetrics>` of pre-resolved handles, so a
+//! decision bumps plain atomics: no label hashing, no family lock. Label
+//! cardinality is bounded: the first `max_target_labels` targets get their own
+//! label, every later one shares the `_other` handles. Histograms are a
+//! lock-free fixed-bucket implementation (prometheus-client's own takes a
+//! mutex per observation, which would be a global lock per RPC method).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use super::Reason;
+use crate::domain::OutcomeClass;
+use crate::domain::breaker::BreakerState;
+
+/// Latency buckets in seconds: 100 µs to 120 s (LLM calls are slow; Backstop is not).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// A fixed-bucket histogram updated with atomics only.
+#[derive(Debug, Clone)]
+pub struct AtomicHistogram(Arc<HistInner>);
+
+#[derive(Debug)]
+struct HistInner {
+    /// One per bound, plus +Inf.
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    /// Sum in nanoseconds.
+    sum_nanos: AtomicU64,
+}
+
+impl Default for AtomicHistogram {
+    fn default() -> Self {
+        AtomicHistogram(Arc::new(HistInner {
+            buckets: (0..=LATENCY_BUCKETS.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }))
+    }
+}
+
+impl AtomicHistogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.0.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.count.load(Ordering::Relaxed)
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(self.0.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, self.count(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabel {
+    target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetReason {
+    target: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetAttempt {
+    target: String,
+    attempt: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetClass {
+    target: String,
+    class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    target: String,
+    from: String,
+    to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteDepth {
+    route: String,
+    depth: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct BudgetLabels {
+    pub target: String,
+    pub key_slot: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
+}
+
+/// Pre-resolved handles for one target label.
+#[derive(Debug)]
+pub struct TargetMetrics {
+    pub label: Arc<str>,
+    decisions: Vec<Counter>,
+    attempts: [Counter; 2],
+    outcomes: Vec<Counter>,
+    latency: AtomicHistogram,
+    state: Gauge,
+}
+
+impl TargetMetrics {
+    pub fn decision(&self, reason: Reason, attempt: u32) {
+        self.decisions[reason as usize].inc();
+        self.attempts[usize::from(attempt > 0)].inc();
+    }
+
+    pub fn outcome(&self, class: OutcomeClass, latency: Option<Duration>) {
+        self.outcomes[class.index()].inc();
+        if let Some(l) = latency {
+            self.latency.observe(l);
+        }
+    }
+}
+
+/// Numeric value of a breaker state for the state gauge.
+pub fn state_value(s: BreakerState) -> i64 {
+    match s {
+        BreakerState::Closed => 0,
+        BreakerState::Open => 1,
+        BreakerState::HalfOpen => 2,
+        BreakerState::ForcedOpen => 3,
+        BreakerState::ForcedClosed => 4,
+    }
+}
+
+/// Every metric Backstop exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<TargetReason, Counter>,
+    attempts: Family<TargetAttempt, Counter>,
+    outcomes: Family<TargetClass, Counter>,
+    call_latency: Family<TargetLabel, AtomicHistogram>,
+    breaker_state: Family<TargetLabel, Gauge>,
+    transitions: Family<TransitionLabels, Counter>,
+    route_decisions: Family<RouteDepth, Counter>,
+    route_exhausted: Family<RouteLabel, Counter>,
+    rpc_duration: Family<MethodLabel, AtomicHistogram>,
+    pub(crate) budget_remaining: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    subscribers: Gauge,
+    queue_depth: Family<QueueLabel, Gauge>,
+    queue_oldest: Family<QueueLabel, Gauge<f64, AtomicU64>>,
+    deferrals: Family<QueueLabel, Counter>,
+    drains: Family<QueueLabel, Counter>,
+    dead_letters: Family<QueueLabel, Counter>,
+    labels_used: AtomicUsize,
+    max_labels: usize,
+    other: Arc<TargetMetrics>,
+}
+
+/// The label shared by targets beyond the cardinality cap.
+pub const OTHER: &str = "_other";
+
+impl Metrics {
+    pub fn new(max_target_labels: usize) -> Metrics {
+        let mut registry = Registry::with_prefix("backstop");
+        let decisions = Family::<TargetReason, Counter>::default();
+        let attempts = Family::<TargetAttempt, Counter>::default();
+        let outcomes = Family::<TargetClass, Counter>::default();
+        let call_latency = Family::<TargetLabel, AtomicHistogram>::default();
+        let breaker_state = Family::<TargetLabel, Gauge>::default();
+        let transitions = Family::<TransitionLabels, Counter>::default();
+        let route_decisions = Family::<RouteDepth, Counter>::default();
+        let route_exhausted = Family::<RouteLabel, Counter>::default();
+        let rpc_duration = Family::<MethodLabel, AtomicHistogram>::default();
+        let budget_remaining = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
+        let subscribers = Gauge::default();
+        let queue_depth = Family::<QueueLabel, Gauge>::default();
+        let queue_oldest = Family::<QueueLabel, Gauge<f64, AtomicU64>>::default();
+        let deferrals = Family::<QueueLabel, Counter>::default();
+        let drains = Family::<QueueLabel, Counter>::default();
+        let dead_letters = Family::<QueueLabel, Counter>::default();
+        registry.register(
+            "attempts",
+            "Admission requests by target and whether they were a first try or a retry",
+            attempts.clone(),
+        );
+        registry.register(
+            "decisions",
+            "Admission decisions by target and reason (allowed, circuit_open, rate_limited, ...)",
+            decisions.clone(),
+        );
+        registry.register(
+            "outcomes",
+            "Reported call outcomes by target and failure class",
+            outcomes.clone(),
+        );
+        registry.register_with_unit(
+            "call_latency",
+            "Latency of provider calls as reported in RecordOutcome",
+            Unit::Seconds,
+            call_latency.clone(),
+        );
+        registry.register(
+            "breaker_state",
+            "Breaker state per target: 0 closed, 1 open, 2 half-open, 3 forced open, 4 forced closed",
+            breaker_state.clone(),
+        );
+        registry.register(
+            "breaker_transitions",
+            "Breaker state changes by target, from and to",
+            transitions.clone(),
+        );
+        registry.register(
+            "route_decisions",
+            "Route answers by route and fallback depth (0 = primary, none = exhausted)",
+            route_decisions.clone(),
+        );
+        registry.register(
+            "route_exhausted",
+            "Route calls where no candidate was available",
+            route_exhausted.clone(),
+        );
+        registry.register_with_unit(
+            "rpc_duration",
+            "Time Backstop spent answering each RPC",
+            Unit::Seconds,
+            rpc_duration.clone(),
+        );
+        registry.register(
+            "budget_remaining",
+            "Budget headroom (units admissible now) by target, key slot and kind, refreshed at scrape",
+            budget_remaining.clone(),
+        );
+        registry.register(
+            "event_subscribers",
+            "Live event-stream subscribers (gRPC Watch and SSE)",
+            subscribers.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Deferred items waiting per queue, refreshed at scrape",
+            queue_depth.clone(),
+        );
+        registry.register_with_unit(
+            "queue_oldest_age",
+            "Age of the oldest deferred item per queue, refreshed at scrape",
+            Unit::Seconds,
+            queue_oldest.clone(),
+        );
+        registry.register(
+            "deferrals",
+            "Requests deferred per queue",
+            deferrals.clone(),
+        );
+        registry.register(
+            "drains",
+            "Deferred items processed (acked) per queue",
+            drains.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Deferred items dead-lettered per queue",
+            dead_letters.clone(),
+        );
+        let mut m = Metrics {
+            registry,
+            decisions,
+            attempts,
+            outcomes,
+            call_latency,
+            breaker_state,
+            transitions,
+            route_decisions,
+            route_exhausted,
+            rpc_duration,
+            budget_remaining,
+            subscribers,
+            queue_depth,
+            queue_oldest,
+            deferrals,
+            drains,
+            dead_letters,
+            labels_used: AtomicUsize::new(0),
+            max_labels: max_target_labels,
+            other: Arc::new(TargetMetrics {
+                label: Arc::from(OTHER),
+                decisions: Vec::new(),
+                attempts: Default::default(),
+                outcomes: Vec::new(),
+                latency: AtomicHistogram::default(),
+                state: Gauge::default(),
+            }),
+        };
+        m.other = Arc::new(m.build(OTHER));
+        m
+    }
+
+    fn build(&self, label: &str) -> TargetMetrics {
+        let target = label.to_string();
+        TargetMetrics {
+            label: Arc::from(label),
+            decisions: Reason::ALL
+                .iter()
+                .map(|r| {
+                    self.decisions
+                        .get_or_create(&TargetReason {
+                            target: target.clone(),
+                            reason: r.as_str().into(),
+                        })
+                        .clone()
+                })
+                .collect(),
+            attempts: ["first", "retry"].map(|a| {
+                self.attempts
+                    .get_or_create(&TargetAttempt {
+                        target: target.clone(),
+                        attempt: a.into(),
+                    })
+                    .clone()
+            }),
+            outcomes: OutcomeClass::ALL
+                .iter()
+                .map(|c| {
+                    self.outcomes
+                        .get_or_create(&TargetClass {
+                            target: target.clone(),
+                            class: c.as_str().into(),
+                        })
+                        .clone()
+                })
+                .collect(),
+            latency: self
+                .call_latency
+                .get_or_create(&TargetLabel {
+                    target: target.clone(),
+                })
+                .clone(),
+            state: self
+                .breaker_state
+                .get_or_create(&TargetLabel { target })
+                .clone(),
+        }
+    }
+
+    /// Handles for a new target: its own label while under the cap, else `_other`.
+    pub fn for_target(&self, name: &str) -> Arc<TargetMetrics> {
+        let used = self.labels_used.fetch_add(1, Ordering::Relaxed);
+        if used >= self.max_labels {
+            self.labels_used.fetch_sub(1, Ordering::Relaxed);
+            return self.other.clone();
+        }
+        Arc::new(self.build(name))
+    }
+
+    pub fn transition(&self, t: &TargetMetrics, from: BreakerState, to: BreakerState) {
+        self.transitions
+            .get_or_create(&TransitionLabels {
+                target: t.label.to_string(),
+                from: from.as_str().into(),
+                to: to.as_str().into(),
+            })
+            .inc();
+        if t.label.as_ref() != OTHER {
+            t.state.set(state_value(to));
+        }
+    }
+
+    pub fn set_state(&self, t: &TargetMetrics, s: BreakerState) {
+        if t.label.as_ref() != OTHER {
+            t.state.set(state_value(s));
+        }
+    }
+
+    pub fn route(&self, route: &str, depth: Option<u32>) {
+        let depth = depth.map_or_else(|| "none".to_string(), |d| d.to_string());
+        self.route_decisions
+            .get_or_create(&RouteDepth {
+                route: route.into(),
+                depth: depth.clone(),
+            })
+            .inc();
+        if depth == "none" {
+            self.route_exhausted
+                .get_or_create(&RouteLabel {
+                    route: route.into(),
+                })
+                .inc();
+        }
+    }
+
+    /// Times one RPC; record with [`RpcTimer::finish`] or on drop.
+    pub fn rpc(&self, method: &'static str) -> RpcTimer {
+        RpcTimer {
+            hist: self
+                .rpc_duration
+                .get_or_create(&MethodLabel {
+                    method: method.into(),
+                })
+                .clone(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    pub fn subscribers(&self) -> &Gauge {
+        &self.subscribers
+    }
+
+    pub fn deferred(&self, queue: &str) {
+        self.deferrals
+            .get_or_create(&QueueLabel {
+                queue: queue.into(),
+            })
+            .inc();
+    }
+
+    pub fn drained(&self, queue: &str) {
+        self.drains
+            .get_or_create(&QueueLabel {
+                queue: queue.into(),
+            })
+            .inc();
+    }
+
+    pub fn dead_lettered(&self, queue: &str) {
+        self.dead_letters
+            .get_or_create(&QueueLabel {
+                queue: queue.into(),
+            })
+            .inc();
+    }
+
+    pub fn set_queue(&self, queue: &str, depth: u64, oldest: Duration) {
+        let l = QueueLabel {
+            queue: queue.into(),
+        };
+        self.queue_depth
+            .get_or_create(&l)
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+        self.queue_oldest
+            .get_or_create(&l)
+            .set(oldest.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Records an RPC's duration when dropped.
+pub struct RpcTimer {
+    hist: AtomicHistogram,
+    started: std::time::Instant,
+}
+
+impl Drop for RpcTimer {
+    fn drop(&mut self) {
+        self.hist.observe(self.started.elapsed());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cardinality_cap_folds_targets_into_other() {
+        let m = Metrics::new(2);
+        let a = m.for_target("a");
+        let b = m.for_target("b");
+        let c = m.for_target("c");
+        let d = m.for_target("d");
+        assert_eq!((a.label.as_ref(), b.label.as_ref()), ("a", "b"));
+        assert_eq!((c.label.as_ref(), d.label.as_ref()), (OTHER, OTHER));
+        c.decision(Reason::Allowed, 0);
+        d.decision(Reason::Allowed, 1);
+        let text = m.encode();
+        assert!(
+            text.contains("backstop_decisions_total{target=\"_other\",reason=\"allowed\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("backstop_attempts_total{target=\"_other\",attempt=\"retry\"} 1"));
+        assert!(!text.contains("target=\"c\""));
+    }
+
+    #[test]
+    fn histograms_encode_cumulative_buckets() {
+        let m = Metrics::new(10);
+        let t = m.for_target("t");
+        t.outcome(OutcomeClass::Success, Some(Duration::from_millis(30)));
+        t.outcome(OutcomeClass::Success, Some(Duration::from_secs(3)));
+        let text = m.encode();
+        assert!(
+            text.contains("backstop_call_latency_seconds_count{target=\"t\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("backstop_call_latency_seconds_bucket{le=\"0.05\",target=\"t\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("backstop_call_latency_seconds_bucket{le=\"+Inf\",target=\"t\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("backstop_outcomes_total{target=\"t\",class=\"success\"} 2"));
+    }
+}

@@ -1,0 +1,203 @@
+//! Watching the event log: what a dashboard subscription sees, shared by the
+//! gRPC `Watch` stream and the HTTP Server-Sent Events endpoint.
+//!
+//! A watcher starts with a Snapshot (or resumes after `since_seq` from the
+//! retained ring), then yields live events in seq order. When it cannot be
+//! lossless (the requested seq was evicted, or the subscriber fell so far
+//! behind that its buffer overflowed) it says so with a Gap and follows with
+//! a fresh Snapshot, so a dashboard is never silently wrong.
+
+use super::error::{EngineError, Result};
+use super::events::Event;
+use super::{Engine, TargetView};
+use crate::domain::Time;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::sync::broadcast::error::RecvError;
+
+/// What a watcher yields.
+#[derive(Clone, Debug)]
+pub enum WatchItem {
+    Event(Arc<Event>),
+    /// Every matching target's state; `seq` is the last event it includes.
+    Snapshot {
+        seq: u64,
+        at: Time,
+        targets: Vec<TargetView>,
+    },
+    /// Events from `missed_from` on may be missing; a Snapshot follows.
+    Gap {
+        missed_from: u64,
+        reason: String,
+    },
+}
+
+/// Which events a watcher wants. Empty sets match everything.
+#[derive(Clone, Debug, Default)]
+pub struct WatchFilter {
+    pub targets: HashSet<String>,
+    /// Event kind names (see [`super::events::EventKind::name`]).
+    pub kinds: HashSet<&'static str>,
+}
+
+/// Most names a filter may list.
+pub const MAX_FILTER: usize = 1000;
+
+impl WatchFilter {
+    fn matches(&self, e: &Event) -> bool {
+        (self.targets.is_empty() || self.targets.contains(e.target.as_ref()))
+            && (self.kinds.is_empty() || self.kinds.contains(e.kind.name()))
+    }
+}
+
+/// Releases a subscriber slot when the watcher goes away.
+struct SubscriberGuard(Arc<Engine>);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.subscribers().dec();
+    }
+}
+
+/// One live subscription.
+pub struct Watcher {
+    engine: Arc<Engine>,
+    rx: tokio::sync::broadcast::Receiver<Arc<Event>>,
+    filter: WatchFilter,
+    /// Highest seq already delivered (or covered by a snapshot).
+    last_seq: u64,
+    pending: VecDeque<WatchItem>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    _guard: SubscriberGuard,
+}
+
+impl Engine {
+    /// Subscribes to the event log. `since_seq = 0` starts with a Snapshot.
+    pub fn watch(self: &Arc<Self>, since_seq: u64, filter: WatchFilter) -> Result<Watcher> {
+        if filter.targets.len() > MAX_FILTER {
+            return Err(EngineError::InvalidArgument(format!(
+                "the targets filter lists {} names; at most {MAX_FILTER}",
+                filter.targets.len()
+            )));
+        }
+        let max = self.config.events.max_subscribers;
+        if self.subscribers.fetch_add(1, Ordering::Relaxed) >= max {
+            self.subscribers.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::ResourceExhausted(format!(
+                "{max} event subscribers are already connected ([events] max_subscribers); close one or raise the limit"
+            )));
+        }
+        self.metrics.subscribers().inc();
+        let guard = SubscriberGuard(self.clone());
+        let sub = self.events.subscribe_since(since_seq);
+        let mut w = Watcher {
+            engine: self.clone(),
+            rx: sub.rx,
+            filter,
+            last_seq: sub.last_seq,
+            pending: VecDeque::new(),
+            shutdown: self.shutdown.subscribe(),
+            _guard: guard,
+        };
+        match (since_seq, sub.backlog) {
+            (0, _) => w.push_snapshot(sub.last_seq),
+            (_, Some(backlog)) => {
+                w.last_seq = since_seq.max(backlog.last().map_or(since_seq, |e| e.seq));
+                for e in backlog {
+                    if w.filter.matches(&e) {
+                        w.pending.push_back(WatchItem::Event(e));
+                    }
+                }
+                // A since_seq from the future (e.g. from before a restart) cannot be resumed.
+                if since_seq > sub.last_seq {
+                    w.pending.push_back(WatchItem::Gap {
+                        missed_from: sub.last_seq + 1,
+                        reason: format!(
+                            "seq {since_seq} is ahead of this server's log (restarted?)"
+                        ),
+                    });
+                    w.push_snapshot(sub.last_seq);
+                }
+            }
+            (_, None) => {
+                w.pending.push_back(WatchItem::Gap {
+                    missed_from: since_seq + 1,
+                    reason: format!(
+                        "seq {} is no longer retained ([events] ring_size)",
+                        since_seq + 1
+                    ),
+                });
+                w.push_snapshot(sub.last_seq);
+            }
+        }
+        Ok(w)
+    }
+
+    /// Current state of every target matching `filter` (at most `max_snapshot_targets`).
+    pub fn snapshot(&self, filter: &WatchFilter) -> Vec<TargetView> {
+        let mut names: Vec<Arc<str>> = self
+            .targets
+            .iter()
+            .filter(|e| filter.targets.is_empty() || filter.targets.contains(e.key().as_ref()))
+            .map(|e| e.key().clone())
+            .collect();
+        names.sort();
+        names.truncate(self.config.events.max_snapshot_targets);
+        names
+            .iter()
+            .filter_map(|n| self.targets.get(n.as_ref()).map(|t| t.clone()))
+            .map(|t| self.view(&t))
+            .collect()
+    }
+}
+
+impl Watcher {
+    fn push_snapshot(&mut self, seq: u64) {
+        let targets = self.engine.snapshot(&self.filter);
+        self.last_seq = self.last_seq.max(seq);
+        self.pending.push_back(WatchItem::Snapshot {
+            seq,
+            at: self.engine.now(),
+            targets,
+        });
+    }
+
+    /// The next item; `None` when the server is shutting down.
+    pub async fn next(&mut self) -> Option<WatchItem> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(item);
+            }
+            if *self.shutdown.borrow() {
+                return None;
+            }
+            let received = tokio::select! {
+                r = self.rx.recv() => r,
+                _ = self.shutdown.changed() => return None,
+            };
+            match received {
+                Ok(e) => {
+                    if e.seq <= self.last_seq {
+                        continue;
+                    }
+                    self.last_seq = e.seq;
+                    if self.filter.matches(&e) {
+                        return Some(WatchItem::Event(e));
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    let missed_from = self.last_seq + 1;
+                    self.pending.push_back(WatchItem::Gap {
+                        missed_from,
+                        reason: format!("this subscriber fell behind by {n} events"),
+                    });
+                    let seq = self.engine.events.last_seq();
+                    self.push_snapshot(seq);
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! `backstop.v1.Events`: the live event stream.
+
+use super::admin::budget;
+use super::{
+    breaker_state, opt_timestamp, outcome_class, reason, status, to_proto_duration, to_timestamp,
+};
+use crate::domain::breaker::Mode;
+use crate::engine::events::{Event, EventKind};
+use crate::engine::watch::{WatchFilter, WatchItem};
+use crate::engine::{Engine, TargetView};
+use crate::proto;
+use crate::proto::event::Kind;
+use crate::proto::events_server::Events;
+use std::sync::Arc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+pub struct EventsService {
+    engine: Arc<Engine>,
+}
+
+impl EventsService {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        EventsService { engine }
+    }
+}
+
+/// Maps the proto kind enum to the engine's event names.
+fn kind_name(k: proto::EventKind) -> Option<&'static str> {
+    use proto::EventKind as K;
+    Some(match k {
+        K::Unspecified | K::Snapshot | K::Gap => return None,
+        K::BreakerTransition => "breaker_transition",
+        K::ProbeExpired => "probe_expired",
+        K::TargetForced => "target_forced",
+        K::RateLimited => "rate_limited",
+        K::BudgetRestored => "budget_restored",
+        K::FallbackActivated => "fallback_activated",
+        K::RouteExhausted => "route_exhausted",
+        K::KeySlotDisabled => "key_slot_disabled",
+        K::TargetReset => "target_reset",
+        K::Deferred => "deferred",
+        K::Drained => "drained",
+        K::DeadLettered => "dead_lettered",
+    })
+}
+
+pub(crate) fn target_snapshot(v: &TargetView) -> proto::TargetSnapshot {
+    let c = &v.counters;
+    let class = |cl: crate::domain::OutcomeClass| c.by_class[cl.index()];
+    use crate::domain::OutcomeClass as O;
+    let mut budgets: Vec<proto::BudgetStatus> = Vec::new();
+    for s in &v.slots {
+        for b in &s.budgets {
+            let mut p = budget(b);
+            if let Some(name) = &s.name {
+                p.group = format!("key:{name}");
+            }
+            budgets.push(p);
+        }
+    }
+    budgets.extend(v.groups.iter().map(budget));
+    proto::TargetSnapshot {
+        target: v.name.to_string(),
+        state: breaker_state(v.state) as i32,
+        open_until: opt_timestamp(v.open_until),
+        consecutive_failures: v.consecutive_failures,
+        probes_outstanding: v.probes_outstanding,
+        counters: Some(proto::OutcomeCounters {
+            admitted: c.admitted,
+            refused: c.refused,
+            success: class(O::Success),
+            transient: class(O::Transient),
+            rate_limited: class(O::RateLimited),
+            persistent: class(O::Persistent),
+            bad_input: class(O::BadInput),
+            partial: class(O::Partial),
+            timeout: class(O::Timeout),
+            stale: c.stale,
+        }),
+        budgets,
+        paused_until: opt_timestamp(v.slots.iter().filter_map(|s| s.paused_until).max()),
+        last_cause: v.last_cause.clone().unwrap_or_default(),
+    }
+}
+
+fn mode(m: Mode) -> proto::BreakerMode {
+    match m {
+        Mode::Automatic => proto::BreakerMode::Automatic,
+        Mode::ForcedOpen => proto::BreakerMode::ForceOpen,
+        Mode::ForcedClosed => proto::BreakerMode::ForceClosed,
+    }
+}
+
+fn event(e: &Event) -> proto::Event {
+    let s = |o: &Option<Arc<str>>| o.as_deref().unwrap_or_default().to_string();
+    let kind = match &e.kind {
+        EventKind::BreakerTransition {
+            from,
+            to,
+            cause,
+            class,
+            failures,
+            caller,
+            open_until,
+        } => Kind::BreakerTransition(proto::BreakerTransition {
+            from: breaker_state(*from) as i32,
+            to: breaker_state(*to) as i32,
+            cause_class: class.map_or(0, |c| outcome_class(c) as i32),
+            failures: *failures,
+            caller: s(caller),
+            cause: cause.clone(),
+            open_until: opt_timestamp(*open_until),
+        }),
+        EventKind::ProbeExpired { probe } => {
+            Kind::ProbeExpired(proto::ProbeExpired { probe: *probe })
+        }
+        EventKind::TargetForced { mode: m, reason: r } => Kind::TargetForced(proto::TargetForced {
+            mode: mode(*m) as i32,
+            reason: r.clone(),
+        }),
+        EventKind::RateLimited {
+            key_slot,
+            kind,
+            until,
+            why,
+        } => Kind::RateLimited(proto::RateLimited {
+            key_slot: s(key_slot),
+            kind: kind.map(|k| k.as_str().to_string()).unwrap_or_default(),
+            until: Some(to_timestamp(*until)),
+            why: why.clone(),
+        }),
+        EventKind::BudgetRestored { key_slot } => Kind::BudgetRestored(proto::BudgetRestored {
+            key_slot: s(key_slot),
+        }),
+        EventKind::KeySlotDisabled {
+            key_slot,
+            until,
+            why,
+        } => Kind::KeySlotDisabled(proto::KeySlotDisabled {
+            key_slot: key_slot.to_string(),
+            until: Some(to_timestamp(*until)),
+            why: why.clone(),
+        }),
+        EventKind::FallbackActivated {
+            route,
+            from,
+            to,
+            depth,
+            why,
+        } => Kind::FallbackActivated(proto::FallbackActivated {
+            route: route.to_string(),
+            from: s(from),
+            to: to.to_string(),
+            depth: *depth,
+            why: reason(*why) as i32,
+        }),
+        EventKind::RouteExhausted { route, retry_after } => {
+            Kind::RouteExhausted(proto::RouteExhausted {
+                route: route.to_string(),
+                retry_after: retry_after.map(to_proto_duration),
+            })
+        }
+        EventKind::TargetReset => Kind::TargetReset(proto::TargetReset {}),
+        EventKind::ItemDeferred { queue, id, depth } => Kind::Deferred(proto::ItemDeferred {
+            queue: queue.to_string(),
+            id: id.to_string(),
+            depth: *depth,
+        }),
+        EventKind::ItemDrained { queue, id } => Kind::Drained(proto::ItemDrained {
+            queue: queue.to_string(),
+            id: id.to_string(),
+        }),
+        EventKind::ItemDeadLettered {
+            queue,
+            id,
+            reason: r,
+            attempts,
+        } => Kind::DeadLettered(proto::ItemDeadLettered {
+            queue: queue.to_string(),
+            id: id.to_string(),
+            reason: r.clone(),
+            attempts: *attempts,
+        }),
+    };
+    proto::Event {
+        seq: e.seq,
+        at: Some(to_timestamp(e.at)),
+        target: e.target.to_string(),
+        kind: Some(kind),
+    }
+}
+
+pub(crate) fn item(w: WatchItem) -> proto::Event {
+    match w {
+        WatchItem::Event(e) => event(&e),
+        WatchItem::Snapshot { seq, at, targets } => proto::Event {
+            seq,
+            at: Some(to_timestamp(at)),
+            target: String::new(),
+            kind: Some(Kind::Snapshot(proto::Snapshot {
+                targets: targets.iter().map(target_snapshot).collect(),
+            })),
+        },
+        WatchItem::Gap {
+            missed_from,
+            reason: r,
+        } => proto::Event {
+            seq: 0,
+            at: None,
+            target: String::new(),
+            kind: Some(Kind::Gap(proto::Gap {
+                missed_from,
+                reason: r,
+            })),
+        },
+    }
+}
+
+/// Builds a filter from wire values, rejecting unknown kinds.
+pub(crate) fn filter(targets: Vec<String>, kinds: &[i32]) -> Result<WatchFilter, Status> {
+    let mut f = WatchFilter {
+        targets: targets.into_iter().collect(),
+        ..Default::default()
+    };
+    for &k in kinds {
+        let kind = proto::EventKind::try_from(k)
+            .map_err(|_| Status::invalid_argument(format!("kinds: {k} is not an EventKind")))?;
+        if let Some(name) = kind_name(kind) {
+            f.kinds.insert(name);
+        }
+    }
+    Ok(f)
+}
+
+#[tonic::async_trait]
+impl Events for EventsService {
+    type WatchStream = ReceiverStream<Result<proto::Event, Status>>;
+
+    async fn watch(
+        &self,
+        req: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = req.into_inner();
+        let f = filter(r.targets, &r.kinds)?;
+        let mut watcher = self.engine.watch(r.since_seq, f).map_err(status)?;
+        // A small buffer to the connection: when it fills, the watcher's own
+        // (bounded) buffer lags and turns into Gap + Snapshot; the engine never waits.
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(w) = watcher.next().await {
+                if tx.send(Ok(item(w))).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

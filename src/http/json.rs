@@ -1,0 +1,150 @@
+//! JSON payloads of the SSE stream (what the dashboard reads).
+
+use crate::domain::Time;
+use crate::engine::events::{Event, EventKind};
+use crate::engine::watch::WatchItem;
+use crate::engine::{BudgetView, TargetView};
+use serde_json::{Value, json};
+
+fn ms(t: Time) -> u64 {
+    t.as_nanos() / 1_000_000
+}
+
+fn opt_ms(t: Option<Time>) -> Value {
+    t.map_or(Value::Null, |t| json!(ms(t)))
+}
+
+fn budget(b: &BudgetView, key_slot: Option<&str>) -> Value {
+    json!({
+        "kind": b.kind,
+        "limit": b.limit,
+        "window_ms": b.window.as_millis() as u64,
+        "available": b.available,
+        "group": b.group.as_deref(),
+        "key_slot": key_slot,
+    })
+}
+
+pub fn target(v: &TargetView) -> Value {
+    let c = &v.counters;
+    let mut budgets: Vec<Value> = v
+        .slots
+        .iter()
+        .flat_map(|s| {
+            s.budgets
+                .iter()
+                .map(|b| budget(b, s.name.as_deref()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    budgets.extend(v.groups.iter().map(|b| budget(b, None)));
+    let classes: serde_json::Map<String, Value> = crate::domain::OutcomeClass::ALL
+        .iter()
+        .map(|cl| (cl.as_str().to_string(), json!(c.by_class[cl.index()])))
+        .collect();
+    json!({
+        "target": v.name.as_ref(),
+        "state": v.state.as_str(),
+        "open_until_ms": opt_ms(v.open_until),
+        "consecutive_failures": v.consecutive_failures,
+        "probes_outstanding": v.probes_outstanding,
+        "admitted": c.admitted,
+        "refused": c.refused,
+        "outcomes": classes,
+        "budgets": budgets,
+        "paused_until_ms": opt_ms(v.slots.iter().filter_map(|s| s.paused_until).max()),
+        "disabled_key_slots": v.slots.iter().filter(|s| s.disabled_until.is_some()).filter_map(|s| s.name.as_deref()).collect::<Vec<_>>(),
+        "last_cause": v.last_cause,
+        "forced_reason": v.forced_reason,
+    })
+}
+
+fn event(e: &Event) -> Value {
+    let mut v = match &e.kind {
+        EventKind::BreakerTransition {
+            from,
+            to,
+            cause,
+            class,
+            failures,
+            caller,
+            open_until,
+        } => json!({
+            "from": from.as_str(), "to": to.as_str(), "cause": cause,
+            "class": class.map(|c| c.as_str()), "failures": failures,
+            "caller": caller.as_deref(), "open_until_ms": opt_ms(*open_until),
+        }),
+        EventKind::ProbeExpired { probe } => json!({ "probe": probe }),
+        EventKind::TargetForced { mode, reason } => {
+            json!({ "mode": format!("{mode:?}"), "reason": reason })
+        }
+        EventKind::RateLimited {
+            key_slot,
+            kind,
+            until,
+            why,
+        } => json!({
+            "key_slot": key_slot.as_deref(), "budget": kind.map(|k| k.as_str()),
+            "until_ms": ms(*until), "why": why,
+        }),
+        EventKind::BudgetRestored { key_slot } => json!({ "key_slot": key_slot.as_deref() }),
+        EventKind::KeySlotDisabled {
+            key_slot,
+            until,
+            why,
+        } => json!({
+            "key_slot": key_slot.as_ref(), "until_ms": ms(*until), "why": why,
+        }),
+        EventKind::FallbackActivated {
+            route,
+            from,
+            to,
+            depth,
+            why,
+        } => json!({
+            "route": route.as_ref(), "from": from.as_deref(), "to": to.as_ref(),
+            "depth": depth, "why": why.as_str(),
+        }),
+        EventKind::RouteExhausted { route, retry_after } => json!({
+            "route": route.as_ref(), "retry_after_ms": retry_after.map(|d| d.as_millis() as u64),
+        }),
+        EventKind::TargetReset => json!({}),
+        EventKind::ItemDeferred { queue, id, depth } => {
+            json!({ "queue": queue.as_ref(), "id": id.to_string(), "depth": depth })
+        }
+        EventKind::ItemDrained { queue, id } => {
+            json!({ "queue": queue.as_ref(), "id": id.to_string() })
+        }
+        EventKind::ItemDeadLettered {
+            queue,
+            id,
+            reason,
+            attempts,
+        } => json!({
+            "queue": queue.as_ref(), "id": id.to_string(), "reason": reason, "attempts": attempts,
+        }),
+    };
+    if let Value::Object(m) = &mut v {
+        m.insert("seq".into(), json!(e.seq));
+        m.insert("at_ms".into(), json!(ms(e.at)));
+        m.insert("target".into(), json!(e.target.as_ref()));
+        m.insert("kind".into(), json!(e.kind.name()));
+    }
+    v
+}
+
+pub fn item(w: &WatchItem) -> Value {
+    match w {
+        WatchItem::Event(e) => event(e),
+        WatchItem::Snapshot { seq, at, targets } => json!({
+            "kind": "snapshot", "seq": seq, "at_ms": ms(*at),
+            "targets": targets.iter().map(target).collect::<Vec<_>>(),
+        }),
+        WatchItem::Gap {
+            missed_from,
+            reason,
+        } => json!({
+            "kind": "gap", "missed_from": missed_from, "reason": reason,
+        }),
+    }
+}
