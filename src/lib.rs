@@ -17,6 +17,7 @@ pub mod engine;
 pub mod grpc;
 pub mod http;
 pub mod server;
+pub mod telemetry;
 
 /// Generated types and stubs for `proto/backstop/v1/*.proto`.
 pub mod proto {

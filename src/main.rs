@@ -55,18 +55,6 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -88,7 +76,6 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(args) => {
-            init_logging(args.log_format);
             let mut config = match &args.config {
                 Some(path) => match Config::load(path) {
                     Ok(c) => c,
@@ -135,13 +122,26 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(backstop::server::run(config, state)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("backstop: {e}");
-                    ExitCode::FAILURE
+            let format = match args.log_format {
+                LogFormat::Pretty => backstop::telemetry::LogFormat::Pretty,
+                LogFormat::Json => backstop::telemetry::LogFormat::Json,
+            };
+            runtime.block_on(async move {
+                let _telemetry = match backstop::telemetry::init(format, &config.telemetry) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("backstop: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                match backstop::server::run(config, state).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("backstop: {e}");
+                        ExitCode::FAILURE
+                    }
                 }
-            }
+            })
         }
     }
 }

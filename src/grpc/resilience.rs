@@ -10,6 +10,7 @@ use crate::proto;
 use crate::proto::resilience_server::Resilience;
 use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument as _;
 
 /// Most items one batch call may carry.
 pub const MAX_BATCH: usize = 1000;
@@ -135,22 +136,61 @@ impl Resilience for ResilienceService {
         &self,
         req: Request<proto::CanProceedRequest>,
     ) -> Result<Response<proto::CanProceedResponse>, Status> {
+        let _timer = self.engine.metrics().rpc("CanProceed");
+        let span = tracing::info_span!(
+            "CanProceed",
+            target = %req.get_ref().target,
+            caller = %req.get_ref().caller,
+            attempt = req.get_ref().attempt,
+            allowed = tracing::field::Empty,
+            reason = tracing::field::Empty,
+            state = tracing::field::Empty,
+        );
+        crate::telemetry::join_caller_trace(&span, req.metadata());
         let r = req.into_inner();
-        self.can_proceed_one(&r).await.map(Response::new)
+        let res = self.can_proceed_one(&r).instrument(span.clone()).await?;
+        span.record("allowed", res.allowed);
+        span.record("reason", res.reason().as_str_name());
+        span.record("state", res.state().as_str_name());
+        Ok(Response::new(res))
     }
 
     async fn record_outcome(
         &self,
         req: Request<proto::RecordOutcomeRequest>,
     ) -> Result<Response<proto::RecordOutcomeResponse>, Status> {
+        let _timer = self.engine.metrics().rpc("RecordOutcome");
+        let span = tracing::info_span!(
+            "RecordOutcome",
+            target = %req.get_ref().target,
+            caller = %req.get_ref().caller,
+            http_status = req.get_ref().http_status,
+            class = tracing::field::Empty,
+            state = tracing::field::Empty,
+            retry = tracing::field::Empty,
+        );
+        crate::telemetry::join_caller_trace(&span, req.metadata());
         let r = req.into_inner();
-        self.record_one(&r).await.map(Response::new)
+        let res = self.record_one(&r).instrument(span.clone()).await?;
+        span.record("class", res.classified_as().as_str_name());
+        span.record("state", res.state().as_str_name());
+        span.record("retry", res.retry.as_ref().is_some_and(|a| a.retry));
+        Ok(Response::new(res))
     }
 
     async fn route(
         &self,
         req: Request<proto::RouteRequest>,
     ) -> Result<Response<proto::RouteResponse>, Status> {
+        let _timer = self.engine.metrics().rpc("Route");
+        let span = tracing::info_span!(
+            "Route",
+            route = %req.get_ref().route,
+            caller = %req.get_ref().caller,
+            target = tracing::field::Empty,
+            fallback_depth = tracing::field::Empty,
+        );
+        crate::telemetry::join_caller_trace(&span, req.metadata());
         let r = req.into_inner();
         check_len(&r.caller, "caller", MAX_LABEL)?;
         let d = self
@@ -164,6 +204,7 @@ impl Resilience for ResilienceService {
                 caller: &r.caller,
                 attempt: r.attempt,
             })
+            .instrument(span.clone())
             .await
             .map_err(status)?;
         let skipped = d
@@ -181,7 +222,9 @@ impl Resilience for ResilienceService {
             retry_after: d.retry_after.map(to_proto_duration),
             ..Default::default()
         };
+        span.record("fallback_depth", d.fallback_depth);
         if let Some((target, adm, settings)) = d.chosen {
+            span.record("target", target.as_ref());
             out.target = target.to_string();
             out.state = breaker_state(adm.state) as i32;
             out.permit = adm.permit.map(|p| p.encode()).unwrap_or_default();
@@ -197,6 +240,7 @@ impl Resilience for ResilienceService {
         &self,
         req: Request<proto::CanProceedBatchRequest>,
     ) -> Result<Response<proto::CanProceedBatchResponse>, Status> {
+        let _timer = self.engine.metrics().rpc("CanProceedBatch");
         let r = req.into_inner();
         check_batch(r.items.len())?;
         let mut items = Vec::with_capacity(r.items.len());
@@ -217,6 +261,7 @@ impl Resilience for ResilienceService {
         &self,
         req: Request<proto::RecordOutcomeBatchRequest>,
     ) -> Result<Response<proto::RecordOutcomeBatchResponse>, Status> {
+        let _timer = self.engine.metrics().rpc("RecordOutcomeBatch");
         let r = req.into_inner();
         check_batch(r.items.len())?;
         let mut items = Vec::with_capacity(r.items.len());

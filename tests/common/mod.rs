@@ -60,6 +60,11 @@ impl Server {
     }
 
     pub fn start_in(dir: TempDir, config: &str, extra: &[&str]) -> Server {
+        Self::start_with(dir, config, extra, &[])
+    }
+
+    /// Starts with extra environment variables (e.g. RUST_LOG, OTEL_*).
+    pub fn start_with(dir: TempDir, config: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let config_path = dir.path().join("backstop.toml");
         std::fs::write(&config_path, config).expect("write config");
         let mut cmd = Command::new(binary());
@@ -76,6 +81,7 @@ impl Server {
             .args(extra)
             .current_dir(dir.path())
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn backstop");
@@ -106,6 +112,52 @@ impl Server {
             dir,
             config_path,
         }
+    }
+
+    /// Sends an HTTP/1.0 GET to the HTTP listener and returns (status line, body).
+    pub fn http_get(&self, path: &str, headers: &[(&str, &str)]) -> (String, String) {
+        use std::io::{Read, Write};
+        let addr = self.http.as_deref().expect("the HTTP listener is on");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect http");
+        let mut req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (
+            head.lines().next().unwrap_or_default().to_string(),
+            body.to_string(),
+        )
+    }
+
+    /// Opens an SSE stream (HTTP/1.0, so the body is not chunked) and returns a line reader.
+    pub fn sse(&self, path: &str, headers: &[(&str, &str)]) -> BufReader<std::net::TcpStream> {
+        use std::io::Write;
+        let addr = self.http.as_deref().expect("the HTTP listener is on");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect http");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut req =
+            format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).expect("write");
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        // Skip the response head.
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+            line.clear();
+        }
+        r
     }
 
     pub fn url(&self) -> String {
@@ -166,6 +218,40 @@ impl Server {
     pub fn into_dir(mut self) -> TempDir {
         self.kill9();
         TempDir(std::mem::take(&mut self.dir.0))
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Default, Clone)]
+pub struct Sse {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+}
+
+/// Reads the next SSE frame (skipping keep-alive comments).
+pub fn next_sse(r: &mut BufReader<std::net::TcpStream>) -> Option<Sse> {
+    let mut ev = Sse::default();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let l = line.trim_end_matches(['\r', '\n']);
+        if l.is_empty() {
+            if ev.event.is_empty() && ev.data.is_empty() {
+                continue;
+            }
+            return Some(ev);
+        }
+        if let Some(v) = l.strip_prefix("id:") {
+            ev.id = Some(v.trim().to_string());
+        } else if let Some(v) = l.strip_prefix("event:") {
+            ev.event = v.trim().to_string();
+        } else if let Some(v) = l.strip_prefix("data:") {
+            ev.data.push_str(v.trim_start());
+        }
     }
 }
 

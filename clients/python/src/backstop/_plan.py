@@ -152,6 +152,23 @@ def _refusal_error(adm: Admission) -> AttemptError:
     )
 
 
+def _post_mortem(errors: List[AttemptError], final: RouteDecision, tried: List[str]) -> List[AttemptError]:
+    """Every error in route order: each tried target's attempts, and for the
+    others why the last Route passed them over (e.g. CIRCUIT_OPEN, retry in 41s)."""
+    by_target: Dict[str, List[AttemptError]] = {}
+    for e in errors:
+        by_target.setdefault(e.target, []).append(e)
+    ordered: List[AttemptError] = []
+    for s in final.skipped:
+        if s.target in by_target:
+            ordered.extend(by_target.pop(s.target))
+        elif s.reason != Reason.EXCLUDED and s.target not in tried:
+            ordered.append(AttemptError(s.target, None, "skipped", reason=s.reason, retry_after=s.retry_after))
+    for rest in by_target.values():
+        ordered.extend(rest)
+    return ordered
+
+
 def _route_name(spec: CallSpec) -> str:
     if spec.route:
         return f"route {spec.route!r}"
@@ -180,11 +197,7 @@ def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
         )
         last = decision
         if decision.target is None:
-            for s in decision.skipped:
-                if s.reason != Reason.EXCLUDED and s.target not in tried:
-                    errors.append(
-                        AttemptError(s.target, None, "skipped", reason=s.reason, retry_after=s.retry_after)
-                    )
+            errors = _post_mortem(errors, decision, tried)
             break
         target = decision.target
         tried.append(target)

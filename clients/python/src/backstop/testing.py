@@ -109,8 +109,12 @@ class BackstopServer:
             "--listen",
             f"127.0.0.1:{self.port}",
         ]
-        if "--data-dir" in serve_help(self.binary):
+        flags = serve_help(self.binary)
+        if "--data-dir" in flags:
             args += ["--data-dir", self.data_dir]
+        if "--http" in flags and not any(a.startswith("--http") for a in self.extra_args):
+            # The HTTP listener has a fixed default port: two servers would collide.
+            args += ["--http", "127.0.0.1:0"]
         return args + self.extra_args
 
     def start(self) -> "BackstopServer":

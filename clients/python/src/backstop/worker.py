@@ -93,10 +93,13 @@ class _WorkerBase:
 
     def _blocked_sleep(self, res: ClaimResult, elapsed: float) -> float:
         """How long to wait before the next Claim when none was returned."""
+        # The server long-polls (also while blocked, re-checking at retry_after);
+        # sleep only for whatever part of the wait it did not spend.
         if res.blocked_reason is not None:
-            return min(max(res.retry_after or self.error_backoff, 0.01), max(self.wait, 0.05))
-        # The server long-polled already, unless it answered early.
-        return max(0.0, min(self.wait, 0.25) - elapsed)
+            want = min(max(res.retry_after or self.error_backoff, 0.01), max(self.wait, 0.05))
+        else:
+            want = min(self.wait, 0.25)
+        return max(0.0, want - elapsed)
 
 
 class DeferredWorker(_WorkerBase):
