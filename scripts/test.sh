@@ -31,4 +31,10 @@ cargo clippy --all-targets -- -D warnings
 step "rust: unit, property and end-to-end tests"
 cargo test --all-targets
 
+step "browser: the dashboard in headless Chromium"
+apt_install chromium chromium
+apt_install node nodejs npm
+(cd tests/browser && npm install --no-audit --no-fund --loglevel=error)
+cargo test --test e2e_dashboard -- --ignored
+
 printf '\nall tests passed in %ss\n' "$(( $(date +%s) - started ))"

@@ -618,3 +618,116 @@ async fn spans_join_the_callers_trace_and_carry_the_decision() {
         .map(|kv| format!("{:?}", kv.value));
     assert!(service.is_some_and(|s| s.contains("backstop-test")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_only_queries_metrics_that_exist() {
+    let server = Server::start(
+        "[targets.b]\nrequests_per_minute = 10\n[routes.chat]\ntargets = [\"a\", \"b\"]\n",
+        &[],
+    );
+    // Exercise every family once: families without samples are not exported.
+    let mut c = server.resilience().await;
+    force(&server, "a", proto::BreakerMode::ForceOpen).await;
+    c.route(proto::RouteRequest {
+        route: "chat".into(),
+        attempt: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("route");
+    force(&server, "b", proto::BreakerMode::ForceOpen).await;
+    c.route(proto::RouteRequest {
+        route: "chat".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("route");
+    c.record_outcome(proto::RecordOutcomeRequest {
+        target: "c".into(),
+        http_status: 200,
+        latency: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("ok");
+    let mut d = backstop::proto::deferred_client::DeferredClient::new(server.channel().await);
+    for _ in 0..2 {
+        d.defer(proto::DeferRequest {
+            queue: "c".into(),
+            max_attempts: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("defer");
+    }
+    let items = d
+        .claim(proto::ClaimRequest {
+            queue: "c".into(),
+            max_items: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("claim")
+        .into_inner()
+        .items;
+    d.ack(proto::AckRequest {
+        id: items[0].id.clone(),
+        lease_token: items[0].lease_token.clone(),
+    })
+    .await
+    .expect("ack");
+    d.nack(proto::NackRequest {
+        id: items[1].id.clone(),
+        lease_token: items[1].lease_token.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("nack");
+    d.defer(proto::DeferRequest {
+        queue: "c".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("defer");
+    let _watcher = EventsClient::new(server.channel().await)
+        .watch(proto::WatchRequest::default())
+        .await
+        .expect("watch");
+    let exposition = server.http_get("/metrics", &[]).1;
+    let families: std::collections::HashSet<&str> = exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/backstop-dashboard.json"
+    );
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("valid JSON");
+    let mut checked = 0;
+    for panel in dash["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("backstop_") {
+                    continue;
+                }
+                let base = ["_total", "_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .unwrap_or(word);
+                assert!(
+                    families.contains(base),
+                    "{word} (panel {:?}) is not exported",
+                    panel["title"]
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 15, "{checked} metric references checked");
+}

@@ -932,7 +932,14 @@ fn describe_transition(
             Some(OutcomeClass::Success),
             0,
         ),
-        Cause::Operator { mode } => (format!("operator set {mode:?}"), None, 0),
+        Cause::Operator { mode } => {
+            let what = match mode {
+                crate::domain::breaker::Mode::ForcedOpen => "operator forced it open",
+                crate::domain::breaker::Mode::ForcedClosed => "operator forced it closed",
+                crate::domain::breaker::Mode::Automatic => "operator returned it to automatic",
+            };
+            (what.to_string(), None, 0)
+        }
         Cause::Reset => ("operator reset".into(), None, 0),
     }
 }

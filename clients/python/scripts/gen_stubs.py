@@ -93,14 +93,14 @@ def generate() -> dict[str, bytes]:
         return out
 
 
-def check(files: dict[str, bytes]) -> list[str]:
-    """The differences between the stubs on disk and freshly generated ones."""
+def check(files: dict[str, bytes], out_dir: Path) -> list[str]:
+    """The differences between the stubs in out_dir and freshly generated ones."""
     problems: list[str] = []
-    on_disk = {p.name for p in OUT_DIR.iterdir() if p.is_file()} if OUT_DIR.is_dir() else set()
+    on_disk = {p.name for p in out_dir.iterdir() if p.is_file()} if out_dir.is_dir() else set()
     for name in sorted(on_disk - set(files)):
         problems.append(f"{name}: on disk but no longer generated")
     for name, content in sorted(files.items()):
-        path = OUT_DIR / name
+        path = out_dir / name
         if not path.exists():
             problems.append(f"{name}: missing")
             continue
@@ -121,10 +121,12 @@ def check(files: dict[str, bytes]) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare only; exit 1 when stale")
+    ap.add_argument("--out", type=Path, default=OUT_DIR, help=f"stub directory (default {OUT_DIR})")
     args = ap.parse_args()
+    out_dir: Path = args.out
     files = generate()
     if args.check:
-        problems = check(files)
+        problems = check(files, out_dir)
         if problems:
             print("generated stubs are stale against proto/:", file=sys.stderr)
             for p in problems:
@@ -133,13 +135,13 @@ def main() -> int:
             return 1
         print(f"stubs up to date ({len(files)} files)")
         return 0
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    for stale in OUT_DIR.iterdir():
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.iterdir():
         if stale.is_file() and stale.name not in files:
             stale.unlink()
     for name, content in files.items():
-        (OUT_DIR / name).write_bytes(content)
-    print(f"wrote {len(files)} files to {OUT_DIR}")
+        (out_dir / name).write_bytes(content)
+    print(f"wrote {len(files)} files to {out_dir}")
     return 0
 
 

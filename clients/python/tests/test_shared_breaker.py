@@ -7,12 +7,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 
 from backstop import Backstop, BreakerState, CircuitOpen, Reason
 from backstop.testing import BackstopServer, FakeProvider, overloaded
+from conftest import CHAT
+
+# Open for long enough that starting the other processes cannot outlast it.
+CONFIG = CHAT + """
+[defaults.breaker]
+failure_threshold = 2
+success_threshold = 1
+open_duration = "2s"
+jitter = 0.0
+"""
 
 AGENT = str(Path(__file__).with_name("agent_process.py"))
 SONNET, GPT = "anthropic/sonnet", "openai/gpt-4o"
@@ -30,8 +40,10 @@ def run_agent(server: BackstopServer, provider: FakeProvider, mode: str, name: s
 
 
 def test_failures_in_one_process_open_the_breaker_for_others(
-    server: BackstopServer, provider: FakeProvider, bs: Backstop
+    start_server: Callable[..., BackstopServer], make_client: Callable[..., Backstop], provider: FakeProvider
 ) -> None:
+    server = start_server(CONFIG)
+    bs = make_client(server.address)
     provider.set_default(SONNET, overloaded())
 
     # Process A: two 529s open Sonnet's breaker (failure_threshold = 2).
@@ -46,6 +58,7 @@ def test_failures_in_one_process_open_the_breaker_for_others(
     # And this (third) process is refused too, without calling the provider.
     adm = bs.can_proceed(SONNET)
     assert not adm.allowed and adm.reason == Reason.CIRCUIT_OPEN and not adm.local
+    assert adm.retry_after is not None and 0 < adm.retry_after <= 2.0
     with pytest.raises(CircuitOpen):
         with bs.guard(SONNET):
             pytest.fail("must not be admitted")
@@ -54,7 +67,7 @@ def test_failures_in_one_process_open_the_breaker_for_others(
 
     # Recovery is shared as well: after open_duration one process's probe closes it for all.
     provider.set_default(SONNET, None)
-    time.sleep(0.6)
+    time.sleep(adm.retry_after + 0.05)
     probe = run_agent(server, provider, "guard", SONNET, 1)
     assert probe == [{"ok": True, "state": "closed"}]
     assert run_agent(server, provider, "call", "chat", 1)[0]["model"] == SONNET

@@ -148,10 +148,9 @@ class Core:
             self._remote = False
             self._down_since = time.monotonic()
         log.warning(
-            "Backstop at %s is unreachable (%s: %s); deciding locally (%s) and reconnecting in the background",
+            "Backstop at %s is unreachable (%s); deciding locally (%s) and reconnecting in the background",
             self.address,
-            method,
-            err,
+            err if str(err).startswith(method) else f"{method}: {err}",
             self.policy,
         )
         return True
