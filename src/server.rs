@@ -153,7 +153,7 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if let Err(e) = engine.flush_dirty().wait().await {
+                if let Err(e) = engine.flush_dirty().0.wait().await {
                     tracing::error!(error = %e, "write-behind flush failed");
                 }
             }
@@ -218,7 +218,7 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
     let _ = http_stop_tx.send(());
     let drained = tokio::time::timeout(config.server.shutdown_grace, server).await;
     flusher.abort();
-    if let Err(e) = engine.flush_dirty().wait().await {
+    if let Err(e) = engine.flush_all().await {
         tracing::error!(error = %e, "final state flush failed");
     }
     match drained {

@@ -244,6 +244,10 @@ pub struct LoadReport {
     pub elapsed: Duration,
 }
 
+/// Most targets one write-behind flush writes (bounds its memory and I/O; a
+/// backlog drains over the following flushes).
+pub const MAX_FLUSH: usize = 20_000;
+
 /// Checks a target name from a client.
 pub fn validate_target(name: &str) -> Result<()> {
     if name.is_empty() {
@@ -411,21 +415,27 @@ impl Engine {
         }
     }
 
-    /// Write-behind: queues the state of every target changed since the last
-    /// flush (counters, budget levels) and of every budget group. Called about
-    /// once a second; what it writes is approximate across a crash by design.
-    pub fn flush_dirty(&self) -> persist::Pending {
+    /// Write-behind: queues the state of up to [`MAX_FLUSH`] targets changed
+    /// since the last flush (counters, budget levels) and of every budget
+    /// group. Called about once a second; what it writes is approximate across
+    /// a crash by design. Returns the pending write and how many targets it
+    /// covers (call again while that is `MAX_FLUSH` to drain a backlog).
+    pub fn flush_dirty(&self) -> (persist::Pending, usize) {
         let Some(p) = &self.persister else {
-            return persist::Pending::none();
+            return (persist::Pending::none(), 0);
         };
         let mut ops = Vec::new();
         for entry in self.targets.iter() {
+            if ops.len() >= MAX_FLUSH {
+                break;
+            }
             let t = entry.value();
             if t.dirty.swap(false, Ordering::Relaxed) {
                 let st = t.lock();
                 ops.push(Op::Target(t.name.clone(), Some(t.to_record(&st))));
             }
         }
+        let n = ops.len();
         for g in self.groups.iter() {
             let st = g.state.lock().unwrap_or_else(|e| e.into_inner());
             let tats = Kind::ALL
@@ -434,7 +444,18 @@ impl Engine {
                 .collect();
             ops.push(Op::Group(g.name.clone(), Some(store::GroupRecord { tats })));
         }
-        p.write(ops)
+        (p.write(ops), n)
+    }
+
+    /// Flushes every dirty target (shutdown).
+    pub async fn flush_all(&self) -> std::result::Result<(), StoreError> {
+        loop {
+            let (pending, n) = self.flush_dirty();
+            pending.wait().await?;
+            if n < MAX_FLUSH {
+                return Ok(());
+            }
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -428,7 +428,7 @@ async fn write_behind_flushes_counters() {
         for _ in 0..3 {
             e.can_proceed("t", AdmitArgs::default()).await.expect("ok");
         }
-        e.flush_dirty().wait().await.expect("flush");
+        e.flush_all().await.expect("flush");
     }
     let (e, _) = open("", &d, &clock);
     assert_eq!(e.get_target("t").expect("t").counters.admitted, 3);

@@ -33,8 +33,9 @@ fi
 
 # The package itself: reinstalled when any of its files changes.
 PKG_STAMP="$VENV/.backstop-client-src"
-src_hash="$(cd "$PKG" && find pyproject.toml README.md src -type f ! -path '*/__pycache__/*' ! -path '*.egg-info*' -print0 \
-  | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+src_hash="$(cd "$PKG" && find . -path ./tests -prune -o -path ./examples -prune -o -type f \
+  \( -name '*.py' -o -name '*.pyi' -o -name py.typed -o -name pyproject.toml -o -name README.md \) \
+  ! -path '*/__pycache__/*' ! -path './build/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$PKG_STAMP" 2>/dev/null || true)" != "$src_hash" ]; then
   say "python: installing the backstop package"
   "$PY" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$PKG"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Tuple
 
 import pytest
 
@@ -27,7 +27,6 @@ from backstop.testing import (
     FakeProvider,
     ProviderError,
     context_length,
-    ok,
     overloaded,
     unauthorized,
 )

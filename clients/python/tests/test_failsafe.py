@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import grpc
 import pytest
@@ -77,7 +77,7 @@ class Loop:
                 self.results.append({"error": repr(e), "mode": self.bs.mode})
             time.sleep(0.01)
 
-    def __enter__(self) -> "Loop":
+    def __enter__(self) -> Loop:
         self.thread.start()
         return self
 
@@ -159,7 +159,9 @@ def test_deadline_on_a_hung_server(server: BackstopServer, make_client: Callable
 def test_routes_learned_before_the_outage(server: BackstopServer, provider: FakeProvider, make_client: Callable[..., Backstop]) -> None:
     """No local_routes given: the candidate order is learned from Route answers."""
     bs = make_client(server.address, timeout=0.25, local_policy=LOCAL, reconnect_interval=0.1)
-    fn = lambda t, m, k: provider.complete(t, "hi", timeout=2)  # noqa: E731
+    def fn(t: str, m: int, k: str) -> Completion:
+        return provider.complete(t, "hi", timeout=2)
+
     bs.set_breaker_state(SONNET, BreakerMode.FORCE_OPEN)
     bs.set_breaker_state(GPT, BreakerMode.FORCE_OPEN)
     assert bs.call("chat", fn).model == HAIKU  # Route skipped sonnet and gpt: all three learned

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Callable, Dict
+from typing import Any, Dict
 
 import pytest
 
@@ -69,7 +69,7 @@ def test_guard_classifies_provider_failures(case: str, bs: Backstop, provider: F
     status = bs.get_target(target)
     counters = status.counters
     assert getattr(counters, counter) == 1, counters
-    others = {f: getattr(counters, f) for f in ("success", "transient", "rate_limited", "persistent", "bad_input", "partial", "timeout")}
+    others: Dict[str, int] = {f: getattr(counters, f) for f in ("success", "transient", "rate_limited", "persistent", "bad_input", "partial", "timeout")}
     del others[counter]
     assert set(others.values()) == {0}, others
     assert status.counters.admitted == 1
@@ -140,10 +140,11 @@ def test_malformed_reply_is_partial(bs: Backstop, provider: FakeProvider) -> Non
 
 def test_a_bug_in_the_block_does_not_blame_the_provider(bs: Backstop) -> None:
     target = "test/bug"
+    settings: Dict[str, str] = {}
     for _ in range(3):  # more than failure_threshold
         with pytest.raises(KeyError):
             with bs.guard(target):
-                {}["missing"]
+                settings["missing"]
     status = bs.get_target(target)
     assert status.state == BreakerState.CLOSED and status.consecutive_failures == 0
     assert status.counters.bad_input == 3

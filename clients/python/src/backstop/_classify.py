@@ -19,7 +19,7 @@ import asyncio
 import json
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import MalformedOutput, StructuredOutputError
 from .types import OutcomeClass
@@ -97,7 +97,11 @@ def _items(headers: Any) -> Iterable[Tuple[Any, Any]]:
         except TypeError:
             return ()
     if isinstance(headers, (list, tuple)):
-        return [kv for kv in headers if isinstance(kv, (list, tuple)) and len(kv) == 2]
+        pairs: List[Tuple[Any, Any]] = []
+        for kv in headers:
+            if isinstance(kv, (list, tuple)) and len(kv) == 2:
+                pairs.append((kv[0], kv[1]))
+        return pairs
     return ()
 
 

@@ -51,7 +51,7 @@ def seconds(msg: Any, field: str) -> Optional[float]:
     if not msg.HasField(field):
         return None
     d = getattr(msg, field)
-    return d.seconds + d.nanos / 1e9
+    return float(d.seconds + d.nanos / 1e9)
 
 
 def timestamp(msg: Any, field: str) -> Optional[_dt.datetime]:
@@ -89,14 +89,13 @@ def retry_reason(v: int) -> RetryReason:
     return result
 
 
-def outcome_class_to_proto(c: OutcomeClass) -> int:
-    value: int = resilience_pb2.OutcomeClass.Value("OUTCOME_CLASS_" + c.name)
-    return value
+def outcome_class_to_proto(c: OutcomeClass) -> str:
+    """The proto enum value's name (protobuf accepts names for enum fields)."""
+    return "OUTCOME_CLASS_" + c.name
 
 
-def breaker_mode_to_proto(m: BreakerMode) -> int:
-    value: int = admin_pb2.BreakerMode.Value("BREAKER_MODE_" + m.name)
-    return value
+def breaker_mode_to_proto(m: BreakerMode) -> str:
+    return "BREAKER_MODE_" + m.name
 
 
 # --- Resilience ---------------------------------------------------------------

@@ -25,7 +25,6 @@ from .types import (
     Admission,
     AttemptError,
     Deferred,
-    OutcomeClass,
     OutcomeReport,
     OutcomeResult,
     Reason,

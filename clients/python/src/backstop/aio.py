@@ -79,7 +79,7 @@ class AsyncBackstop(Requests):
         self._stubs: Optional[Stubs] = None
         self._health: Any = None
         self._connect_lock: Optional[asyncio.Lock] = None
-        self._prober: Optional["asyncio.Task[None]"] = None
+        self._prober: Optional[asyncio.Task[None]] = None
 
     @property
     def stubs(self) -> Stubs:
@@ -105,7 +105,7 @@ class AsyncBackstop(Requests):
         if self._channel is not None:
             await self._channel.close()
 
-    async def __aenter__(self) -> "AsyncBackstop":
+    async def __aenter__(self) -> AsyncBackstop:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -235,7 +235,7 @@ class AsyncBackstop(Requests):
     async def call(
         self,
         route: RouteArg,
-        fn: Callable[[str, int, str], Union[Awaitable[T], T]],
+        fn: Callable[[str, int, str], Awaitable[T]],
         *,
         estimated_tokens: int = ...,
         required_context_tokens: int = ...,
@@ -253,7 +253,7 @@ class AsyncBackstop(Requests):
     async def call(
         self,
         route: RouteArg,
-        fn: Callable[[str, int, str], Union[Awaitable[T], T]],
+        fn: Callable[[str, int, str], Awaitable[T]],
         *,
         estimated_tokens: int = ...,
         required_context_tokens: int = ...,
@@ -283,7 +283,8 @@ class AsyncBackstop(Requests):
         max_attempts: int = 0,
         deadline: Optional[float] = None,
     ) -> Any:
-        """See :meth:`backstop.Backstop.call`; ``fn`` may be a coroutine function."""
+        """See :meth:`backstop.Backstop.call`. ``fn`` is normally a coroutine
+        function; a plain function works too (its result is used as is)."""
         spec = self._call_spec(
             route,
             estimated_tokens=estimated_tokens,

@@ -52,10 +52,11 @@ class Stubs:
     does not cover (e.g. ``stubs.events.Watch``)."""
 
     def __init__(self, channel: Any) -> None:
-        self.resilience = resilience_pb2_grpc.ResilienceStub(channel)
-        self.admin = admin_pb2_grpc.AdminStub(channel)
-        self.deferred = deferred_pb2_grpc.DeferredStub(channel)
-        self.events = events_pb2_grpc.EventsStub(channel)
+        # The generated stub classes are untyped; their methods are used through Any.
+        self.resilience: Any = resilience_pb2_grpc.ResilienceStub(channel)  # type: ignore[no-untyped-call]
+        self.admin: Any = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+        self.deferred: Any = deferred_pb2_grpc.DeferredStub(channel)  # type: ignore[no-untyped-call]
+        self.events: Any = events_pb2_grpc.EventsStub(channel)  # type: ignore[no-untyped-call]
 
 
 class Backstop(Requests):
@@ -126,7 +127,7 @@ class Backstop(Requests):
             self._prober.join(timeout=5)
         self._channel.close()
 
-    def __enter__(self) -> "Backstop":
+    def __enter__(self) -> Backstop:
         return self
 
     def __exit__(self, *exc: Any) -> None:

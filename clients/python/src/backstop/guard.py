@@ -129,11 +129,11 @@ class _GuardBase:
 class Guard(_GuardBase):
     """Sync guard; see the module docs. Create with :meth:`Backstop.guard`."""
 
-    def __init__(self, client: "Backstop", target: str, estimated_tokens: int = 0, attempt: int = 0) -> None:
+    def __init__(self, client: Backstop, target: str, estimated_tokens: int = 0, attempt: int = 0) -> None:
         super().__init__(target, estimated_tokens, attempt, client.caller)
         self._client = client
 
-    def __enter__(self) -> "Guard":
+    def __enter__(self) -> Guard:
         adm = self._client.can_proceed(self.target, estimated_tokens=self.estimated_tokens, attempt=self.attempt)
         self._client._refuse_if_needed(adm)
         self.admission = adm
@@ -145,23 +145,22 @@ class Guard(_GuardBase):
         exc_type: Optional[Type[BaseException]],
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
-    ) -> bool:
+    ) -> None:
         self.report = self._build(exc)
         try:
             self.outcome = self._client._record(self.report)
         except ControlPlaneError as err:
             self._report_failed(err, exc)
-        return False
 
 
 class AsyncGuard(_GuardBase):
     """asyncio guard; see the module docs. Create with :meth:`AsyncBackstop.guard`."""
 
-    def __init__(self, client: "AsyncBackstop", target: str, estimated_tokens: int = 0, attempt: int = 0) -> None:
+    def __init__(self, client: AsyncBackstop, target: str, estimated_tokens: int = 0, attempt: int = 0) -> None:
         super().__init__(target, estimated_tokens, attempt, client.caller)
         self._client = client
 
-    async def __aenter__(self) -> "AsyncGuard":
+    async def __aenter__(self) -> AsyncGuard:
         adm = await self._client.can_proceed(
             self.target, estimated_tokens=self.estimated_tokens, attempt=self.attempt
         )
@@ -175,10 +174,9 @@ class AsyncGuard(_GuardBase):
         exc_type: Optional[Type[BaseException]],
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
-    ) -> bool:
+    ) -> None:
         self.report = self._build(exc)
         try:
             self.outcome = await self._client._record(self.report)
         except ControlPlaneError as err:
             self._report_failed(err, exc)
-        return False

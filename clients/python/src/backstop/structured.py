@@ -214,7 +214,7 @@ class Structured(Generic[T]):
         self.validator = _Validator(schema)
         self.max_corrections = max_corrections
 
-    def session(self) -> "_Session[T]":
+    def session(self) -> _Session[T]:
         """A stateful callable for one ``call()``: it remembers the last failure
         so the next invocation can send the correction."""
         return _Session(self)

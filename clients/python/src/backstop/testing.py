@@ -117,16 +117,13 @@ class BackstopServer:
             args += ["--http", "127.0.0.1:0"]
         return args + self.extra_args
 
-    def start(self) -> "BackstopServer":
+    def start(self) -> BackstopServer:
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError("already running")
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "warn")
-        log = open(self.log_path, "ab")
-        try:
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(self._args(), stdout=subprocess.PIPE, stderr=log, env=env, cwd=self.dir)
-        finally:
-            log.close()
         found = threading.Event()
         assert self.proc.stdout is not None
         stdout = self.proc.stdout
@@ -175,7 +172,7 @@ class BackstopServer:
             self.proc.kill()
             self.proc.wait()
 
-    def restart(self, retries: int = 50) -> "BackstopServer":
+    def restart(self, retries: int = 50) -> BackstopServer:
         """Starts again on the same port (and data directory)."""
         self.kill()
         last: Optional[Exception] = None
@@ -191,7 +188,7 @@ class BackstopServer:
         self.kill()
         self._tmp.cleanup()
 
-    def __enter__(self) -> "BackstopServer":
+    def __enter__(self) -> BackstopServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -450,7 +447,7 @@ class _State:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass
@@ -536,7 +533,7 @@ class FakeProvider(FakeProviderClient):
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "FakeProvider":
+    def __enter__(self) -> FakeProvider:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -29,7 +29,7 @@ class _ProtoEnum(str, Enum):
             return cls["UNSPECIFIED"]
 
     def __str__(self) -> str:
-        return self.value
+        return str(self.value)
 
 
 class BreakerState(_ProtoEnum):

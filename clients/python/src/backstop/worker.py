@@ -113,7 +113,7 @@ class DeferredWorker(_WorkerBase):
 
     def __init__(
         self,
-        client: "Backstop",
+        client: Backstop,
         queue: str,
         handler: Callable[[DeferredItem], Any],
         *,
@@ -140,7 +140,7 @@ class DeferredWorker(_WorkerBase):
         self._pending: Any = None
         self._thread: Optional[threading.Thread] = None
 
-    def start(self) -> "DeferredWorker":
+    def start(self) -> DeferredWorker:
         """Runs :meth:`run` in a daemon thread."""
         if self._thread is not None:
             raise RuntimeError("worker already started")
@@ -252,7 +252,7 @@ class AsyncDeferredWorker(_WorkerBase):
 
     def __init__(
         self,
-        client: "AsyncBackstop",
+        client: AsyncBackstop,
         queue: str,
         handler: Callable[[DeferredItem], Any],
         *,
@@ -275,7 +275,7 @@ class AsyncDeferredWorker(_WorkerBase):
         self.client = client
         self.handler = handler
         self._stop: Optional[asyncio.Event] = None
-        self._claiming: Optional["asyncio.Task[ClaimResult]"] = None
+        self._claiming: Optional[asyncio.Task[ClaimResult]] = None
 
     def _event(self) -> asyncio.Event:
         if self._stop is None:

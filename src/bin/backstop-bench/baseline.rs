@@ -1,0 +1,111 @@
+//! The bare baseline: `backstop.v1.Resilience` implemented as no-ops.
+//!
+//! Same service, same paths, same message types and similar response sizes
+//! as Backstop, but no decision is made: what is left is the cost of tonic,
+//! HTTP/2, protobuf and the loopback network on this machine. Backstop's
+//! figures are reported as ratios to this, measured in the same run.
+
+use backstop::proto;
+use backstop::proto::resilience_server::{Resilience, ResilienceServer};
+use std::io::Write as _;
+use tonic::{Request, Response, Status};
+
+/// A permit-sized string, so responses weigh what Backstop's weigh.
+const PERMIT: &str = "1.1.0.0.0.7d0.8f3a";
+
+fn allowed() -> proto::CanProceedResponse {
+    proto::CanProceedResponse {
+        allowed: true,
+        reason: proto::Reason::Allowed as i32,
+        state: proto::BreakerState::Closed as i32,
+        permit: PERMIT.into(),
+        ..Default::default()
+    }
+}
+
+fn recorded() -> proto::RecordOutcomeResponse {
+    proto::RecordOutcomeResponse {
+        classified_as: proto::OutcomeClass::Success as i32,
+        state: proto::BreakerState::Closed as i32,
+        retry: Some(proto::RetryAdvice {
+            retry: false,
+            delay: Some(prost_types::Duration::default()),
+            reason: proto::RetryReason::Succeeded as i32,
+        }),
+        stale_permit: false,
+    }
+}
+
+struct Noop;
+
+#[tonic::async_trait]
+impl Resilience for Noop {
+    async fn can_proceed(
+        &self,
+        _r: Request<proto::CanProceedRequest>,
+    ) -> Result<Response<proto::CanProceedResponse>, Status> {
+        Ok(Response::new(allowed()))
+    }
+
+    async fn record_outcome(
+        &self,
+        _r: Request<proto::RecordOutcomeRequest>,
+    ) -> Result<Response<proto::RecordOutcomeResponse>, Status> {
+        Ok(Response::new(recorded()))
+    }
+
+    async fn route(
+        &self,
+        r: Request<proto::RouteRequest>,
+    ) -> Result<Response<proto::RouteResponse>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(proto::RouteResponse {
+            target: r.candidates.first().cloned().unwrap_or(r.route),
+            permit: PERMIT.into(),
+            state: proto::BreakerState::Closed as i32,
+            ..Default::default()
+        }))
+    }
+
+    async fn can_proceed_batch(
+        &self,
+        r: Request<proto::CanProceedBatchRequest>,
+    ) -> Result<Response<proto::CanProceedBatchResponse>, Status> {
+        let n = r.into_inner().items.len();
+        let items = (0..n)
+            .map(|_| proto::CanProceedResult {
+                result: Some(proto::can_proceed_result::Result::Ok(allowed())),
+            })
+            .collect();
+        Ok(Response::new(proto::CanProceedBatchResponse { items }))
+    }
+
+    async fn record_outcome_batch(
+        &self,
+        r: Request<proto::RecordOutcomeBatchRequest>,
+    ) -> Result<Response<proto::RecordOutcomeBatchResponse>, Status> {
+        let n = r.into_inner().items.len();
+        let items = (0..n)
+            .map(|_| proto::RecordOutcomeResult {
+                result: Some(proto::record_outcome_result::Result::Ok(recorded())),
+            })
+            .collect();
+        Ok(Response::new(proto::RecordOutcomeBatchResponse { items }))
+    }
+}
+
+/// Runs the baseline server until killed; prints `baseline listening grpc=ADDR`.
+pub async fn serve(listen: std::net::SocketAddr) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "baseline listening grpc={addr}");
+    let _ = out.flush();
+    tonic::transport::Server::builder()
+        .add_service(ResilienceServer::new(Noop))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await
+        .map_err(|e| e.to_string())
+}
