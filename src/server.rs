@@ -16,8 +16,8 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
 /// A startup failure, with a message an operator can act on.
 #[derive(Debug)]
@@ -140,9 +140,13 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
         .add_service(deferred)
         .add_service(events)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
-            let _ = stop_rx.await;
-        });
+        .serve_with_incoming_shutdown(
+            // Small request/response RPCs: never wait for Nagle's algorithm.
+            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
     let server = tokio::spawn(server);
 
     // Write-behind of counters and budget levels, about once a second.

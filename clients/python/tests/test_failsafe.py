@@ -120,11 +120,14 @@ def test_kill_mid_run_then_restart(
         server.restart()  # same port
         took = wait_for(lambda: bs.mode == "remote", 10, "reconnecting to the restarted server")
         assert took < 5
-        admitted_before = admitted(bs, SONNET) + admitted(bs, GPT)
+        # The loop makes one call at a time: of the calls completed after n, at
+        # most two (one in flight, one starting) were admitted before the count below.
         n = loop.count()
-        wait_for(lambda: loop.count() >= n + 5, 10, "calls after the restart")
+        admitted_before = admitted(bs, SONNET) + admitted(bs, GPT)
+        wait_for(lambda: loop.count() >= n + 7, 10, "calls after the restart")
         admitted_after = admitted(bs, SONNET) + admitted(bs, GPT)
         assert admitted_after >= admitted_before + 5, "decisions are the server's again"
+        assert all(r["mode"] == "remote" for r in loop.results[n + 2 :])
 
     errors = [r for r in loop.results if "error" in r]
     assert errors == [], errors[:3]

@@ -105,7 +105,9 @@ pub async fn serve(listen: std::net::SocketAddr) -> Result<(), String> {
     let _ = out.flush();
     tonic::transport::Server::builder()
         .add_service(ResilienceServer::new(Noop))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        )
         .await
         .map_err(|e| e.to_string())
 }
