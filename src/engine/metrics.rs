@@ -208,7 +208,20 @@ pub struct Metrics {
     labels_used: AtomicUsize,
     max_labels: usize,
     other: Arc<TargetMetrics>,
+    /// Pre-resolved RPC histograms, indexed like [`RPC_METHODS`]: timing an
+    /// RPC must not hash a label set or take the family's lock.
+    rpc_handles: Vec<AtomicHistogram>,
 }
+
+/// The RPCs timed by `backstop_rpc_duration_seconds` without a family lookup
+/// (others fall back to the family).
+pub const RPC_METHODS: &[&str] = &[
+    "CanProceed",
+    "RecordOutcome",
+    "Route",
+    "CanProceedBatch",
+    "RecordOutcomeBatch",
+];
 
 /// The label shared by targets beyond the cardinality cap.
 pub const OTHER: &str = "_other";
@@ -343,8 +356,19 @@ impl Metrics {
                 latency: AtomicHistogram::default(),
                 state: Gauge::default(),
             }),
+            rpc_handles: Vec::new(),
         };
         m.other = Arc::new(m.build(OTHER));
+        m.rpc_handles = RPC_METHODS
+            .iter()
+            .map(|method| {
+                m.rpc_duration
+                    .get_or_create(&MethodLabel {
+                        method: (*method).into(),
+                    })
+                    .clone()
+            })
+            .collect();
         m
     }
 
@@ -443,13 +467,17 @@ impl Metrics {
 
     /// Times one RPC; record with [`RpcTimer::finish`] or on drop.
     pub fn rpc(&self, method: &'static str) -> RpcTimer {
-        RpcTimer {
-            hist: self
+        let hist = match RPC_METHODS.iter().position(|m| *m == method) {
+            Some(i) => self.rpc_handles[i].clone(),
+            None => self
                 .rpc_duration
                 .get_or_create(&MethodLabel {
                     method: method.into(),
                 })
                 .clone(),
+        };
+        RpcTimer {
+            hist,
             started: std::time::Instant::now(),
         }
     }

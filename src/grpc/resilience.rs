@@ -137,7 +137,7 @@ impl Resilience for ResilienceService {
         req: Request<proto::CanProceedRequest>,
     ) -> Result<Response<proto::CanProceedResponse>, Status> {
         let _timer = self.engine.metrics().rpc("CanProceed");
-        let span = tracing::info_span!(
+        let span = crate::rpc_span!(
             "CanProceed",
             target = %req.get_ref().target,
             caller = %req.get_ref().caller,
@@ -160,7 +160,7 @@ impl Resilience for ResilienceService {
         req: Request<proto::RecordOutcomeRequest>,
     ) -> Result<Response<proto::RecordOutcomeResponse>, Status> {
         let _timer = self.engine.metrics().rpc("RecordOutcome");
-        let span = tracing::info_span!(
+        let span = crate::rpc_span!(
             "RecordOutcome",
             target = %req.get_ref().target,
             caller = %req.get_ref().caller,
@@ -183,7 +183,7 @@ impl Resilience for ResilienceService {
         req: Request<proto::RouteRequest>,
     ) -> Result<Response<proto::RouteResponse>, Status> {
         let _timer = self.engine.metrics().rpc("Route");
-        let span = tracing::info_span!(
+        let span = crate::rpc_span!(
             "Route",
             route = %req.get_ref().route,
             caller = %req.get_ref().caller,

@@ -67,7 +67,7 @@ def generate() -> dict[str, bytes]:
             f"{GENERATOR} (see GENERATOR in {Path(__file__).name}); "
             f"pip install grpcio-tools=={GENERATOR}"
         )
-    import grpc_tools
+    import grpc_tools  # type: ignore[import-untyped]
 
     well_known = Path(grpc_tools.__file__).resolve().parent / "_proto"
     protos = sorted(p.relative_to(PROTO_ROOT).as_posix() for p in PROTO_DIR.glob("*.proto"))

@@ -28,7 +28,7 @@ from backstop import (
     LocalPolicy,
     Reason,
 )
-from backstop.testing import BackstopServer, Completion, FakeProvider, overloaded
+from backstop.testing import BackstopServer, Completion, FakeProvider, free_port, overloaded
 
 SONNET, GPT, HAIKU = "anthropic/sonnet", "openai/gpt-4o", "anthropic/haiku"
 ROUTES = {"chat": [SONNET, GPT, HAIKU]}
@@ -246,3 +246,16 @@ def test_async_kill_and_restart(server: BackstopServer, provider: FakeProvider) 
     asyncio.run(main())
 
 
+
+
+def test_agent_starts_before_its_control_plane(
+    start_server: Callable[..., BackstopServer], make_client: Callable[..., Backstop]
+) -> None:
+    port = free_port()
+    bs = make_client(f"127.0.0.1:{port}", timeout=0.05, connect_timeout=0.3, reconnect_interval=0.1)
+    t0 = time.monotonic()
+    adm = bs.can_proceed(SONNET)
+    assert adm.allowed and adm.local and time.monotonic() - t0 < 1.0
+    start_server(port=port)
+    wait_for(lambda: bs.mode == "remote", 10, "connecting once the server is up")
+    assert not bs.can_proceed(SONNET).local

@@ -65,11 +65,6 @@ def default_caller() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def is_outage(e: grpc.RpcError) -> bool:
-    code = e.code() if callable(getattr(e, "code", None)) else None
-    return code in OUTAGE_CODES
-
-
 def rpc_error(method: str, e: grpc.RpcError) -> ControlPlaneError:
     code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
     details = e.details() if callable(getattr(e, "details", None)) else str(e)
@@ -81,7 +76,28 @@ RouteArg = Union[str, Sequence[str]]
 
 
 class Core:
-    """Settings and fail-safe state of one client."""
+    """Settings and fail-safe state of one client (the constructor of both clients).
+
+    :param address: ``host:port`` of the Backstop gRPC listener.
+    :param timeout: deadline of each decision call (CanProceed, RecordOutcome,
+        Route), 50 ms by default: a control plane that cannot answer that fast
+        is treated as down rather than slowing every agent call.
+    :param caller: agent id sent with every call (default ``hostname:pid``).
+    :param policy: what to do while Backstop is unreachable: ``"fail_open"``
+        (default: decide locally with an in-process breaker and backoff) or
+        ``"fail_closed"`` (refuse every call with :class:`BackstopUnreachable`).
+    :param local_policy: settings of the local breaker and backoff (defaults:
+        the server's defaults).
+    :param local_routes: candidate lists for routes, used while Backstop is
+        unreachable (routes seen in earlier Route answers are remembered too).
+    :param admin_token: bearer token for Admin calls, if the server has one.
+    :param queue_timeout: deadline of deferred-queue and admin calls.
+    :param connect_timeout: how long the first call may wait for the connection.
+    :param reconnect_interval: how often the background probe retries Backstop
+        while it is unreachable.
+    :param channel_options: extra gRPC channel options.
+    :param credentials: ``grpc.ssl_channel_credentials(...)`` for TLS (default: plaintext).
+    """
 
     def __init__(
         self,
@@ -97,6 +113,7 @@ class Core:
         connect_timeout: float = 1.0,
         reconnect_interval: float = 0.5,
         channel_options: Sequence[Tuple[str, Any]] = (),
+        credentials: Optional[grpc.ChannelCredentials] = None,
     ) -> None:
         if policy not in (FAIL_OPEN, FAIL_CLOSED):
             raise ValueError(f"policy must be {FAIL_OPEN!r} or {FAIL_CLOSED!r}, got {policy!r}")
@@ -109,6 +126,7 @@ class Core:
         self.queue_timeout = float(queue_timeout)
         self.connect_timeout = float(connect_timeout)
         self.reconnect_interval = float(reconnect_interval)
+        self.credentials = credentials
         self.local_engine = LocalEngine(local_policy or LocalPolicy())
         self.route_memory = RouteMemory(local_routes)
         self._admin_metadata: Optional[Tuple[Tuple[str, str], ...]] = (
@@ -127,6 +145,10 @@ class Core:
             ("grpc.max_reconnect_backoff_ms", max(backoff_ms, 2000)),
             *channel_options,
         ]
+        self._setup()
+
+    def _setup(self) -> None:
+        """Creates the transport (the sync client's channel, the async client's locks)."""
 
     # --- the remote/local switch ------------------------------------------------
 

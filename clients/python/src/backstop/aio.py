@@ -13,8 +13,7 @@ from typing import Any, Awaitable, Callable, Generator, List, Mapping, Optional,
 import grpc
 import grpc.aio
 
-from ._core import FAIL_OPEN, Requests, RouteArg, Rpc, _HEALTH_METHOD, health_request, health_serving, invoker, rpc_error
-from ._local import LocalPolicy
+from ._core import Requests, RouteArg, Rpc, _HEALTH_METHOD, health_request, health_serving, invoker, rpc_error
 from ._plan import AdmitOp, DeferOp, InvokeOp, Invoked, Op, RecordOp, RouteOp, SleepOp, call_plan
 from .client import Stubs
 from .errors import BackstopError, ControlPlaneError, ControlPlaneUnavailable
@@ -47,34 +46,7 @@ class AsyncBackstop(Requests):
     one client per event loop.
     """
 
-    def __init__(
-        self,
-        address: str = "127.0.0.1:50051",
-        *,
-        timeout: float = 0.05,
-        caller: Optional[str] = None,
-        policy: str = FAIL_OPEN,
-        local_policy: Optional[LocalPolicy] = None,
-        local_routes: Optional[Mapping[str, Sequence[str]]] = None,
-        admin_token: Optional[str] = None,
-        queue_timeout: float = 5.0,
-        connect_timeout: float = 1.0,
-        reconnect_interval: float = 0.5,
-        channel_options: Sequence[Any] = (),
-    ) -> None:
-        super().__init__(
-            address,
-            timeout=timeout,
-            caller=caller,
-            policy=policy,
-            local_policy=local_policy,
-            local_routes=local_routes,
-            admin_token=admin_token,
-            queue_timeout=queue_timeout,
-            connect_timeout=connect_timeout,
-            reconnect_interval=reconnect_interval,
-            channel_options=channel_options,
-        )
+    def _setup(self) -> None:
         self._channel: Optional[grpc.aio.Channel] = None
         self._stubs: Optional[Stubs] = None
         self._health: Any = None
@@ -85,7 +57,10 @@ class AsyncBackstop(Requests):
     def stubs(self) -> Stubs:
         """The generated grpc.aio stubs (created on first use)."""
         if self._stubs is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=self.channel_options)
+            if self.credentials is not None:
+                self._channel = grpc.aio.secure_channel(self.address, self.credentials, options=self.channel_options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.address, options=self.channel_options)
             self._stubs = Stubs(self._channel)
             self._health = self._channel.unary_unary(_HEALTH_METHOD)
         return self._stubs
@@ -140,7 +115,13 @@ class AsyncBackstop(Requests):
 
     def _outage(self, method: str, err: Any) -> None:
         if self._went_down(method, err):
-            self._prober = asyncio.get_running_loop().create_task(self._probe())
+            self._ensure_prober()
+
+    def _ensure_prober(self) -> None:
+        """Starts the recovery probe task unless it is running (restarted if it ever died)."""
+        if self._closed or self._remote or (self._prober is not None and not self._prober.done()):
+            return
+        self._prober = asyncio.get_running_loop().create_task(self._probe())
 
     async def _probe(self) -> None:
         """Background recovery: health-checks Backstop until it serves again."""
@@ -152,6 +133,9 @@ class AsyncBackstop(Requests):
             except grpc.RpcError as e:
                 log.debug("Backstop still unreachable: %s", e.code())
                 continue
+            except Exception as e:  # keep probing until closed
+                log.debug("Backstop health probe failed: %r", e)
+                continue
             if health_serving(answer):
                 self._came_back()
                 return
@@ -162,6 +146,8 @@ class AsyncBackstop(Requests):
                 return await self._unary(rpc)  # type: ignore[no-any-return]
             except ControlPlaneUnavailable as e:
                 self._outage(rpc.method, e)
+        else:
+            self._ensure_prober()
         return local()
 
     # --- decisions -------------------------------------------------------------------

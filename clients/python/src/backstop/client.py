@@ -11,7 +11,6 @@ from typing import Any, Callable, Generator, List, Mapping, Optional, Sequence, 
 import grpc
 
 from ._core import (
-    FAIL_OPEN,
     Requests,
     RouteArg,
     Rpc,
@@ -21,7 +20,6 @@ from ._core import (
     invoker,
     rpc_error,
 )
-from ._local import LocalPolicy
 from ._plan import AdmitOp, DeferOp, InvokeOp, Invoked, Op, RecordOp, RouteOp, SleepOp, call_plan
 from ._proto import admin_pb2_grpc, deferred_pb2_grpc, events_pb2_grpc, resilience_pb2_grpc
 from .errors import BackstopError, ControlPlaneError, ControlPlaneUnavailable
@@ -62,57 +60,22 @@ class Stubs:
 class Backstop(Requests):
     """Blocking Backstop client. Thread-safe; create one per process and share it.
 
-    :param address: ``host:port`` of the Backstop gRPC listener.
-    :param timeout: deadline of each decision call (CanProceed, RecordOutcome,
-        Route), 50 ms by default: a control plane that cannot answer that fast
-        is treated as down rather than slowing every agent call.
-    :param policy: what to do while Backstop is unreachable: ``"fail_open"``
-        (default: decide locally with an in-process breaker and backoff) or
-        ``"fail_closed"`` (refuse every call with :class:`BackstopUnreachable`).
-    :param local_policy: settings of the local breaker and backoff (defaults:
-        the server's defaults).
-    :param local_routes: candidate lists for routes, used while Backstop is
-        unreachable (routes seen in earlier Route answers are remembered too).
-    :param caller: agent id sent with every call (default ``hostname:pid``).
-    :param admin_token: bearer token for Admin calls, if the server has one.
-    :param queue_timeout: deadline of deferred-queue and admin calls.
-    :param connect_timeout: how long the first call may wait for the connection.
-    :param reconnect_interval: how often the background probe retries Backstop
-        while it is unreachable.
+    ``Backstop(address="127.0.0.1:50051", *, timeout=0.05, policy="fail_open",
+    local_policy=None, local_routes=None, caller=None, admin_token=None,
+    queue_timeout=5.0, connect_timeout=1.0, reconnect_interval=0.5,
+    channel_options=(), credentials=None)``; the parameters are described on
+    :class:`backstop._core.Core`.
     """
 
-    def __init__(
-        self,
-        address: str = "127.0.0.1:50051",
-        *,
-        timeout: float = 0.05,
-        caller: Optional[str] = None,
-        policy: str = FAIL_OPEN,
-        local_policy: Optional[LocalPolicy] = None,
-        local_routes: Optional[Mapping[str, Sequence[str]]] = None,
-        admin_token: Optional[str] = None,
-        queue_timeout: float = 5.0,
-        connect_timeout: float = 1.0,
-        reconnect_interval: float = 0.5,
-        channel_options: Sequence[Any] = (),
-    ) -> None:
-        super().__init__(
-            address,
-            timeout=timeout,
-            caller=caller,
-            policy=policy,
-            local_policy=local_policy,
-            local_routes=local_routes,
-            admin_token=admin_token,
-            queue_timeout=queue_timeout,
-            connect_timeout=connect_timeout,
-            reconnect_interval=reconnect_interval,
-            channel_options=channel_options,
-        )
-        self._channel = grpc.insecure_channel(address, options=self.channel_options)
+    def _setup(self) -> None:
+        if self.credentials is not None:
+            self._channel = grpc.secure_channel(self.address, self.credentials, options=self.channel_options)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=self.channel_options)
         self.stubs = Stubs(self._channel)
         self._health = self._channel.unary_unary(_HEALTH_METHOD)
         self._connect_lock = threading.Lock()
+        self._prober_lock = threading.Lock()
         self._stopping = threading.Event()
         self._prober: Optional[threading.Thread] = None
 
@@ -160,6 +123,13 @@ class Backstop(Requests):
 
     def _outage(self, method: str, err: Any) -> None:
         if self._went_down(method, err):
+            self._ensure_prober()
+
+    def _ensure_prober(self) -> None:
+        """Starts the recovery probe unless it is running (it is restarted if it ever died)."""
+        with self._prober_lock:
+            if self._closed or self._remote or (self._prober is not None and self._prober.is_alive()):
+                return
             self._prober = threading.Thread(target=self._probe, name="backstop-reconnect", daemon=True)
             self._prober.start()
 
@@ -172,6 +142,9 @@ class Backstop(Requests):
             except grpc.RpcError as e:
                 log.debug("Backstop still unreachable: %s", e.code())
                 continue
+            except Exception as e:  # e.g. the channel was closed under us: keep probing until stopped
+                log.debug("Backstop health probe failed: %r", e)
+                continue
             if health_serving(answer):
                 self._came_back()
                 return
@@ -183,6 +156,8 @@ class Backstop(Requests):
                 return self._unary(rpc)  # type: ignore[no-any-return]
             except ControlPlaneUnavailable as e:
                 self._outage(rpc.method, e)
+        else:
+            self._ensure_prober()
         return local()
 
     # --- decisions -------------------------------------------------------------------
