@@ -203,3 +203,108 @@ async fn a_401_on_one_key_slot_moves_traffic_to_the_other() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("org-z"));
 }
+
+/// Sends raw bytes as a request body, to check what the server does with a
+/// message that is not valid protobuf / UTF-8 (no generated client can).
+mod raw {
+    use bytes::{Buf, BufMut};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    #[derive(Default, Clone)]
+    pub struct RawCodec;
+
+    pub struct RawEncoder;
+    pub struct RawDecoder;
+
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawDecoder {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+            let mut v = vec![0; src.remaining()];
+            src.copy_to_slice(&mut v);
+            Ok(Some(v))
+        }
+    }
+
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = RawEncoder;
+        type Decoder = RawDecoder;
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+        fn decoder(&mut self) -> RawDecoder {
+            RawDecoder
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_and_oversized_headers_are_invalid_argument() {
+    let server = Server::start("", &[]);
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.expect("ready");
+    // RecordOutcomeRequest { target: "t" (field 1), http_status: 200 (field 4),
+    // headers (field 11): { key: 0xFF 0xFE (not UTF-8), value: "1" } }
+    let mut body = vec![0x0A, 0x01, b't', 0x20, 0xC8, 0x01];
+    let entry = [0x0A, 0x02, 0xFF, 0xFE, 0x12, 0x01, b'1'];
+    body.push(0x5A);
+    body.push(entry.len() as u8);
+    body.extend_from_slice(&entry);
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/backstop.v1.Resilience/RecordOutcome",
+    );
+    let err = grpc
+        .unary(tonic::Request::new(body), path, raw::RawCodec)
+        .await
+        .expect_err("invalid UTF-8 must be refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("UTF-8"), "{}", err.message());
+    // Oversized header maps are refused with the limit in the message.
+    let mut c = server.resilience().await;
+    let headers = (0..65)
+        .map(|i| (format!("x-h-{i}"), "v".to_string()))
+        .collect();
+    let err = c
+        .record_outcome(proto::RecordOutcomeRequest {
+            target: "t".into(),
+            http_status: 200,
+            headers,
+            ..Default::default()
+        })
+        .await
+        .expect_err("too many headers");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("64"), "{}", err.message());
+    let headers = [("x-big".to_string(), "v".repeat(20_000))]
+        .into_iter()
+        .collect();
+    let err = c
+        .record_outcome(proto::RecordOutcomeRequest {
+            target: "t".into(),
+            http_status: 200,
+            headers,
+            ..Default::default()
+        })
+        .await
+        .expect_err("too many header bytes");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // The server is still serving.
+    assert!(
+        c.can_proceed(can("t"))
+            .await
+            .expect("ok")
+            .into_inner()
+            .allowed
+    );
+}

@@ -7,6 +7,7 @@ import time
 from typing import Any, Callable, List, Tuple
 
 import pytest
+from conftest import CHAT, FAST
 
 from backstop import (
     AllTargetsFailed,
@@ -30,7 +31,6 @@ from backstop.testing import (
     overloaded,
     unauthorized,
 )
-from conftest import CHAT, FAST
 
 SONNET, GPT, HAIKU = "anthropic/sonnet", "openai/gpt-4o", "anthropic/haiku"
 
@@ -190,6 +190,14 @@ def test_defers_when_every_target_fails(bs: Backstop, provider: FakeProvider) ->
     assert {e.target for e in result.errors} == {SONNET, GPT, HAIKU}
     (stat,) = [q for q in bs.queue_stats("chat") if q.queue == "chat"]
     assert stat.depth == 1 and stat.in_flight == 0
+
+
+def test_defer_is_idempotent(bs: Backstop) -> None:
+    first = bs.defer("chat", {"prompt": "once"}, idempotency_key="req-42")
+    again = bs.defer("chat", {"prompt": "once"}, idempotency_key="req-42")
+    assert again.id == first.id and again.duplicate and not first.duplicate
+    (stat,) = [q for q in bs.queue_stats("chat") if q.queue == "chat"]
+    assert stat.depth == 1
 
 
 def test_deferred_worker_drains_after_recovery(bs: Backstop, provider: FakeProvider) -> None:

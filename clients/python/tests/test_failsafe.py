@@ -28,7 +28,13 @@ from backstop import (
     LocalPolicy,
     Reason,
 )
-from backstop.testing import BackstopServer, Completion, FakeProvider, free_port, overloaded
+from backstop.testing import (
+    BackstopServer,
+    Completion,
+    FakeProvider,
+    free_port,
+    overloaded,
+)
 
 SONNET, GPT, HAIKU = "anthropic/sonnet", "openai/gpt-4o", "anthropic/haiku"
 ROUTES = {"chat": [SONNET, GPT, HAIKU]}

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import pytest
+from conftest import CHAT
 
 from backstop import Backstop, BreakerState, CircuitOpen, Reason
 from backstop.testing import BackstopServer, FakeProvider, overloaded
-from conftest import CHAT
 
 # Open for long enough that starting the other processes cannot outlast it.
 CONFIG = CHAT + """

@@ -9,7 +9,13 @@ from typing import Any, List, Optional
 import pytest
 from pydantic import BaseModel
 
-from backstop import AsyncBackstop, Backstop, Correction, StructuredOutputError, structured
+from backstop import (
+    AsyncBackstop,
+    Backstop,
+    Correction,
+    StructuredOutputError,
+    structured,
+)
 from backstop.testing import BackstopServer, FakeProvider, malformed, reply
 
 SONNET, GPT = "anthropic/sonnet", "openai/gpt-4o"

@@ -28,7 +28,13 @@ from backstop import (
     RouteDecision,
     Skip,
 )
-from backstop._classify import MAX_HEADERS, normalize_headers, observe_exception, observe_success, usage_of
+from backstop._classify import (
+    MAX_HEADERS,
+    normalize_headers,
+    observe_exception,
+    observe_success,
+    usage_of,
+)
 from backstop._local import LocalEngine, RouteMemory, classify, retry_hint
 from backstop._plan import encode_payload
 from backstop.errors import refusal

@@ -17,7 +17,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Generator, List, Mapping, Optional, Sequence, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Generator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Union,
+)
 
 from ._classify import Observed, describe, observe_exception, observe_success
 from .errors import AllTargetsFailed, BackstopError, StructuredOutputError
@@ -30,7 +40,6 @@ from .types import (
     Reason,
     RouteDecision,
 )
-
 
 # --- operations ------------------------------------------------------------------
 

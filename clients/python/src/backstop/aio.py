@@ -8,13 +8,45 @@ import datetime as _dt
 import inspect
 import logging
 import time
-from typing import Any, Awaitable, Callable, Generator, List, Mapping, Optional, Sequence, TypeVar, Union, overload
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Generator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    TypeVar,
+    Union,
+    overload,
+)
 
 import grpc
 import grpc.aio
 
-from ._core import Requests, RouteArg, Rpc, _HEALTH_METHOD, health_request, health_serving, invoker, rpc_error
-from ._plan import AdmitOp, DeferOp, InvokeOp, Invoked, Op, RecordOp, RouteOp, SleepOp, call_plan
+from ._core import (
+    _HEALTH_METHOD,
+    OUTAGE_CODES,
+    Requests,
+    RouteArg,
+    Rpc,
+    health_request,
+    health_serving,
+    invoker,
+    rpc_error,
+)
+from ._plan import (
+    AdmitOp,
+    DeferOp,
+    Invoked,
+    InvokeOp,
+    Op,
+    RecordOp,
+    RouteOp,
+    SleepOp,
+    call_plan,
+)
 from .client import Stubs
 from .errors import BackstopError, ControlPlaneError, ControlPlaneUnavailable
 from .guard import AsyncGuard
@@ -131,8 +163,10 @@ class AsyncBackstop(Requests):
             try:
                 answer = await self._health(health_request(), timeout=probe_timeout, wait_for_ready=True)
             except grpc.RpcError as e:
-                log.debug("Backstop still unreachable: %s", e.code())
-                continue
+                if e.code() in OUTAGE_CODES:
+                    log.debug("Backstop still unreachable: %s", e.code())
+                    continue
+                answer = b"\x08\x01"  # it answered (e.g. no health service): reachable
             except Exception as e:  # keep probing until closed
                 log.debug("Backstop health probe failed: %r", e)
                 continue

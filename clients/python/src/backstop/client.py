@@ -6,22 +6,49 @@ import datetime as _dt
 import logging
 import threading
 import time
-from typing import Any, Callable, Generator, List, Mapping, Optional, Sequence, TypeVar, Union, overload
+from typing import (
+    Any,
+    Callable,
+    Generator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    TypeVar,
+    Union,
+    overload,
+)
 
 import grpc
 
 from ._core import (
+    _HEALTH_METHOD,
+    OUTAGE_CODES,
     Requests,
     RouteArg,
     Rpc,
-    _HEALTH_METHOD,
     health_request,
     health_serving,
     invoker,
     rpc_error,
 )
-from ._plan import AdmitOp, DeferOp, InvokeOp, Invoked, Op, RecordOp, RouteOp, SleepOp, call_plan
-from ._proto import admin_pb2_grpc, deferred_pb2_grpc, events_pb2_grpc, resilience_pb2_grpc
+from ._plan import (
+    AdmitOp,
+    DeferOp,
+    Invoked,
+    InvokeOp,
+    Op,
+    RecordOp,
+    RouteOp,
+    SleepOp,
+    call_plan,
+)
+from ._proto import (
+    admin_pb2_grpc,
+    deferred_pb2_grpc,
+    events_pb2_grpc,
+    resilience_pb2_grpc,
+)
 from .errors import BackstopError, ControlPlaneError, ControlPlaneUnavailable
 from .guard import Guard
 from .types import (
@@ -140,8 +167,10 @@ class Backstop(Requests):
             try:
                 answer = self._health(health_request(), timeout=probe_timeout, wait_for_ready=True)
             except grpc.RpcError as e:
-                log.debug("Backstop still unreachable: %s", e.code())
-                continue
+                if e.code() in OUTAGE_CODES:
+                    log.debug("Backstop still unreachable: %s", e.code())
+                    continue
+                answer = b"\x08\x01"  # it answered (e.g. no health service): reachable
             except Exception as e:  # e.g. the channel was closed under us: keep probing until stopped
                 log.debug("Backstop health probe failed: %r", e)
                 continue

@@ -24,7 +24,19 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Dict, Generic, List, Mapping, Optional, Tuple, TypeVar, Union
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Dict,
+    Generic,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from .errors import MalformedOutput, StructuredOutputError
 
