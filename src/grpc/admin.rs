@@ -84,9 +84,6 @@ pub(crate) fn target_status(v: TargetView) -> proto::TargetStatus {
             crate::config::Enforcement::Shadow => "shadow".into(),
         },
     };
-    let c = &v.counters;
-    let class = |c: crate::domain::OutcomeClass| v.counters.by_class[c.index()];
-    use crate::domain::OutcomeClass as O;
     let mut group_names: Vec<String> = v
         .groups
         .iter()
@@ -103,18 +100,7 @@ pub(crate) fn target_status(v: TargetView) -> proto::TargetStatus {
         probes_outstanding: v.probes_outstanding,
         reopen_count: v.reopen_count,
         generation: v.generation,
-        counters: Some(proto::OutcomeCounters {
-            admitted: c.admitted,
-            refused: c.refused,
-            success: class(O::Success),
-            transient: class(O::Transient),
-            rate_limited: class(O::RateLimited),
-            persistent: class(O::Persistent),
-            bad_input: class(O::BadInput),
-            partial: class(O::Partial),
-            timeout: class(O::Timeout),
-            stale: c.stale,
-        }),
+        counters: Some(super::outcome_counters(&v.counters)),
         window_calls: v.window_calls,
         window_failures: v.window_failures,
         settings: Some(proto::TargetSettings {

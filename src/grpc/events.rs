@@ -46,9 +46,6 @@ fn kind_name(k: proto::EventKind) -> Option<&'static str> {
 }
 
 pub(crate) fn target_snapshot(v: &TargetView) -> proto::TargetSnapshot {
-    let c = &v.counters;
-    let class = |cl: crate::domain::OutcomeClass| c.by_class[cl.index()];
-    use crate::domain::OutcomeClass as O;
     let mut budgets: Vec<proto::BudgetStatus> = Vec::new();
     for s in &v.slots {
         for b in &s.budgets {
@@ -66,18 +63,7 @@ pub(crate) fn target_snapshot(v: &TargetView) -> proto::TargetSnapshot {
         open_until: opt_timestamp(v.open_until),
         consecutive_failures: v.consecutive_failures,
         probes_outstanding: v.probes_outstanding,
-        counters: Some(proto::OutcomeCounters {
-            admitted: c.admitted,
-            refused: c.refused,
-            success: class(O::Success),
-            transient: class(O::Transient),
-            rate_limited: class(O::RateLimited),
-            persistent: class(O::Persistent),
-            bad_input: class(O::BadInput),
-            partial: class(O::Partial),
-            timeout: class(O::Timeout),
-            stale: c.stale,
-        }),
+        counters: Some(super::outcome_counters(&v.counters)),
         budgets,
         paused_until: opt_timestamp(v.slots.iter().filter_map(|s| s.paused_until).max()),
         last_cause: v.last_cause.clone().unwrap_or_default(),

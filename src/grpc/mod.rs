@@ -114,6 +114,23 @@ pub(crate) fn from_outcome_class(v: i32) -> Result<Option<OutcomeClass>, Status>
     })
 }
 
+/// Outcome totals on the wire.
+pub(crate) fn outcome_counters(c: &crate::engine::Counters) -> proto::OutcomeCounters {
+    let class = |cl: OutcomeClass| c.by_class[cl.index()];
+    proto::OutcomeCounters {
+        admitted: c.admitted,
+        refused: c.refused,
+        success: class(OutcomeClass::Success),
+        transient: class(OutcomeClass::Transient),
+        rate_limited: class(OutcomeClass::RateLimited),
+        persistent: class(OutcomeClass::Persistent),
+        bad_input: class(OutcomeClass::BadInput),
+        partial: class(OutcomeClass::Partial),
+        timeout: class(OutcomeClass::Timeout),
+        stale: c.stale,
+    }
+}
+
 /// Rejects oversized free-text fields before they reach the engine.
 pub(crate) fn check_len(value: &str, field: &str, max: usize) -> Result<(), Status> {
     if value.len() > max {
