@@ -442,3 +442,11 @@ async fn health_and_reflection_are_served() {
     }
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/backstop.example.toml");
+    let out = std::process::Command::new(binary()).args(["check-config", example]).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
