@@ -214,7 +214,7 @@ def test_fail_closed(server: BackstopServer, provider: FakeProvider, make_client
 
 
 def test_unknown_route_while_down_explains_itself(server: BackstopServer, make_client: Callable[..., Backstop]) -> None:
-    bs = make_client(server.address, timeout=0.25, reconnect_interval=0.1)
+    bs = make_client(server.address, timeout=0.25, connect_timeout=0.2, reconnect_interval=0.1)
     server.kill()
     with pytest.raises(AllTargetsFailed) as failed:
         bs.call("chat", lambda t, m, k: "never called")

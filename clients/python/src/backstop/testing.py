@@ -526,7 +526,9 @@ class FakeProvider(FakeProviderClient):
         self._server.state = _State()
         host, port = self._server.server_address[:2]
         super().__init__(f"http://{host!s}:{port}")
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-provider", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-provider", daemon=True
+        )
         self._thread.start()
 
     def close(self) -> None:
