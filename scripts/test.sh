@@ -31,6 +31,9 @@ cargo clippy --all-targets -- -D warnings
 step "rust: unit, property and end-to-end tests"
 cargo test --all-targets
 
+step "python client: generated stubs, wrapper, fail-safe (pytest against the real binary)"
+clients/python/scripts/test.sh -q
+
 step "browser: the dashboard in headless Chromium"
 apt_install chromium chromium
 apt_install node nodejs npm

@@ -88,6 +88,14 @@ fn main() -> ExitCode {
             };
             if let Some(l) = args.listen {
                 config.server.listen = l;
+                // Asking for a free gRPC port means "don't collide with
+                // anything": the HTTP listener follows unless --http says otherwise.
+                if l.port() == 0
+                    && args.http.is_none()
+                    && let Some(h) = config.server.http.as_mut()
+                {
+                    h.set_port(0);
+                }
             }
             if let Some(h) = args.http.as_deref() {
                 config.server.http = match h {

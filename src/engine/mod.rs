@@ -311,6 +311,19 @@ impl Engine {
         for (name, settings) in &engine.config.targets {
             engine.insert_target(Arc::from(name.as_str()), settings.clone());
         }
+        // Route members exist from the start (so GetTarget and dashboards see
+        // them before their first call); they do not count towards max_targets.
+        let members: Vec<Arc<str>> = engine
+            .config
+            .routes
+            .values()
+            .flat_map(|r| r.targets.iter().cloned())
+            .collect();
+        for name in members {
+            if !engine.targets.contains_key(name.as_ref()) {
+                engine.insert_target(name, engine.config.default_target.clone());
+            }
+        }
         engine
     }
 

@@ -125,6 +125,8 @@ pub struct DeferArgs {
     pub idempotency_key: String,
     pub not_before: Option<Time>,
     pub max_attempts: u32,
+    pub estimated_tokens: u64,
+    pub required_context_tokens: u64,
 }
 
 fn lock(q: &Queues) -> std::sync::MutexGuard<'_, QueueState> {
@@ -306,6 +308,15 @@ impl Engine {
                 a.max_attempts
             )));
         }
+        if !self.config.routes.contains_key(&a.queue) && a.required_context_tokens > 0 {
+            let window = self.config.target(&a.queue).context_window;
+            if window > 0 && window < a.required_context_tokens {
+                return Err(invalid(format!(
+                    "target {:?} has a context window of {window} tokens, smaller than required_context_tokens {}: this request could never be delivered",
+                    a.queue, a.required_context_tokens
+                )));
+            }
+        }
         let now = self.clock.now();
         let (result, pending) = {
             let mut s = lock(&self.queues);
@@ -358,6 +369,8 @@ impl Engine {
                 enqueued_at: now.as_nanos(),
                 last_error: String::new(),
                 dead_lettered_at: 0,
+                estimated_tokens: a.estimated_tokens,
+                required_context_tokens: a.required_context_tokens,
             };
             let bytes = rec.payload.len() as u64;
             s.total_bytes += bytes;
@@ -493,7 +506,18 @@ impl Engine {
                 let mut admitted = Vec::new();
                 let mut rest = taken.into_iter();
                 for (due, id) in rest.by_ref() {
-                    match self.admit_for_queue(queue, worker).await? {
+                    let need = lock(&self.queues)
+                        .items
+                        .get(&id)
+                        .map(|e| {
+                            (
+                                e.rec.estimated_tokens,
+                                e.rec.required_context_tokens,
+                                e.rec.attempt,
+                            )
+                        })
+                        .unwrap_or_default();
+                    match self.admit_for_queue(queue, worker, need).await? {
                         Ok(a) => admitted.push((due, id, a)),
                         Err(blocked) => {
                             result.blocked = Some(blocked);
@@ -566,19 +590,26 @@ impl Engine {
         }
     }
 
-    /// Admits one call for a queue: Route for a route queue, CanProceed for a target queue.
+    /// Admits one call for a queue: Route for a route queue, CanProceed for a
+    /// target queue. `need` is (estimated tokens, required context, deliveries
+    /// so far): a redelivery is a retry and draws on the retry budget.
     #[allow(clippy::type_complexity)]
     async fn admit_for_queue(
         &self,
         queue: &str,
         worker: &str,
+        need: (u64, u64, u32),
     ) -> Result<std::result::Result<(Arc<str>, String, Option<Arc<str>>), (Reason, Option<Duration>)>>
     {
         if self.config.routes.contains_key(queue) {
+            let (estimated_tokens, required_context_tokens, attempt) = need;
             let d = self
                 .route(RouteQuery {
                     route: queue,
                     caller: worker,
+                    estimated_tokens,
+                    required_context_tokens,
+                    attempt,
                     ..Default::default()
                 })
                 .await?;
@@ -588,8 +619,13 @@ impl Engine {
                     adm.permit.map(|p| p.encode()).unwrap_or_default(),
                     adm.key_slot,
                 )),
+                // Blocked: report the candidate that frees up soonest.
                 None => Err((
-                    d.skipped.last().map_or(Reason::CircuitOpen, |s| s.reason),
+                    d.skipped
+                        .iter()
+                        .find(|s| s.retry_after.is_some() && s.retry_after == d.retry_after)
+                        .or(d.skipped.first())
+                        .map_or(Reason::CircuitOpen, |s| s.reason),
                     d.retry_after,
                 )),
             });
@@ -599,7 +635,8 @@ impl Engine {
                 queue,
                 AdmitArgs {
                     caller: worker,
-                    ..Default::default()
+                    estimated_tokens: need.0,
+                    attempt: need.2,
                 },
             )
             .await?;

@@ -434,3 +434,83 @@ async fn write_behind_flushes_counters() {
     assert_eq!(e.get_target("t").expect("t").counters.admitted, 3);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[tokio::test]
+async fn deliveries_respect_token_estimates_context_windows_and_the_retry_budget() {
+    let (e, _) = ephemeral(
+        "[targets.small]\ncontext_window = 1000\n[targets.big]\ncontext_window = 200000\ntokens_per_minute = 10000\n[routes.chat]\ntargets = [\"small\", \"big\"]\n[defaults.retry]\nretry_ratio = 0.0\nmin_retries_per_second = 0.1\nretry_window = \"10s\"\n",
+    );
+    // A target queue that can never fit the request is refused up front.
+    let never = e
+        .defer(DeferArgs {
+            required_context_tokens: 5000,
+            ..item("small", 1)
+        })
+        .await;
+    assert!(matches!(never, Err(EngineError::InvalidArgument(m)) if m.contains("context window")));
+    // A route queue delivers to the candidate that fits, reserving the tokens.
+    let id = e
+        .defer(DeferArgs {
+            required_context_tokens: 5000,
+            estimated_tokens: 6000,
+            ..item("chat", 1)
+        })
+        .await
+        .expect("defer")
+        .id;
+    let c = e
+        .claim("chat", 1, None, None, "w")
+        .await
+        .expect("claim")
+        .items
+        .remove(0);
+    assert_eq!(c.target.as_ref(), "big");
+    let v = e.get_target("big").expect("big");
+    assert_eq!(
+        v.slots[0].budgets[0].available, 4000.0,
+        "the estimate was reserved"
+    );
+    // Redeliveries are retries: with a floor of one retry per window, the
+    // second redelivery is held back by the fleet retry budget.
+    let (dead, _) = e
+        .nack(&id.to_string(), &c.lease_token, Duration::ZERO, "500")
+        .await
+        .expect("nack");
+    assert!(!dead);
+    e.record_outcome(
+        "big",
+        OutcomeReport {
+            permit: &c.permit,
+            http_status: 200,
+            input_tokens: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("settle");
+    let second = e
+        .claim("chat", 1, None, None, "w")
+        .await
+        .expect("claim")
+        .items
+        .remove(0);
+    assert_eq!(second.item.attempt, 2);
+    e.nack(&id.to_string(), &second.lease_token, Duration::ZERO, "500")
+        .await
+        .expect("nack");
+    let third = e.claim("chat", 1, None, None, "w").await.expect("claim");
+    assert!(third.items.is_empty());
+    assert_eq!(
+        third.blocked.map(|b| b.0),
+        Some(Reason::RetryBudgetExhausted)
+    );
+}
+
+#[tokio::test]
+async fn route_members_exist_before_their_first_call() {
+    let (e, _) = ephemeral("[routes.chat]\ntargets = [\"x\", \"y\"]\n");
+    assert_eq!(
+        e.get_target("y").expect("listed in a route").state,
+        BreakerState::Closed
+    );
+}

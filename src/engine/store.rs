@@ -121,6 +121,12 @@ pub struct ItemRecord {
     /// Set when the item is in the dead-letter list.
     #[prost(uint64, tag = "11")]
     pub dead_lettered_at: u64,
+    /// Reserved against budgets at each delivery.
+    #[prost(uint64, tag = "12")]
+    pub estimated_tokens: u64,
+    /// Route candidates must have at least this context window.
+    #[prost(uint64, tag = "13")]
+    pub required_context_tokens: u64,
 }
 
 /// An idempotency key remembered after its item was acked, until `expires_at`.

@@ -77,6 +77,8 @@ impl Deferred for DeferredService {
                 idempotency_key: r.idempotency_key,
                 not_before,
                 max_attempts: r.max_attempts,
+                estimated_tokens: r.estimated_tokens,
+                required_context_tokens: r.required_context_tokens,
             })
             .await
             .map_err(status)?;

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DeferRequest(_message.Message):
-    __slots__ = ("queue", "payload", "metadata", "idempotency_key", "not_before", "max_attempts")
+    __slots__ = ("queue", "payload", "metadata", "idempotency_key", "not_before", "max_attempts", "estimated_tokens", "required_context_tokens")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,13 +23,17 @@ class DeferRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     queue: str
     payload: bytes
     metadata: _containers.ScalarMap[str, str]
     idempotency_key: str
     not_before: _timestamp_pb2.Timestamp
     max_attempts: int
-    def __init__(self, queue: _Optional[str] = ..., payload: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., not_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., max_attempts: _Optional[int] = ...) -> None: ...
+    estimated_tokens: int
+    required_context_tokens: int
+    def __init__(self, queue: _Optional[str] = ..., payload: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., not_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., max_attempts: _Optional[int] = ..., estimated_tokens: _Optional[int] = ..., required_context_tokens: _Optional[int] = ...) -> None: ...
 
 class DeferResponse(_message.Message):
     __slots__ = ("id", "duplicate", "depth", "message")
