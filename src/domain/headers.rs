@@ -142,7 +142,8 @@ pub fn parse_headers<'a>(
             "retry-after-ms" => match parse_non_negative_f64(value) {
                 Some(ms) => {
                     let d = clamp(
-                        Duration::from_secs_f64(ms / 1000.0),
+                        // Capped before conversion: from_secs_f64 panics past Duration::MAX.
+                        Duration::from_secs_f64((ms / 1000.0).min(1e12)),
                         max_pause,
                         raw_name,
                         &mut s.warnings,
@@ -525,6 +526,9 @@ mod tests {
         assert_eq!(s.retry_after, Some(HOUR));
         assert_eq!(s.pause(), Some(HOUR));
         assert_eq!(s.warnings.len(), 2);
+        // Huge millisecond hints are clamped, not a panic.
+        let s = parse(&[("retry-after-ms", "20000000000000000000000")]);
+        assert_eq!(s.retry_after, Some(HOUR));
         // Numbers that overflow u64 are malformed, not a panic.
         let s = parse(&[("x-ratelimit-remaining-requests", "99999999999999999999999")]);
         assert!(s.limit(Kind::Requests).is_empty());

@@ -137,10 +137,18 @@ impl EventBus {
     /// `capacity` events are kept for resumption; each live subscriber may lag
     /// by up to `subscriber_buffer` events before it is told it missed some.
     pub fn new(capacity: usize, subscriber_buffer: usize) -> Self {
+        Self::starting_at(1, capacity, subscriber_buffer)
+    }
+
+    /// A bus whose first event gets `first_seq`. The server starts it at the
+    /// wall-clock time in microseconds, so seqs keep increasing across
+    /// restarts and a `since_seq` from before a restart is recognised as
+    /// evicted (a Gap) rather than mistaken for a seq of the new process.
+    pub fn starting_at(first_seq: u64, capacity: usize, subscriber_buffer: usize) -> Self {
         let (tx, _) = broadcast::channel(subscriber_buffer.max(1));
         EventBus {
             ring: Mutex::new(Ring {
-                next_seq: 1,
+                next_seq: first_seq.max(1),
                 buf: VecDeque::with_capacity(capacity.min(4096)),
             }),
             capacity: capacity.max(1),
@@ -176,13 +184,15 @@ impl EventBus {
 
     /// Subscribes to live events and returns, atomically with it, the retained
     /// events with `seq > since` (or `None` if some of those were already
-    /// evicted from the ring) and the last seq at subscription time.
+    /// evicted from the ring; `since = 0` means everything retained) and the
+    /// last seq at subscription time.
     pub fn subscribe_since(&self, since: u64) -> Subscription {
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.tx.subscribe();
         let last = ring.next_seq - 1;
         let oldest = ring.buf.front().map_or(ring.next_seq, |e| e.seq);
-        let backlog = if since + 1 >= oldest || since >= last {
+        // 0 asks for everything retained (never a gap).
+        let backlog = if since == 0 || since + 1 >= oldest || since >= last {
             Some(ring.buf.iter().filter(|e| e.seq > since).cloned().collect())
         } else {
             None

@@ -299,7 +299,11 @@ impl Engine {
             next_index: AtomicU32::new(0),
             groups,
             routes,
-            events: EventBus::new(config.events.ring_size, config.events.subscriber_buffer),
+            events: EventBus::starting_at(
+                clock.now().as_nanos() / 1000,
+                config.events.ring_size,
+                config.events.subscriber_buffer,
+            ),
             metrics: Arc::new(Metrics::new(config.telemetry.max_target_labels)),
             subscribers: AtomicUsize::new(0),
             shutdown: tokio::sync::watch::Sender::new(false),

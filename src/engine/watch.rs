@@ -103,22 +103,22 @@ impl Engine {
         };
         match (since_seq, sub.backlog) {
             (0, _) => w.push_snapshot(sub.last_seq),
+            // A since_seq from the future (a server that restarted with a
+            // clock stepped back) cannot be resumed: resynchronise.
+            (_, Some(_)) if since_seq > sub.last_seq => {
+                w.last_seq = sub.last_seq;
+                w.pending.push_back(WatchItem::Gap {
+                    missed_from: 0,
+                    reason: format!("seq {since_seq} is ahead of this server's log"),
+                });
+                w.push_snapshot(sub.last_seq);
+            }
             (_, Some(backlog)) => {
                 w.last_seq = since_seq.max(backlog.last().map_or(since_seq, |e| e.seq));
                 for e in backlog {
                     if w.filter.matches(&e) {
                         w.pending.push_back(WatchItem::Event(e));
                     }
-                }
-                // A since_seq from the future (e.g. from before a restart) cannot be resumed.
-                if since_seq > sub.last_seq {
-                    w.pending.push_back(WatchItem::Gap {
-                        missed_from: sub.last_seq + 1,
-                        reason: format!(
-                            "seq {since_seq} is ahead of this server's log (restarted?)"
-                        ),
-                    });
-                    w.push_snapshot(sub.last_seq);
                 }
             }
             (_, None) => {

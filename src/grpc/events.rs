@@ -234,7 +234,14 @@ impl Events for EventsService {
         // (bounded) buffer lags and turns into Gap + Snapshot; the engine never waits.
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
-            while let Some(w) = watcher.next().await {
+            loop {
+                // Notice a client that went away even while nothing happens,
+                // so its subscriber slot is given back at once.
+                let next = tokio::select! {
+                    w = watcher.next() => w,
+                    _ = tx.closed() => None,
+                };
+                let Some(w) = next else { break };
                 if tx.send(Ok(item(w))).await.is_err() {
                     break;
                 }

@@ -9,7 +9,7 @@ use crate::engine::{Admission, AdmitArgs, Engine, OutcomeReport, RouteQuery};
 use crate::proto;
 use crate::proto::resilience_server::Resilience;
 use std::sync::Arc;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
 /// Most items one batch call may carry.
@@ -247,7 +247,6 @@ impl Resilience for ResilienceService {
         for item in &r.items {
             let result = match self.can_proceed_one(item).await {
                 Ok(ok) => proto::can_proceed_result::Result::Ok(ok),
-                Err(e) if e.code() == Code::Unavailable => return Err(e),
                 Err(e) => proto::can_proceed_result::Result::Error(item_error(e)),
             };
             items.push(proto::CanProceedResult {
@@ -268,7 +267,6 @@ impl Resilience for ResilienceService {
         for item in &r.items {
             let result = match self.record_one(item).await {
                 Ok(ok) => proto::record_outcome_result::Result::Ok(ok),
-                Err(e) if e.code() == Code::Unavailable => return Err(e),
                 Err(e) => proto::record_outcome_result::Result::Error(item_error(e)),
             };
             items.push(proto::RecordOutcomeResult {

@@ -146,7 +146,13 @@ async fn events(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
-        while let Some(item) = watcher.next().await {
+        loop {
+            // Notice a browser that went away even while nothing happens.
+            let next = tokio::select! {
+                w = watcher.next() => w,
+                _ = tx.closed() => None,
+            };
+            let Some(item) = next else { break };
             let (id, name) = match &item {
                 WatchItem::Event(e) => (Some(e.seq), e.kind.name()),
                 WatchItem::Snapshot { seq, .. } => (Some(*seq), "snapshot"),
