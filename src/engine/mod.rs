@@ -220,7 +220,7 @@ pub struct Engine {
     next_index: AtomicU32,
     groups: Box<[Group]>,
     routes: HashMap<String, RouteRuntime>,
-    events: EventBus,
+    events: Arc<EventBus>,
     /// None in ephemeral mode.
     persister: Option<Persister>,
     metrics: Arc<Metrics>,
@@ -299,11 +299,11 @@ impl Engine {
             next_index: AtomicU32::new(0),
             groups,
             routes,
-            events: EventBus::starting_at(
+            events: Arc::new(EventBus::starting_at(
                 clock.now().as_nanos() / 1000,
                 config.events.ring_size,
                 config.events.subscriber_buffer,
-            ),
+            )),
             metrics: Arc::new(Metrics::new(config.telemetry.max_target_labels)),
             subscribers: AtomicUsize::new(0),
             shutdown: tokio::sync::watch::Sender::new(false),
@@ -401,20 +401,42 @@ impl Engine {
     /// events and, if durable state changed, queues a snapshot for the store.
     /// Snapshots are queued under the lock so they reach the store in order.
     fn finish(&self, now: Time, target: &Target, st: &TargetState, fx: &mut Effects) {
-        for kind in fx.events.drain(..) {
-            if let EventKind::BreakerTransition { from, to, .. } = &kind {
+        for kind in &fx.events {
+            if let EventKind::BreakerTransition { from, to, .. } = kind {
                 self.metrics.transition(&target.metrics, *from, *to);
             }
-            self.events.publish(now, &target.name, kind);
         }
-        if let Some(p) = &self.persister {
-            if fx.durable {
-                fx.pending = Some(p.write(vec![Op::Target(
-                    target.name.clone(),
-                    Some(target.to_record(st)),
-                )]));
-            } else {
-                target.dirty.store(true, Ordering::Relaxed);
+        let Some(p) = &self.persister else {
+            for kind in fx.events.drain(..) {
+                self.events.publish(now, &target.name, kind);
+            }
+            return;
+        };
+        let pending_events = |fx: &mut Effects| -> Vec<persist::PendingEvent> {
+            fx.events
+                .drain(..)
+                .map(|k| (now, target.name.clone(), k))
+                .collect()
+        };
+        if fx.durable {
+            let record = Op::Target(target.name.clone(), Some(target.to_record(st)));
+            let (pending, seq) = p.write(vec![record], pending_events(fx));
+            target.durable_seq.store(seq, Ordering::Release);
+            fx.pending = Some(pending);
+            return;
+        }
+        target.dirty.store(true, Ordering::Relaxed);
+        let seq = target.durable_seq.load(Ordering::Acquire);
+        if seq > p.committed() {
+            // An earlier change of this target is not on disk yet: this answer
+            // must not reveal it before it is, and its events queue behind it.
+            if !fx.events.is_empty() {
+                p.publish_after(pending_events(fx));
+            }
+            fx.pending = Some(p.wait_for(seq));
+        } else {
+            for kind in fx.events.drain(..) {
+                self.events.publish(now, &target.name, kind);
             }
         }
     }
@@ -441,27 +463,32 @@ impl Engine {
         let Some(p) = &self.persister else {
             return (persist::Pending::none(), 0);
         };
-        let mut ops = Vec::new();
+        let (mut n, mut last) = (0, 0);
         for entry in self.targets.iter() {
-            if ops.len() >= MAX_FLUSH {
+            if n >= MAX_FLUSH {
                 break;
             }
             let t = entry.value();
             if t.dirty.swap(false, Ordering::Relaxed) {
+                // Queued under the target's lock, like durable writes, so a
+                // flushed snapshot can never land after a newer one.
                 let st = t.lock();
-                ops.push(Op::Target(t.name.clone(), Some(t.to_record(&st))));
+                last = p.write_behind(vec![Op::Target(t.name.clone(), Some(t.to_record(&st)))]);
+                n += 1;
             }
         }
-        let n = ops.len();
         for g in self.groups.iter() {
             let st = g.state.lock().unwrap_or_else(|e| e.into_inner());
             let tats = Kind::ALL
                 .iter()
                 .map(|k| st.cell(*k).tat().as_nanos())
                 .collect();
-            ops.push(Op::Group(g.name.clone(), Some(store::GroupRecord { tats })));
+            last = p.write_behind(vec![Op::Group(
+                g.name.clone(),
+                Some(store::GroupRecord { tats }),
+            )]);
         }
-        (p.write(ops), n)
+        (p.wait_for(last), n)
     }
 
     /// Flushes every dirty target (shutdown).
@@ -585,7 +612,7 @@ impl Engine {
         cleanup.extend(idem_ops);
         *engine.queues_state() = qs;
         store.commit(&cleanup)?;
-        engine.persister = Some(Persister::start(store));
+        engine.persister = Some(Persister::start(store, engine.events.clone()));
         report.elapsed = started.elapsed();
         Ok((engine, report))
     }

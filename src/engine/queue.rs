@@ -254,7 +254,7 @@ impl QueueState {
 impl Engine {
     fn queue_write(&self, ops: Vec<Op>) -> Pending {
         match &self.persister {
-            Some(p) => p.write(ops),
+            Some(p) => p.write(ops, Vec::new()).0,
             None => Pending::none(),
         }
     }

@@ -2,7 +2,7 @@
 
 use super::clock::ManualClock;
 use super::queue::DeferArgs;
-use super::store::{RedbStore, Store};
+use super::store::{self, Op, RedbStore, Store, StoreError};
 use super::*;
 
 const T0: Time = Time::from_secs(1_800_000_000);
@@ -512,5 +512,90 @@ async fn route_members_exist_before_their_first_call() {
     assert_eq!(
         e.get_target("y").expect("listed in a route").state,
         BreakerState::Closed
+    );
+}
+
+/// A store whose commits wait for a gate: lets a test hold a write "in flight".
+#[derive(Clone, Default)]
+struct GatedStore(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl GatedStore {
+    fn open(&self) {
+        let (m, c) = &*self.0;
+        *m.lock().expect("lock") = true;
+        c.notify_all();
+    }
+}
+
+impl Store for GatedStore {
+    fn load(&self) -> std::result::Result<store::Loaded, StoreError> {
+        Ok(Default::default())
+    }
+    fn commit(&self, ops: &[Op]) -> std::result::Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let (m, c) = &*self.0;
+        let mut open = m.lock().expect("lock");
+        while !*open {
+            open = c.wait(open).expect("wait");
+        }
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "gated".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_sees_a_transition_before_it_is_durable() {
+    let gate = GatedStore::default();
+    let config = Arc::new(
+        Config::parse("[defaults.breaker]\nfailure_threshold = 1\n", "t").expect("config"),
+    );
+    let clock = Arc::new(ManualClock::new(T0));
+    let (e, _) = Engine::open(config, clock, Box::new(gate.clone())).expect("open");
+    let e = Arc::new(e);
+    // Agent A's failure opens the breaker; its answer waits for the disk.
+    let a = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            e.record_outcome(
+                "t",
+                OutcomeReport {
+                    http_status: 503,
+                    ..Default::default()
+                },
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Agent B asks meanwhile: it must not be told OPEN before the write is durable.
+    let b = {
+        let e = e.clone();
+        tokio::spawn(async move { e.can_proceed("t", AdmitArgs::default()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !a.is_finished() && !b.is_finished(),
+        "answers wait for the commit"
+    );
+    assert_eq!(
+        e.events().subscribe_since(0).backlog.map(|b| b.len()),
+        Some(0),
+        "no event yet"
+    );
+    gate.open();
+    let ra = a.await.expect("join").expect("ok");
+    let rb = b.await.expect("join").expect("ok");
+    assert_eq!(ra.state, BreakerState::Open);
+    assert_eq!((rb.allowed, rb.reason), (false, Reason::CircuitOpen));
+    let events = e.events().subscribe_since(0).backlog.expect("retained");
+    assert!(
+        events
+            .iter()
+            .any(|ev| ev.kind.name() == "breaker_transition"),
+        "published after the commit"
     );
 }

@@ -78,6 +78,8 @@ pub struct Target {
     pub(crate) state: Mutex<TargetState>,
     /// Changed since the last write-behind flush.
     pub(crate) dirty: std::sync::atomic::AtomicBool,
+    /// Sequence number of this target's latest durable write (see persist.rs).
+    pub(crate) durable_seq: std::sync::atomic::AtomicU64,
     /// Pre-resolved metric handles (shared `_other` beyond the label cap).
     pub(crate) metrics: Arc<TargetMetrics>,
 }
@@ -183,6 +185,7 @@ impl Target {
             seed,
             settings,
             dirty: std::sync::atomic::AtomicBool::new(false),
+            durable_seq: std::sync::atomic::AtomicU64::new(0),
             metrics,
         }
     }
