@@ -129,6 +129,10 @@ pub struct QueueConfig {
     pub default_max_attempts: u32,
     /// How long an idempotency key is remembered after its item was acked.
     pub idempotency_ttl: Duration,
+    /// Items held across all queues, dead letters included.
+    pub max_items: usize,
+    /// Distinct queue names.
+    pub max_queues: usize,
 }
 
 impl Default for QueueConfig {
@@ -139,6 +143,8 @@ impl Default for QueueConfig {
             max_total_bytes: 256 * 1024 * 1024,
             default_max_attempts: 5,
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            max_items: 100_000,
+            max_queues: 1000,
         }
     }
 }
@@ -611,6 +617,12 @@ impl Cx {
         }
         if let Some(Dur(d)) = q.idempotency_ttl {
             out.idempotency_ttl = d;
+        }
+        if let Some(Positive(n)) = q.max_items {
+            out.max_items = n as usize;
+        }
+        if let Some(Positive(n)) = q.max_queues {
+            out.max_queues = n as usize;
         }
         out
     }

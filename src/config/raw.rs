@@ -118,6 +118,8 @@ pub struct QueueToml {
     pub max_total_bytes: Option<Positive>,
     pub default_max_attempts: Option<Positive>,
     pub idempotency_ttl: Option<Dur>,
+    pub max_items: Option<Positive>,
+    pub max_queues: Option<Positive>,
 }
 
 #[derive(Deserialize, Debug, Default)]

@@ -608,7 +608,13 @@ impl Engine {
         }
         report.items = loaded.items.len();
         report.dead = loaded.dead.len();
-        let (qs, idem_ops) = queue::QueueState::load(loaded.items, loaded.dead, loaded.idem, now);
+        let (qs, idem_ops) = queue::QueueState::load(
+            loaded.items,
+            loaded.dead,
+            loaded.idem,
+            loaded.next_item_id,
+            now,
+        );
         cleanup.extend(idem_ops);
         *engine.queues_state() = qs;
         store.commit(&cleanup)?;

@@ -18,6 +18,7 @@ use super::persist::Pending;
 use super::store::{IdemRecord, ItemRecord, Op};
 use super::{AdmitArgs, Engine, Reason, RouteQuery, validate_target};
 use crate::domain::Time;
+use crate::domain::budget::Kind;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -50,6 +51,21 @@ struct Counts {
     bytes: u64,
 }
 
+/// An idempotency key's item, and the store write that made it durable
+/// (a duplicate Defer is answered only once that write is committed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct IdemEntry {
+    id: u64,
+    expires_at: u64,
+    seq: u64,
+}
+
+/// Bytes an item holds against `[queue] max_total_bytes`: everything it stores.
+fn item_bytes(rec: &ItemRecord) -> u64 {
+    let meta: usize = rec.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (rec.payload.len() + meta + rec.idempotency_key.len() + rec.queue.len()) as u64
+}
+
 #[derive(Default)]
 pub(crate) struct QueueState {
     items: HashMap<u64, Entry>,
@@ -59,7 +75,9 @@ pub(crate) struct QueueState {
     leased: BTreeSet<(u64, u64)>,
     dead: BTreeMap<u64, ItemRecord>,
     /// Live keys (expires_at = 0) and tombstones of acked items.
-    idem: HashMap<String, IdemRecord>,
+    idem: HashMap<String, IdemEntry>,
+    /// Tombstones by expiry, to forget them once `idempotency_ttl` has passed.
+    idem_expiry: BTreeSet<(u64, String)>,
     counts: HashMap<String, Counts>,
     total_bytes: u64,
     next_id: u64,
@@ -129,6 +147,29 @@ pub struct DeferArgs {
     pub required_context_tokens: u64,
 }
 
+/// Items taken off the ready list by a Claim and not yet leased; whatever is
+/// left when this is dropped goes back to the queue.
+struct Taken<'a> {
+    queues: &'a Queues,
+    queue: &'a str,
+    items: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if self.items.is_empty() {
+            return;
+        }
+        let mut s = lock(self.queues);
+        let ready = s.ready.entry(self.queue.to_string()).or_default();
+        for item in self.items.drain(..) {
+            ready.insert(item);
+        }
+        drop(s);
+        self.queues.notify.notify_waiters();
+    }
+}
+
 fn lock(q: &Queues) -> std::sync::MutexGuard<'_, QueueState> {
     q.state.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -156,6 +197,7 @@ impl QueueState {
         items: Vec<ItemRecord>,
         dead: Vec<ItemRecord>,
         idem: Vec<(String, IdemRecord)>,
+        next_id: u64,
         now: Time,
     ) -> (QueueState, Vec<Op>) {
         let mut s = QueueState::default();
@@ -164,8 +206,8 @@ impl QueueState {
             s.next_id = s.next_id.max(rec.id);
             let c = counts(&mut s, &rec.queue);
             c.waiting += 1;
-            c.bytes += rec.payload.len() as u64;
-            s.total_bytes += rec.payload.len() as u64;
+            c.bytes += item_bytes(&rec);
+            s.total_bytes += item_bytes(&rec);
             // Leases do not survive a restart: every item is waiting again.
             s.ready
                 .entry(rec.queue.clone())
@@ -177,15 +219,28 @@ impl QueueState {
             s.next_id = s.next_id.max(rec.id);
             let c = counts(&mut s, &rec.queue);
             c.dead += 1;
-            c.bytes += rec.payload.len() as u64;
-            s.total_bytes += rec.payload.len() as u64;
+            c.bytes += item_bytes(&rec);
+            s.total_bytes += item_bytes(&rec);
             s.dead.insert(rec.id, rec);
         }
+        // Ids are never reused, even those of items already acked.
+        s.next_id = s.next_id.max(next_id);
         for (key, r) in idem {
+            s.next_id = s.next_id.max(r.id);
             if r.expires_at != 0 && r.expires_at <= now.as_nanos() {
                 ops.push(Op::Idem(key, None));
             } else {
-                s.idem.insert(key, r);
+                if r.expires_at != 0 {
+                    s.idem_expiry.insert((r.expires_at, key.clone()));
+                }
+                s.idem.insert(
+                    key,
+                    IdemEntry {
+                        id: r.id,
+                        expires_at: r.expires_at,
+                        seq: 0,
+                    },
+                );
             }
         }
         (s, ops)
@@ -244,6 +299,55 @@ impl QueueState {
         any
     }
 
+    /// Forgets idempotency keys whose tombstone has expired.
+    fn purge_idem(&mut self, now: Time, ops: &mut Vec<Op>) {
+        while let Some((at, _)) = self.idem_expiry.first() {
+            if *at > now.as_nanos() {
+                break;
+            }
+            let Some((at, key)) = self.idem_expiry.pop_first() else {
+                break;
+            };
+            if self.idem.get(&key).is_some_and(|e| e.expires_at == at) {
+                self.idem.remove(&key);
+                ops.push(Op::Idem(key, None));
+            }
+        }
+    }
+
+    /// Moves a waiting item to the dead letters.
+    fn dead_letter(
+        &mut self,
+        id: u64,
+        now: Time,
+        why: &str,
+        ops: &mut Vec<Op>,
+        events: &mut Vec<(String, EventKind)>,
+    ) {
+        let Some(entry) = self.items.remove(&id) else {
+            return;
+        };
+        let mut rec = entry.rec;
+        rec.last_error = why.to_string();
+        rec.dead_lettered_at = now.as_nanos();
+        let queue = rec.queue.clone();
+        let c = counts(self, &queue);
+        c.waiting = c.waiting.saturating_sub(1);
+        c.dead += 1;
+        events.push((
+            queue.clone(),
+            EventKind::ItemDeadLettered {
+                queue: Arc::from(queue.as_str()),
+                id,
+                reason: why.to_string(),
+                attempts: rec.attempt,
+            },
+        ));
+        ops.push(Op::Item(id, None));
+        ops.push(Op::Dead(id, Some(rec.clone())));
+        self.dead.insert(id, rec);
+    }
+
     fn release_payload(&mut self, queue: &str, bytes: u64) {
         self.total_bytes = self.total_bytes.saturating_sub(bytes);
         let c = counts(self, queue);
@@ -253,10 +357,19 @@ impl QueueState {
 
 impl Engine {
     fn queue_write(&self, ops: Vec<Op>) -> Pending {
+        self.queue_write_seq(ops).0
+    }
+
+    /// Queues a write of the queue's state; also returns its sequence number.
+    fn queue_write_seq(&self, ops: Vec<Op>) -> (Pending, u64) {
         match &self.persister {
-            Some(p) => p.write(ops, Vec::new()).0,
-            None => Pending::none(),
+            Some(p) if !ops.is_empty() => p.write(ops, Vec::new()),
+            _ => (Pending::none(), 0),
         }
+    }
+
+    fn committed(&self) -> u64 {
+        self.persister.as_ref().map_or(u64::MAX, |p| p.committed())
     }
 
     fn publish_queue_events(&self, now: Time, events: Vec<(String, EventKind)>) {
@@ -266,6 +379,38 @@ impl Engine {
             }
             self.events.publish(now, &Arc::from(queue.as_str()), kind);
         }
+    }
+
+    /// Why a request could never be delivered from `queue` (no candidate's
+    /// context window or token budget can ever hold it), if so: such an item
+    /// would only wait forever, so Defer refuses it.
+    fn never_deliverable(&self, queue: &str, estimated: u64, context: u64) -> Option<String> {
+        let candidates: Vec<Arc<str>> = match self.config.routes.get(queue) {
+            Some(r) => r.targets.clone(),
+            None => vec![Arc::from(queue)],
+        };
+        let fits = |name: &Arc<str>| {
+            let t = self.config.target(name);
+            let window_ok = context == 0 || t.context_window == 0 || t.context_window >= context;
+            let capacity = |b: &crate::domain::budget::BudgetConfig| {
+                [Kind::Tokens, Kind::InputTokens]
+                    .iter()
+                    .filter_map(|k| b.rate(*k))
+                    .all(|r| estimated <= r.amount)
+            };
+            let tokens_ok = capacity(&t.budget)
+                && t.groups
+                    .iter()
+                    .all(|&g| capacity(&self.config.groups[g].budget));
+            window_ok && tokens_ok
+        };
+        if candidates.iter().any(fits) {
+            return None;
+        }
+        Some(format!(
+            "no target of queue {queue:?} can ever take this request (required_context_tokens {context}, estimated_tokens {estimated}): \
+             their context windows or token budgets are smaller"
+        ))
     }
 
     fn check_queue_name(&self, queue: &str) -> Result<()> {
@@ -308,95 +453,150 @@ impl Engine {
                 a.max_attempts
             )));
         }
-        if !self.config.routes.contains_key(&a.queue) && a.required_context_tokens > 0 {
-            let window = self.config.target(&a.queue).context_window;
-            if window > 0 && window < a.required_context_tokens {
-                return Err(invalid(format!(
-                    "target {:?} has a context window of {window} tokens, smaller than required_context_tokens {}: this request could never be delivered",
-                    a.queue, a.required_context_tokens
-                )));
-            }
+        if let Some(why) =
+            self.never_deliverable(&a.queue, a.estimated_tokens, a.required_context_tokens)
+        {
+            return Err(invalid(why));
         }
         let now = self.clock.now();
-        let (result, pending) = {
-            let mut s = lock(&self.queues);
-            if !a.idempotency_key.is_empty()
-                && let Some(r) = s.idem.get(&a.idempotency_key)
-                && (r.expires_at == 0 || r.expires_at > now.as_nanos())
-            {
-                let depth = s
-                    .counts
-                    .get(&a.queue)
-                    .map_or(0, |c| c.waiting + c.in_flight);
-                return Ok(DeferResult {
-                    id: r.id,
-                    duplicate: true,
-                    depth,
-                });
-            }
-            let c = s.counts.get(&a.queue).copied().unwrap_or_default();
-            if (c.waiting + c.in_flight) as usize >= limits.max_depth {
-                return Err(EngineError::ResourceExhausted(format!(
-                    "queue {:?} already holds {} items, its limit ([queue] max_depth = {}); drain it or raise the limit",
-                    a.queue,
-                    c.waiting + c.in_flight,
-                    limits.max_depth
-                )));
-            }
-            if s.total_bytes + a.payload.len() as u64 > limits.max_total_bytes {
-                return Err(EngineError::ResourceExhausted(format!(
-                    "deferred queues hold {} payload bytes; accepting {} more would pass the limit of {} ([queue] max_total_bytes)",
-                    s.total_bytes,
-                    a.payload.len(),
-                    limits.max_total_bytes
-                )));
-            }
-            s.next_id += 1;
-            let id = s.next_id;
-            let rec = ItemRecord {
-                id,
-                queue: a.queue.clone(),
-                payload: a.payload,
-                metadata: a.metadata,
-                idempotency_key: a.idempotency_key.clone(),
-                due: a.not_before.unwrap_or(now).as_nanos(),
-                max_attempts: if a.max_attempts == 0 {
-                    limits.default_max_attempts
+        let mut a = a;
+        /// What one look at the queue decided.
+        enum Step {
+            /// A Defer with the same key is still being written: wait for it.
+            WaitFor(u64),
+            Duplicate(DeferResult, Vec<Op>),
+            Added(DeferResult, Pending),
+        }
+        let (result, pending) = loop {
+            let step = {
+                let mut s = lock(&self.queues);
+                let mut ops = Vec::new();
+                s.purge_idem(now, &mut ops);
+                if !a.idempotency_key.is_empty()
+                    && let Some(e) = s.idem.get(&a.idempotency_key).copied()
+                {
+                    if e.seq > self.committed() {
+                        // The first Defer with this key is not durable yet: answer
+                        // the duplicate only once it is (or retry if it failed).
+                        Step::WaitFor(e.seq)
+                    } else {
+                        let depth = s
+                            .counts
+                            .get(&a.queue)
+                            .map_or(0, |c| c.waiting + c.in_flight);
+                        Step::Duplicate(
+                            DeferResult {
+                                id: e.id,
+                                duplicate: true,
+                                depth,
+                            },
+                            ops,
+                        )
+                    }
                 } else {
-                    a.max_attempts
-                },
-                attempt: 0,
-                enqueued_at: now.as_nanos(),
-                last_error: String::new(),
-                dead_lettered_at: 0,
-                estimated_tokens: a.estimated_tokens,
-                required_context_tokens: a.required_context_tokens,
+                    let c = s.counts.get(&a.queue).copied();
+                    if c.is_none() && s.counts.len() >= limits.max_queues {
+                        return Err(EngineError::ResourceExhausted(format!(
+                            "{} deferred queues exist already ([queue] max_queues); use an existing route or target as the queue",
+                            limits.max_queues
+                        )));
+                    }
+                    let c = c.unwrap_or_default();
+                    if (c.waiting + c.in_flight) as usize >= limits.max_depth {
+                        return Err(EngineError::ResourceExhausted(format!(
+                            "queue {:?} already holds {} items, its limit ([queue] max_depth = {}); drain it or raise the limit",
+                            a.queue,
+                            c.waiting + c.in_flight,
+                            limits.max_depth
+                        )));
+                    }
+                    let held = s.items.len() + s.dead.len();
+                    if held >= limits.max_items {
+                        return Err(EngineError::ResourceExhausted(format!(
+                            "deferred queues hold {held} items including dead letters, the limit ([queue] max_items); drain them, or Requeue / clear dead letters"
+                        )));
+                    }
+                    s.next_id += 1;
+                    let id = s.next_id;
+                    let rec = ItemRecord {
+                        id,
+                        queue: a.queue.clone(),
+                        payload: std::mem::take(&mut a.payload),
+                        metadata: std::mem::take(&mut a.metadata),
+                        idempotency_key: a.idempotency_key.clone(),
+                        due: a.not_before.unwrap_or(now).as_nanos(),
+                        max_attempts: if a.max_attempts == 0 {
+                            limits.default_max_attempts
+                        } else {
+                            a.max_attempts
+                        },
+                        attempt: 0,
+                        enqueued_at: now.as_nanos(),
+                        last_error: String::new(),
+                        dead_lettered_at: 0,
+                        estimated_tokens: a.estimated_tokens,
+                        required_context_tokens: a.required_context_tokens,
+                    };
+                    let bytes = item_bytes(&rec);
+                    if s.total_bytes + bytes > limits.max_total_bytes {
+                        s.next_id -= 1;
+                        return Err(EngineError::ResourceExhausted(format!(
+                            "deferred queues hold {} bytes; accepting {bytes} more would pass the limit of {} ([queue] max_total_bytes)",
+                            s.total_bytes, limits.max_total_bytes
+                        )));
+                    }
+                    s.total_bytes += bytes;
+                    let c = counts(&mut s, &a.queue);
+                    c.waiting += 1;
+                    c.bytes += bytes;
+                    let depth = c.waiting + c.in_flight;
+                    s.ready
+                        .entry(a.queue.clone())
+                        .or_default()
+                        .insert((rec.due, id));
+                    ops.push(Op::Item(id, Some(rec.clone())));
+                    ops.push(Op::NextItemId(id));
+                    if !a.idempotency_key.is_empty() {
+                        ops.push(Op::Idem(
+                            a.idempotency_key.clone(),
+                            Some(IdemRecord { id, expires_at: 0 }),
+                        ));
+                    }
+                    s.items.insert(id, Entry { rec, lease: None });
+                    // Queued under the lock, so the idempotency entry knows its write.
+                    let (pending, seq) = self.queue_write_seq(ops);
+                    if !a.idempotency_key.is_empty() {
+                        s.idem.insert(
+                            a.idempotency_key.clone(),
+                            IdemEntry {
+                                id,
+                                expires_at: 0,
+                                seq,
+                            },
+                        );
+                    }
+                    Step::Added(
+                        DeferResult {
+                            id,
+                            duplicate: false,
+                            depth,
+                        },
+                        pending,
+                    )
+                }
             };
-            let bytes = rec.payload.len() as u64;
-            s.total_bytes += bytes;
-            let c = counts(&mut s, &a.queue);
-            c.waiting += 1;
-            c.bytes += bytes;
-            let depth = c.waiting + c.in_flight;
-            s.ready
-                .entry(a.queue.clone())
-                .or_default()
-                .insert((rec.due, id));
-            let mut ops = vec![Op::Item(id, Some(rec.clone()))];
-            if !a.idempotency_key.is_empty() {
-                let idem = IdemRecord { id, expires_at: 0 };
-                s.idem.insert(a.idempotency_key.clone(), idem.clone());
-                ops.push(Op::Idem(a.idempotency_key.clone(), Some(idem)));
+            match step {
+                Step::WaitFor(seq) => {
+                    if let Some(p) = &self.persister {
+                        let _ = p.wait_for(seq).wait().await;
+                    }
+                }
+                Step::Duplicate(r, ops) => {
+                    let _ = self.queue_write(ops);
+                    return Ok(r);
+                }
+                Step::Added(r, pending) => break (r, pending),
             }
-            s.items.insert(id, Entry { rec, lease: None });
-            (
-                DeferResult {
-                    id,
-                    duplicate: false,
-                    depth,
-                },
-                self.queue_write(ops),
-            )
         };
         if let Err(e) = pending.wait().await {
             // Not durable, so not acknowledged: take it back out.
@@ -408,7 +608,7 @@ impl Engine {
                 }
                 let c = counts(&mut s, &q);
                 c.waiting = c.waiting.saturating_sub(1);
-                s.release_payload(&q, entry.rec.payload.len() as u64);
+                s.release_payload(&q, item_bytes(&entry.rec));
                 if !entry.rec.idempotency_key.is_empty() {
                     s.idem.remove(&entry.rec.idempotency_key);
                 }
@@ -496,52 +696,42 @@ impl Engine {
             };
             let pending = self.queue_write(ops);
             self.publish_queue_events(now, events);
+            // From here until they are leased, the taken items are in no list:
+            // the guard puts back whatever is left if this call errors or its
+            // client goes away (the future is dropped), so nothing is lost.
+            let mut guard = Taken {
+                queues: &self.queues,
+                queue,
+                items: taken.into_iter().collect(),
+            };
             pending
                 .wait()
                 .await
                 .map_err(|e| EngineError::Unavailable(e.to_string()))?;
 
             let mut result = ClaimResult::default();
-            if !taken.is_empty() {
-                let mut admitted = Vec::new();
-                let mut rest = taken.into_iter();
-                for (due, id) in rest.by_ref() {
-                    let need = lock(&self.queues)
-                        .items
-                        .get(&id)
-                        .map(|e| {
-                            (
-                                e.rec.estimated_tokens,
-                                e.rec.required_context_tokens,
-                                e.rec.attempt,
-                            )
-                        })
-                        .unwrap_or_default();
-                    match self.admit_for_queue(queue, worker, need).await? {
-                        Ok(a) => admitted.push((due, id, a)),
-                        Err(blocked) => {
-                            result.blocked = Some(blocked);
-                            // Put this one back, and the rest after the loop.
-                            lock(&self.queues)
-                                .ready
-                                .entry(queue.to_string())
-                                .or_default()
-                                .insert((due, id));
-                            break;
-                        }
-                    }
-                }
+            let mut ops = Vec::new();
+            let mut events = Vec::new();
+            while let Some(&(due, id)) = guard.items.front() {
+                let need = lock(&self.queues)
+                    .items
+                    .get(&id)
+                    .map(|e| {
+                        (
+                            e.rec.estimated_tokens,
+                            e.rec.required_context_tokens,
+                            e.rec.attempt,
+                        )
+                    })
+                    .unwrap_or_default();
+                let admitted = self.admit_for_queue(queue, worker, need).await?;
                 let now = self.clock.now();
-                let mut ops = Vec::new();
-                {
-                    let mut s = lock(&self.queues);
-                    for (due, id) in rest {
-                        s.ready
-                            .entry(queue.to_string())
-                            .or_default()
-                            .insert((due, id));
-                    }
-                    for (_, id, (target, permit, key_slot)) in admitted {
+                let mut s = lock(&self.queues);
+                guard.items.pop_front();
+                match admitted {
+                    Ok((target, permit, key_slot)) => {
+                        // Leased at once: from now on a lost answer is a lease
+                        // that runs out and redelivers, never a lost item.
                         let token: u64 = rand::random();
                         let until = now + lease;
                         let Some(entry) = s.items.get_mut(&id) else {
@@ -563,15 +753,32 @@ impl Engine {
                         c.waiting = c.waiting.saturating_sub(1);
                         c.in_flight += 1;
                     }
+                    Err((reason, None))
+                        if matches!(reason, Reason::RequestTooLarge | Reason::ContextTooSmall) =>
+                    {
+                        // Can never be admitted: dead-letter it rather than let it block the queue.
+                        let why = format!("can never be admitted: {}", reason.as_str());
+                        s.dead_letter(id, now, &why, &mut ops, &mut events);
+                    }
+                    Err(blocked) => {
+                        result.blocked = Some(blocked);
+                        s.ready
+                            .entry(queue.to_string())
+                            .or_default()
+                            .insert((due, id));
+                        break;
+                    }
                 }
-                // Attempts are durable before the items are handed out.
-                self.queue_write(ops)
-                    .wait()
-                    .await
-                    .map_err(|e| EngineError::Unavailable(e.to_string()))?;
-                if !result.items.is_empty() {
-                    return Ok(result);
-                }
+            }
+            drop(guard);
+            // Attempts are durable before the items are handed out.
+            self.queue_write(ops)
+                .wait()
+                .await
+                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+            self.publish_queue_events(self.clock.now(), events);
+            if !result.items.is_empty() {
+                return Ok(result);
             }
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             if remaining.is_zero() {
@@ -691,17 +898,24 @@ impl Engine {
             s.leased.remove(&(until, id));
             let c = counts(&mut s, &rec.queue);
             c.in_flight = c.in_flight.saturating_sub(1);
-            s.release_payload(&rec.queue, rec.payload.len() as u64);
+            s.release_payload(&rec.queue, item_bytes(&rec));
             ops.push(Op::Item(id, None));
             if !rec.idempotency_key.is_empty() {
                 // Remember the key for a while, so a retried Defer is still a duplicate.
-                let tomb = IdemRecord {
-                    id,
-                    expires_at: (now + self.config.queue.idempotency_ttl).as_nanos(),
-                };
-                s.idem.insert(rec.idempotency_key.clone(), tomb.clone());
-                ops.push(Op::Idem(rec.idempotency_key.clone(), Some(tomb)));
+                let expires_at = (now + self.config.queue.idempotency_ttl).as_nanos();
+                let key = rec.idempotency_key.clone();
+                s.idem.insert(
+                    key.clone(),
+                    IdemEntry {
+                        id,
+                        expires_at,
+                        seq: 0,
+                    },
+                );
+                s.idem_expiry.insert((expires_at, key.clone()));
+                ops.push(Op::Idem(key, Some(IdemRecord { id, expires_at })));
             }
+            s.purge_idem(now, &mut ops);
             (rec.queue, self.queue_write(ops))
         };
         pending

@@ -4,6 +4,7 @@ use super::clock::ManualClock;
 use super::queue::DeferArgs;
 use super::store::{self, Op, RedbStore, Store, StoreError};
 use super::*;
+use std::collections::HashMap;
 
 const T0: Time = Time::from_secs(1_800_000_000);
 
@@ -598,4 +599,212 @@ async fn nobody_sees_a_transition_before_it_is_durable() {
             .any(|ev| ev.kind.name() == "breaker_transition"),
         "published after the commit"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_abandoned_mid_way_loses_nothing() {
+    let gate = GatedStore::default();
+    gate.open();
+    let config = Arc::new(
+        Config::parse(
+            "[defaults.breaker]\nfailure_threshold = 1\nopen_duration = \"10s\"\nhalf_open_max_probes = 2\n",
+            "t",
+        )
+        .expect("config"),
+    );
+    let clock = Arc::new(ManualClock::new(T0));
+    let (e, _) = Engine::open(config, clock.clone(), Box::new(gate.clone())).expect("open");
+    let e = Arc::new(e);
+    let item_id = e.defer(item("t", 1)).await.expect("defer").id;
+    e.record_outcome(
+        "t",
+        OutcomeReport {
+            http_status: 503,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("opens");
+    clock.advance(secs(10));
+    // The claim's admission turns the breaker half-open: a durable write,
+    // which now hangs; the worker's deadline passes and the claim is dropped.
+    *gate.0.0.lock().expect("lock") = false;
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(100), e.claim("t", 1, None, None, "w")).await;
+    assert!(
+        abandoned.is_err(),
+        "the claim was stuck on the write and its caller gave up"
+    );
+    gate.open();
+    let stats = &e.queue_stats("t")[0];
+    assert_eq!(
+        (stats.depth, stats.in_flight),
+        (1, 0),
+        "the item is back in the queue"
+    );
+    let again = e.claim("t", 1, None, None, "w").await.expect("claim");
+    assert_eq!(again.items[0].item.id, item_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_that_can_never_be_admitted_is_dead_lettered_not_blocking() {
+    let d = dir("never");
+    let clock = Arc::new(ManualClock::new(T0));
+    let big = "[targets.m]\ncontext_window = 200000\n[routes.chat]\ntargets = [\"m\"]\n";
+    {
+        let (e, _) = open(big, &d, &clock);
+        e.defer(DeferArgs {
+            required_context_tokens: 100_000,
+            ..item("chat", 1)
+        })
+        .await
+        .expect("fits today");
+        e.defer(item("chat", 2)).await.expect("small");
+    }
+    // The operator shrinks the model's window: the first item can never be delivered.
+    let small = "[targets.m]\ncontext_window = 8000\n[routes.chat]\ntargets = [\"m\"]\n";
+    let (e, _) = open(small, &d, &clock);
+    let r = e.claim("chat", 2, None, None, "w").await.expect("claim");
+    assert_eq!(
+        r.items.len(),
+        1,
+        "the second item is not blocked behind the first"
+    );
+    assert_eq!(r.items[0].item.payload, vec![2; 10]);
+    let (dead, _) = e.list_dead_letters("chat", 10, "").expect("list");
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].last_error.contains("context_too_small"),
+        "{}",
+        dead[0].last_error
+    );
+    // And Defer refuses such a request up front.
+    let refused = e
+        .defer(DeferArgs {
+            required_context_tokens: 100_000,
+            ..item("chat", 3)
+        })
+        .await;
+    assert!(matches!(refused, Err(EngineError::InvalidArgument(m)) if m.contains("can ever take")));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test]
+async fn queue_bounds_cover_items_queues_and_metadata() {
+    let (e, _) = ephemeral("[queue]\nmax_items = 3\nmax_queues = 2\nmax_total_bytes = 3000\n");
+    let meta = |n: usize| {
+        (0..n)
+            .map(|i| (format!("k{i}"), "v".repeat(200)))
+            .collect::<HashMap<_, _>>()
+    };
+    e.defer(item("a", 1)).await.expect("a");
+    e.defer(item("b", 1)).await.expect("b");
+    let third_queue = e.defer(item("c", 1)).await;
+    assert!(
+        matches!(third_queue, Err(EngineError::ResourceExhausted(m)) if m.contains("max_queues"))
+    );
+    // 20 × 200 bytes of metadata and a 10-byte payload: the metadata counts.
+    let heavy = e
+        .defer(DeferArgs {
+            metadata: meta(20),
+            ..item("a", 2)
+        })
+        .await;
+    assert!(
+        matches!(&heavy, Err(EngineError::ResourceExhausted(m)) if m.contains("max_total_bytes")),
+        "{heavy:?}"
+    );
+    e.defer(item("a", 3)).await.expect("third item");
+    let fourth = e.defer(item("a", 4)).await;
+    assert!(matches!(fourth, Err(EngineError::ResourceExhausted(m)) if m.contains("max_items")));
+}
+
+#[tokio::test]
+async fn idempotency_tombstones_expire_and_ids_are_never_reused() {
+    let d = dir("tomb");
+    let clock = Arc::new(ManualClock::new(T0));
+    let cfg = "[queue]\nidempotency_ttl = \"1h\"\n";
+    let first_id;
+    {
+        let (e, _) = open(cfg, &d, &clock);
+        first_id = e
+            .defer(DeferArgs {
+                idempotency_key: "k".into(),
+                ..item("q", 1)
+            })
+            .await
+            .expect("defer")
+            .id;
+        let c = e
+            .claim("q", 1, None, None, "w")
+            .await
+            .expect("claim")
+            .items
+            .remove(0);
+        e.ack(&first_id.to_string(), &c.lease_token)
+            .await
+            .expect("ack");
+        let dup = e
+            .defer(DeferArgs {
+                idempotency_key: "k".into(),
+                ..item("q", 1)
+            })
+            .await
+            .expect("dup");
+        assert!(dup.duplicate);
+    }
+    let (e, _) = open(cfg, &d, &clock);
+    let plain = e.defer(item("q", 2)).await.expect("defer").id;
+    assert!(
+        plain > first_id,
+        "ids of acked items are not handed out again"
+    );
+    clock.advance(Duration::from_secs(3601));
+    let fresh = e
+        .defer(DeferArgs {
+            idempotency_key: "k".into(),
+            ..item("q", 1)
+        })
+        .await
+        .expect("defer");
+    assert!(
+        !fresh.duplicate,
+        "the key is forgotten after idempotency_ttl"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_defer_is_answered_only_once_the_first_is_durable() {
+    let gate = GatedStore::default();
+    let config = Arc::new(Config::parse("", "t").expect("config"));
+    let (e, _) = Engine::open(
+        config,
+        Arc::new(ManualClock::new(T0)),
+        Box::new(gate.clone()),
+    )
+    .expect("open");
+    let e = Arc::new(e);
+    let args = DeferArgs {
+        idempotency_key: "same".into(),
+        ..item("q", 1)
+    };
+    let first = {
+        let (e, a) = (e.clone(), args.clone());
+        tokio::spawn(async move { e.defer(a).await })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let second = {
+        let (e, a) = (e.clone(), args.clone());
+        tokio::spawn(async move { e.defer(a).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !second.is_finished(),
+        "not told 'saved' before the first write is durable"
+    );
+    gate.open();
+    let a = first.await.expect("join").expect("first");
+    let b = second.await.expect("join").expect("second");
+    assert_eq!((b.id, b.duplicate), (a.id, true));
 }

@@ -146,6 +146,8 @@ pub enum Op {
     Item(u64, Option<ItemRecord>),
     Dead(u64, Option<ItemRecord>),
     Idem(String, Option<IdemRecord>),
+    /// The highest deferred item id handed out (ids are never reused).
+    NextItemId(u64),
 }
 
 /// Everything a store holds, as loaded at startup.
@@ -156,6 +158,7 @@ pub struct Loaded {
     pub items: Vec<ItemRecord>,
     pub dead: Vec<ItemRecord>,
     pub idem: Vec<(String, IdemRecord)>,
+    pub next_item_id: u64,
 }
 
 /// A store failure, naming what failed.
@@ -324,6 +327,14 @@ impl Store for RedbStore {
                 dest.push(decode(&self.path, name, &k.value().to_string(), v.value())?);
             }
         }
+        let meta = tx.open_table(META).map_err(|e| err(&e))?;
+        if let Some(v) = meta.get("next_item_id").map_err(|e| err(&e))? {
+            let b: [u8; 8] = v
+                .value()
+                .try_into()
+                .map_err(|_| corrupt(&self.path, "meta next_item_id is not 8 bytes"))?;
+            out.next_item_id = u64::from_be_bytes(b);
+        }
         let t = tx.open_table(IDEM).map_err(|e| err(&e))?;
         for row in t.range::<&str>(..).map_err(|e| err(&e))? {
             let (k, v) = row.map_err(|e| err(&e))?;
@@ -347,6 +358,7 @@ impl Store for RedbStore {
             let mut items = tx.open_table(ITEMS).map_err(|e| err(&e))?;
             let mut dead = tx.open_table(DEAD).map_err(|e| err(&e))?;
             let mut idem = tx.open_table(IDEM).map_err(|e| err(&e))?;
+            let mut meta = tx.open_table(META).map_err(|e| err(&e))?;
             for op in ops {
                 let r = match op {
                     Op::Target(k, Some(v)) => targets
@@ -369,6 +381,9 @@ impl Store for RedbStore {
                         .insert(k.as_str(), v.encode_to_vec().as_slice())
                         .map(|_| ()),
                     Op::Idem(k, None) => idem.remove(k.as_str()).map(|_| ()),
+                    Op::NextItemId(id) => meta
+                        .insert("next_item_id", id.to_be_bytes().as_slice())
+                        .map(|_| ()),
                 };
                 r.map_err(|e| err(&e))?;
             }
