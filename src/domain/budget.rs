@@ -227,20 +227,27 @@ impl Cost {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BudgetState {
     cells: [Gcra; 4],
-    leases: Vec<Lease>,
+    /// In-flight admissions; boxed because only concurrency-limited budgets
+    /// have any, and a million targets should not each carry an empty Vec
+    /// (8 bytes instead of 24).
+    #[allow(clippy::box_collection)]
+    leases: Option<Box<Vec<Lease>>>,
 }
 
 impl BudgetState {
     /// Drops leases that ran out (crashed agents give their slots back).
     /// Returns how many were reclaimed.
     pub fn expire_leases(&mut self, now: Time) -> usize {
-        let before = self.leases.len();
-        self.leases.retain(|l| l.until > now);
-        before - self.leases.len()
+        let Some(leases) = self.leases.as_mut() else {
+            return 0;
+        };
+        let before = leases.len();
+        leases.retain(|l| l.until > now);
+        before - leases.len()
     }
 
     pub fn in_flight(&self) -> usize {
-        self.leases.len()
+        self.leases.as_ref().map_or(0, |l| l.len())
     }
 
     pub fn cell(&self, kind: Kind) -> &Gcra {
@@ -259,6 +266,9 @@ impl BudgetState {
         cost: Cost,
     ) -> Result<Plan, BudgetRefusal> {
         let mut plan = Plan::default();
+        // The longest wait over every kind: "retry after" must mean that all
+        // of them will admit by then, not just the first one checked.
+        let mut refusal: Option<(Kind, Duration)> = None;
         for kind in Kind::ALL {
             let Some(rate) = cfg.rate(kind) else { continue };
             let units = cost.units(kind);
@@ -271,13 +281,26 @@ impl BudgetState {
             }
             match self.cells[kind.index()].try_take(now, &rate, units) {
                 Ok(tat) => plan.tats[kind.index()] = Some(tat),
-                Err(retry_after) => return Err(BudgetRefusal::Rate { kind, retry_after }),
+                Err(wait) => {
+                    if refusal.is_none_or(|(_, w)| wait > w) {
+                        refusal = Some((kind, wait));
+                    }
+                }
             }
+        }
+        if let Some((kind, retry_after)) = refusal {
+            return Err(BudgetRefusal::Rate { kind, retry_after });
         }
         if let Some(max) = cfg.max_concurrency {
             self.expire_leases(now);
-            if self.leases.len() >= max as usize {
-                let soonest = self.leases.iter().map(|l| l.until).min().unwrap_or(now);
+            if self.in_flight() >= max as usize {
+                let soonest = self
+                    .leases
+                    .iter()
+                    .flat_map(|l| l.iter())
+                    .map(|l| l.until)
+                    .min()
+                    .unwrap_or(now);
                 return Err(BudgetRefusal::Concurrency {
                     retry_after: now.until(soonest).min(CONCURRENCY_POLL),
                 });
@@ -295,7 +318,7 @@ impl BudgetState {
             }
         }
         if plan.lease {
-            self.leases.push(lease);
+            self.leases.get_or_insert_with(Default::default).push(lease);
         }
     }
 
@@ -308,9 +331,10 @@ impl BudgetState {
     /// the reservation, and releases its concurrency slot.
     pub fn settle(&mut self, now: Time, cfg: &BudgetConfig, usage: Usage, lease_key: Option<u64>) {
         if let Some(key) = lease_key
-            && let Some(pos) = self.leases.iter().position(|l| l.key == key)
+            && let Some(leases) = self.leases.as_mut()
+            && let Some(pos) = leases.iter().position(|l| l.key == key)
         {
-            self.leases.swap_remove(pos);
+            leases.swap_remove(pos);
         }
         if !usage.reported {
             return;
@@ -537,6 +561,31 @@ mod tests {
                 .available(T0, &c.rate(Kind::Tokens).unwrap()),
             1000.0
         );
+    }
+
+    #[test]
+    fn retry_after_is_the_longest_wait_over_every_kind() {
+        // One request per 100 ms (checked first), and 1000 tokens per minute.
+        let mut c = BudgetConfig::default();
+        c.rates[Kind::Requests.index()] = Some(Rate {
+            amount: 1,
+            window: Duration::from_millis(100),
+        });
+        c.rates[Kind::Tokens.index()] = Some(Rate::per_minute(1000));
+        let mut b = BudgetState::default();
+        let p = b.check(T0, &c, Cost { tokens: 1000 }).expect("fits");
+        b.commit(&p, lease(1));
+        match b.check(T0, &c, Cost { tokens: 500 }) {
+            Err(BudgetRefusal::Rate { kind, retry_after }) => {
+                assert_eq!(kind, Kind::Tokens);
+                assert_eq!(
+                    retry_after,
+                    Duration::from_secs(30),
+                    "500 tokens at 1000/min"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

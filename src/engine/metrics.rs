@@ -448,20 +448,25 @@ impl Metrics {
         }
     }
 
-    pub fn route(&self, route: &str, depth: Option<u32>) {
-        let depth = depth.map_or_else(|| "none".to_string(), |d| d.to_string());
-        self.route_decisions
-            .get_or_create(&RouteDepth {
-                route: route.into(),
-                depth: depth.clone(),
-            })
-            .inc();
-        if depth == "none" {
-            self.route_exhausted
+    /// Handles for a route with `len` candidates.
+    pub fn for_route(&self, route: &str, len: usize) -> RouteMetrics {
+        let depth = |d: String| {
+            self.route_decisions
+                .get_or_create(&RouteDepth {
+                    route: route.into(),
+                    depth: d,
+                })
+                .clone()
+        };
+        RouteMetrics {
+            depths: (0..len).map(|d| depth(d.to_string())).collect(),
+            none: depth("none".into()),
+            exhausted: self
+                .route_exhausted
                 .get_or_create(&RouteLabel {
                     route: route.into(),
                 })
-                .inc();
+                .clone(),
         }
     }
 
@@ -529,6 +534,32 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// One route's pre-resolved counters: answering Route bumps an atomic, with
+/// no label hashing and no family lock.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    depths: Vec<Counter>,
+    none: Counter,
+    exhausted: Counter,
+}
+
+impl RouteMetrics {
+    /// Records a Route answer served at `depth` (None = nothing available).
+    pub fn record(&self, depth: Option<u32>) {
+        match depth {
+            Some(d) => {
+                if let Some(c) = self.depths.get(d as usize) {
+                    c.inc();
+                }
+            }
+            None => {
+                self.none.inc();
+                self.exhausted.inc();
+            }
+        }
     }
 }
 

@@ -39,7 +39,7 @@ use metrics::Metrics;
 use permit::Permit;
 use persist::Persister;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::{Op, Store, StoreError};
@@ -208,9 +208,17 @@ pub struct TargetPage {
 /// published as events when they start and end, not on every request.
 struct RouteRuntime {
     settings: Arc<RouteSettings>,
-    /// (depth, target) last served; depth u32::MAX = exhausted.
-    last: Mutex<Option<(u32, Arc<str>)>>,
+    /// Depth last served (NO_DEPTH = none yet, EXHAUSTED = nothing available):
+    /// read without a lock on every Route; the lock is taken only on a change.
+    last: AtomicU32,
+    publish: Mutex<()>,
+    metrics: metrics::RouteMetrics,
 }
+
+const NO_DEPTH: u32 = u32::MAX - 1;
+/// The route name ad-hoc candidate lists are reported under.
+const ADHOC_ROUTE: &str = "_adhoc";
+const EXHAUSTED: u32 = u32::MAX;
 
 pub struct Engine {
     config: Arc<Config>,
@@ -224,10 +232,14 @@ pub struct Engine {
     /// None in ephemeral mode.
     persister: Option<Persister>,
     metrics: Arc<Metrics>,
+    /// Route metrics of ad-hoc candidate lists (`route="_adhoc"`).
+    adhoc_route_metrics: metrics::RouteMetrics,
     /// Live event subscribers (bounded by `[events] max_subscribers`).
     subscribers: AtomicUsize,
     /// Flips to true when the server starts draining: live streams end.
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// Random per start; stamped on permits (see permit.rs).
+    epoch: u16,
     queues: queue::Queues,
 }
 
@@ -242,6 +254,33 @@ pub struct LoadReport {
     pub items: usize,
     pub dead: usize,
     pub elapsed: Duration,
+}
+
+/// Logs ignored provider headers at most once a second: a misbehaving proxy
+/// sends the same nonsense on every response, and a log line per outcome
+/// would be synchronous I/O on the decision path.
+fn warn_rate_limited(target: &str, warnings: &[String]) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if now > last
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            target_name = target,
+            ?warnings,
+            suppressed,
+            "provider headers partly ignored"
+        );
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Most targets one write-behind flush writes (bounds its memory and I/O; a
@@ -280,6 +319,7 @@ impl Engine {
                 limited: AtomicBool::new(false),
             })
             .collect();
+        let metrics = Arc::new(Metrics::new(config.telemetry.max_target_labels));
         let routes = config
             .routes
             .iter()
@@ -288,7 +328,9 @@ impl Engine {
                     name.clone(),
                     RouteRuntime {
                         settings: r.clone(),
-                        last: Mutex::new(None),
+                        last: AtomicU32::new(NO_DEPTH),
+                        publish: Mutex::new(()),
+                        metrics: metrics.for_route(name, r.targets.len()),
                     },
                 )
             })
@@ -304,9 +346,11 @@ impl Engine {
                 config.events.ring_size,
                 config.events.subscriber_buffer,
             )),
-            metrics: Arc::new(Metrics::new(config.telemetry.max_target_labels)),
+            adhoc_route_metrics: metrics.for_route(ADHOC_ROUTE, MAX_ROUTE_LEN),
+            metrics,
             subscribers: AtomicUsize::new(0),
             shutdown: tokio::sync::watch::Sender::new(false),
+            epoch: rand::random(),
             persister: None,
             queues: queue::Queues::default(),
             clock,
@@ -373,12 +417,14 @@ impl Engine {
                  declare it in the config file or raise [server] max_targets"
             )));
         }
-        let entry = self.targets.entry(Arc::from(name));
+        // One allocation of the name, shared by the map key and the target.
+        let key: Arc<str> = Arc::from(name);
+        let entry = self.targets.entry(key.clone());
         let t = entry.or_insert_with(|| {
             self.created.fetch_add(1, Ordering::Relaxed);
             let index = self.next_index.fetch_add(1, Ordering::Relaxed);
             Arc::new(Target::new(
-                Arc::from(name),
+                key,
                 index,
                 self.config.default_target.clone(),
                 self.metrics.for_target(name),
@@ -425,7 +471,15 @@ impl Engine {
             fx.pending = Some(pending);
             return;
         }
-        target.dirty.store(true, Ordering::Relaxed);
+        let bits = if fx.state_dirty {
+            target::DIRTY_STATE | target::DIRTY_COUNTERS
+        } else {
+            target::DIRTY_COUNTERS
+        };
+        // A load first: most decisions find the bits already set and skip the write.
+        if target.dirty.load(Ordering::Relaxed) & bits != bits {
+            target.dirty.fetch_or(bits, Ordering::Relaxed);
+        }
         let seq = target.durable_seq.load(Ordering::Acquire);
         if seq > p.committed() {
             // An earlier change of this target is not on disk yet: this answer
@@ -460,6 +514,11 @@ impl Engine {
     /// a crash by design. Returns the pending write and how many targets it
     /// covers (call again while that is `MAX_FLUSH` to drain a backlog).
     pub fn flush_dirty(&self) -> (persist::Pending, usize) {
+        self.flush(target::DIRTY_STATE)
+    }
+
+    /// Queues targets with any of `mask` dirty (see [`Engine::flush_dirty`]).
+    fn flush(&self, mask: u8) -> (persist::Pending, usize) {
         let Some(p) = &self.persister else {
             return (persist::Pending::none(), 0);
         };
@@ -469,7 +528,9 @@ impl Engine {
                 break;
             }
             let t = entry.value();
-            if t.dirty.swap(false, Ordering::Relaxed) {
+            if t.dirty.load(Ordering::Relaxed) & mask != 0
+                && t.dirty.swap(0, Ordering::Relaxed) != 0
+            {
                 // Queued under the target's lock, like durable writes, so a
                 // flushed snapshot can never land after a newer one.
                 let st = t.lock();
@@ -494,7 +555,7 @@ impl Engine {
     /// Flushes every dirty target (shutdown).
     pub async fn flush_all(&self) -> std::result::Result<(), StoreError> {
         loop {
-            let (pending, n) = self.flush_dirty();
+            let (pending, n) = self.flush(target::DIRTY_STATE | target::DIRTY_COUNTERS);
             pending.wait().await?;
             if n < MAX_FLUSH {
                 return Ok(());
@@ -635,7 +696,10 @@ impl Engine {
     ) -> Admission {
         let mut st = target.lock();
         let now = self.clock.now();
-        let adm = target.admit(&mut st, &self.groups, now, args, fx);
+        let mut adm = target.admit(&mut st, &self.groups, now, args, fx);
+        if let Some(p) = adm.permit.as_mut() {
+            p.epoch = self.epoch;
+        }
         self.finish(now, target, &st, fx);
         drop(st);
         target
@@ -704,9 +768,10 @@ impl Engine {
         let now = self.clock.now();
         let signals = parse_headers(report.headers.iter().copied(), now, server.max_pause);
         if !signals.warnings.is_empty() {
-            tracing::warn!(target_name = target, warnings = ?signals.warnings, "provider headers partly ignored");
+            warn_rate_limited(target, &signals.warnings);
         }
         let args = OutcomeArgs {
+            same_epoch: permit.is_some_and(|p| p.epoch == self.epoch),
             class,
             signals,
             max_pause: server.max_pause,
@@ -762,7 +827,7 @@ impl Engine {
                     validate_target(c)?;
                 }
                 (
-                    Arc::from("_adhoc"),
+                    Arc::from(ADHOC_ROUTE),
                     q.candidates.iter().map(|c| Arc::from(c.as_str())).collect(),
                 )
             }
@@ -828,14 +893,13 @@ impl Engine {
         } else {
             None
         };
-        self.metrics.route(&name, chosen.as_ref().map(|_| depth));
-        if let Some(rt) = self.routes.get(name.as_ref()) {
-            self.note_route(
-                rt,
-                chosen.as_ref().map(|c| (depth, c.0.clone())),
-                &skipped,
-                retry_after,
-            );
+        let served = chosen.as_ref().map(|_| depth);
+        match self.routes.get(name.as_ref()) {
+            Some(rt) => {
+                rt.metrics.record(served);
+                self.note_route(rt, served, &skipped, retry_after);
+            }
+            None => self.adhoc_route_metrics.record(served),
         }
         Ok(RouteDecision {
             chosen,
@@ -849,34 +913,38 @@ impl Engine {
     fn note_route(
         &self,
         rt: &RouteRuntime,
-        now_serving: Option<(u32, Arc<str>)>,
+        depth: Option<u32>,
         skipped: &[Skip],
         retry_after: Option<Duration>,
     ) {
-        let mut last = rt.last.lock().unwrap_or_else(|e| e.into_inner());
-        let current = now_serving.clone().unwrap_or((u32::MAX, Arc::from("")));
-        if last.as_ref() == Some(&current) {
+        let current = depth.unwrap_or(EXHAUSTED);
+        if rt.last.load(Ordering::Relaxed) == current {
             return;
         }
-        let previous = last
-            .replace(current)
-            .filter(|(d, _)| *d != u32::MAX)
-            .map(|(_, t)| t);
+        // Changes are published in the order they happen.
+        let _order = rt.publish.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = rt.last.swap(current, Ordering::Relaxed);
+        if previous == current {
+            return;
+        }
         let now = self.clock.now();
-        match now_serving {
-            Some((depth, to)) => {
-                if depth == 0 && previous.is_none() {
+        let name = &rt.settings.name;
+        match depth {
+            Some(d) => {
+                if d == 0 && previous == NO_DEPTH {
                     return; // the primary serving from the start is not news
                 }
+                let target_at = |i: u32| rt.settings.targets.get(i as usize).cloned();
+                let Some(to) = target_at(d) else { return };
                 let why = skipped.last().map_or(Reason::Allowed, |s| s.reason);
                 self.events.publish(
                     now,
-                    &rt.settings.name,
+                    name,
                     EventKind::FallbackActivated {
-                        route: rt.settings.name.clone(),
-                        from: previous,
+                        route: name.clone(),
+                        from: target_at(previous),
                         to,
-                        depth,
+                        depth: d,
                         why,
                     },
                 );
@@ -884,9 +952,9 @@ impl Engine {
             None => {
                 self.events.publish(
                     now,
-                    &rt.settings.name,
+                    name,
                     EventKind::RouteExhausted {
-                        route: rt.settings.name.clone(),
+                        route: name.clone(),
                         retry_after,
                     },
                 );
@@ -1053,8 +1121,8 @@ impl Engine {
             window_failures,
             settings: t.settings.clone(),
             slots,
-            forced_reason: st.forced_reason.as_deref().map(str::to_string),
-            last_cause: st.last_cause.as_deref().map(str::to_string),
+            forced_reason: st.forced_reason().map(str::to_string),
+            last_cause: st.last_cause().map(str::to_string),
             in_flight: in_flight + st.breaker.probes().len() as u32,
             groups,
         }
@@ -1078,8 +1146,9 @@ impl Engine {
             let mut bev = Vec::new();
             st.breaker.tick(now, &t.settings.breaker, &mut bev);
             st.breaker.set_mode(mode, &mut bev);
-            st.forced_reason =
-                (mode != Mode::Automatic && !reason.is_empty()).then(|| reason.into());
+            st.set_forced_reason(
+                (mode != Mode::Automatic && !reason.is_empty()).then(|| reason.into()),
+            );
             if !bev.is_empty() {
                 fx.events.push(EventKind::TargetForced {
                     mode,
@@ -1122,8 +1191,7 @@ impl Engine {
             }
             st.counters = Counters::default();
             st.retry = None;
-            st.forced_reason = None;
-            st.last_cause = None;
+            st.notes = None;
             fx.durable = true;
             fx.events.push(EventKind::TargetReset);
             t.absorb_breaker_events(

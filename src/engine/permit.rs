@@ -6,7 +6,8 @@
 //! older generations are stale), the probe id (half-open), the concurrency
 //! lease (to release the slot), the key slot, and the tokens reserved (to
 //! settle). A 16-bit tag of the target's name catches a permit sent with the
-//! wrong target.
+//! wrong target, and a 16-bit epoch (random per server start) tells a permit
+//! from before a restart, whose lease and reservation no longer exist.
 
 use std::fmt::Write as _;
 
@@ -20,6 +21,8 @@ pub struct Permit {
     pub slot: u8,
     pub reserved_tokens: u64,
     pub tag: u16,
+    /// The server start that issued it.
+    pub epoch: u16,
 }
 
 /// Why a permit string was rejected.
@@ -37,16 +40,22 @@ impl std::fmt::Display for PermitError {
 }
 
 const VERSION: &str = "1";
-/// Longest permit string accepted (six u64 fields in hex plus separators).
-pub const MAX_PERMIT_LEN: usize = 2 + 6 * 17;
+/// Longest permit string accepted (seven u64 fields in hex plus separators).
+pub const MAX_PERMIT_LEN: usize = 2 + 7 * 17;
 
 impl Permit {
     pub fn encode(&self) -> String {
         let mut s = String::with_capacity(40);
         let _ = write!(
             s,
-            "{VERSION}.{:x}.{:x}.{:x}.{:x}.{:x}.{:x}",
-            self.generation, self.probe, self.lease, self.slot, self.reserved_tokens, self.tag
+            "{VERSION}.{:x}.{:x}.{:x}.{:x}.{:x}.{:x}.{:x}",
+            self.generation,
+            self.probe,
+            self.lease,
+            self.slot,
+            self.reserved_tokens,
+            self.tag,
+            self.epoch
         );
         s
     }
@@ -72,6 +81,7 @@ impl Permit {
         let slot = u8::try_from(field()?).map_err(|_| PermitError("bad key slot"))?;
         let reserved_tokens = field()?;
         let tag = u16::try_from(field()?).map_err(|_| PermitError("bad tag"))?;
+        let epoch = u16::try_from(field()?).map_err(|_| PermitError("bad epoch"))?;
         if parts.next().is_some() {
             return Err(PermitError("too many fields"));
         }
@@ -82,6 +92,7 @@ impl Permit {
             slot,
             reserved_tokens,
             tag,
+            epoch,
         })
     }
 }
@@ -99,6 +110,7 @@ mod tests {
             slot: 2,
             reserved_tokens: 12_000,
             tag: 0xbeef,
+            epoch: 7,
         };
         assert_eq!(Permit::parse(&p.encode()), Ok(p));
         assert_eq!(
@@ -113,13 +125,14 @@ mod tests {
             "",
             "x",
             "1",
-            "2.1.0.0.0.0.0",
-            "1.1.0.0.0.0",
-            "1.1.0.0.0.0.0.0",
-            "1.g.0.0.0.0.0",
-            "1.1.0.0.100.0.0",
-            "1..0.0.0.0.0",
-            "1.11111111111111111.0.0.0.0.0",
+            "2.1.0.0.0.0.0.0",
+            "1.1.0.0.0.0.0",
+            "1.1.0.0.0.0.0.0.0",
+            "1.g.0.0.0.0.0.0",
+            "1.1.0.0.100.0.0.0",
+            "1..0.0.0.0.0.0",
+            "1.11111111111111111.0.0.0.0.0.0",
+            "1.1.0.0.0.0.0.10000",
         ] {
             assert!(Permit::parse(s).is_err(), "{s:?}");
         }

@@ -808,3 +808,43 @@ async fn a_duplicate_defer_is_answered_only_once_the_first_is_durable() {
     let b = second.await.expect("join").expect("second");
     assert_eq!((b.id, b.duplicate), (a.id, true));
 }
+
+#[tokio::test]
+async fn a_permit_from_before_a_restart_cannot_free_a_new_lease() {
+    let d = dir("epoch");
+    let clock = Arc::new(ManualClock::new(T0));
+    let cfg = "[targets.c]\nmax_concurrency = 1\n";
+    let old = {
+        let (e, _) = open(cfg, &d, &clock);
+        e.can_proceed("c", AdmitArgs::default())
+            .await
+            .expect("ok")
+            .permit
+            .expect("permit")
+    };
+    let (e, _) = open(cfg, &d, &clock);
+    let new = e.can_proceed("c", AdmitArgs::default()).await.expect("ok");
+    assert!(new.allowed, "leases do not survive a restart");
+    assert_eq!(
+        new.permit.expect("permit").lease,
+        old.lease,
+        "the same admission number"
+    );
+    e.record_outcome(
+        "c",
+        OutcomeReport {
+            permit: &old.encode(),
+            http_status: 200,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("the old outcome is still counted");
+    let third = e.can_proceed("c", AdmitArgs::default()).await.expect("ok");
+    assert_eq!(
+        third.reason,
+        Reason::ConcurrencyLimit,
+        "the new call's slot was not freed by the old permit"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -56,15 +56,69 @@ pub struct Counters {
     pub stale: u64,
 }
 
+/// A target's key slots: one inline (the common case: no declared keys), or
+/// several on the heap.
+#[derive(Debug)]
+pub(crate) enum Slots {
+    One(Slot),
+    Many(Box<[Slot]>),
+}
+
+impl std::ops::Deref for Slots {
+    type Target = [Slot];
+    fn deref(&self) -> &[Slot] {
+        match self {
+            Slots::One(s) => std::slice::from_ref(s),
+            Slots::Many(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Slots {
+    fn deref_mut(&mut self) -> &mut [Slot] {
+        match self {
+            Slots::One(s) => std::slice::from_mut(s),
+            Slots::Many(v) => v,
+        }
+    }
+}
+
+/// Rarely-set text, boxed together so targets without any carry one pointer.
+#[derive(Debug, Default)]
+pub(crate) struct Notes {
+    pub forced_reason: Option<Box<str>>,
+    pub last_cause: Option<Box<str>>,
+}
+
+impl TargetState {
+    pub fn forced_reason(&self) -> Option<&str> {
+        self.notes.as_ref().and_then(|n| n.forced_reason.as_deref())
+    }
+    pub fn last_cause(&self) -> Option<&str> {
+        self.notes.as_ref().and_then(|n| n.last_cause.as_deref())
+    }
+    pub fn set_forced_reason(&mut self, r: Option<Box<str>>) {
+        if r.is_some() || self.notes.is_some() {
+            self.notes
+                .get_or_insert_with(Default::default)
+                .forced_reason = r;
+        }
+    }
+    pub fn set_last_cause(&mut self, c: Option<Box<str>>) {
+        if c.is_some() || self.notes.is_some() {
+            self.notes.get_or_insert_with(Default::default).last_cause = c;
+        }
+    }
+}
+
 pub(crate) struct TargetState {
     pub breaker: Breaker,
-    pub slots: Box<[Slot]>,
+    pub slots: Slots,
     /// Allocated on the first failure or retry: healthy targets never need it.
     pub retry: Option<Box<RetryBudget>>,
     pub counters: Counters,
     pub next_admission: u64,
-    pub forced_reason: Option<Box<str>>,
-    pub last_cause: Option<Box<str>>,
+    pub notes: Option<Box<Notes>>,
 }
 
 /// A target: name, settings and state.
@@ -76,8 +130,8 @@ pub struct Target {
     pub(crate) seed: u64,
     pub(crate) settings: Arc<TargetSettings>,
     pub(crate) state: Mutex<TargetState>,
-    /// Changed since the last write-behind flush.
-    pub(crate) dirty: std::sync::atomic::AtomicBool,
+    /// What changed since the last flush: [`DIRTY_STATE`] | [`DIRTY_COUNTERS`].
+    pub(crate) dirty: std::sync::atomic::AtomicU8,
     /// Sequence number of this target's latest durable write (see persist.rs).
     pub(crate) durable_seq: std::sync::atomic::AtomicU64,
     /// Pre-resolved metric handles (shared `_other` beyond the label cap).
@@ -116,6 +170,8 @@ pub struct AdmitArgs<'a> {
 /// Outcome inputs, validated by the engine.
 #[derive(Clone, Debug)]
 pub(crate) struct OutcomeArgs<'a> {
+    /// The permit was issued by this server start (its lease and reservation exist).
+    pub same_epoch: bool,
     pub class: OutcomeClass,
     /// Parsed provider headers.
     pub signals: Signals,
@@ -150,11 +206,22 @@ pub(crate) struct Effects {
     pub durable: bool,
     /// The queued write of that change, awaited before the answer leaves.
     pub pending: Option<Pending>,
+    /// Budget levels, failure streaks or provider signals changed: write
+    /// behind within a second (counters alone wait for a graceful shutdown).
+    pub state_dirty: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Budget levels, failure streaks or provider signals changed (written behind about every second).
+pub(crate) const DIRTY_STATE: u8 = 1;
+/// Only counters changed (written at graceful shutdown, or with the next write).
+pub(crate) const DIRTY_COUNTERS: u8 = 2;
+
+/// Provider pauses at least this long are durable before the answer leaves.
+const DURABLE_PAUSE: Duration = Duration::from_secs(1);
 
 /// Longest wait reported for a slot refusal that has no natural end (e.g. every slot disabled).
 const NEVER: Duration = Duration::from_secs(3600);
@@ -167,9 +234,11 @@ impl Target {
         metrics: Arc<TargetMetrics>,
     ) -> Self {
         let seed = name_hash(&name);
-        let slots = (0..settings.keys.len().max(1))
-            .map(|_| Slot::default())
-            .collect();
+        let slots = if settings.keys.len() > 1 {
+            Slots::Many((0..settings.keys.len()).map(|_| Slot::default()).collect())
+        } else {
+            Slots::One(Slot::default())
+        };
         Target {
             state: Mutex::new(TargetState {
                 breaker: Breaker::new(seed),
@@ -177,14 +246,13 @@ impl Target {
                 retry: None,
                 counters: Counters::default(),
                 next_admission: 1,
-                forced_reason: None,
-                last_cause: None,
+                notes: None,
             }),
             name,
             index,
             seed,
             settings,
-            dirty: std::sync::atomic::AtomicBool::new(false),
+            dirty: std::sync::atomic::AtomicU8::new(0),
             durable_seq: std::sync::atomic::AtomicU64::new(0),
             metrics,
         }
@@ -209,8 +277,8 @@ impl Target {
             consecutive_failures: b.consecutive_failures,
             half_open_successes: b.half_open_successes,
             persistent_open: b.persistent_open,
-            forced_reason: st.forced_reason.as_deref().unwrap_or_default().to_string(),
-            last_cause: st.last_cause.as_deref().unwrap_or_default().to_string(),
+            forced_reason: st.forced_reason().unwrap_or_default().to_string(),
+            last_cause: st.last_cause().unwrap_or_default().to_string(),
             slots: st
                 .slots
                 .iter()
@@ -275,10 +343,12 @@ impl Target {
         st.breaker = Breaker::restore(&snap, self.seed);
         let mut ev = Vec::new();
         st.breaker.tick(now, &self.settings.breaker, &mut ev);
-        st.forced_reason =
-            (!rec.forced_reason.is_empty()).then(|| rec.forced_reason.clone().into_boxed_str());
-        st.last_cause =
-            (!rec.last_cause.is_empty()).then(|| rec.last_cause.clone().into_boxed_str());
+        st.set_forced_reason(
+            (!rec.forced_reason.is_empty()).then(|| rec.forced_reason.clone().into_boxed_str()),
+        );
+        st.set_last_cause(
+            (!rec.last_cause.is_empty()).then(|| rec.last_cause.clone().into_boxed_str()),
+        );
         st.counters.admitted = rec.admitted;
         st.counters.refused = rec.refused;
         st.counters.stale = rec.stale;
@@ -429,6 +499,8 @@ impl Target {
                         slot: slot_ix as u8,
                         reserved_tokens: args.estimated_tokens,
                         tag: self.tag(),
+                        // Set by the engine, which knows its start.
+                        epoch: 0,
                     }),
                     key_slot: self.slot_name(slot_ix),
                     shadow_reason: None,
@@ -478,9 +550,11 @@ impl Target {
         // Lift pauses and disables that have run out (restoration is an event).
         for i in 0..n {
             let slot = &mut st.slots[i];
+            // An expired deadline means the same after a restart whether or not
+            // it was cleared, so clearing it is written behind, not waited for.
             if slot.paused_until != Time::ZERO && now >= slot.paused_until {
                 slot.paused_until = Time::ZERO;
-                fx.durable = true;
+                fx.state_dirty = true;
                 fx.events.push(EventKind::BudgetRestored {
                     key_slot: self.slot_name(i),
                 });
@@ -488,7 +562,7 @@ impl Target {
             if slot.disabled_until != Time::ZERO && now >= slot.disabled_until {
                 slot.disabled_until = Time::ZERO;
                 slot.disabled_reason = None;
-                fx.durable = true;
+                fx.state_dirty = true;
             }
         }
         if n == 1 && !metered {
@@ -506,12 +580,14 @@ impl Target {
         }
         // Order slots by headroom, rotating ties so unmetered keys share load.
         let rotate = (st.next_admission as usize) % n;
-        let mut order: Vec<(usize, f64)> = (0..n)
-            .map(|k| {
-                let i = (k + rotate) % n;
-                (i, headroom(&st.slots[i].budget, &cfg.budget, now))
-            })
-            .collect();
+        // On the stack: at most MAX_KEY_SLOTS slots (the config enforces it).
+        let mut order = [(0usize, 0f64); crate::config::MAX_KEY_SLOTS];
+        let n = n.min(order.len());
+        for (k, o) in order.iter_mut().enumerate().take(n) {
+            let i = (k + rotate) % n;
+            *o = (i, headroom(&st.slots[i].budget, &cfg.budget, now));
+        }
+        let order = &mut order[..n];
         order.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
 
         let mut best: Option<(Reason, Option<Duration>)> = None;
@@ -531,7 +607,7 @@ impl Target {
             .iter()
             .map(|&gi| lock(&groups[gi].state))
             .collect();
-        for (i, _) in order {
+        for &(i, _) in order.iter() {
             let slot = &mut st.slots[i];
             if slot.disabled_until > now {
                 consider(
@@ -547,7 +623,15 @@ impl Target {
             let slot_plan = match slot.budget.check(now, &cfg.budget, cost) {
                 Ok(p) => p,
                 Err(r) => {
-                    let (reason, after) = budget_reason(&r);
+                    let (reason, mut after) = budget_reason(&r);
+                    // The groups must admit too: wait for the slowest of them.
+                    if let Some(a) = after.as_mut() {
+                        for (g, &gi) in guards.iter().zip(&cfg.groups) {
+                            if let Some(w) = g.wait_for(now, &groups[gi].config, cost) {
+                                *a = (*a).max(w);
+                            }
+                        }
+                    }
                     if !slot.limited {
                         slot.limited = true;
                         fx.events.push(EventKind::RateLimited {
@@ -585,6 +669,7 @@ impl Target {
             }
             let mut leased = BudgetState::plan_leases(&slot_plan);
             slot.budget.commit(&slot_plan, lease);
+            fx.state_dirty = true;
             for (g, plan) in guards.iter_mut().zip(&group_plans) {
                 leased |= BudgetState::plan_leases(plan);
                 g.commit(plan, lease);
@@ -628,6 +713,10 @@ impl Target {
     ) -> OutcomeResult {
         let cfg = &self.settings;
         let (class, signals, max_pause) = (args.class, &args.signals, args.max_pause);
+        let streak_before = st.breaker.consecutive_failures();
+        if signals.limits.iter().any(|l| !l.is_empty()) {
+            fx.state_dirty = true;
+        }
         st.counters.by_class[class.index()] += 1;
         let slot_ix = args.slot.min(st.slots.len() - 1);
 
@@ -679,7 +768,13 @@ impl Target {
             let slot = &mut st.slots[slot_ix];
             if until > slot.paused_until {
                 slot.paused_until = until;
-                fx.durable = true;
+                // A pause that ends before a restart could finish cannot be
+                // forgotten by one: only longer ones are made durable first.
+                if d >= DURABLE_PAUSE {
+                    fx.durable = true;
+                } else {
+                    fx.state_dirty = true;
+                }
                 fx.events.push(EventKind::RateLimited {
                     key_slot: self.slot_name(slot_ix),
                     kind: None,
@@ -721,22 +816,32 @@ impl Target {
         if stale {
             st.counters.stale += 1;
         }
-        let caller = (!args.caller.is_empty()).then(|| Arc::from(args.caller));
-        let detail = describe_outcome(class, args.http_status, args.error_type);
-        self.absorb_breaker_events(st, &bev, Some((caller, detail)), fx);
+        if !bev.is_empty() {
+            // Built only when something happened: most outcomes move nothing.
+            let caller = (!args.caller.is_empty()).then(|| Arc::from(args.caller));
+            let detail = describe_outcome(class, args.http_status, args.error_type);
+            self.absorb_breaker_events(st, &bev, Some((caller, detail)), fx);
+        }
 
         // Settle budgets: release the concurrency slot, charge real usage.
+        // A permit from before a restart: its reservation and lease belong to
+        // the previous process, so only the real usage is charged.
+        let own = args.permit.filter(|_| args.same_epoch);
         let usage = Usage {
-            reserved: args.permit.map_or(0, |p| p.reserved_tokens),
+            reserved: own.map_or(0, |p| p.reserved_tokens),
             input: args.input_tokens,
             output: args.output_tokens,
             reported: args.input_tokens > 0 || args.output_tokens > 0,
         };
-        let lease_key = args
-            .permit
+        let lease_key = own
             .filter(|p| p.lease != 0)
             .map(|p| lease_key(self.index, p.lease));
-        if args.permit.is_some() || usage.reported {
+        if st.breaker.consecutive_failures() != streak_before {
+            fx.state_dirty = true;
+        }
+        let metered = !cfg.budget.is_unlimited() || !cfg.groups.is_empty();
+        if metered && (args.permit.is_some() || usage.reported) {
+            fx.state_dirty = true;
             st.slots[slot_ix]
                 .budget
                 .settle(now, &cfg.budget, usage, lease_key);
@@ -788,7 +893,7 @@ impl Target {
                 BreakerEvent::Transition(t) => {
                     let (cause, class, failures) =
                         describe_transition(&t, origin.as_ref().map(|o| o.1.as_str()));
-                    st.last_cause = Some(cause.clone().into_boxed_str());
+                    st.set_last_cause(Some(cause.clone().into_boxed_str()));
                     fx.durable = true;
                     fx.events.push(EventKind::BreakerTransition {
                         from: t.from,
@@ -805,7 +910,7 @@ impl Target {
                 }
                 BreakerEvent::OpenExtended { until } => {
                     fx.durable = true;
-                    st.last_cause = Some(
+                    st.set_last_cause(Some(
                         format!(
                             "open period extended by {}",
                             origin
@@ -813,7 +918,7 @@ impl Target {
                                 .map_or("a persistent failure", |o| o.1.as_str())
                         )
                         .into_boxed_str(),
-                    );
+                    ));
                     fx.events.push(EventKind::BreakerTransition {
                         from: BreakerState::Open,
                         to: BreakerState::Open,
@@ -960,4 +1065,20 @@ pub(crate) fn name_hash(name: &str) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     crate::domain::breaker::mix64(h)
+}
+
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        eprintln!(
+            "SIZES Target={} TargetState={} Slot={} Breaker={} BudgetState={} Counters={}",
+            std::mem::size_of::<super::Target>(),
+            std::mem::size_of::<super::TargetState>(),
+            std::mem::size_of::<super::Slot>(),
+            std::mem::size_of::<crate::domain::Breaker>(),
+            std::mem::size_of::<crate::domain::budget::BudgetState>(),
+            std::mem::size_of::<super::Counters>()
+        );
+    }
 }
