@@ -270,23 +270,15 @@ impl QueueState {
             any = true;
             let queue = entry.rec.queue.clone();
             if entry.rec.attempt >= entry.rec.max_attempts {
-                let mut rec = self.items.remove(&id).map(|e| e.rec).unwrap_or_default();
-                rec.dead_lettered_at = now.as_nanos();
                 let c = counts(self, &queue);
                 c.in_flight = c.in_flight.saturating_sub(1);
-                c.dead += 1;
-                events.push((
-                    queue.clone(),
-                    EventKind::ItemDeadLettered {
-                        queue: Arc::from(queue.as_str()),
-                        id,
-                        reason: rec.last_error.clone(),
-                        attempts: rec.attempt,
-                    },
-                ));
-                ops.push(Op::Item(id, None));
-                ops.push(Op::Dead(id, Some(rec.clone())));
-                self.dead.insert(id, rec);
+                self.dead_letter(
+                    id,
+                    now,
+                    "lease expired without Ack or Nack on the last attempt",
+                    ops,
+                    events,
+                );
             } else {
                 let due = entry.rec.due;
                 ops.push(Op::Item(id, Some(entry.rec.clone())));
@@ -315,7 +307,8 @@ impl QueueState {
         }
     }
 
-    /// Moves a waiting item to the dead letters.
+    /// Moves an item (no longer counted as waiting or in flight by the
+    /// caller) to the dead letters.
     fn dead_letter(
         &mut self,
         id: u64,
@@ -331,9 +324,7 @@ impl QueueState {
         rec.last_error = why.to_string();
         rec.dead_lettered_at = now.as_nanos();
         let queue = rec.queue.clone();
-        let c = counts(self, &queue);
-        c.waiting = c.waiting.saturating_sub(1);
-        c.dead += 1;
+        counts(self, &queue).dead += 1;
         events.push((
             queue.clone(),
             EventKind::ItemDeadLettered {
@@ -758,6 +749,8 @@ impl Engine {
                     {
                         // Can never be admitted: dead-letter it rather than let it block the queue.
                         let why = format!("can never be admitted: {}", reason.as_str());
+                        let c = counts(&mut s, queue);
+                        c.waiting = c.waiting.saturating_sub(1);
                         s.dead_letter(id, now, &why, &mut ops, &mut events);
                     }
                     Err(blocked) => {
@@ -968,21 +961,7 @@ impl Engine {
             c.in_flight = c.in_flight.saturating_sub(1);
             let dead = attempt >= s.items.get(&id).map_or(0, |e| e.rec.max_attempts);
             if dead {
-                let mut rec = s.items.remove(&id).map(|e| e.rec).unwrap_or_default();
-                rec.dead_lettered_at = now.as_nanos();
-                counts(&mut s, &queue).dead += 1;
-                events.push((
-                    queue.clone(),
-                    EventKind::ItemDeadLettered {
-                        queue: Arc::from(queue.as_str()),
-                        id,
-                        reason: reason.to_string(),
-                        attempts: attempt,
-                    },
-                ));
-                ops.push(Op::Item(id, None));
-                ops.push(Op::Dead(id, Some(rec.clone())));
-                s.dead.insert(id, rec);
+                s.dead_letter(id, now, reason, &mut ops, &mut events);
             } else {
                 let due = (now + delay).as_nanos();
                 if let Some(e) = s.items.get_mut(&id) {

@@ -66,6 +66,17 @@ pub struct RunResult {
 }
 
 impl RunResult {
+    pub fn empty() -> RunResult {
+        RunResult {
+            requests: 0,
+            decisions: 0,
+            errors: 0,
+            error_kinds: HashMap::new(),
+            elapsed: Duration::ZERO,
+            latency: new_histogram(),
+        }
+    }
+
     pub fn rps(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
@@ -311,14 +322,7 @@ async fn phase(channels: &[Channel], ctx: &Arc<Ctx>, duration: Duration) -> RunR
             (requests, decisions, errors, kinds, hist)
         }));
     }
-    let mut out = RunResult {
-        requests: 0,
-        decisions: 0,
-        errors: 0,
-        error_kinds: HashMap::new(),
-        elapsed: Duration::ZERO,
-        latency: new_histogram(),
-    };
+    let mut out = RunResult::empty();
     for t in tasks {
         if let Ok((r, d, e, k, h)) = t.await {
             out.requests += r;

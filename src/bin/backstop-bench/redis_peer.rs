@@ -3,7 +3,6 @@
 
 use crate::load::{RunResult, Shape, Zipf, new_histogram};
 use redis::aio::MultiplexedConnection;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,14 +110,7 @@ async fn phase(
             (requests, errors, hist)
         }));
     }
-    let mut out = RunResult {
-        requests: 0,
-        decisions: 0,
-        errors: 0,
-        error_kinds: HashMap::new(),
-        elapsed: Duration::ZERO,
-        latency: new_histogram(),
-    };
+    let mut out = RunResult::empty();
     for t in tasks {
         if let Ok((r, e, h)) = t.await {
             out.requests += r;
