@@ -4,7 +4,7 @@ mod common;
 
 use backstop::proto;
 use common::{Server, TempDir, binary};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tonic::Code;
 
 const CONFIG: &str = r#"
@@ -413,7 +413,6 @@ async fn health_and_reflection_are_served() {
         s.status(),
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
-    let started = Instant::now();
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
@@ -440,7 +439,6 @@ async fn health_and_reflection_are_served() {
     ] {
         assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
     }
-    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 #[test]

@@ -200,15 +200,6 @@ impl RetryBudget {
             false
         }
     }
-
-    /// (first attempts, retries) in the window.
-    pub fn totals(&self, now: Time) -> (u64, u64) {
-        self.counts.totals(now)
-    }
-
-    pub fn window(&self) -> Duration {
-        self.counts.window()
-    }
 }
 
 #[cfg(test)]

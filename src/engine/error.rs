@@ -11,10 +11,8 @@ pub enum EngineError {
     ResourceExhausted(String),
     /// The request is valid but not in the current state (e.g. a stale lease token).
     FailedPrecondition(String),
-    Unauthenticated(String),
     /// The store failed: the decision was not made durable, so it was not acknowledged.
     Unavailable(String),
-    Internal(String),
 }
 
 impl fmt::Display for EngineError {
@@ -24,9 +22,7 @@ impl fmt::Display for EngineError {
             EngineError::NotFound(m) => ("not found", m),
             EngineError::ResourceExhausted(m) => ("resource exhausted", m),
             EngineError::FailedPrecondition(m) => ("failed precondition", m),
-            EngineError::Unauthenticated(m) => ("unauthenticated", m),
             EngineError::Unavailable(m) => ("unavailable", m),
-            EngineError::Internal(m) => ("internal", m),
         };
         write!(f, "{kind}: {msg}")
     }

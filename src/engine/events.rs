@@ -16,8 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
-/// Why a route moved to a fallback, or why a target was refused.
-pub use super::Reason;
+use super::Reason;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum EventKind {

@@ -184,6 +184,8 @@ pub struct TargetView {
     pub last_cause: Option<String>,
     pub in_flight: u32,
     pub groups: Vec<BudgetView>,
+    /// Names of the budget groups the target draws on, in config order.
+    pub group_names: Vec<Arc<str>>,
 }
 
 /// One line of a target listing.
@@ -473,11 +475,13 @@ impl Engine {
         }
         let bits = if fx.state_dirty {
             target::DIRTY_STATE | target::DIRTY_COUNTERS
-        } else {
+        } else if fx.counted {
             target::DIRTY_COUNTERS
+        } else {
+            0
         };
         // A load first: most decisions find the bits already set and skip the write.
-        if target.dirty.load(Ordering::Relaxed) & bits != bits {
+        if bits != 0 && target.dirty.load(Ordering::Relaxed) & bits != bits {
             target.dirty.fetch_or(bits, Ordering::Relaxed);
         }
         let seq = target.durable_seq.load(Ordering::Acquire);
@@ -996,11 +1000,7 @@ impl Engine {
         for name in names.iter().skip(start).take(size) {
             if let Some(t) = self.targets.get(name.as_ref()) {
                 let mut st = t.lock();
-                let mut bev = Vec::new();
-                st.breaker.tick(now, &t.settings.breaker, &mut bev);
-                let mut fx = Effects::default();
-                t.absorb_breaker_events(&mut st, &bev, None, &mut fx);
-                self.finish(now, &t, &st, &mut fx);
+                self.apply_time(now, &t, &mut st);
                 targets.push(TargetSummary {
                     name: name.clone(),
                     state: st.breaker.state(),
@@ -1031,14 +1031,24 @@ impl Engine {
         Ok(self.view(&t))
     }
 
+    /// Before a read: applies what time did to the target (an open period
+    /// that ended, probe leases that ran out) and publishes it. Those changes
+    /// follow from durable state, so nothing here waits for the store.
+    fn apply_time(&self, now: Time, t: &Target, st: &mut TargetState) {
+        let mut bev = Vec::new();
+        st.breaker.tick(now, &t.settings.breaker, &mut bev);
+        if bev.is_empty() {
+            return;
+        }
+        let mut fx = Effects::default();
+        t.absorb_breaker_events(st, &bev, None, &mut fx);
+        self.finish(now, t, st, &mut fx);
+    }
+
     fn view(&self, t: &Arc<Target>) -> TargetView {
         let now = self.clock.now();
         let mut st = t.lock();
-        let mut bev = Vec::new();
-        st.breaker.tick(now, &t.settings.breaker, &mut bev);
-        let mut fx = Effects::default();
-        t.absorb_breaker_events(&mut st, &bev, None, &mut fx);
-        self.finish(now, t, &st, &mut fx);
+        self.apply_time(now, t, &mut st);
         let budget_views = |b: &BudgetState,
                             cfg: &crate::domain::budget::BudgetConfig,
                             group: Option<Arc<str>>| {
@@ -1125,6 +1135,12 @@ impl Engine {
             last_cause: st.last_cause().map(str::to_string),
             in_flight: in_flight + st.breaker.probes().len() as u32,
             groups,
+            group_names: t
+                .settings
+                .groups
+                .iter()
+                .map(|&gi| self.groups[gi].name.clone())
+                .collect(),
         }
     }
 

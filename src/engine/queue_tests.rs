@@ -520,7 +520,20 @@ async fn route_members_exist_before_their_first_call() {
 #[derive(Clone, Default)]
 struct GatedStore(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
 
+/// An engine over a [`GatedStore`] (closed: writes hang until `open()`).
+fn gated(toml: &str) -> (Arc<Engine>, GatedStore, Arc<ManualClock>) {
+    let gate = GatedStore::default();
+    let config = Arc::new(Config::parse(toml, "t").expect("config"));
+    let clock = Arc::new(ManualClock::new(T0));
+    let (e, _) = Engine::open(config, clock.clone(), Box::new(gate.clone())).expect("open");
+    (Arc::new(e), gate, clock)
+}
+
 impl GatedStore {
+    fn close(&self) {
+        *self.0.0.lock().expect("lock") = false;
+    }
+
     fn open(&self) {
         let (m, c) = &*self.0;
         *m.lock().expect("lock") = true;
@@ -550,13 +563,7 @@ impl Store for GatedStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nobody_sees_a_transition_before_it_is_durable() {
-    let gate = GatedStore::default();
-    let config = Arc::new(
-        Config::parse("[defaults.breaker]\nfailure_threshold = 1\n", "t").expect("config"),
-    );
-    let clock = Arc::new(ManualClock::new(T0));
-    let (e, _) = Engine::open(config, clock, Box::new(gate.clone())).expect("open");
-    let e = Arc::new(e);
+    let (e, gate, _) = gated("[defaults.breaker]\nfailure_threshold = 1\n");
     // Agent A's failure opens the breaker; its answer waits for the disk.
     let a = {
         let e = e.clone();
@@ -603,39 +610,26 @@ async fn nobody_sees_a_transition_before_it_is_durable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_abandoned_mid_way_loses_nothing() {
-    let gate = GatedStore::default();
+    let (e, gate, _) = gated("");
     gate.open();
-    let config = Arc::new(
-        Config::parse(
-            "[defaults.breaker]\nfailure_threshold = 1\nopen_duration = \"10s\"\nhalf_open_max_probes = 2\n",
-            "t",
-        )
-        .expect("config"),
-    );
-    let clock = Arc::new(ManualClock::new(T0));
-    let (e, _) = Engine::open(config, clock.clone(), Box::new(gate.clone())).expect("open");
-    let e = Arc::new(e);
     let item_id = e.defer(item("t", 1)).await.expect("defer").id;
-    e.record_outcome(
-        "t",
-        OutcomeReport {
-            http_status: 503,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("opens");
-    clock.advance(secs(10));
-    // The claim's admission turns the breaker half-open: a durable write,
-    // which now hangs; the worker's deadline passes and the claim is dropped.
-    *gate.0.0.lock().expect("lock") = false;
+    // An operator's override of "t" is being written and the disk hangs:
+    // the claim's admission waits for that write (nobody may see "t"'s state
+    // before it is durable), the worker's deadline passes, the claim is dropped.
+    gate.close();
+    let forcing = {
+        let e = e.clone();
+        tokio::spawn(async move { e.set_breaker_mode("t", Mode::ForcedClosed, "").await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let abandoned =
         tokio::time::timeout(Duration::from_millis(100), e.claim("t", 1, None, None, "w")).await;
     assert!(
         abandoned.is_err(),
-        "the claim was stuck on the write and its caller gave up"
+        "the claim was stuck behind the write and its caller gave up"
     );
     gate.open();
+    forcing.await.expect("join").expect("forced");
     let stats = &e.queue_stats("t")[0];
     assert_eq!(
         (stats.depth, stats.in_flight),
@@ -776,15 +770,7 @@ async fn idempotency_tombstones_expire_and_ids_are_never_reused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_defer_is_answered_only_once_the_first_is_durable() {
-    let gate = GatedStore::default();
-    let config = Arc::new(Config::parse("", "t").expect("config"));
-    let (e, _) = Engine::open(
-        config,
-        Arc::new(ManualClock::new(T0)),
-        Box::new(gate.clone()),
-    )
-    .expect("open");
-    let e = Arc::new(e);
+    let (e, gate, _) = gated("");
     let args = DeferArgs {
         idempotency_key: "same".into(),
         ..item("q", 1)
@@ -847,4 +833,33 @@ async fn a_permit_from_before_a_restart_cannot_free_a_new_lease() {
         "the new call's slot was not freed by the old permit"
     );
     let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_period_ending_is_not_waited_for() {
+    // open -> half-open follows from the durable open-until, so a restart
+    // derives it again: the first probe must not wait for the disk.
+    let (e, gate, clock) =
+        gated("[defaults.breaker]\nfailure_threshold = 1\nopen_duration = \"10s\"\n");
+    gate.open();
+    e.record_outcome(
+        "t",
+        OutcomeReport {
+            http_status: 503,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("opens");
+    gate.close();
+    clock.advance(secs(10));
+    let probe = tokio::time::timeout(
+        Duration::from_secs(2),
+        e.can_proceed("t", AdmitArgs::default()),
+    )
+    .await
+    .expect("answered without waiting for the store")
+    .expect("ok");
+    assert_eq!((probe.allowed, probe.state), (true, BreakerState::HalfOpen));
+    gate.open();
 }

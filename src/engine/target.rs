@@ -214,8 +214,10 @@ pub(crate) struct Effects {
     /// The queued write of that change, awaited before the answer leaves.
     pub pending: Option<Pending>,
     /// Budget levels, failure streaks or provider signals changed: write
-    /// behind within a second (counters alone wait for a graceful shutdown).
+    /// behind within a second.
     pub state_dirty: bool,
+    /// Only counters changed (written at a graceful shutdown).
+    pub counted: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -494,6 +496,7 @@ impl Target {
                     rb.record_first(now);
                 }
                 st.counters.admitted += 1;
+                fx.counted = true;
                 Admission {
                     allowed: true,
                     reason: Reason::Allowed,
@@ -515,6 +518,7 @@ impl Target {
             }
             Err(refusal) => {
                 st.counters.refused += 1;
+                fx.counted = true;
                 if cfg.mode == Enforcement::Shadow {
                     // Dry run: report what would have happened, admit without reserving.
                     st.counters.admitted += 1;
@@ -725,6 +729,7 @@ impl Target {
             fx.state_dirty = true;
         }
         st.counters.by_class[class.index()] += 1;
+        fx.counted = true;
         let slot_ix = args.slot.min(st.slots.len() - 1);
 
         // The provider's hint: the explicit field or the headers, whichever is longer.
@@ -901,7 +906,13 @@ impl Target {
                     let (cause, class, failures) =
                         describe_transition(&t, origin.as_ref().map(|o| o.1.as_str()));
                     st.set_last_cause(Some(cause.clone().into_boxed_str()));
-                    fx.durable = true;
+                    if t.cause == Cause::OpenElapsed {
+                        // Time-driven: a restart derives it again from the
+                        // durable open-until, so it is written behind.
+                        fx.state_dirty = true;
+                    } else {
+                        fx.durable = true;
+                    }
                     fx.events.push(EventKind::BreakerTransition {
                         from: t.from,
                         to: t.to,

@@ -291,6 +291,14 @@ budgets = ["org"]
     );
     clock.advance(Duration::from_millis(500));
     assert!(admit(&e, "a").await.allowed);
+    let names: Vec<String> = e
+        .get_target("a")
+        .expect("a")
+        .group_names
+        .iter()
+        .map(|g| g.to_string())
+        .collect();
+    assert_eq!(names, vec!["org".to_string()]);
 }
 
 #[tokio::test]

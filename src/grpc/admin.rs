@@ -78,18 +78,12 @@ pub(crate) fn target_status(v: TargetView) -> proto::TargetStatus {
         cost_per_mtok_input: s.cost_per_mtok_input,
         cost_per_mtok_output: s.cost_per_mtok_output,
         keys: s.keys.iter().map(|k| k.to_string()).collect(),
-        budget_groups: Vec::new(),
+        budget_groups: v.group_names.iter().map(|g| g.to_string()).collect(),
         mode: match s.mode {
             crate::config::Enforcement::Enforce => "enforce".into(),
             crate::config::Enforcement::Shadow => "shadow".into(),
         },
     };
-    let mut group_names: Vec<String> = v
-        .groups
-        .iter()
-        .filter_map(|g| g.group.as_deref().map(str::to_string))
-        .collect();
-    group_names.dedup();
     proto::TargetStatus {
         target: v.name.to_string(),
         state: breaker_state(v.state) as i32,
@@ -103,10 +97,7 @@ pub(crate) fn target_status(v: TargetView) -> proto::TargetStatus {
         counters: Some(super::outcome_counters(&v.counters)),
         window_calls: v.window_calls,
         window_failures: v.window_failures,
-        settings: Some(proto::TargetSettings {
-            budget_groups: group_names,
-            ..settings
-        }),
+        settings: Some(settings),
         key_slots: v
             .slots
             .iter()

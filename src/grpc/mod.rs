@@ -20,9 +20,7 @@ pub fn status(e: EngineError) -> Status {
         EngineError::NotFound(m) => Status::not_found(m),
         EngineError::ResourceExhausted(m) => Status::resource_exhausted(m),
         EngineError::FailedPrecondition(m) => Status::failed_precondition(m),
-        EngineError::Unauthenticated(m) => Status::unauthenticated(m),
         EngineError::Unavailable(m) => Status::unavailable(m),
-        EngineError::Internal(m) => Status::internal(m),
     }
 }
 
