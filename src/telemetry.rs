@@ -109,7 +109,11 @@ pub fn init(format: LogFormat, cfg: &TelemetryConfig) -> Result<Telemetry, Strin
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = match format {
         LogFormat::Pretty => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(colour_logs())
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(
@@ -121,6 +125,14 @@ pub fn init(format: LogFormat, cfg: &TelemetryConfig) -> Result<Telemetry, Strin
     };
     result.map_err(|e| format!("cannot install the log subscriber: {e}"))?;
     Ok(Telemetry { provider })
+}
+
+/// Colour only for a person at a terminal: logs piped to a file, a collector
+/// or CI stay plain text, and `NO_COLOR` (any value, https://no-color.org)
+/// turns colour off everywhere.
+fn colour_logs() -> bool {
+    use std::io::IsTerminal as _;
+    std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal()
 }
 
 struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);

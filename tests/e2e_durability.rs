@@ -43,8 +43,10 @@ async fn kill_9_never_unlearns_an_outage() {
     .await
     .expect("ok");
     // A 401 disables one key slot.
+    let p = common::permit(&mut c, "openai/gpt-4o", Some("org-a")).await;
     c.record_outcome(proto::RecordOutcomeRequest {
         target: "openai/gpt-4o".into(),
+        permit: p,
         http_status: 401,
         key_slot: "org-a".into(),
         ..Default::default()
@@ -58,8 +60,10 @@ async fn kill_9_never_unlearns_an_outage() {
         "0".to_string(),
     );
     headers.insert("x-ratelimit-reset-requests".to_string(), "15m".to_string());
+    let p = common::permit(&mut c, "openai/o3", None).await;
     c.record_outcome(proto::RecordOutcomeRequest {
         target: "openai/o3".into(),
+        permit: p,
         http_status: 200,
         headers,
         ..Default::default()

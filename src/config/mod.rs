@@ -30,6 +30,8 @@ use toml::de::{DeTable, DeValue};
 pub const MAX_TARGET_LEN: usize = 256;
 /// Most candidates a route (configured or ad hoc) may list.
 pub const MAX_ROUTE_LEN: usize = 32;
+/// Longest route name (routes double as deferred queue names, which share the target limit).
+pub const MAX_ROUTE_NAME: usize = MAX_TARGET_LEN;
 /// Most key slots one target may declare.
 pub const MAX_KEY_SLOTS: usize = 16;
 
@@ -53,6 +55,36 @@ pub struct ServerConfig {
     /// Bounds on the `headers` map of one outcome.
     pub max_headers: usize,
     pub max_header_bytes: usize,
+    /// Open gRPC connections at once (a socket past it is closed on accept).
+    pub max_connections: usize,
+    /// Time a new connection has to send the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// A connection that receives nothing (not even a ping reply) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Server HTTP/2 PINGs: how often (None = off) and how long an answer may take.
+    pub http2_keepalive_interval: Option<Duration>,
+    pub http2_keepalive_timeout: Duration,
+    /// Secret that signs permits; None = generated once, kept in the store.
+    pub permit_key: Option<String>,
+    /// What an outcome without a live permit may do.
+    pub outcomes_without_permit: Permitless,
+}
+
+/// What a RecordOutcome without a live permit (none, expired, or from before
+/// a restart) may do. A permit proves the report belongs to an admitted call;
+/// without one, anyone could report anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Permitless {
+    /// Counted (counters, failure streaks and rates, token usage) but never
+    /// imposes anything alone: no opening at once on PERSISTENT, no disabled
+    /// key, no pause, no learned limit. The default.
+    #[default]
+    Count,
+    /// Treated like a report with a permit (the behaviour before permits
+    /// were signed): only for fleets whose every client is trusted.
+    Trusted,
+    /// Refused with INVALID_ARGUMENT.
+    Reject,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +101,13 @@ impl Default for ServerConfig {
             max_pause: Duration::from_secs(3600),
             max_headers: 64,
             max_header_bytes: 16 * 1024,
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            http2_keepalive_interval: Some(Duration::from_secs(60)),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            permit_key: None,
+            outcomes_without_permit: Permitless::Count,
         }
     }
 }
@@ -105,7 +144,20 @@ pub struct TelemetryConfig {
     /// OTLP/gRPC endpoint for traces; None = off (unless OTEL_EXPORTER_OTLP_ENDPOINT is set).
     pub otlp_endpoint: Option<String>,
     pub service_name: String,
+    /// Bucket bounds (seconds) of `backstop_call_latency_seconds`.
+    pub latency_buckets: Arc<[f64]>,
 }
+
+/// Provider-call latency buckets: LLM calls take 0.5 s to minutes, so the
+/// buckets are dense there (a p99 from `histogram_quantile` over them stays
+/// within a few percent for calls of 0.2-3 s, where 2.5/5/10/30 gave +60 %).
+pub const DEFAULT_LATENCY_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.5,
+    15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 90.0, 120.0,
+];
+
+/// Most latency buckets a histogram may have (each is a series per target).
+pub const MAX_LATENCY_BUCKETS: usize = 64;
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
@@ -113,6 +165,7 @@ impl Default for TelemetryConfig {
             max_target_labels: 1000,
             otlp_endpoint: None,
             service_name: "backstop".into(),
+            latency_buckets: DEFAULT_LATENCY_BUCKETS.into(),
         }
     }
 }
@@ -249,11 +302,33 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigErrors> {
         let origin = path.display().to_string();
-        let src = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        let bytes = std::fs::read(path).map_err(|e| ConfigErrors {
             origin: origin.clone(),
             src: String::new(),
             errors: vec![(0..0, format!("cannot read the config file: {e}"))],
         })?;
+        let src = match String::from_utf8(bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                // Located at the first bad byte: the text before it is valid,
+                // so it is kept for the line/column and the quoted line.
+                let good = e.utf8_error().valid_up_to();
+                let bytes = e.into_bytes();
+                let src = String::from_utf8_lossy(&bytes).into_owned();
+                let prefix = String::from_utf8_lossy(&bytes[..good]).len();
+                return Err(ConfigErrors {
+                    origin,
+                    src,
+                    errors: vec![(
+                        prefix..prefix,
+                        format!(
+                            "the file is not valid UTF-8 (byte 0x{:02x} at offset {good}); save it as UTF-8",
+                            bytes.get(good).copied().unwrap_or(0)
+                        ),
+                    )],
+                });
+            }
+        };
         Config::parse(&src, &origin)
     }
 
@@ -352,6 +427,29 @@ impl Cx {
         }
     }
 
+    /// `[defaults]`, one sub-table at a time, so an error in
+    /// `[defaults.breaker]` is reported under that name (not `[defaults]`).
+    fn defaults(&mut self, v: Spanned<DeValue<'_>>) -> DefaultsToml {
+        let mut d = DefaultsToml::default();
+        let Some(t) = self.table(v, "[defaults]") else {
+            return d;
+        };
+        for (key, value) in t {
+            match key.get_ref().as_ref() {
+                "breaker" => d.breaker = self.de(value, "[defaults.breaker]"),
+                "retry" => d.retry = self.de(value, "[defaults.retry]"),
+                "permit_lease" => d.permit_lease = self.de(value, "[defaults] permit_lease"),
+                other => self.err(
+                    key.span(),
+                    format!(
+                        "[defaults]: unknown key `{other}`; expected breaker, retry or permit_lease"
+                    ),
+                ),
+            }
+        }
+        d
+    }
+
     fn table<'i>(&mut self, v: Spanned<DeValue<'i>>, what: &str) -> Option<Table<'i>> {
         let span = v.span();
         match v.into_inner() {
@@ -375,18 +473,20 @@ impl Cx {
         let mut server = None;
         let mut defaults = DefaultsToml::default();
         let mut defaults_span = 0..0;
+        let mut server_span = 0..0;
         let mut targets = Vec::new();
         let mut routes = Vec::new();
         let mut groups = Vec::new();
         for (key, value) in doc.into_inner() {
             let key_span = key.span();
             match key.get_ref().as_ref() {
-                "server" => server = self.de::<ServerToml>(value, "[server]"),
+                "server" => {
+                    server_span = key_span;
+                    server = self.de::<ServerToml>(value, "[server]");
+                }
                 "defaults" => {
                     defaults_span = key_span;
-                    if let Some(d) = self.de::<DefaultsToml>(value, "[defaults]") {
-                        defaults = d;
-                    }
+                    defaults = self.defaults(value);
                 }
                 "targets" => {
                     if let Some(t) = self.table(value, "[targets]") {
@@ -429,8 +529,15 @@ impl Cx {
                         let d = TelemetryConfig::default();
                         config.telemetry = TelemetryConfig {
                             max_target_labels: t.max_target_labels.map_or(d.max_target_labels, |Positive(n)| n as usize),
-                            otlp_endpoint: t.otlp_endpoint.filter(|e| !e.is_empty()),
+                            otlp_endpoint: t
+                                .otlp_endpoint
+                                .filter(|e| !e.is_empty())
+                                .filter(|e| self.otlp_endpoint(e, key_span.clone())),
                             service_name: t.service_name.unwrap_or(d.service_name),
+                            latency_buckets: match t.latency_buckets {
+                                Some(b) => self.buckets(b, key_span.clone()),
+                                None => d.latency_buckets,
+                            },
                         };
                     }
                 }
@@ -460,7 +567,7 @@ impl Cx {
             }
         }
         if let Some(s) = server {
-            config.server = self.server(s);
+            config.server = self.server(s, server_span);
         }
         if config.server.max_message_bytes < config.queue.max_payload_bytes + 64 * 1024 {
             self.err(
@@ -493,6 +600,7 @@ impl Cx {
         // Budget groups first: targets refer to them by name.
         let mut group_ix: HashMap<String, usize> = HashMap::new();
         for (name, span, g) in groups {
+            self.printable(&name, span.clone(), &format!("[budgets.{name:?}]"));
             let budget = self.budget(&g, g.window, span.clone(), &format!("[budgets.{name}]"));
             if budget.is_unlimited() {
                 self.err(
@@ -541,6 +649,11 @@ impl Cx {
                     let n = k.get_ref();
                     if n.is_empty() || n.len() > 64 {
                         self.err(k.span(), "a key slot name must be 1..=64 bytes");
+                    } else if n.chars().any(char::is_control) {
+                        self.err(
+                            k.span(),
+                            format!("key slot {n:?} contains a control character"),
+                        );
                     } else if !seen.insert(n.clone()) {
                         self.err(k.span(), format!("duplicate key slot {n:?}"));
                     }
@@ -572,6 +685,13 @@ impl Cx {
 
         for (name, span, r) in routes {
             let what = format!("[routes.{name}]");
+            if name.is_empty() || name.len() > MAX_ROUTE_NAME {
+                self.err(
+                    span.clone(),
+                    format!("{what}: route names must be 1..={MAX_ROUTE_NAME} bytes"),
+                );
+            }
+            self.printable(&name, span.clone(), &what);
             if r.targets.is_empty() || r.targets.len() > MAX_ROUTE_LEN {
                 self.err(
                     span.clone(),
@@ -633,10 +753,61 @@ impl Cx {
                 span,
                 format!("{what}: target names must be 1..={MAX_TARGET_LEN} bytes"),
             );
+        } else {
+            self.printable(name, span, what);
         }
     }
 
-    fn server(&mut self, s: ServerToml) -> ServerConfig {
+    /// Names clients must send back (targets, routes, groups, key slots)
+    /// cannot hold control characters: no client could use such a name (and
+    /// the server refuses them on the wire), so the config is wrong.
+    fn printable(&mut self, name: &str, span: Range<usize>, what: &str) {
+        if name.chars().any(char::is_control) {
+            self.err(
+                span,
+                format!("{what}: the name {name:?} contains a control character; names must be printable"),
+            );
+        }
+    }
+
+    /// Histogram bounds: 1..=64 finite, positive, strictly increasing seconds.
+    fn buckets(&mut self, b: Vec<f64>, span: Range<usize>) -> Arc<[f64]> {
+        let increasing = b.windows(2).all(|w| w[0] < w[1]);
+        if b.is_empty()
+            || b.len() > MAX_LATENCY_BUCKETS
+            || !increasing
+            || b.iter().any(|x| !x.is_finite() || *x <= 0.0)
+        {
+            self.err(
+                span,
+                format!(
+                    "[telemetry] latency_buckets must be 1..={MAX_LATENCY_BUCKETS} positive, strictly increasing seconds, e.g. [0.5, 1, 2, 5, 10, 30, 60, 120]"
+                ),
+            );
+            return DEFAULT_LATENCY_BUCKETS.into();
+        }
+        b.into()
+    }
+
+    /// An OTLP endpoint must be an http(s) URL with a host, or `serve` would
+    /// fail at startup after check-config said the file was fine.
+    fn otlp_endpoint(&mut self, e: &str, span: Range<usize>) -> bool {
+        let ok = e.parse::<axum::http::Uri>().ok().is_some_and(|u| {
+            matches!(u.scheme_str(), Some("http" | "https"))
+                && u.host().is_some_and(|h| !h.is_empty())
+        });
+        if !ok {
+            self.err(
+                span,
+                format!(
+                    "[telemetry] otlp_endpoint {e:?} is not a URL like \"http://127.0.0.1:4317\""
+                ),
+            );
+        }
+        ok
+    }
+
+    fn server(&mut self, s: ServerToml, span: Range<usize>) -> ServerConfig {
         let mut out = ServerConfig::default();
         if let Some(l) = s.listen {
             match l.get_ref().parse() {
@@ -695,6 +866,53 @@ impl Cx {
         }
         if let Some(Positive(n)) = s.max_header_bytes {
             out.max_header_bytes = n as usize;
+        }
+        if let Some(Positive(n)) = s.max_connections {
+            out.max_connections = n as usize;
+        }
+        if let Some(Dur(d)) = s.handshake_timeout {
+            out.handshake_timeout = d;
+        }
+        if let Some(Dur(d)) = s.idle_timeout {
+            out.idle_timeout = d;
+        }
+        if let Some(Dur(d)) = s.http2_keepalive_interval {
+            out.http2_keepalive_interval = (!d.is_zero()).then_some(d);
+        }
+        if let Some(Dur(d)) = s.http2_keepalive_timeout {
+            out.http2_keepalive_timeout = d;
+        }
+        if let Some(k) = s.permit_key {
+            if k.get_ref().len() < 32 {
+                self.err(
+                    k.span(),
+                    "permit_key must be at least 32 characters (e.g. `openssl rand -hex 32`)",
+                );
+            }
+            out.permit_key = Some(k.into_inner());
+        }
+        if let Some(p) = s.outcomes_without_permit {
+            out.outcomes_without_permit = match p.get_ref().as_str() {
+                "count" => Permitless::Count,
+                "trusted" => Permitless::Trusted,
+                "reject" => Permitless::Reject,
+                other => {
+                    self.err(
+                        p.span(),
+                        format!("outcomes_without_permit: {other:?} is not one of \"count\", \"trusted\", \"reject\""),
+                    );
+                    Permitless::Count
+                }
+            };
+        }
+        for (name, d) in [
+            ("handshake_timeout", out.handshake_timeout),
+            ("idle_timeout", out.idle_timeout),
+            ("http2_keepalive_timeout", out.http2_keepalive_timeout),
+        ] {
+            if d.is_zero() {
+                self.err(span.clone(), format!("[server] {name} must be above 0"));
+            }
         }
         out
     }
@@ -798,6 +1016,9 @@ impl Cx {
         }
         if out.probe_lease.is_zero() {
             self.err(span.clone(), format!("{what}: probe_lease must be above 0"));
+        }
+        if out.window.is_zero() {
+            self.err(span.clone(), format!("{what}: window must be above 0"));
         }
         if out.max_open_duration < out.open_duration {
             self.err(

@@ -88,6 +88,21 @@ pub struct ServerToml {
     pub max_pause: Option<Dur>,
     pub max_headers: Option<Positive>,
     pub max_header_bytes: Option<Positive>,
+    /// Open gRPC connections at once; more are closed on accept.
+    pub max_connections: Option<Positive>,
+    /// A new connection must complete its handshake within this.
+    pub handshake_timeout: Option<Dur>,
+    /// A connection that receives nothing for this long is closed.
+    pub idle_timeout: Option<Dur>,
+    /// HTTP/2 PING interval ("0s" = off) and how long a ping may go unanswered.
+    pub http2_keepalive_interval: Option<Dur>,
+    pub http2_keepalive_timeout: Option<Dur>,
+    /// Secret that signs permits (>= 32 characters). Default: generated once
+    /// and kept in the state store.
+    pub permit_key: Option<Spanned<String>>,
+    /// "count" (default) | "trusted" | "reject": what a RecordOutcome
+    /// without a live permit may do.
+    pub outcomes_without_permit: Option<Spanned<String>>,
 }
 
 /// `[events]`: the event log and its subscribers.
@@ -107,6 +122,8 @@ pub struct TelemetryToml {
     pub max_target_labels: Option<Positive>,
     pub otlp_endpoint: Option<String>,
     pub service_name: Option<String>,
+    /// Upper bounds (seconds) of the provider-call latency histogram buckets.
+    pub latency_buckets: Option<Vec<f64>>,
 }
 
 /// `[queue]`: bounds of the deferred-request queue.

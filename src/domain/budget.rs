@@ -15,6 +15,13 @@
 //! [`BudgetState::settle`] charges or refunds the difference. An overcharge can
 //! push the TAT past `now + window`: the budget is then in debt and refuses
 //! until the debt has drained, exactly as the provider would.
+//!
+//! # Bounded debt
+//! Reported usage comes from clients, and a client can be wrong or hostile: a
+//! single `input_tokens = 2^64 - 1` must not refuse a budget (or a whole shared
+//! group) for centuries. Debt is therefore capped at one window: after any
+//! charge the budget admits again within at most one window (see
+//! [`MAX_DEBT_WINDOWS`]); a stored TAT from before the cap is clamped on load.
 
 use super::time::Time;
 use std::time::Duration;
@@ -98,6 +105,11 @@ impl BudgetConfig {
     }
 }
 
+/// How far past `now` a TAT may reach, in windows: one window of capacity
+/// plus at most one window of debt. So a budget refuses for at most one
+/// window after any charge, however absurd the reported usage.
+pub const MAX_DEBT_WINDOWS: u128 = 2;
+
 /// One GCRA cell: the theoretical arrival time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Gcra {
@@ -122,16 +134,31 @@ impl Gcra {
     }
 
     /// Charges (positive) or refunds (negative) `delta` units after the fact.
-    /// A refund never lifts the budget above full.
+    /// A refund never lifts the budget above full; a charge never puts it
+    /// more than one window into debt.
     fn adjust(&mut self, now: Time, rate: &Rate, delta: i64) {
         let nanos = rate.cost_nanos(delta.unsigned_abs());
         let tat = u128::from(self.tat.as_nanos());
         let new = if delta >= 0 {
-            self.base(now) + nanos
+            (self.base(now) + nanos).min(Self::debt_limit(now, rate))
         } else {
             tat.saturating_sub(nanos).max(u128::from(now.as_nanos()))
         };
         self.tat = Time::from_nanos(u64::try_from(new).unwrap_or(u64::MAX));
+    }
+
+    /// The latest TAT any charge may leave: empty, plus one window of debt.
+    fn debt_limit(now: Time, rate: &Rate) -> u128 {
+        u128::from(now.as_nanos()) + rate.window_nanos() * MAX_DEBT_WINDOWS
+    }
+
+    /// Clamps a TAT restored from storage (possibly written before debt was
+    /// bounded, or by a clock far ahead) to the debt limit.
+    pub fn clamp_debt(&mut self, now: Time, rate: &Rate) {
+        let limit = Self::debt_limit(now, rate);
+        if u128::from(self.tat.as_nanos()) > limit {
+            self.tat = Time::from_nanos(u64::try_from(limit).unwrap_or(u64::MAX));
+        }
     }
 
     /// Units admissible right now (negative while in debt).
@@ -358,6 +385,21 @@ impl BudgetState {
         }
     }
 
+    /// Back to full: every rate cell refilled. Concurrency leases stay (those
+    /// calls are still in flight and will report or expire).
+    pub fn refill(&mut self) {
+        self.cells = Default::default();
+    }
+
+    /// Clamps every cell's debt (after a restore).
+    pub fn clamp_debt(&mut self, now: Time, cfg: &BudgetConfig) {
+        for kind in Kind::ALL {
+            if let Some(rate) = cfg.rate(kind) {
+                self.cells[kind.index()].clamp_debt(now, &rate);
+            }
+        }
+    }
+
     /// A provider reported `remaining` for `kind`: never believe we have more.
     pub fn observe_remaining(&mut self, now: Time, cfg: &BudgetConfig, kind: Kind, remaining: u64) {
         if let Some(rate) = cfg.rate(kind) {
@@ -559,6 +601,48 @@ mod tests {
         assert_eq!(
             b.cell(Kind::Tokens)
                 .available(T0, &c.rate(Kind::Tokens).unwrap()),
+            1000.0
+        );
+    }
+
+    #[test]
+    fn an_absurd_reported_usage_puts_the_budget_at_most_one_window_into_debt() {
+        // 1,000 tokens/min; a client reports 2^64-1 tokens with no reservation.
+        let mut c = BudgetConfig::default();
+        c.rates[Kind::Tokens.index()] = Some(Rate::per_minute(1000));
+        c.rates[Kind::InputTokens.index()] = Some(Rate::per_minute(1000));
+        let mut b = BudgetState::default();
+        let usage = Usage {
+            reserved: 0,
+            input: u64::MAX,
+            output: u64::MAX,
+            reported: true,
+        };
+        b.settle(T0, &c, usage, None);
+        let cost = Cost { tokens: 1 };
+        match b.check(T0, &c, cost) {
+            Err(BudgetRefusal::Rate { retry_after, .. }) => {
+                // One window of debt plus the 1-token cost: just over a minute, not 529 years.
+                assert!(retry_after > Duration::from_secs(60), "{retry_after:?}");
+                assert!(retry_after <= Duration::from_secs(61), "{retry_after:?}");
+            }
+            other => panic!("expected a rate refusal, got {other:?}"),
+        }
+        // Exactly when it said, it admits again.
+        assert!(b.check(T0 + Duration::from_secs(61), &c, cost).is_ok());
+        // A TAT stored before the cap existed is clamped on restore.
+        let mut old = BudgetState::default();
+        old.set_cell(Kind::Tokens, Gcra::from_tat(Time::MAX));
+        old.clamp_debt(T0, &c);
+        assert_eq!(
+            old.cell(Kind::Tokens).tat(),
+            T0 + Duration::from_secs(120),
+            "empty plus one window of debt"
+        );
+        old.refill();
+        assert_eq!(
+            old.cell(Kind::Tokens)
+                .available(T0, &Rate::per_minute(1000)),
             1000.0
         );
     }

@@ -290,7 +290,9 @@ fn parse_retry_after(value: &str, now: Time) -> Option<Duration> {
     }
     let t = httpdate::parse_http_date(value).ok()?;
     let nanos = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
-    let at = Time::from_nanos(u64::try_from(nanos).ok()?);
+    // A date past what Time holds (year 2554+) is "very far away", not
+    // "unreadable": it saturates and is then clamped like a huge seconds value.
+    let at = Time::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
     Some(now.until(at))
 }
 
@@ -356,7 +358,9 @@ pub fn parse_rfc3339(value: &str) -> Option<Time> {
         return None;
     }
     let total = i128::from(secs) * 1_000_000_000 + i128::from(nanos);
-    u64::try_from(total).ok().map(Time::from_nanos)
+    // Saturates like an HTTP-date: Anthropic's "never resets" 9999-12-31 is a
+    // very long wait (clamped to max_pause by the caller), not garbage.
+    Some(Time::from_nanos(u64::try_from(total).unwrap_or(u64::MAX)))
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -571,6 +575,21 @@ mod tests {
             .warnings
             .is_empty()
         );
+    }
+
+    #[test]
+    fn far_future_dates_are_clamped_like_huge_seconds() {
+        let by_seconds = parse(&[("retry-after", "99999999999")]);
+        let by_date = parse(&[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")]);
+        assert_eq!(by_seconds.retry_after, Some(HOUR));
+        assert_eq!(by_date.retry_after, Some(HOUR));
+        assert!(by_date.warnings.iter().any(|w| w.contains("clamped")));
+        let anthropic = parse(&[
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", "9999-12-31T23:59:59Z"),
+        ]);
+        assert_eq!(anthropic.limit(Kind::Requests).reset_after, Some(HOUR));
+        assert_eq!(anthropic.pause(), Some(HOUR));
     }
 
     #[test]

@@ -112,6 +112,9 @@ pub enum RetryReason {
     MaxRetries,
     BudgetExhausted,
     CorrectAndRetry,
+    /// The target's breaker is open (this outcome may have just opened it):
+    /// a retry there is certain to be refused, so fall back or defer.
+    CircuitOpen,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,6 +167,22 @@ pub fn advise(
         retry: true,
         delay,
         reason,
+    }
+}
+
+/// Corrects advice for a target that now refuses every call: while its
+/// breaker is open, a retry "after the backoff" would certainly be refused, so
+/// the advice becomes "do not retry here" with the time until the target
+/// admits again (`None` when an operator holds it open: no known end). Advice
+/// that already said not to retry keeps its reason.
+pub fn against_open_breaker(advice: Advice, open_for: Option<Duration>) -> Advice {
+    if !advice.retry {
+        return advice;
+    }
+    Advice {
+        retry: false,
+        delay: open_for.unwrap_or_default(),
+        reason: RetryReason::CircuitOpen,
     }
 }
 

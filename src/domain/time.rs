@@ -31,6 +31,11 @@ impl Time {
         Time(millis.saturating_mul(1_000_000))
     }
 
+    /// Whole milliseconds since the Unix epoch.
+    pub const fn as_millis(self) -> u64 {
+        self.0 / 1_000_000
+    }
+
     pub const fn as_nanos(self) -> u64 {
         self.0
     }

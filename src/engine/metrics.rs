@@ -21,10 +21,11 @@ use super::Reason;
 use crate::domain::OutcomeClass;
 use crate::domain::breaker::BreakerState;
 
-/// Latency buckets in seconds: 100 µs to 120 s (LLM calls are slow; Backstop is not).
-const LATENCY_BUCKETS: &[f64] = &[
+/// Buckets of Backstop's own RPC durations, in seconds: 100 µs to 10 s
+/// (Backstop answers in microseconds; provider calls use configured buckets).
+const RPC_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0, 60.0, 120.0,
+    5.0, 10.0,
 ];
 
 /// A fixed-bucket histogram updated with atomics only.
@@ -33,6 +34,7 @@ pub struct AtomicHistogram(Arc<HistInner>);
 
 #[derive(Debug)]
 struct HistInner {
+    bounds: Arc<[f64]>,
     /// One per bound, plus +Inf.
     buckets: Box<[AtomicU64]>,
     count: AtomicU64,
@@ -42,23 +44,34 @@ struct HistInner {
 
 impl Default for AtomicHistogram {
     fn default() -> Self {
-        AtomicHistogram(Arc::new(HistInner {
-            buckets: (0..=LATENCY_BUCKETS.len())
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            count: AtomicU64::new(0),
-            sum_nanos: AtomicU64::new(0),
-        }))
+        AtomicHistogram::with_bounds(RPC_BUCKETS.into())
+    }
+}
+
+/// Builds histograms with given bounds, for a `Family` (one per label set).
+#[derive(Clone, Debug)]
+pub struct Buckets(pub Arc<[f64]>);
+
+impl prometheus_client::metrics::family::MetricConstructor<AtomicHistogram> for Buckets {
+    fn new_metric(&self) -> AtomicHistogram {
+        AtomicHistogram::with_bounds(self.0.clone())
     }
 }
 
 impl AtomicHistogram {
+    pub fn with_bounds(bounds: Arc<[f64]>) -> Self {
+        AtomicHistogram(Arc::new(HistInner {
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            bounds,
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }))
+    }
+
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let i = LATENCY_BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(LATENCY_BUCKETS.len());
+        let bounds = &self.0.bounds;
+        let i = bounds.partition_point(|b| secs > *b);
         self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.0.count.fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -76,7 +89,9 @@ impl TypedMetric for AtomicHistogram {
 
 impl EncodeMetric for AtomicHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+        let buckets: Vec<(f64, u64)> = self
+            .0
+            .bounds
             .iter()
             .copied()
             .chain(std::iter::once(f64::INFINITY))
@@ -192,7 +207,7 @@ pub struct Metrics {
     decisions: Family<TargetReason, Counter>,
     attempts: Family<TargetAttempt, Counter>,
     outcomes: Family<TargetClass, Counter>,
-    call_latency: Family<TargetLabel, AtomicHistogram>,
+    call_latency: Family<TargetLabel, AtomicHistogram, Buckets>,
     breaker_state: Family<TargetLabel, Gauge>,
     transitions: Family<TransitionLabels, Counter>,
     route_decisions: Family<RouteDepth, Counter>,
@@ -223,16 +238,26 @@ pub const RPC_METHODS: &[&str] = &[
     "RecordOutcomeBatch",
 ];
 
+/// Transition series created at 0 for every labelled target.
+const ALERTED_TRANSITIONS: [(BreakerState, BreakerState); 4] = [
+    (BreakerState::Closed, BreakerState::Open),
+    (BreakerState::Open, BreakerState::HalfOpen),
+    (BreakerState::HalfOpen, BreakerState::Open),
+    (BreakerState::HalfOpen, BreakerState::Closed),
+];
+
 /// The label shared by targets beyond the cardinality cap.
 pub const OTHER: &str = "_other";
 
 impl Metrics {
-    pub fn new(max_target_labels: usize) -> Metrics {
+    pub fn new(max_target_labels: usize, latency_buckets: Arc<[f64]>) -> Metrics {
         let mut registry = Registry::with_prefix("backstop");
         let decisions = Family::<TargetReason, Counter>::default();
         let attempts = Family::<TargetAttempt, Counter>::default();
         let outcomes = Family::<TargetClass, Counter>::default();
-        let call_latency = Family::<TargetLabel, AtomicHistogram>::default();
+        let call_latency = Family::<TargetLabel, AtomicHistogram, Buckets>::new_with_constructor(
+            Buckets(latency_buckets.clone()),
+        );
         let breaker_state = Family::<TargetLabel, Gauge>::default();
         let transitions = Family::<TransitionLabels, Counter>::default();
         let route_decisions = Family::<RouteDepth, Counter>::default();
@@ -353,7 +378,7 @@ impl Metrics {
                 decisions: Vec::new(),
                 attempts: Default::default(),
                 outcomes: Vec::new(),
-                latency: AtomicHistogram::default(),
+                latency: AtomicHistogram::with_bounds(latency_buckets),
                 state: Gauge::default(),
             }),
             rpc_handles: Vec::new(),
@@ -412,10 +437,21 @@ impl Metrics {
                     target: target.clone(),
                 })
                 .clone(),
-            state: self
-                .breaker_state
-                .get_or_create(&TargetLabel { target })
-                .clone(),
+            state: {
+                // The transitions users alert on exist from the start at 0, so
+                // the first breaker open is an increase Prometheus can see
+                // (a series born at 1 has no increase).
+                for (from, to) in ALERTED_TRANSITIONS {
+                    let _ = self.transitions.get_or_create(&TransitionLabels {
+                        target: target.clone(),
+                        from: from.as_str().into(),
+                        to: to.as_str().into(),
+                    });
+                }
+                self.breaker_state
+                    .get_or_create(&TargetLabel { target })
+                    .clone()
+            },
         }
     }
 
@@ -492,11 +528,14 @@ impl Metrics {
     }
 
     pub fn deferred(&self, queue: &str) {
-        self.deferrals
-            .get_or_create(&QueueLabel {
-                queue: queue.into(),
-            })
-            .inc();
+        let l = QueueLabel {
+            queue: queue.into(),
+        };
+        self.deferrals.get_or_create(&l).inc();
+        // Born at 0 with the queue, so the first drain or dead letter is an
+        // increase Prometheus can see.
+        let _ = self.drains.get_or_create(&l);
+        let _ = self.dead_letters.get_or_create(&l);
     }
 
     pub fn drained(&self, queue: &str) {
@@ -581,7 +620,7 @@ mod tests {
 
     #[test]
     fn the_cardinality_cap_folds_targets_into_other() {
-        let m = Metrics::new(2);
+        let m = Metrics::new(2, crate::config::DEFAULT_LATENCY_BUCKETS.into());
         let a = m.for_target("a");
         let b = m.for_target("b");
         let c = m.for_target("c");
@@ -601,7 +640,7 @@ mod tests {
 
     #[test]
     fn histograms_encode_cumulative_buckets() {
-        let m = Metrics::new(10);
+        let m = Metrics::new(10, crate::config::DEFAULT_LATENCY_BUCKETS.into());
         let t = m.for_target("t");
         t.outcome(OutcomeClass::Success, Some(Duration::from_millis(30)));
         t.outcome(OutcomeClass::Success, Some(Duration::from_secs(3)));

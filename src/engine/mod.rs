@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod permit;
 pub mod persist;
 pub mod queue;
+mod settled;
 pub mod store;
 mod target;
 pub mod watch;
@@ -25,7 +26,9 @@ pub mod watch;
 pub use error::{EngineError, Result};
 pub use target::{Admission, AdmitArgs, Counters, Learned, OutcomeResult, Target};
 
-use crate::config::{Config, MAX_ROUTE_LEN, MAX_TARGET_LEN, RouteSettings, TargetSettings};
+use crate::config::{
+    Config, MAX_ROUTE_LEN, MAX_TARGET_LEN, Permitless, RouteSettings, TargetSettings,
+};
 use crate::domain::breaker::{BreakerState, Mode};
 use crate::domain::budget::{BudgetState, Kind};
 use crate::domain::headers::parse_headers;
@@ -36,14 +39,14 @@ use dashmap::DashMap;
 use error::invalid;
 use events::{EventBus, EventKind};
 use metrics::Metrics;
-use permit::Permit;
+use permit::{PermitError, PermitKey};
 use persist::Persister;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::{Op, Store, StoreError};
-use target::{Effects, Group, OutcomeArgs, TargetState};
+use target::{Effects, Group, OutcomeArgs, SettledAnswer, TargetState, Trust};
 
 /// Why a call was admitted or refused (mirrors `backstop.v1.Reason`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -227,7 +230,6 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     targets: DashMap<Arc<str>, Arc<Target>>,
     created: AtomicUsize,
-    next_index: AtomicU32,
     groups: Box<[Group]>,
     routes: HashMap<String, RouteRuntime>,
     events: Arc<EventBus>,
@@ -240,9 +242,14 @@ pub struct Engine {
     subscribers: AtomicUsize,
     /// Flips to true when the server starts draining: live streams end.
     shutdown: tokio::sync::watch::Sender<bool>,
-    /// Random per start; stamped on permits (see permit.rs).
-    epoch: u16,
+    /// Signs and verifies permits (see permit.rs).
+    permit_key: PermitKey,
+    /// When this process started: a permit issued before it is "late" (its
+    /// lease and reservation died with the previous process).
+    boot: Time,
     queues: queue::Queues,
+    /// One snapshot shared by watchers that ask at about the same time.
+    snapshot_cache: Mutex<watch::SnapshotCache>,
 }
 
 /// What startup restored from the store.
@@ -285,6 +292,9 @@ fn warn_rate_limited(target: &str, warnings: &[String]) {
     }
 }
 
+/// What a reset did, recorded as the target's last cause (and shown in GetTarget).
+pub const RESET_CAUSE: &str = "operator reset: breaker closed, budgets refilled (the target's and its groups'), pauses and disabled keys cleared";
+
 /// Most targets one write-behind flush writes (bounds its memory and I/O; a
 /// backlog drains over the following flushes).
 pub const MAX_FLUSH: usize = 20_000;
@@ -321,7 +331,10 @@ impl Engine {
                 limited: AtomicBool::new(false),
             })
             .collect();
-        let metrics = Arc::new(Metrics::new(config.telemetry.max_target_labels));
+        let metrics = Arc::new(Metrics::new(
+            config.telemetry.max_target_labels,
+            config.telemetry.latency_buckets.clone(),
+        ));
         let routes = config
             .routes
             .iter()
@@ -340,7 +353,6 @@ impl Engine {
         let engine = Engine {
             targets: DashMap::new(),
             created: AtomicUsize::new(0),
-            next_index: AtomicU32::new(0),
             groups,
             routes,
             events: Arc::new(EventBus::starting_at(
@@ -352,9 +364,21 @@ impl Engine {
             metrics,
             subscribers: AtomicUsize::new(0),
             shutdown: tokio::sync::watch::Sender::new(false),
-            epoch: rand::random(),
+            permit_key: PermitKey::new(
+                config
+                    .server
+                    .permit_key
+                    .as_deref()
+                    .map(str::as_bytes)
+                    .map(<[u8]>::to_vec)
+                    .or_else(PermitKey::generate_secret)
+                    .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec())
+                    .as_slice(),
+            ),
+            boot: clock.now(),
             persister: None,
             queues: queue::Queues::default(),
+            snapshot_cache: Mutex::default(),
             clock,
             config,
         };
@@ -395,12 +419,11 @@ impl Engine {
     }
 
     fn insert_target(&self, name: Arc<str>, settings: Arc<TargetSettings>) -> Arc<Target> {
-        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
         let t = Arc::new(Target::new(
             name.clone(),
-            index,
             settings,
             self.metrics.for_target(&name),
+            target::first_permit_id(self.boot),
         ));
         self.targets.insert(name, t.clone());
         t
@@ -424,12 +447,11 @@ impl Engine {
         let entry = self.targets.entry(key.clone());
         let t = entry.or_insert_with(|| {
             self.created.fetch_add(1, Ordering::Relaxed);
-            let index = self.next_index.fetch_add(1, Ordering::Relaxed);
             Arc::new(Target::new(
                 key,
-                index,
                 self.config.default_target.clone(),
                 self.metrics.for_target(name),
+                target::first_permit_id(self.boot),
             ))
         });
         Ok(t.clone())
@@ -628,9 +650,22 @@ impl Engine {
         let started = std::time::Instant::now();
         let loaded = store.load()?;
         let mut engine = Engine::new(config, clock);
+        let mut cleanup = Vec::new();
+        if engine.config.server.permit_key.is_none() {
+            // A generated key is kept, so permits outlive a restart.
+            match &loaded.permit_key {
+                Some(k) if !k.is_empty() => engine.permit_key = PermitKey::new(k),
+                _ => {
+                    let secret = PermitKey::generate_secret().ok_or_else(|| {
+                        StoreError("the OS could not provide random bytes for a permit key".into())
+                    })?;
+                    engine.permit_key = PermitKey::new(&secret);
+                    cleanup.push(Op::PermitKey(secret));
+                }
+            }
+        }
         let now = engine.clock.now();
         let mut report = LoadReport::default();
-        let mut cleanup = Vec::new();
         for (name, rec) in loaded.targets {
             let t = if let Some(t) = engine.targets.get(name.as_str()).map(|t| t.clone()) {
                 t
@@ -667,6 +702,7 @@ impl Engine {
                             crate::domain::budget::Gcra::from_tat(Time::from_nanos(*tat)),
                         );
                     }
+                    st.clamp_debt(now, &g.config);
                 }
                 None => cleanup.push(Op::Group(Arc::from(name.as_str()), None)),
             }
@@ -701,8 +737,12 @@ impl Engine {
         let mut st = target.lock();
         let now = self.clock.now();
         let mut adm = target.admit(&mut st, &self.groups, now, args, fx);
-        if let Some(p) = adm.permit.as_mut() {
-            p.epoch = self.epoch;
+        if let Some(p) = &adm.permit {
+            adm.token = self.permit_key.sign(&target.name, p);
+        }
+        if matches!(adm.reason, Reason::RateLimited | Reason::ConcurrencyLimit) {
+            // Budget and pause refusals are clamped like the pauses themselves.
+            adm.retry_after = adm.retry_after.map(|d| d.min(self.config.server.max_pause));
         }
         self.finish(now, target, &st, fx);
         drop(st);
@@ -731,14 +771,23 @@ impl Engine {
         let class = classify(report.class, report.http_status, report.error_type)
             .map_err(|e| invalid(e.to_string()))?;
         let permit = if report.permit.is_empty() {
+            if self.config.server.outcomes_without_permit == Permitless::Reject {
+                return Err(invalid(
+                    "this server requires the permit from CanProceed / Route with every outcome \
+                     ([server] outcomes_without_permit = \"reject\")",
+                ));
+            }
             None
         } else {
-            let p = Permit::parse(report.permit).map_err(|e| invalid(e.to_string()))?;
-            if p.tag != t.tag() {
-                return Err(invalid(format!(
-                    "permit was issued for a different target than {target:?}; report the outcome with the target the permit came from"
-                )));
-            }
+            let p = self
+                .permit_key
+                .verify(&t.name, t.tag(), report.permit)
+                .map_err(|e| match e {
+                    PermitError::WrongTarget => invalid(format!(
+                        "permit was issued for a different target than {target:?}; report the outcome with the target the permit came from"
+                    )),
+                    e => invalid(e.to_string()),
+                })?;
             Some(p)
         };
         let slot = match (permit, report.key_slot) {
@@ -774,14 +823,23 @@ impl Engine {
         if !signals.warnings.is_empty() {
             warn_rate_limited(target, &signals.warnings);
         }
-        let args = OutcomeArgs {
-            same_epoch: permit.is_some_and(|p| p.epoch == self.epoch),
+        // Late: issued before this process started (its lease and
+        // reservation are gone), or past its lifetime (reclaimed).
+        let trust = match permit {
+            None => Trust::None,
+            Some(p) if p.issued_ms < self.boot.as_millis() || p.expires_ms < now.as_millis() => {
+                Trust::Late(p)
+            }
+            Some(p) => Trust::Permit(p),
+        };
+        let mut args = OutcomeArgs {
+            trust,
+            trust_permitless: self.config.server.outcomes_without_permit == Permitless::Trusted,
             class,
             signals,
             max_pause: server.max_pause,
             http_status: report.http_status,
             error_type: report.error_type,
-            permit,
             slot,
             latency: report.latency,
             retry_after: report.retry_after,
@@ -791,16 +849,65 @@ impl Engine {
             caller: report.caller,
         };
         let mut fx = Effects::default();
+        let mut duplicate = None;
         let result = {
             let mut st = t.lock();
             let now = self.clock.now();
-            let r = t.record(&mut st, &self.groups, now, &args, &mut fx);
-            t.metrics.outcome(class, report.latency);
-            self.finish(now, &t, &st, &mut fx);
-            r
+            // Settle once: the first report of a permit counts; a duplicate
+            // (a retried call, a replay) changes nothing and gets the first answer.
+            if let Trust::Permit(p) = args.trust {
+                let lifetime = t.permit_lifetime();
+                let issued = Time::from_millis(p.issued_ms);
+                match st
+                    .settled
+                    .get_or_insert_with(Default::default)
+                    .settle(p.id, issued, now, lifetime)
+                {
+                    settled::Seen::First => {}
+                    settled::Seen::Again(first) => {
+                        duplicate =
+                            Some(t.duplicate_answer(&st, now, class, report.attempt, first));
+                    }
+                    settled::Seen::Forgotten => args.trust = Trust::Late(p),
+                }
+            }
+            if let Some(d) = duplicate {
+                d
+            } else {
+                let r = t.record(&mut st, &self.groups, now, &args, &mut fx);
+                if let (Trust::Permit(p), Some(log)) = (args.trust, st.settled.as_mut()) {
+                    log.answered(
+                        p.id,
+                        SettledAnswer {
+                            class: r.classified_as,
+                            advice: r.advice,
+                        },
+                    );
+                }
+                t.metrics.outcome(class, report.latency);
+                self.finish(now, &t, &st, &mut fx);
+                r
+            }
         };
+        if result.duplicate {
+            return self.wait_visible(&t, result).await;
+        }
         self.persist(&mut fx).await?;
         Ok(result)
+    }
+
+    /// Answers a duplicate report only once the state it reflects is durable
+    /// (the first report's transition may still be on its way to disk).
+    async fn wait_visible(&self, t: &Target, r: OutcomeResult) -> Result<OutcomeResult> {
+        if let Some(p) = &self.persister {
+            let seq = t.durable_seq.load(Ordering::Acquire);
+            let mut fx = Effects {
+                pending: Some(p.wait_for(seq)),
+                ..Effects::default()
+            };
+            self.persist(&mut fx).await?;
+        }
+        Ok(r)
     }
 
     /// Picks the first admissible candidate of a route and admits it.
@@ -1204,11 +1311,20 @@ impl Engine {
                 s.disabled_reason = None;
                 s.learned = None;
                 s.limited = false;
+                s.budget.refill();
+            }
+            // A group in debt would keep refusing this target: the operator
+            // asked for it to admit again, so its groups are refilled too.
+            for &gi in &t.settings.groups {
+                let g = &self.groups[gi];
+                g.state.lock().unwrap_or_else(|e| e.into_inner()).refill();
+                g.limited.store(false, Ordering::Relaxed);
             }
             st.counters = Counters::default();
             st.retry = None;
             st.notes = None;
             fx.durable = true;
+            fx.state_dirty = true;
             fx.events.push(EventKind::TargetReset);
             t.absorb_breaker_events(
                 &mut st,
@@ -1216,6 +1332,7 @@ impl Engine {
                 Some((None, "operator reset".into())),
                 &mut fx,
             );
+            st.set_last_cause(Some(RESET_CAUSE.into()));
             self.finish(now, &t, &st, &mut fx);
         }
         self.persist(&mut fx).await?;

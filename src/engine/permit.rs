@@ -1,141 +1,294 @@
-//! Permits: the token a client carries from admission to its outcome report.
+//! Permits: the signed token a client carries from admission to its outcome.
 //!
-//! A permit is a short opaque string (`1.<fields in hex>`). It carries what the
-//! outcome needs to be applied correctly without a server-side lookup on the
-//! common path: the breaker generation it was issued in (late outcomes from
-//! older generations are stale), the probe id (half-open), the concurrency
-//! lease (to release the slot), the key slot, and the tokens reserved (to
-//! settle). A 16-bit tag of the target's name catches a permit sent with the
-//! wrong target, and a 16-bit epoch (random per server start) tells a permit
-//! from before a restart, whose lease and reservation no longer exist.
+//! A permit says what the outcome report needs to settle the admission
+//! correctly without a server-side lookup: which admission it was (`id`,
+//! unique per target: a counter in the target's state, so unique across
+//! restarts and, in cluster mode, across replicas), the breaker generation
+//! it was issued in (late outcomes from older generations are stale), the
+//! half-open probe id, whether it holds a concurrency lease, the key slot,
+//! the tokens reserved, and when it was issued and expires.
+//!
+//! # Why it is signed
+//! Every field is guessable from one's own permit or from GetTarget, and each
+//! one changes what a report does: an edited lease frees another agent's
+//! concurrency slot, an edited `reserved_tokens` refunds a budget at will, a
+//! rebuilt probe permit closes a half-open breaker. So the text ends with a
+//! MAC: HMAC-SHA256 over the target's name and every field, under a server
+//! key (`[server] permit_key`, or one generated once and kept in the state
+//! store so permits stay valid across restarts), truncated to 128 bits. A
+//! permit that does not verify is refused (INVALID_ARGUMENT) and changes
+//! nothing. Replays are handled by the settled-permit memory
+//! (`settled.rs`): the first report of a permit counts, later ones do not.
+//!
+//! Format (hex fields): `2.<tag>.<id>.<gen>.<probe>.<flags>.<reserved>.<issued_ms>.<expires_ms>.<mac>`,
+//! where `flags = slot | leased << 8`. Clients treat it as opaque.
 
+use ring::hmac;
 use std::fmt::Write as _;
 
+/// What a permit grants, as issued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Permit {
+    /// The admission number: unique per target, never reused.
+    pub id: u64,
     pub generation: u64,
     /// Half-open probe id; 0 = not a probe.
     pub probe: u64,
-    /// Admission number holding a concurrency lease; 0 = none.
-    pub lease: u64,
+    /// Holds a concurrency lease (keyed by target and `id`).
+    pub leased: bool,
     pub slot: u8,
     pub reserved_tokens: u64,
+    /// Milliseconds since the Unix epoch.
+    pub issued_ms: u64,
+    /// After this the permit settles nothing (its lease and reservation
+    /// have been reclaimed); its outcome counts like one without a permit.
+    pub expires_ms: u64,
+    /// 16 bits of the target name's hash: tells "wrong target" from "forged".
     pub tag: u16,
-    /// The server start that issued it.
-    pub epoch: u16,
 }
 
-/// Why a permit string was rejected.
+/// Why a permit string was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PermitError(pub &'static str);
+pub enum PermitError {
+    /// Not a permit at all.
+    Malformed(&'static str),
+    /// A permit of another target.
+    WrongTarget,
+    /// Well-formed but the MAC does not match: altered, or signed with another key.
+    Forged,
+}
 
 impl std::fmt::Display for PermitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "permit does not parse ({}); pass the permit string exactly as CanProceed or Route returned it, or leave it empty",
-            self.0
-        )
+        match self {
+            PermitError::Malformed(why) => write!(
+                f,
+                "permit does not parse ({why}); pass the permit string exactly as CanProceed or Route returned it, or leave it empty"
+            ),
+            PermitError::WrongTarget => f.write_str(
+                "permit was issued for a different target; report the outcome with the target the permit came from",
+            ),
+            PermitError::Forged => f.write_str(
+                "permit does not verify: it was altered, or issued by a server with another permit key; it changed nothing",
+            ),
+        }
     }
 }
 
-const VERSION: &str = "1";
-/// Longest permit string accepted (seven u64 fields in hex plus separators).
-pub const MAX_PERMIT_LEN: usize = 2 + 7 * 17;
+const VERSION: &str = "2";
+/// MAC bytes kept (HMAC-SHA256 truncated to 128 bits, as RFC 2104 allows).
+const MAC_LEN: usize = 16;
+/// Longest permit string accepted: 8 u64 fields in hex, a tag, the MAC, dots.
+pub const MAX_PERMIT_LEN: usize = 2 + 8 * 17 + 5 + 2 * MAC_LEN + 1;
 
-impl Permit {
-    pub fn encode(&self) -> String {
-        let mut s = String::with_capacity(40);
+/// Signs and verifies permits with the server's key.
+pub struct PermitKey {
+    key: hmac::Key,
+}
+
+impl std::fmt::Debug for PermitKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PermitKey(..)")
+    }
+}
+
+impl PermitKey {
+    /// A key from secret bytes (the configured key, or the stored one).
+    pub fn new(secret: &[u8]) -> PermitKey {
+        PermitKey {
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+        }
+    }
+
+    /// 32 fresh bytes from the OS's secure generator, for a key generated
+    /// at first start (None if the OS cannot provide randomness).
+    pub fn generate_secret() -> Option<Vec<u8>> {
+        use ring::rand::SecureRandom as _;
+        let mut b = vec![0u8; 32];
+        ring::rand::SystemRandom::new().fill(&mut b).ok()?;
+        Some(b)
+    }
+
+    fn mac(&self, target: &str, body: &str) -> [u8; MAC_LEN] {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(target.as_bytes());
+        // The name cannot contain NUL, so name/body boundaries are unambiguous.
+        ctx.update(&[0]);
+        ctx.update(body.as_bytes());
+        let tag = ctx.sign();
+        let mut out = [0u8; MAC_LEN];
+        out.copy_from_slice(&tag.as_ref()[..MAC_LEN]);
+        out
+    }
+
+    /// The permit as text, signed for `target`.
+    pub fn sign(&self, target: &str, p: &Permit) -> String {
+        let mut s = String::with_capacity(96);
+        let flags = u64::from(p.slot) | (u64::from(p.leased) << 8);
         let _ = write!(
             s,
-            "{VERSION}.{:x}.{:x}.{:x}.{:x}.{:x}.{:x}.{:x}",
-            self.generation,
-            self.probe,
-            self.lease,
-            self.slot,
-            self.reserved_tokens,
-            self.tag,
-            self.epoch
+            "{VERSION}.{:x}.{:x}.{:x}.{:x}.{:x}.{:x}.{:x}.{:x}",
+            p.tag, p.id, p.generation, p.probe, flags, p.reserved_tokens, p.issued_ms, p.expires_ms
         );
+        let mac = self.mac(target, &s);
+        s.push('.');
+        for b in mac {
+            let _ = write!(s, "{b:02x}");
+        }
         s
     }
 
-    pub fn parse(s: &str) -> Result<Permit, PermitError> {
+    /// Parses and verifies a permit presented with `target` (whose name hash
+    /// gives `tag`).
+    pub fn verify(&self, target: &str, tag: u16, s: &str) -> Result<Permit, PermitError> {
         if s.len() > MAX_PERMIT_LEN {
-            return Err(PermitError("too long"));
+            return Err(PermitError::Malformed("too long"));
         }
-        let mut parts = s.split('.');
+        let (body, mac_hex) = s
+            .rsplit_once('.')
+            .ok_or(PermitError::Malformed("no signature"))?;
+        let mut parts = body.split('.');
         if parts.next() != Some(VERSION) {
-            return Err(PermitError("unknown version"));
+            return Err(PermitError::Malformed(
+                "unknown version; permits from before this server version cannot be settled",
+            ));
         }
         let mut field = || -> Result<u64, PermitError> {
-            let p = parts.next().ok_or(PermitError("too few fields"))?;
+            let p = parts
+                .next()
+                .ok_or(PermitError::Malformed("too few fields"))?;
             if p.is_empty() || p.len() > 16 {
-                return Err(PermitError("malformed field"));
+                return Err(PermitError::Malformed("malformed field"));
             }
-            u64::from_str_radix(p, 16).map_err(|_| PermitError("malformed field"))
+            u64::from_str_radix(p, 16).map_err(|_| PermitError::Malformed("malformed field"))
         };
+        let got_tag = field()?;
+        let id = field()?;
         let generation = field()?;
         let probe = field()?;
-        let lease = field()?;
-        let slot = u8::try_from(field()?).map_err(|_| PermitError("bad key slot"))?;
+        let flags = field()?;
         let reserved_tokens = field()?;
-        let tag = u16::try_from(field()?).map_err(|_| PermitError("bad tag"))?;
-        let epoch = u16::try_from(field()?).map_err(|_| PermitError("bad epoch"))?;
+        let issued_ms = field()?;
+        let expires_ms = field()?;
         if parts.next().is_some() {
-            return Err(PermitError("too many fields"));
+            return Err(PermitError::Malformed("too many fields"));
+        }
+        let got_tag = u16::try_from(got_tag).map_err(|_| PermitError::Malformed("bad tag"))?;
+        if flags > 0x1ff {
+            return Err(PermitError::Malformed("bad flags"));
+        }
+        let mac = decode_mac(mac_hex).ok_or(PermitError::Malformed("bad signature"))?;
+        if got_tag != tag {
+            return Err(PermitError::WrongTarget);
+        }
+        let want = self.mac(target, body);
+        if !crate::grpc::auth::constant_time_eq(&mac, &want) {
+            return Err(PermitError::Forged);
         }
         Ok(Permit {
+            id,
             generation,
             probe,
-            lease,
-            slot,
+            leased: flags & 0x100 != 0,
+            slot: (flags & 0xff) as u8,
             reserved_tokens,
+            issued_ms,
+            expires_ms,
             tag,
-            epoch,
         })
     }
+}
+
+fn decode_mac(hex: &str) -> Option<[u8; MAC_LEN]> {
+    if hex.len() != 2 * MAC_LEN {
+        return None;
+    }
+    let mut out = [0u8; MAC_LEN];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trips() {
-        let p = Permit {
+    fn sample() -> Permit {
+        Permit {
+            id: 42,
             generation: 7,
             probe: 3,
-            lease: u64::MAX,
+            leased: true,
             slot: 2,
             reserved_tokens: 12_000,
+            issued_ms: 1_700_000_000_000,
+            expires_ms: 1_700_000_120_000,
             tag: 0xbeef,
-            epoch: 7,
+        }
+    }
+
+    #[test]
+    fn a_signed_permit_verifies_for_its_target_only() {
+        let k = PermitKey::new(b"test key test key test key test!");
+        let p = sample();
+        let s = k.sign("t", &p);
+        assert!(s.len() <= MAX_PERMIT_LEN, "{}", s.len());
+        assert_eq!(k.verify("t", 0xbeef, &s), Ok(p));
+        assert_eq!(k.verify("u", 0x1234, &s), Err(PermitError::WrongTarget));
+        // Same tag (a hash collision) but another name: the MAC still fails.
+        assert_eq!(k.verify("u", 0xbeef, &s), Err(PermitError::Forged));
+        // Another server's key.
+        let other = PermitKey::new(b"another key entirely, 32 bytes!!");
+        assert_eq!(other.verify("t", 0xbeef, &s), Err(PermitError::Forged));
+    }
+
+    #[test]
+    fn every_edited_field_is_refused() {
+        let k = PermitKey::new(b"k");
+        let s = k.sign("t", &sample());
+        let fields: Vec<&str> = s.split('.').collect();
+        // Edit each field (not the version or the MAC) to another valid value.
+        for i in 1..fields.len() - 1 {
+            let mut f = fields.clone();
+            let edited = if f[i] == "ffff" { "fffe" } else { "ffff" };
+            f[i] = edited;
+            let forged = f.join(".");
+            let r = k.verify("t", 0xbeef, &forged);
+            assert!(r.is_err(), "field {i} edited to {edited} still verified");
+        }
+        // Editing the MAC itself.
+        let mut f = fields.clone();
+        let last = f.len() - 1;
+        let flipped = format!("{}0", &f[last][..f[last].len() - 1]);
+        let alt = if flipped == f[last] {
+            format!("{}1", &f[last][..f[last].len() - 1])
+        } else {
+            flipped
         };
-        assert_eq!(Permit::parse(&p.encode()), Ok(p));
+        f[last] = &alt;
         assert_eq!(
-            Permit::parse(&Permit::default().encode()),
-            Ok(Permit::default())
+            k.verify("t", 0xbeef, &f.join(".")),
+            Err(PermitError::Forged)
         );
     }
 
     #[test]
     fn rejects_garbage() {
+        let k = PermitKey::new(b"k");
         for s in [
             "",
             "x",
-            "1",
-            "2.1.0.0.0.0.0.0",
-            "1.1.0.0.0.0.0",
-            "1.1.0.0.0.0.0.0.0",
-            "1.g.0.0.0.0.0.0",
-            "1.1.0.0.100.0.0.0",
-            "1..0.0.0.0.0.0",
-            "1.11111111111111111.0.0.0.0.0.0",
-            "1.1.0.0.0.0.0.10000",
+            "2",
+            "1.1.0.0.0.0.0.0",
+            "2.1.1.1.1.1.1.1.1",
+            "2.beef.1.1.1.1.1.1.1.zz",
+            "2.beef.1.1.1.1.1.1.1.1.00000000000000000000000000000000",
+            "2.beef..1.1.1.1.1.1.00000000000000000000000000000000",
+            "2.10000.1.1.1.1.1.1.1.00000000000000000000000000000000",
         ] {
-            assert!(Permit::parse(s).is_err(), "{s:?}");
+            assert!(k.verify("t", 0xbeef, s).is_err(), "{s:?}");
         }
-        assert!(Permit::parse(&"1.".repeat(200)).is_err());
+        assert!(k.verify("t", 0xbeef, &"2.".repeat(200)).is_err());
     }
 }

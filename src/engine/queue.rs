@@ -60,6 +60,17 @@ struct IdemEntry {
     seq: u64,
 }
 
+/// The idempotency index key: keys are scoped to their queue, so the same key
+/// in two queues names two requests. Queue names cannot contain NUL (they are
+/// route or target names), so the separator is unambiguous.
+fn idem_key(queue: &str, key: &str) -> String {
+    let mut k = String::with_capacity(queue.len() + 1 + key.len());
+    k.push_str(queue);
+    k.push('\0');
+    k.push_str(key);
+    k
+}
+
 /// Bytes an item holds against `[queue] max_total_bytes`: everything it stores.
 fn item_bytes(rec: &ItemRecord) -> u64 {
     let meta: usize = rec.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -227,6 +238,21 @@ impl QueueState {
         s.next_id = s.next_id.max(next_id);
         for (key, r) in idem {
             s.next_id = s.next_id.max(r.id);
+            // Keys written before they were scoped per queue: a live item's
+            // key moves to its queue; a tombstone's queue is unknown, so it is dropped.
+            let key = if key.contains('\0') {
+                key
+            } else {
+                ops.push(Op::Idem(key.clone(), None));
+                match s.items.get(&r.id) {
+                    Some(e) => {
+                        let scoped = idem_key(&e.rec.queue, &key);
+                        ops.push(Op::Idem(scoped.clone(), Some(r.clone())));
+                        scoped
+                    }
+                    None => continue,
+                }
+            };
             if r.expires_at != 0 && r.expires_at <= now.as_nanos() {
                 ops.push(Op::Idem(key, None));
             } else {
@@ -449,6 +475,12 @@ impl Engine {
         {
             return Err(invalid(why));
         }
+        if !self.config.routes.contains_key(&a.queue) {
+            // A target queue's target must exist to ever be claimed: create it
+            // now, so a server at max_targets refuses the Defer instead of
+            // accepting an item that no Claim could ever hand out.
+            self.target(&a.queue)?;
+        }
         let now = self.clock.now();
         let mut a = a;
         /// What one look at the queue decided.
@@ -463,8 +495,9 @@ impl Engine {
                 let mut s = lock(&self.queues);
                 let mut ops = Vec::new();
                 s.purge_idem(now, &mut ops);
+                let scoped = idem_key(&a.queue, &a.idempotency_key);
                 if !a.idempotency_key.is_empty()
-                    && let Some(e) = s.idem.get(&a.idempotency_key).copied()
+                    && let Some(e) = s.idem.get(&scoped).copied()
                 {
                     if e.seq > self.committed() {
                         // The first Defer with this key is not durable yet: answer
@@ -549,7 +582,7 @@ impl Engine {
                     ops.push(Op::NextItemId(id));
                     if !a.idempotency_key.is_empty() {
                         ops.push(Op::Idem(
-                            a.idempotency_key.clone(),
+                            scoped.clone(),
                             Some(IdemRecord { id, expires_at: 0 }),
                         ));
                     }
@@ -558,7 +591,7 @@ impl Engine {
                     let (pending, seq) = self.queue_write_seq(ops);
                     if !a.idempotency_key.is_empty() {
                         s.idem.insert(
-                            a.idempotency_key.clone(),
+                            scoped,
                             IdemEntry {
                                 id,
                                 expires_at: 0,
@@ -601,7 +634,8 @@ impl Engine {
                 c.waiting = c.waiting.saturating_sub(1);
                 s.release_payload(&q, item_bytes(&entry.rec));
                 if !entry.rec.idempotency_key.is_empty() {
-                    s.idem.remove(&entry.rec.idempotency_key);
+                    s.idem
+                        .remove(&idem_key(&entry.rec.queue, &entry.rec.idempotency_key));
                 }
             }
             return Err(EngineError::Unavailable(format!(
@@ -657,6 +691,7 @@ impl Engine {
             )));
         }
         let deadline = tokio::time::Instant::now() + wait;
+        let mut shutdown = self.shutdown.subscribe();
         loop {
             // Subscribe before looking, so a Defer between the look and the wait is not missed.
             let notified = self.queues.notify.notified();
@@ -774,7 +809,9 @@ impl Engine {
                 return Ok(result);
             }
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if remaining.is_zero() {
+            // A draining server answers long polls at once (with nothing), so
+            // a pending Claim never holds up shutdown for the grace period.
+            if remaining.is_zero() || *shutdown.borrow() {
                 return Ok(result);
             }
             // Sleep until something may change: new work, the next due item,
@@ -786,7 +823,10 @@ impl Engine {
             if let Some((_, Some(after))) = result.blocked {
                 sleep_for = sleep_for.min(after.max(Duration::from_millis(5)));
             }
-            let _ = tokio::time::timeout(sleep_for, notified).await;
+            tokio::select! {
+                _ = tokio::time::timeout(sleep_for, notified) => {}
+                _ = shutdown.changed() => {}
+            }
         }
     }
 
@@ -814,11 +854,7 @@ impl Engine {
                 })
                 .await?;
             return Ok(match d.chosen {
-                Some((target, adm, _)) => Ok((
-                    target,
-                    adm.permit.map(|p| p.encode()).unwrap_or_default(),
-                    adm.key_slot,
-                )),
+                Some((target, adm, _)) => Ok((target, adm.token, adm.key_slot)),
                 // Blocked: report the candidate that frees up soonest.
                 None => Err((
                     d.skipped
@@ -841,11 +877,7 @@ impl Engine {
             )
             .await?;
         Ok(if adm.allowed {
-            Ok((
-                Arc::from(queue),
-                adm.permit.map(|p| p.encode()).unwrap_or_default(),
-                adm.key_slot,
-            ))
+            Ok((Arc::from(queue), adm.token, adm.key_slot))
         } else {
             Err((adm.reason, adm.retry_after))
         })
@@ -896,7 +928,7 @@ impl Engine {
             if !rec.idempotency_key.is_empty() {
                 // Remember the key for a while, so a retried Defer is still a duplicate.
                 let expires_at = (now + self.config.queue.idempotency_ttl).as_nanos();
-                let key = rec.idempotency_key.clone();
+                let key = idem_key(&rec.queue, &rec.idempotency_key);
                 s.idem.insert(
                     key.clone(),
                     IdemEntry {

@@ -51,6 +51,9 @@ pub struct TargetRecord {
     pub by_class: Vec<u64>,
     #[prost(uint64, tag = "16")]
     pub stale: u64,
+    /// The next permit id (written behind; restored with a gap).
+    #[prost(uint64, tag = "17")]
+    pub next_admission: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -148,6 +151,8 @@ pub enum Op {
     Idem(String, Option<IdemRecord>),
     /// The highest deferred item id handed out (ids are never reused).
     NextItemId(u64),
+    /// The generated secret that signs permits (kept so permits stay valid across restarts).
+    PermitKey(Vec<u8>),
 }
 
 /// Everything a store holds, as loaded at startup.
@@ -159,6 +164,7 @@ pub struct Loaded {
     pub dead: Vec<ItemRecord>,
     pub idem: Vec<(String, IdemRecord)>,
     pub next_item_id: u64,
+    pub permit_key: Option<Vec<u8>>,
 }
 
 /// A store failure, naming what failed.
@@ -215,6 +221,68 @@ const FORMAT: &[u8] = b"backstop-state-v1";
 pub struct RedbStore {
     db: Database,
     path: PathBuf,
+    /// Held for the store's lifetime: one server per data directory.
+    _lock: DataDirLock,
+}
+
+/// An exclusive lock on a data directory (`backstop.lock`, holding the PID).
+///
+/// Two servers on one data directory would each believe their writes are the
+/// durable truth; worse, `--reset-state` used to delete a store another server
+/// still had open, which then went on acknowledging "durable" writes into a
+/// deleted file. The lock is taken before the store is touched (and before any
+/// reset) and released by the OS when the process exits, even on `kill -9`.
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// The lock file inside a data directory.
+pub fn lock_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("backstop.lock")
+}
+
+impl DataDirLock {
+    /// Takes the lock or explains who holds it.
+    pub fn acquire(data_dir: &Path) -> Result<DataDirLock, StoreError> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        let path = lock_file(data_dir);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| {
+                StoreError(format!("cannot open the lock file {}: {e}", path.display()))
+            })?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let who = if holder.is_empty() {
+                    "another backstop process".to_string()
+                } else {
+                    format!("another backstop process (pid {holder})")
+                };
+                return Err(StoreError(format!(
+                    "the data directory {} is in use by {who}. Stop it first, or give this server \
+                     its own --data-dir (or --ephemeral); --reset-state is refused while it runs",
+                    data_dir.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError(format!("cannot lock {}: {e}", path.display())));
+            }
+        }
+        // Best effort: the PID is only for the message above.
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = write!(file, "{}", std::process::id());
+        let _ = file.flush();
+        Ok(DataDirLock { _file: file })
+    }
 }
 
 /// The state file inside a data directory.
@@ -224,6 +292,10 @@ pub fn state_file(data_dir: &Path) -> PathBuf {
 
 impl RedbStore {
     /// Opens (or creates) `data_dir/backstop.redb`. `reset` discards it first.
+    ///
+    /// Fails with a message naming the file, never a panic: redb can hit
+    /// `unreachable!()` on some damaged files, so opening and loading run
+    /// under `catch_unwind` (see [`guarded`]).
     pub fn open(data_dir: &Path, reset: bool) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError(format!(
@@ -231,6 +303,7 @@ impl RedbStore {
                 data_dir.display()
             ))
         })?;
+        let lock = DataDirLock::acquire(data_dir)?;
         let path = state_file(data_dir);
         if reset && path.exists() {
             std::fs::remove_file(&path).map_err(|e| {
@@ -240,9 +313,24 @@ impl RedbStore {
                 ))
             })?;
         }
-        let db = Database::create(&path).map_err(|e| corrupt(&path, &e.to_string()))?;
-        let store = RedbStore { db, path };
-        store.init()?;
+        if let Ok(meta) = std::fs::metadata(&path)
+            && meta.len() == 0
+        {
+            // An empty file is not an empty store: something truncated it.
+            return Err(corrupt(
+                &path,
+                "the file is empty (0 bytes), so the saved state is gone or was never written",
+            ));
+        }
+        let db = guarded(&path, || {
+            Database::create(&path).map_err(|e| corrupt(&path, &e.to_string()))
+        })?;
+        let store = RedbStore {
+            db,
+            path,
+            _lock: lock,
+        };
+        guarded(&store.path, || store.init())?;
         Ok(store)
     }
 
@@ -278,6 +366,25 @@ impl RedbStore {
     }
 }
 
+/// Runs `f`, turning a panic inside the storage library into the same clean
+/// error as any other damage (naming the file), instead of exit code 101.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(corrupt(
+                path,
+                &format!("the storage library failed on it ({what}); the file is damaged"),
+            ))
+        }
+    }
+}
+
 fn corrupt(path: &Path, why: &str) -> StoreError {
     StoreError(format!(
         "cannot use the state store {}: {why}. If it is damaged beyond repair, \
@@ -302,6 +409,20 @@ fn decode<M: prost::Message + Default>(
 
 impl Store for RedbStore {
     fn load(&self) -> Result<Loaded, StoreError> {
+        guarded(&self.path, || self.load_unguarded())
+    }
+
+    fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
+        guarded(&self.path, || self.commit_unguarded(ops))
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+impl RedbStore {
+    fn load_unguarded(&self) -> Result<Loaded, StoreError> {
         let err = |e: &dyn std::fmt::Display| corrupt(&self.path, &e.to_string());
         let tx = self.db.begin_read().map_err(|e| err(&e))?;
         let mut out = Loaded::default();
@@ -335,6 +456,9 @@ impl Store for RedbStore {
                 .map_err(|_| corrupt(&self.path, "meta next_item_id is not 8 bytes"))?;
             out.next_item_id = u64::from_be_bytes(b);
         }
+        if let Some(v) = meta.get("permit_key").map_err(|e| err(&e))? {
+            out.permit_key = Some(v.value().to_vec());
+        }
         let t = tx.open_table(IDEM).map_err(|e| err(&e))?;
         for row in t.range::<&str>(..).map_err(|e| err(&e))? {
             let (k, v) = row.map_err(|e| err(&e))?;
@@ -344,7 +468,7 @@ impl Store for RedbStore {
         Ok(out)
     }
 
-    fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
+    fn commit_unguarded(&self, ops: &[Op]) -> Result<(), StoreError> {
         use prost::Message as _;
         if ops.is_empty() {
             return Ok(());
@@ -384,15 +508,12 @@ impl Store for RedbStore {
                     Op::NextItemId(id) => meta
                         .insert("next_item_id", id.to_be_bytes().as_slice())
                         .map(|_| ()),
+                    Op::PermitKey(k) => meta.insert("permit_key", k.as_slice()).map(|_| ()),
                 };
                 r.map_err(|e| err(&e))?;
             }
         }
         tx.commit().map_err(|e| err(&e))
-    }
-
-    fn describe(&self) -> String {
-        self.path.display().to_string()
     }
 }
 

@@ -10,6 +10,7 @@ use super::events::EventKind;
 use super::metrics::TargetMetrics;
 use super::permit::Permit;
 use super::persist::Pending;
+use super::settled::SettledLog;
 use super::store::{LearnedRecord, SlotRecord, TargetRecord};
 use crate::config::{Enforcement, TargetSettings};
 use crate::domain::breaker::{
@@ -18,7 +19,7 @@ use crate::domain::breaker::{
 };
 use crate::domain::budget::{BudgetConfig, BudgetRefusal, BudgetState, Cost, Kind, Lease, Usage};
 use crate::domain::headers::Signals;
-use crate::domain::retry::{Advice, RetryBudget, advise};
+use crate::domain::retry::{Advice, RetryBudget, advise, against_open_breaker};
 use crate::domain::{OutcomeClass, Time};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -117,8 +118,19 @@ pub(crate) struct TargetState {
     /// Allocated on the first failure or retry: healthy targets never need it.
     pub retry: Option<Box<RetryBudget>>,
     pub counters: Counters,
+    /// The next permit id: a counter that never goes back (restored with a
+    /// gap after a restart), so every permit of a target is unique.
     pub next_admission: u64,
     pub notes: Option<Box<Notes>>,
+    /// Which permits were settled (allocated on the first report with a permit).
+    pub settled: Option<Box<SettledLog<SettledAnswer>>>,
+}
+
+/// The first answer to a permit's report, kept to answer its duplicates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct SettledAnswer {
+    pub class: OutcomeClass,
+    pub advice: Advice,
 }
 
 /// A target: name, settings and state.
@@ -134,10 +146,8 @@ pub struct Target {
     pub(crate) settings: Arc<TargetSettings>,
     /// Pre-resolved metric handles (shared `_other` beyond the label cap).
     pub(crate) metrics: Arc<TargetMetrics>,
-    /// Hash of the name: seeds jitter and tags permits.
+    /// Hash of the name: seeds jitter, tags permits, namespaces lease keys.
     pub(crate) seed: u64,
-    /// Dense number, unique per process; namespaces concurrency leases in shared groups.
-    pub(crate) index: u32,
     /// What changed since the last flush: [`DIRTY_STATE`] | [`DIRTY_COUNTERS`].
     pub(crate) dirty: std::sync::atomic::AtomicU8,
     /// Sequence number of this target's latest durable write (see persist.rs).
@@ -161,6 +171,8 @@ pub struct Admission {
     pub state: BreakerState,
     pub retry_after: Option<Duration>,
     pub permit: Option<Permit>,
+    /// `permit`, signed: what the client carries to RecordOutcome (empty when refused).
+    pub token: String,
     pub key_slot: Option<Arc<str>>,
     /// Shadow mode: the refusal that was not enforced.
     pub shadow_reason: Option<Reason>,
@@ -174,11 +186,36 @@ pub struct AdmitArgs<'a> {
     pub attempt: u32,
 }
 
+/// How far an outcome report is trusted, from its permit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Trust {
+    /// A verified, unexpired, first report of a permit this process issued:
+    /// it settles its lease and reservation and may move the breaker.
+    Permit(Permit),
+    /// A verified permit that can no longer settle anything (expired, or
+    /// issued before a restart): its generation still decides staleness, but
+    /// it counts like a report without a permit.
+    Late(Permit),
+    /// No permit.
+    None,
+}
+
+impl Trust {
+    fn permit(&self) -> Option<&Permit> {
+        match self {
+            Trust::Permit(p) | Trust::Late(p) => Some(p),
+            Trust::None => None,
+        }
+    }
+}
+
 /// Outcome inputs, validated by the engine.
 #[derive(Clone, Debug)]
 pub(crate) struct OutcomeArgs<'a> {
-    /// The permit was issued by this server start (its lease and reservation exist).
-    pub same_epoch: bool,
+    pub trust: Trust,
+    /// Reports without a live permit may move the breaker like any other
+    /// (`outcomes_without_permit = "trusted"`); by default they only count.
+    pub trust_permitless: bool,
     pub class: OutcomeClass,
     /// Parsed provider headers.
     pub signals: Signals,
@@ -186,7 +223,6 @@ pub(crate) struct OutcomeArgs<'a> {
     pub max_pause: Duration,
     pub http_status: i32,
     pub error_type: &'a str,
-    pub permit: Option<Permit>,
     pub slot: usize,
     pub latency: Option<Duration>,
     pub retry_after: Option<Duration>,
@@ -203,6 +239,9 @@ pub struct OutcomeResult {
     pub state: BreakerState,
     pub advice: Advice,
     pub stale: bool,
+    /// This permit was already reported: nothing changed, and the answer is
+    /// the first report's (or, if that is no longer remembered, fresh advice).
+    pub duplicate: bool,
 }
 
 /// What a critical section did that others must hear about.
@@ -238,9 +277,9 @@ const NEVER: Duration = Duration::from_secs(3600);
 impl Target {
     pub(crate) fn new(
         name: Arc<str>,
-        index: u32,
         settings: Arc<TargetSettings>,
         metrics: Arc<TargetMetrics>,
+        first_id: u64,
     ) -> Self {
         let seed = name_hash(&name);
         let slots = if settings.keys.len() > 1 {
@@ -254,11 +293,11 @@ impl Target {
                 slots,
                 retry: None,
                 counters: Counters::default(),
-                next_admission: 1,
+                next_admission: first_id.max(1),
                 notes: None,
+                settled: None,
             }),
             name,
-            index,
             seed,
             settings,
             dirty: std::sync::atomic::AtomicU8::new(0),
@@ -325,6 +364,7 @@ impl Target {
             refused: st.counters.refused,
             by_class: st.counters.by_class.to_vec(),
             stale: st.counters.stale,
+            next_admission: st.next_admission,
         }
     }
 
@@ -358,6 +398,10 @@ impl Target {
         st.set_last_cause(
             (!rec.last_cause.is_empty()).then(|| rec.last_cause.clone().into_boxed_str()),
         );
+        // Ids issued after the last write of this counter are not in the
+        // record, but this process starts its ids above any earlier one's
+        // (see `first_permit_id`): keep whichever is higher.
+        st.next_admission = st.next_admission.max(rec.next_admission);
         st.counters.admitted = rec.admitted;
         st.counters.refused = rec.refused;
         st.counters.stale = rec.stale;
@@ -382,6 +426,7 @@ impl Target {
                     crate::domain::budget::Gcra::from_tat(Time::from_nanos(*tat)),
                 );
             }
+            slot.budget.clamp_debt(now, &self.settings.budget);
             if !sr.learned.is_empty() {
                 let mut l: [Option<Learned>; 4] = Default::default();
                 for lr in &sr.learned {
@@ -409,6 +454,14 @@ impl Target {
 
     pub fn settings(&self) -> &Arc<TargetSettings> {
         &self.settings
+    }
+
+    /// How long a permit of this target can settle anything: its concurrency
+    /// lease, or a probe lease, whichever is longer.
+    pub(crate) fn permit_lifetime(&self) -> Duration {
+        self.settings
+            .permit_lease
+            .max(self.settings.breaker.probe_lease)
     }
 
     /// Name of slot `i` (None for the implicit slot).
@@ -442,13 +495,14 @@ impl Target {
             state,
             retry_after,
             permit: None,
+            token: String::new(),
             key_slot: None,
             shadow_reason: None,
         };
 
         let admission_no = st.next_admission;
         let lease = Lease {
-            key: lease_key(self.index, admission_no),
+            key: lease_key(self.seed, admission_no),
             until: now + cfg.permit_lease,
         };
         let decision: Result<(Ticket, usize, bool), Admission> = (|| {
@@ -503,15 +557,17 @@ impl Target {
                     state,
                     retry_after: None,
                     permit: Some(Permit {
+                        id: admission_no,
                         generation: permit_ref.generation,
                         probe: permit_ref.probe.unwrap_or(0),
-                        lease: if leased { admission_no } else { 0 },
+                        leased,
                         slot: slot_ix as u8,
                         reserved_tokens: args.estimated_tokens,
+                        issued_ms: now.as_millis(),
+                        expires_ms: (now + self.permit_lifetime()).as_millis(),
                         tag: self.tag(),
-                        // Set by the engine, which knows its start.
-                        epoch: 0,
                     }),
+                    token: String::new(),
                     key_slot: self.slot_name(slot_ix),
                     shadow_reason: None,
                 }
@@ -522,16 +578,22 @@ impl Target {
                 if cfg.mode == Enforcement::Shadow {
                     // Dry run: report what would have happened, admit without reserving.
                     st.counters.admitted += 1;
+                    let id = st.next_admission;
+                    st.next_admission += 1;
                     return Admission {
                         allowed: true,
                         reason: Reason::Allowed,
                         state,
                         retry_after: None,
                         permit: Some(Permit {
+                            id,
                             generation: st.breaker.generation(),
+                            issued_ms: now.as_millis(),
+                            expires_ms: (now + self.permit_lifetime()).as_millis(),
                             tag: self.tag(),
                             ..Permit::default()
                         }),
+                        token: String::new(),
                         key_slot: self.slot_name(0),
                         shadow_reason: Some(refusal.reason),
                     };
@@ -723,7 +785,13 @@ impl Target {
         fx: &mut Effects,
     ) -> OutcomeResult {
         let cfg = &self.settings;
-        let (class, signals, max_pause) = (args.class, &args.signals, args.max_pause);
+        let (class, max_pause) = (args.class, args.max_pause);
+        // Without a live permit, a report may count but not impose anything on
+        // the fleet: no pause, no learned limit, no disabled key, no open at
+        // once (else anyone could force a target open for the fleet).
+        let trusted = matches!(args.trust, Trust::Permit(_)) || args.trust_permitless;
+        let no_signals = Signals::default();
+        let signals = if trusted { &args.signals } else { &no_signals };
         let streak_before = st.breaker.consecutive_failures();
         if signals.limits.iter().any(|l| !l.is_empty()) {
             fx.state_dirty = true;
@@ -739,7 +807,7 @@ impl Target {
         }
         .map(|d| d.min(max_pause))
         .filter(|d| !d.is_zero());
-        let paused_by_hint = class == OutcomeClass::RateLimited && hint.is_some();
+        let paused_by_hint = trusted && class == OutcomeClass::RateLimited && hint.is_some();
 
         // Provider signals: pauses (fleet-wide) and learned limits.
         let mut pause: Option<(Duration, String)> = None;
@@ -798,6 +866,10 @@ impl Target {
 
         // The breaker (or, for keyed targets, the key slot) takes the class.
         let mut effect = cfg.breaker.effect(class, args.latency, paused_by_hint);
+        if let (Effect::OpenFor(..), false) = (effect, trusted) {
+            // Counted like any failure: it can add to a streak, not open alone.
+            effect = Effect::Failure(Trigger::Outcome(class));
+        }
         if let (Effect::OpenFor(d, _), false) = (effect, cfg.keys.is_empty()) {
             // An invalid key or exhausted quota disables that key, not the model.
             let until = now + d;
@@ -817,9 +889,10 @@ impl Target {
             }
             effect = Effect::Ignore;
         }
-        let permit_ref = args.permit.map(|p| PermitRef {
+        let permit_ref = args.trust.permit().map(|p| PermitRef {
             generation: p.generation,
-            probe: (p.probe != 0).then_some(p.probe),
+            // A late probe permit's lease is gone: it is stale for half-open.
+            probe: (p.probe != 0 && matches!(args.trust, Trust::Permit(_))).then_some(p.probe),
         });
         let mut bev = Vec::new();
         let stale = st
@@ -836,23 +909,24 @@ impl Target {
         }
 
         // Settle budgets: release the concurrency slot, charge real usage.
-        // A permit from before a restart: its reservation and lease belong to
-        // the previous process, so only the real usage is charged.
-        let own = args.permit.filter(|_| args.same_epoch);
+        // A late permit (expired, or from before a restart): its lease and
+        // reservation are already gone, so only the real usage is charged.
+        let own = match args.trust {
+            Trust::Permit(p) => Some(p),
+            Trust::Late(_) | Trust::None => None,
+        };
         let usage = Usage {
             reserved: own.map_or(0, |p| p.reserved_tokens),
             input: args.input_tokens,
             output: args.output_tokens,
             reported: args.input_tokens > 0 || args.output_tokens > 0,
         };
-        let lease_key = own
-            .filter(|p| p.lease != 0)
-            .map(|p| lease_key(self.index, p.lease));
+        let lease_key = own.filter(|p| p.leased).map(|p| lease_key(self.seed, p.id));
         if st.breaker.consecutive_failures() != streak_before {
             fx.state_dirty = true;
         }
         let metered = !cfg.budget.is_unlimited() || !cfg.groups.is_empty();
-        if metered && (args.permit.is_some() || usage.reported) {
+        if metered && (own.is_some() || usage.reported) {
             fx.state_dirty = true;
             st.slots[slot_ix]
                 .budget
@@ -876,7 +950,7 @@ impl Target {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
-        let advice = advise(
+        let mut advice = advise(
             &cfg.retry,
             class,
             args.attempt,
@@ -884,11 +958,48 @@ impl Target {
             budget_ok,
             rand::random::<f64>(),
         );
+        match st.breaker.state() {
+            BreakerState::Open => {
+                let open_for = st.breaker.open_until().map(|u| now.until(u));
+                advice = against_open_breaker(advice, Some(open_for.unwrap_or_default()));
+            }
+            BreakerState::ForcedOpen => advice = against_open_breaker(advice, None),
+            _ => {}
+        }
         OutcomeResult {
             classified_as: class,
             state: st.breaker.state(),
             advice,
             stale,
+            duplicate: false,
+        }
+    }
+
+    /// The answer to a duplicate report of an already settled permit: the
+    /// first answer when it is remembered, otherwise advice for its class
+    /// against the target's current state. Changes nothing.
+    pub(crate) fn duplicate_answer(
+        &self,
+        st: &TargetState,
+        now: Time,
+        class: OutcomeClass,
+        attempt: u32,
+        first: Option<SettledAnswer>,
+    ) -> OutcomeResult {
+        let (classified_as, advice) = match first {
+            Some(a) => (a.class, a.advice),
+            None => {
+                let advice = advise(&self.settings.retry, class, attempt, None, true, 0.5);
+                (class, advice)
+            }
+        };
+        let _ = now;
+        OutcomeResult {
+            classified_as,
+            state: st.breaker.state(),
+            advice,
+            stale: false,
+            duplicate: true,
         }
     }
 
@@ -1070,9 +1181,20 @@ fn describe_transition(
     }
 }
 
-/// Concurrency lease keys are unique across targets (groups hold leases of many).
-fn lease_key(target_index: u32, admission: u64) -> u64 {
-    (u64::from(target_index) << 40) | (admission & ((1 << 40) - 1))
+/// The first permit id a process issues for a new target: its start time in
+/// milliseconds, shifted so each millisecond owns 2^20 ids. A later start
+/// begins above everything an earlier one could have issued (it would need a
+/// million admissions per millisecond of uptime to catch up), so ids stay
+/// unique per target across restarts without waiting for any write.
+pub(crate) fn first_permit_id(boot: Time) -> u64 {
+    boot.as_millis().saturating_mul(1 << 20).max(1)
+}
+
+/// Concurrency lease keys: unique across targets (groups hold leases of
+/// many) and processes (a permit settles on any replica): a mix of the
+/// target's name hash and the permit id (a collision needs 2^32 live leases).
+pub(crate) fn lease_key(target_seed: u64, permit_id: u64) -> u64 {
+    crate::domain::breaker::mix64(target_seed ^ permit_id.rotate_left(29))
 }
 
 /// FNV-1a, mixed: stable across processes (permit tags must survive restarts).

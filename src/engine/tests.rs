@@ -24,8 +24,20 @@ async fn admit(e: &Engine, t: &str) -> Admission {
         .expect("valid request")
 }
 
+/// A signed permit of `target` (on key slot `slot`, when given): outcomes
+/// that impose anything on the fleet (pauses, disabled keys) need one.
+pub(super) async fn permit_for(e: &Engine, target: &str, slot: Option<&str>) -> String {
+    for _ in 0..64 {
+        let a = admit(e, target).await;
+        if a.allowed && (slot.is_none() || a.key_slot.as_deref() == slot) {
+            return a.token;
+        }
+    }
+    panic!("no admission of {target} on slot {slot:?}");
+}
+
 async fn report(e: &Engine, t: &str, permit: &Admission, status: i32) -> OutcomeResult {
-    let permit = permit.permit.map(|p| p.encode()).unwrap_or_default();
+    let permit = permit.token.clone();
     e.record_outcome(
         t,
         OutcomeReport {
@@ -140,7 +152,7 @@ async fn taxonomy_drives_the_breaker() {
 async fn a_429_with_retry_after_pauses_the_target_for_everyone() {
     let (e, clock) = engine(FAST);
     let a = admit(&e, "x").await;
-    let permit = a.permit.expect("permit").encode();
+    let permit = a.token.clone();
     let r = e
         .record_outcome(
             "x",
@@ -173,9 +185,11 @@ async fn a_429_with_retry_after_pauses_the_target_for_everyone() {
 #[tokio::test]
 async fn openai_remaining_zero_pauses_until_reset() {
     let (e, clock) = engine("");
+    let permit = permit_for(&e, "openai/gpt-4o", None).await;
     e.record_outcome(
         "openai/gpt-4o",
         OutcomeReport {
+            permit: &permit,
             http_status: 200,
             headers: vec![
                 ("x-ratelimit-limit-requests", "500"),
@@ -208,10 +222,12 @@ async fn a_401_on_one_key_slot_moves_traffic_to_the_other() {
         seen.insert(a.key_slot.clone().expect("slot"));
     }
     assert_eq!(seen.len(), 2, "unmetered keys share the load");
+    let permit = permit_for(&e, "t", Some("org-a")).await;
     let r = e
         .record_outcome(
             "t",
             OutcomeReport {
+                permit: &permit,
                 http_status: 401,
                 key_slot: "org-a",
                 ..Default::default()
@@ -229,9 +245,11 @@ async fn a_401_on_one_key_slot_moves_traffic_to_the_other() {
         assert!(a.allowed);
         assert_eq!(a.key_slot.as_deref(), Some("org-b"));
     }
+    let permit = permit_for(&e, "t", Some("org-b")).await;
     e.record_outcome(
         "t",
         OutcomeReport {
+            permit: &permit,
             http_status: 403,
             key_slot: "org-b",
             ..Default::default()
@@ -340,7 +358,7 @@ async fn tokens_reserve_and_settle_through_the_permit() {
         .await
         .expect("ok");
     assert_eq!(refused.reason, Reason::RateLimited);
-    let permit = a.permit.expect("p").encode();
+    let permit = a.token.clone();
     e.record_outcome(
         "t",
         OutcomeReport {
@@ -521,7 +539,7 @@ async fn bad_requests_get_clear_errors() {
         Err(EngineError::InvalidArgument(_))
     ));
     // A permit from another target is caught.
-    let p = admit(&e, "a").await.permit.expect("p").encode();
+    let p = admit(&e, "a").await.token;
     let wrong = e
         .record_outcome(
             "b",

@@ -16,21 +16,71 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::sync::broadcast::error::RecvError;
 
+/// Targets per Snapshot part. A snapshot of 10,000 targets is one shared
+/// list streamed as 100 parts, so a watcher that does not read holds a few
+/// parts in its connection buffer, not its own copy of the whole list.
+pub const SNAPSHOT_PART: usize = 100;
+
 /// What a watcher yields.
 #[derive(Clone, Debug)]
 pub enum WatchItem {
     Event(Arc<Event>),
-    /// Every matching target's state; `seq` is the last event it includes.
-    Snapshot {
-        seq: u64,
-        at: Time,
-        targets: Vec<TargetView>,
-    },
+    /// Part `part` of `parts` (1-based) of every matching target's state;
+    /// `seq` is the last event it includes. Parts of one snapshot share `seq`.
+    Snapshot(SnapshotPart),
     /// Events from `missed_from` on may be missing; a Snapshot follows.
     Gap {
         missed_from: u64,
         reason: String,
     },
+}
+
+/// One part of a snapshot: a window into a list shared by every watcher that
+/// asked for a snapshot at about the same time.
+#[derive(Clone, Debug)]
+pub struct SnapshotPart {
+    pub seq: u64,
+    pub at: Time,
+    pub part: u32,
+    pub parts: u32,
+    all: Arc<[TargetView]>,
+    range: std::ops::Range<usize>,
+}
+
+impl SnapshotPart {
+    /// The whole snapshot as one part (polling endpoints).
+    pub fn whole(seq: u64, at: Time, all: Arc<[TargetView]>) -> SnapshotPart {
+        let range = 0..all.len();
+        SnapshotPart {
+            seq,
+            at,
+            part: 1,
+            parts: 1,
+            all,
+            range,
+        }
+    }
+
+    /// Splits a shared snapshot into parts of at most [`SNAPSHOT_PART`] targets
+    /// (one empty part when there are no targets).
+    pub fn split(seq: u64, at: Time, all: Arc<[TargetView]>) -> Vec<SnapshotPart> {
+        let n = all.len();
+        let parts = n.div_ceil(SNAPSHOT_PART).max(1);
+        (0..parts)
+            .map(|i| SnapshotPart {
+                seq,
+                at,
+                part: i as u32 + 1,
+                parts: parts as u32,
+                range: (i * SNAPSHOT_PART).min(n)..((i + 1) * SNAPSHOT_PART).min(n),
+                all: all.clone(),
+            })
+            .collect()
+    }
+
+    pub fn targets(&self) -> &[TargetView] {
+        &self.all[self.range.clone()]
+    }
 }
 
 /// Which events a watcher wants. Empty sets match everything.
@@ -135,6 +185,35 @@ impl Engine {
         Ok(w)
     }
 
+    /// The current state of every target matching `filter`, shared: watchers
+    /// asking within the same second, with no event in between, get the same
+    /// list (one copy for 200 dashboards, not 200). Held weakly: once the
+    /// last watcher has streamed it, the memory is freed.
+    pub fn shared_snapshot(&self, filter: &WatchFilter) -> Arc<[TargetView]> {
+        if !filter.targets.is_empty() {
+            return self.snapshot(filter).into();
+        }
+        let seq = self.events.last_seq();
+        let now = self.clock.now();
+        let mut cache = self
+            .snapshot_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if cache.seq == seq
+            && now.as_nanos().saturating_sub(cache.at.as_nanos()) < 1_000_000_000
+            && let Some(s) = cache.list.upgrade()
+        {
+            return s;
+        }
+        let list: Arc<[TargetView]> = self.snapshot(filter).into();
+        *cache = SnapshotCache {
+            seq,
+            at: now,
+            list: Arc::downgrade(&list),
+        };
+        list
+    }
+
     /// Current state of every target matching `filter` (at most `max_snapshot_targets`).
     pub fn snapshot(&self, filter: &WatchFilter) -> Vec<TargetView> {
         let mut names: Vec<Arc<str>> = self
@@ -153,15 +232,34 @@ impl Engine {
     }
 }
 
+/// The last shared snapshot (see [`Engine::shared_snapshot`]).
+pub(crate) struct SnapshotCache {
+    seq: u64,
+    at: Time,
+    list: std::sync::Weak<[TargetView]>,
+}
+
+impl Default for SnapshotCache {
+    fn default() -> Self {
+        let empty: Arc<[TargetView]> = Arc::from(Vec::new());
+        SnapshotCache {
+            seq: u64::MAX,
+            at: Time::ZERO,
+            list: Arc::downgrade(&empty),
+        }
+    }
+}
+
 impl Watcher {
     fn push_snapshot(&mut self, seq: u64) {
-        let targets = self.engine.snapshot(&self.filter);
+        let all = self.engine.shared_snapshot(&self.filter);
         self.last_seq = self.last_seq.max(seq);
-        self.pending.push_back(WatchItem::Snapshot {
-            seq,
-            at: self.engine.now(),
-            targets,
-        });
+        let at = self.engine.now();
+        self.pending.extend(
+            SnapshotPart::split(seq, at, all)
+                .into_iter()
+                .map(WatchItem::Snapshot),
+        );
     }
 
     /// The next item; `None` when the server is shutting down.

@@ -18,31 +18,14 @@ impl AdminService {
     }
 }
 
-/// Checks `authorization: Bearer <token>` when the server has an admin token.
+/// Checks `authorization: Bearer <token>` on every Admin call when the server has an admin token.
 pub fn auth_interceptor(
-    token: Option<String>,
+    token: super::auth::OperatorToken,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
-        let Some(want) = token.as_deref() else {
-            return Ok(req);
-        };
-        let got = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match got {
-            Some(g) if constant_time_eq(g.as_bytes(), want.as_bytes()) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("the admin token is wrong")),
-            None => Err(Status::unauthenticated(
-                "Admin calls need the metadata `authorization: Bearer <admin_token>`",
-            )),
-        }
+        token.check(req.metadata(), "Admin")?;
+        Ok(req)
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub(crate) fn budget(b: &BudgetView) -> proto::BudgetStatus {

@@ -1,5 +1,6 @@
 //! `backstop.v1.Deferred`: the deferred-request queue.
 
+use super::auth::OperatorToken;
 use super::{check_len, from_proto_duration, reason, status, to_proto_duration, to_timestamp};
 use crate::domain::Time;
 use crate::engine::Engine;
@@ -12,11 +13,13 @@ use tonic::{Request, Response, Status};
 
 pub struct DeferredService {
     engine: Arc<Engine>,
+    operator: OperatorToken,
 }
 
 impl DeferredService {
     pub fn new(engine: Arc<Engine>) -> Self {
-        DeferredService { engine }
+        let operator = OperatorToken(engine.config().server.admin_token.clone());
+        DeferredService { engine, operator }
     }
 }
 
@@ -149,6 +152,8 @@ impl Deferred for DeferredService {
         &self,
         req: Request<proto::ListDeadLettersRequest>,
     ) -> Result<Response<proto::ListDeadLettersResponse>, Status> {
+        // Dead letters carry other queues' payloads: an operator call.
+        self.operator.check(req.metadata(), "ListDeadLetters")?;
         let r = req.into_inner();
         let (items, next_page_token) = self
             .engine
@@ -164,6 +169,7 @@ impl Deferred for DeferredService {
         &self,
         req: Request<proto::RequeueRequest>,
     ) -> Result<Response<proto::RequeueResponse>, Status> {
+        self.operator.check(req.metadata(), "Requeue")?;
         let r = req.into_inner();
         self.engine.requeue(&r.id).await.map_err(status)?;
         Ok(Response::new(proto::RequeueResponse {}))

@@ -17,11 +17,13 @@ use tonic::{Request, Response, Status};
 
 pub struct EventsService {
     engine: Arc<Engine>,
+    operator: super::auth::OperatorToken,
 }
 
 impl EventsService {
     pub fn new(engine: Arc<Engine>) -> Self {
-        EventsService { engine }
+        let operator = super::auth::OperatorToken(engine.config().server.admin_token.clone());
+        EventsService { engine, operator }
     }
 }
 
@@ -180,12 +182,14 @@ fn event(e: &Event) -> proto::Event {
 pub(crate) fn item(w: WatchItem) -> proto::Event {
     match w {
         WatchItem::Event(e) => event(&e),
-        WatchItem::Snapshot { seq, at, targets } => proto::Event {
-            seq,
-            at: Some(to_timestamp(at)),
+        WatchItem::Snapshot(p) => proto::Event {
+            seq: p.seq,
+            at: Some(to_timestamp(p.at)),
             target: String::new(),
             kind: Some(Kind::Snapshot(proto::Snapshot {
-                targets: targets.iter().map(target_snapshot).collect(),
+                targets: p.targets().iter().map(target_snapshot).collect(),
+                part: p.part,
+                parts: p.parts,
             })),
         },
         WatchItem::Gap {
@@ -227,12 +231,15 @@ impl Events for EventsService {
         &self,
         req: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        // A snapshot shows every target of the fleet: an operator call.
+        self.operator.check(req.metadata(), "Watch")?;
         let r = req.into_inner();
         let f = filter(r.targets, &r.kinds)?;
         let mut watcher = self.engine.watch(r.since_seq, f).map_err(status)?;
-        // A small buffer to the connection: when it fills, the watcher's own
-        // (bounded) buffer lags and turns into Gap + Snapshot; the engine never waits.
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        // A small buffer to the connection (a few snapshot parts): when it
+        // fills, the watcher's own (bounded) buffer lags and turns into Gap +
+        // Snapshot; the engine never waits, and an unread stream holds little.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             loop {
                 // Notice a client that went away even while nothing happens,

@@ -1,6 +1,7 @@
 //! gRPC adapters: wire types in, engine calls, wire types out. No decisions here.
 
 pub mod admin;
+pub mod auth;
 pub mod codec;
 pub mod deferred;
 pub mod events;

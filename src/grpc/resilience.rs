@@ -83,6 +83,7 @@ impl ResilienceService {
                 reason: retry_reason(res.advice.reason) as i32,
             }),
             stale_permit: res.stale,
+            duplicate: res.duplicate,
         })
     }
 }
@@ -93,7 +94,7 @@ pub(crate) fn admission(a: Admission) -> proto::CanProceedResponse {
         reason: reason(a.reason) as i32,
         state: breaker_state(a.state) as i32,
         retry_after: a.retry_after.map(to_proto_duration),
-        permit: a.permit.map(|p| p.encode()).unwrap_or_default(),
+        permit: a.token,
         key_slot: a.key_slot.map(|k| k.to_string()).unwrap_or_default(),
         shadow_reason: a.shadow_reason.map_or(0, |r| reason(r) as i32),
     }
@@ -108,6 +109,7 @@ fn retry_reason(r: RetryReason) -> proto::RetryReason {
         RetryReason::MaxRetries => proto::RetryReason::MaxRetries,
         RetryReason::BudgetExhausted => proto::RetryReason::RetryBudgetExhausted,
         RetryReason::CorrectAndRetry => proto::RetryReason::CorrectAndRetry,
+        RetryReason::CircuitOpen => proto::RetryReason::CircuitOpen,
     }
 }
 
@@ -227,7 +229,7 @@ impl Resilience for ResilienceService {
             span.record("target", target.as_ref());
             out.target = target.to_string();
             out.state = breaker_state(adm.state) as i32;
-            out.permit = adm.permit.map(|p| p.encode()).unwrap_or_default();
+            out.permit = adm.token;
             out.key_slot = adm.key_slot.map(|k| k.to_string()).unwrap_or_default();
             out.max_tokens = settings.max_tokens;
             out.cost_per_mtok_input = settings.cost_per_mtok_input;

@@ -136,9 +136,10 @@ fn event(e: &Event) -> Value {
 pub fn item(w: &WatchItem) -> Value {
     match w {
         WatchItem::Event(e) => event(e),
-        WatchItem::Snapshot { seq, at, targets } => json!({
-            "kind": "snapshot", "seq": seq, "at_ms": ms(*at),
-            "targets": targets.iter().map(target).collect::<Vec<_>>(),
+        WatchItem::Snapshot(p) => json!({
+            "kind": "snapshot", "seq": p.seq, "at_ms": ms(p.at),
+            "part": p.part, "parts": p.parts,
+            "targets": p.targets().iter().map(target).collect::<Vec<_>>(),
         }),
         WatchItem::Gap {
             missed_from,

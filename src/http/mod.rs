@@ -4,7 +4,7 @@
 mod json;
 
 use crate::engine::Engine;
-use crate::engine::watch::{WatchFilter, WatchItem};
+use crate::engine::watch::{SnapshotPart, WatchFilter, WatchItem};
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -54,13 +54,37 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         .into_response()
 }
 
+/// With `[server] admin_token` set, what shows the whole fleet (`/events`,
+/// `/api/snapshot`) needs `Authorization: Bearer <admin_token>`.
+fn authorized(s: &HttpState, headers: &HeaderMap) -> Option<Response> {
+    let token = crate::grpc::auth::OperatorToken(s.engine.config().server.admin_token.clone());
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if token.check_http(header) {
+        None
+    } else {
+        Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "this server has an admin token: send `Authorization: Bearer <admin_token>`\n",
+            )
+                .into_response(),
+        )
+    }
+}
+
 /// The current state of every target (what a Snapshot event carries), for polling.
-async fn snapshot(State(s): State<HttpState>) -> Response {
-    let item = WatchItem::Snapshot {
-        seq: s.engine.events().last_seq(),
-        at: s.engine.now(),
-        targets: s.engine.snapshot(&WatchFilter::default()),
-    };
+async fn snapshot(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    if let Some(denied) = authorized(&s, &headers) {
+        return denied;
+    }
+    let item = WatchItem::Snapshot(SnapshotPart::whole(
+        s.engine.events().last_seq(),
+        s.engine.now(),
+        s.engine.snapshot(&WatchFilter::default()).into(),
+    ));
     (
         [(header::CONTENT_TYPE, "application/json")],
         json::item(&item).to_string(),
@@ -110,6 +134,9 @@ async fn events(
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
 ) -> Response {
+    if let Some(denied) = authorized(&s, &headers) {
+        return denied;
+    }
     let since = match headers
         .get("last-event-id")
         .map(|v| v.to_str().map(str::parse::<u64>))
@@ -144,7 +171,7 @@ async fn events(
         }
         Err(e) => return bad_request(e.to_string()),
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(4);
     tokio::spawn(async move {
         loop {
             // Notice a browser that went away even while nothing happens.
@@ -155,7 +182,7 @@ async fn events(
             let Some(item) = next else { break };
             let (id, name) = match &item {
                 WatchItem::Event(e) => (Some(e.seq), e.kind.name()),
-                WatchItem::Snapshot { seq, .. } => (Some(*seq), "snapshot"),
+                WatchItem::Snapshot(p) => (Some(p.seq), "snapshot"),
                 WatchItem::Gap { .. } => (None, "gap"),
             };
             let mut ev = SseEvent::default()

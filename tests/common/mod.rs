@@ -221,6 +221,26 @@ impl Server {
     }
 }
 
+/// A signed permit of `target` (on key slot `slot` when given), from
+/// CanProceed: outcomes that impose anything on the fleet (a pause, a disabled
+/// key, an immediate open) count only with the permit of an admitted call.
+pub async fn permit(c: &mut ResilienceClient<Channel>, target: &str, slot: Option<&str>) -> String {
+    for _ in 0..64 {
+        let a = c
+            .can_proceed(backstop::proto::CanProceedRequest {
+                target: target.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("can_proceed")
+            .into_inner();
+        if a.allowed && slot.is_none_or(|s| a.key_slot == s) {
+            return a.permit;
+        }
+    }
+    panic!("no admission of {target} on key slot {slot:?}");
+}
+
 /// One Server-Sent Event.
 #[derive(Debug, Default, Clone)]
 pub struct Sse {

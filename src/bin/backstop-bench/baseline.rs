@@ -11,7 +11,8 @@ use std::io::Write as _;
 use tonic::{Request, Response, Status};
 
 /// A permit-sized string, so responses weigh what Backstop's weigh.
-const PERMIT: &str = "1.1.0.0.0.7d0.8f3a.2c41";
+const PERMIT: &str =
+    "2.8f3a.1c2.1.0.0.7d0.19bd2f6a1b0.19bd2f87800.6f1e0c3b9a2d4e5f60718293a4b5c6d7";
 
 fn allowed() -> proto::CanProceedResponse {
     proto::CanProceedResponse {
@@ -33,6 +34,7 @@ fn recorded() -> proto::RecordOutcomeResponse {
             reason: proto::RetryReason::Succeeded as i32,
         }),
         stale_permit: false,
+        duplicate: false,
     }
 }
 

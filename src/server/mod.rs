@@ -1,5 +1,8 @@
 //! Runs the service: binds listeners, serves gRPC, drains on SIGTERM.
 
+pub mod conn;
+pub mod status_map;
+
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::engine::clock::SystemClock;
@@ -17,7 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 /// A startup failure, with a message an operator can act on.
 #[derive(Debug)]
@@ -116,11 +118,18 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
     health_reporter
         .set_serving::<EventsServer<EventsService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| StartError(format!("cannot build the reflection service: {e}")))?;
+    // Reflection in both versions: grpcurl and current tools speak v1, while
+    // older grpcurl, grpcui, Postman and Evans speak only v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_err = |e| StartError(format!("cannot build the reflection service: {e}"));
+    let reflection = reflection_builder().build_v1().map_err(reflection_err)?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(reflection_err)?;
 
     let resilience = ResilienceServer::new(ResilienceService::new(engine.clone()))
         .max_decoding_message_size(max_msg);
@@ -129,20 +138,35 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
         .max_decoding_message_size(max_msg);
     let admin = tonic::service::interceptor::InterceptedService::new(
         AdminServer::new(AdminService::new(engine.clone())).max_decoding_message_size(max_msg),
-        auth_interceptor(config.server.admin_token.clone()),
+        auth_interceptor(crate::grpc::auth::OperatorToken(
+            config.server.admin_token.clone(),
+        )),
     );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (accept_stop_tx, accept_stop_rx) = tokio::sync::watch::channel(false);
+    let limits = conn::Limits {
+        max_connections: config.server.max_connections,
+        handshake_timeout: config.server.handshake_timeout,
+        idle_timeout: config.server.idle_timeout,
+    };
+    let conn_stats = Arc::new(conn::Stats::default());
+    let incoming = conn::incoming(grpc_listener, limits, conn_stats.clone(), accept_stop_rx);
     let server = Server::builder()
+        .http2_keepalive_interval(config.server.http2_keepalive_interval)
+        .http2_keepalive_timeout(Some(config.server.http2_keepalive_timeout))
+        .layer(status_map::StatusMapLayer)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(resilience)
         .add_service(deferred)
         .add_service(events)
         .add_service(admin)
         .serve_with_incoming_shutdown(
-            // Small request/response RPCs: never wait for Nagle's algorithm.
-            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            // Bounded accept (see conn.rs); TCP_NODELAY is set there too:
+            // small request/response RPCs never wait for Nagle's algorithm.
+            incoming,
             async {
                 let _ = stop_rx.await;
             },
@@ -218,6 +242,7 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
     ready.store(false, std::sync::atomic::Ordering::Relaxed);
     // Live event streams end so the drain is not held up by dashboards.
     engine.begin_shutdown();
+    let _ = accept_stop_tx.send(true);
     let _ = stop_tx.send(());
     let _ = http_stop_tx.send(());
     let drained = tokio::time::timeout(config.server.shutdown_grace, server).await;
