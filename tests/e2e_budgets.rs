@@ -206,49 +206,6 @@ async fn a_401_on_one_key_slot_moves_traffic_to_the_other() {
 
 /// Sends raw bytes as a request body, to check what the server does with a
 /// message that is not valid protobuf / UTF-8 (no generated client can).
-mod raw {
-    use bytes::{Buf, BufMut};
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-
-    #[derive(Default, Clone)]
-    pub struct RawCodec;
-
-    pub struct RawEncoder;
-    pub struct RawDecoder;
-
-    impl Encoder for RawEncoder {
-        type Item = Vec<u8>;
-        type Error = tonic::Status;
-        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-            dst.put_slice(&item);
-            Ok(())
-        }
-    }
-
-    impl Decoder for RawDecoder {
-        type Item = Vec<u8>;
-        type Error = tonic::Status;
-        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-            let mut v = vec![0; src.remaining()];
-            src.copy_to_slice(&mut v);
-            Ok(Some(v))
-        }
-    }
-
-    impl Codec for RawCodec {
-        type Encode = Vec<u8>;
-        type Decode = Vec<u8>;
-        type Encoder = RawEncoder;
-        type Decoder = RawDecoder;
-        fn encoder(&mut self) -> RawEncoder {
-            RawEncoder
-        }
-        fn decoder(&mut self) -> RawDecoder {
-            RawDecoder
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_utf8_and_oversized_headers_are_invalid_argument() {
     let server = Server::start("", &[]);
@@ -265,7 +222,7 @@ async fn non_utf8_and_oversized_headers_are_invalid_argument() {
         "/backstop.v1.Resilience/RecordOutcome",
     );
     let err = grpc
-        .unary(tonic::Request::new(body), path, raw::RawCodec)
+        .unary(tonic::Request::new(body), path, common::raw::RawCodec)
         .await
         .expect_err("invalid UTF-8 must be refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");

@@ -565,6 +565,69 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
+    /// Damage anywhere in a populated store (4 KiB XOR-ed at many offsets,
+    /// including inside the btrees) ends in `Ok` or a clean error naming the
+    /// file: never a panic escaping the store (redb can hit `unreachable!`).
+    #[test]
+    fn damage_anywhere_is_a_clean_error_never_a_panic() {
+        let d = dir("damage");
+        {
+            let s = RedbStore::open(&d, false).expect("open");
+            let mut ops = Vec::new();
+            for i in 0..2000u64 {
+                ops.push(Op::Target(
+                    Arc::from(format!("provider/model-{i}").as_str()),
+                    Some(TargetRecord {
+                        state: 2,
+                        open_until: i,
+                        last_cause: "x".repeat(40),
+                        ..Default::default()
+                    }),
+                ));
+                ops.push(Op::Item(
+                    i,
+                    Some(ItemRecord {
+                        id: i,
+                        queue: "q".into(),
+                        payload: vec![7; 64],
+                        ..Default::default()
+                    }),
+                ));
+            }
+            s.commit(&ops).expect("commit");
+        }
+        let path = state_file(&d);
+        let pristine = std::fs::read(&path).expect("read");
+        let step = (pristine.len() / 24).max(4096);
+        let mut clean_errors = 0;
+        for offset in (0..pristine.len()).step_by(step) {
+            let mut bytes = pristine.clone();
+            for b in bytes.iter_mut().skip(offset).take(4096) {
+                *b ^= 0x5A;
+            }
+            std::fs::write(&path, &bytes).expect("write");
+            match RedbStore::open(&d, false).and_then(|s| s.load().map(|_| ())) {
+                Ok(()) => {}
+                Err(e) => {
+                    assert!(e.0.contains("backstop.redb"), "{e}");
+                    clean_errors += 1;
+                }
+            }
+        }
+        assert!(clean_errors > 0, "the damage was noticed at least once");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_panic_inside_the_storage_library_becomes_a_clean_error() {
+        let path = Path::new("/data/backstop.redb");
+        let r: Result<(), StoreError> =
+            guarded(path, || panic!("internal error: entered unreachable code"));
+        let e = r.expect_err("caught");
+        assert!(e.0.contains("/data/backstop.redb"), "{e}");
+        assert!(e.0.contains("unreachable"), "{e}");
+    }
+
     #[test]
     fn a_corrupt_file_is_an_error_naming_it() {
         let d = dir("corrupt");
