@@ -209,3 +209,17 @@ test('the typed errors carry what an agent needs', () => {
   assert.equal(e.status, 401);
   assert.ok(e.headers instanceof Headers);
 });
+
+test('a newer server: unknown enum values read as unspecified, unknown fields are skipped', async () => {
+  const conv = await import('../dist/esm/convert.js');
+  const { resilience } = await import('@backstop/client/proto');
+  assert.equal(conv.breakerState(99), 'unspecified');
+  assert.equal(conv.retryReason(8), 'unspecified', 'e.g. a future RETRY_REASON_CIRCUIT_OPEN');
+  const known = resilience.CanProceedResponse.encode({ allowed: true, reason: 1, state: 1, permit: '1.opaque', keySlot: '', shadowReason: 0, retryAfter: undefined }).finish();
+  // Field 20 (varint) and field 21 (a string): fields this client has never heard of.
+  const extra = Buffer.concat([Buffer.from(known), Buffer.from([0xa0, 0x01, 0x01, 0xaa, 0x01, 0x02, 0x68, 0x69])]);
+  const adm = conv.admission('t', resilience.CanProceedResponse.decode(extra));
+  assert.deepEqual([adm.allowed, adm.reason, adm.permit], [true, 'allowed', '1.opaque']);
+  const r = conv.outcomeResult('t', resilience.RecordOutcomeResponse.decode(resilience.RecordOutcomeResponse.encode({ classifiedAs: 42, state: 1, retry: { retry: false, delay: undefined, reason: 42 }, stalePermit: false }).finish()));
+  assert.deepEqual([r.classifiedAs, r.retry.reason, r.retry.retry], ['unspecified', 'unspecified', false]);
+});
