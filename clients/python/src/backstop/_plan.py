@@ -15,6 +15,7 @@ part of :class:`AllTargetsFailed`) or let them propagate.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import (
@@ -26,6 +27,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Tuple,
     Union,
 )
 
@@ -35,6 +37,7 @@ from .types import (
     Admission,
     AttemptError,
     Deferred,
+    OutcomeClass,
     OutcomeReport,
     OutcomeResult,
     Reason,
@@ -183,6 +186,25 @@ def _route_name(spec: CallSpec) -> str:
     return "candidates [" + ", ".join(spec.candidates) + "]"
 
 
+# How large the prompt was, as the provider's context-length error states it:
+# OpenAI "... However, your messages resulted in 150000 tokens", Anthropic
+# "prompt is too long: 150000 tokens > 100000 maximum".
+_PROMPT_TOKENS = (
+    re.compile(r"resulted in (\d+) tokens"),
+    re.compile(r"(\d+) tokens > \d+"),
+)
+
+
+def context_tokens_needed(text: str) -> int:
+    """The prompt size a context-length error reports (0 if it says none), so
+    the fallback Route can skip every model whose window is too small."""
+    for pattern in _PROMPT_TOKENS:
+        m = pattern.search(text)
+        if m:
+            return int(m.group(1))
+    return 0
+
+
 def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
     """Route -> call -> report -> retry per advice -> fall back -> exhausted.
 
@@ -191,6 +213,13 @@ def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
       on the fleet's retry budget); a refusal ends that target.
     * When the advice says not to retry (PERSISTENT, BAD_INPUT, MAX_RETRIES,
       RETRY_BUDGET_EXHAUSTED), exclude the target and Route again.
+    * A PERSISTENT failure on a named key slot (e.g. a 401 for one API key)
+      disables only that slot: Route again *without* excluding the target, so
+      another key of the same model serves (a slot that failed twice is
+      excluded, so this ends).
+    * A BAD_INPUT whose message states the prompt size (a context-length
+      error) raises ``required_context_tokens`` for the next Routes, so the
+      fallback only goes to models whose context window fits.
     * When Route has no target left: defer (if asked) or raise
       :class:`AllTargetsFailed` with every attempt and every skip.
     """
@@ -198,18 +227,24 @@ def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
     errors: List[AttemptError] = []
     exclude: List[str] = list(spec.exclude)
     tried: List[str] = []
+    failed_slots: List[Tuple[str, str]] = []
+    required_context = spec.required_context_tokens
     last: Optional[RouteDecision] = None
     while True:
         decision: RouteDecision = yield RouteOp(
-            spec.route, spec.candidates, spec.estimated_tokens, spec.required_context_tokens, exclude, 0
+            spec.route, spec.candidates, spec.estimated_tokens, required_context, exclude, 0
         )
         last = decision
         if decision.target is None:
             errors = _post_mortem(errors, decision, tried)
             break
         target = decision.target
+        if decision.key_slot and (target, decision.key_slot) in failed_slots:
+            exclude.append(target)
+            continue
         tried.append(target)
         permit, key_slot, attempt = decision.permit, decision.key_slot, 0
+        slot_failed = False
         while True:
             inv: Invoked = yield InvokeOp(target, decision.max_tokens, key_slot)
             if inv.error is None:
@@ -236,7 +271,12 @@ def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
             if not isinstance(inv.error, Exception):
                 raise inv.error  # cancellation / interrupt: reported, never swallowed
             advice = result.retry
+            if result.classified_as == OutcomeClass.BAD_INPUT:
+                required_context = max(required_context, context_tokens_needed(f"{obs.error_type} {obs.message}"))
             if not advice.retry:
+                if result.classified_as == OutcomeClass.PERSISTENT and key_slot:
+                    failed_slots.append((target, key_slot))
+                    slot_failed = True
                 break
             if spec.deadline is not None and spec.clock() - started + advice.delay > spec.deadline:
                 break
@@ -248,6 +288,8 @@ def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
                 errors.append(_refusal_error(adm))
                 break
             permit, key_slot = adm.permit, adm.key_slot
+        if slot_failed:
+            continue  # only that key is disabled: another key slot of the same target may serve
         exclude.append(target)
 
     retry_after = last.retry_after if last is not None else None
