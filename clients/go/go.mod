@@ -1,0 +1,3 @@
+module github.com/backstop-dev/backstop/clients/go
+
+go 1.19
