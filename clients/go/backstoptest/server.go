@@ -82,7 +82,14 @@ type Server struct {
 
 // Start runs the binary with config (TOML text) on a free loopback port,
 // with its state in a fresh temporary directory (kept across Restart).
-func Start(config string) (*Server, error) {
+func Start(config string) (*Server, error) { return StartAt(config, "127.0.0.1:0") }
+
+// StartAt is Start on a given loopback address ("127.0.0.1:PORT").
+func StartAt(config, addr string) (*Server, error) {
+	i := strings.LastIndexByte(addr, ':')
+	if i < 0 {
+		return nil, fmt.Errorf("backstoptest: address %q has no port", addr)
+	}
 	bin, err := Binary()
 	if err != nil {
 		return nil, err
@@ -91,7 +98,7 @@ func Start(config string) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{bin: bin, dir: dir, config: filepath.Join(dir, "backstop.toml"), port: "0", logPath: filepath.Join(dir, "backstop.log")}
+	s := &Server{bin: bin, dir: dir, config: filepath.Join(dir, "backstop.toml"), port: addr[i+1:], logPath: filepath.Join(dir, "backstop.log")}
 	if err := os.WriteFile(s.config, []byte(config), 0o644); err != nil {
 		return nil, err
 	}
