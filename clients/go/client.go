@@ -469,6 +469,11 @@ func isLocalPermit(p string) bool {
 
 // --- calls without a local fallback (queue, admin) -----------------------------
 
+// waitForReady lets queue and admin calls (which have no local fallback and
+// a longer deadline) wait for a reconnecting connection instead of failing
+// at once, e.g. right after the server restarted.
+var waitForReady = grpc.WaitForReady(true)
+
 func (c *Client) unary(ctx context.Context, method string, timeout time.Duration, call func(context.Context) error) error {
 	cctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -502,7 +507,7 @@ func (c *Client) Defer(ctx context.Context, queue string, payload []byte, opts .
 	}
 	var r *pb.DeferResponse
 	err := c.unary(ctx, "Defer", c.s.queueTimeout, func(ctx context.Context) (err error) {
-		r, err = c.deferred.Defer(ctx, req)
+		r, err = c.deferred.Defer(ctx, req, waitForReady)
 		return
 	})
 	if err != nil {
@@ -537,7 +542,7 @@ func (c *Client) Claim(ctx context.Context, queue string, o ClaimOptions) (Claim
 	req := &pb.ClaimRequest{Queue: queue, MaxItems: uint32(max0(o.MaxItems)), Lease: pbDur(o.Lease), Wait: pbDur(o.Wait), Worker: worker}
 	var r *pb.ClaimResponse
 	err := c.unary(ctx, "Claim", c.s.queueTimeout+o.Wait, func(ctx context.Context) (err error) {
-		r, err = c.deferred.Claim(ctx, req)
+		r, err = c.deferred.Claim(ctx, req, waitForReady)
 		return
 	})
 	if err != nil {
@@ -553,7 +558,7 @@ func (c *Client) Claim(ctx context.Context, queue string, o ClaimOptions) (Claim
 // Ack marks a claimed item done.
 func (c *Client) Ack(ctx context.Context, item *DeferredItem) error {
 	return c.unary(ctx, "Ack", c.s.queueTimeout, func(ctx context.Context) error {
-		_, err := c.deferred.Ack(ctx, &pb.AckRequest{Id: item.ID, LeaseToken: item.LeaseToken})
+		_, err := c.deferred.Ack(ctx, &pb.AckRequest{Id: item.ID, LeaseToken: item.LeaseToken}, waitForReady)
 		return err
 	})
 }
@@ -563,7 +568,7 @@ func (c *Client) Ack(ctx context.Context, item *DeferredItem) error {
 func (c *Client) Nack(ctx context.Context, item *DeferredItem, delay time.Duration, reason string) (NackResult, error) {
 	var r *pb.NackResponse
 	err := c.unary(ctx, "Nack", c.s.queueTimeout, func(ctx context.Context) (err error) {
-		r, err = c.deferred.Nack(ctx, &pb.NackRequest{Id: item.ID, LeaseToken: item.LeaseToken, Delay: pbDur(delay), Reason: clip(reason, 1024)})
+		r, err = c.deferred.Nack(ctx, &pb.NackRequest{Id: item.ID, LeaseToken: item.LeaseToken, Delay: pbDur(delay), Reason: clip(reason, 1024)}, waitForReady)
 		return
 	})
 	if err != nil {
@@ -576,7 +581,7 @@ func (c *Client) Nack(ctx context.Context, item *DeferredItem, delay time.Durati
 func (c *Client) QueueStats(ctx context.Context, queue string) ([]QueueStat, error) {
 	var r *pb.QueueStatsResponse
 	err := c.unary(ctx, "QueueStats", c.s.queueTimeout, func(ctx context.Context) (err error) {
-		r, err = c.deferred.QueueStats(ctx, &pb.QueueStatsRequest{Queue: queue})
+		r, err = c.deferred.QueueStats(ctx, &pb.QueueStatsRequest{Queue: queue}, waitForReady)
 		return
 	})
 	if err != nil {
@@ -597,7 +602,7 @@ func (c *Client) DeadLetters(ctx context.Context, queue string) ([]*DeferredItem
 	for {
 		var r *pb.ListDeadLettersResponse
 		err := c.unary(ctx, "ListDeadLetters", c.s.queueTimeout, func(ctx context.Context) (err error) {
-			r, err = c.deferred.ListDeadLetters(ctx, &pb.ListDeadLettersRequest{Queue: queue, PageSize: 1000, PageToken: token})
+			r, err = c.deferred.ListDeadLetters(ctx, &pb.ListDeadLettersRequest{Queue: queue, PageSize: 1000, PageToken: token}, waitForReady)
 			return
 		})
 		if err != nil {
@@ -615,7 +620,7 @@ func (c *Client) DeadLetters(ctx context.Context, queue string) ([]*DeferredItem
 // Requeue moves a dead letter back to its queue with a fresh attempt count.
 func (c *Client) Requeue(ctx context.Context, id string) error {
 	return c.unary(ctx, "Requeue", c.s.queueTimeout, func(ctx context.Context) error {
-		_, err := c.deferred.Requeue(ctx, &pb.RequeueRequest{Id: id})
+		_, err := c.deferred.Requeue(ctx, &pb.RequeueRequest{Id: id}, waitForReady)
 		return err
 	})
 }
@@ -626,7 +631,7 @@ func (c *Client) Requeue(ctx context.Context, id string) error {
 func (c *Client) GetTarget(ctx context.Context, target string) (*pb.TargetStatus, error) {
 	var r *pb.TargetStatus
 	err := c.unary(ctx, "GetTarget", c.s.queueTimeout, func(ctx context.Context) (err error) {
-		r, err = c.admin.GetTarget(ctx, &pb.GetTargetRequest{Target: target})
+		r, err = c.admin.GetTarget(ctx, &pb.GetTargetRequest{Target: target}, waitForReady)
 		return
 	})
 	return r, err
@@ -639,7 +644,7 @@ func (c *Client) ListTargets(ctx context.Context, prefix string) ([]*pb.TargetSu
 	for {
 		var r *pb.ListTargetsResponse
 		err := c.unary(ctx, "ListTargets", c.s.queueTimeout, func(ctx context.Context) (err error) {
-			r, err = c.admin.ListTargets(ctx, &pb.ListTargetsRequest{Prefix: prefix, PageSize: 1000, PageToken: token})
+			r, err = c.admin.ListTargets(ctx, &pb.ListTargetsRequest{Prefix: prefix, PageSize: 1000, PageToken: token}, waitForReady)
 			return
 		})
 		if err != nil {
@@ -657,7 +662,7 @@ func (c *Client) ListTargets(ctx context.Context, prefix string) ([]*pb.TargetSu
 func (c *Client) SetBreakerState(ctx context.Context, target string, mode BreakerMode, reason string) (*pb.TargetStatus, error) {
 	var r *pb.TargetStatus
 	err := c.unary(ctx, "SetBreakerState", c.s.queueTimeout, func(ctx context.Context) (err error) {
-		r, err = c.admin.SetBreakerState(ctx, &pb.SetBreakerStateRequest{Target: target, Mode: pb.BreakerMode(mode), Reason: reason})
+		r, err = c.admin.SetBreakerState(ctx, &pb.SetBreakerStateRequest{Target: target, Mode: pb.BreakerMode(mode), Reason: reason}, waitForReady)
 		return
 	})
 	return r, err
@@ -667,7 +672,7 @@ func (c *Client) SetBreakerState(ctx context.Context, target string, mode Breake
 func (c *Client) ResetTarget(ctx context.Context, target string) (*pb.TargetStatus, error) {
 	var r *pb.TargetStatus
 	err := c.unary(ctx, "ResetTarget", c.s.queueTimeout, func(ctx context.Context) (err error) {
-		r, err = c.admin.ResetTarget(ctx, &pb.ResetTargetRequest{Target: target})
+		r, err = c.admin.ResetTarget(ctx, &pb.ResetTargetRequest{Target: target}, waitForReady)
 		return
 	})
 	return r, err

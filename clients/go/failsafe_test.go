@@ -274,7 +274,7 @@ func TestAgentStartsBeforeItsControlPlane(t *testing.T) {
 	}
 	addr := l.Addr().String()
 	l.Close() // a port nobody listens on
-	bs := newClient(t, addr, backstop.WithTimeout(50*time.Millisecond), backstop.WithConnectTimeout(300*time.Millisecond),
+	bs := newClient(t, addr, backstop.WithTimeout(50*time.Millisecond), backstop.WithConnectTimeout(300*time.Millisecond), backstop.WithQueueTimeout(300*time.Millisecond),
 		backstop.WithReconnectInterval(100*time.Millisecond))
 	start := time.Now()
 	a, err := bs.CanProceed(ctxT(t), sonnet)

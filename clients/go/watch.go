@@ -103,7 +103,7 @@ func (c *Client) Watch(ctx context.Context, o WatchOptions) <-chan Event {
 func (c *Client) watchOnce(ctx context.Context, o WatchOptions, since *uint64, ch chan<- Event) error {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := c.events.Watch(sctx, &pb.WatchRequest{SinceSeq: *since, Targets: o.Targets, Kinds: o.Kinds})
+	stream, err := c.events.Watch(sctx, &pb.WatchRequest{SinceSeq: *since, Targets: o.Targets, Kinds: o.Kinds}, waitForReady)
 	if err != nil {
 		return err
 	}
