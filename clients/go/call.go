@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -56,12 +58,18 @@ func (c *Client) Call(ctx context.Context, route string, fn Func, opts ...CallOp
 	var errs []AttemptError
 	exclude := append([]string(nil), cs.exclude...)
 	var tried []string
+	// (target, key slot) pairs that failed PERSISTENT: only that key is
+	// disabled, so the target is routed to again (another key may serve),
+	// unless Route hands back a key that already failed.
+	failedSlots := map[[2]string]bool{}
+	requiredContext := cs.requiredContextTokens
 	calls := 0
 	var last RouteDecision
 	for {
 		ropts := append(append([]CallOption(nil), opts...), func(s *callSettings) {
 			s.exclude = exclude
 			s.attempt = 0
+			s.requiredContextTokens = requiredContext
 		})
 		d, err := c.Route(ctx, route, ropts...)
 		if err != nil {
@@ -73,7 +81,12 @@ func (c *Client) Call(ctx context.Context, route string, fn Func, opts ...CallOp
 			break
 		}
 		target := d.Target
+		if d.KeySlot != "" && failedSlots[[2]string{target, d.KeySlot}] {
+			exclude = append(exclude, target)
+			continue
+		}
 		tried = append(tried, target)
+		slotFailed := false
 		p := Permit{Target: target, Token: d.Permit, KeySlot: d.KeySlot, MaxTokens: d.MaxTokens, FallbackDepth: d.FallbackDepth, Local: d.Local}
 		for {
 			obs, ferr, latency := c.invoke(ctx, fn, p)
@@ -98,8 +111,22 @@ func (c *Client) Call(ctx context.Context, route string, fn Func, opts ...CallOp
 			if ctx.Err() != nil {
 				return CallResult{Errors: errs, Calls: calls}, ctx.Err()
 			}
+			var soe *StructuredOutputError
+			if errors.As(ferr, &soe) {
+				// The corrections are used up: falling back would only repeat them.
+				return CallResult{Errors: errs, Calls: calls}, ferr
+			}
+			if out.ClassifiedAs == OutcomeBadInput {
+				if n := contextTokensNeeded(obs.ErrorType + " " + obs.Message); n > requiredContext {
+					requiredContext = n
+				}
+			}
 			advice := out.Retry
 			if !advice.Retry {
+				if out.ClassifiedAs == OutcomePersistent && p.KeySlot != "" {
+					failedSlots[[2]string{target, p.KeySlot}] = true
+					slotFailed = true
+				}
 				break
 			}
 			if dl, ok := ctx.Deadline(); ok && time.Now().Add(advice.Delay).After(dl) {
@@ -120,7 +147,9 @@ func (c *Client) Call(ctx context.Context, route string, fn Func, opts ...CallOp
 			p = Permit{Target: target, Token: adm.Permit, KeySlot: adm.KeySlot, Attempt: p.Attempt + 1,
 				MaxTokens: d.MaxTokens, FallbackDepth: d.FallbackDepth, Local: adm.Local, Previous: ferr}
 		}
-		exclude = append(exclude, target)
+		if !slotFailed {
+			exclude = append(exclude, target)
+		}
 	}
 
 	name := "route " + fmt.Sprintf("%q", route)
@@ -142,6 +171,26 @@ func (c *Client) Call(ctx context.Context, route string, fn Func, opts ...CallOp
 	}
 	deferred.Errors = errs
 	return CallResult{Errors: errs, Calls: calls}, &DeferredError{Deferred: deferred}
+}
+
+// The prompt size a context-length error states: OpenAI "... your messages
+// resulted in 150000 tokens", Anthropic "prompt is too long: 150000 tokens >
+// 100000 maximum".
+var promptTokens = []*regexp.Regexp{
+	regexp.MustCompile(`resulted in (\d+) tokens`),
+	regexp.MustCompile(`(\d+) tokens > \d+`),
+}
+
+// contextTokensNeeded reads the prompt size from a context-length error (0
+// if it states none), so the fallback Route skips models whose window is too small.
+func contextTokensNeeded(text string) uint64 {
+	for _, re := range promptTokens {
+		if m := re.FindStringSubmatch(text); m != nil {
+			n, _ := strconv.ParseUint(m[1], 10, 64)
+			return n
+		}
+	}
+	return 0
 }
 
 // postMortem orders every error by route order: each tried target's

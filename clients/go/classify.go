@@ -378,9 +378,10 @@ func isConnectionError(err error) bool {
 
 func isParseError(err error) bool {
 	var m *MalformedOutputError
+	var so *StructuredOutputError
 	var se *json.SyntaxError
 	var te *json.UnmarshalTypeError
-	return errors.As(err, &m) || errors.As(err, &se) || errors.As(err, &te)
+	return errors.As(err, &m) || errors.As(err, &so) || errors.As(err, &se) || errors.As(err, &te)
 }
 
 // observeError turns what a provider call returned into outcome-report fields:
