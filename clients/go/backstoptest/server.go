@@ -206,8 +206,28 @@ func (s *Server) Kill() {
 	<-exited
 }
 
-// Pause stops the process (SIGSTOP): it accepts connections but never answers.
-func (s *Server) Pause() error { return s.signal(syscall.SIGSTOP) }
+// Pause stops the process (SIGSTOP): it accepts connections but never
+// answers. It returns once the kernel reports the process stopped (a signal
+// is delivered asynchronously; a server thread could otherwise still answer).
+func (s *Server) Pause() error {
+	if err := s.signal(syscall.SIGSTOP); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	pid := s.cmd.Process.Pid
+	s.mu.Unlock()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return nil // no procfs: best effort
+		}
+		// "pid (comm) STATE ...": the state follows the last ')'.
+		if i := strings.LastIndexByte(string(stat), ')'); i >= 0 && i+2 < len(stat) && stat[i+2] == 'T' {
+			return nil
+		}
+	}
+	return errors.New("backstoptest: the server did not stop after SIGSTOP")
+}
 
 // Resume continues a paused process (SIGCONT).
 func (s *Server) Resume() error { return s.signal(syscall.SIGCONT) }
