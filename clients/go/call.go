@@ -36,7 +36,12 @@ type CallResult struct {
 //     the same target with attempt+1 (drawing on the fleet's retry budget).
 //  4. Otherwise (PERSISTENT, BAD_INPUT, MAX_RETRIES, RETRY_BUDGET_EXHAUSTED, a
 //     refused retry, or a retry that would outlast ctx's deadline) exclude the
-//     target and Route again.
+//     target and Route again. Two exceptions: a PERSISTENT failure on a named
+//     key slot (a 401 for one API key) routes again without excluding the
+//     target, since another key of the same model may serve; and a
+//     context-length error that states the prompt size raises
+//     RequiredContextTokens, so the fallback skips models whose window is
+//     too small. A *StructuredOutputError ends the loop at once.
 //  5. When no target is left: *AllTargetsFailedError (every attempt and every
 //     skipped target, in route order), or with DeferTo the payload is saved to
 //     the deferred queue and the error is a *DeferredError (ErrDeferred).
