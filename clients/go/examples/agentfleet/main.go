@@ -160,7 +160,9 @@ func main() {
 		fmt.Printf("%-18s served %5d   provider calls %5d\n", m, t.served[m], prov.Calls(m))
 	}
 	fmt.Printf("fell back %d, deferred %d, drained %d, failed %d\n", t.fellBack, t.deferred, t.drained, t.failed)
-	if t.deferred != t.drained {
+	// A request deferred just as a phase ended may be saved although its
+	// Call returned the phase's cancellation: drained can exceed deferred.
+	if t.drained < t.deferred {
 		fmt.Fprintln(os.Stderr, "not every deferred request was drained")
 		os.Exit(1)
 	}
