@@ -78,6 +78,14 @@ func (s *scope) response(status int, h http.Header, body []byte) {
 	s.status, s.header, s.body = status, h, body
 }
 
+// successHeader keeps a 2xx answer's headers: their rate-limit fields let
+// the server pause the fleet before the provider starts answering 429.
+func (s *scope) successHeader(h http.Header) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.header = h
+}
+
 func (s *scope) usage(in, out uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

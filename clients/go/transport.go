@@ -180,6 +180,9 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if err != nil {
 			return nil, err
 		}
+		if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+			sc.successHeader(resp.Header.Clone())
+		}
 		return t.watch(resp, func(status int, h http.Header, body []byte, in, out uint64, usage bool, _ error) {
 			if status != 0 {
 				sc.response(status, h, body)

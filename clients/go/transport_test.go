@@ -192,6 +192,16 @@ func TestTransportInsideGuardDoesNotAdmitTwice(t *testing.T) {
 	if c := st.GetCounters(); c.GetAdmitted() != 2 || c.GetSuccess() != 1 || c.GetTransient() != 1 {
 		t.Fatalf("one admission per guarded call: %v", c)
 	}
+	// A success whose headers say the request budget is spent: the guard
+	// reports them, and the fleet pauses before the provider answers 429.
+	prov.Script(gpt, backstoptest.Behaviour{Status: 200, Header: map[string]string{
+		"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"}})
+	if _, err := bs.Guard(ctx, gpt, opaque); err != nil {
+		t.Fatal(err)
+	}
+	if a, _ := bs.CanProceed(ctx, gpt); a.Allowed || a.Reason != backstop.ReasonRateLimited {
+		t.Fatalf("paused by the success's headers: %+v", a)
+	}
 }
 
 func TestDefaultTarget(t *testing.T) {
