@@ -45,12 +45,13 @@ func TestCallFallsBackPastAFailingPrimary(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Sonnet failed, was retried once per the advice (its second failure
-	// opened the breaker, so the next CanProceed was refused), then gpt-4o served.
+	// Sonnet failed, was retried once per the advice; its second failure
+	// opened the breaker and the advice said CIRCUIT_OPEN (fall back, no
+	// doomed retry), so gpt-4o served.
 	if res.Target != gpt || res.FallbackDepth != 1 || !equal(r.targets, []string{sonnet, sonnet, gpt}) {
 		t.Fatalf("served %v, result %+v", r.targets, res)
 	}
-	if len(res.Errors) != 3 || res.Errors[2].Reason != backstop.ReasonCircuitOpen {
+	if len(res.Errors) != 2 || res.Errors[1].Outcome != backstop.OutcomeTransient {
 		t.Fatalf("errors before the success: %v", res.Errors)
 	}
 	st, _ := bs.GetTarget(ctx, sonnet)
@@ -142,9 +143,9 @@ func TestCallListsEveryErrorWhenAllTargetsFail(t *testing.T) {
 	want := []row{
 		{sonnet, backstop.OutcomeTransient, 0, 529},
 		{sonnet, backstop.OutcomeTransient, 0, 529},
-		{sonnet, 0, backstop.ReasonCircuitOpen, 0}, // the retry was refused: the breaker had opened
-		{gpt, backstop.OutcomePersistent, 0, 401},  // never retried
-		{haiku, backstop.OutcomeBadInput, 0, 400},  // never retried
+		// The second failure opened the breaker: the advice said CIRCUIT_OPEN.
+		{gpt, backstop.OutcomePersistent, 0, 401}, // never retried
+		{haiku, backstop.OutcomeBadInput, 0, 400}, // never retried
 	}
 	if len(got) != len(want) {
 		t.Fatalf("errors %v", all.Errors)
@@ -155,8 +156,8 @@ func TestCallListsEveryErrorWhenAllTargetsFail(t *testing.T) {
 		}
 	}
 	var he *backstop.HTTPError
-	if !errors.As(all.Errors[3].Err, &he) || he.StatusCode != 401 {
-		t.Fatalf("the provider's error is kept: %v", all.Errors[3].Err)
+	if !errors.As(all.Errors[2].Err, &he) || he.StatusCode != 401 {
+		t.Fatalf("the provider's error is kept: %v", all.Errors[2].Err)
 	}
 	for _, needle := range []string{`route "chat"`, sonnet, gpt, haiku, "http 529", "http 401", "maximum context length"} {
 		if !strings.Contains(err.Error(), needle) {

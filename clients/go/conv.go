@@ -76,15 +76,15 @@ func outcomeOf(target string, r *pb.RecordOutcomeResponse) OutcomeResult {
 		ClassifiedAs: OutcomeClass(r.GetClassifiedAs()),
 		State:        BreakerState(r.GetState()),
 		StalePermit:  r.GetStalePermit(),
+		Duplicate:    r.GetDuplicate(),
 		Raw:          r,
 	}
 	if a := r.GetRetry(); a != nil {
 		res.Retry = RetryAdvice{Retry: a.GetRetry(), Delay: durOf(a.GetDelay()), Reason: RetryReason(a.GetReason())}
 	}
-	// RETRY_REASON_CIRCUIT_OPEN (announced for a newer server) means "do not
-	// retry this target, fall back"; once the stubs know its name it is
+	// RETRY_REASON_CIRCUIT_OPEN means "do not retry this target, fall back":
 	// honoured even if the retry flag were set.
-	if res.Retry.Reason.String() == "CIRCUIT_OPEN" {
+	if res.Retry.Reason == RetryReasonCircuitOpen {
 		res.Retry.Retry = false
 	}
 	return res

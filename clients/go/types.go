@@ -92,6 +92,10 @@ const (
 	RetryReasonMaxRetries           RetryReason = 5
 	RetryReasonRetryBudgetExhausted RetryReason = 6
 	RetryReasonCorrectAndRetry      RetryReason = 7
+	// RetryReasonCircuitOpen: the target's breaker is open (perhaps opened by
+	// this outcome): do not retry it; fall back or defer. Delay says when it
+	// admits again.
+	RetryReasonCircuitOpen RetryReason = 8
 )
 
 func (r RetryReason) String() string {
@@ -157,8 +161,11 @@ type OutcomeResult struct {
 	Retry        RetryAdvice
 	// The permit was from an older breaker generation: counted, did not move the breaker.
 	StalePermit bool
-	Local       bool
-	Raw         *pb.RecordOutcomeResponse
+	// The permit had been reported already: nothing changed, and the answer
+	// repeats the first one (a retried report is safe).
+	Duplicate bool
+	Local     bool
+	Raw       *pb.RecordOutcomeResponse
 }
 
 // Skip is a route candidate passed over, and why.

@@ -1,47 +1,62 @@
 #!/usr/bin/env bash
-# Runs the Python client's test suite against the real backstop binary.
+# Runs the Python client's test suite against the real backstop binary, with
+# the dependency versions users actually get:
 #
 #   clients/python/scripts/test.sh [pytest args...]
 #
-# Creates (or reuses) a virtualenv at $ROOT/.ci/.cache/pyenv, installs the test
-# dependencies and this package (a real, non-editable install, so packaging
-# mistakes show up), builds target/debug/backstop if it is missing, and runs
-# pytest with BACKSTOP_BIN pointing at it. Set BACKSTOP_BIN to test another binary.
+# * "newest": what `pip install ./clients/python` resolves today (the newest
+#   grpcio and protobuf the package allows, e.g. protobuf 7.x);
+# * "oldest": the lowest versions pyproject.toml declares (grpcio 1.66.2,
+#   protobuf 5.27.2), so the lower bounds are real.
+# The suite runs once per set (PYTHON_DEPS=newest|oldest|both, default both).
+# The stub generator (grpcio-tools, pinned; it needs protobuf < 6) lives in its
+# own virtualenv, used by the staleness test through BACKSTOP_STUBGEN_PYTHON.
+# Each virtualenv is under $ROOT/.ci/.cache and is reused; the package is a
+# real, non-editable install, so packaging mistakes show up. target/debug/backstop
+# is built if missing; set BACKSTOP_BIN to test another binary.
 set -euo pipefail
 PKG="$(cd "$(dirname "$0")/.." && pwd)"
 ROOT="$(cd "$PKG/../.." && pwd)"
-VENV="$ROOT/.ci/.cache/pyenv"
 PYTHON="${PYTHON:-python3}"
+SETS="${PYTHON_DEPS:-both}"
 
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+say() {
+  if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then printf '\n\033[1m== %s\033[0m\n' "$*"; else printf '\n== %s\n' "$*"; fi
+}
 
-if [ ! -x "$VENV/bin/python" ]; then
-  say "python: creating virtualenv $VENV"
-  "$PYTHON" -m venv "$VENV"
-fi
-PY="$VENV/bin/python"
+# venv NAME PACKAGES...: creates (or reuses) $ROOT/.ci/.cache/pyenv-NAME with
+# PACKAGES installed; reinstalls when the package list changes.
+venv() {
+  local name=$1; shift
+  local dir="$ROOT/.ci/.cache/pyenv-$name"
+  if [ ! -x "$dir/bin/python" ]; then
+    say "python: creating virtualenv $dir"
+    "$PYTHON" -m venv "$dir"
+  fi
+  local stamp="$dir/.backstop-deps" want
+  want="$(printf '%s\n' "$@" | sha256sum | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+    say "python ($name): installing $*"
+    "$dir/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$@"
+    echo "$want" > "$stamp"
+  fi
+  VENV_PY="$dir/bin/python"
+}
 
-# Dependencies: reinstalled only when pyproject.toml changes.
-DEPS_STAMP="$VENV/.backstop-client-deps"
-deps_hash="$(sha256sum "$PKG/pyproject.toml" | cut -d' ' -f1)"
-if [ "$(cat "$DEPS_STAMP" 2>/dev/null || true)" != "$deps_hash" ]; then
-  say "python: installing test dependencies"
-  "$PY" -m pip install -q --disable-pip-version-check \
-    "grpcio>=1.66.2" "protobuf>=5.27.2,<8" "grpcio-tools==1.66.2" "pytest>=7" "pydantic>=2,<3"
-  echo "$deps_hash" > "$DEPS_STAMP"
-fi
-
-# The package itself: reinstalled when any of its files changes.
-PKG_STAMP="$VENV/.backstop-client-src"
-src_hash="$(cd "$PKG" && find . -path ./tests -prune -o -path ./examples -prune -o -type f \
-  \( -name '*.py' -o -name '*.pyi' -o -name py.typed -o -name pyproject.toml -o -name README.md \) \
-  ! -path '*/__pycache__/*' ! -path './build/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$PKG_STAMP" 2>/dev/null || true)" != "$src_hash" ]; then
-  say "python: installing the backstop package"
-  "$PY" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$PKG"
-  rm -rf "$PKG"/build "$PKG"/src/*.egg-info
-  echo "$src_hash" > "$PKG_STAMP"
-fi
+# The package itself, into the given interpreter's venv, when any file changed.
+install_pkg() {
+  local py=$1
+  local stamp; stamp="$(dirname "$(dirname "$py")")/.backstop-client-src"
+  local src_hash
+  src_hash="$(cd "$PKG" && find . -path ./tests -prune -o -path ./examples -prune -o -type f \
+    \( -name '*.py' -o -name '*.pyi' -o -name py.typed -o -name pyproject.toml -o -name README.md \) \
+    ! -path '*/__pycache__/*' ! -path './build/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null || true)" != "$src_hash" ]; then
+    "$py" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$PKG"
+    rm -rf "$PKG"/build "$PKG"/src/*.egg-info
+    echo "$src_hash" > "$stamp"
+  fi
+}
 
 if [ -z "${BACKSTOP_BIN:-}" ]; then
   BACKSTOP_BIN="$ROOT/target/debug/backstop"
@@ -52,6 +67,24 @@ if [ -z "${BACKSTOP_BIN:-}" ]; then
 fi
 export BACKSTOP_BIN
 
-say "python: client tests (pytest, against $BACKSTOP_BIN)"
-cd "$PKG"
-exec "$PY" -m pytest -p no:cacheprovider "$@"
+venv gen "grpcio-tools==1.66.2"
+export BACKSTOP_STUBGEN_PYTHON="$VENV_PY"
+
+run_set() {
+  local set=$1; shift
+  case "$set" in
+    newest) venv newest "grpcio>=1.66.2" "protobuf>=5.27.2,<8" "pytest>=7" "pydantic>=2,<3" "jsonschema>=4" ;;
+    oldest) venv oldest "grpcio==1.66.2" "protobuf==5.27.2" "pytest>=7" "pydantic>=2,<3" "jsonschema>=4" ;;
+    *) echo "unknown dependency set $set" >&2; exit 2 ;;
+  esac
+  install_pkg "$VENV_PY"
+  local versions
+  versions="$("$VENV_PY" -c 'import grpc, google.protobuf as p; print(f"grpcio {grpc.__version__}, protobuf {p.__version__}")')"
+  say "python client tests ($set: $versions) against $BACKSTOP_BIN"
+  (cd "$PKG" && "$VENV_PY" -m pytest -p no:cacheprovider "$@")
+}
+
+case "$SETS" in
+  both) run_set newest "$@"; run_set oldest "$@" ;;
+  *) run_set "$SETS" "$@" ;;
+esac

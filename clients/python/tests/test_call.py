@@ -120,7 +120,8 @@ def test_all_targets_failed_lists_every_error(bs: Backstop, provider: FakeProvid
     assert got == [
         (SONNET, OutcomeClass.TRANSIENT, None, 529),
         (SONNET, OutcomeClass.TRANSIENT, None, 529),
-        (SONNET, None, Reason.CIRCUIT_OPEN, 0),  # the retry was refused: the breaker had opened
+        # The second failure opened the breaker: its advice says CIRCUIT_OPEN
+        # (fall back), so no retry is thrown at a target that would refuse it.
         (GPT, OutcomeClass.PERSISTENT, None, 401),  # never retried
         (HAIKU, OutcomeClass.BAD_INPUT, None, 400),  # never retried
     ]

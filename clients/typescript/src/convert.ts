@@ -88,6 +88,7 @@ export function outcomeResult(target: string, r: pb.RecordOutcomeResponse): Outc
       reason: retryReason(r.retry?.reason ?? 0),
     },
     stalePermit: r.stalePermit,
+    duplicate: r.duplicate,
     local: false,
   };
 }

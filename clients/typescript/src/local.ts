@@ -337,6 +337,7 @@ export class LocalEngine {
       state: b.state,
       retry: this.advise(cls, report.attempt, hint),
       stalePermit: false,
+      duplicate: false,
       local: true,
     };
   }

@@ -57,7 +57,9 @@ export type RetryReason =
   | 'bad_input'
   | 'max_retries'
   | 'retry_budget_exhausted'
-  | 'correct_and_retry';
+  | 'correct_and_retry'
+  /** The target's breaker is open (perhaps opened by this outcome): fall back or defer; `delayMs` is when it admits again. */
+  | 'circuit_open';
 
 export type BreakerMode = 'automatic' | 'force_open' | 'force_closed';
 
@@ -95,6 +97,8 @@ export interface OutcomeResult {
   readonly retry: RetryAdvice;
   /** The permit was from an older breaker generation: counted, but did not move the breaker. */
   readonly stalePermit: boolean;
+  /** This permit had been reported already: nothing changed, the answer repeats the first one. */
+  readonly duplicate: boolean;
   readonly local: boolean;
 }
 

@@ -159,6 +159,7 @@ def outcome_result(target: str, r: resilience_pb2.RecordOutcomeResponse) -> Outc
         state=state(r.state),
         retry=retry_advice(r.retry) if r.HasField("retry") else RetryAdvice(False, 0.0, RetryReason.UNSPECIFIED),
         stale_permit=r.stale_permit,
+        duplicate=r.duplicate,
     )
 
 

@@ -94,6 +94,9 @@ class RetryReason(_ProtoEnum):
     MAX_RETRIES = "max_retries"
     RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
     CORRECT_AND_RETRY = "correct_and_retry"
+    #: The target's breaker is open (perhaps opened by this very outcome): do
+    #: not retry it; fall back or defer. ``delay`` says when it admits again.
+    CIRCUIT_OPEN = "circuit_open"
 
 
 class BreakerMode(_ProtoEnum):
@@ -146,6 +149,9 @@ class OutcomeResult:
     #: The permit was from an older breaker generation: counted, but did not move the breaker.
     stale_permit: bool = False
     local: bool = False
+    #: The permit had already been reported: nothing changed on the server,
+    #: and this answer repeats the first one (a retried report is safe).
+    duplicate: bool = False
 
 
 @dataclass(frozen=True)

@@ -92,10 +92,14 @@ class Event(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., breaker_transition: _Optional[_Union[BreakerTransition, _Mapping]] = ..., probe_expired: _Optional[_Union[ProbeExpired, _Mapping]] = ..., target_forced: _Optional[_Union[TargetForced, _Mapping]] = ..., rate_limited: _Optional[_Union[RateLimited, _Mapping]] = ..., budget_restored: _Optional[_Union[BudgetRestored, _Mapping]] = ..., fallback_activated: _Optional[_Union[FallbackActivated, _Mapping]] = ..., route_exhausted: _Optional[_Union[RouteExhausted, _Mapping]] = ..., gap: _Optional[_Union[Gap, _Mapping]] = ..., key_slot_disabled: _Optional[_Union[KeySlotDisabled, _Mapping]] = ..., target_reset: _Optional[_Union[TargetReset, _Mapping]] = ..., deferred: _Optional[_Union[ItemDeferred, _Mapping]] = ..., drained: _Optional[_Union[ItemDrained, _Mapping]] = ..., dead_lettered: _Optional[_Union[ItemDeadLettered, _Mapping]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("targets",)
+    __slots__ = ("targets", "part", "parts")
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     targets: _containers.RepeatedCompositeFieldContainer[TargetSnapshot]
-    def __init__(self, targets: _Optional[_Iterable[_Union[TargetSnapshot, _Mapping]]] = ...) -> None: ...
+    part: int
+    parts: int
+    def __init__(self, targets: _Optional[_Iterable[_Union[TargetSnapshot, _Mapping]]] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
 
 class TargetSnapshot(_message.Message):
     __slots__ = ("target", "state", "open_until", "consecutive_failures", "probes_outstanding", "counters", "budgets", "paused_until", "last_cause")

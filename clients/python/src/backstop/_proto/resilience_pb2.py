@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61\x63kstop/v1/resilience.proto\x12\x0b\x62\x61\x63kstop.v1\x1a\x1egoogle/protobuf/duration.proto\"^\n\x11\x43\x61nProceedRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x02 \x01(\t\x12\x18\n\x10\x65stimated_tokens\x18\x03 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"\xf2\x01\n\x12\x43\x61nProceedResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12#\n\x06reason\x18\x02 \x01(\x0e\x32\x13.backstop.v1.Reason\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06permit\x18\x05 \x01(\t\x12\x10\n\x08key_slot\x18\x06 \x01(\t\x12*\n\rshadow_reason\x18\x07 \x01(\x0e\x32\x13.backstop.v1.Reason\"\xb8\x03\n\x14RecordOutcomeRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06permit\x18\x02 \x01(\t\x12*\n\x07outcome\x18\x03 \x01(\x0e\x32\x19.backstop.v1.OutcomeClass\x12\x13\n\x0bhttp_status\x18\x04 \x01(\x05\x12\x12\n\nerror_type\x18\x05 \x01(\t\x12*\n\x07latency\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bretry_after\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cinput_tokens\x18\x08 \x01(\x04\x12\x15\n\routput_tokens\x18\t \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\n \x01(\r\x12?\n\x07headers\x18\x0b \x03(\x0b\x32..backstop.v1.RecordOutcomeRequest.HeadersEntry\x12\x10\n\x08key_slot\x18\x0c \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\r \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb2\x01\n\x15RecordOutcomeResponse\x12\x30\n\rclassified_as\x18\x01 \x01(\x0e\x32\x19.backstop.v1.OutcomeClass\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12\'\n\x05retry\x18\x03 \x01(\x0b\x32\x18.backstop.v1.RetryAdvice\x12\x14\n\x0cstale_permit\x18\x04 \x01(\x08\"p\n\x0bRetryAdvice\x12\r\n\x05retry\x18\x01 \x01(\x08\x12(\n\x05\x64\x65lay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x06reason\x18\x03 \x01(\x0e\x32\x18.backstop.v1.RetryReason\"\x9e\x01\n\x0cRouteRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12\x18\n\x10\x65stimated_tokens\x18\x03 \x01(\x04\x12\x1f\n\x17required_context_tokens\x18\x04 \x01(\x04\x12\x0f\n\x07\x65xclude\x18\x05 \x03(\t\x12\x0e\n\x06\x63\x61ller\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\"\xa6\x02\n\rRouteResponse\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06permit\x18\x02 \x01(\t\x12\x16\n\x0e\x66\x61llback_depth\x18\x03 \x01(\r\x12\"\n\x07skipped\x18\x04 \x03(\x0b\x32\x11.backstop.v1.Skip\x12\x12\n\nmax_tokens\x18\x05 \x01(\x04\x12\x1b\n\x13\x63ost_per_mtok_input\x18\x06 \x01(\x01\x12\x1c\n\x14\x63ost_per_mtok_output\x18\x07 \x01(\x01\x12.\n\x0bretry_after\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08key_slot\x18\t \x01(\t\x12(\n\x05state\x18\n \x01(\x0e\x32\x19.backstop.v1.BreakerState\"k\n\x04Skip\x12\x0e\n\x06target\x18\x01 \x01(\t\x12#\n\x06reason\x18\x02 \x01(\x0e\x32\x13.backstop.v1.Reason\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"G\n\x16\x43\x61nProceedBatchRequest\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.backstop.v1.CanProceedRequest\"G\n\x17\x43\x61nProceedBatchResponse\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.backstop.v1.CanProceedResult\"t\n\x10\x43\x61nProceedResult\x12-\n\x02ok\x18\x01 \x01(\x0b\x32\x1f.backstop.v1.CanProceedResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.backstop.v1.ItemErrorH\x00\x42\x08\n\x06result\"M\n\x19RecordOutcomeBatchRequest\x12\x30\n\x05items\x18\x01 \x03(\x0b\x32!.backstop.v1.RecordOutcomeRequest\"M\n\x1aRecordOutcomeBatchResponse\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .backstop.v1.RecordOutcomeResult\"z\n\x13RecordOutcomeResult\x12\x30\n\x02ok\x18\x01 \x01(\x0b\x32\".backstop.v1.RecordOutcomeResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.backstop.v1.ItemErrorH\x00\x42\x08\n\x06result*\xbc\x01\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x12\x1d\n\x19\x42REAKER_STATE_FORCED_OPEN\x10\x04\x12\x1f\n\x1b\x42REAKER_STATE_FORCED_CLOSED\x10\x05*\xca\x02\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0eREASON_ALLOWED\x10\x01\x12\x17\n\x13REASON_CIRCUIT_OPEN\x10\x02\x12\x16\n\x12REASON_PROBE_LIMIT\x10\x03\x12\x16\n\x12REASON_FORCED_OPEN\x10\x04\x12\x17\n\x13REASON_RATE_LIMITED\x10\x05\x12\x1c\n\x18REASON_CONCURRENCY_LIMIT\x10\x06\x12!\n\x1dREASON_RETRY_BUDGET_EXHAUSTED\x10\x07\x12 \n\x1cREASON_KEY_SLOTS_UNAVAILABLE\x10\x08\x12\x1c\n\x18REASON_REQUEST_TOO_LARGE\x10\t\x12\x13\n\x0fREASON_EXCLUDED\x10\n\x12\x1c\n\x18REASON_CONTEXT_TOO_SMALL\x10\x0b*\xf6\x01\n\x0cOutcomeClass\x12\x1d\n\x19OUTCOME_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15OUTCOME_CLASS_SUCCESS\x10\x01\x12\x1b\n\x17OUTCOME_CLASS_TRANSIENT\x10\x02\x12\x1e\n\x1aOUTCOME_CLASS_RATE_LIMITED\x10\x03\x12\x1c\n\x18OUTCOME_CLASS_PERSISTENT\x10\x04\x12\x1b\n\x17OUTCOME_CLASS_BAD_INPUT\x10\x05\x12\x19\n\x15OUTCOME_CLASS_PARTIAL\x10\x06\x12\x19\n\x15OUTCOME_CLASS_TIMEOUT\x10\x07*\x87\x02\n\x0bRetryReason\x12\x1c\n\x18RETRY_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16RETRY_REASON_SUCCEEDED\x10\x01\x12\x1a\n\x16RETRY_REASON_RETRYABLE\x10\x02\x12\x1b\n\x17RETRY_REASON_PERSISTENT\x10\x03\x12\x1a\n\x16RETRY_REASON_BAD_INPUT\x10\x04\x12\x1c\n\x18RETRY_REASON_MAX_RETRIES\x10\x05\x12\'\n#RETRY_REASON_RETRY_BUDGET_EXHAUSTED\x10\x06\x12\"\n\x1eRETRY_REASON_CORRECT_AND_RETRY\x10\x07\x32\xb8\x03\n\nResilience\x12M\n\nCanProceed\x12\x1e.backstop.v1.CanProceedRequest\x1a\x1f.backstop.v1.CanProceedResponse\x12V\n\rRecordOutcome\x12!.backstop.v1.RecordOutcomeRequest\x1a\".backstop.v1.RecordOutcomeResponse\x12>\n\x05Route\x12\x19.backstop.v1.RouteRequest\x1a\x1a.backstop.v1.RouteResponse\x12\\\n\x0f\x43\x61nProceedBatch\x12#.backstop.v1.CanProceedBatchRequest\x1a$.backstop.v1.CanProceedBatchResponse\x12\x65\n\x12RecordOutcomeBatch\x12&.backstop.v1.RecordOutcomeBatchRequest\x1a\'.backstop.v1.RecordOutcomeBatchResponseBCZAgithub.com/backstop-dev/backstop/clients/go/backstopv1;backstopv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61\x63kstop/v1/resilience.proto\x12\x0b\x62\x61\x63kstop.v1\x1a\x1egoogle/protobuf/duration.proto\"^\n\x11\x43\x61nProceedRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x02 \x01(\t\x12\x18\n\x10\x65stimated_tokens\x18\x03 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"\xf2\x01\n\x12\x43\x61nProceedResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12#\n\x06reason\x18\x02 \x01(\x0e\x32\x13.backstop.v1.Reason\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06permit\x18\x05 \x01(\t\x12\x10\n\x08key_slot\x18\x06 \x01(\t\x12*\n\rshadow_reason\x18\x07 \x01(\x0e\x32\x13.backstop.v1.Reason\"\xb8\x03\n\x14RecordOutcomeRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06permit\x18\x02 \x01(\t\x12*\n\x07outcome\x18\x03 \x01(\x0e\x32\x19.backstop.v1.OutcomeClass\x12\x13\n\x0bhttp_status\x18\x04 \x01(\x05\x12\x12\n\nerror_type\x18\x05 \x01(\t\x12*\n\x07latency\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bretry_after\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cinput_tokens\x18\x08 \x01(\x04\x12\x15\n\routput_tokens\x18\t \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\n \x01(\r\x12?\n\x07headers\x18\x0b \x03(\x0b\x32..backstop.v1.RecordOutcomeRequest.HeadersEntry\x12\x10\n\x08key_slot\x18\x0c \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\r \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc5\x01\n\x15RecordOutcomeResponse\x12\x30\n\rclassified_as\x18\x01 \x01(\x0e\x32\x19.backstop.v1.OutcomeClass\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12\'\n\x05retry\x18\x03 \x01(\x0b\x32\x18.backstop.v1.RetryAdvice\x12\x14\n\x0cstale_permit\x18\x04 \x01(\x08\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"p\n\x0bRetryAdvice\x12\r\n\x05retry\x18\x01 \x01(\x08\x12(\n\x05\x64\x65lay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x06reason\x18\x03 \x01(\x0e\x32\x18.backstop.v1.RetryReason\"\x9e\x01\n\x0cRouteRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12\x18\n\x10\x65stimated_tokens\x18\x03 \x01(\x04\x12\x1f\n\x17required_context_tokens\x18\x04 \x01(\x04\x12\x0f\n\x07\x65xclude\x18\x05 \x03(\t\x12\x0e\n\x06\x63\x61ller\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\"\xa6\x02\n\rRouteResponse\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06permit\x18\x02 \x01(\t\x12\x16\n\x0e\x66\x61llback_depth\x18\x03 \x01(\r\x12\"\n\x07skipped\x18\x04 \x03(\x0b\x32\x11.backstop.v1.Skip\x12\x12\n\nmax_tokens\x18\x05 \x01(\x04\x12\x1b\n\x13\x63ost_per_mtok_input\x18\x06 \x01(\x01\x12\x1c\n\x14\x63ost_per_mtok_output\x18\x07 \x01(\x01\x12.\n\x0bretry_after\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08key_slot\x18\t \x01(\t\x12(\n\x05state\x18\n \x01(\x0e\x32\x19.backstop.v1.BreakerState\"k\n\x04Skip\x12\x0e\n\x06target\x18\x01 \x01(\t\x12#\n\x06reason\x18\x02 \x01(\x0e\x32\x13.backstop.v1.Reason\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"G\n\x16\x43\x61nProceedBatchRequest\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.backstop.v1.CanProceedRequest\"G\n\x17\x43\x61nProceedBatchResponse\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.backstop.v1.CanProceedResult\"t\n\x10\x43\x61nProceedResult\x12-\n\x02ok\x18\x01 \x01(\x0b\x32\x1f.backstop.v1.CanProceedResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.backstop.v1.ItemErrorH\x00\x42\x08\n\x06result\"M\n\x19RecordOutcomeBatchRequest\x12\x30\n\x05items\x18\x01 \x03(\x0b\x32!.backstop.v1.RecordOutcomeRequest\"M\n\x1aRecordOutcomeBatchResponse\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .backstop.v1.RecordOutcomeResult\"z\n\x13RecordOutcomeResult\x12\x30\n\x02ok\x18\x01 \x01(\x0b\x32\".backstop.v1.RecordOutcomeResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.backstop.v1.ItemErrorH\x00\x42\x08\n\x06result*\xbc\x01\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x12\x1d\n\x19\x42REAKER_STATE_FORCED_OPEN\x10\x04\x12\x1f\n\x1b\x42REAKER_STATE_FORCED_CLOSED\x10\x05*\xca\x02\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0eREASON_ALLOWED\x10\x01\x12\x17\n\x13REASON_CIRCUIT_OPEN\x10\x02\x12\x16\n\x12REASON_PROBE_LIMIT\x10\x03\x12\x16\n\x12REASON_FORCED_OPEN\x10\x04\x12\x17\n\x13REASON_RATE_LIMITED\x10\x05\x12\x1c\n\x18REASON_CONCURRENCY_LIMIT\x10\x06\x12!\n\x1dREASON_RETRY_BUDGET_EXHAUSTED\x10\x07\x12 \n\x1cREASON_KEY_SLOTS_UNAVAILABLE\x10\x08\x12\x1c\n\x18REASON_REQUEST_TOO_LARGE\x10\t\x12\x13\n\x0fREASON_EXCLUDED\x10\n\x12\x1c\n\x18REASON_CONTEXT_TOO_SMALL\x10\x0b*\xf6\x01\n\x0cOutcomeClass\x12\x1d\n\x19OUTCOME_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15OUTCOME_CLASS_SUCCESS\x10\x01\x12\x1b\n\x17OUTCOME_CLASS_TRANSIENT\x10\x02\x12\x1e\n\x1aOUTCOME_CLASS_RATE_LIMITED\x10\x03\x12\x1c\n\x18OUTCOME_CLASS_PERSISTENT\x10\x04\x12\x1b\n\x17OUTCOME_CLASS_BAD_INPUT\x10\x05\x12\x19\n\x15OUTCOME_CLASS_PARTIAL\x10\x06\x12\x19\n\x15OUTCOME_CLASS_TIMEOUT\x10\x07*\xa6\x02\n\x0bRetryReason\x12\x1c\n\x18RETRY_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16RETRY_REASON_SUCCEEDED\x10\x01\x12\x1a\n\x16RETRY_REASON_RETRYABLE\x10\x02\x12\x1b\n\x17RETRY_REASON_PERSISTENT\x10\x03\x12\x1a\n\x16RETRY_REASON_BAD_INPUT\x10\x04\x12\x1c\n\x18RETRY_REASON_MAX_RETRIES\x10\x05\x12\'\n#RETRY_REASON_RETRY_BUDGET_EXHAUSTED\x10\x06\x12\"\n\x1eRETRY_REASON_CORRECT_AND_RETRY\x10\x07\x12\x1d\n\x19RETRY_REASON_CIRCUIT_OPEN\x10\x08\x32\xb8\x03\n\nResilience\x12M\n\nCanProceed\x12\x1e.backstop.v1.CanProceedRequest\x1a\x1f.backstop.v1.CanProceedResponse\x12V\n\rRecordOutcome\x12!.backstop.v1.RecordOutcomeRequest\x1a\".backstop.v1.RecordOutcomeResponse\x12>\n\x05Route\x12\x19.backstop.v1.RouteRequest\x1a\x1a.backstop.v1.RouteResponse\x12\\\n\x0f\x43\x61nProceedBatch\x12#.backstop.v1.CanProceedBatchRequest\x1a$.backstop.v1.CanProceedBatchResponse\x12\x65\n\x12RecordOutcomeBatch\x12&.backstop.v1.RecordOutcomeBatchRequest\x1a\'.backstop.v1.RecordOutcomeBatchResponseBCZAgithub.com/backstop-dev/backstop/clients/go/backstopv1;backstopv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'ZAgithub.com/backstop-dev/backstop/clients/go/backstopv1;backstopv1'
   _globals['_RECORDOUTCOMEREQUEST_HEADERSENTRY']._loaded_options = None
   _globals['_RECORDOUTCOMEREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_BREAKERSTATE']._serialized_start=2314
-  _globals['_BREAKERSTATE']._serialized_end=2502
-  _globals['_REASON']._serialized_start=2505
-  _globals['_REASON']._serialized_end=2835
-  _globals['_OUTCOMECLASS']._serialized_start=2838
-  _globals['_OUTCOMECLASS']._serialized_end=3084
-  _globals['_RETRYREASON']._serialized_start=3087
-  _globals['_RETRYREASON']._serialized_end=3350
+  _globals['_BREAKERSTATE']._serialized_start=2333
+  _globals['_BREAKERSTATE']._serialized_end=2521
+  _globals['_REASON']._serialized_start=2524
+  _globals['_REASON']._serialized_end=2854
+  _globals['_OUTCOMECLASS']._serialized_start=2857
+  _globals['_OUTCOMECLASS']._serialized_end=3103
+  _globals['_RETRYREASON']._serialized_start=3106
+  _globals['_RETRYREASON']._serialized_end=3400
   _globals['_CANPROCEEDREQUEST']._serialized_start=77
   _globals['_CANPROCEEDREQUEST']._serialized_end=171
   _globals['_CANPROCEEDRESPONSE']._serialized_start=174
@@ -52,29 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECORDOUTCOMEREQUEST_HEADERSENTRY']._serialized_start=813
   _globals['_RECORDOUTCOMEREQUEST_HEADERSENTRY']._serialized_end=859
   _globals['_RECORDOUTCOMERESPONSE']._serialized_start=862
-  _globals['_RECORDOUTCOMERESPONSE']._serialized_end=1040
-  _globals['_RETRYADVICE']._serialized_start=1042
-  _globals['_RETRYADVICE']._serialized_end=1154
-  _globals['_ROUTEREQUEST']._serialized_start=1157
-  _globals['_ROUTEREQUEST']._serialized_end=1315
-  _globals['_ROUTERESPONSE']._serialized_start=1318
-  _globals['_ROUTERESPONSE']._serialized_end=1612
-  _globals['_SKIP']._serialized_start=1614
-  _globals['_SKIP']._serialized_end=1721
-  _globals['_ITEMERROR']._serialized_start=1723
-  _globals['_ITEMERROR']._serialized_end=1765
-  _globals['_CANPROCEEDBATCHREQUEST']._serialized_start=1767
-  _globals['_CANPROCEEDBATCHREQUEST']._serialized_end=1838
-  _globals['_CANPROCEEDBATCHRESPONSE']._serialized_start=1840
-  _globals['_CANPROCEEDBATCHRESPONSE']._serialized_end=1911
-  _globals['_CANPROCEEDRESULT']._serialized_start=1913
-  _globals['_CANPROCEEDRESULT']._serialized_end=2029
-  _globals['_RECORDOUTCOMEBATCHREQUEST']._serialized_start=2031
-  _globals['_RECORDOUTCOMEBATCHREQUEST']._serialized_end=2108
-  _globals['_RECORDOUTCOMEBATCHRESPONSE']._serialized_start=2110
-  _globals['_RECORDOUTCOMEBATCHRESPONSE']._serialized_end=2187
-  _globals['_RECORDOUTCOMERESULT']._serialized_start=2189
-  _globals['_RECORDOUTCOMERESULT']._serialized_end=2311
-  _globals['_RESILIENCE']._serialized_start=3353
-  _globals['_RESILIENCE']._serialized_end=3793
+  _globals['_RECORDOUTCOMERESPONSE']._serialized_end=1059
+  _globals['_RETRYADVICE']._serialized_start=1061
+  _globals['_RETRYADVICE']._serialized_end=1173
+  _globals['_ROUTEREQUEST']._serialized_start=1176
+  _globals['_ROUTEREQUEST']._serialized_end=1334
+  _globals['_ROUTERESPONSE']._serialized_start=1337
+  _globals['_ROUTERESPONSE']._serialized_end=1631
+  _globals['_SKIP']._serialized_start=1633
+  _globals['_SKIP']._serialized_end=1740
+  _globals['_ITEMERROR']._serialized_start=1742
+  _globals['_ITEMERROR']._serialized_end=1784
+  _globals['_CANPROCEEDBATCHREQUEST']._serialized_start=1786
+  _globals['_CANPROCEEDBATCHREQUEST']._serialized_end=1857
+  _globals['_CANPROCEEDBATCHRESPONSE']._serialized_start=1859
+  _globals['_CANPROCEEDBATCHRESPONSE']._serialized_end=1930
+  _globals['_CANPROCEEDRESULT']._serialized_start=1932
+  _globals['_CANPROCEEDRESULT']._serialized_end=2048
+  _globals['_RECORDOUTCOMEBATCHREQUEST']._serialized_start=2050
+  _globals['_RECORDOUTCOMEBATCHREQUEST']._serialized_end=2127
+  _globals['_RECORDOUTCOMEBATCHRESPONSE']._serialized_start=2129
+  _globals['_RECORDOUTCOMEBATCHRESPONSE']._serialized_end=2206
+  _globals['_RECORDOUTCOMERESULT']._serialized_start=2208
+  _globals['_RECORDOUTCOMERESULT']._serialized_end=2330
+  _globals['_RESILIENCE']._serialized_start=3403
+  _globals['_RESILIENCE']._serialized_end=3843
 # @@protoc_insertion_point(module_scope)

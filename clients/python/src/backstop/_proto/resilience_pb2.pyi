@@ -52,6 +52,7 @@ class RetryReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RETRY_REASON_MAX_RETRIES: _ClassVar[RetryReason]
     RETRY_REASON_RETRY_BUDGET_EXHAUSTED: _ClassVar[RetryReason]
     RETRY_REASON_CORRECT_AND_RETRY: _ClassVar[RetryReason]
+    RETRY_REASON_CIRCUIT_OPEN: _ClassVar[RetryReason]
 BREAKER_STATE_UNSPECIFIED: BreakerState
 BREAKER_STATE_CLOSED: BreakerState
 BREAKER_STATE_OPEN: BreakerState
@@ -86,6 +87,7 @@ RETRY_REASON_BAD_INPUT: RetryReason
 RETRY_REASON_MAX_RETRIES: RetryReason
 RETRY_REASON_RETRY_BUDGET_EXHAUSTED: RetryReason
 RETRY_REASON_CORRECT_AND_RETRY: RetryReason
+RETRY_REASON_CIRCUIT_OPEN: RetryReason
 
 class CanProceedRequest(_message.Message):
     __slots__ = ("target", "caller", "estimated_tokens", "attempt")
@@ -155,16 +157,18 @@ class RecordOutcomeRequest(_message.Message):
     def __init__(self, target: _Optional[str] = ..., permit: _Optional[str] = ..., outcome: _Optional[_Union[OutcomeClass, str]] = ..., http_status: _Optional[int] = ..., error_type: _Optional[str] = ..., latency: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., attempt: _Optional[int] = ..., headers: _Optional[_Mapping[str, str]] = ..., key_slot: _Optional[str] = ..., caller: _Optional[str] = ...) -> None: ...
 
 class RecordOutcomeResponse(_message.Message):
-    __slots__ = ("classified_as", "state", "retry", "stale_permit")
+    __slots__ = ("classified_as", "state", "retry", "stale_permit", "duplicate")
     CLASSIFIED_AS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
     STALE_PERMIT_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     classified_as: OutcomeClass
     state: BreakerState
     retry: RetryAdvice
     stale_permit: bool
-    def __init__(self, classified_as: _Optional[_Union[OutcomeClass, str]] = ..., state: _Optional[_Union[BreakerState, str]] = ..., retry: _Optional[_Union[RetryAdvice, _Mapping]] = ..., stale_permit: bool = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, classified_as: _Optional[_Union[OutcomeClass, str]] = ..., state: _Optional[_Union[BreakerState, str]] = ..., retry: _Optional[_Union[RetryAdvice, _Mapping]] = ..., stale_permit: bool = ..., duplicate: bool = ...) -> None: ...
 
 class RetryAdvice(_message.Message):
     __slots__ = ("retry", "delay", "reason")

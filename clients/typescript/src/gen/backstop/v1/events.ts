@@ -91,9 +91,18 @@ export interface Event {
   deadLettered?: ItemDeadLettered | undefined;
 }
 
-/** The current state of every matching target. */
+/**
+ * The current state of every matching target. A large snapshot arrives as
+ * several Snapshot events with the same seq, parts 1..=parts in order (at most
+ * 100 targets each): apply them together, and drop targets not named in any
+ * part once the last one arrives. (part = parts = 0 from servers before parts.)
+ */
 export interface Snapshot {
   targets: TargetSnapshot[];
+  /** 1-based index of this part. */
+  part: number;
+  /** How many parts this snapshot has. */
+  parts: number;
 }
 
 export interface TargetSnapshot {
@@ -584,13 +593,19 @@ export const Event: MessageFns<Event> = {
 };
 
 function createBaseSnapshot(): Snapshot {
-  return { targets: [] };
+  return { targets: [], part: 0, parts: 0 };
 }
 
 export const Snapshot: MessageFns<Snapshot> = {
   encode(message: Snapshot, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.targets) {
       TargetSnapshot.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.part !== 0) {
+      writer.uint32(16).uint32(message.part);
+    }
+    if (message.parts !== 0) {
+      writer.uint32(24).uint32(message.parts);
     }
     return writer;
   },
@@ -616,6 +631,22 @@ export const Snapshot: MessageFns<Snapshot> = {
             message.targets.push(TargetSnapshot.decode(reader, reader.uint32()));
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.part = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.parts = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -634,6 +665,8 @@ export const Snapshot: MessageFns<Snapshot> = {
   fromPartial<I extends Exact<DeepPartial<Snapshot>, I>>(object: I): Snapshot {
     const message = createBaseSnapshot();
     message.targets = object.targets?.map((e) => TargetSnapshot.fromPartial(e)) || [];
+    message.part = object.part ?? 0;
+    message.parts = object.parts ?? 0;
     return message;
   },
 };

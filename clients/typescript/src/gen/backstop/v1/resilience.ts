@@ -116,6 +116,12 @@ export enum RetryReason {
   RETRY_REASON_RETRY_BUDGET_EXHAUSTED = 6,
   /** RETRY_REASON_CORRECT_AND_RETRY - The reply did not parse: retry with a correction prompt. */
   RETRY_REASON_CORRECT_AND_RETRY = 7,
+  /**
+   * RETRY_REASON_CIRCUIT_OPEN - The target's breaker is open (this outcome may have opened it): a retry on
+   * it would be refused. Fall back to another target or defer; delay says when
+   * this target admits again (0 when an operator holds it open).
+   */
+  RETRY_REASON_CIRCUIT_OPEN = 8,
   UNRECOGNIZED = -1,
 }
 
@@ -200,6 +206,11 @@ export interface RecordOutcomeResponse {
    * probe lease: the outcome was tallied but did not move the breaker.
    */
   stalePermit: boolean;
+  /**
+   * True when this permit had already been reported: nothing changed, and the
+   * answer repeats the first report's (so a retried RecordOutcome is safe).
+   */
+  duplicate: boolean;
 }
 
 /** Retry advice for the call just reported. */
@@ -806,7 +817,7 @@ export const RecordOutcomeRequest_HeadersEntry: MessageFns<RecordOutcomeRequest_
 };
 
 function createBaseRecordOutcomeResponse(): RecordOutcomeResponse {
-  return { classifiedAs: 0, state: 0, retry: undefined, stalePermit: false };
+  return { classifiedAs: 0, state: 0, retry: undefined, stalePermit: false, duplicate: false };
 }
 
 export const RecordOutcomeResponse: MessageFns<RecordOutcomeResponse> = {
@@ -822,6 +833,9 @@ export const RecordOutcomeResponse: MessageFns<RecordOutcomeResponse> = {
     }
     if (message.stalePermit !== false) {
       writer.uint32(32).bool(message.stalePermit);
+    }
+    if (message.duplicate !== false) {
+      writer.uint32(40).bool(message.duplicate);
     }
     return writer;
   },
@@ -871,6 +885,14 @@ export const RecordOutcomeResponse: MessageFns<RecordOutcomeResponse> = {
             message.stalePermit = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.duplicate = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -894,6 +916,7 @@ export const RecordOutcomeResponse: MessageFns<RecordOutcomeResponse> = {
       ? RetryAdvice.fromPartial(object.retry)
       : undefined;
     message.stalePermit = object.stalePermit ?? false;
+    message.duplicate = object.duplicate ?? false;
     return message;
   },
 };
