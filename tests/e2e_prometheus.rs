@@ -59,7 +59,10 @@ fn get(addr: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
     (code, body)
 }
 
@@ -87,7 +90,10 @@ fn start_prometheus(scrape: &str) -> Prometheus {
     let addr = format!("127.0.0.1:{}", free_port());
     let child = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
         .arg(format!("--web.listen-address={addr}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -172,7 +178,10 @@ async fn every_dashboard_query_answers_and_the_first_open_is_an_increase() {
         .expect("ok");
     }
     let mut ev = proto::events_client::EventsClient::new(channel.clone());
-    let _watch = ev.watch(proto::WatchRequest::default()).await.expect("watch");
+    let _watch = ev
+        .watch(proto::WatchRequest::default())
+        .await
+        .expect("watch");
     let d = q
         .defer(proto::DeferRequest {
             queue: "fallback".into(),
@@ -277,7 +286,10 @@ async fn every_dashboard_query_answers_and_the_first_open_is_an_increase() {
         let mut n = 0;
         for panel in dashboard["panels"].as_array().expect("panels") {
             for t in panel["targets"].as_array().into_iter().flatten() {
-                let expr = t["expr"].as_str().expect("expr").replace("$__rate_interval", "1m");
+                let expr = t["expr"]
+                    .as_str()
+                    .expect("expr")
+                    .replace("$__rate_interval", "1m");
                 let v = query(&prom, &expr);
                 let series = v["data"]["result"].as_array().map_or(0, Vec::len);
                 assert!(series > 0, "no series for {expr}: {v}");
