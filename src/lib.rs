@@ -7,6 +7,7 @@
 //! * [`domain`]: pure decision logic (taxonomy, breaker, budgets, backoff);
 //!   no I/O, time passed in.
 //! * [`engine`]: owns state for many targets, concurrency, events and persistence.
+//! * [`metrics`]: Prometheus metrics with pre-resolved handles (used by every layer).
 //! * [`grpc`]: thin adapters between the wire ([`proto`]) and the engine.
 //! * [`config`]: the TOML file, validated with locations.
 //! * [`server`]: wires it together and runs it.
@@ -16,6 +17,7 @@ pub mod domain;
 pub mod engine;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod server;
 pub mod telemetry;
 

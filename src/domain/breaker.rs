@@ -368,6 +368,25 @@ pub struct BreakerSnapshot {
     pub persistent_open: bool,
 }
 
+/// Every field of a breaker, for serialising it whole (the Redis backend
+/// keeps breakers in Redis; [`BreakerSnapshot`] is the durable core only).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BreakerParts {
+    /// 0 closed, 1 open, 2 half-open.
+    pub phase: u8,
+    pub mode: Mode,
+    pub open_until: Time,
+    pub opened_at: Time,
+    pub generation: u64,
+    pub consecutive_failures: u32,
+    pub half_open_successes: u32,
+    pub reopen_count: u32,
+    pub persistent_open: bool,
+    pub next_probe: u64,
+    pub probes: Vec<Probe>,
+    pub window: Option<super::window::RollingPair>,
+}
+
 /// One target's breaker.
 #[derive(Clone, Debug)]
 pub struct Breaker {
@@ -682,6 +701,52 @@ impl Breaker {
         }
     }
 
+    /// Every field (see [`BreakerParts`]).
+    pub fn parts(&self) -> BreakerParts {
+        BreakerParts {
+            phase: match self.phase {
+                Phase::Closed => 0,
+                Phase::Open => 1,
+                Phase::HalfOpen => 2,
+            },
+            mode: self.mode,
+            open_until: self.open_until,
+            opened_at: self.opened_at,
+            generation: self.generation,
+            consecutive_failures: self.consecutive_failures,
+            half_open_successes: self.half_open_successes,
+            reopen_count: self.reopen_count,
+            persistent_open: self.persistent_open,
+            next_probe: self.next_probe,
+            probes: self.probes.clone(),
+            window: self.window.as_deref().cloned(),
+        }
+    }
+
+    /// The breaker `parts` describes, exactly (no restart semantics: see
+    /// [`Breaker::restore`] for that).
+    pub fn from_parts(p: BreakerParts, seed: u64) -> Breaker {
+        Breaker {
+            phase: match p.phase {
+                1 => Phase::Open,
+                2 => Phase::HalfOpen,
+                _ => Phase::Closed,
+            },
+            mode: p.mode,
+            open_until: p.open_until,
+            opened_at: p.opened_at,
+            generation: p.generation,
+            consecutive_failures: p.consecutive_failures,
+            half_open_successes: p.half_open_successes,
+            reopen_count: p.reopen_count,
+            persistent_open: p.persistent_open,
+            next_probe: p.next_probe.max(1),
+            probes: p.probes,
+            window: p.window.map(Box::new),
+            seed,
+        }
+    }
+
     /// The durable core of the breaker.
     pub fn snapshot(&self) -> BreakerSnapshot {
         BreakerSnapshot {
@@ -694,6 +759,11 @@ impl Breaker {
             half_open_successes: self.half_open_successes,
             persistent_open: self.persistent_open,
         }
+    }
+
+    /// Sets the generation (reading a record exactly, without a restart's bump).
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
     }
 
     /// Rebuilds a breaker from a snapshot taken before a restart.

@@ -273,6 +273,16 @@ impl BudgetState {
         before - leases.len()
     }
 
+    /// The concurrency leases held, for serialising.
+    pub fn leases(&self) -> &[Lease] {
+        self.leases.as_deref().map_or(&[], |v| v.as_slice())
+    }
+
+    /// Replaces the leases (restoring serialised state).
+    pub fn set_leases(&mut self, leases: Vec<Lease>) {
+        self.leases = (!leases.is_empty()).then(|| Box::new(leases));
+    }
+
     pub fn in_flight(&self) -> usize {
         self.leases.as_ref().map_or(0, |l| l.len())
     }

@@ -9,12 +9,17 @@
 pub mod breaker;
 pub mod budget;
 pub mod duration;
+pub mod event;
 pub mod headers;
+pub mod reason;
 pub mod retry;
+pub mod route;
 pub mod taxonomy;
 pub mod time;
+pub mod unit;
 pub mod window;
 
 pub use breaker::{Breaker, BreakerConfig, BreakerState};
+pub use reason::Reason;
 pub use taxonomy::OutcomeClass;
 pub use time::Time;

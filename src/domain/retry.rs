@@ -193,6 +193,16 @@ pub struct RetryBudget {
 }
 
 impl RetryBudget {
+    /// The (first attempts, retries) counters, for serialising.
+    pub fn counts(&self) -> &RollingPair {
+        &self.counts
+    }
+
+    /// A budget with these counters (the inverse of [`RetryBudget::counts`]).
+    pub fn from_counts(counts: RollingPair) -> Self {
+        RetryBudget { counts }
+    }
+
     pub fn new(window: Duration) -> Self {
         RetryBudget {
             counts: RollingPair::new(window),

@@ -69,6 +69,19 @@ impl RollingPair {
     pub fn clear(&mut self) {
         self.buckets = [Bucket::default(); BUCKETS];
     }
+
+    /// Every field, for serialising: (bucket width, [(epoch, a, b)]).
+    pub fn parts(&self) -> (u64, [(u64, u32, u32); BUCKETS]) {
+        (self.width_nanos, self.buckets.map(|b| (b.epoch, b.a, b.b)))
+    }
+
+    /// The inverse of [`RollingPair::parts`].
+    pub fn from_parts(width_nanos: u64, buckets: [(u64, u32, u32); BUCKETS]) -> Self {
+        RollingPair {
+            width_nanos: width_nanos.max(1),
+            buckets: buckets.map(|(epoch, a, b)| Bucket { epoch, a, b }),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,107 +8,11 @@
 //! the engine slowing down. Publishing happens inside the target's critical
 //! section so that one target's events are in the order its state changed.
 
-use crate::domain::breaker::{BreakerState, Mode};
-use crate::domain::budget::Kind;
-use crate::domain::{OutcomeClass, Time};
+use crate::domain::Time;
+pub use crate::domain::event::EventKind;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::broadcast;
-
-use super::Reason;
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum EventKind {
-    BreakerTransition {
-        from: BreakerState,
-        to: BreakerState,
-        /// Human-readable cause, e.g. "5 consecutive transient failures".
-        cause: String,
-        /// The outcome class that moved the breaker, when one did.
-        class: Option<OutcomeClass>,
-        /// Consecutive failures (or failures in the window) behind a trip.
-        failures: u32,
-        /// The agent whose outcome caused the transition, if it said.
-        caller: Option<Arc<str>>,
-        open_until: Option<Time>,
-    },
-    ProbeExpired {
-        probe: u64,
-    },
-    TargetForced {
-        mode: Mode,
-        reason: String,
-    },
-    /// A budget or a provider pause started refusing.
-    RateLimited {
-        key_slot: Option<Arc<str>>,
-        kind: Option<Kind>,
-        until: Time,
-        why: String,
-    },
-    /// The budget admits again.
-    BudgetRestored {
-        key_slot: Option<Arc<str>>,
-    },
-    /// A key slot was disabled by a PERSISTENT outcome.
-    KeySlotDisabled {
-        key_slot: Arc<str>,
-        until: Time,
-        why: String,
-    },
-    FallbackActivated {
-        route: Arc<str>,
-        from: Option<Arc<str>>,
-        to: Arc<str>,
-        depth: u32,
-        why: Reason,
-    },
-    RouteExhausted {
-        route: Arc<str>,
-        retry_after: Option<Duration>,
-    },
-    /// An operator reset the target.
-    TargetReset,
-    /// A request was saved to a deferred queue.
-    ItemDeferred {
-        queue: Arc<str>,
-        id: u64,
-        depth: u64,
-    },
-    /// A deferred item was processed.
-    ItemDrained {
-        queue: Arc<str>,
-        id: u64,
-    },
-    /// A deferred item used its last attempt.
-    ItemDeadLettered {
-        queue: Arc<str>,
-        id: u64,
-        reason: String,
-        attempts: u32,
-    },
-}
-
-impl EventKind {
-    /// Stable name, for filters and metrics.
-    pub fn name(&self) -> &'static str {
-        match self {
-            EventKind::BreakerTransition { .. } => "breaker_transition",
-            EventKind::ProbeExpired { .. } => "probe_expired",
-            EventKind::TargetForced { .. } => "target_forced",
-            EventKind::RateLimited { .. } => "rate_limited",
-            EventKind::BudgetRestored { .. } => "budget_restored",
-            EventKind::KeySlotDisabled { .. } => "key_slot_disabled",
-            EventKind::FallbackActivated { .. } => "fallback_activated",
-            EventKind::RouteExhausted { .. } => "route_exhausted",
-            EventKind::TargetReset => "target_reset",
-            EventKind::ItemDeferred { .. } => "deferred",
-            EventKind::ItemDrained { .. } => "drained",
-            EventKind::ItemDeadLettered { .. } => "dead_lettered",
-        }
-    }
-}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {

@@ -1,100 +1,49 @@
-//! The engine: owns every target's state, decides concurrently, publishes
-//! events and makes durable what must survive a restart.
+//! The engine: validation, routing, views and events over a decision backend.
 //!
-//! # Concurrency
-//! Targets live in a sharded map ([`DashMap`]); a lookup read-locks one shard
-//! briefly, then the decision locks only that target's mutex (and the budget
-//! groups it draws on, always in index order, so two decisions can never
-//! deadlock). No lock is held across an await, and the decision path does no
-//! I/O: when a decision changes durable state (a breaker transition, a pause,
-//! a disabled key), the answer waits for the store *after* the lock is
-//! released, so a client is never told about a transition that a crash could
-//! forget.
+//! The engine decides *what* to ask and the backend (`backend/`) decides for
+//! one admission unit at a time, holding the state: the engine owns no target
+//! state. Requests are validated here (names, sizes, permits, headers), Route
+//! is planned here (`domain::route`) and admitted candidate by candidate
+//! through the backend, permits are signed here with the backend's key, and
+//! fleet events (fallbacks, route exhaustion, queue activity) are published
+//! here. See `backend/mod.rs` for what every backend promises.
 
+pub mod backend;
 pub mod clock;
 pub mod error;
 pub mod events;
-pub mod metrics;
 pub mod permit;
-pub mod persist;
 pub mod queue;
-mod settled;
-pub mod store;
-mod target;
 pub mod watch;
 
+pub use crate::domain::Reason;
+pub use crate::domain::unit::view::{BudgetView, SlotView, TargetPage, TargetSummary, TargetView};
+pub use crate::domain::unit::{Admission, AdmitArgs, Counters, Learned, OutcomeResult};
+pub use backend::local::store;
+pub use backend::{DecisionBackend, LocalBackend};
 pub use error::{EngineError, Result};
-pub use target::{Admission, AdmitArgs, Counters, Learned, OutcomeResult, Target};
 
 use crate::config::{
     Config, MAX_ROUTE_LEN, MAX_TARGET_LEN, Permitless, RouteSettings, TargetSettings,
 };
-use crate::domain::breaker::{BreakerState, Mode};
-use crate::domain::budget::{BudgetState, Kind};
+use crate::domain::breaker::Mode;
+use crate::domain::event::EventKind;
 use crate::domain::headers::parse_headers;
+use crate::domain::route::{self, CandidateInfo};
 use crate::domain::taxonomy::classify;
+use crate::domain::unit::{OutcomeArgs, Trust, UnitCx, name_hash};
 use crate::domain::{OutcomeClass, Time};
+use crate::metrics::{self, Metrics};
+use backend::local::persist::Pending;
 use clock::Clock;
-use dashmap::DashMap;
 use error::invalid;
-use events::{EventBus, EventKind};
-use metrics::Metrics;
-use permit::{PermitError, PermitKey};
-use persist::Persister;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use events::EventBus;
+use permit::PermitError;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use store::{Op, Store, StoreError};
-use target::{Effects, Group, OutcomeArgs, SettledAnswer, TargetState, Trust};
-
-/// Why a call was admitted or refused (mirrors `backstop.v1.Reason`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reason {
-    Allowed,
-    CircuitOpen,
-    ProbeLimit,
-    ForcedOpen,
-    RateLimited,
-    ConcurrencyLimit,
-    RetryBudgetExhausted,
-    KeySlotsUnavailable,
-    RequestTooLarge,
-    Excluded,
-    ContextTooSmall,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 11] = [
-        Reason::Allowed,
-        Reason::CircuitOpen,
-        Reason::ProbeLimit,
-        Reason::ForcedOpen,
-        Reason::RateLimited,
-        Reason::ConcurrencyLimit,
-        Reason::RetryBudgetExhausted,
-        Reason::KeySlotsUnavailable,
-        Reason::RequestTooLarge,
-        Reason::Excluded,
-        Reason::ContextTooSmall,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Allowed => "allowed",
-            Reason::CircuitOpen => "circuit_open",
-            Reason::ProbeLimit => "probe_limit",
-            Reason::ForcedOpen => "forced_open",
-            Reason::RateLimited => "rate_limited",
-            Reason::ConcurrencyLimit => "concurrency_limit",
-            Reason::RetryBudgetExhausted => "retry_budget_exhausted",
-            Reason::KeySlotsUnavailable => "key_slots_unavailable",
-            Reason::RequestTooLarge => "request_too_large",
-            Reason::Excluded => "excluded",
-            Reason::ContextTooSmall => "context_too_small",
-        }
-    }
-}
+use store::{IdemRecord, ItemRecord, Store, StoreError};
 
 /// An outcome report, as received.
 #[derive(Clone, Debug, Default)]
@@ -144,71 +93,6 @@ pub struct RouteDecision {
     pub retry_after: Option<Duration>,
 }
 
-/// One budget's size and headroom, for status views.
-#[derive(Clone, Debug, PartialEq)]
-pub struct BudgetView {
-    pub kind: &'static str,
-    pub limit: u64,
-    pub window: Duration,
-    pub available: f64,
-    pub group: Option<Arc<str>>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct SlotView {
-    pub name: Option<Arc<str>>,
-    pub disabled_until: Option<Time>,
-    pub disabled_reason: Option<String>,
-    pub paused_until: Option<Time>,
-    pub budgets: Vec<BudgetView>,
-    pub learned: Vec<(Kind, Learned)>,
-    pub in_flight: u32,
-}
-
-/// Everything known about one target (Admin GetTarget).
-#[derive(Clone, Debug, PartialEq)]
-pub struct TargetView {
-    pub name: Arc<str>,
-    pub state: BreakerState,
-    pub configured: bool,
-    pub open_until: Option<Time>,
-    pub opened_at: Option<Time>,
-    pub consecutive_failures: u32,
-    pub half_open_successes: u32,
-    pub probes_outstanding: u32,
-    pub reopen_count: u32,
-    pub generation: u64,
-    pub counters: Counters,
-    pub window_calls: u64,
-    pub window_failures: u64,
-    pub settings: Arc<TargetSettings>,
-    pub slots: Vec<SlotView>,
-    pub forced_reason: Option<String>,
-    pub last_cause: Option<String>,
-    pub in_flight: u32,
-    pub groups: Vec<BudgetView>,
-    /// Names of the budget groups the target draws on, in config order.
-    pub group_names: Vec<Arc<str>>,
-}
-
-/// One line of a target listing.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TargetSummary {
-    pub name: Arc<str>,
-    pub state: BreakerState,
-    pub configured: bool,
-    pub open_until: Option<Time>,
-    pub consecutive_failures: u32,
-}
-
-/// A page of targets (Admin ListTargets).
-#[derive(Clone, Debug, PartialEq)]
-pub struct TargetPage {
-    pub targets: Vec<TargetSummary>,
-    pub next_page_token: String,
-    pub total: u64,
-}
-
 /// Tracks which candidate a configured route last served, so fallbacks are
 /// published as events when they start and end, not on every request.
 struct RouteRuntime {
@@ -225,31 +109,101 @@ const NO_DEPTH: u32 = u32::MAX - 1;
 const ADHOC_ROUTE: &str = "_adhoc";
 const EXHAUSTED: u32 = u32::MAX;
 
+/// The decision backend in use (one variant per kind of backend, so the
+/// engine calls it without boxing a future per decision).
+pub enum Backend {
+    Local(LocalBackend),
+}
+
+impl Backend {
+    /// The embedded backend, for what only it has (its store).
+    pub fn local(&self) -> Option<&LocalBackend> {
+        match self {
+            Backend::Local(b) => Some(b),
+        }
+    }
+}
+
+impl DecisionBackend for Backend {
+    async fn admit(&self, target: &str, args: &AdmitArgs<'_>) -> Result<Admission> {
+        match self {
+            Backend::Local(b) => b.admit(target, args).await,
+        }
+    }
+    async fn record(
+        &self,
+        target: &str,
+        args: OutcomeArgs<'_>,
+        rand01: f64,
+    ) -> Result<OutcomeResult> {
+        match self {
+            Backend::Local(b) => b.record(target, args, rand01).await,
+        }
+    }
+    async fn force(&self, target: &str, mode: Mode, reason: &str) -> Result<TargetView> {
+        match self {
+            Backend::Local(b) => b.force(target, mode, reason).await,
+        }
+    }
+    async fn reset(&self, target: &str) -> Result<TargetView> {
+        match self {
+            Backend::Local(b) => b.reset(target).await,
+        }
+    }
+    async fn view(&self, target: &str) -> Result<TargetView> {
+        match self {
+            Backend::Local(b) => DecisionBackend::view(b, target).await,
+        }
+    }
+    async fn list(&self, prefix: &str, size: usize, page_token: &str) -> Result<TargetPage> {
+        match self {
+            Backend::Local(b) => DecisionBackend::list(b, prefix, size, page_token).await,
+        }
+    }
+    async fn views(&self, only: &HashSet<String>, max: usize) -> Vec<TargetView> {
+        match self {
+            Backend::Local(b) => DecisionBackend::views(b, only, max).await,
+        }
+    }
+    fn ensure(&self, target: &str) -> Result<()> {
+        match self {
+            Backend::Local(b) => DecisionBackend::ensure(b, target),
+        }
+    }
+    fn permit_key(&self) -> &permit::PermitKey {
+        match self {
+            Backend::Local(b) => DecisionBackend::permit_key(b),
+        }
+    }
+    fn target_count(&self) -> usize {
+        match self {
+            Backend::Local(b) => DecisionBackend::target_count(b),
+        }
+    }
+    fn refresh_gauges(&self) {
+        match self {
+            Backend::Local(b) => DecisionBackend::refresh_gauges(b),
+        }
+    }
+    fn describe(&self) -> String {
+        match self {
+            Backend::Local(b) => DecisionBackend::describe(b),
+        }
+    }
+}
+
 pub struct Engine {
     config: Arc<Config>,
     clock: Arc<dyn Clock>,
-    targets: DashMap<Arc<str>, Arc<Target>>,
-    created: AtomicUsize,
-    groups: Box<[Group]>,
+    backend: Backend,
     routes: HashMap<String, RouteRuntime>,
     events: Arc<EventBus>,
-    /// None in ephemeral mode.
-    persister: Option<Persister>,
     metrics: Arc<Metrics>,
     /// Route metrics of ad-hoc candidate lists (`route="_adhoc"`).
     adhoc_route_metrics: metrics::RouteMetrics,
-    /// Live event subscribers (bounded by `[events] max_subscribers`).
-    subscribers: AtomicUsize,
-    /// Flips to true when the server starts draining: live streams end.
-    shutdown: tokio::sync::watch::Sender<bool>,
-    /// Signs and verifies permits (see permit.rs).
-    permit_key: PermitKey,
-    /// When this process started: a permit issued before it is "late" (its
-    /// lease and reservation died with the previous process).
-    boot: Time,
+    /// Event subscribers and the shared snapshot (see watch.rs).
+    hub: watch::Hub,
     queues: queue::Queues,
-    /// One snapshot shared by watchers that ask at about the same time.
-    snapshot_cache: Mutex<watch::SnapshotCache>,
 }
 
 /// What startup restored from the store.
@@ -263,6 +217,15 @@ pub struct LoadReport {
     pub items: usize,
     pub dead: usize,
     pub elapsed: Duration,
+}
+
+/// What the deferred queue needs of the store at startup.
+#[derive(Debug, Default)]
+pub struct QueueLoad {
+    pub items: Vec<ItemRecord>,
+    pub dead: Vec<ItemRecord>,
+    pub idem: Vec<(String, IdemRecord)>,
+    pub next_item_id: u64,
 }
 
 /// Logs ignored provider headers at most once a second: a misbehaving proxy
@@ -292,13 +255,6 @@ fn warn_rate_limited(target: &str, warnings: &[String]) {
     }
 }
 
-/// What a reset did, recorded as the target's last cause (and shown in GetTarget).
-pub const RESET_CAUSE: &str = "operator reset: breaker closed, budgets refilled (the target's and its groups'), pauses and disabled keys cleared";
-
-/// Most targets one write-behind flush writes (bounds its memory and I/O; a
-/// backlog drains over the following flushes).
-pub const MAX_FLUSH: usize = 20_000;
-
 /// Checks a target name from a client.
 pub fn validate_target(name: &str) -> Result<()> {
     if name.is_empty() {
@@ -319,22 +275,61 @@ pub fn validate_target(name: &str) -> Result<()> {
 }
 
 impl Engine {
-    /// An engine over `config`, with every configured target created up front.
+    /// An engine over `config` with nothing persisted (ephemeral mode,
+    /// benches, tests), every configured target created up front.
     pub fn new(config: Arc<Config>, clock: Arc<dyn Clock>) -> Engine {
-        let groups = config
-            .groups
-            .iter()
-            .map(|g| Group {
-                name: g.name.clone(),
-                config: g.budget.clone(),
-                state: Mutex::new(BudgetState::default()),
-                limited: AtomicBool::new(false),
-            })
-            .collect();
+        let (events, metrics) = Self::parts(&config, &clock);
+        let backend = LocalBackend::new(
+            config.clone(),
+            clock.clone(),
+            events.clone(),
+            metrics.clone(),
+        );
+        Self::assemble(config, clock, events, metrics, Backend::Local(backend))
+    }
+
+    /// An engine restored from `store`, reconciled with the config: targets
+    /// removed from the config are dropped, changed settings apply, open
+    /// periods that ran out while down become half-open.
+    pub fn open(
+        config: Arc<Config>,
+        clock: Arc<dyn Clock>,
+        store: Box<dyn Store>,
+    ) -> std::result::Result<(Engine, LoadReport), StoreError> {
+        let (events, metrics) = Self::parts(&config, &clock);
+        let (backend, report, qs) = LocalBackend::open(
+            config.clone(),
+            clock.clone(),
+            events.clone(),
+            metrics.clone(),
+            store,
+            |l, now| queue::QueueState::load(l.items, l.dead, l.idem, l.next_item_id, now),
+        )?;
+        let engine = Self::assemble(config, clock, events, metrics, Backend::Local(backend));
+        *engine.queues.state_lock() = qs;
+        Ok((engine, report))
+    }
+
+    fn parts(config: &Arc<Config>, clock: &Arc<dyn Clock>) -> (Arc<EventBus>, Arc<Metrics>) {
+        let events = Arc::new(EventBus::starting_at(
+            clock.now().as_nanos() / 1000,
+            config.events.ring_size,
+            config.events.subscriber_buffer,
+        ));
         let metrics = Arc::new(Metrics::new(
             config.telemetry.max_target_labels,
             config.telemetry.latency_buckets.clone(),
         ));
+        (events, metrics)
+    }
+
+    fn assemble(
+        config: Arc<Config>,
+        clock: Arc<dyn Clock>,
+        events: Arc<EventBus>,
+        metrics: Arc<Metrics>,
+        backend: Backend,
+    ) -> Engine {
         let routes = config
             .routes
             .iter()
@@ -350,55 +345,17 @@ impl Engine {
                 )
             })
             .collect();
-        let engine = Engine {
-            targets: DashMap::new(),
-            created: AtomicUsize::new(0),
-            groups,
-            routes,
-            events: Arc::new(EventBus::starting_at(
-                clock.now().as_nanos() / 1000,
-                config.events.ring_size,
-                config.events.subscriber_buffer,
-            )),
+        Engine {
+            hub: watch::Hub::new(config.events.max_subscribers),
             adhoc_route_metrics: metrics.for_route(ADHOC_ROUTE, MAX_ROUTE_LEN),
-            metrics,
-            subscribers: AtomicUsize::new(0),
-            shutdown: tokio::sync::watch::Sender::new(false),
-            permit_key: PermitKey::new(
-                config
-                    .server
-                    .permit_key
-                    .as_deref()
-                    .map(str::as_bytes)
-                    .map(<[u8]>::to_vec)
-                    .or_else(PermitKey::generate_secret)
-                    .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec())
-                    .as_slice(),
-            ),
-            boot: clock.now(),
-            persister: None,
             queues: queue::Queues::default(),
-            snapshot_cache: Mutex::default(),
+            routes,
+            events,
+            metrics,
+            backend,
             clock,
             config,
-        };
-        for (name, settings) in &engine.config.targets {
-            engine.insert_target(Arc::from(name.as_str()), settings.clone());
         }
-        // Route members exist from the start (so GetTarget and dashboards see
-        // them before their first call); they do not count towards max_targets.
-        let members: Vec<Arc<str>> = engine
-            .config
-            .routes
-            .values()
-            .flat_map(|r| r.targets.iter().cloned())
-            .collect();
-        for name in members {
-            if !engine.targets.contains_key(name.as_ref()) {
-                engine.insert_target(name, engine.config.default_target.clone());
-            }
-        }
-        engine
     }
 
     pub fn config(&self) -> &Arc<Config> {
@@ -413,352 +370,81 @@ impl Engine {
         &self.events
     }
 
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
     /// Number of targets held.
     pub fn target_count(&self) -> usize {
-        self.targets.len()
-    }
-
-    fn insert_target(&self, name: Arc<str>, settings: Arc<TargetSettings>) -> Arc<Target> {
-        let t = Arc::new(Target::new(
-            name.clone(),
-            settings,
-            self.metrics.for_target(&name),
-            target::first_permit_id(self.boot),
-        ));
-        self.targets.insert(name, t.clone());
-        t
-    }
-
-    /// The target, created with default settings on first use (up to `max_targets`).
-    pub fn target(&self, name: &str) -> Result<Arc<Target>> {
-        if let Some(t) = self.targets.get(name) {
-            return Ok(t.clone());
-        }
-        validate_target(name)?;
-        let max = self.config.server.max_targets;
-        if self.created.load(Ordering::Relaxed) >= max {
-            return Err(EngineError::ResourceExhausted(format!(
-                "target {name:?} is unknown and the server already tracks the maximum of {max} targets created on first use; \
-                 declare it in the config file or raise [server] max_targets"
-            )));
-        }
-        // One allocation of the name, shared by the map key and the target.
-        let key: Arc<str> = Arc::from(name);
-        let entry = self.targets.entry(key.clone());
-        let t = entry.or_insert_with(|| {
-            self.created.fetch_add(1, Ordering::Relaxed);
-            Arc::new(Target::new(
-                key,
-                self.config.default_target.clone(),
-                self.metrics.for_target(name),
-                target::first_permit_id(self.boot),
-            ))
-        });
-        Ok(t.clone())
-    }
-
-    /// An existing target, without creating it.
-    pub fn existing(&self, name: &str) -> Result<Arc<Target>> {
-        validate_target(name)?;
-        self.targets.get(name).map(|t| t.clone()).ok_or_else(|| {
-            EngineError::NotFound(format!(
-                "target {name:?} is not configured and has not been used yet"
-            ))
-        })
-    }
-
-    /// Ends a critical section (the target is still locked): publishes its
-    /// events and, if durable state changed, queues a snapshot for the store.
-    /// Snapshots are queued under the lock so they reach the store in order.
-    fn finish(&self, now: Time, target: &Target, st: &TargetState, fx: &mut Effects) {
-        for kind in &fx.events {
-            if let EventKind::BreakerTransition { from, to, .. } = kind {
-                self.metrics.transition(&target.metrics, *from, *to);
-            }
-        }
-        let Some(p) = &self.persister else {
-            for kind in fx.events.drain(..) {
-                self.events.publish(now, &target.name, kind);
-            }
-            return;
-        };
-        let pending_events = |fx: &mut Effects| -> Vec<persist::PendingEvent> {
-            fx.events
-                .drain(..)
-                .map(|k| (now, target.name.clone(), k))
-                .collect()
-        };
-        if fx.durable {
-            let record = Op::Target(target.name.clone(), Some(target.to_record(st)));
-            let (pending, seq) = p.write(vec![record], pending_events(fx));
-            target.durable_seq.store(seq, Ordering::Release);
-            fx.pending = Some(pending);
-            return;
-        }
-        let bits = if fx.state_dirty {
-            target::DIRTY_STATE | target::DIRTY_COUNTERS
-        } else if fx.counted {
-            target::DIRTY_COUNTERS
-        } else {
-            0
-        };
-        // A load first: most decisions find the bits already set and skip the write.
-        if bits != 0 && target.dirty.load(Ordering::Relaxed) & bits != bits {
-            target.dirty.fetch_or(bits, Ordering::Relaxed);
-        }
-        let seq = target.durable_seq.load(Ordering::Acquire);
-        if seq > p.committed() {
-            // An earlier change of this target is not on disk yet: this answer
-            // must not reveal it before it is, and its events queue behind it.
-            if !fx.events.is_empty() {
-                p.publish_after(pending_events(fx));
-            }
-            fx.pending = Some(p.wait_for(seq));
-        } else {
-            for kind in fx.events.drain(..) {
-                self.events.publish(now, &target.name, kind);
-            }
-        }
-    }
-
-    /// Waits until the critical section's durable change is on disk, so that a
-    /// client is never told about a transition a crash could forget.
-    async fn persist(&self, fx: &mut Effects) -> Result<()> {
-        match fx.pending.take() {
-            None => Ok(()),
-            Some(p) => p.wait().await.map_err(|e| {
-                EngineError::Unavailable(format!(
-                    "the decision could not be made durable, so it was not acknowledged: {e}"
-                ))
-            }),
-        }
-    }
-
-    /// Write-behind: queues the state of up to [`MAX_FLUSH`] targets changed
-    /// since the last flush (counters, budget levels) and of every budget
-    /// group. Called about once a second; what it writes is approximate across
-    /// a crash by design. Returns the pending write and how many targets it
-    /// covers (call again while that is `MAX_FLUSH` to drain a backlog).
-    pub fn flush_dirty(&self) -> (persist::Pending, usize) {
-        self.flush(target::DIRTY_STATE)
-    }
-
-    /// Queues targets with any of `mask` dirty (see [`Engine::flush_dirty`]).
-    fn flush(&self, mask: u8) -> (persist::Pending, usize) {
-        let Some(p) = &self.persister else {
-            return (persist::Pending::none(), 0);
-        };
-        let (mut n, mut last) = (0, 0);
-        for entry in self.targets.iter() {
-            if n >= MAX_FLUSH {
-                break;
-            }
-            let t = entry.value();
-            if t.dirty.load(Ordering::Relaxed) & mask != 0
-                && t.dirty.swap(0, Ordering::Relaxed) != 0
-            {
-                // Queued under the target's lock, like durable writes, so a
-                // flushed snapshot can never land after a newer one.
-                let st = t.lock();
-                last = p.write_behind(vec![Op::Target(t.name.clone(), Some(t.to_record(&st)))]);
-                n += 1;
-            }
-        }
-        for g in self.groups.iter() {
-            let st = g.state.lock().unwrap_or_else(|e| e.into_inner());
-            let tats = Kind::ALL
-                .iter()
-                .map(|k| st.cell(*k).tat().as_nanos())
-                .collect();
-            last = p.write_behind(vec![Op::Group(
-                g.name.clone(),
-                Some(store::GroupRecord { tats }),
-            )]);
-        }
-        (p.wait_for(last), n)
-    }
-
-    /// Flushes every dirty target (shutdown).
-    pub async fn flush_all(&self) -> std::result::Result<(), StoreError> {
-        loop {
-            let (pending, n) = self.flush(target::DIRTY_STATE | target::DIRTY_COUNTERS);
-            pending.wait().await?;
-            if n < MAX_FLUSH {
-                return Ok(());
-            }
-        }
+        self.backend.target_count()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
+    /// Write-behind of counters and budget levels (the embedded backend's;
+    /// see `LocalBackend::flush_dirty`).
+    pub fn flush_dirty(&self) -> (Pending, usize) {
+        match self.backend.local() {
+            Some(b) => b.flush_dirty(),
+            None => (Pending::none(), 0),
+        }
+    }
+
+    /// Flushes everything written behind (shutdown).
+    pub async fn flush_all(&self) -> std::result::Result<(), StoreError> {
+        match self.backend.local() {
+            Some(b) => b.flush_all().await,
+            None => Ok(()),
+        }
+    }
+
     /// Refreshes the gauges read at scrape time (budget headroom, queue depth)
     /// and returns the Prometheus text exposition.
     pub fn render_metrics(&self) -> String {
-        let now = self.clock.now();
-        for entry in self.targets.iter() {
-            let t = entry.value();
-            if t.metrics.label.as_ref() == metrics::OTHER
-                || (t.settings.budget.is_unlimited() && t.settings.groups.is_empty())
-            {
-                continue;
-            }
-            let st = t.lock();
-            for (i, slot) in st.slots.iter().enumerate() {
-                for kind in Kind::ALL {
-                    if let Some(rate) = t.settings.budget.rate(kind) {
-                        let labels = metrics::BudgetLabels {
-                            target: t.name.to_string(),
-                            key_slot: t.slot_name(i).as_deref().unwrap_or_default().to_string(),
-                            kind: kind.as_str().into(),
-                        };
-                        self.metrics
-                            .budget_remaining
-                            .get_or_create(&labels)
-                            .set(slot.budget.cell(kind).available(now, &rate));
-                    }
-                }
-            }
-        }
+        self.backend.refresh_gauges();
         for q in self.queue_stats("") {
             self.metrics.set_queue(&q.queue, q.depth, q.oldest_age);
         }
         self.metrics.encode()
     }
 
-    /// Starts draining: live event streams end.
+    /// Starts draining: live event streams end, long polls answer.
     pub fn begin_shutdown(&self) {
-        self.shutdown.send_replace(true);
+        self.hub.begin_shutdown();
     }
 
     /// Where state is kept, for logs.
-    pub fn store_description(&self) -> &str {
-        self.persister
-            .as_ref()
-            .map_or("memory (ephemeral)", |p| p.describe())
+    pub fn store_description(&self) -> String {
+        self.backend.describe()
     }
 
-    /// An engine restored from `store`, reconciled with the config: targets
-    /// removed from the config are dropped, changed settings apply, open
-    /// periods that ran out while down become half-open.
-    pub fn open(
-        config: Arc<Config>,
-        clock: Arc<dyn Clock>,
-        store: Box<dyn Store>,
-    ) -> std::result::Result<(Engine, LoadReport), StoreError> {
-        let started = std::time::Instant::now();
-        let loaded = store.load()?;
-        let mut engine = Engine::new(config, clock);
-        let mut cleanup = Vec::new();
-        if engine.config.server.permit_key.is_none() {
-            // A generated key is kept, so permits outlive a restart.
-            match &loaded.permit_key {
-                Some(k) if !k.is_empty() => engine.permit_key = PermitKey::new(k),
-                _ => {
-                    let secret = PermitKey::generate_secret().ok_or_else(|| {
-                        StoreError("the OS could not provide random bytes for a permit key".into())
-                    })?;
-                    engine.permit_key = PermitKey::new(&secret);
-                    cleanup.push(Op::PermitKey(secret));
-                }
-            }
-        }
-        let now = engine.clock.now();
-        let mut report = LoadReport::default();
-        for (name, rec) in loaded.targets {
-            let t = if let Some(t) = engine.targets.get(name.as_str()).map(|t| t.clone()) {
-                t
-            } else if rec.configured {
-                // Declared in the config it was saved under, gone from this one.
-                report.dropped += 1;
-                cleanup.push(Op::Target(Arc::from(name.as_str()), None));
-                continue;
-            } else {
-                match engine.target(&name) {
-                    Ok(t) => t,
-                    Err(_) => {
-                        report.dropped += 1;
-                        cleanup.push(Op::Target(Arc::from(name.as_str()), None));
-                        continue;
-                    }
-                }
-            };
-            let mut st = t.lock();
-            t.restore(&mut st, &rec, now);
-            engine.metrics.set_state(&t.metrics, st.breaker.state());
-            report.targets += 1;
-            if st.breaker.state() != BreakerState::Closed {
-                report.not_closed += 1;
-            }
-        }
-        for (name, rec) in loaded.groups {
-            match engine.groups.iter().find(|g| g.name.as_ref() == name) {
-                Some(g) => {
-                    let mut st = g.state.lock().unwrap_or_else(|e| e.into_inner());
-                    for (k, tat) in Kind::ALL.iter().zip(&rec.tats) {
-                        st.set_cell(
-                            *k,
-                            crate::domain::budget::Gcra::from_tat(Time::from_nanos(*tat)),
-                        );
-                    }
-                    st.clamp_debt(now, &g.config);
-                }
-                None => cleanup.push(Op::Group(Arc::from(name.as_str()), None)),
-            }
-        }
-        report.items = loaded.items.len();
-        report.dead = loaded.dead.len();
-        let (qs, idem_ops) = queue::QueueState::load(
-            loaded.items,
-            loaded.dead,
-            loaded.idem,
-            loaded.next_item_id,
-            now,
-        );
-        cleanup.extend(idem_ops);
-        *engine.queues_state() = qs;
-        store.commit(&cleanup)?;
-        engine.persister = Some(Persister::start(store, engine.events.clone()));
-        report.elapsed = started.elapsed();
-        Ok((engine, report))
+    /// The persister of the embedded backend (the deferred queue writes through it).
+    fn persister(&self) -> Option<&Arc<backend::local::persist::Persister>> {
+        self.backend.local().and_then(|b| b.persister())
     }
 
-    fn queues_state(&self) -> std::sync::MutexGuard<'_, queue::QueueState> {
-        self.queues.state_lock()
-    }
-
-    fn admit_locked(
-        &self,
-        target: &Arc<Target>,
-        args: &AdmitArgs<'_>,
-        fx: &mut Effects,
-    ) -> Admission {
-        let mut st = target.lock();
-        let now = self.clock.now();
-        let mut adm = target.admit(&mut st, &self.groups, now, args, fx);
-        if let Some(p) = &adm.permit {
-            adm.token = self.permit_key.sign(&target.name, p);
-        }
-        if matches!(adm.reason, Reason::RateLimited | Reason::ConcurrencyLimit) {
-            // Budget and pause refusals are clamped like the pauses themselves.
-            adm.retry_after = adm.retry_after.map(|d| d.min(self.config.server.max_pause));
-        }
-        self.finish(now, target, &st, fx);
-        drop(st);
-        target
-            .metrics
-            .decision(adm.shadow_reason.unwrap_or(adm.reason), args.attempt);
-        adm
+    /// Makes sure a target exists (within `max_targets`).
+    pub(crate) fn ensure_target(&self, name: &str) -> Result<()> {
+        self.backend.ensure(name)
     }
 
     /// May a call go to `target` now? Admission reserves what it needs.
     pub async fn can_proceed(&self, target: &str, args: AdmitArgs<'_>) -> Result<Admission> {
-        let t = self.target(target)?;
-        let mut fx = Effects::default();
-        let adm = self.admit_locked(&t, &args, &mut fx);
-        self.persist(&mut fx).await?;
+        let mut adm = self.backend.admit(target, &args).await?;
+        self.seal(target, &mut adm);
         Ok(adm)
+    }
+
+    /// Signs an admission's permit and clamps budget refusals like pauses.
+    fn seal(&self, target: &str, adm: &mut Admission) {
+        if let Some(p) = &adm.permit {
+            adm.token = self.backend.permit_key().sign(target, p);
+        }
+        if matches!(adm.reason, Reason::RateLimited | Reason::ConcurrencyLimit) {
+            adm.retry_after = adm.retry_after.map(|d| d.min(self.config.server.max_pause));
+        }
     }
 
     /// Applies an outcome: classification, provider signals, breaker, budgets, retry advice.
@@ -767,7 +453,12 @@ impl Engine {
         target: &str,
         report: OutcomeReport<'_>,
     ) -> Result<OutcomeResult> {
-        let t = self.target(target)?;
+        validate_target(target)?;
+        let settings = self.config.target(target).clone();
+        let cx = UnitCx {
+            settings: &settings,
+            seed: name_hash(target),
+        };
         let class = classify(report.class, report.http_status, report.error_type)
             .map_err(|e| invalid(e.to_string()))?;
         let permit = if report.permit.is_empty() {
@@ -780,8 +471,9 @@ impl Engine {
             None
         } else {
             let p = self
-                .permit_key
-                .verify(&t.name, t.tag(), report.permit)
+                .backend
+                .permit_key()
+                .verify(target, cx.tag(), report.permit)
                 .map_err(|e| match e {
                     PermitError::WrongTarget => invalid(format!(
                         "permit was issued for a different target than {target:?}; report the outcome with the target the permit came from"
@@ -793,14 +485,14 @@ impl Engine {
         let slot = match (permit, report.key_slot) {
             (Some(p), "") => usize::from(p.slot),
             (_, "") => 0,
-            (_, name) => t.slot_index(name).ok_or_else(|| {
+            (_, name) => cx.slot_index(name).ok_or_else(|| {
                 invalid(format!(
                     "unknown key slot {name:?} for target {target:?}; its slots are {:?}",
-                    t.settings.keys
+                    settings.keys
                 ))
             })?,
         };
-        if slot >= t.settings.keys.len().max(1) {
+        if slot >= settings.keys.len().max(1) {
             return Err(invalid("permit names a key slot this target does not have"));
         }
         let server = &self.config.server;
@@ -823,16 +515,14 @@ impl Engine {
         if !signals.warnings.is_empty() {
             warn_rate_limited(target, &signals.warnings);
         }
-        // Late: issued before this process started (its lease and
-        // reservation are gone), or past its lifetime (reclaimed).
+        // Late: past its lifetime (its lease and reservation were reclaimed).
+        // The backend also treats permits from before its start as late.
         let trust = match permit {
             None => Trust::None,
-            Some(p) if p.issued_ms < self.boot.as_millis() || p.expires_ms < now.as_millis() => {
-                Trust::Late(p)
-            }
+            Some(p) if p.expires_ms < now.as_millis() => Trust::Late(p),
             Some(p) => Trust::Permit(p),
         };
-        let mut args = OutcomeArgs {
+        let args = OutcomeArgs {
             trust,
             trust_permitless: self.config.server.outcomes_without_permit == Permitless::Trusted,
             class,
@@ -848,66 +538,9 @@ impl Engine {
             attempt: report.attempt,
             caller: report.caller,
         };
-        let mut fx = Effects::default();
-        let mut duplicate = None;
-        let result = {
-            let mut st = t.lock();
-            let now = self.clock.now();
-            // Settle once: the first report of a permit counts; a duplicate
-            // (a retried call, a replay) changes nothing and gets the first answer.
-            if let Trust::Permit(p) = args.trust {
-                let lifetime = t.permit_lifetime();
-                let issued = Time::from_millis(p.issued_ms);
-                match st
-                    .settled
-                    .get_or_insert_with(Default::default)
-                    .settle(p.id, issued, now, lifetime)
-                {
-                    settled::Seen::First => {}
-                    settled::Seen::Again(first) => {
-                        duplicate =
-                            Some(t.duplicate_answer(&st, now, class, report.attempt, first));
-                    }
-                    settled::Seen::Forgotten => args.trust = Trust::Late(p),
-                }
-            }
-            if let Some(d) = duplicate {
-                d
-            } else {
-                let r = t.record(&mut st, &self.groups, now, &args, &mut fx);
-                if let (Trust::Permit(p), Some(log)) = (args.trust, st.settled.as_mut()) {
-                    log.answered(
-                        p.id,
-                        SettledAnswer {
-                            class: r.classified_as,
-                            advice: r.advice,
-                        },
-                    );
-                }
-                t.metrics.outcome(class, report.latency);
-                self.finish(now, &t, &st, &mut fx);
-                r
-            }
-        };
-        if result.duplicate {
-            return self.wait_visible(&t, result).await;
-        }
-        self.persist(&mut fx).await?;
-        Ok(result)
-    }
-
-    /// Answers a duplicate report only once the state it reflects is durable
-    /// (the first report's transition may still be on its way to disk).
-    async fn wait_visible(&self, t: &Target, r: OutcomeResult) -> Result<OutcomeResult> {
-        if let Some(p) = &self.persister {
-            let seq = t.durable_seq.load(Ordering::Acquire);
-            let mut fx = Effects {
-                pending: Some(p.wait_for(seq)),
-                ..Effects::default()
-            };
-            self.persist(&mut fx).await?;
-        }
-        Ok(r)
+        self.backend
+            .record(target, args, rand::random::<f64>())
+            .await
     }
 
     /// Picks the first admissible candidate of a route and admits it.
@@ -960,47 +593,40 @@ impl Engine {
             estimated_tokens: q.estimated_tokens,
             attempt: q.attempt,
         };
+        let plan = route::plan(&list, q.exclude, q.required_context_tokens, |t| {
+            CandidateInfo {
+                context_window: self.config.target(t).context_window,
+            }
+        });
         let mut skipped = Vec::new();
         let mut chosen = None;
         let mut depth = 0;
-        for (i, cand) in list.iter().enumerate() {
-            if q.exclude.iter().any(|e| e.as_str() == cand.as_ref()) {
+        for cand in plan {
+            if let Some(reason) = cand.skip {
                 skipped.push(Skip {
-                    target: cand.clone(),
-                    reason: Reason::Excluded,
+                    target: cand.target,
+                    reason,
                     retry_after: None,
                 });
                 continue;
             }
-            let settings = self.config.target(cand);
-            if q.required_context_tokens > 0
-                && settings.context_window > 0
-                && settings.context_window < q.required_context_tokens
-            {
-                skipped.push(Skip {
-                    target: cand.clone(),
-                    reason: Reason::ContextTooSmall,
-                    retry_after: None,
-                });
-                continue;
-            }
-            let t = self.target(cand)?;
-            let mut fx = Effects::default();
-            let adm = self.admit_locked(&t, &args, &mut fx);
-            self.persist(&mut fx).await?;
+            let mut adm = self.backend.admit(&cand.target, &args).await?;
             if adm.allowed {
-                depth = i as u32;
-                chosen = Some((cand.clone(), adm, t.settings.clone()));
+                self.seal(&cand.target, &mut adm);
+                depth = cand.depth;
+                let settings = self.config.target(&cand.target).clone();
+                chosen = Some((cand.target, adm, settings));
                 break;
             }
+            self.seal(&cand.target, &mut adm);
             skipped.push(Skip {
-                target: cand.clone(),
+                target: cand.target,
                 reason: adm.reason,
                 retry_after: adm.retry_after,
             });
         }
         let retry_after = if chosen.is_none() {
-            skipped.iter().filter_map(|s| s.retry_after).min()
+            route::soonest(skipped.iter().map(|s| s.retry_after))
         } else {
             None
         };
@@ -1074,7 +700,7 @@ impl Engine {
     }
 
     /// Targets sorted by name, filtered by prefix, paginated by the last name seen.
-    pub fn list_targets(
+    pub async fn list_targets(
         &self,
         prefix: &str,
         page_size: u32,
@@ -1089,166 +715,13 @@ impl Engine {
             }
             n => n as usize,
         };
-        let mut names: Vec<Arc<str>> = self
-            .targets
-            .iter()
-            .filter(|e| e.key().starts_with(prefix))
-            .map(|e| e.key().clone())
-            .collect();
-        names.sort();
-        let total = names.len() as u64;
-        let start = if page_token.is_empty() {
-            0
-        } else {
-            names.partition_point(|n| n.as_ref() <= page_token)
-        };
-        let now = self.clock.now();
-        let mut targets = Vec::new();
-        for name in names.iter().skip(start).take(size) {
-            if let Some(t) = self.targets.get(name.as_ref()) {
-                let mut st = t.lock();
-                self.apply_time(now, &t, &mut st);
-                targets.push(TargetSummary {
-                    name: name.clone(),
-                    state: st.breaker.state(),
-                    configured: t.settings.configured,
-                    open_until: st.breaker.open_until(),
-                    consecutive_failures: st.breaker.consecutive_failures(),
-                });
-            }
-        }
-        let next_page_token = if start + size < names.len() {
-            targets
-                .last()
-                .map(|t| t.name.to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(TargetPage {
-            targets,
-            next_page_token,
-            total,
-        })
+        self.backend.list(prefix, size, page_token).await
     }
 
     /// Full state of one target.
-    pub fn get_target(&self, name: &str) -> Result<TargetView> {
-        let t = self.existing(name)?;
-        Ok(self.view(&t))
-    }
-
-    /// Before a read: applies what time did to the target (an open period
-    /// that ended, probe leases that ran out) and publishes it. Those changes
-    /// follow from durable state, so nothing here waits for the store.
-    fn apply_time(&self, now: Time, t: &Target, st: &mut TargetState) {
-        let mut bev = Vec::new();
-        st.breaker.tick(now, &t.settings.breaker, &mut bev);
-        if bev.is_empty() {
-            return;
-        }
-        let mut fx = Effects::default();
-        t.absorb_breaker_events(st, &bev, None, &mut fx);
-        self.finish(now, t, st, &mut fx);
-    }
-
-    fn view(&self, t: &Arc<Target>) -> TargetView {
-        let now = self.clock.now();
-        let mut st = t.lock();
-        self.apply_time(now, t, &mut st);
-        let budget_views = |b: &BudgetState,
-                            cfg: &crate::domain::budget::BudgetConfig,
-                            group: Option<Arc<str>>| {
-            let mut v = Vec::new();
-            for kind in Kind::ALL {
-                if let Some(rate) = cfg.rate(kind) {
-                    v.push(BudgetView {
-                        kind: kind.as_str(),
-                        limit: rate.amount,
-                        window: rate.window,
-                        available: b.cell(kind).available(now, &rate),
-                        group: group.clone(),
-                    });
-                }
-            }
-            if let Some(max) = cfg.max_concurrency {
-                v.push(BudgetView {
-                    kind: "concurrency",
-                    limit: u64::from(max),
-                    window: Duration::ZERO,
-                    available: f64::from(max) - b.in_flight() as f64,
-                    group,
-                });
-            }
-            v
-        };
-        let mut in_flight = 0u32;
-        let slots = st
-            .slots
-            .iter_mut()
-            .enumerate()
-            .map(|(i, s)| {
-                s.budget.expire_leases(now);
-                in_flight += s.budget.in_flight() as u32;
-                SlotView {
-                    name: t.slot_name(i),
-                    disabled_until: (s.disabled_until > now).then_some(s.disabled_until),
-                    disabled_reason: s.disabled_reason.as_deref().map(str::to_string),
-                    paused_until: (s.paused_until > now).then_some(s.paused_until),
-                    budgets: budget_views(&s.budget, &t.settings.budget, None),
-                    learned: s
-                        .learned
-                        .as_ref()
-                        .map(|l| {
-                            Kind::ALL
-                                .iter()
-                                .filter_map(|k| l[k.index()].map(|v| (*k, v)))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    in_flight: s.budget.in_flight() as u32,
-                }
-            })
-            .collect();
-        let groups = t
-            .settings
-            .groups
-            .iter()
-            .flat_map(|&gi| {
-                let g = &self.groups[gi];
-                let mut gs = g.state.lock().unwrap_or_else(|e| e.into_inner());
-                gs.expire_leases(now);
-                budget_views(&gs, &g.config, Some(g.name.clone()))
-            })
-            .collect();
-        let (window_calls, window_failures) = st.breaker.window_totals(now);
-        TargetView {
-            name: t.name.clone(),
-            state: st.breaker.state(),
-            configured: t.settings.configured,
-            open_until: st.breaker.open_until(),
-            opened_at: st.breaker.opened_at(),
-            consecutive_failures: st.breaker.consecutive_failures(),
-            half_open_successes: st.breaker.half_open_successes(),
-            probes_outstanding: st.breaker.probes().len() as u32,
-            reopen_count: st.breaker.reopen_count(),
-            generation: st.breaker.generation(),
-            counters: st.counters,
-            window_calls,
-            window_failures,
-            settings: t.settings.clone(),
-            slots,
-            forced_reason: st.forced_reason().map(str::to_string),
-            last_cause: st.last_cause().map(str::to_string),
-            in_flight: in_flight + st.breaker.probes().len() as u32,
-            groups,
-            group_names: t
-                .settings
-                .groups
-                .iter()
-                .map(|&gi| self.groups[gi].name.clone())
-                .collect(),
-        }
+    pub async fn get_target(&self, name: &str) -> Result<TargetView> {
+        validate_target(name)?;
+        self.backend.view(name).await
     }
 
     /// Forces a breaker open or closed, or returns it to automatic control.
@@ -1261,82 +734,15 @@ impl Engine {
         if reason.len() > 1024 {
             return Err(invalid("reason is longer than 1024 bytes"));
         }
-        let t = self.target(name)?;
-        let mut fx = Effects::default();
-        {
-            let mut st = t.lock();
-            let now = self.clock.now();
-            let mut bev = Vec::new();
-            st.breaker.tick(now, &t.settings.breaker, &mut bev);
-            st.breaker.set_mode(mode, &mut bev);
-            st.set_forced_reason(
-                (mode != Mode::Automatic && !reason.is_empty()).then(|| reason.into()),
-            );
-            if !bev.is_empty() {
-                fx.events.push(EventKind::TargetForced {
-                    mode,
-                    reason: reason.to_string(),
-                });
-            }
-            let origin = Some((
-                None,
-                format!(
-                    "operator: {}",
-                    if reason.is_empty() {
-                        "no reason given"
-                    } else {
-                        reason
-                    }
-                ),
-            ));
-            t.absorb_breaker_events(&mut st, &bev, origin, &mut fx);
-            self.finish(now, &t, &st, &mut fx);
-        }
-        self.persist(&mut fx).await?;
-        Ok(self.view(&t))
+        validate_target(name)?;
+        self.backend.force(name, mode, reason).await
     }
 
-    /// Back to a fresh closed breaker with no pauses, disabled keys or counters.
+    /// Back to a fresh closed breaker with no pauses, disabled keys or
+    /// counters, and full budgets (the target's and its groups').
     pub async fn reset_target(&self, name: &str) -> Result<TargetView> {
-        let t = self.existing(name)?;
-        let mut fx = Effects::default();
-        {
-            let mut st = t.lock();
-            let now = self.clock.now();
-            let mut bev = Vec::new();
-            st.breaker.reset(&mut bev);
-            for s in st.slots.iter_mut() {
-                s.paused_until = Time::ZERO;
-                s.disabled_until = Time::ZERO;
-                s.disabled_reason = None;
-                s.learned = None;
-                s.limited = false;
-                s.budget.refill();
-            }
-            // A group in debt would keep refusing this target: the operator
-            // asked for it to admit again, so its groups are refilled too.
-            for &gi in &t.settings.groups {
-                let g = &self.groups[gi];
-                g.state.lock().unwrap_or_else(|e| e.into_inner()).refill();
-                g.limited.store(false, Ordering::Relaxed);
-            }
-            st.counters = Counters::default();
-            st.retry = None;
-            st.notes = None;
-            fx.durable = true;
-            fx.state_dirty = true;
-            fx.events.push(EventKind::TargetReset);
-            t.absorb_breaker_events(
-                &mut st,
-                &bev,
-                Some((None, "operator reset".into())),
-                &mut fx,
-            );
-            st.set_last_cause(Some(RESET_CAUSE.into()));
-            self.finish(now, &t, &st, &mut fx);
-        }
-        self.persist(&mut fx).await?;
-        Ok(self.view(&t))
+        validate_target(name)?;
+        self.backend.reset(name).await
     }
 }
 

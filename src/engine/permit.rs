@@ -23,29 +23,10 @@
 //! Format (hex fields): `2.<tag>.<id>.<gen>.<probe>.<flags>.<reserved>.<issued_ms>.<expires_ms>.<mac>`,
 //! where `flags = slot | leased << 8`. Clients treat it as opaque.
 
-use ring::hmac;
-use std::fmt::Write as _;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
-/// What a permit grants, as issued.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Permit {
-    /// The admission number: unique per target, never reused.
-    pub id: u64,
-    pub generation: u64,
-    /// Half-open probe id; 0 = not a probe.
-    pub probe: u64,
-    /// Holds a concurrency lease (keyed by target and `id`).
-    pub leased: bool,
-    pub slot: u8,
-    pub reserved_tokens: u64,
-    /// Milliseconds since the Unix epoch.
-    pub issued_ms: u64,
-    /// After this the permit settles nothing (its lease and reservation
-    /// have been reclaimed); its outcome counts like one without a permit.
-    pub expires_ms: u64,
-    /// 16 bits of the target name's hash: tells "wrong target" from "forged".
-    pub tag: u16,
-}
+pub use crate::domain::unit::Permit;
 
 /// Why a permit string was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,8 +63,13 @@ const MAC_LEN: usize = 16;
 pub const MAX_PERMIT_LEN: usize = 2 + 8 * 17 + 5 + 2 * MAC_LEN + 1;
 
 /// Signs and verifies permits with the server's key.
+///
+/// Cost matters: every admission signs one. The keyed HMAC state (the key's
+/// inner and outer pads, already absorbed) is built once and cloned per
+/// permit, so a signature is three SHA-256 compressions (hardware SHA on
+/// x86-64 where available), and the text is written without `fmt`.
 pub struct PermitKey {
-    key: hmac::Key,
+    keyed: Hmac<Sha256>,
 }
 
 impl std::fmt::Debug for PermitKey {
@@ -95,45 +81,55 @@ impl std::fmt::Debug for PermitKey {
 impl PermitKey {
     /// A key from secret bytes (the configured key, or the stored one).
     pub fn new(secret: &[u8]) -> PermitKey {
-        PermitKey {
-            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
-        }
+        // HMAC takes a key of any length (longer ones are hashed first).
+        let keyed = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        PermitKey { keyed }
     }
 
     /// 32 fresh bytes from the OS's secure generator, for a key generated
     /// at first start (None if the OS cannot provide randomness).
     pub fn generate_secret() -> Option<Vec<u8>> {
-        use ring::rand::SecureRandom as _;
         let mut b = vec![0u8; 32];
-        ring::rand::SystemRandom::new().fill(&mut b).ok()?;
+        getrandom::fill(&mut b).ok()?;
         Some(b)
     }
 
     fn mac(&self, target: &str, body: &str) -> [u8; MAC_LEN] {
-        let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(target.as_bytes());
+        let mut m = self.keyed.clone();
+        m.update(target.as_bytes());
         // The name cannot contain NUL, so name/body boundaries are unambiguous.
-        ctx.update(&[0]);
-        ctx.update(body.as_bytes());
-        let tag = ctx.sign();
+        m.update(&[0]);
+        m.update(body.as_bytes());
+        let tag = m.finalize().into_bytes();
         let mut out = [0u8; MAC_LEN];
-        out.copy_from_slice(&tag.as_ref()[..MAC_LEN]);
+        out.copy_from_slice(&tag[..MAC_LEN]);
         out
     }
 
     /// The permit as text, signed for `target`.
     pub fn sign(&self, target: &str, p: &Permit) -> String {
-        let mut s = String::with_capacity(96);
+        let mut s = String::with_capacity(2 + 8 * 17 + 5 + 1 + 2 * MAC_LEN);
+        s.push_str(VERSION);
         let flags = u64::from(p.slot) | (u64::from(p.leased) << 8);
-        let _ = write!(
-            s,
-            "{VERSION}.{:x}.{:x}.{:x}.{:x}.{:x}.{:x}.{:x}.{:x}",
-            p.tag, p.id, p.generation, p.probe, flags, p.reserved_tokens, p.issued_ms, p.expires_ms
-        );
+        for v in [
+            u64::from(p.tag),
+            p.id,
+            p.generation,
+            p.probe,
+            flags,
+            p.reserved_tokens,
+            p.issued_ms,
+            p.expires_ms,
+        ] {
+            s.push('.');
+            push_hex(&mut s, v);
+        }
         let mac = self.mac(target, &s);
         s.push('.');
         for b in mac {
-            let _ = write!(s, "{b:02x}");
+            s.push(HEX[usize::from(b >> 4)] as char);
+            s.push(HEX[usize::from(b & 15)] as char);
         }
         s
     }
@@ -196,6 +192,20 @@ impl PermitKey {
             expires_ms,
             tag,
         })
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lower-case hex without leading zeros (what `{:x}` writes), without `fmt`.
+fn push_hex(s: &mut String, v: u64) {
+    if v == 0 {
+        s.push('0');
+        return;
+    }
+    let digits = (64 - v.leading_zeros()).div_ceil(4);
+    for i in (0..digits).rev() {
+        s.push(HEX[((v >> (i * 4)) & 15) as usize] as char);
     }
 }
 
@@ -271,6 +281,15 @@ mod tests {
             k.verify("t", 0xbeef, &f.join(".")),
             Err(PermitError::Forged)
         );
+    }
+
+    #[test]
+    fn hex_matches_fmt() {
+        for v in [0u64, 1, 15, 16, 255, 0xbeef, u64::MAX, 1 << 63] {
+            let mut s = String::new();
+            push_hex(&mut s, v);
+            assert_eq!(s, format!("{v:x}"));
+        }
     }
 
     #[test]

@@ -12,9 +12,9 @@
 //! behind one mutex; it is never held across an await (store writes are
 //! queued under it, awaited after it is released).
 
+use super::backend::local::persist::Pending;
 use super::error::{EngineError, Result, invalid};
 use super::events::EventKind;
-use super::persist::Pending;
 use super::store::{IdemRecord, ItemRecord, Op};
 use super::{AdmitArgs, Engine, Reason, RouteQuery, validate_target};
 use crate::domain::Time;
@@ -379,14 +379,14 @@ impl Engine {
 
     /// Queues a write of the queue's state; also returns its sequence number.
     fn queue_write_seq(&self, ops: Vec<Op>) -> (Pending, u64) {
-        match &self.persister {
+        match self.persister() {
             Some(p) if !ops.is_empty() => p.write(ops, Vec::new()),
             _ => (Pending::none(), 0),
         }
     }
 
     fn committed(&self) -> u64 {
-        self.persister.as_ref().map_or(u64::MAX, |p| p.committed())
+        self.persister().map_or(u64::MAX, |p| p.committed())
     }
 
     fn publish_queue_events(&self, now: Time, events: Vec<(String, EventKind)>) {
@@ -479,7 +479,7 @@ impl Engine {
             // A target queue's target must exist to ever be claimed: create it
             // now, so a server at max_targets refuses the Defer instead of
             // accepting an item that no Claim could ever hand out.
-            self.target(&a.queue)?;
+            self.ensure_target(&a.queue)?;
         }
         let now = self.clock.now();
         let mut a = a;
@@ -611,7 +611,7 @@ impl Engine {
             };
             match step {
                 Step::WaitFor(seq) => {
-                    if let Some(p) = &self.persister {
+                    if let Some(p) = self.persister() {
                         let _ = p.wait_for(seq).wait().await;
                     }
                 }
@@ -691,7 +691,7 @@ impl Engine {
             )));
         }
         let deadline = tokio::time::Instant::now() + wait;
-        let mut shutdown = self.shutdown.subscribe();
+        let mut shutdown = self.hub.shutdown_signal();
         loop {
             // Subscribe before looking, so a Defer between the look and the wait is not missed.
             let notified = self.queues.notify.notified();
@@ -1100,7 +1100,7 @@ impl Engine {
         if s.expire(now, &mut ops, &mut events) {
             self.publish_queue_events(now, events);
             // Write-behind: expiry only moved items between in-memory lists.
-            if let Some(p) = &self.persister {
+            if let Some(p) = self.persister() {
                 p.write_behind(ops);
             }
         }

@@ -4,6 +4,7 @@ use super::clock::ManualClock;
 use super::queue::DeferArgs;
 use super::store::{self, Op, RedbStore, Store, StoreError};
 use super::*;
+use crate::domain::breaker::BreakerState;
 use std::collections::HashMap;
 
 const T0: Time = Time::from_secs(1_800_000_000);
@@ -83,7 +84,10 @@ async fn claim_waits_for_the_target_and_hands_out_admitted_items() {
     )
     .await
     .expect("ok");
-    assert_eq!(e.get_target("t").expect("t").state, BreakerState::Closed);
+    assert_eq!(
+        e.get_target("t").await.expect("t").state,
+        BreakerState::Closed
+    );
     e.ack(&id.to_string(), &c.lease_token).await.expect("ack");
     let s = &e.queue_stats("t")[0];
     assert_eq!((s.depth, s.in_flight), (0, 0));
@@ -358,7 +362,7 @@ async fn a_restart_keeps_breakers_pauses_disabled_keys_and_queued_work() {
         "a target removed from the config is dropped"
     );
     assert!(matches!(
-        e.get_target("removed"),
+        e.get_target("removed").await,
         Err(EngineError::NotFound(_))
     ));
     let a = e
@@ -383,7 +387,7 @@ async fn a_restart_keeps_breakers_pauses_disabled_keys_and_queued_work() {
         (p.reason, p.retry_after),
         (Reason::RateLimited, Some(secs(90)))
     );
-    let f = e.get_target("forced").expect("forced");
+    let f = e.get_target("forced").await.expect("forced");
     assert_eq!(
         (f.state, f.forced_reason.as_deref()),
         (BreakerState::ForcedOpen, Some("incident 42"))
@@ -418,7 +422,7 @@ async fn a_restart_keeps_breakers_pauses_disabled_keys_and_queued_work() {
     drop(e);
     let (e, _) = open(cfg2, &d, &clock);
     assert_eq!(
-        e.get_target("open").expect("open").state,
+        e.get_target("open").await.expect("open").state,
         BreakerState::HalfOpen
     );
     let _ = std::fs::remove_dir_all(&d);
@@ -436,7 +440,7 @@ async fn write_behind_flushes_counters() {
         e.flush_all().await.expect("flush");
     }
     let (e, _) = open("", &d, &clock);
-    assert_eq!(e.get_target("t").expect("t").counters.admitted, 3);
+    assert_eq!(e.get_target("t").await.expect("t").counters.admitted, 3);
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -470,7 +474,7 @@ async fn deliveries_respect_token_estimates_context_windows_and_the_retry_budget
         .items
         .remove(0);
     assert_eq!(c.target.as_ref(), "big");
-    let v = e.get_target("big").expect("big");
+    let v = e.get_target("big").await.expect("big");
     assert_eq!(
         v.slots[0].budgets[0].available, 4000.0,
         "the estimate was reserved"
@@ -515,7 +519,7 @@ async fn deliveries_respect_token_estimates_context_windows_and_the_retry_budget
 async fn route_members_exist_before_their_first_call() {
     let (e, _) = ephemeral("[routes.chat]\ntargets = [\"x\", \"y\"]\n");
     assert_eq!(
-        e.get_target("y").expect("listed in a route").state,
+        e.get_target("y").await.expect("listed in a route").state,
         BreakerState::Closed
     );
 }

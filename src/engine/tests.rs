@@ -1,6 +1,7 @@
 //! Engine behaviour across targets, slots, groups and routes, with a manual clock.
 
 use super::*;
+use crate::domain::breaker::BreakerState;
 use crate::engine::clock::ManualClock;
 
 const T0: Time = Time::from_secs(1_800_000_000);
@@ -109,7 +110,7 @@ async fn a_fleet_shares_one_breaker_and_probes_are_limited_fleet_wide() {
         assert!(!r.stale);
     }
     assert_eq!(
-        e.get_target("p/m").expect("exists").state,
+        e.get_target("p/m").await.expect("exists").state,
         BreakerState::Closed
     );
     assert!(admit(&e, "p/m").await.allowed);
@@ -120,10 +121,13 @@ async fn taxonomy_drives_the_breaker() {
     let (e, _) = engine(FAST);
     // Bad input never trips.
     fail_n(&e, "a", 20, 400).await;
-    assert_eq!(e.get_target("a").expect("a").state, BreakerState::Closed);
+    assert_eq!(
+        e.get_target("a").await.expect("a").state,
+        BreakerState::Closed
+    );
     // An invalid key opens at once, for the persistent duration.
     fail_n(&e, "b", 1, 401).await;
-    let v = e.get_target("b").expect("b");
+    let v = e.get_target("b").await.expect("b");
     assert_eq!(v.state, BreakerState::Open);
     assert_eq!(v.open_until, Some(T0 + secs(600)));
     assert_eq!(v.counters.by_class[OutcomeClass::Persistent.index()], 1);
@@ -142,7 +146,10 @@ async fn taxonomy_drives_the_breaker() {
     assert_eq!(r.classified_as, OutcomeClass::Persistent);
     assert!(!r.advice.retry);
     fail_n(&e, "d", 3, 429).await;
-    assert_eq!(e.get_target("d").expect("d").state, BreakerState::Open);
+    assert_eq!(
+        e.get_target("d").await.expect("d").state,
+        BreakerState::Open
+    );
     // Admin reset clears a persistent open.
     e.reset_target("b").await.expect("reset");
     assert!(admit(&e, "b").await.allowed);
@@ -206,7 +213,7 @@ async fn openai_remaining_zero_pauses_until_reset() {
         (a.reason, a.retry_after),
         (Reason::RateLimited, Some(secs(90)))
     );
-    let v = e.get_target("openai/gpt-4o").expect("view");
+    let v = e.get_target("openai/gpt-4o").await.expect("view");
     assert_eq!(v.slots[0].learned[0].1.limit, 500);
     assert_eq!(v.slots[0].paused_until, Some(T0 + secs(90)));
     clock.advance(secs(90));
@@ -260,7 +267,7 @@ async fn a_401_on_one_key_slot_moves_traffic_to_the_other() {
     let a = admit(&e, "t").await;
     assert_eq!((a.allowed, a.reason), (false, Reason::KeySlotsUnavailable));
     assert_eq!(a.retry_after, Some(secs(600)));
-    let v = e.get_target("t").expect("view");
+    let v = e.get_target("t").await.expect("view");
     assert!(v.slots.iter().all(|s| s.disabled_until.is_some()));
     let err = e
         .record_outcome(
@@ -311,6 +318,7 @@ budgets = ["org"]
     assert!(admit(&e, "a").await.allowed);
     let names: Vec<String> = e
         .get_target("a")
+        .await
         .expect("a")
         .group_names
         .iter()
@@ -371,7 +379,7 @@ async fn tokens_reserve_and_settle_through_the_permit() {
     )
     .await
     .expect("ok");
-    let v = e.get_target("t").expect("view");
+    let v = e.get_target("t").await.expect("view");
     assert_eq!(v.slots[0].budgets[0].available, 700.0);
     let big = e
         .can_proceed(
@@ -396,7 +404,7 @@ async fn shadow_mode_admits_but_reports() {
     let a = admit(&e, "s").await;
     assert!(a.allowed);
     assert_eq!(a.shadow_reason, Some(Reason::RateLimited));
-    assert_eq!(e.get_target("s").expect("v").counters.refused, 1);
+    assert_eq!(e.get_target("s").await.expect("v").counters.refused, 1);
 }
 
 #[tokio::test]
@@ -566,7 +574,7 @@ async fn bad_requests_get_clear_errors() {
         .await;
     assert!(matches!(too_many, Err(EngineError::InvalidArgument(_))));
     assert!(matches!(
-        e.get_target("never-used"),
+        e.get_target("never-used").await,
         Err(EngineError::NotFound(_))
     ));
 }
@@ -649,7 +657,7 @@ async fn forced_states_and_listing() {
         (false, Reason::ForcedOpen, BreakerState::ForcedOpen)
     );
     assert_eq!(
-        e.get_target("f").expect("v").forced_reason.as_deref(),
+        e.get_target("f").await.expect("v").forced_reason.as_deref(),
         Some("maintenance")
     );
     e.set_breaker_mode("f", Mode::Automatic, "")
@@ -659,10 +667,13 @@ async fn forced_states_and_listing() {
     for n in ["a/1", "a/2", "b/1"] {
         admit(&e, n).await;
     }
-    let page = e.list_targets("a/", 1, "").expect("ok");
+    let page = e.list_targets("a/", 1, "").await.expect("ok");
     assert_eq!(page.total, 2);
     assert_eq!(page.targets[0].name.as_ref(), "a/1");
-    let page2 = e.list_targets("a/", 1, &page.next_page_token).expect("ok");
+    let page2 = e
+        .list_targets("a/", 1, &page.next_page_token)
+        .await
+        .expect("ok");
     assert_eq!(page2.targets[0].name.as_ref(), "a/2");
     assert!(page2.next_page_token.is_empty());
 }

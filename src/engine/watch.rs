@@ -9,11 +9,12 @@
 
 use super::error::{EngineError, Result};
 use super::events::Event;
-use super::{Engine, TargetView};
+use super::{DecisionBackend, Engine, TargetView};
 use crate::domain::Time;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::broadcast::error::RecvError;
 
 /// Targets per Snapshot part. A snapshot of 10,000 targets is one shared
@@ -101,12 +102,60 @@ impl WatchFilter {
     }
 }
 
+/// Everything about watching that is not one subscription: the subscriber
+/// count and its bound, the shutdown signal every live stream (and long
+/// poll) listens to, and the snapshot watchers share.
+pub struct Hub {
+    subscribers: AtomicUsize,
+    max_subscribers: usize,
+    /// Flips to true when the server starts draining.
+    shutdown: tokio::sync::watch::Sender<bool>,
+    snapshot: Mutex<SnapshotCache>,
+}
+
+impl Hub {
+    pub fn new(max_subscribers: usize) -> Hub {
+        Hub {
+            subscribers: AtomicUsize::new(0),
+            max_subscribers,
+            shutdown: tokio::sync::watch::Sender::new(false),
+            snapshot: Mutex::default(),
+        }
+    }
+
+    /// Takes a subscriber slot, or says the bound is reached.
+    fn join(&self) -> Result<()> {
+        let max = self.max_subscribers;
+        if self.subscribers.fetch_add(1, Ordering::Relaxed) >= max {
+            self.subscribers.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::ResourceExhausted(format!(
+                "{max} event subscribers are already connected ([events] max_subscribers); close one or raise the limit"
+            )));
+        }
+        Ok(())
+    }
+
+    fn leave(&self) {
+        self.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Live streams end and long polls answer from now on.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Resolves (or reads true) once the server is draining.
+    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+}
+
 /// Releases a subscriber slot when the watcher goes away.
 struct SubscriberGuard(Arc<Engine>);
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
-        self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
+        self.0.hub.leave();
         self.0.metrics.subscribers().dec();
     }
 }
@@ -125,20 +174,14 @@ pub struct Watcher {
 
 impl Engine {
     /// Subscribes to the event log. `since_seq = 0` starts with a Snapshot.
-    pub fn watch(self: &Arc<Self>, since_seq: u64, filter: WatchFilter) -> Result<Watcher> {
+    pub async fn watch(self: &Arc<Self>, since_seq: u64, filter: WatchFilter) -> Result<Watcher> {
         if filter.targets.len() > MAX_FILTER {
             return Err(EngineError::InvalidArgument(format!(
                 "the targets filter lists {} names; at most {MAX_FILTER}",
                 filter.targets.len()
             )));
         }
-        let max = self.config.events.max_subscribers;
-        if self.subscribers.fetch_add(1, Ordering::Relaxed) >= max {
-            self.subscribers.fetch_sub(1, Ordering::Relaxed);
-            return Err(EngineError::ResourceExhausted(format!(
-                "{max} event subscribers are already connected ([events] max_subscribers); close one or raise the limit"
-            )));
-        }
+        self.hub.join()?;
         self.metrics.subscribers().inc();
         let guard = SubscriberGuard(self.clone());
         let sub = self.events.subscribe_since(since_seq);
@@ -148,11 +191,11 @@ impl Engine {
             filter,
             last_seq: sub.last_seq,
             pending: VecDeque::new(),
-            shutdown: self.shutdown.subscribe(),
+            shutdown: self.hub.shutdown_signal(),
             _guard: guard,
         };
         match (since_seq, sub.backlog) {
-            (0, _) => w.push_snapshot(sub.last_seq),
+            (0, _) => w.push_snapshot(sub.last_seq).await,
             // A since_seq from the future (a server that restarted with a
             // clock stepped back) cannot be resumed: resynchronise.
             (_, Some(_)) if since_seq > sub.last_seq => {
@@ -161,7 +204,7 @@ impl Engine {
                     missed_from: 0,
                     reason: format!("seq {since_seq} is ahead of this server's log"),
                 });
-                w.push_snapshot(sub.last_seq);
+                w.push_snapshot(sub.last_seq).await;
             }
             (_, Some(backlog)) => {
                 w.last_seq = since_seq.max(backlog.last().map_or(since_seq, |e| e.seq));
@@ -179,7 +222,7 @@ impl Engine {
                         since_seq + 1
                     ),
                 });
-                w.push_snapshot(sub.last_seq);
+                w.push_snapshot(sub.last_seq).await;
             }
         }
         Ok(w)
@@ -189,24 +232,23 @@ impl Engine {
     /// asking within the same second, with no event in between, get the same
     /// list (one copy for 200 dashboards, not 200). Held weakly: once the
     /// last watcher has streamed it, the memory is freed.
-    pub fn shared_snapshot(&self, filter: &WatchFilter) -> Arc<[TargetView]> {
+    pub async fn shared_snapshot(&self, filter: &WatchFilter) -> Arc<[TargetView]> {
         if !filter.targets.is_empty() {
-            return self.snapshot(filter).into();
+            return self.snapshot(filter).await.into();
         }
         let seq = self.events.last_seq();
         let now = self.clock.now();
-        let mut cache = self
-            .snapshot_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if cache.seq == seq
-            && now.as_nanos().saturating_sub(cache.at.as_nanos()) < 1_000_000_000
-            && let Some(s) = cache.list.upgrade()
         {
-            return s;
+            let cache = self.hub.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.seq == seq
+                && now.as_nanos().saturating_sub(cache.at.as_nanos()) < 1_000_000_000
+                && let Some(s) = cache.list.upgrade()
+            {
+                return s;
+            }
         }
-        let list: Arc<[TargetView]> = self.snapshot(filter).into();
-        *cache = SnapshotCache {
+        let list: Arc<[TargetView]> = self.snapshot(filter).await.into();
+        *self.hub.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = SnapshotCache {
             seq,
             at: now,
             list: Arc::downgrade(&list),
@@ -215,20 +257,10 @@ impl Engine {
     }
 
     /// Current state of every target matching `filter` (at most `max_snapshot_targets`).
-    pub fn snapshot(&self, filter: &WatchFilter) -> Vec<TargetView> {
-        let mut names: Vec<Arc<str>> = self
-            .targets
-            .iter()
-            .filter(|e| filter.targets.is_empty() || filter.targets.contains(e.key().as_ref()))
-            .map(|e| e.key().clone())
-            .collect();
-        names.sort();
-        names.truncate(self.config.events.max_snapshot_targets);
-        names
-            .iter()
-            .filter_map(|n| self.targets.get(n.as_ref()).map(|t| t.clone()))
-            .map(|t| self.view(&t))
-            .collect()
+    pub async fn snapshot(&self, filter: &WatchFilter) -> Vec<TargetView> {
+        self.backend
+            .views(&filter.targets, self.config.events.max_snapshot_targets)
+            .await
     }
 }
 
@@ -251,8 +283,8 @@ impl Default for SnapshotCache {
 }
 
 impl Watcher {
-    fn push_snapshot(&mut self, seq: u64) {
-        let all = self.engine.shared_snapshot(&self.filter);
+    async fn push_snapshot(&mut self, seq: u64) {
+        let all = self.engine.shared_snapshot(&self.filter).await;
         self.last_seq = self.last_seq.max(seq);
         let at = self.engine.now();
         self.pending.extend(
@@ -292,7 +324,7 @@ impl Watcher {
                         reason: format!("this subscriber fell behind by {n} events"),
                     });
                     let seq = self.engine.events.last_seq();
-                    self.push_snapshot(seq);
+                    self.push_snapshot(seq).await;
                 }
                 Err(RecvError::Closed) => return None,
             }

@@ -126,6 +126,7 @@ impl Admin for AdminService {
         let page = self
             .engine
             .list_targets(&r.prefix, r.page_size, &r.page_token)
+            .await
             .map_err(status)?;
         Ok(Response::new(proto::ListTargetsResponse {
             targets: page
@@ -149,7 +150,7 @@ impl Admin for AdminService {
         req: Request<proto::GetTargetRequest>,
     ) -> Result<Response<proto::TargetStatus>, Status> {
         let r = req.into_inner();
-        let v = self.engine.get_target(&r.target).map_err(status)?;
+        let v = self.engine.get_target(&r.target).await.map_err(status)?;
         Ok(Response::new(target_status(v)))
     }
 

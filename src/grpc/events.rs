@@ -27,24 +27,14 @@ impl EventsService {
     }
 }
 
-/// Maps the proto kind enum to the engine's event names.
+/// Maps the proto kind enum to the engine's event names: `EVENT_KIND_X` is
+/// the kind named `x` (SNAPSHOT and GAP are not events and match nothing).
 fn kind_name(k: proto::EventKind) -> Option<&'static str> {
-    use proto::EventKind as K;
-    Some(match k {
-        K::Unspecified | K::Snapshot | K::Gap => return None,
-        K::BreakerTransition => "breaker_transition",
-        K::ProbeExpired => "probe_expired",
-        K::TargetForced => "target_forced",
-        K::RateLimited => "rate_limited",
-        K::BudgetRestored => "budget_restored",
-        K::FallbackActivated => "fallback_activated",
-        K::RouteExhausted => "route_exhausted",
-        K::KeySlotDisabled => "key_slot_disabled",
-        K::TargetReset => "target_reset",
-        K::Deferred => "deferred",
-        K::Drained => "drained",
-        K::DeadLettered => "dead_lettered",
-    })
+    let name = k
+        .as_str_name()
+        .strip_prefix("EVENT_KIND_")?
+        .to_ascii_lowercase();
+    crate::domain::event::EventKind::parse_name(&name)
 }
 
 pub(crate) fn target_snapshot(v: &TargetView) -> proto::TargetSnapshot {
@@ -235,7 +225,7 @@ impl Events for EventsService {
         self.operator.check(req.metadata(), "Watch")?;
         let r = req.into_inner();
         let f = filter(r.targets, &r.kinds)?;
-        let mut watcher = self.engine.watch(r.since_seq, f).map_err(status)?;
+        let mut watcher = self.engine.watch(r.since_seq, f).await.map_err(status)?;
         // A small buffer to the connection (a few snapshot parts): when it
         // fills, the watcher's own (bounded) buffer lags and turns into Gap +
         // Snapshot; the engine never waits, and an unread stream holds little.
@@ -255,5 +245,23 @@ impl Events for EventsService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_event_name_has_a_wire_kind_and_back() {
+        let mut mapped = Vec::new();
+        for v in 0..64 {
+            if let Ok(k) = proto::EventKind::try_from(v)
+                && let Some(n) = kind_name(k)
+            {
+                mapped.push(n);
+            }
+        }
+        assert_eq!(mapped, crate::domain::event::EventKind::NAMES.to_vec());
     }
 }

@@ -3,6 +3,7 @@
 
 mod json;
 
+use crate::domain::event::EventKind;
 use crate::engine::Engine;
 use crate::engine::watch::{SnapshotPart, WatchFilter, WatchItem};
 use axum::Router;
@@ -33,6 +34,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/events", get(events))
         .route("/api/snapshot", get(snapshot))
+        .route("/api/event-kinds", get(event_kinds))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state)
@@ -83,11 +85,20 @@ async fn snapshot(State(s): State<HttpState>, headers: HeaderMap) -> Response {
     let item = WatchItem::Snapshot(SnapshotPart::whole(
         s.engine.events().last_seq(),
         s.engine.now(),
-        s.engine.snapshot(&WatchFilter::default()).into(),
+        s.engine.snapshot(&WatchFilter::default()).await.into(),
     ));
     (
         [(header::CONTENT_TYPE, "application/json")],
         json::item(&item).to_string(),
+    )
+        .into_response()
+}
+
+/// The event kind names the stream can carry (the dashboard subscribes to each).
+async fn event_kinds() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&EventKind::NAMES).unwrap_or_else(|_| "[]".into()),
     )
         .into_response()
 }
@@ -109,21 +120,6 @@ struct EventsQuery {
     /// Comma-separated event kinds (`breaker_transition`, `rate_limited`, ...).
     kinds: Option<String>,
 }
-
-const KINDS: &[&str] = &[
-    "breaker_transition",
-    "probe_expired",
-    "target_forced",
-    "rate_limited",
-    "budget_restored",
-    "key_slot_disabled",
-    "fallback_activated",
-    "route_exhausted",
-    "target_reset",
-    "deferred",
-    "drained",
-    "dead_lettered",
-];
 
 fn bad_request(msg: String) -> Response {
     (StatusCode::BAD_REQUEST, msg).into_response()
@@ -151,20 +147,20 @@ async fn events(
     }
     if let Some(k) = q.kinds.as_deref().filter(|k| !k.is_empty()) {
         for name in k.split(',').map(str::trim) {
-            match KINDS.iter().find(|known| **known == name) {
+            match EventKind::parse_name(name) {
                 Some(known) => {
                     filter.kinds.insert(known);
                 }
                 None => {
                     return bad_request(format!(
                         "unknown event kind {name:?}; known kinds: {}\n",
-                        KINDS.join(", ")
+                        EventKind::NAMES.join(", ")
                     ));
                 }
             }
         }
     }
-    let mut watcher = match s.engine.watch(since, filter) {
+    let mut watcher = match s.engine.watch(since, filter).await {
         Ok(w) => w,
         Err(crate::engine::EngineError::ResourceExhausted(m)) => {
             return (StatusCode::SERVICE_UNAVAILABLE, m).into_response();

@@ -15,9 +15,9 @@
 //! watermark to pass it. Events about such a target are handed to the writer
 //! and published after the commit, in order.
 
-use super::events::{EventBus, EventKind};
 use super::store::{Op, Store, StoreError};
 use crate::domain::Time;
+use crate::engine::events::{EventBus, EventKind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};

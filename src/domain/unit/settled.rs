@@ -24,7 +24,7 @@ const RECENT: usize = 64;
 
 /// The settled-permit memory of one target.
 #[derive(Debug)]
-pub(crate) struct SettledLog<R: Copy> {
+pub struct SettledLog<R: Copy> {
     /// Id of bit 0 of `words[0]` (a multiple of 64).
     base: u64,
     words: VecDeque<u64>,
@@ -35,7 +35,7 @@ pub(crate) struct SettledLog<R: Copy> {
 
 /// What checking a permit against the memory found.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Seen<R> {
+pub enum Seen<R> {
     /// First report: now marked settled.
     First,
     /// Already settled; the first answer, if still remembered.

@@ -1,0 +1,445 @@
+//! A unit's state as one protobuf record: what the local store writes and
+//! the Redis backend keeps, so the state can travel between processes.
+//!
+//! Records are protobuf (prost) messages, so they grow fields without a
+//! migration, exactly like the public contract. Two readings of a record:
+//! * [`decode`]: exactly the state that was written (every field, leases and
+//!   probes included): what another replica reads from Redis;
+//! * [`restore`]: the state a *restarted* process should resume from: the
+//!   durable core (breaker, pauses, disabled keys, learned limits, budget
+//!   levels, counters) without the previous process's probe and concurrency
+//!   leases (their permits died with it), and a new breaker generation.
+
+use super::UnitCx;
+use super::state::{Counters, GroupState, Learned, Slot, TargetState};
+use crate::domain::Time;
+use crate::domain::breaker::{Breaker, BreakerParts, BreakerSnapshot, BreakerState, Mode, Probe};
+use crate::domain::budget::{BudgetConfig, BudgetState, Gcra, Kind, Lease};
+use crate::domain::retry::RetryBudget;
+use crate::domain::window::{BUCKETS, RollingPair};
+
+/// A breaker's durable core plus the key-slot state providers imposed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TargetRecord {
+    /// Declared in config when written (a target later removed from config is dropped on load).
+    #[prost(bool, tag = "1")]
+    pub configured: bool,
+    /// `BreakerState` as 1..=5 (closed, open, half-open, forced open, forced closed).
+    #[prost(uint32, tag = "2")]
+    pub state: u32,
+    #[prost(uint64, tag = "3")]
+    pub open_until: u64,
+    #[prost(uint64, tag = "4")]
+    pub opened_at: u64,
+    #[prost(uint64, tag = "5")]
+    pub generation: u64,
+    #[prost(uint32, tag = "6")]
+    pub reopen_count: u32,
+    #[prost(uint32, tag = "7")]
+    pub consecutive_failures: u32,
+    #[prost(uint32, tag = "8")]
+    pub half_open_successes: u32,
+    #[prost(bool, tag = "9")]
+    pub persistent_open: bool,
+    #[prost(string, tag = "10")]
+    pub forced_reason: String,
+    #[prost(string, tag = "11")]
+    pub last_cause: String,
+    #[prost(message, repeated, tag = "12")]
+    pub slots: Vec<SlotRecord>,
+    #[prost(uint64, tag = "13")]
+    pub admitted: u64,
+    #[prost(uint64, tag = "14")]
+    pub refused: u64,
+    /// Outcomes per class, indexed like `OutcomeClass::index`.
+    #[prost(uint64, repeated, tag = "15")]
+    pub by_class: Vec<u64>,
+    #[prost(uint64, tag = "16")]
+    pub stale: u64,
+    /// The next permit id.
+    #[prost(uint64, tag = "17")]
+    pub next_admission: u64,
+    /// Set by writers that record every field below (the Redis backend needs
+    /// all of them); records without it are from before and carry the core.
+    #[prost(bool, tag = "18")]
+    pub full: bool,
+    /// 0 closed, 1 open, 2 half-open (`state` folds the mode in).
+    #[prost(uint32, tag = "19")]
+    pub phase: u32,
+    /// 0 automatic, 1 forced open, 2 forced closed.
+    #[prost(uint32, tag = "20")]
+    pub mode: u32,
+    #[prost(uint64, tag = "21")]
+    pub next_probe: u64,
+    #[prost(message, repeated, tag = "22")]
+    pub probes: Vec<LeaseRecord>,
+    #[prost(message, optional, tag = "23")]
+    pub breaker_window: Option<WindowRecord>,
+    #[prost(message, optional, tag = "24")]
+    pub retry_window: Option<WindowRecord>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SlotRecord {
+    /// Key slot name; empty for the implicit slot.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint64, tag = "2")]
+    pub paused_until: u64,
+    #[prost(uint64, tag = "3")]
+    pub disabled_until: u64,
+    #[prost(string, tag = "4")]
+    pub disabled_reason: String,
+    #[prost(message, repeated, tag = "5")]
+    pub learned: Vec<LearnedRecord>,
+    /// GCRA theoretical arrival times per budget kind (written behind; approximate after a crash).
+    #[prost(uint64, repeated, tag = "6")]
+    pub tats: Vec<u64>,
+    /// Concurrency leases in flight.
+    #[prost(message, repeated, tag = "7")]
+    pub leases: Vec<LeaseRecord>,
+    #[prost(bool, tag = "8")]
+    pub limited: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LearnedRecord {
+    /// `Kind::index`.
+    #[prost(uint32, tag = "1")]
+    pub kind: u32,
+    #[prost(uint64, tag = "2")]
+    pub limit: u64,
+    #[prost(uint64, tag = "3")]
+    pub remaining: u64,
+    #[prost(uint64, tag = "4")]
+    pub reset_at: u64,
+    #[prost(uint64, tag = "5")]
+    pub observed_at: u64,
+}
+
+/// A budget group's levels (written behind).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GroupRecord {
+    #[prost(uint64, repeated, tag = "1")]
+    pub tats: Vec<u64>,
+    #[prost(message, repeated, tag = "2")]
+    pub leases: Vec<LeaseRecord>,
+    #[prost(bool, tag = "3")]
+    pub limited: bool,
+}
+
+/// A lease (a concurrency slot or a half-open probe): its key and expiry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeaseRecord {
+    #[prost(uint64, tag = "1")]
+    pub key: u64,
+    #[prost(uint64, tag = "2")]
+    pub until: u64,
+}
+
+/// A rolling window's buckets.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WindowRecord {
+    #[prost(uint64, tag = "1")]
+    pub width_nanos: u64,
+    /// (epoch, a, b) per bucket, flattened.
+    #[prost(uint64, repeated, tag = "2")]
+    pub buckets: Vec<u64>,
+}
+
+fn window_record(w: &RollingPair) -> WindowRecord {
+    let (width_nanos, buckets) = w.parts();
+    WindowRecord {
+        width_nanos,
+        buckets: buckets
+            .iter()
+            .flat_map(|&(e, a, b)| [e, u64::from(a), u64::from(b)])
+            .collect(),
+    }
+}
+
+fn window_from(r: &WindowRecord) -> Option<RollingPair> {
+    if r.buckets.len() != BUCKETS * 3 {
+        return None;
+    }
+    let mut b = [(0u64, 0u32, 0u32); BUCKETS];
+    for (i, slot) in b.iter_mut().enumerate() {
+        let c = &r.buckets[i * 3..i * 3 + 3];
+        *slot = (
+            c[0],
+            u32::try_from(c[1]).unwrap_or(u32::MAX),
+            u32::try_from(c[2]).unwrap_or(u32::MAX),
+        );
+    }
+    Some(RollingPair::from_parts(r.width_nanos, b))
+}
+
+fn leases(b: &BudgetState) -> Vec<LeaseRecord> {
+    b.leases()
+        .iter()
+        .map(|l| LeaseRecord {
+            key: l.key,
+            until: l.until.as_nanos(),
+        })
+        .collect()
+}
+
+fn leases_from(r: &[LeaseRecord]) -> Vec<Lease> {
+    r.iter()
+        .map(|l| Lease {
+            key: l.key,
+            until: Time::from_nanos(l.until),
+        })
+        .collect()
+}
+
+fn tats(b: &BudgetState) -> Vec<u64> {
+    Kind::ALL
+        .iter()
+        .map(|k| b.cell(*k).tat().as_nanos())
+        .collect()
+}
+
+fn set_tats(b: &mut BudgetState, tats: &[u64]) {
+    for (k, tat) in Kind::ALL.iter().zip(tats) {
+        b.set_cell(*k, Gcra::from_tat(Time::from_nanos(*tat)));
+    }
+}
+
+/// The whole state of a target as a record.
+pub fn encode(cx: &UnitCx<'_>, st: &TargetState) -> TargetRecord {
+    let b = st.breaker.snapshot();
+    let p = st.breaker.parts();
+    TargetRecord {
+        configured: cx.settings.configured,
+        state: match b.state {
+            BreakerState::Closed => 1,
+            BreakerState::Open => 2,
+            BreakerState::HalfOpen => 3,
+            BreakerState::ForcedOpen => 4,
+            BreakerState::ForcedClosed => 5,
+        },
+        open_until: b.open_until.as_nanos(),
+        opened_at: b.opened_at.as_nanos(),
+        generation: b.generation,
+        reopen_count: b.reopen_count,
+        consecutive_failures: b.consecutive_failures,
+        half_open_successes: b.half_open_successes,
+        persistent_open: b.persistent_open,
+        forced_reason: st.forced_reason().unwrap_or_default().to_string(),
+        last_cause: st.last_cause().unwrap_or_default().to_string(),
+        slots: st
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SlotRecord {
+                name: cx.slot_name(i).as_deref().unwrap_or_default().to_string(),
+                paused_until: s.paused_until.as_nanos(),
+                disabled_until: s.disabled_until.as_nanos(),
+                disabled_reason: s.disabled_reason.as_deref().unwrap_or_default().to_string(),
+                learned: s
+                    .learned
+                    .as_ref()
+                    .map(|l| {
+                        Kind::ALL
+                            .iter()
+                            .filter_map(|k| {
+                                l[k.index()].map(|v| LearnedRecord {
+                                    kind: k.index() as u32,
+                                    limit: v.limit,
+                                    remaining: v.remaining,
+                                    reset_at: v.reset_at.as_nanos(),
+                                    observed_at: v.observed_at.as_nanos(),
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                tats: tats(&s.budget),
+                leases: leases(&s.budget),
+                limited: s.limited,
+            })
+            .collect(),
+        admitted: st.counters.admitted,
+        refused: st.counters.refused,
+        by_class: st.counters.by_class.to_vec(),
+        stale: st.counters.stale,
+        next_admission: st.next_admission,
+        full: true,
+        phase: u32::from(p.phase),
+        mode: match p.mode {
+            Mode::Automatic => 0,
+            Mode::ForcedOpen => 1,
+            Mode::ForcedClosed => 2,
+        },
+        next_probe: p.next_probe,
+        probes: p
+            .probes
+            .iter()
+            .map(|pr| LeaseRecord {
+                key: pr.id,
+                until: pr.lease_until.as_nanos(),
+            })
+            .collect(),
+        breaker_window: p.window.as_ref().map(window_record),
+        retry_window: st.retry.as_ref().map(|r| window_record(r.counts())),
+    }
+}
+
+/// Restores the parts both readings share: notes, counters, slots (matched
+/// by name: slots no longer configured are dropped), with leases or not.
+fn fill(cx: &UnitCx<'_>, st: &mut TargetState, rec: &TargetRecord, keep_leases: bool) {
+    st.set_forced_reason(
+        (!rec.forced_reason.is_empty()).then(|| rec.forced_reason.clone().into_boxed_str()),
+    );
+    st.set_last_cause(
+        (!rec.last_cause.is_empty()).then(|| rec.last_cause.clone().into_boxed_str()),
+    );
+    // Never go back: ids issued after the last write of this counter are not
+    // in the record, and a new process starts above any earlier one's.
+    st.next_admission = st.next_admission.max(rec.next_admission);
+    st.counters = Counters {
+        admitted: rec.admitted,
+        refused: rec.refused,
+        by_class: std::array::from_fn(|i| rec.by_class.get(i).copied().unwrap_or(0)),
+        stale: rec.stale,
+    };
+    for sr in &rec.slots {
+        let ix = if sr.name.is_empty() {
+            (cx.settings.keys.is_empty()).then_some(0)
+        } else {
+            cx.slot_index(&sr.name)
+        };
+        let Some(ix) = ix else { continue };
+        let slot: &mut Slot = &mut st.slots[ix];
+        slot.paused_until = Time::from_nanos(sr.paused_until);
+        slot.disabled_until = Time::from_nanos(sr.disabled_until);
+        slot.disabled_reason =
+            (!sr.disabled_reason.is_empty()).then(|| sr.disabled_reason.clone().into_boxed_str());
+        set_tats(&mut slot.budget, &sr.tats);
+        if keep_leases {
+            slot.budget.set_leases(leases_from(&sr.leases));
+            slot.limited = sr.limited;
+        }
+        if !sr.learned.is_empty() {
+            let mut l: [Option<Learned>; 4] = Default::default();
+            for lr in &sr.learned {
+                if let Some(k) = Kind::ALL.get(lr.kind as usize) {
+                    l[k.index()] = Some(Learned {
+                        limit: lr.limit,
+                        remaining: lr.remaining,
+                        reset_at: Time::from_nanos(lr.reset_at),
+                        observed_at: Time::from_nanos(lr.observed_at),
+                    });
+                }
+            }
+            slot.learned = Some(Box::new(l));
+        }
+    }
+}
+
+fn snapshot_of(rec: &TargetRecord) -> BreakerSnapshot {
+    BreakerSnapshot {
+        state: match rec.state {
+            2 => BreakerState::Open,
+            3 => BreakerState::HalfOpen,
+            4 => BreakerState::ForcedOpen,
+            5 => BreakerState::ForcedClosed,
+            _ => BreakerState::Closed,
+        },
+        open_until: Time::from_nanos(rec.open_until),
+        opened_at: Time::from_nanos(rec.opened_at),
+        generation: rec.generation,
+        reopen_count: rec.reopen_count,
+        consecutive_failures: rec.consecutive_failures,
+        half_open_successes: rec.half_open_successes,
+        persistent_open: rec.persistent_open,
+    }
+}
+
+/// Exactly the state that was written (what another replica wrote to Redis).
+/// A record from before full records is read like [`restore`] without the
+/// restart's generation bump.
+pub fn decode(cx: &UnitCx<'_>, rec: &TargetRecord, first_id: u64) -> TargetState {
+    let mut st = TargetState::new(cx.seed, cx.settings.keys.len(), first_id);
+    if rec.full {
+        st.breaker = Breaker::from_parts(
+            BreakerParts {
+                phase: u8::try_from(rec.phase).unwrap_or(0),
+                mode: match rec.mode {
+                    1 => Mode::ForcedOpen,
+                    2 => Mode::ForcedClosed,
+                    _ => Mode::Automatic,
+                },
+                open_until: Time::from_nanos(rec.open_until),
+                opened_at: Time::from_nanos(rec.opened_at),
+                generation: rec.generation,
+                consecutive_failures: rec.consecutive_failures,
+                half_open_successes: rec.half_open_successes,
+                reopen_count: rec.reopen_count,
+                persistent_open: rec.persistent_open,
+                next_probe: rec.next_probe,
+                probes: rec
+                    .probes
+                    .iter()
+                    .map(|p| Probe {
+                        id: p.key,
+                        lease_until: Time::from_nanos(p.until),
+                    })
+                    .collect(),
+                window: rec.breaker_window.as_ref().and_then(window_from),
+            },
+            cx.seed,
+        );
+        st.retry = rec
+            .retry_window
+            .as_ref()
+            .and_then(window_from)
+            .map(|w| Box::new(RetryBudget::from_counts(w)));
+    } else {
+        let mut b = Breaker::restore(&snapshot_of(rec), cx.seed);
+        b.set_generation(rec.generation);
+        st.breaker = b;
+    }
+    fill(cx, &mut st, rec, true);
+    st
+}
+
+/// The state a restarted process resumes from (see the module doc): the
+/// previous process's leases are dropped, the breaker gets a new generation
+/// (so its permits are stale), an open period that ran out while down
+/// becomes half-open at `now`, and budget debt is clamped.
+pub fn restore(cx: &UnitCx<'_>, rec: &TargetRecord, now: Time, first_id: u64) -> TargetState {
+    let mut st = TargetState::new(cx.seed, cx.settings.keys.len(), first_id);
+    st.breaker = Breaker::restore(&snapshot_of(rec), cx.seed);
+    let mut ev = Vec::new();
+    st.breaker.tick(now, &cx.settings.breaker, &mut ev);
+    fill(cx, &mut st, rec, false);
+    for s in st.slots.iter_mut() {
+        s.budget.clamp_debt(now, &cx.settings.budget);
+    }
+    st
+}
+
+/// A group's state as a record.
+pub fn encode_group(g: &GroupState) -> GroupRecord {
+    GroupRecord {
+        tats: tats(&g.budget),
+        leases: leases(&g.budget),
+        limited: g.limited,
+    }
+}
+
+/// A group's state from a record; `restart` drops the leases of the previous
+/// process and clamps debt (like [`restore`]).
+pub fn decode_group(rec: &GroupRecord, cfg: &BudgetConfig, now: Time, restart: bool) -> GroupState {
+    let mut g = GroupState::default();
+    set_tats(&mut g.budget, &rec.tats);
+    if restart {
+        g.budget.clamp_debt(now, cfg);
+    } else {
+        g.budget.set_leases(leases_from(&rec.leases));
+        g.limited = rec.limited;
+    }
+    g
+}

@@ -1,0 +1,670 @@
+//! The embedded decision backend: every unit's state in memory, durable in
+//! an embedded store (redb), one process.
+//!
+//! # Concurrency
+//! Targets live in a sharded map ([`DashMap`]); a lookup read-locks one shard
+//! briefly, then the decision locks only that target's mutex (and the budget
+//! groups it draws on, always in index order, so two decisions can never
+//! deadlock), runs the pure decision function (`domain::unit`) and unlocks.
+//! No lock is held across an await, and the decision path does no I/O.
+//!
+//! # Durability
+//! A decision that changed durable state (a breaker transition, a pause, a
+//! disabled key) queues a snapshot of the target *while still locked* (so
+//! writes reach the store in order) and the answer waits for the commit
+//! *after* the lock is released, so a client is never told about a
+//! transition a crash could forget (see `persist.rs` for the watermark that
+//! extends this to every later reader). Budget levels and counters are
+//! written behind about once a second.
+
+pub mod persist;
+pub mod store;
+mod target;
+
+pub use target::Target;
+
+use crate::config::{Config, TargetSettings};
+use crate::domain::Time;
+use crate::domain::breaker::{BreakerState, Mode};
+use crate::domain::budget::{BudgetConfig, Kind};
+use crate::domain::event::EventKind;
+use crate::domain::unit::settled::Seen;
+use crate::domain::unit::view::{TargetPage, TargetSummary, TargetView, summary};
+use crate::domain::unit::{
+    self, Admission, AdmitArgs, Effects, GroupRef, GroupState, OutcomeArgs, OutcomeResult,
+    SettledAnswer, Trust, codec, first_permit_id, operate,
+};
+use crate::engine::clock::Clock;
+use crate::engine::error::{EngineError, Result, invalid};
+use crate::engine::events::EventBus;
+use crate::engine::permit::PermitKey;
+use crate::engine::validate_target;
+use crate::engine::{LoadReport, QueueLoad};
+use crate::metrics::{self, Metrics};
+use dashmap::DashMap;
+use persist::{Pending, Persister};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use store::{GroupRecord, Op, Store, StoreError};
+use target::{DIRTY_COUNTERS, DIRTY_STATE, Locked};
+
+/// Most targets one write-behind flush writes (bounds its memory and I/O; a
+/// backlog drains over the following flushes).
+pub const MAX_FLUSH: usize = 20_000;
+
+/// A budget group: one shared budget several targets draw on.
+pub(crate) struct LocalGroup {
+    pub name: Arc<str>,
+    pub config: BudgetConfig,
+    pub state: Mutex<GroupState>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every unit's state in this process, persisted to an embedded store.
+pub struct LocalBackend {
+    config: Arc<Config>,
+    clock: Arc<dyn Clock>,
+    targets: DashMap<Arc<str>, Arc<Target>>,
+    /// Targets created on first use (bounded by `max_targets`).
+    created: AtomicUsize,
+    groups: Box<[LocalGroup]>,
+    events: Arc<EventBus>,
+    /// None in ephemeral mode.
+    persister: Option<Arc<Persister>>,
+    metrics: Arc<Metrics>,
+    permit_key: PermitKey,
+    /// When this process started: a permit issued before it is late (its
+    /// lease and reservation died with the previous process).
+    boot: Time,
+}
+
+impl LocalBackend {
+    /// A backend over `config` with nothing persisted (ephemeral, benches,
+    /// tests), every configured target and route member created up front.
+    pub fn new(
+        config: Arc<Config>,
+        clock: Arc<dyn Clock>,
+        events: Arc<EventBus>,
+        metrics: Arc<Metrics>,
+    ) -> LocalBackend {
+        let groups = config
+            .groups
+            .iter()
+            .map(|g| LocalGroup {
+                name: g.name.clone(),
+                config: g.budget.clone(),
+                state: Mutex::new(GroupState::default()),
+            })
+            .collect();
+        let secret = config
+            .server
+            .permit_key
+            .as_deref()
+            .map(|k| k.as_bytes().to_vec())
+            .or_else(PermitKey::generate_secret)
+            .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec());
+        let b = LocalBackend {
+            targets: DashMap::new(),
+            created: AtomicUsize::new(0),
+            groups,
+            events,
+            persister: None,
+            metrics,
+            permit_key: PermitKey::new(&secret),
+            boot: clock.now(),
+            clock,
+            config,
+        };
+        for (name, settings) in &b.config.targets {
+            b.insert_target(Arc::from(name.as_str()), settings.clone());
+        }
+        // Route members exist from the start (so GetTarget and dashboards see
+        // them before their first call); they do not count towards max_targets.
+        let members: Vec<Arc<str>> = b
+            .config
+            .routes
+            .values()
+            .flat_map(|r| r.targets.iter().cloned())
+            .collect();
+        for name in members {
+            if !b.targets.contains_key(name.as_ref()) {
+                b.insert_target(name, b.config.default_target.clone());
+            }
+        }
+        b
+    }
+
+    /// A backend restored from `store`, reconciled with the config: targets
+    /// removed from the config are dropped, changed settings apply, open
+    /// periods that ran out while down become half-open. The deferred queue's
+    /// records go to `queue`, whose cleanup writes are committed with the
+    /// backend's before the writer thread starts.
+    pub fn open<Q>(
+        config: Arc<Config>,
+        clock: Arc<dyn Clock>,
+        events: Arc<EventBus>,
+        metrics: Arc<Metrics>,
+        store: Box<dyn Store>,
+        queue: impl FnOnce(QueueLoad, Time) -> (Q, Vec<Op>),
+    ) -> std::result::Result<(LocalBackend, LoadReport, Q), StoreError> {
+        let started = std::time::Instant::now();
+        let loaded = store.load()?;
+        let mut b = LocalBackend::new(config, clock, events, metrics);
+        let mut cleanup = Vec::new();
+        if b.config.server.permit_key.is_none() {
+            // A generated key is kept, so permits outlive a restart.
+            match &loaded.permit_key {
+                Some(k) if !k.is_empty() => b.permit_key = PermitKey::new(k),
+                _ => {
+                    let secret = PermitKey::generate_secret().ok_or_else(|| {
+                        StoreError("the OS could not provide random bytes for a permit key".into())
+                    })?;
+                    b.permit_key = PermitKey::new(&secret);
+                    cleanup.push(Op::PermitKey(secret));
+                }
+            }
+        }
+        let now = b.clock.now();
+        let mut report = LoadReport::default();
+        for (name, rec) in loaded.targets {
+            let t = if let Some(t) = b.targets.get(name.as_str()).map(|t| t.clone()) {
+                t
+            } else if rec.configured {
+                // Declared in the config it was saved under, gone from this one.
+                report.dropped += 1;
+                cleanup.push(Op::Target(Arc::from(name.as_str()), None));
+                continue;
+            } else {
+                match b.target(&name) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        report.dropped += 1;
+                        cleanup.push(Op::Target(Arc::from(name.as_str()), None));
+                        continue;
+                    }
+                }
+            };
+            let mut l = t.lock();
+            l.st = codec::restore(&t.cx(), &rec, now, first_permit_id(b.boot));
+            b.metrics.set_state(&t.metrics, l.st.breaker.state());
+            report.targets += 1;
+            if l.st.breaker.state() != BreakerState::Closed {
+                report.not_closed += 1;
+            }
+        }
+        for (name, rec) in loaded.groups {
+            match b.groups.iter().find(|g| g.name.as_ref() == name) {
+                Some(g) => *lock(&g.state) = codec::decode_group(&rec, &g.config, now, true),
+                None => cleanup.push(Op::Group(Arc::from(name.as_str()), None)),
+            }
+        }
+        report.items = loaded.items.len();
+        report.dead = loaded.dead.len();
+        let (queue, queue_ops) = queue(
+            QueueLoad {
+                items: loaded.items,
+                dead: loaded.dead,
+                idem: loaded.idem,
+                next_item_id: loaded.next_item_id,
+            },
+            now,
+        );
+        cleanup.extend(queue_ops);
+        store.commit(&cleanup)?;
+        b.persister = Some(Arc::new(Persister::start(store, b.events.clone())));
+        report.elapsed = started.elapsed();
+        Ok((b, report, queue))
+    }
+
+    pub(crate) fn persister(&self) -> Option<&Arc<Persister>> {
+        self.persister.as_ref()
+    }
+
+    pub fn permit_key(&self) -> &PermitKey {
+        &self.permit_key
+    }
+
+    /// Number of targets held.
+    pub fn target_count(&self) -> usize {
+        self.targets.len()
+    }
+
+    fn insert_target(&self, name: Arc<str>, settings: Arc<TargetSettings>) -> Arc<Target> {
+        let t = Arc::new(Target::new(
+            name.clone(),
+            settings,
+            self.metrics.for_target(&name),
+            first_permit_id(self.boot),
+        ));
+        self.targets.insert(name, t.clone());
+        t
+    }
+
+    /// The target, created with default settings on first use (up to `max_targets`).
+    pub fn target(&self, name: &str) -> Result<Arc<Target>> {
+        if let Some(t) = self.targets.get(name) {
+            return Ok(t.clone());
+        }
+        validate_target(name)?;
+        let max = self.config.server.max_targets;
+        if self.created.load(Ordering::Relaxed) >= max {
+            return Err(EngineError::ResourceExhausted(format!(
+                "target {name:?} is unknown and the server already tracks the maximum of {max} targets created on first use; \
+                 declare it in the config file or raise [server] max_targets"
+            )));
+        }
+        // One allocation of the name, shared by the map key and the target.
+        let key: Arc<str> = Arc::from(name);
+        let entry = self.targets.entry(key.clone());
+        let t = entry.or_insert_with(|| {
+            self.created.fetch_add(1, Ordering::Relaxed);
+            Arc::new(Target::new(
+                key,
+                self.config.default_target.clone(),
+                self.metrics.for_target(name),
+                first_permit_id(self.boot),
+            ))
+        });
+        Ok(t.clone())
+    }
+
+    /// An existing target, without creating it.
+    pub fn existing(&self, name: &str) -> Result<Arc<Target>> {
+        validate_target(name)?;
+        self.targets.get(name).map(|t| t.clone()).ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "target {name:?} is not configured and has not been used yet"
+            ))
+        })
+    }
+
+    /// Runs `f` with the target's budget groups held, in index order (the
+    /// target's own lock is already held: targets first, then groups, always).
+    fn with_groups<R>(&self, t: &Target, f: impl FnOnce(&mut [GroupRef<'_>]) -> R) -> R {
+        if t.settings.groups.is_empty() {
+            return f(&mut []);
+        }
+        let mut guards: Vec<MutexGuard<'_, GroupState>> = t
+            .settings
+            .groups
+            .iter()
+            .map(|&gi| lock(&self.groups[gi].state))
+            .collect();
+        let mut refs: Vec<GroupRef<'_>> = guards
+            .iter_mut()
+            .zip(&t.settings.groups)
+            .map(|(g, &gi)| GroupRef {
+                name: &self.groups[gi].name,
+                config: &self.groups[gi].config,
+                state: g,
+            })
+            .collect();
+        f(&mut refs)
+    }
+
+    /// Ends a critical section (the target is still locked): publishes its
+    /// events and, if durable state changed, queues a snapshot for the store.
+    /// Snapshots are queued under the lock so they reach the store in order.
+    /// Returns what the answer must wait for before it leaves.
+    fn finish(&self, now: Time, target: &Target, l: &Locked, fx: &mut Effects) -> Option<Pending> {
+        for kind in &fx.events {
+            if let EventKind::BreakerTransition { from, to, .. } = *kind {
+                self.metrics.transition(&target.metrics, from, to);
+            }
+        }
+        let Some(p) = &self.persister else {
+            for kind in fx.events.drain(..) {
+                self.events.publish(now, &target.name, kind);
+            }
+            return None;
+        };
+        let pending_events = |fx: &mut Effects| -> Vec<persist::PendingEvent> {
+            fx.events
+                .drain(..)
+                .map(|k| (now, target.name.clone(), k))
+                .collect()
+        };
+        if fx.durable {
+            let record = Op::Target(
+                target.name.clone(),
+                Some(codec::encode(&target.cx(), &l.st)),
+            );
+            let (pending, seq) = p.write(vec![record], pending_events(fx));
+            target.durable_seq.store(seq, Ordering::Release);
+            return Some(pending);
+        }
+        let bits = if fx.state_dirty {
+            DIRTY_STATE | DIRTY_COUNTERS
+        } else if fx.counted {
+            DIRTY_COUNTERS
+        } else {
+            0
+        };
+        // A load first: most decisions find the bits already set and skip the write.
+        if bits != 0 && target.dirty.load(Ordering::Relaxed) & bits != bits {
+            target.dirty.fetch_or(bits, Ordering::Relaxed);
+        }
+        let seq = target.durable_seq.load(Ordering::Acquire);
+        if seq > p.committed() {
+            // An earlier change of this target is not on disk yet: this answer
+            // must not reveal it before it is, and its events queue behind it.
+            if !fx.events.is_empty() {
+                p.publish_after(pending_events(fx));
+            }
+            Some(p.wait_for(seq))
+        } else {
+            for kind in fx.events.drain(..) {
+                self.events.publish(now, &target.name, kind);
+            }
+            None
+        }
+    }
+
+    /// Waits until a decision's durable change is on disk, so that a client is
+    /// never told about a transition a crash could forget.
+    async fn durable(pending: Option<Pending>) -> Result<()> {
+        match pending {
+            None => Ok(()),
+            Some(p) => p.wait().await.map_err(|e| {
+                EngineError::Unavailable(format!(
+                    "the decision could not be made durable, so it was not acknowledged: {e}"
+                ))
+            }),
+        }
+    }
+
+    /// Decides one admission (the permit is unsigned: the engine signs it).
+    pub async fn admit(&self, name: &str, args: &AdmitArgs<'_>) -> Result<Admission> {
+        let t = self.target(name)?;
+        let mut fx = Effects::default();
+        let (adm, pending) = {
+            let mut l = t.lock();
+            let now = self.clock.now();
+            let adm = self.with_groups(&t, |g| {
+                unit::admit(&t.cx(), &mut l.st, g, now, args, &mut fx)
+            });
+            (adm, self.finish(now, &t, &l, &mut fx))
+        };
+        t.metrics
+            .decision(adm.shadow_reason.unwrap_or(adm.reason), args.attempt);
+        Self::durable(pending).await?;
+        Ok(adm)
+    }
+
+    /// Applies a classified, validated outcome. Settles each permit once.
+    pub async fn record(
+        &self,
+        name: &str,
+        mut args: OutcomeArgs<'_>,
+        rand01: f64,
+    ) -> Result<OutcomeResult> {
+        let t = self.target(name)?;
+        if let Trust::Permit(p) = args.trust
+            && p.issued_ms < self.boot.as_millis()
+        {
+            // Issued by the previous process: its lease and reservation are gone.
+            args.trust = Trust::Late(p);
+        }
+        let mut fx = Effects::default();
+        let (result, pending) = {
+            let mut l = t.lock();
+            let now = self.clock.now();
+            let mut duplicate = None;
+            // Settle once: the first report of a permit counts; a duplicate
+            // (a retried call, a replay) changes nothing and gets the first answer.
+            if let Trust::Permit(p) = args.trust {
+                let lifetime = t.cx().permit_lifetime();
+                let issued = Time::from_millis(p.issued_ms);
+                match l
+                    .settled
+                    .get_or_insert_with(Default::default)
+                    .settle(p.id, issued, now, lifetime)
+                {
+                    Seen::First => {}
+                    Seen::Again(first) => {
+                        duplicate = Some(unit::duplicate_answer(
+                            &t.cx(),
+                            &l.st,
+                            args.class,
+                            args.attempt,
+                            first,
+                        ));
+                    }
+                    Seen::Forgotten => args.trust = Trust::Late(p),
+                }
+            }
+            match duplicate {
+                Some(d) => {
+                    // Answered only once the state it reflects is durable.
+                    let seq = t.durable_seq.load(Ordering::Acquire);
+                    (d, self.persister.as_ref().map(|p| p.wait_for(seq)))
+                }
+                None => {
+                    let l = &mut *l;
+                    let r = self.with_groups(&t, |g| {
+                        unit::record(&t.cx(), &mut l.st, g, now, &args, rand01, &mut fx)
+                    });
+                    if let (Trust::Permit(p), Some(log)) = (args.trust, l.settled.as_mut()) {
+                        log.answered(
+                            p.id,
+                            SettledAnswer {
+                                class: r.classified_as,
+                                advice: r.advice,
+                            },
+                        );
+                    }
+                    t.metrics.outcome(args.class, args.latency);
+                    (r, self.finish(now, &t, l, &mut fx))
+                }
+            }
+        };
+        Self::durable(pending).await?;
+        Ok(result)
+    }
+
+    /// Forces a breaker open or closed, or returns it to automatic control.
+    pub async fn force(&self, name: &str, mode: Mode, reason: &str) -> Result<TargetView> {
+        let t = self.target(name)?;
+        let mut fx = Effects::default();
+        let pending = {
+            let mut l = t.lock();
+            let now = self.clock.now();
+            operate::force(&t.cx(), &mut l.st, now, mode, reason, &mut fx);
+            self.finish(now, &t, &l, &mut fx)
+        };
+        Self::durable(pending).await?;
+        Ok(self.view_of(&t))
+    }
+
+    /// Back to a fresh closed breaker, full budgets, no pauses or disabled keys.
+    pub async fn reset(&self, name: &str) -> Result<TargetView> {
+        let t = self.existing(name)?;
+        let mut fx = Effects::default();
+        let pending = {
+            let mut l = t.lock();
+            let now = self.clock.now();
+            self.with_groups(&t, |g| operate::reset(&t.cx(), &mut l.st, g, &mut fx));
+            self.finish(now, &t, &l, &mut fx)
+        };
+        Self::durable(pending).await?;
+        Ok(self.view_of(&t))
+    }
+
+    /// Before a read: applies what time did to the target and publishes it.
+    /// Those changes follow from durable state, so nothing here waits.
+    fn apply_time(&self, now: Time, t: &Target, l: &mut Locked) {
+        let mut fx = Effects::default();
+        operate::tick(&t.cx(), &mut l.st, now, &mut fx);
+        if !fx.events.is_empty() || fx.state_dirty {
+            // Never durable (time-driven), so finish never returns a wait here
+            // unless an earlier write is pending, which a read need not await.
+            let _ = self.finish(now, t, l, &mut fx);
+        }
+    }
+
+    fn view_of(&self, t: &Arc<Target>) -> TargetView {
+        let now = self.clock.now();
+        let mut l = t.lock();
+        self.apply_time(now, t, &mut l);
+        let l = &mut *l;
+        self.with_groups(t, |g| {
+            unit::view::view(&t.cx(), &t.name, &t.settings, &mut l.st, g, now)
+        })
+    }
+
+    /// Full state of one target.
+    pub fn view(&self, name: &str) -> Result<TargetView> {
+        let t = self.existing(name)?;
+        Ok(self.view_of(&t))
+    }
+
+    /// Targets sorted by name, filtered by prefix, paginated by the last name seen.
+    pub fn list(&self, prefix: &str, size: usize, page_token: &str) -> TargetPage {
+        let mut names: Vec<Arc<str>> = self
+            .targets
+            .iter()
+            .filter(|e| e.key().starts_with(prefix))
+            .map(|e| e.key().clone())
+            .collect();
+        names.sort();
+        let total = names.len() as u64;
+        let start = if page_token.is_empty() {
+            0
+        } else {
+            names.partition_point(|n| n.as_ref() <= page_token)
+        };
+        let now = self.clock.now();
+        let mut targets: Vec<TargetSummary> = Vec::new();
+        for name in names.iter().skip(start).take(size) {
+            if let Some(t) = self.targets.get(name.as_ref()) {
+                let mut l = t.lock();
+                self.apply_time(now, &t, &mut l);
+                targets.push(summary(name, &t.settings, &l.st));
+            }
+        }
+        let next_page_token = if start + size < names.len() {
+            targets
+                .last()
+                .map(|t| t.name.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        TargetPage {
+            targets,
+            next_page_token,
+            total,
+        }
+    }
+
+    /// Views of every target (or of those named), sorted by name, at most `max`.
+    pub fn views(&self, only: &std::collections::HashSet<String>, max: usize) -> Vec<TargetView> {
+        let mut names: Vec<Arc<str>> = self
+            .targets
+            .iter()
+            .filter(|e| only.is_empty() || only.contains(e.key().as_ref()))
+            .map(|e| e.key().clone())
+            .collect();
+        names.sort();
+        names.truncate(max);
+        names
+            .iter()
+            .filter_map(|n| self.targets.get(n.as_ref()).map(|t| t.clone()))
+            .map(|t| self.view_of(&t))
+            .collect()
+    }
+
+    /// Write-behind: queues the state of up to [`MAX_FLUSH`] targets changed
+    /// since the last flush (counters, budget levels) and of every budget
+    /// group. Called about once a second; what it writes is approximate across
+    /// a crash by design. Returns the pending write and how many targets it
+    /// covers (call again while that is `MAX_FLUSH` to drain a backlog).
+    pub fn flush_dirty(&self) -> (Pending, usize) {
+        self.flush(DIRTY_STATE)
+    }
+
+    /// Queues targets with any of `mask` dirty (see [`LocalBackend::flush_dirty`]).
+    fn flush(&self, mask: u8) -> (Pending, usize) {
+        let Some(p) = &self.persister else {
+            return (Pending::none(), 0);
+        };
+        let (mut n, mut last) = (0, 0);
+        for entry in self.targets.iter() {
+            if n >= MAX_FLUSH {
+                break;
+            }
+            let t = entry.value();
+            if t.dirty.load(Ordering::Relaxed) & mask != 0
+                && t.dirty.swap(0, Ordering::Relaxed) != 0
+            {
+                // Queued under the target's lock, like durable writes, so a
+                // flushed snapshot can never land after a newer one.
+                let l = t.lock();
+                last = p.write_behind(vec![Op::Target(
+                    t.name.clone(),
+                    Some(codec::encode(&t.cx(), &l.st)),
+                )]);
+                n += 1;
+            }
+        }
+        for g in self.groups.iter() {
+            let rec: GroupRecord = codec::encode_group(&lock(&g.state));
+            last = p.write_behind(vec![Op::Group(g.name.clone(), Some(rec))]);
+        }
+        (p.wait_for(last), n)
+    }
+
+    /// Flushes every dirty target (shutdown).
+    pub async fn flush_all(&self) -> std::result::Result<(), StoreError> {
+        loop {
+            let (pending, n) = self.flush(DIRTY_STATE | DIRTY_COUNTERS);
+            pending.wait().await?;
+            if n < MAX_FLUSH {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Refreshes the budget-headroom gauges (read at scrape time).
+    pub fn refresh_gauges(&self) {
+        let now = self.clock.now();
+        for entry in self.targets.iter() {
+            let t = entry.value();
+            if t.metrics.label.as_ref() == metrics::OTHER
+                || (t.settings.budget.is_unlimited() && t.settings.groups.is_empty())
+            {
+                continue;
+            }
+            let l = t.lock();
+            for (i, slot) in l.st.slots.iter().enumerate() {
+                for kind in Kind::ALL {
+                    if let Some(rate) = t.settings.budget.rate(kind) {
+                        self.metrics.set_budget_remaining(
+                            &t.name,
+                            t.cx().slot_name(i).as_deref().unwrap_or_default(),
+                            kind,
+                            slot.budget.cell(kind).available(now, &rate),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Where state is kept, for logs.
+    pub fn store_description(&self) -> &str {
+        self.persister
+            .as_ref()
+            .map_or("memory (ephemeral)", |p| p.describe())
+    }
+
+    /// Checks a key slot name of `name`'s target, for messages.
+    pub fn unknown_slot(name: &str, slot: &str, keys: &[Arc<str>]) -> EngineError {
+        invalid(format!(
+            "unknown key slot {slot:?} for target {name:?}; its slots are {keys:?}"
+        ))
+    }
+}
