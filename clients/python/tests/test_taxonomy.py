@@ -176,8 +176,11 @@ def diff_table(cases: Sequence[Case], theirs: Callable[[Case], object], ours: Ca
     if not bad:
         return ""
     lines = [f"{len(bad)} of {len(rows)} classifications differ (http_status, error_type: {who} | client):"]
+
+    def name(v: object) -> str:
+        return str(getattr(v, "name", v))
+
     for (status, et), t, o in bad[:60]:
-        name = lambda v: getattr(v, "name", str(v))  # noqa: E731
         lines.append(f"  {status:>3} {ascii(et):<48} {name(t):<13} | {name(o)}")
     if len(bad) > 60:
         lines.append(f"  ... and {len(bad) - 60} more")

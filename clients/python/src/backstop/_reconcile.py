@@ -207,14 +207,14 @@ class Reconciler:
         reported, rejected, dropped = summary
         if rejected or dropped:
             log.warning(
-                "reported %d outcome(s) decided locally while Backstop was unreachable; "
+                "reconciliation: reported %d outcome(s) decided locally during the outage; "
                 "%d rejected by the server, %d dropped",
                 reported,
                 rejected,
                 dropped,
             )
         elif reported:
-            log.info("reported %d outcome(s) decided locally while Backstop was unreachable", reported)
+            log.info("reconciliation: reported %d outcome(s) decided locally during the outage", reported)
         return batch
 
     def delivered(self, errors: Sequence[Optional[str]]) -> None:
