@@ -42,9 +42,8 @@ from backstop.testing import BackstopServer
 CONFORMANCE = Path(__file__).resolve().parents[2] / "conformance"
 SCENARIOS = sorted((CONFORMANCE / "scenarios").glob("*.json"))
 
-#: Capabilities of this client (see the README's "Capabilities"). Reconciliation
-#: of locally decided outcomes is not implemented in the Python client yet.
-CAPABILITIES = {"worker"}
+#: Capabilities of this client (see the README's "Capabilities").
+CAPABILITIES = {"worker", "reconcile"}
 
 
 # --- SDK-shaped errors ----------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import MalformedOutput, StructuredOutputError
-from .types import OutcomeClass
+from .types import OutcomeClass, OutcomeReport
 
 #: Bounds the server enforces on RecordOutcome.headers (``[server] max_headers`` /
 #: ``max_header_bytes`` defaults); over them the whole report would be rejected.
@@ -59,6 +59,27 @@ class Observed:
     output_tokens: int = 0
     #: A short human description (for AllTargetsFailed and logs).
     message: str = ""
+
+    def report(
+        self, *, target: str, permit: str, key_slot: str, attempt: int, latency: Optional[float], caller: str
+    ) -> OutcomeReport:
+        """The report of this observation for one admitted call: what happened
+        (this object) plus which call it was. ``guard()``, ``call()`` and the
+        deferred workers all build their reports here."""
+        return OutcomeReport(
+            target=target,
+            permit=permit,
+            outcome=self.outcome,
+            http_status=self.http_status,
+            error_type=self.error_type,
+            latency=latency,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            attempt=attempt,
+            headers=self.headers,
+            key_slot=key_slot,
+            caller=caller,
+        )
 
 
 def _int_status(v: Any) -> int:

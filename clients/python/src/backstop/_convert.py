@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from google.protobuf import duration_pb2
 
@@ -142,6 +142,17 @@ def record_request(rep: OutcomeReport) -> resilience_pb2.RecordOutcomeRequest:
     if rep.retry_after is not None:
         req.retry_after.CopyFrom(duration(rep.retry_after))
     return req
+
+
+def record_batch_request(reports: Sequence[OutcomeReport]) -> resilience_pb2.RecordOutcomeBatchRequest:
+    """Many reports in one RecordOutcomeBatch (the server takes at most 1000)."""
+    return resilience_pb2.RecordOutcomeBatchRequest(items=[record_request(r) for r in reports])
+
+
+def batch_errors(r: resilience_pb2.RecordOutcomeBatchResponse) -> List[Optional[str]]:
+    """One entry per item of a RecordOutcomeBatch answer: None when accepted,
+    else the server's reason for refusing that item."""
+    return [f"{i.error.message} (code {i.error.code})" if i.HasField("error") else None for i in r.items]
 
 
 def retry_advice(r: Any) -> RetryAdvice:

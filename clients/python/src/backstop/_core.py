@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Generic, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import grpc
 
@@ -21,7 +21,7 @@ from . import _convert as conv
 from ._local import LOCAL_PERMIT_PREFIX, LocalEngine, LocalPolicy, RouteMemory
 from ._plan import CallSpec, defer_message, encode_payload, metadata_dict
 from ._proto import admin_pb2, deferred_pb2
-from .errors import ControlPlaneError, ControlPlaneUnavailable, refusal
+from ._reconcile import DEFAULT_LIMIT, Reconciler
 from .structured import Structured
 from .types import (
     Admission,
@@ -33,6 +33,7 @@ from .types import (
     OutcomeReport,
     OutcomeResult,
     Reason,
+    ReconcileStats,
     RouteDecision,
     Skip,
 )
@@ -42,37 +43,16 @@ log = logging.getLogger("backstop")
 FAIL_OPEN = "fail_open"
 FAIL_CLOSED = "fail_closed"
 
-#: gRPC codes that mean "Backstop cannot answer right now" (as opposed to "Backstop said no").
-OUTAGE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-_HEALTH_METHOD = "/grpc.health.v1.Health/Check"
-_HEALTH_SERVICE = "backstop.v1.Resilience"
-
-
-def health_request() -> bytes:
-    """``grpc.health.v1.HealthCheckRequest{service: "backstop.v1.Resilience"}``, hand-encoded
-    (one length-delimited field) so the client needs no health-checking package."""
-    name = _HEALTH_SERVICE.encode()
-    return b"\x0a" + bytes([len(name)]) + name
-
-
-def health_serving(response: bytes) -> bool:
-    """True when a HealthCheckResponse says SERVING (field 1 = enum 1)."""
-    return response == b"\x08\x01"
-
 
 def default_caller() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def rpc_error(method: str, e: grpc.RpcError) -> ControlPlaneError:
-    code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
-    details = e.details() if callable(getattr(e, "details", None)) else str(e)
-    cls = ControlPlaneUnavailable if code in OUTAGE_CODES else ControlPlaneError
-    return cls(code, details or "", method)
-
-
 RouteArg = Union[str, Sequence[str]]
+
+#: What a recording method returns: ``OutcomeResult`` for the sync client, an
+#: awaitable of one for the asyncio client.
+R = TypeVar("R")
 
 
 class Core:
@@ -95,6 +75,9 @@ class Core:
     :param connect_timeout: how long the first call may wait for the connection.
     :param reconnect_interval: how often the background probe retries Backstop
         while it is unreachable.
+    :param reconcile_limit: how many outcomes decided locally (while Backstop
+        was unreachable) are kept to be reported once it is back (oldest dropped
+        first); 0 turns reconciliation off.
     :param channel_options: extra gRPC channel options.
     :param credentials: ``grpc.ssl_channel_credentials(...)`` for TLS (default: plaintext).
     """
@@ -112,6 +95,7 @@ class Core:
         queue_timeout: float = 5.0,
         connect_timeout: float = 1.0,
         reconnect_interval: float = 0.5,
+        reconcile_limit: int = DEFAULT_LIMIT,
         channel_options: Sequence[Tuple[str, Any]] = (),
         credentials: Optional[grpc.ChannelCredentials] = None,
     ) -> None:
@@ -129,6 +113,7 @@ class Core:
         self.credentials = credentials
         self.local_engine = LocalEngine(local_policy or LocalPolicy())
         self.route_memory = RouteMemory(local_routes)
+        self._reconciler = Reconciler(reconcile_limit)
         self._admin_metadata: Optional[Tuple[Tuple[str, str], ...]] = (
             (("authorization", f"Bearer {admin_token}"),) if admin_token else None
         )
@@ -209,7 +194,28 @@ class Core:
         return self.local_engine.route(cands, exclude, attempt)
 
     def _local_record(self, report: OutcomeReport) -> OutcomeResult:
+        """An outcome decided by the fail-safe: applied to the local breaker and
+        kept to be reported to Backstop once it is reachable (reconciliation)."""
+        result = self.local_engine.record(report)
+        if self._reconciler.enabled and _sendable(report) and self._reconciler.add(report, result) and self._remote:
+            # Reported with a local permit after Backstop came back: send it now.
+            self._kick_reconcile()
+        return result
+
+    def _local_advice(self, report: OutcomeReport) -> OutcomeResult:
+        """Local retry advice for a report the server refused (e.g. INVALID_ARGUMENT):
+        the server saw it, so it is not kept for reconciliation."""
         return self.local_engine.record(report)
+
+    def _kick_reconcile(self) -> None:
+        """Starts sending the outcomes kept for reconciliation in the background
+        (a thread or a task), unless a sender is running or Backstop is unreachable."""
+
+    @property
+    def reconcile_stats(self) -> ReconcileStats:
+        """Outcomes decided locally while Backstop was unreachable: how many wait
+        to be reported, and how many were reported, refused or dropped."""
+        return self._reconciler.stats()
 
     @staticmethod
     def _is_local_permit(permit: str) -> bool:
@@ -241,38 +247,6 @@ class Core:
         if not cands:
             raise ValueError("the candidate list is empty")
         return None, cands
-
-    def _report(
-        self,
-        target: str,
-        *,
-        permit: str = "",
-        outcome: OutcomeClass = OutcomeClass.UNSPECIFIED,
-        http_status: int = 0,
-        error_type: str = "",
-        headers: Optional[Mapping[str, str]] = None,
-        latency: Optional[float] = None,
-        retry_after: Optional[float] = None,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-        attempt: int = 0,
-        key_slot: str = "",
-    ) -> OutcomeReport:
-        return OutcomeReport(
-            target=target,
-            permit=permit,
-            outcome=outcome,
-            http_status=http_status,
-            error_type=error_type,
-            latency=latency,
-            retry_after=retry_after,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            attempt=attempt,
-            headers=dict(headers or {}),
-            key_slot=key_slot,
-            caller=self.caller,
-        )
 
     def _call_spec(
         self,
@@ -315,10 +289,16 @@ class Core:
             deadline=deadline,
         )
 
-    def _refuse_if_needed(self, adm: Admission) -> Admission:
-        if not adm.allowed:
-            raise refusal(adm.target, adm.reason, state=adm.state, retry_after=adm.retry_after, local=adm.local)
-        return adm
+
+def _sendable(report: OutcomeReport) -> bool:
+    """Whether a report converts to the wire (a local-permit report never went
+    through the conversion; one that cannot be sent is not kept)."""
+    try:
+        conv.record_request(report)
+    except (ValueError, TypeError) as e:
+        log.debug("not keeping an outcome for reconciliation: %s", e)
+        return False
+    return True
 
 
 def invoker(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -352,8 +332,55 @@ class Rpc:
         self.admin = admin
 
 
-class Requests(Core):
-    """Builds every RPC of the public API (shared by both clients)."""
+class Requests(Core, Generic[R]):
+    """Builds every RPC of the public API (shared by both clients), and the
+    methods whose only difference between the clients is the transport.
+
+    ``R`` is what recording an outcome returns: the sync client's
+    :meth:`_record` returns the :class:`OutcomeResult`, the asyncio client's is
+    a coroutine, so :meth:`record_outcome` is written once for both.
+    """
+
+    def _record(self, report: OutcomeReport) -> R:
+        """Sends one report (or decides locally); the transport of each client."""
+        raise NotImplementedError
+
+    def record_outcome(
+        self,
+        target: str,
+        *,
+        permit: str = "",
+        outcome: OutcomeClass = OutcomeClass.UNSPECIFIED,
+        http_status: int = 0,
+        error_type: str = "",
+        headers: Optional[Mapping[str, str]] = None,
+        latency: Optional[float] = None,
+        retry_after: Optional[float] = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        attempt: int = 0,
+        key_slot: str = "",
+    ) -> R:
+        """Reports what happened to a call (see :meth:`guard` for the automatic
+        version). The parameters are the fields of :class:`OutcomeReport`, the
+        one definition of a report; the asyncio client's result is awaited."""
+        return self._record(
+            OutcomeReport(
+                target=target,
+                permit=permit,
+                outcome=outcome,
+                http_status=http_status,
+                error_type=error_type,
+                latency=latency,
+                retry_after=retry_after,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                attempt=attempt,
+                headers=dict(headers or {}),
+                key_slot=key_slot,
+                caller=self.caller,
+            )
+        )
 
     # Resilience -------------------------------------------------------------------
 
@@ -374,6 +401,17 @@ class Requests(Core):
             conv.record_request(report),
             lambda r: conv.outcome_result(report.target, r),
             self.timeout,
+        )
+
+    def _rpc_record_batch(self, reports: Sequence[OutcomeReport]) -> Rpc:
+        """RecordOutcomeBatch for reconciliation; converts the answer to one
+        error per item (None = accepted)."""
+        return Rpc(
+            "resilience",
+            "RecordOutcomeBatch",
+            conv.record_batch_request(reports),
+            conv.batch_errors,
+            self.queue_timeout,
         )
 
     def _rpc_route(

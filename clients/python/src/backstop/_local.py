@@ -3,7 +3,8 @@
 A small in-process copy of the server's rules with the server's defaults: one
 circuit breaker per target (open after ``failure_threshold`` consecutive
 failures, half-open with one probe after ``open_duration``, closed after
-``success_threshold`` probe successes), the same failure taxonomy, a pause on
+``success_threshold`` probe successes), the same failure taxonomy
+(:mod:`backstop._taxonomy`, held to the server's by the tests), a pause on
 429s that carry a retry hint, and full-jitter backoff. It is deliberately
 per-process: it exists so that an agent keeps working (and keeps backing off)
 when its control plane is gone, not to replace the fleet's shared view.
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
+from ._taxonomy import classify as classify
 from .types import (
     Admission,
     BreakerState,
@@ -50,71 +52,6 @@ class LocalPolicy:
     max_delay: float = 60.0
     #: Clamp on a pause a provider's retry-after can impose.
     max_pause: float = 3600.0
-
-
-# The server's taxonomy markers (src/domain/taxonomy.rs), matched the same way.
-_QUOTA = (
-    "insufficient_quota",
-    "credit balance",
-    "credit_balance",
-    "billing",
-    "quota_exceeded",
-    "perday",
-    "per_day",
-    "per day",
-    "limit: 0",
-)
-_AUTH = (
-    "authentication_error",
-    "permission_error",
-    "invalid_api_key",
-    "incorrect api key",
-    "permission_denied",
-    "unauthenticated",
-    "account_deactivated",
-)
-_BAD_INPUT = (
-    "context_length_exceeded",
-    "prompt is too long",
-    "request_too_large",
-    "invalid_request_error",
-    "invalid_argument",
-    "content_policy",
-    "content_filter",
-    "not_found_error",
-)
-_RATE = ("rate_limit", "resource_exhausted", "too_many_requests")
-_TIMEOUT = ("timeout", "timed_out", "deadline_exceeded")
-
-
-def classify(explicit: OutcomeClass, http_status: int, error_type: str) -> OutcomeClass:
-    """The server's classification rules, for use while it is unreachable."""
-    if explicit != OutcomeClass.UNSPECIFIED:
-        return explicit
-    et = error_type.lower()
-    if not 200 <= http_status < 300 and any(m in et for m in _QUOTA):
-        return OutcomeClass.PERSISTENT
-    if http_status:
-        if 200 <= http_status < 300:
-            return OutcomeClass.SUCCESS
-        if http_status == 408:
-            return OutcomeClass.TIMEOUT
-        if http_status == 429:
-            return OutcomeClass.RATE_LIMITED
-        if http_status in (401, 403):
-            return OutcomeClass.PERSISTENT
-        if http_status in (409, 425) or 500 <= http_status <= 599:
-            return OutcomeClass.TRANSIENT
-        return OutcomeClass.BAD_INPUT
-    if any(m in et for m in _TIMEOUT):
-        return OutcomeClass.TIMEOUT
-    if any(m in et for m in _AUTH):
-        return OutcomeClass.PERSISTENT
-    if any(m in et for m in _RATE):
-        return OutcomeClass.RATE_LIMITED
-    if any(m in et for m in _BAD_INPUT):
-        return OutcomeClass.BAD_INPUT
-    return OutcomeClass.TRANSIENT
 
 
 def retry_hint(headers: Mapping[str, str], explicit: Optional[float] = None) -> Optional[float]:

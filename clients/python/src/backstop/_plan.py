@@ -137,20 +137,7 @@ def encode_payload(payload: Any) -> bytes:
 def _report(
     spec: CallSpec, target: str, permit: str, key_slot: str, attempt: int, obs: Observed, latency: float
 ) -> OutcomeReport:
-    return OutcomeReport(
-        target=target,
-        permit=permit,
-        outcome=obs.outcome,
-        http_status=obs.http_status,
-        error_type=obs.error_type,
-        latency=latency,
-        input_tokens=obs.input_tokens,
-        output_tokens=obs.output_tokens,
-        attempt=attempt,
-        headers=obs.headers,
-        key_slot=key_slot,
-        caller=spec.caller,
-    )
+    return obs.report(target=target, permit=permit, key_slot=key_slot, attempt=attempt, latency=latency, caller=spec.caller)
 
 
 def _refusal_error(adm: Admission) -> AttemptError:

@@ -17,6 +17,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Set,
     TypeVar,
     Union,
     overload,
@@ -25,17 +26,7 @@ from typing import (
 import grpc
 import grpc.aio
 
-from ._core import (
-    _HEALTH_METHOD,
-    OUTAGE_CODES,
-    Requests,
-    RouteArg,
-    Rpc,
-    health_request,
-    health_serving,
-    invoker,
-    rpc_error,
-)
+from ._core import Requests, RouteArg, Rpc, invoker
 from ._plan import (
     AdmitOp,
     DeferOp,
@@ -47,7 +38,16 @@ from ._plan import (
     SleepOp,
     call_plan,
 )
-from .client import Stubs
+from ._transport import (
+    HEALTH_METHOD,
+    OUTAGE_CODES,
+    SERVING,
+    Stubs,
+    aio_channel,
+    health_request,
+    health_serving,
+    rpc_error,
+)
 from .errors import BackstopError, ControlPlaneError, ControlPlaneUnavailable
 from .guard import AsyncGuard
 from .types import (
@@ -57,7 +57,6 @@ from .types import (
     Deferred,
     DeferredItem,
     NackResult,
-    OutcomeClass,
     OutcomeReport,
     OutcomeResult,
     QueueStat,
@@ -71,7 +70,7 @@ log = logging.getLogger("backstop")
 T = TypeVar("T")
 
 
-class AsyncBackstop(Requests):
+class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
     """asyncio Backstop client; same parameters as :class:`backstop.Backstop`.
 
     The channel is created on first use, inside the running event loop; use
@@ -84,17 +83,15 @@ class AsyncBackstop(Requests):
         self._health: Any = None
         self._connect_lock: Optional[asyncio.Lock] = None
         self._prober: Optional[asyncio.Task[None]] = None
+        self._flushers: Set[asyncio.Task[None]] = set()
 
     @property
     def stubs(self) -> Stubs:
         """The generated grpc.aio stubs (created on first use)."""
         if self._stubs is None:
-            if self.credentials is not None:
-                self._channel = grpc.aio.secure_channel(self.address, self.credentials, options=self.channel_options)
-            else:
-                self._channel = grpc.aio.insecure_channel(self.address, options=self.channel_options)
+            self._channel = aio_channel(self.address, self.credentials, self.channel_options)
             self._stubs = Stubs(self._channel)
-            self._health = self._channel.unary_unary(_HEALTH_METHOD)
+            self._health = self._channel.unary_unary(HEALTH_METHOD)
         return self._stubs
 
     # --- lifecycle -------------------------------------------------------------------
@@ -103,12 +100,13 @@ class AsyncBackstop(Requests):
         """Stops the recovery probe and closes the channel."""
         with self._mode_lock:
             self._closed = True
-        if self._prober is not None:
-            self._prober.cancel()
-            try:
-                await self._prober
-            except asyncio.CancelledError:
-                pass
+        for task in [self._prober, *self._flushers]:
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         if self._channel is not None:
             await self._channel.close()
 
@@ -156,7 +154,8 @@ class AsyncBackstop(Requests):
         self._prober = asyncio.get_running_loop().create_task(self._probe())
 
     async def _probe(self) -> None:
-        """Background recovery: health-checks Backstop until it serves again."""
+        """Background recovery: health-checks Backstop until it serves again,
+        reports what the fail-safe decided meanwhile, then switches back."""
         probe_timeout = max(1.0, self.timeout)
         while not self._closed:
             await asyncio.sleep(self.reconnect_interval)
@@ -166,13 +165,68 @@ class AsyncBackstop(Requests):
                 if e.code() in OUTAGE_CODES:
                     log.debug("Backstop still unreachable: %s", e.code())
                     continue
-                answer = b"\x08\x01"  # it answered (e.g. no health service): reachable
+                answer = SERVING  # it answered (e.g. no health service): reachable
             except Exception as e:  # keep probing until closed
                 log.debug("Backstop health probe failed: %r", e)
                 continue
             if health_serving(answer):
+                # The outage's outcomes go first (see Backstop._probe).
+                outage = await self._flush_pending()
+                if outage is not None:
+                    log.debug("Backstop still unreachable for reports: %s", outage)
+                    continue
                 self._came_back()
+                self._kick_reconcile()  # outcomes recorded while the flush ran
                 return
+
+    # --- reconciliation ----------------------------------------------------------------
+
+    def _kick_reconcile(self) -> None:
+        if self._closed or not self._remote or not self._reconciler.wants_flush():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the client's loop: the next kick or reconnect sends them
+            return
+        task = loop.create_task(self._reconcile_in_background())
+        self._flushers.add(task)
+        task.add_done_callback(self._flushers.discard)
+
+    async def _reconcile_in_background(self) -> None:
+        outage = await self._flush_pending()
+        if outage is not None:
+            self._outage("RecordOutcomeBatch", outage)
+
+    async def _flush_pending(self) -> Optional[ControlPlaneUnavailable]:
+        """See :meth:`backstop.Backstop._flush_pending`; runs in a task of its own
+        or the probe's, never in a caller's."""
+        rec = self._reconciler
+        if not rec.begin():
+            return None
+        holding = True
+        try:
+            while not self._closed:
+                batch = rec.next_batch()
+                if batch is None:
+                    holding = False
+                    return None
+                try:
+                    errors = await self._unary(self._rpc_record_batch(batch))
+                except ControlPlaneUnavailable as e:
+                    rec.failed()
+                    return e
+                except ControlPlaneError as e:
+                    rec.refused(len(batch), e)
+                    continue
+                except Exception as e:  # a bug must not stop the probe: counted as a failed attempt
+                    log.error("reporting locally decided outcomes failed: %r", e)
+                    rec.failed()
+                    return None
+                rec.delivered(errors)
+            return None
+        finally:
+            if holding:
+                rec.end()
 
     async def _decide(self, rpc: Rpc, local: Callable[[], T]) -> T:
         if await self._use_remote():
@@ -205,39 +259,6 @@ class AsyncBackstop(Requests):
         return await self._decide(
             self._rpc_route(name, cands, estimated_tokens, required_context_tokens, exclude, attempt),
             lambda: self._local_route(name, cands, exclude, attempt),
-        )
-
-    async def record_outcome(
-        self,
-        target: str,
-        *,
-        permit: str = "",
-        outcome: OutcomeClass = OutcomeClass.UNSPECIFIED,
-        http_status: int = 0,
-        error_type: str = "",
-        headers: Optional[Mapping[str, str]] = None,
-        latency: Optional[float] = None,
-        retry_after: Optional[float] = None,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-        attempt: int = 0,
-        key_slot: str = "",
-    ) -> OutcomeResult:
-        return await self._record(
-            self._report(
-                target,
-                permit=permit,
-                outcome=outcome,
-                http_status=http_status,
-                error_type=error_type,
-                headers=headers,
-                latency=latency,
-                retry_after=retry_after,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                attempt=attempt,
-                key_slot=key_slot,
-            )
         )
 
     async def _record(self, report: OutcomeReport) -> OutcomeResult:
@@ -349,7 +370,7 @@ class AsyncBackstop(Requests):
                 return await self._record(op.report)
             except ControlPlaneError as e:
                 log.error("could not report an outcome to Backstop (%s); using local advice", e)
-                return self._local_record(op.report)
+                return self._local_advice(op.report)
         if isinstance(op, RouteOp):
             return await self.route(
                 op.route or list(op.candidates),

@@ -21,17 +21,7 @@ from typing import (
 
 import grpc
 
-from ._core import (
-    _HEALTH_METHOD,
-    OUTAGE_CODES,
-    Requests,
-    RouteArg,
-    Rpc,
-    health_request,
-    health_serving,
-    invoker,
-    rpc_error,
-)
+from ._core import Requests, RouteArg, Rpc, invoker
 from ._plan import (
     AdmitOp,
     DeferOp,
@@ -43,11 +33,15 @@ from ._plan import (
     SleepOp,
     call_plan,
 )
-from ._proto import (
-    admin_pb2_grpc,
-    deferred_pb2_grpc,
-    events_pb2_grpc,
-    resilience_pb2_grpc,
+from ._transport import (
+    HEALTH_METHOD,
+    OUTAGE_CODES,
+    SERVING,
+    Stubs,
+    health_request,
+    health_serving,
+    rpc_error,
+    sync_channel,
 )
 from .errors import BackstopError, ControlPlaneError, ControlPlaneUnavailable
 from .guard import Guard
@@ -58,7 +52,6 @@ from .types import (
     Deferred,
     DeferredItem,
     NackResult,
-    OutcomeClass,
     OutcomeReport,
     OutcomeResult,
     QueueStat,
@@ -72,39 +65,25 @@ log = logging.getLogger("backstop")
 T = TypeVar("T")
 
 
-class Stubs:
-    """The generated gRPC stubs on the client's channel, for calls the wrapper
-    does not cover (e.g. ``stubs.events.Watch``)."""
-
-    def __init__(self, channel: Any) -> None:
-        # The generated stub classes are untyped; their methods are used through Any.
-        self.resilience: Any = resilience_pb2_grpc.ResilienceStub(channel)  # type: ignore[no-untyped-call]
-        self.admin: Any = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
-        self.deferred: Any = deferred_pb2_grpc.DeferredStub(channel)  # type: ignore[no-untyped-call]
-        self.events: Any = events_pb2_grpc.EventsStub(channel)  # type: ignore[no-untyped-call]
-
-
-class Backstop(Requests):
+class Backstop(Requests[OutcomeResult]):
     """Blocking Backstop client. Thread-safe; create one per process and share it.
 
     ``Backstop(address="127.0.0.1:50051", *, timeout=0.05, policy="fail_open",
     local_policy=None, local_routes=None, caller=None, admin_token=None,
     queue_timeout=5.0, connect_timeout=1.0, reconnect_interval=0.5,
-    channel_options=(), credentials=None)``; the parameters are described on
-    :class:`backstop._core.Core`.
+    reconcile_limit=1000, channel_options=(), credentials=None)``; the
+    parameters are described on :class:`backstop._core.Core`.
     """
 
     def _setup(self) -> None:
-        if self.credentials is not None:
-            self._channel = grpc.secure_channel(self.address, self.credentials, options=self.channel_options)
-        else:
-            self._channel = grpc.insecure_channel(self.address, options=self.channel_options)
+        self._channel = sync_channel(self.address, self.credentials, self.channel_options)
         self.stubs = Stubs(self._channel)
-        self._health = self._channel.unary_unary(_HEALTH_METHOD)
+        self._health = self._channel.unary_unary(HEALTH_METHOD)
         self._connect_lock = threading.Lock()
         self._prober_lock = threading.Lock()
         self._stopping = threading.Event()
         self._prober: Optional[threading.Thread] = None
+        self._flusher: Optional[threading.Thread] = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -113,8 +92,9 @@ class Backstop(Requests):
         with self._mode_lock:
             self._closed = True
         self._stopping.set()
-        if self._prober is not None:
-            self._prober.join(timeout=5)
+        for t in (self._prober, self._flusher):
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout=5)
         self._channel.close()
 
     def __enter__(self) -> Backstop:
@@ -161,7 +141,8 @@ class Backstop(Requests):
             self._prober.start()
 
     def _probe(self) -> None:
-        """Background recovery: health-checks Backstop until it serves again."""
+        """Background recovery: health-checks Backstop until it serves again,
+        reports what the fail-safe decided meanwhile, then switches back."""
         probe_timeout = max(1.0, self.timeout)
         while not self._stopping.wait(self.reconnect_interval):
             try:
@@ -170,13 +151,66 @@ class Backstop(Requests):
                 if e.code() in OUTAGE_CODES:
                     log.debug("Backstop still unreachable: %s", e.code())
                     continue
-                answer = b"\x08\x01"  # it answered (e.g. no health service): reachable
+                answer = SERVING  # it answered (e.g. no health service): reachable
             except Exception as e:  # e.g. the channel was closed under us: keep probing until stopped
                 log.debug("Backstop health probe failed: %r", e)
                 continue
             if health_serving(answer):
+                # The outage's outcomes go first, so the server sees them in the
+                # order they happened; callers keep deciding locally meanwhile.
+                outage = self._flush_pending()
+                if outage is not None:
+                    log.debug("Backstop still unreachable for reports: %s", outage)
+                    continue
                 self._came_back()
+                self._kick_reconcile()  # outcomes recorded while the flush ran
                 return
+
+    # --- reconciliation ----------------------------------------------------------------
+
+    def _kick_reconcile(self) -> None:
+        if self._closed or not self._remote or not self._reconciler.wants_flush():
+            return
+        flusher = threading.Thread(target=self._reconcile_in_background, name="backstop-reconcile", daemon=True)
+        self._flusher = flusher
+        flusher.start()
+
+    def _reconcile_in_background(self) -> None:
+        outage = self._flush_pending()
+        if outage is not None:
+            self._outage("RecordOutcomeBatch", outage)
+
+    def _flush_pending(self) -> Optional[ControlPlaneUnavailable]:
+        """Sends the outcomes kept for reconciliation, batch by batch, until none
+        are left. Returns the outage that stopped it (the rest stay, one attempt
+        spent), or None. Runs on the probe or a background thread, never a caller's."""
+        rec = self._reconciler
+        if not rec.begin():
+            return None
+        holding = True
+        try:
+            while not self._closed:
+                batch = rec.next_batch()
+                if batch is None:
+                    holding = False
+                    return None
+                try:
+                    errors = self._unary(self._rpc_record_batch(batch))
+                except ControlPlaneUnavailable as e:
+                    rec.failed()
+                    return e
+                except ControlPlaneError as e:
+                    rec.refused(len(batch), e)
+                    continue
+                except Exception as e:  # a bug must not stop the probe: counted as a failed attempt
+                    log.error("reporting locally decided outcomes failed: %r", e)
+                    rec.failed()
+                    return None
+                rec.delivered(errors)
+            return None
+        finally:
+            if holding:
+                rec.end()
 
     def _decide(self, rpc: Rpc, local: Callable[[], T]) -> T:
         """A decision call with the fail-safe: remote when possible, local otherwise."""
@@ -212,40 +246,6 @@ class Backstop(Requests):
         return self._decide(
             self._rpc_route(name, cands, estimated_tokens, required_context_tokens, exclude, attempt),
             lambda: self._local_route(name, cands, exclude, attempt),
-        )
-
-    def record_outcome(
-        self,
-        target: str,
-        *,
-        permit: str = "",
-        outcome: OutcomeClass = OutcomeClass.UNSPECIFIED,
-        http_status: int = 0,
-        error_type: str = "",
-        headers: Optional[Mapping[str, str]] = None,
-        latency: Optional[float] = None,
-        retry_after: Optional[float] = None,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-        attempt: int = 0,
-        key_slot: str = "",
-    ) -> OutcomeResult:
-        """Reports what happened to a call (see :meth:`guard` for the automatic version)."""
-        return self._record(
-            self._report(
-                target,
-                permit=permit,
-                outcome=outcome,
-                http_status=http_status,
-                error_type=error_type,
-                headers=headers,
-                latency=latency,
-                retry_after=retry_after,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                attempt=attempt,
-                key_slot=key_slot,
-            )
         )
 
     def _record(self, report: OutcomeReport) -> OutcomeResult:
@@ -364,7 +364,7 @@ class Backstop(Requests):
                 return self._record(op.report)
             except ControlPlaneError as e:
                 log.error("could not report an outcome to Backstop (%s); using local advice", e)
-                return self._local_record(op.report)
+                return self._local_advice(op.report)
         if isinstance(op, RouteOp):
             return self.route(
                 op.route or list(op.candidates),

@@ -13,20 +13,43 @@ Backstop made of it, including its retry advice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Type
+from typing import Any, Awaitable, Dict, Mapping, Optional, Protocol, Type
 
-from ._classify import normalize_headers, observe_exception
-from .errors import ControlPlaneError
+from ._classify import Observed, normalize_headers, observe_exception
+from .errors import ControlPlaneError, refusal
 from .types import Admission, OutcomeClass, OutcomeReport, OutcomeResult
 
-if TYPE_CHECKING:
-    from .aio import AsyncBackstop
-    from .client import Backstop
-
 log = logging.getLogger("backstop")
+
+
+# What a guard needs from its client, and nothing more: the clients import this
+# module, so it must not import them (a Protocol is satisfied structurally).
+
+
+class SyncClient(Protocol):
+    caller: str
+
+    def can_proceed(self, target: str, *, estimated_tokens: int = ..., attempt: int = ...) -> Admission: ...
+
+    def _record(self, report: OutcomeReport) -> OutcomeResult: ...
+
+
+class AsyncClient(Protocol):
+    caller: str
+
+    def can_proceed(self, target: str, *, estimated_tokens: int = ..., attempt: int = ...) -> Awaitable[Admission]: ...
+
+    def _record(self, report: OutcomeReport) -> Awaitable[OutcomeResult]: ...
+
+
+def _admitted(adm: Admission) -> Admission:
+    if not adm.allowed:
+        raise refusal(adm.target, adm.reason, state=adm.state, retry_after=adm.retry_after, local=adm.local)
+    return adm
 
 
 class _GuardBase:
@@ -91,31 +114,27 @@ class _GuardBase:
     def _build(self, exc: Optional[BaseException]) -> OutcomeReport:
         latency = time.monotonic() - self._started
         if exc is None:
-            outcome, status, etype, headers = OutcomeClass.SUCCESS, 0, "", dict(self._headers)
+            obs = Observed(outcome=OutcomeClass.SUCCESS, headers=dict(self._headers))
         else:
             obs = observe_exception(exc)
-            outcome, status, etype, headers = obs.outcome, obs.http_status, obs.error_type, obs.headers
         if self._override is not None:
             o = self._override
-            outcome = o["outcome"]
-            status = o["http_status"] or status
-            etype = o["error_type"] or etype
-            if o["headers"] is not None:
-                headers = o["headers"]
+            obs = dataclasses.replace(
+                obs,
+                outcome=o["outcome"],
+                http_status=o["http_status"] or obs.http_status,
+                error_type=o["error_type"] or obs.error_type,
+                headers=o["headers"] if o["headers"] is not None else obs.headers,
+            )
+        obs = dataclasses.replace(obs, input_tokens=self._input_tokens, output_tokens=self._output_tokens)
         adm = self.admission
         assert adm is not None
-        return OutcomeReport(
+        return obs.report(
             target=self.target,
             permit=adm.permit,
-            outcome=outcome,
-            http_status=status,
-            error_type=etype,
-            latency=latency,
-            input_tokens=self._input_tokens,
-            output_tokens=self._output_tokens,
-            attempt=self.attempt,
-            headers=headers,
             key_slot=adm.key_slot,
+            attempt=self.attempt,
+            latency=latency,
             caller=self._caller,
         )
 
@@ -129,14 +148,13 @@ class _GuardBase:
 class Guard(_GuardBase):
     """Sync guard; see the module docs. Create with :meth:`Backstop.guard`."""
 
-    def __init__(self, client: Backstop, target: str, estimated_tokens: int = 0, attempt: int = 0) -> None:
+    def __init__(self, client: SyncClient, target: str, estimated_tokens: int = 0, attempt: int = 0) -> None:
         super().__init__(target, estimated_tokens, attempt, client.caller)
         self._client = client
 
     def __enter__(self) -> Guard:
         adm = self._client.can_proceed(self.target, estimated_tokens=self.estimated_tokens, attempt=self.attempt)
-        self._client._refuse_if_needed(adm)
-        self.admission = adm
+        self.admission = _admitted(adm)
         self._started = time.monotonic()
         return self
 
@@ -156,7 +174,7 @@ class Guard(_GuardBase):
 class AsyncGuard(_GuardBase):
     """asyncio guard; see the module docs. Create with :meth:`AsyncBackstop.guard`."""
 
-    def __init__(self, client: AsyncBackstop, target: str, estimated_tokens: int = 0, attempt: int = 0) -> None:
+    def __init__(self, client: AsyncClient, target: str, estimated_tokens: int = 0, attempt: int = 0) -> None:
         super().__init__(target, estimated_tokens, attempt, client.caller)
         self._client = client
 
@@ -164,8 +182,7 @@ class AsyncGuard(_GuardBase):
         adm = await self._client.can_proceed(
             self.target, estimated_tokens=self.estimated_tokens, attempt=self.attempt
         )
-        self._client._refuse_if_needed(adm)
-        self.admission = adm
+        self.admission = _admitted(adm)
         self._started = time.monotonic()
         return self
 

@@ -210,6 +210,21 @@ class OutcomeReport:
 
 
 @dataclass(frozen=True)
+class ReconcileStats:
+    """Reconciliation of outcomes decided by the local fail-safe (see
+    :attr:`backstop.Backstop.reconcile_stats`); counts since the client started."""
+
+    #: Locally decided outcomes waiting to be reported once Backstop is back.
+    pending: int = 0
+    #: Reported and accepted by the server.
+    reported: int = 0
+    #: Reported, but refused by the server (e.g. nothing to classify).
+    rejected: int = 0
+    #: Never reported: more piled up than the client keeps, or every attempt to send them failed.
+    dropped: int = 0
+
+
+@dataclass(frozen=True)
 class AttemptError:
     """One failed attempt (or refusal) inside :meth:`Backstop.call`."""
 

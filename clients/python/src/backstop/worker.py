@@ -13,6 +13,7 @@ should be idempotent (``item.id`` is a stable key).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import threading
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import grpc
 
 from ._classify import describe, observe_exception, observe_success
-from ._core import rpc_error
+from ._transport import rpc_error
 from .errors import ControlPlaneError
 from .types import ClaimResult, DeferredItem, OutcomeReport, OutcomeResult
 
@@ -69,20 +70,18 @@ class _WorkerBase:
 
     def _report(self, item: DeferredItem, exc: Optional[BaseException], value: Any, latency: float) -> OutcomeReport:
         obs = observe_success(value) if exc is None else observe_exception(exc)
-        inp = item.input_tokens or obs.input_tokens
-        out = item.output_tokens or obs.output_tokens
-        return OutcomeReport(
+        # Usage the handler set on the item wins over what the reply carries.
+        obs = dataclasses.replace(
+            obs,
+            input_tokens=item.input_tokens or obs.input_tokens,
+            output_tokens=item.output_tokens or obs.output_tokens,
+        )
+        return obs.report(
             target=item.target,
             permit=item.permit,
-            outcome=obs.outcome,
-            http_status=obs.http_status,
-            error_type=obs.error_type,
-            latency=latency,
-            input_tokens=inp,
-            output_tokens=out,
-            attempt=max(0, item.attempt - 1),
-            headers=obs.headers,
             key_slot=item.key_slot,
+            attempt=max(0, item.attempt - 1),
+            latency=latency,
             caller=self.worker_id,
         )
 
