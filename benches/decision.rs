@@ -60,6 +60,30 @@ fn domain(c: &mut Criterion) {
     });
 }
 
+/// Signing a permit (HMAC-SHA256 over the target and the fields) and
+/// verifying one: paid once per admission and once per outcome report.
+fn permits(c: &mut Criterion) {
+    use backstop::engine::permit::{Permit, PermitKey};
+    let key = PermitKey::new(b"0123456789abcdef0123456789abcdef");
+    let p = Permit {
+        id: 1 << 40,
+        generation: 3,
+        leased: true,
+        reserved_tokens: 2000,
+        issued_ms: 1_764_000_000_000,
+        expires_ms: 1_764_000_120_000,
+        tag: 0xbeef,
+        ..Permit::default()
+    };
+    c.bench_function("permit/sign", |b| {
+        b.iter(|| black_box(key.sign(black_box("anthropic/claude-sonnet"), black_box(&p))))
+    });
+    let s = key.sign("anthropic/claude-sonnet", &p);
+    c.bench_function("permit/verify", |b| {
+        b.iter(|| black_box(key.verify("anthropic/claude-sonnet", 0xbeef, black_box(&s))))
+    });
+}
+
 fn engine_single(c: &mut Criterion) {
     let e = engine("");
     c.bench_function("engine/can_proceed_hot_target", |bench| {
@@ -122,6 +146,6 @@ fn engine_contended(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = domain, engine_single, engine_contended
+    targets = domain, permits, engine_single, engine_contended
 }
 criterion_main!(benches);

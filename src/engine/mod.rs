@@ -203,7 +203,7 @@ pub struct Engine {
     adhoc_route_metrics: metrics::RouteMetrics,
     /// Event subscribers and the shared snapshot (see watch.rs).
     hub: watch::Hub,
-    queues: queue::Queues,
+    queue: queue::DeferredQueue,
 }
 
 /// What startup restored from the store.
@@ -285,7 +285,14 @@ impl Engine {
             events.clone(),
             metrics.clone(),
         );
-        Self::assemble(config, clock, events, metrics, Backend::Local(backend))
+        Self::assemble(
+            config,
+            clock,
+            events,
+            metrics,
+            Backend::Local(backend),
+            Default::default(),
+        )
     }
 
     /// An engine restored from `store`, reconciled with the config: targets
@@ -305,8 +312,7 @@ impl Engine {
             store,
             |l, now| queue::QueueState::load(l.items, l.dead, l.idem, l.next_item_id, now),
         )?;
-        let engine = Self::assemble(config, clock, events, metrics, Backend::Local(backend));
-        *engine.queues.state_lock() = qs;
+        let engine = Self::assemble(config, clock, events, metrics, Backend::Local(backend), qs);
         Ok((engine, report))
     }
 
@@ -329,6 +335,7 @@ impl Engine {
         events: Arc<EventBus>,
         metrics: Arc<Metrics>,
         backend: Backend,
+        queue_state: queue::QueueState,
     ) -> Engine {
         let routes = config
             .routes
@@ -345,10 +352,20 @@ impl Engine {
                 )
             })
             .collect();
+        let hub = watch::Hub::new(config.events.max_subscribers);
+        let queue = queue::DeferredQueue::new(
+            config.queue.clone(),
+            clock.clone(),
+            queue_state,
+            backend.local().and_then(|b| b.persister()).cloned(),
+            events.clone(),
+            metrics.clone(),
+            hub.shutdown_signal(),
+        );
         Engine {
-            hub: watch::Hub::new(config.events.max_subscribers),
+            hub,
+            queue,
             adhoc_route_metrics: metrics.for_route(ADHOC_ROUTE, MAX_ROUTE_LEN),
-            queues: queue::Queues::default(),
             routes,
             events,
             metrics,
@@ -420,9 +437,61 @@ impl Engine {
         self.backend.describe()
     }
 
-    /// The persister of the embedded backend (the deferred queue writes through it).
-    fn persister(&self) -> Option<&Arc<backend::local::persist::Persister>> {
-        self.backend.local().and_then(|b| b.persister())
+    /// Saves a request; returns once it is durable.
+    pub async fn defer(&self, a: queue::DeferArgs) -> Result<queue::DeferResult> {
+        self.queue.defer(self, a).await
+    }
+
+    /// Hands out up to `max_items` due items, each admitted to the queue's
+    /// route or target; long-polls up to `wait` when there is nothing to hand out.
+    pub async fn claim(
+        &self,
+        queue: &str,
+        max_items: u32,
+        lease: Option<Duration>,
+        wait: Option<Duration>,
+        worker: &str,
+    ) -> Result<queue::ClaimResult> {
+        self.queue
+            .claim(self, queue, max_items, lease, wait, worker)
+            .await
+    }
+
+    /// Done: deletes the item (durably).
+    pub async fn ack(&self, id: &str, token: &str) -> Result<()> {
+        self.queue.ack(id, token).await
+    }
+
+    /// Not done: back to the queue after `delay`, or to the dead letters after
+    /// the last attempt. Returns (dead_lettered, attempt).
+    pub async fn nack(
+        &self,
+        id: &str,
+        token: &str,
+        delay: Duration,
+        reason: &str,
+    ) -> Result<(bool, u32)> {
+        self.queue.nack(id, token, delay, reason).await
+    }
+
+    /// Dead letters, by id, optionally of one queue.
+    pub fn list_dead_letters(
+        &self,
+        queue: &str,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<queue::Item>, String)> {
+        self.queue.list_dead_letters(queue, page_size, page_token)
+    }
+
+    /// Moves a dead letter back to its queue with a fresh attempt count.
+    pub async fn requeue(&self, id: &str) -> Result<()> {
+        self.queue.requeue(id).await
+    }
+
+    /// Depth, in flight, dead letters, oldest age and bytes per queue.
+    pub fn queue_stats(&self, queue: &str) -> Vec<queue::QueueStat> {
+        self.queue.queue_stats(queue)
     }
 
     /// Makes sure a target exists (within `max_targets`).

@@ -60,7 +60,7 @@ const VERSION: &str = "2";
 /// MAC bytes kept (HMAC-SHA256 truncated to 128 bits, as RFC 2104 allows).
 const MAC_LEN: usize = 16;
 /// Longest permit string accepted: 8 u64 fields in hex, a tag, the MAC, dots.
-pub const MAX_PERMIT_LEN: usize = 2 + 8 * 17 + 5 + 2 * MAC_LEN + 1;
+pub const MAX_PERMIT_LEN: usize = 1 + 8 * 17 + 1 + 2 * MAC_LEN;
 
 /// Signs and verifies permits with the server's key.
 ///
@@ -95,22 +95,25 @@ impl PermitKey {
         Some(b)
     }
 
-    fn mac(&self, target: &str, body: &str) -> [u8; MAC_LEN] {
+    fn mac(&self, target: &str, body: &[u8]) -> [u8; MAC_LEN] {
         let mut m = self.keyed.clone();
         m.update(target.as_bytes());
         // The name cannot contain NUL, so name/body boundaries are unambiguous.
         m.update(&[0]);
-        m.update(body.as_bytes());
+        m.update(body);
         let tag = m.finalize().into_bytes();
         let mut out = [0u8; MAC_LEN];
         out.copy_from_slice(&tag[..MAC_LEN]);
         out
     }
 
-    /// The permit as text, signed for `target`.
+    /// The permit as text, signed for `target`. Written as ASCII into a
+    /// stack buffer (no `fmt`, no per-char checks), then the MAC, then one
+    /// allocation for the string.
     pub fn sign(&self, target: &str, p: &Permit) -> String {
-        let mut s = String::with_capacity(2 + 8 * 17 + 5 + 1 + 2 * MAC_LEN);
-        s.push_str(VERSION);
+        let mut buf = [0u8; MAX_PERMIT_LEN];
+        buf[0] = VERSION.as_bytes()[0];
+        let mut n = 1;
         let flags = u64::from(p.slot) | (u64::from(p.leased) << 8);
         for v in [
             u64::from(p.tag),
@@ -122,16 +125,19 @@ impl PermitKey {
             p.issued_ms,
             p.expires_ms,
         ] {
-            s.push('.');
-            push_hex(&mut s, v);
+            buf[n] = b'.';
+            n = write_hex(&mut buf, n + 1, v);
         }
-        let mac = self.mac(target, &s);
-        s.push('.');
-        for b in mac {
-            s.push(HEX[usize::from(b >> 4)] as char);
-            s.push(HEX[usize::from(b & 15)] as char);
+        let mac = self.mac(target, &buf[..n]);
+        buf[n] = b'.';
+        n += 1;
+        for x in mac {
+            buf[n] = HEX[usize::from(x >> 4)];
+            buf[n + 1] = HEX[usize::from(x & 15)];
+            n += 2;
         }
-        s
+        // Only ASCII was written, so this cannot fail.
+        String::from_utf8(buf[..n].to_vec()).unwrap_or_default()
     }
 
     /// Parses and verifies a permit presented with `target` (whose name hash
@@ -177,7 +183,7 @@ impl PermitKey {
         if got_tag != tag {
             return Err(PermitError::WrongTarget);
         }
-        let want = self.mac(target, body);
+        let want = self.mac(target, body.as_bytes());
         if !crate::grpc::auth::constant_time_eq(&mac, &want) {
             return Err(PermitError::Forged);
         }
@@ -197,16 +203,14 @@ impl PermitKey {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Lower-case hex without leading zeros (what `{:x}` writes), without `fmt`.
-fn push_hex(s: &mut String, v: u64) {
-    if v == 0 {
-        s.push('0');
-        return;
+/// Writes `v` in lower-case hex without leading zeros (what `{:x}` writes)
+/// at `buf[at..]`, without `fmt`; returns the end.
+fn write_hex(buf: &mut [u8; MAX_PERMIT_LEN], at: usize, v: u64) -> usize {
+    let digits = ((64 - v.leading_zeros()).div_ceil(4)).max(1) as usize;
+    for (k, slot) in buf[at..at + digits].iter_mut().enumerate() {
+        *slot = HEX[((v >> ((digits - 1 - k) * 4)) & 15) as usize];
     }
-    let digits = (64 - v.leading_zeros()).div_ceil(4);
-    for i in (0..digits).rev() {
-        s.push(HEX[((v >> (i * 4)) & 15) as usize] as char);
-    }
+    at + digits
 }
 
 fn decode_mac(hex: &str) -> Option<[u8; MAC_LEN]> {
@@ -286,9 +290,12 @@ mod tests {
     #[test]
     fn hex_matches_fmt() {
         for v in [0u64, 1, 15, 16, 255, 0xbeef, u64::MAX, 1 << 63] {
-            let mut s = String::new();
-            push_hex(&mut s, v);
-            assert_eq!(s, format!("{v:x}"));
+            let mut b = [0u8; MAX_PERMIT_LEN];
+            let n = write_hex(&mut b, 3, v);
+            assert_eq!(
+                std::str::from_utf8(&b[3..n]).expect("ascii"),
+                format!("{v:x}")
+            );
         }
     }
 

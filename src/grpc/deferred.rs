@@ -4,8 +4,7 @@ use super::auth::OperatorToken;
 use super::{check_len, from_proto_duration, reason, status, to_proto_duration, to_timestamp};
 use crate::domain::Time;
 use crate::engine::Engine;
-use crate::engine::queue::{Claimed, DEFERRED_MESSAGE, DeferArgs};
-use crate::engine::store::ItemRecord;
+use crate::engine::queue::{Claimed, DEFERRED_MESSAGE, DeferArgs, Item};
 use crate::proto;
 use crate::proto::deferred_server::Deferred;
 use std::sync::Arc;
@@ -23,21 +22,17 @@ impl DeferredService {
     }
 }
 
-fn ts(nanos: u64) -> Option<prost_types::Timestamp> {
-    (nanos != 0).then(|| to_timestamp(Time::from_nanos(nanos)))
-}
-
-fn item(rec: ItemRecord) -> proto::DeferredItem {
+fn item(it: Item) -> proto::DeferredItem {
     proto::DeferredItem {
-        id: rec.id.to_string(),
-        queue: rec.queue,
-        payload: rec.payload,
-        metadata: rec.metadata,
-        attempt: rec.attempt,
-        max_attempts: rec.max_attempts,
-        enqueued_at: ts(rec.enqueued_at),
-        last_error: rec.last_error,
-        dead_lettered_at: ts(rec.dead_lettered_at),
+        id: it.id.to_string(),
+        queue: it.queue,
+        payload: it.payload,
+        metadata: it.metadata,
+        attempt: it.attempt,
+        max_attempts: it.max_attempts,
+        enqueued_at: Some(to_timestamp(it.enqueued_at)),
+        last_error: it.last_error,
+        dead_lettered_at: it.dead_lettered_at.map(to_timestamp),
         ..Default::default()
     }
 }

@@ -12,16 +12,24 @@
 //! behind one mutex; it is never held across an await (store writes are
 //! queued under it, awaited after it is released).
 
-use super::backend::local::persist::Pending;
+mod state;
+
+pub(crate) use state::QueueState;
+
+use super::backend::local::persist::{Pending, Persister};
 use super::error::{EngineError, Result, invalid};
-use super::events::EventKind;
+use super::events::{EventBus, EventKind};
 use super::store::{IdemRecord, ItemRecord, Op};
 use super::{AdmitArgs, Engine, Reason, RouteQuery, validate_target};
+use crate::config::QueueConfig;
 use crate::domain::Time;
 use crate::domain::budget::Kind;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
-use std::sync::Mutex;
+use crate::engine::clock::Clock;
+use crate::metrics::Metrics;
+use state::{Entry, IdemEntry, counts, idem_key, item_bytes};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// What the end user is told when their request was deferred.
@@ -37,80 +45,47 @@ const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 const MAX_LEASE: Duration = Duration::from_secs(3600);
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
-struct Entry {
-    rec: ItemRecord,
-    /// (token, until) while claimed.
-    lease: Option<(u64, Time)>,
+/// A deferred request, as the API shows it.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Item {
+    pub id: u64,
+    pub queue: String,
+    pub payload: Vec<u8>,
+    pub metadata: HashMap<String, String>,
+    /// Deliveries so far.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub enqueued_at: Time,
+    pub last_error: String,
+    /// When it moved to the dead letters (dead letters only).
+    pub dead_lettered_at: Option<Time>,
+    pub estimated_tokens: u64,
+    pub required_context_tokens: u64,
 }
 
-#[derive(Default, Clone, Copy)]
-struct Counts {
-    waiting: u64,
-    in_flight: u64,
-    dead: u64,
-    bytes: u64,
-}
-
-/// An idempotency key's item, and the store write that made it durable
-/// (a duplicate Defer is answered only once that write is committed).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct IdemEntry {
-    id: u64,
-    expires_at: u64,
-    seq: u64,
-}
-
-/// The idempotency index key: keys are scoped to their queue, so the same key
-/// in two queues names two requests. Queue names cannot contain NUL (they are
-/// route or target names), so the separator is unambiguous.
-fn idem_key(queue: &str, key: &str) -> String {
-    let mut k = String::with_capacity(queue.len() + 1 + key.len());
-    k.push_str(queue);
-    k.push('\0');
-    k.push_str(key);
-    k
-}
-
-/// Bytes an item holds against `[queue] max_total_bytes`: everything it stores.
-fn item_bytes(rec: &ItemRecord) -> u64 {
-    let meta: usize = rec.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
-    (rec.payload.len() + meta + rec.idempotency_key.len() + rec.queue.len()) as u64
-}
-
-#[derive(Default)]
-pub(crate) struct QueueState {
-    items: HashMap<u64, Entry>,
-    /// Per queue: waiting items by (due, id).
-    ready: HashMap<String, BTreeSet<(u64, u64)>>,
-    /// Claimed items by (lease until, id), for expiry.
-    leased: BTreeSet<(u64, u64)>,
-    dead: BTreeMap<u64, ItemRecord>,
-    /// Live keys (expires_at = 0) and tombstones of acked items.
-    idem: HashMap<String, IdemEntry>,
-    /// Tombstones by expiry, to forget them once `idempotency_ttl` has passed.
-    idem_expiry: BTreeSet<(u64, String)>,
-    counts: HashMap<String, Counts>,
-    total_bytes: u64,
-    next_id: u64,
-}
-
-/// The queue's state and its wake-up signal for long-polling workers.
-#[derive(Default)]
-pub(crate) struct Queues {
-    state: Mutex<QueueState>,
-    notify: tokio::sync::Notify,
-}
-
-impl Queues {
-    pub(crate) fn state_lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        lock(self)
+impl From<&ItemRecord> for Item {
+    fn from(r: &ItemRecord) -> Item {
+        Item {
+            id: r.id,
+            queue: r.queue.clone(),
+            payload: r.payload.clone(),
+            metadata: r.metadata.clone(),
+            attempt: r.attempt,
+            max_attempts: r.max_attempts,
+            enqueued_at: Time::from_nanos(r.enqueued_at),
+            last_error: r.last_error.clone(),
+            dead_lettered_at: (r.dead_lettered_at != 0)
+                .then(|| Time::from_nanos(r.dead_lettered_at)),
+            estimated_tokens: r.estimated_tokens,
+            required_context_tokens: r.required_context_tokens,
+        }
     }
 }
 
 /// A claimed item, admitted and leased.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Claimed {
-    pub item: ItemRecord,
+    pub item: Item,
     pub lease_token: String,
     pub lease_until: Time,
     pub target: Arc<str>,
@@ -158,10 +133,77 @@ pub struct DeferArgs {
     pub required_context_tokens: u64,
 }
 
+/// Where a queue's items go when claimed: the queue needs admission (the
+/// engine's Route or CanProceed) without knowing how it is decided.
+pub trait Admitter: Sync {
+    /// `queue` names a configured route or a valid target.
+    fn check_queue(&self, queue: &str) -> Result<()>;
+    /// A target queue's target exists (created within `max_targets`).
+    fn ensure_queue_target(&self, queue: &str) -> Result<()>;
+    /// Why a request could never be delivered from `queue`, if so.
+    fn never_deliverable(&self, queue: &str, estimated: u64, context: u64) -> Option<String>;
+    /// Admits one delivery: (target, signed permit, key slot), or why not and
+    /// when to ask again. `need` is (estimated tokens, required context,
+    /// deliveries so far): a redelivery is a retry.
+    #[allow(clippy::type_complexity)]
+    fn admit_for_queue(
+        &self,
+        queue: &str,
+        worker: &str,
+        need: (u64, u64, u32),
+    ) -> impl Future<
+        Output = Result<
+            std::result::Result<(Arc<str>, String, Option<Arc<str>>), (Reason, Option<Duration>)>,
+        >,
+    > + Send;
+}
+
+/// The deferred-request queue: its index (one mutex: deferred operations
+/// are rare next to decisions), the wake-up signal for long polls, and where
+/// it writes (the embedded store's writer).
+pub struct DeferredQueue {
+    limits: QueueConfig,
+    clock: Arc<dyn Clock>,
+    state: Mutex<QueueState>,
+    notify: tokio::sync::Notify,
+    persister: Option<Arc<Persister>>,
+    events: Arc<EventBus>,
+    metrics: Arc<Metrics>,
+    /// True once the server drains: long polls answer at once.
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl DeferredQueue {
+    pub(crate) fn new(
+        limits: QueueConfig,
+        clock: Arc<dyn Clock>,
+        state: QueueState,
+        persister: Option<Arc<Persister>>,
+        events: Arc<EventBus>,
+        metrics: Arc<Metrics>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> DeferredQueue {
+        DeferredQueue {
+            limits,
+            clock,
+            state: Mutex::new(state),
+            notify: tokio::sync::Notify::new(),
+            persister,
+            events,
+            metrics,
+            shutdown,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Items taken off the ready list by a Claim and not yet leased; whatever is
 /// left when this is dropped goes back to the queue.
 struct Taken<'a> {
-    queues: &'a Queues,
+    queue_of: &'a DeferredQueue,
     queue: &'a str,
     items: std::collections::VecDeque<(u64, u64)>,
 }
@@ -171,18 +213,14 @@ impl Drop for Taken<'_> {
         if self.items.is_empty() {
             return;
         }
-        let mut s = lock(self.queues);
+        let mut s = self.queue_of.lock();
         let ready = s.ready.entry(self.queue.to_string()).or_default();
         for item in self.items.drain(..) {
             ready.insert(item);
         }
         drop(s);
-        self.queues.notify.notify_waiters();
+        self.queue_of.notify.notify_waiters();
     }
-}
-
-fn lock(q: &Queues) -> std::sync::MutexGuard<'_, QueueState> {
-    q.state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub fn parse_id(id: &str) -> Result<u64> {
@@ -198,195 +236,21 @@ fn parse_token(token: &str) -> Result<u64> {
         .map_err(|_| invalid("lease_token does not parse; pass it exactly as Claim returned it"))
 }
 
-fn counts<'a>(s: &'a mut QueueState, queue: &str) -> &'a mut Counts {
-    s.counts.entry(queue.to_string()).or_default()
-}
-
-impl QueueState {
-    /// Restores from the store.
-    pub(crate) fn load(
-        items: Vec<ItemRecord>,
-        dead: Vec<ItemRecord>,
-        idem: Vec<(String, IdemRecord)>,
-        next_id: u64,
-        now: Time,
-    ) -> (QueueState, Vec<Op>) {
-        let mut s = QueueState::default();
-        let mut ops = Vec::new();
-        for rec in items {
-            s.next_id = s.next_id.max(rec.id);
-            let c = counts(&mut s, &rec.queue);
-            c.waiting += 1;
-            c.bytes += item_bytes(&rec);
-            s.total_bytes += item_bytes(&rec);
-            // Leases do not survive a restart: every item is waiting again.
-            s.ready
-                .entry(rec.queue.clone())
-                .or_default()
-                .insert((rec.due, rec.id));
-            s.items.insert(rec.id, Entry { rec, lease: None });
-        }
-        for rec in dead {
-            s.next_id = s.next_id.max(rec.id);
-            let c = counts(&mut s, &rec.queue);
-            c.dead += 1;
-            c.bytes += item_bytes(&rec);
-            s.total_bytes += item_bytes(&rec);
-            s.dead.insert(rec.id, rec);
-        }
-        // Ids are never reused, even those of items already acked.
-        s.next_id = s.next_id.max(next_id);
-        for (key, r) in idem {
-            s.next_id = s.next_id.max(r.id);
-            // Keys written before they were scoped per queue: a live item's
-            // key moves to its queue; a tombstone's queue is unknown, so it is dropped.
-            let key = if key.contains('\0') {
-                key
-            } else {
-                ops.push(Op::Idem(key.clone(), None));
-                match s.items.get(&r.id) {
-                    Some(e) => {
-                        let scoped = idem_key(&e.rec.queue, &key);
-                        ops.push(Op::Idem(scoped.clone(), Some(r.clone())));
-                        scoped
-                    }
-                    None => continue,
-                }
-            };
-            if r.expires_at != 0 && r.expires_at <= now.as_nanos() {
-                ops.push(Op::Idem(key, None));
-            } else {
-                if r.expires_at != 0 {
-                    s.idem_expiry.insert((r.expires_at, key.clone()));
-                }
-                s.idem.insert(
-                    key,
-                    IdemEntry {
-                        id: r.id,
-                        expires_at: r.expires_at,
-                        seq: 0,
-                    },
-                );
-            }
-        }
-        (s, ops)
-    }
-
-    /// Returns items whose lease ran out to their queue (or the dead letters).
-    fn expire(
-        &mut self,
-        now: Time,
-        ops: &mut Vec<Op>,
-        events: &mut Vec<(String, EventKind)>,
-    ) -> bool {
-        let mut any = false;
-        while let Some(&(until, id)) = self.leased.first() {
-            if until > now.as_nanos() {
-                break;
-            }
-            self.leased.pop_first();
-            let Some(entry) = self.items.get_mut(&id) else {
-                continue;
-            };
-            if entry.lease.map(|(_, u)| u.as_nanos()) != Some(until) {
-                continue;
-            }
-            entry.lease = None;
-            entry.rec.last_error = "lease expired without Ack or Nack".into();
-            any = true;
-            let queue = entry.rec.queue.clone();
-            if entry.rec.attempt >= entry.rec.max_attempts {
-                let c = counts(self, &queue);
-                c.in_flight = c.in_flight.saturating_sub(1);
-                self.dead_letter(
-                    id,
-                    now,
-                    "lease expired without Ack or Nack on the last attempt",
-                    ops,
-                    events,
-                );
-            } else {
-                let due = entry.rec.due;
-                ops.push(Op::Item(id, Some(entry.rec.clone())));
-                let c = counts(self, &queue);
-                c.in_flight = c.in_flight.saturating_sub(1);
-                c.waiting += 1;
-                self.ready.entry(queue).or_default().insert((due, id));
-            }
-        }
-        any
-    }
-
-    /// Forgets idempotency keys whose tombstone has expired.
-    fn purge_idem(&mut self, now: Time, ops: &mut Vec<Op>) {
-        while let Some((at, _)) = self.idem_expiry.first() {
-            if *at > now.as_nanos() {
-                break;
-            }
-            let Some((at, key)) = self.idem_expiry.pop_first() else {
-                break;
-            };
-            if self.idem.get(&key).is_some_and(|e| e.expires_at == at) {
-                self.idem.remove(&key);
-                ops.push(Op::Idem(key, None));
-            }
-        }
-    }
-
-    /// Moves an item (no longer counted as waiting or in flight by the
-    /// caller) to the dead letters.
-    fn dead_letter(
-        &mut self,
-        id: u64,
-        now: Time,
-        why: &str,
-        ops: &mut Vec<Op>,
-        events: &mut Vec<(String, EventKind)>,
-    ) {
-        let Some(entry) = self.items.remove(&id) else {
-            return;
-        };
-        let mut rec = entry.rec;
-        rec.last_error = why.to_string();
-        rec.dead_lettered_at = now.as_nanos();
-        let queue = rec.queue.clone();
-        counts(self, &queue).dead += 1;
-        events.push((
-            queue.clone(),
-            EventKind::ItemDeadLettered {
-                queue: Arc::from(queue.as_str()),
-                id,
-                reason: why.to_string(),
-                attempts: rec.attempt,
-            },
-        ));
-        ops.push(Op::Item(id, None));
-        ops.push(Op::Dead(id, Some(rec.clone())));
-        self.dead.insert(id, rec);
-    }
-
-    fn release_payload(&mut self, queue: &str, bytes: u64) {
-        self.total_bytes = self.total_bytes.saturating_sub(bytes);
-        let c = counts(self, queue);
-        c.bytes = c.bytes.saturating_sub(bytes);
-    }
-}
-
-impl Engine {
+impl DeferredQueue {
     fn queue_write(&self, ops: Vec<Op>) -> Pending {
         self.queue_write_seq(ops).0
     }
 
     /// Queues a write of the queue's state; also returns its sequence number.
     fn queue_write_seq(&self, ops: Vec<Op>) -> (Pending, u64) {
-        match self.persister() {
+        match &self.persister {
             Some(p) if !ops.is_empty() => p.write(ops, Vec::new()),
             _ => (Pending::none(), 0),
         }
     }
 
     fn committed(&self) -> u64 {
-        self.persister().map_or(u64::MAX, |p| p.committed())
+        self.persister.as_ref().map_or(u64::MAX, |p| p.committed())
     }
 
     fn publish_queue_events(&self, now: Time, events: Vec<(String, EventKind)>) {
@@ -401,50 +265,10 @@ impl Engine {
     /// Why a request could never be delivered from `queue` (no candidate's
     /// context window or token budget can ever hold it), if so: such an item
     /// would only wait forever, so Defer refuses it.
-    fn never_deliverable(&self, queue: &str, estimated: u64, context: u64) -> Option<String> {
-        let candidates: Vec<Arc<str>> = match self.config.routes.get(queue) {
-            Some(r) => r.targets.clone(),
-            None => vec![Arc::from(queue)],
-        };
-        let fits = |name: &Arc<str>| {
-            let t = self.config.target(name);
-            let window_ok = context == 0 || t.context_window == 0 || t.context_window >= context;
-            let capacity = |b: &crate::domain::budget::BudgetConfig| {
-                [Kind::Tokens, Kind::InputTokens]
-                    .iter()
-                    .filter_map(|k| b.rate(*k))
-                    .all(|r| estimated <= r.amount)
-            };
-            let tokens_ok = capacity(&t.budget)
-                && t.groups
-                    .iter()
-                    .all(|&g| capacity(&self.config.groups[g].budget));
-            window_ok && tokens_ok
-        };
-        if candidates.iter().any(fits) {
-            return None;
-        }
-        Some(format!(
-            "no target of queue {queue:?} can ever take this request (required_context_tokens {context}, estimated_tokens {estimated}): \
-             their context windows or token budgets are smaller"
-        ))
-    }
-
-    fn check_queue_name(&self, queue: &str) -> Result<()> {
-        if self.config.routes.contains_key(queue) {
-            return Ok(());
-        }
-        validate_target(queue).map_err(|_| {
-            invalid(format!(
-                "queue {queue:?} is neither a configured route nor a valid target name (1..=256 bytes)"
-            ))
-        })
-    }
-
     /// Saves a request; returns once it is durable.
-    pub async fn defer(&self, a: DeferArgs) -> Result<DeferResult> {
-        self.check_queue_name(&a.queue)?;
-        let limits = &self.config.queue;
+    pub async fn defer(&self, adm: &impl Admitter, a: DeferArgs) -> Result<DeferResult> {
+        adm.check_queue(&a.queue)?;
+        let limits = &self.limits;
         if a.payload.len() > limits.max_payload_bytes {
             return Err(invalid(format!(
                 "payload is {} bytes; the limit is {} ([queue] max_payload_bytes)",
@@ -471,16 +295,14 @@ impl Engine {
             )));
         }
         if let Some(why) =
-            self.never_deliverable(&a.queue, a.estimated_tokens, a.required_context_tokens)
+            adm.never_deliverable(&a.queue, a.estimated_tokens, a.required_context_tokens)
         {
             return Err(invalid(why));
         }
-        if !self.config.routes.contains_key(&a.queue) {
-            // A target queue's target must exist to ever be claimed: create it
-            // now, so a server at max_targets refuses the Defer instead of
-            // accepting an item that no Claim could ever hand out.
-            self.ensure_target(&a.queue)?;
-        }
+        // A target queue's target must exist to ever be claimed: created now,
+        // so a server at max_targets refuses the Defer instead of accepting
+        // an item that no Claim could ever hand out.
+        adm.ensure_queue_target(&a.queue)?;
         let now = self.clock.now();
         let mut a = a;
         /// What one look at the queue decided.
@@ -492,7 +314,7 @@ impl Engine {
         }
         let (result, pending) = loop {
             let step = {
-                let mut s = lock(&self.queues);
+                let mut s = self.lock();
                 let mut ops = Vec::new();
                 s.purge_idem(now, &mut ops);
                 let scoped = idem_key(&a.queue, &a.idempotency_key);
@@ -611,7 +433,7 @@ impl Engine {
             };
             match step {
                 Step::WaitFor(seq) => {
-                    if let Some(p) = self.persister() {
+                    if let Some(p) = &self.persister {
                         let _ = p.wait_for(seq).wait().await;
                     }
                 }
@@ -624,7 +446,7 @@ impl Engine {
         };
         if let Err(e) = pending.wait().await {
             // Not durable, so not acknowledged: take it back out.
-            let mut s = lock(&self.queues);
+            let mut s = self.lock();
             if let Some(entry) = s.items.remove(&result.id) {
                 let q = entry.rec.queue.clone();
                 if let Some(r) = s.ready.get_mut(&q) {
@@ -652,7 +474,7 @@ impl Engine {
                 depth: result.depth,
             },
         );
-        self.queues.notify.notify_waiters();
+        self.notify.notify_waiters();
         Ok(result)
     }
 
@@ -660,13 +482,14 @@ impl Engine {
     /// route or target; long-polls up to `wait` when there is nothing to hand out.
     pub async fn claim(
         &self,
+        adm: &impl Admitter,
         queue: &str,
         max_items: u32,
         lease: Option<Duration>,
         wait: Option<Duration>,
         worker: &str,
     ) -> Result<ClaimResult> {
-        self.check_queue_name(queue)?;
+        adm.check_queue(queue)?;
         let max_items = match max_items {
             0 => 1,
             n if n > MAX_CLAIM => {
@@ -691,15 +514,15 @@ impl Engine {
             )));
         }
         let deadline = tokio::time::Instant::now() + wait;
-        let mut shutdown = self.hub.shutdown_signal();
+        let mut shutdown = self.shutdown.clone();
         loop {
             // Subscribe before looking, so a Defer between the look and the wait is not missed.
-            let notified = self.queues.notify.notified();
+            let notified = self.notify.notified();
             let now = self.clock.now();
             let mut ops = Vec::new();
             let mut events = Vec::new();
             let (taken, next_due) = {
-                let mut s = lock(&self.queues);
+                let mut s = self.lock();
                 s.expire(now, &mut ops, &mut events);
                 let mut taken = Vec::new();
                 let mut next_due = None;
@@ -726,7 +549,7 @@ impl Engine {
             // the guard puts back whatever is left if this call errors or its
             // client goes away (the future is dropped), so nothing is lost.
             let mut guard = Taken {
-                queues: &self.queues,
+                queue_of: self,
                 queue,
                 items: taken.into_iter().collect(),
             };
@@ -739,7 +562,8 @@ impl Engine {
             let mut ops = Vec::new();
             let mut events = Vec::new();
             while let Some(&(due, id)) = guard.items.front() {
-                let need = lock(&self.queues)
+                let need = self
+                    .lock()
                     .items
                     .get(&id)
                     .map(|e| {
@@ -750,9 +574,9 @@ impl Engine {
                         )
                     })
                     .unwrap_or_default();
-                let admitted = self.admit_for_queue(queue, worker, need).await?;
+                let admitted = adm.admit_for_queue(queue, worker, need).await?;
                 let now = self.clock.now();
-                let mut s = lock(&self.queues);
+                let mut s = self.lock();
                 guard.items.pop_front();
                 match admitted {
                     Ok((target, permit, key_slot)) => {
@@ -767,7 +591,7 @@ impl Engine {
                         entry.lease = Some((token, until));
                         ops.push(Op::Item(id, Some(entry.rec.clone())));
                         result.items.push(Claimed {
-                            item: entry.rec.clone(),
+                            item: Item::from(&entry.rec),
                             lease_token: format!("{token:x}"),
                             lease_until: until,
                             target,
@@ -830,59 +654,6 @@ impl Engine {
         }
     }
 
-    /// Admits one call for a queue: Route for a route queue, CanProceed for a
-    /// target queue. `need` is (estimated tokens, required context, deliveries
-    /// so far): a redelivery is a retry and draws on the retry budget.
-    #[allow(clippy::type_complexity)]
-    async fn admit_for_queue(
-        &self,
-        queue: &str,
-        worker: &str,
-        need: (u64, u64, u32),
-    ) -> Result<std::result::Result<(Arc<str>, String, Option<Arc<str>>), (Reason, Option<Duration>)>>
-    {
-        if self.config.routes.contains_key(queue) {
-            let (estimated_tokens, required_context_tokens, attempt) = need;
-            let d = self
-                .route(RouteQuery {
-                    route: queue,
-                    caller: worker,
-                    estimated_tokens,
-                    required_context_tokens,
-                    attempt,
-                    ..Default::default()
-                })
-                .await?;
-            return Ok(match d.chosen {
-                Some((target, adm, _)) => Ok((target, adm.token, adm.key_slot)),
-                // Blocked: report the candidate that frees up soonest.
-                None => Err((
-                    d.skipped
-                        .iter()
-                        .find(|s| s.retry_after.is_some() && s.retry_after == d.retry_after)
-                        .or(d.skipped.first())
-                        .map_or(Reason::CircuitOpen, |s| s.reason),
-                    d.retry_after,
-                )),
-            });
-        }
-        let adm = self
-            .can_proceed(
-                queue,
-                AdmitArgs {
-                    caller: worker,
-                    estimated_tokens: need.0,
-                    attempt: need.2,
-                },
-            )
-            .await?;
-        Ok(if adm.allowed {
-            Ok((Arc::from(queue), adm.token, adm.key_slot))
-        } else {
-            Err((adm.reason, adm.retry_after))
-        })
-    }
-
     /// Finds a claimed item and checks its lease token.
     fn leased_entry(s: &mut QueueState, id: u64, token: u64, now: Time) -> Result<&mut Entry> {
         if s.dead.contains_key(&id) {
@@ -912,7 +683,7 @@ impl Engine {
         let token = parse_token(token)?;
         let now = self.clock.now();
         let (queue, pending) = {
-            let mut s = lock(&self.queues);
+            let mut s = self.lock();
             let mut ops = Vec::new();
             let mut events = Vec::new();
             s.expire(now, &mut ops, &mut events);
@@ -927,7 +698,7 @@ impl Engine {
             ops.push(Op::Item(id, None));
             if !rec.idempotency_key.is_empty() {
                 // Remember the key for a while, so a retried Defer is still a duplicate.
-                let expires_at = (now + self.config.queue.idempotency_ttl).as_nanos();
+                let expires_at = (now + self.limits.idempotency_ttl).as_nanos();
                 let key = idem_key(&rec.queue, &rec.idempotency_key);
                 s.idem.insert(
                     key.clone(),
@@ -979,7 +750,7 @@ impl Engine {
         let now = self.clock.now();
         let mut events = Vec::new();
         let (out, pending) = {
-            let mut s = lock(&self.queues);
+            let mut s = self.lock();
             let mut ops = Vec::new();
             s.expire(now, &mut ops, &mut events);
             let entry = Self::leased_entry(&mut s, id, token, now)?;
@@ -1010,7 +781,7 @@ impl Engine {
             .await
             .map_err(|e| EngineError::Unavailable(e.to_string()))?;
         self.publish_queue_events(now, events);
-        self.queues.notify.notify_waiters();
+        self.notify.notify_waiters();
         Ok(out)
     }
 
@@ -1020,7 +791,7 @@ impl Engine {
         queue: &str,
         page_size: u32,
         page_token: &str,
-    ) -> Result<(Vec<ItemRecord>, String)> {
+    ) -> Result<(Vec<Item>, String)> {
         let size = match page_size {
             0 => 100,
             n if n > 1000 => {
@@ -1035,13 +806,13 @@ impl Engine {
         } else {
             parse_id(page_token)?
         };
-        let s = lock(&self.queues);
-        let mut items: Vec<ItemRecord> = s
+        let s = self.lock();
+        let mut items: Vec<Item> = s
             .dead
             .range(after + 1..)
             .filter(|(_, r)| queue.is_empty() || r.queue == queue)
             .take(size + 1)
-            .map(|(_, r)| r.clone())
+            .map(|(_, r)| Item::from(r))
             .collect();
         let next = if items.len() > size {
             items.truncate(size);
@@ -1057,7 +828,7 @@ impl Engine {
         let id = parse_id(id)?;
         let now = self.clock.now();
         let pending = {
-            let mut s = lock(&self.queues);
+            let mut s = self.lock();
             let Some(rec) = s.dead.get(&id) else {
                 return Err(EngineError::NotFound(format!(
                     "item {id} is not in the dead-letter list"
@@ -1065,10 +836,10 @@ impl Engine {
             };
             let queue = rec.queue.clone();
             let c = s.counts.get(&queue).copied().unwrap_or_default();
-            if (c.waiting + c.in_flight) as usize >= self.config.queue.max_depth {
+            if (c.waiting + c.in_flight) as usize >= self.limits.max_depth {
                 return Err(EngineError::ResourceExhausted(format!(
                     "queue {queue:?} is at its limit of {} items ([queue] max_depth)",
-                    self.config.queue.max_depth
+                    self.limits.max_depth
                 )));
             }
             let mut rec = s.dead.remove(&id).unwrap_or_default();
@@ -1087,20 +858,20 @@ impl Engine {
             .wait()
             .await
             .map_err(|e| EngineError::Unavailable(e.to_string()))?;
-        self.queues.notify.notify_waiters();
+        self.notify.notify_waiters();
         Ok(())
     }
 
     /// Depth, in flight, dead letters, oldest age and bytes per queue.
     pub fn queue_stats(&self, queue: &str) -> Vec<QueueStat> {
         let now = self.clock.now();
-        let mut s = lock(&self.queues);
+        let mut s = self.lock();
         let mut ops = Vec::new();
         let mut events = Vec::new();
         if s.expire(now, &mut ops, &mut events) {
             self.publish_queue_events(now, events);
             // Write-behind: expiry only moved items between in-memory lists.
-            if let Some(p) = self.persister() {
+            if let Some(p) = &self.persister {
                 p.write_behind(ops);
             }
         }
@@ -1126,5 +897,107 @@ impl Engine {
             .collect();
         out.sort_by(|a, b| a.queue.cmp(&b.queue));
         out
+    }
+}
+
+impl Admitter for Engine {
+    fn check_queue(&self, queue: &str) -> Result<()> {
+        if self.config.routes.contains_key(queue) {
+            return Ok(());
+        }
+        validate_target(queue).map_err(|_| {
+            invalid(format!(
+                "queue {queue:?} is neither a configured route nor a valid target name (1..=256 bytes)"
+            ))
+        })
+    }
+
+    fn ensure_queue_target(&self, queue: &str) -> Result<()> {
+        if self.config.routes.contains_key(queue) {
+            return Ok(());
+        }
+        self.ensure_target(queue)
+    }
+
+    fn never_deliverable(&self, queue: &str, estimated: u64, context: u64) -> Option<String> {
+        let candidates: Vec<Arc<str>> = match self.config.routes.get(queue) {
+            Some(r) => r.targets.clone(),
+            None => vec![Arc::from(queue)],
+        };
+        let fits = |name: &Arc<str>| {
+            let t = self.config.target(name);
+            let window_ok = context == 0 || t.context_window == 0 || t.context_window >= context;
+            let capacity = |b: &crate::domain::budget::BudgetConfig| {
+                [Kind::Tokens, Kind::InputTokens]
+                    .iter()
+                    .filter_map(|k| b.rate(*k))
+                    .all(|r| estimated <= r.amount)
+            };
+            let tokens_ok = capacity(&t.budget)
+                && t.groups
+                    .iter()
+                    .all(|&g| capacity(&self.config.groups[g].budget));
+            window_ok && tokens_ok
+        };
+        if candidates.iter().any(fits) {
+            return None;
+        }
+        Some(format!(
+            "no target of queue {queue:?} can ever take this request (required_context_tokens {context}, estimated_tokens {estimated}): \
+             their context windows or token budgets are smaller"
+        ))
+    }
+
+    #[allow(clippy::type_complexity)]
+    /// Admits one call for a queue: Route for a route queue, CanProceed for a
+    /// target queue. `need` is (estimated tokens, required context, deliveries
+    /// so far): a redelivery is a retry and draws on the retry budget.
+    async fn admit_for_queue(
+        &self,
+        queue: &str,
+        worker: &str,
+        need: (u64, u64, u32),
+    ) -> Result<std::result::Result<(Arc<str>, String, Option<Arc<str>>), (Reason, Option<Duration>)>>
+    {
+        if self.config.routes.contains_key(queue) {
+            let (estimated_tokens, required_context_tokens, attempt) = need;
+            let d = self
+                .route(RouteQuery {
+                    route: queue,
+                    caller: worker,
+                    estimated_tokens,
+                    required_context_tokens,
+                    attempt,
+                    ..Default::default()
+                })
+                .await?;
+            return Ok(match d.chosen {
+                Some((target, adm, _)) => Ok((target, adm.token, adm.key_slot)),
+                // Blocked: report the candidate that frees up soonest.
+                None => Err((
+                    d.skipped
+                        .iter()
+                        .find(|s| s.retry_after.is_some() && s.retry_after == d.retry_after)
+                        .or(d.skipped.first())
+                        .map_or(Reason::CircuitOpen, |s| s.reason),
+                    d.retry_after,
+                )),
+            });
+        }
+        let adm = self
+            .can_proceed(
+                queue,
+                AdmitArgs {
+                    caller: worker,
+                    estimated_tokens: need.0,
+                    attempt: need.2,
+                },
+            )
+            .await?;
+        Ok(if adm.allowed {
+            Ok((Arc::from(queue), adm.token, adm.key_slot))
+        } else {
+            Err((adm.reason, adm.retry_after))
+        })
     }
 }
