@@ -1,4 +1,9 @@
 use super::*;
+use crate::domain::budget::{Kind, Rate};
+use crate::domain::BreakerConfig;
+use crate::domain::breaker::{RateRule, Treatment};
+use std::net::SocketAddr;
+use std::time::Duration;
 
 const EXAMPLE: &str = r#"
 [server]

@@ -1,0 +1,88 @@
+//! Budgets: the rate and concurrency limits of a target or a budget group.
+
+use super::Cx;
+use crate::config::raw::*;
+use crate::domain::budget::{BudgetConfig, Kind, Rate};
+use std::ops::Range;
+
+impl Cx {
+    pub(super) fn budget<B: HasAmounts>(
+        &mut self,
+        b: &B,
+        window: Option<Dur>,
+        span: Range<usize>,
+        what: &str,
+    ) -> BudgetConfig {
+        let mut out = BudgetConfig::default();
+        let window = window.map(|Dur(d)| d);
+        if window.is_some_and(|w| w.is_zero()) {
+            self.err(span.clone(), format!("{what}: window must be above 0"));
+        }
+        let mut any_windowed = false;
+        for (kind, (per_minute, per_window)) in Kind::ALL.into_iter().zip(b.amounts()) {
+            match (per_minute, per_window) {
+                (Some(_), Some(_)) => self.err(
+                    span.clone(),
+                    format!(
+                        "{what}: set either {k}_per_minute or {k} (with window), not both",
+                        k = kind.as_str()
+                    ),
+                ),
+                (Some(Positive(n)), None) => out.rates[kind.index()] = Some(Rate::per_minute(n)),
+                (None, Some(Positive(n))) => {
+                    any_windowed = true;
+                    match window {
+                        Some(w) if !w.is_zero() => {
+                            out.rates[kind.index()] = Some(Rate {
+                                amount: n,
+                                window: w,
+                            })
+                        }
+                        _ => self.err(
+                            span.clone(),
+                            format!(
+                                "{what}: {} needs a window, e.g. window = \"10s\"",
+                                kind.as_str()
+                            ),
+                        ),
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        if window.is_some() && !any_windowed {
+            self.err(
+                span,
+                format!("{what}: window is set but no per-window budget (requests, tokens, input_tokens, output_tokens) uses it"),
+            );
+        }
+        out.max_concurrency = b
+            .max_concurrency()
+            .map(|Positive(n)| u32::try_from(n).unwrap_or(u32::MAX));
+        out
+    }
+}
+
+/// Targets and budget groups share the budget keys.
+pub(super) trait HasAmounts {
+    fn amounts(&self) -> [(Option<Positive>, Option<Positive>); 4];
+    fn max_concurrency(&self) -> Option<Positive>;
+}
+
+impl HasAmounts for TargetToml {
+    fn amounts(&self) -> [(Option<Positive>, Option<Positive>); 4] {
+        TargetToml::amounts(self)
+    }
+    fn max_concurrency(&self) -> Option<Positive> {
+        self.max_concurrency
+    }
+}
+
+impl HasAmounts for GroupToml {
+    fn amounts(&self) -> [(Option<Positive>, Option<Positive>); 4] {
+        GroupToml::amounts(self)
+    }
+    fn max_concurrency(&self) -> Option<Positive> {
+        self.max_concurrency
+    }
+}

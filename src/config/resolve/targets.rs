@@ -1,0 +1,180 @@
+//! `[targets]`, `[budgets]` and `[routes]`: names, key slots, budget groups
+//! and fallback lists.
+
+use super::Cx;
+use crate::config::raw::*;
+use crate::config::{
+    Config, Enforcement, GroupSettings, MAX_KEY_SLOTS, MAX_ROUTE_LEN, MAX_ROUTE_NAME,
+    MAX_TARGET_LEN, RouteSettings, TargetSettings,
+};
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::Arc;
+
+impl Cx {
+    /// `[budgets.<name>]`; returns each group's index by name.
+    pub(super) fn groups(
+        &mut self,
+        groups: Vec<(String, Range<usize>, GroupToml)>,
+        config: &mut Config,
+    ) -> HashMap<String, usize> {
+        let mut group_ix: HashMap<String, usize> = HashMap::new();
+        for (name, span, g) in groups {
+            self.printable(&name, span.clone(), &format!("[budgets.{name:?}]"));
+            let budget = self.budget(&g, g.window, span.clone(), &format!("[budgets.{name}]"));
+            if budget.is_unlimited() {
+                self.err(
+                    span.clone(),
+                    format!("[budgets.{name}] sets no limit; give it e.g. requests_per_minute or tokens_per_minute"),
+                );
+            }
+            group_ix.insert(name.clone(), config.groups.len());
+            config.groups.push(GroupSettings {
+                name: name.into(),
+                budget,
+            });
+        }
+
+        group_ix
+    }
+
+    /// `[targets.<name>]`, over the defaults.
+    pub(super) fn targets(
+        &mut self,
+        targets: Vec<(String, Range<usize>, TargetToml)>,
+        base: &TargetSettings,
+        group_ix: &HashMap<String, usize>,
+        config: &mut Config,
+    ) {
+        for (name, span, t) in targets {
+            let what = format!("[targets.{name:?}]");
+            self.target_name(&name, span.clone(), &what);
+            let mut s = base.clone();
+            s.configured = true;
+            if let Some(b) = &t.breaker {
+                self.breaker(b, &mut s.breaker, span.clone(), &format!("{what}.breaker"));
+            }
+            if let Some(r) = &t.retry {
+                self.retry(r, &mut s.retry, span.clone(), &format!("{what}.retry"));
+            }
+            s.budget = self.budget(&t, t.window, span.clone(), &what);
+            s.max_tokens = t.max_tokens.unwrap_or(0);
+            s.context_window = t.context_window.unwrap_or(0);
+            s.cost_per_mtok_input = t.cost_per_mtok_input.map_or(0.0, |c| c.0);
+            s.cost_per_mtok_output = t.cost_per_mtok_output.map_or(0.0, |c| c.0);
+            if let Some(ModeToml::Shadow) = t.mode {
+                s.mode = Enforcement::Shadow;
+            }
+            if let Some(Dur(d)) = t.permit_lease {
+                s.permit_lease = d;
+            }
+            if let Some(keys) = &t.keys {
+                let mut seen = HashSet::new();
+                if keys.is_empty() || keys.len() > MAX_KEY_SLOTS {
+                    self.err(
+                        span.clone(),
+                        format!("{what}.keys must list 1..={MAX_KEY_SLOTS} key slot names"),
+                    );
+                }
+                for k in keys {
+                    let n = k.get_ref();
+                    if n.is_empty() || n.len() > 64 {
+                        self.err(k.span(), "a key slot name must be 1..=64 bytes");
+                    } else if n.chars().any(char::is_control) {
+                        self.err(
+                            k.span(),
+                            format!("key slot {n:?} contains a control character"),
+                        );
+                    } else if !seen.insert(n.clone()) {
+                        self.err(k.span(), format!("duplicate key slot {n:?}"));
+                    }
+                    s.keys.push(Arc::from(n.as_str()));
+                }
+            }
+            if let Some(bs) = &t.budgets {
+                for b in bs {
+                    match group_ix.get(b.get_ref()) {
+                        Some(&ix) if !s.groups.contains(&ix) => s.groups.push(ix),
+                        Some(_) => self.err(
+                            b.span(),
+                            format!("budget group {:?} listed twice", b.get_ref()),
+                        ),
+                        None => self.err(
+                            b.span(),
+                            format!(
+                                "unknown budget group {:?}; declare it as [budgets.{}]",
+                                b.get_ref(),
+                                b.get_ref()
+                            ),
+                        ),
+                    }
+                }
+                s.groups.sort_unstable();
+            }
+            config.targets.insert(name, Arc::new(s));
+        }
+    }
+
+    /// `[routes.<name>]`.
+    pub(super) fn routes(
+        &mut self,
+        routes: Vec<(String, Range<usize>, RouteToml)>,
+        config: &mut Config,
+    ) {
+        for (name, span, r) in routes {
+            let what = format!("[routes.{name}]");
+            if name.is_empty() || name.len() > MAX_ROUTE_NAME {
+                self.err(
+                    span.clone(),
+                    format!("{what}: route names must be 1..={MAX_ROUTE_NAME} bytes"),
+                );
+            }
+            self.printable(&name, span.clone(), &what);
+            if r.targets.is_empty() || r.targets.len() > MAX_ROUTE_LEN {
+                self.err(
+                    span.clone(),
+                    format!("{what} must list 1..={MAX_ROUTE_LEN} targets"),
+                );
+            }
+            let mut seen = HashSet::new();
+            let mut list = Vec::new();
+            for t in &r.targets {
+                self.target_name(t.get_ref(), t.span(), &what);
+                if !seen.insert(t.get_ref().clone()) {
+                    self.err(t.span(), format!("{what} lists {:?} twice", t.get_ref()));
+                }
+                list.push(Arc::from(t.get_ref().as_str()));
+            }
+            config.routes.insert(
+                name.clone(),
+                Arc::new(RouteSettings {
+                    name: name.into(),
+                    targets: list,
+                }),
+            );
+        }
+    }
+
+    pub(super) fn target_name(&mut self, name: &str, span: Range<usize>, what: &str) {
+        if name.is_empty() || name.len() > MAX_TARGET_LEN {
+            self.err(
+                span,
+                format!("{what}: target names must be 1..={MAX_TARGET_LEN} bytes"),
+            );
+        } else {
+            self.printable(name, span, what);
+        }
+    }
+
+    /// Names clients must send back (targets, routes, groups, key slots)
+    /// cannot hold control characters: no client could use such a name (and
+    /// the server refuses them on the wire), so the config is wrong.
+    pub(super) fn printable(&mut self, name: &str, span: Range<usize>, what: &str) {
+        if name.chars().any(char::is_control) {
+            self.err(
+                span,
+                format!("{what}: the name {name:?} contains a control character; names must be printable"),
+            );
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! What a validated config resolves to: the settings every part of the
+//! server reads (servers, targets, budget groups, routes, queues, events,
+//! telemetry), with the defaults that apply when a key is absent.
+
+use crate::domain::BreakerConfig;
+use crate::domain::budget::BudgetConfig;
+use crate::domain::retry::RetryConfig;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest target name, in bytes.
+pub const MAX_TARGET_LEN: usize = 256;
+/// Most candidates a route (configured or ad hoc) may list.
+pub const MAX_ROUTE_LEN: usize = 32;
+/// Longest route name (routes double as deferred queue names, which share the target limit).
+pub const MAX_ROUTE_NAME: usize = MAX_TARGET_LEN;
+/// Most key slots one target may declare.
+pub const MAX_KEY_SLOTS: usize = 16;
+
+/// Process-level settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// HTTP listener for metrics, events and the dashboard (None = off).
+    pub http: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    /// Keep all state in memory only.
+    pub ephemeral: bool,
+    /// Targets created on first use stop being created beyond this many.
+    pub max_targets: usize,
+    pub admin_token: Option<String>,
+    pub max_message_bytes: usize,
+    /// How long shutdown waits for in-flight calls.
+    pub shutdown_grace: Duration,
+    /// Clamp on any pause a provider can impose.
+    pub max_pause: Duration,
+    /// Bounds on the `headers` map of one outcome.
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    /// Open gRPC connections at once (a socket past it is closed on accept).
+    pub max_connections: usize,
+    /// Time a new connection has to send the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// A connection that receives nothing (not even a ping reply) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Server HTTP/2 PINGs: how often (None = off) and how long an answer may take.
+    pub http2_keepalive_interval: Option<Duration>,
+    pub http2_keepalive_timeout: Duration,
+    /// Secret that signs permits; None = generated once, kept in the store.
+    pub permit_key: Option<String>,
+    /// What an outcome without a live permit may do.
+    pub outcomes_without_permit: Permitless,
+}
+
+/// What a RecordOutcome without a live permit (none, expired, or from before
+/// a restart) may do. A permit proves the report belongs to an admitted call;
+/// without one, anyone could report anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Permitless {
+    /// Counted (counters, failure streaks and rates, token usage) but never
+    /// imposes anything alone: no opening at once on PERSISTENT, no disabled
+    /// key, no pause, no learned limit. The default.
+    #[default]
+    Count,
+    /// Treated like a report with a permit (the behaviour before permits
+    /// were signed): only for fleets whose every client is trusted.
+    Trusted,
+    /// Refused with INVALID_ARGUMENT.
+    Reject,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            data_dir: PathBuf::from("backstop-data"),
+            ephemeral: false,
+            max_targets: 100_000,
+            admin_token: None,
+            max_message_bytes: 4 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(10),
+            max_pause: Duration::from_secs(3600),
+            max_headers: 64,
+            max_header_bytes: 16 * 1024,
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            http2_keepalive_interval: Some(Duration::from_secs(60)),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            permit_key: None,
+            outcomes_without_permit: Permitless::Count,
+        }
+    }
+}
+
+/// The event log and its subscribers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventsConfig {
+    /// Events kept for resumption (`since_seq`, `Last-Event-ID`).
+    pub ring_size: usize,
+    /// Events one subscriber may lag before it gets a Gap and a fresh Snapshot.
+    pub subscriber_buffer: usize,
+    /// Live subscribers (gRPC Watch + SSE) at once.
+    pub max_subscribers: usize,
+    /// Most targets one Snapshot lists.
+    pub max_snapshot_targets: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            ring_size: 10_000,
+            subscriber_buffer: 1024,
+            max_subscribers: 256,
+            max_snapshot_targets: 10_000,
+        }
+    }
+}
+
+/// Metrics labels and OpenTelemetry export.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TelemetryConfig {
+    /// Targets beyond this many share the metrics label `target="_other"`.
+    pub max_target_labels: usize,
+    /// OTLP/gRPC endpoint for traces; None = off (unless OTEL_EXPORTER_OTLP_ENDPOINT is set).
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+    /// Bucket bounds (seconds) of `backstop_call_latency_seconds`.
+    pub latency_buckets: Arc<[f64]>,
+}
+
+/// Provider-call latency buckets: LLM calls take 0.5 s to minutes, so the
+/// buckets are dense there (a p99 from `histogram_quantile` over them stays
+/// within a few percent for calls of 0.2-3 s, where 2.5/5/10/30 gave +60 %).
+pub const DEFAULT_LATENCY_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.5,
+    15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 90.0, 120.0,
+];
+
+/// Most latency buckets a histogram may have (each is a series per target).
+pub const MAX_LATENCY_BUCKETS: usize = 64;
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            max_target_labels: 1000,
+            otlp_endpoint: None,
+            service_name: "backstop".into(),
+            latency_buckets: DEFAULT_LATENCY_BUCKETS.into(),
+        }
+    }
+}
+
+/// Bounds of the deferred-request queue.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueConfig {
+    /// Largest payload one Defer may carry.
+    pub max_payload_bytes: usize,
+    /// Items waiting or in flight per queue.
+    pub max_depth: usize,
+    /// Payload bytes held across all queues (including dead letters).
+    pub max_total_bytes: u64,
+    pub default_max_attempts: u32,
+    /// How long an idempotency key is remembered after its item was acked.
+    pub idempotency_ttl: Duration,
+    /// Items held across all queues, dead letters included.
+    pub max_items: usize,
+    /// Distinct queue names.
+    pub max_queues: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_payload_bytes: 1024 * 1024,
+            max_depth: 10_000,
+            max_total_bytes: 256 * 1024 * 1024,
+            default_max_attempts: 5,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            max_items: 100_000,
+            max_queues: 1000,
+        }
+    }
+}
+
+/// Whether a target's refusals are enforced or only reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enforcement {
+    Enforce,
+    /// Decisions and metrics are computed, but every call is admitted.
+    Shadow,
+}
+
+/// Everything the engine needs to know about one target.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TargetSettings {
+    /// Declared in the config file (as opposed to created on first use).
+    pub configured: bool,
+    pub breaker: BreakerConfig,
+    pub retry: RetryConfig,
+    /// Budgets of each key slot (or of the target when it declares no keys).
+    pub budget: BudgetConfig,
+    pub keys: Vec<Arc<str>>,
+    /// Indexes into [`Config::groups`].
+    pub groups: Vec<usize>,
+    pub mode: Enforcement,
+    /// How long a concurrency slot stays taken without an outcome.
+    pub permit_lease: Duration,
+    pub max_tokens: u64,
+    pub context_window: u64,
+    pub cost_per_mtok_input: f64,
+    pub cost_per_mtok_output: f64,
+}
+
+impl Default for TargetSettings {
+    fn default() -> Self {
+        TargetSettings {
+            configured: false,
+            breaker: BreakerConfig::default(),
+            retry: RetryConfig::default(),
+            budget: BudgetConfig::default(),
+            keys: Vec::new(),
+            groups: Vec::new(),
+            mode: Enforcement::Enforce,
+            permit_lease: Duration::from_secs(120),
+            max_tokens: 0,
+            context_window: 0,
+            cost_per_mtok_input: 0.0,
+            cost_per_mtok_output: 0.0,
+        }
+    }
+}
+
+/// A shared budget several targets draw on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupSettings {
+    pub name: Arc<str>,
+    pub budget: BudgetConfig,
+}
+
+/// An ordered fallback list.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteSettings {
+    pub name: Arc<str>,
+    pub targets: Vec<Arc<str>>,
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// Settings for targets created on first use.
+    pub default_target: Arc<TargetSettings>,
+    pub targets: BTreeMap<String, Arc<TargetSettings>>,
+    pub routes: HashMap<String, Arc<RouteSettings>>,
+    pub groups: Vec<GroupSettings>,
+    pub queue: QueueConfig,
+    pub events: EventsConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            queue: QueueConfig::default(),
+            events: EventsConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            default_target: Arc::new(TargetSettings::default()),
+            targets: BTreeMap::new(),
+            routes: HashMap::new(),
+            groups: Vec::new(),
+        }
+    }
+}
