@@ -1,7 +1,7 @@
 use super::*;
-use crate::domain::budget::{Kind, Rate};
 use crate::domain::BreakerConfig;
 use crate::domain::breaker::{RateRule, Treatment};
+use crate::domain::budget::{Kind, Rate};
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -443,3 +443,190 @@ pub fn decode_group(rec: &GroupRecord, cfg: &BudgetConfig, now: Time, restart: b
     }
     g
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::domain::OutcomeClass;
+    use crate::domain::breaker::Mode;
+    use crate::domain::headers::Signals;
+    use crate::domain::unit::{
+        AdmitArgs, Effects, GroupRef, OutcomeArgs, Permit, Trust, UnitCx, admit, name_hash,
+        operate, record,
+    };
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    /// A target with every kind of state: a rate rule, slow calls, key
+    /// slots, request / token / concurrency budgets and a shared group.
+    const CONFIG: &str = r#"
+[targets.t]
+keys = ["k1", "k2"]
+requests_per_minute = 60
+tokens_per_minute = 6000
+max_concurrency = 3
+budgets = ["g"]
+breaker = { failure_threshold = 3, failure_rate_threshold = 0.5, minimum_calls = 4, half_open_max_probes = 2, open_duration = "2s", slow_call_duration = "5s" }
+[budgets.g]
+requests_per_minute = 100
+"#;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Admit {
+            attempt: u32,
+            tokens: u64,
+        },
+        /// Report on the i-th permit handed out (or none).
+        Record {
+            permit: Option<usize>,
+            class: u8,
+            tokens: u64,
+        },
+        Advance(u64),
+        Force(u8),
+        Reset,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u32..3, 0u64..3000).prop_map(|(attempt, tokens)| Op::Admit { attempt, tokens }),
+            4 => (proptest::option::of(0usize..12), 0u8..7, 0u64..3000)
+                .prop_map(|(permit, class, tokens)| Op::Record { permit, class, tokens }),
+            3 => (1u64..3000).prop_map(Op::Advance),
+            1 => (0u8..3).prop_map(Op::Force),
+            1 => Just(Op::Reset),
+        ]
+    }
+
+    /// Everything an operation answered, to compare two runs.
+    #[derive(Debug, PartialEq)]
+    enum Out {
+        Admit(crate::domain::unit::Admission, Vec<String>),
+        Record(crate::domain::unit::OutcomeResult, Vec<String>),
+        Other(Vec<String>),
+    }
+
+    fn events(fx: &Effects) -> Vec<String> {
+        fx.events.iter().map(|e| format!("{e:?}")).collect()
+    }
+
+    /// Applies `ops` to one target and its group, returning every answer.
+    fn run(
+        cx: &UnitCx<'_>,
+        st: &mut TargetState,
+        g: &mut GroupState,
+        cfg: &crate::domain::budget::BudgetConfig,
+        now: &mut Time,
+        permits: &mut Vec<Permit>,
+        ops: &[Op],
+    ) -> Vec<Out> {
+        let mut out = Vec::new();
+        for op in ops {
+            let mut fx = Effects::default();
+            let mut groups = [GroupRef {
+                name: "g",
+                config: cfg,
+                state: g,
+            }];
+            match op {
+                Op::Admit { attempt, tokens } => {
+                    let args = AdmitArgs {
+                        caller: "c",
+                        estimated_tokens: *tokens,
+                        attempt: *attempt,
+                    };
+                    let a = admit(cx, st, &mut groups, *now, &args, &mut fx);
+                    if let Some(p) = a.permit {
+                        permits.push(p);
+                    }
+                    out.push(Out::Admit(a, events(&fx)));
+                }
+                Op::Record {
+                    permit,
+                    class,
+                    tokens,
+                } => {
+                    let p = permit.and_then(|i| permits.get(i).copied());
+                    let class = OutcomeClass::ALL[usize::from(*class) % OutcomeClass::ALL.len()];
+                    let args = OutcomeArgs {
+                        trust: p.map_or(Trust::None, Trust::Permit),
+                        trust_permitless: false,
+                        class,
+                        signals: Signals::default(),
+                        max_pause: Duration::from_secs(3600),
+                        http_status: 0,
+                        error_type: "",
+                        slot: p.map_or(0, |p| usize::from(p.slot)),
+                        latency: Some(Duration::from_millis(*tokens)),
+                        retry_after: None,
+                        input_tokens: *tokens,
+                        output_tokens: tokens / 2,
+                        attempt: 0,
+                        caller: "c",
+                    };
+                    let r = record(cx, st, &mut groups, *now, &args, 0.5, &mut fx);
+                    out.push(Out::Record(r, events(&fx)));
+                }
+                Op::Advance(ms) => {
+                    *now = *now + Duration::from_millis(*ms);
+                    operate::tick(cx, st, *now, &mut fx);
+                    out.push(Out::Other(events(&fx)));
+                }
+                Op::Force(m) => {
+                    let mode =
+                        [Mode::Automatic, Mode::ForcedOpen, Mode::ForcedClosed][usize::from(*m)];
+                    operate::force(cx, st, *now, mode, "test", &mut fx);
+                    out.push(Out::Other(events(&fx)));
+                }
+                Op::Reset => {
+                    operate::reset(cx, st, &mut groups, &mut fx);
+                    out.push(Out::Other(events(&fx)));
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// State that travels decides the same: run a prefix, serialise the
+        /// target and its group, deserialise, then run the same suffix on the
+        /// original and on the copy: every answer, every event and the final
+        /// records are identical.
+        #[test]
+        fn serialised_state_makes_the_same_decisions(
+            prefix in proptest::collection::vec(op(), 0..60),
+            suffix in proptest::collection::vec(op(), 1..60),
+        ) {
+            let config = Config::parse(CONFIG, "t").expect("config");
+            let settings = config.target("t").clone();
+            let gcfg = config.groups[0].budget.clone();
+            let cx = UnitCx { settings: &settings, seed: name_hash("t") };
+            let mut now = Time::from_secs(1_800_000_000);
+            let mut a = TargetState::new(cx.seed, settings.keys.len(), 1);
+            let mut ga = GroupState::default();
+            let mut permits = Vec::new();
+            run(&cx, &mut a, &mut ga, &gcfg, &mut now, &mut permits, &prefix);
+
+            let rec = encode(&cx, &a);
+            let grec = encode_group(&ga);
+            use prost::Message as _;
+            let rec = TargetRecord::decode(rec.encode_to_vec().as_slice()).expect("decodes");
+            let grec = GroupRecord::decode(grec.encode_to_vec().as_slice()).expect("decodes");
+            let mut b = decode(&cx, &rec, 1);
+            let mut gb = decode_group(&grec, &gcfg, now, false);
+            prop_assert_eq!(encode(&cx, &b), encode(&cx, &a));
+
+            let (mut now_a, mut now_b) = (now, now);
+            let (mut pa, mut pb) = (permits.clone(), permits);
+            let out_a = run(&cx, &mut a, &mut ga, &gcfg, &mut now_a, &mut pa, &suffix);
+            let out_b = run(&cx, &mut b, &mut gb, &gcfg, &mut now_b, &mut pb, &suffix);
+            prop_assert_eq!(out_a, out_b);
+            prop_assert_eq!(encode(&cx, &a), encode(&cx, &b));
+            prop_assert_eq!(encode_group(&ga), encode_group(&gb));
+        }
+    }
+}

@@ -28,6 +28,9 @@
 
 pub mod local;
 
+#[cfg(test)]
+pub(crate) mod props;
+
 pub use local::LocalBackend;
 
 use crate::domain::breaker::Mode;

@@ -1,11 +1,16 @@
 //! Persistence: what must survive a restart, and where it is kept.
 //!
-//! The engine keeps live state in memory and hands the [`Store`] whole
-//! records to write. The store's only promise is the one the engine needs:
-//! when [`Store::commit`] returns, the batch is on disk (or, for cluster mode,
-//! in the shared store) and will be there after a crash. The embedded default
-//! is [`RedbStore`] (an ACID single-file database, fsync'd on commit);
-//! `--ephemeral` uses [`MemoryStore`], which keeps nothing.
+//! The local backend keeps live state in memory and hands the [`Store`] whole
+//! records to write. The store's only promise is the one the backend needs:
+//! when [`Store::commit`] returns, the batch is on disk and will be there
+//! after a crash. The embedded default is [`RedbStore`] (an ACID single-file
+//! database, fsync'd on commit); `--ephemeral` uses [`MemoryStore`], which
+//! keeps nothing.
+//!
+//! This is persistence for *one* process, not a way to share state: a store
+//! that several processes wrote but none read on the decision path would let
+//! one admit after another opened a breaker. Sharing decisions is the job of a
+//! decision backend (`engine::backend`), e.g. the Redis backend of cluster mode.
 //!
 //! Records are protobuf messages (prost), so they can grow fields without a
 //! migration, exactly like the public contract.
@@ -98,9 +103,10 @@ impl std::fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
-/// Where durable state lives. Implementations: [`RedbStore`] (embedded
-/// default), [`MemoryStore`] (ephemeral); a shared store for cluster mode
-/// implements the same two calls.
+/// Where the local backend's durable state lives. Implementations:
+/// [`RedbStore`] (embedded default), [`MemoryStore`] (ephemeral). It is only
+/// written on the decision path, never read: see the module doc for why it is
+/// not how replicas share state.
 pub trait Store: Send + Sync + 'static {
     /// Reads everything (startup only).
     fn load(&self) -> Result<Loaded, StoreError>;
