@@ -20,6 +20,7 @@ pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod telemetry;
+pub mod wire;
 
 /// Generated types and stubs for `proto/backstop/v1/*.proto`.
 pub mod proto {

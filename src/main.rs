@@ -44,6 +44,10 @@ struct ServeArgs {
     /// Discard the saved state (open breakers, pauses, queued requests) before starting.
     #[arg(long)]
     reset_state: bool,
+    /// Cluster mode: share decision state through this Redis (overrides
+    /// [cluster] redis_url; creates [cluster] with defaults if absent).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value = "pretty")]
     log_format: LogFormat,
@@ -116,6 +120,16 @@ fn main() -> ExitCode {
             }
             if args.ephemeral {
                 config.server.ephemeral = true;
+            }
+            if let Some(url) = args.redis.as_deref() {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    eprintln!("--redis {url:?} is not a URL like redis://127.0.0.1:6379/0");
+                    return ExitCode::from(2);
+                }
+                match config.cluster.as_mut() {
+                    Some(c) => c.redis = backstop::config::RedisTarget::Url(url.to_string()),
+                    None => config.cluster = Some(backstop::config::ClusterConfig::for_url(url)),
+                }
             }
             let state = backstop::server::StateOptions {
                 reset: args.reset_state,

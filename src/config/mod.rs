@@ -23,6 +23,27 @@ impl Config {
         self.targets.get(name).unwrap_or(&self.default_target)
     }
 
+    /// A short digest of the settings that must agree across replicas
+    /// (everything but this replica's own addresses, data directory and id):
+    /// replicas with different digests decide differently.
+    pub fn digest(&self) -> String {
+        use sha2::Digest as _;
+        let mut c = self.clone();
+        c.server.listen = ServerConfig::default().listen;
+        c.server.http = None;
+        c.server.data_dir = Default::default();
+        c.server.permit_key = None;
+        c.server.admin_token = None;
+        if let Some(cl) = c.cluster.as_mut() {
+            cl.replica_id = None;
+        }
+        // HashMap order is arbitrary: the routes go in sorted.
+        let routes: std::collections::BTreeMap<_, _> = c.routes.drain().collect();
+        let text = format!("{c:?}{routes:?}");
+        let d = sha2::Sha256::digest(text.as_bytes());
+        d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigErrors> {
         let origin = path.display().to_string();

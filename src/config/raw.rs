@@ -105,6 +105,24 @@ pub struct ServerToml {
     pub outcomes_without_permit: Option<Spanned<String>>,
 }
 
+/// `[cluster]`: replicas sharing decision state through Redis.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterToml {
+    /// Standalone Redis (or a Sentinel-managed primary): redis://host:port/db.
+    pub redis_url: Option<Spanned<String>>,
+    /// Redis Cluster seed nodes, instead of redis_url.
+    pub redis_cluster_nodes: Option<Spanned<Vec<String>>>,
+    pub key_prefix: Option<Spanned<String>>,
+    /// Per Redis call; past it the call counts as a Redis failure.
+    pub redis_timeout: Option<Dur>,
+    /// "local" | "open" | "closed".
+    pub on_redis_unavailable: Option<Spanned<String>>,
+    pub replica_id: Option<Spanned<String>>,
+    /// With replicas: WAIT for this many to acknowledge transitions and Defers.
+    pub min_replicas_acked: Option<u32>,
+}
+
 /// `[events]`: the event log and its subscribers.
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]

@@ -97,6 +97,57 @@ impl Default for ServerConfig {
     }
 }
 
+/// Where replicas share decision state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RedisTarget {
+    /// One Redis (or a Sentinel-managed primary) at this URL.
+    Url(String),
+    /// A Redis Cluster, reached through these seed nodes (host:port).
+    Cluster(Vec<String>),
+}
+
+/// What a replica does while Redis is unreachable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnRedisUnavailable {
+    /// Decide locally from the last known state, each shared budget divided
+    /// by the number of live replicas; answers are flagged `degraded`.
+    #[default]
+    Local,
+    /// Admit everything (flagged `degraded`).
+    Open,
+    /// Refuse with UNAVAILABLE.
+    Closed,
+}
+
+/// `[cluster]`: replicas sharing decision state through Redis.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterConfig {
+    pub redis: RedisTarget,
+    /// Every key starts with this (several fleets can share one Redis).
+    pub key_prefix: String,
+    /// Per Redis call; past it the call counts as a failure.
+    pub redis_timeout: Duration,
+    pub on_redis_unavailable: OnRedisUnavailable,
+    /// Default: hostname + listen port (filled in at startup).
+    pub replica_id: Option<String>,
+    /// WAIT for this many Redis replicas after transitions and Defers (0 = off).
+    pub min_replicas_acked: u32,
+}
+
+impl ClusterConfig {
+    /// A standalone-Redis cluster config with the defaults (for `--redis`).
+    pub fn for_url(url: &str) -> ClusterConfig {
+        ClusterConfig {
+            redis: RedisTarget::Url(url.to_string()),
+            key_prefix: "backstop".into(),
+            redis_timeout: Duration::from_millis(50),
+            on_redis_unavailable: OnRedisUnavailable::Local,
+            replica_id: None,
+            min_replicas_acked: 0,
+        }
+    }
+}
+
 /// The event log and its subscribers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EventsConfig {
@@ -253,6 +304,8 @@ pub struct RouteSettings {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub server: ServerConfig,
+    /// Cluster mode (None = embedded: one process, state in its own store).
+    pub cluster: Option<ClusterConfig>,
     /// Settings for targets created on first use.
     pub default_target: Arc<TargetSettings>,
     pub targets: BTreeMap<String, Arc<TargetSettings>>,
@@ -267,6 +320,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             server: ServerConfig::default(),
+            cluster: None,
             queue: QueueConfig::default(),
             events: EventsConfig::default(),
             telemetry: TelemetryConfig::default(),

@@ -79,13 +79,27 @@ pub enum EventKind {
         reason: String,
         attempts: u32,
     },
+    /// Cluster mode: this replica lost Redis and decides alone (degraded).
+    RedisUnavailable {
+        replica: Arc<str>,
+        error: String,
+    },
+    /// Cluster mode: Redis is back; `merged` targets' degraded decisions were merged.
+    RedisRestored {
+        replica: Arc<str>,
+        merged: u32,
+    },
+    /// Cluster mode: live replicas run different configs ("replica=digest" each).
+    ConfigMismatch {
+        replicas: Vec<String>,
+    },
 }
 
 impl EventKind {
     /// Every kind's stable name, in the order of `backstop.v1.EventKind`
     /// (after SNAPSHOT and GAP, which are not events). The one list the gRPC
     /// filter, the SSE filter and the dashboard (via `/api/event-kinds`) use.
-    pub const NAMES: [&'static str; 12] = [
+    pub const NAMES: [&'static str; 15] = [
         "breaker_transition",
         "probe_expired",
         "target_forced",
@@ -98,6 +112,9 @@ impl EventKind {
         "deferred",
         "drained",
         "dead_lettered",
+        "redis_unavailable",
+        "redis_restored",
+        "config_mismatch",
     ];
 
     /// The known name equal to `s`, if any.
@@ -119,6 +136,9 @@ impl EventKind {
             EventKind::TargetReset => "target_reset",
             EventKind::ItemDeferred { .. } => "deferred",
             EventKind::ItemDrained { .. } => "drained",
+            EventKind::RedisUnavailable { .. } => "redis_unavailable",
+            EventKind::RedisRestored { .. } => "redis_restored",
+            EventKind::ConfigMismatch { .. } => "config_mismatch",
             EventKind::ItemDeadLettered { .. } => "dead_lettered",
         }
     }

@@ -68,3 +68,45 @@ impl Clock for ManualClock {
         Time::from_nanos(self.0.load(Ordering::SeqCst))
     }
 }
+
+/// The system clock corrected by an offset to a shared clock: in cluster
+/// mode, Redis `TIME`, measured on every heartbeat, so every replica's
+/// deadlines (open-until, pauses, budget levels) are on one time line even
+/// when the machines' clocks disagree.
+#[derive(Debug, Default)]
+pub struct OffsetClock {
+    base: SystemClock,
+    /// Nanoseconds to add to the local clock.
+    offset: std::sync::atomic::AtomicI64,
+}
+
+impl OffsetClock {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the offset from one measurement: the shared clock read `shared`
+    /// while the local one read `local` (the midpoint of the round trip).
+    pub fn sync(&self, shared: Time, local: Time) {
+        let off = i128::from(shared.as_nanos()) - i128::from(local.as_nanos());
+        let off = off.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+        self.offset.store(off, Ordering::Relaxed);
+    }
+
+    /// The local clock, uncorrected.
+    pub fn local(&self) -> Time {
+        self.base.now()
+    }
+
+    pub fn offset(&self) -> i64 {
+        self.offset.load(Ordering::Relaxed)
+    }
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> Time {
+        let t =
+            self.base.now().as_nanos() as i128 + i128::from(self.offset.load(Ordering::Relaxed));
+        Time::from_nanos(t.clamp(0, i128::from(u64::MAX)) as u64)
+    }
+}

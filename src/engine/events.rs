@@ -80,6 +80,30 @@ impl EventBus {
         seq
     }
 
+    /// Appends an event numbered elsewhere (cluster mode: by its position in
+    /// the Redis stream every replica reads, so all replicas agree on seqs).
+    /// Seqs must increase; an event at or below the last one is dropped
+    /// (a re-read of the stream after a reconnect).
+    pub fn publish_numbered(&self, seq: u64, at: Time, target: &Arc<str>, kind: EventKind) -> bool {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if seq < ring.next_seq {
+            return false;
+        }
+        ring.next_seq = seq + 1;
+        let ev = Arc::new(Event {
+            seq,
+            at,
+            target: target.clone(),
+            kind,
+        });
+        if ring.buf.len() == self.capacity {
+            ring.buf.pop_front();
+        }
+        ring.buf.push_back(ev.clone());
+        let _ = self.tx.send(ev);
+        true
+    }
+
     /// The last seq handed out (0 if none yet).
     pub fn last_seq(&self) -> u64 {
         self.ring.lock().unwrap_or_else(|e| e.into_inner()).next_seq - 1

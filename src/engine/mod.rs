@@ -111,8 +111,14 @@ const EXHAUSTED: u32 = u32::MAX;
 
 /// The decision backend in use (one variant per kind of backend, so the
 /// engine calls it without boxing a future per decision).
+// One value per process, inside the engine: the variants' sizes do not matter,
+// and boxing the embedded one would add an indirection to every decision.
+#[allow(clippy::large_enum_variant)]
 pub enum Backend {
+    /// Embedded: state in this process, durable in its own store.
     Local(LocalBackend),
+    /// Cluster mode: state shared by every replica through Redis.
+    Redis(backend::RedisBackend),
 }
 
 impl Backend {
@@ -120,15 +126,32 @@ impl Backend {
     pub fn local(&self) -> Option<&LocalBackend> {
         match self {
             Backend::Local(b) => Some(b),
+            Backend::Redis(_) => None,
+        }
+    }
+
+    /// The cluster backend.
+    pub fn redis(&self) -> Option<&backend::RedisBackend> {
+        match self {
+            Backend::Redis(b) => Some(b),
+            Backend::Local(_) => None,
         }
     }
 }
 
+/// Forwards a trait call to whichever backend is in use.
+macro_rules! each {
+    ($self:ident, $b:ident => $e:expr) => {
+        match $self {
+            Backend::Local($b) => $e,
+            Backend::Redis($b) => $e,
+        }
+    };
+}
+
 impl DecisionBackend for Backend {
     async fn admit(&self, target: &str, args: &AdmitArgs<'_>) -> Result<Admission> {
-        match self {
-            Backend::Local(b) => b.admit(target, args).await,
-        }
+        each!(self, b => DecisionBackend::admit(b, target, args).await)
     }
     async fn record(
         &self,
@@ -136,59 +159,45 @@ impl DecisionBackend for Backend {
         args: OutcomeArgs<'_>,
         rand01: f64,
     ) -> Result<OutcomeResult> {
-        match self {
-            Backend::Local(b) => b.record(target, args, rand01).await,
-        }
+        each!(self, b => DecisionBackend::record(b, target, args, rand01).await)
     }
     async fn force(&self, target: &str, mode: Mode, reason: &str) -> Result<TargetView> {
-        match self {
-            Backend::Local(b) => b.force(target, mode, reason).await,
-        }
+        each!(self, b => DecisionBackend::force(b, target, mode, reason).await)
     }
     async fn reset(&self, target: &str) -> Result<TargetView> {
-        match self {
-            Backend::Local(b) => b.reset(target).await,
-        }
+        each!(self, b => DecisionBackend::reset(b, target).await)
     }
     async fn view(&self, target: &str) -> Result<TargetView> {
-        match self {
-            Backend::Local(b) => DecisionBackend::view(b, target).await,
-        }
+        each!(self, b => DecisionBackend::view(b, target).await)
     }
     async fn list(&self, prefix: &str, size: usize, page_token: &str) -> Result<TargetPage> {
-        match self {
-            Backend::Local(b) => DecisionBackend::list(b, prefix, size, page_token).await,
-        }
+        each!(self, b => DecisionBackend::list(b, prefix, size, page_token).await)
     }
     async fn views(&self, only: &HashSet<String>, max: usize) -> Vec<TargetView> {
-        match self {
-            Backend::Local(b) => DecisionBackend::views(b, only, max).await,
-        }
+        each!(self, b => DecisionBackend::views(b, only, max).await)
     }
     fn ensure(&self, target: &str) -> Result<()> {
-        match self {
-            Backend::Local(b) => DecisionBackend::ensure(b, target),
-        }
+        each!(self, b => DecisionBackend::ensure(b, target))
     }
-    fn permit_key(&self) -> &permit::PermitKey {
-        match self {
-            Backend::Local(b) => DecisionBackend::permit_key(b),
-        }
+    fn sign(&self, target: &str, p: &crate::domain::unit::Permit) -> String {
+        each!(self, b => DecisionBackend::sign(b, target, p))
+    }
+    fn verify(
+        &self,
+        target: &str,
+        tag: u16,
+        s: &str,
+    ) -> std::result::Result<crate::domain::unit::Permit, PermitError> {
+        each!(self, b => DecisionBackend::verify(b, target, tag, s))
     }
     fn target_count(&self) -> usize {
-        match self {
-            Backend::Local(b) => DecisionBackend::target_count(b),
-        }
+        each!(self, b => DecisionBackend::target_count(b))
     }
     fn refresh_gauges(&self) {
-        match self {
-            Backend::Local(b) => DecisionBackend::refresh_gauges(b),
-        }
+        each!(self, b => DecisionBackend::refresh_gauges(b))
     }
     fn describe(&self) -> String {
-        match self {
-            Backend::Local(b) => DecisionBackend::describe(b),
-        }
+        each!(self, b => DecisionBackend::describe(b))
     }
 }
 
@@ -314,6 +323,74 @@ impl Engine {
         )?;
         let engine = Self::assemble(config, clock, events, metrics, Backend::Local(backend), qs);
         Ok((engine, report))
+    }
+
+    /// A cluster-mode engine: decisions over Redis, shared by every replica
+    /// with the same `[cluster]` settings. It does not wait for Redis (see
+    /// `backend/cluster`); call [`Engine::start_cluster`] once serving.
+    pub fn cluster(
+        config: Arc<Config>,
+        clock: Arc<dyn Clock>,
+        clock_sync: Option<Arc<clock::OffsetClock>>,
+        replica_id: String,
+    ) -> Engine {
+        let (events, metrics) = Self::parts(&config, &clock);
+        let cluster = config
+            .cluster
+            .clone()
+            .unwrap_or_else(|| crate::config::ClusterConfig::for_url("redis://127.0.0.1:6379/0"));
+        let backend = backend::RedisBackend::new(
+            config.clone(),
+            cluster,
+            clock.clone(),
+            events.clone(),
+            metrics.clone(),
+            backend::cluster::Replica {
+                id: replica_id,
+                digest: config.digest(),
+                clock_sync,
+            },
+        );
+        Self::assemble(
+            config,
+            clock,
+            events,
+            metrics,
+            Backend::Redis(backend),
+            Default::default(),
+        )
+    }
+
+    /// Starts a cluster engine's background work (connection, heartbeats,
+    /// the event stream); `address` is this replica's gRPC address.
+    pub fn start_cluster(&self, address: String) {
+        if let Some(b) = self.backend.redis() {
+            b.start(address);
+        }
+    }
+
+    /// Publishes an engine-level event (fallbacks, route exhaustion): on this
+    /// server's bus, or in cluster mode to every replica.
+    fn publish(&self, at: Time, target: &Arc<str>, kind: EventKind) {
+        match &self.backend {
+            Backend::Local(_) => {
+                self.events.publish(at, target, kind);
+            }
+            Backend::Redis(b) => b.publish(at, target, kind),
+        }
+    }
+
+    /// This replica and the cluster (Admin GetCluster).
+    pub async fn cluster_status(&self) -> backend::cluster::ClusterStatus {
+        match &self.backend {
+            Backend::Redis(b) => b.status().await,
+            Backend::Local(_) => backend::cluster::ClusterStatus {
+                replica_id: String::new(),
+                redis_reachable: false,
+                config_digest: self.config.digest(),
+                ..Default::default()
+            },
+        }
     }
 
     fn parts(config: &Arc<Config>, clock: &Arc<dyn Clock>) -> (Arc<EventBus>, Arc<Metrics>) {
@@ -509,7 +586,7 @@ impl Engine {
     /// Signs an admission's permit and clamps budget refusals like pauses.
     fn seal(&self, target: &str, adm: &mut Admission) {
         if let Some(p) = &adm.permit {
-            adm.token = self.backend.permit_key().sign(target, p);
+            adm.token = self.backend.sign(target, p);
         }
         if matches!(adm.reason, Reason::RateLimited | Reason::ConcurrencyLimit) {
             adm.retry_after = adm.retry_after.map(|d| d.min(self.config.server.max_pause));
@@ -541,7 +618,6 @@ impl Engine {
         } else {
             let p = self
                 .backend
-                .permit_key()
                 .verify(target, cx.tag(), report.permit)
                 .map_err(|e| match e {
                     PermitError::WrongTarget => invalid(format!(
@@ -743,7 +819,7 @@ impl Engine {
                 let target_at = |i: u32| rt.settings.targets.get(i as usize).cloned();
                 let Some(to) = target_at(d) else { return };
                 let why = skipped.last().map_or(Reason::Allowed, |s| s.reason);
-                self.events.publish(
+                self.publish(
                     now,
                     name,
                     EventKind::FallbackActivated {
@@ -756,7 +832,7 @@ impl Engine {
                 );
             }
             None => {
-                self.events.publish(
+                self.publish(
                     now,
                     name,
                     EventKind::RouteExhausted {

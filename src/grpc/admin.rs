@@ -178,6 +178,35 @@ impl Admin for AdminService {
         Ok(Response::new(target_status(v)))
     }
 
+    async fn get_cluster(
+        &self,
+        _req: Request<proto::GetClusterRequest>,
+    ) -> Result<Response<proto::ClusterStatus>, Status> {
+        let c = self.engine.cluster_status().await;
+        let cluster = self.engine.backend().redis().is_some();
+        Ok(Response::new(proto::ClusterStatus {
+            replica_id: c.replica_id,
+            mode: if cluster { "cluster" } else { "embedded" }.into(),
+            redis_reachable: c.redis_reachable,
+            redis_role: c.redis_role,
+            redis_rtt: cluster.then(|| to_proto_duration(c.redis_rtt)),
+            degraded: c.degraded,
+            replicas: c
+                .replicas
+                .into_iter()
+                .map(|r| proto::ReplicaStatus {
+                    id: r.id,
+                    address: r.address,
+                    last_heartbeat: Some(to_timestamp(crate::domain::Time::from_millis(
+                        r.heartbeat_ms,
+                    ))),
+                    config_digest: r.config_digest,
+                })
+                .collect(),
+            config_digest: c.config_digest,
+        }))
+    }
+
     async fn reset_target(
         &self,
         req: Request<proto::ResetTargetRequest>,

@@ -1,11 +1,7 @@
 //! `backstop.v1.Events`: the live event stream.
 
 use super::admin::budget;
-use super::{
-    breaker_state, opt_timestamp, outcome_class, reason, status, to_proto_duration, to_timestamp,
-};
-use crate::domain::breaker::Mode;
-use crate::engine::events::{Event, EventKind};
+use super::{breaker_state, opt_timestamp, status, to_timestamp};
 use crate::engine::watch::{WatchFilter, WatchItem};
 use crate::engine::{Engine, TargetView};
 use crate::proto;
@@ -62,116 +58,9 @@ pub(crate) fn target_snapshot(v: &TargetView) -> proto::TargetSnapshot {
     }
 }
 
-fn mode(m: Mode) -> proto::BreakerMode {
-    match m {
-        Mode::Automatic => proto::BreakerMode::Automatic,
-        Mode::ForcedOpen => proto::BreakerMode::ForceOpen,
-        Mode::ForcedClosed => proto::BreakerMode::ForceClosed,
-    }
-}
-
-fn event(e: &Event) -> proto::Event {
-    let s = |o: &Option<Arc<str>>| o.as_deref().unwrap_or_default().to_string();
-    let kind = match &e.kind {
-        EventKind::BreakerTransition {
-            from,
-            to,
-            cause,
-            class,
-            failures,
-            caller,
-            open_until,
-        } => Kind::BreakerTransition(proto::BreakerTransition {
-            from: breaker_state(*from) as i32,
-            to: breaker_state(*to) as i32,
-            cause_class: class.map_or(0, |c| outcome_class(c) as i32),
-            failures: *failures,
-            caller: s(caller),
-            cause: cause.clone(),
-            open_until: opt_timestamp(*open_until),
-        }),
-        EventKind::ProbeExpired { probe } => {
-            Kind::ProbeExpired(proto::ProbeExpired { probe: *probe })
-        }
-        EventKind::TargetForced { mode: m, reason: r } => Kind::TargetForced(proto::TargetForced {
-            mode: mode(*m) as i32,
-            reason: r.clone(),
-        }),
-        EventKind::RateLimited {
-            key_slot,
-            kind,
-            until,
-            why,
-        } => Kind::RateLimited(proto::RateLimited {
-            key_slot: s(key_slot),
-            kind: kind.map(|k| k.as_str().to_string()).unwrap_or_default(),
-            until: Some(to_timestamp(*until)),
-            why: why.clone(),
-        }),
-        EventKind::BudgetRestored { key_slot } => Kind::BudgetRestored(proto::BudgetRestored {
-            key_slot: s(key_slot),
-        }),
-        EventKind::KeySlotDisabled {
-            key_slot,
-            until,
-            why,
-        } => Kind::KeySlotDisabled(proto::KeySlotDisabled {
-            key_slot: key_slot.to_string(),
-            until: Some(to_timestamp(*until)),
-            why: why.clone(),
-        }),
-        EventKind::FallbackActivated {
-            route,
-            from,
-            to,
-            depth,
-            why,
-        } => Kind::FallbackActivated(proto::FallbackActivated {
-            route: route.to_string(),
-            from: s(from),
-            to: to.to_string(),
-            depth: *depth,
-            why: reason(*why) as i32,
-        }),
-        EventKind::RouteExhausted { route, retry_after } => {
-            Kind::RouteExhausted(proto::RouteExhausted {
-                route: route.to_string(),
-                retry_after: retry_after.map(to_proto_duration),
-            })
-        }
-        EventKind::TargetReset => Kind::TargetReset(proto::TargetReset {}),
-        EventKind::ItemDeferred { queue, id, depth } => Kind::Deferred(proto::ItemDeferred {
-            queue: queue.to_string(),
-            id: id.to_string(),
-            depth: *depth,
-        }),
-        EventKind::ItemDrained { queue, id } => Kind::Drained(proto::ItemDrained {
-            queue: queue.to_string(),
-            id: id.to_string(),
-        }),
-        EventKind::ItemDeadLettered {
-            queue,
-            id,
-            reason: r,
-            attempts,
-        } => Kind::DeadLettered(proto::ItemDeadLettered {
-            queue: queue.to_string(),
-            id: id.to_string(),
-            reason: r.clone(),
-            attempts: *attempts,
-        }),
-    };
-    proto::Event {
-        seq: e.seq,
-        at: Some(to_timestamp(e.at)),
-        target: e.target.to_string(),
-        kind: Some(kind),
-    }
-}
-
 pub(crate) fn item(w: WatchItem) -> proto::Event {
     match w {
-        WatchItem::Event(e) => event(&e),
+        WatchItem::Event(e) => crate::wire::event_to_proto(&e),
         WatchItem::Snapshot(p) => proto::Event {
             seq: p.seq,
             at: Some(to_timestamp(p.at)),

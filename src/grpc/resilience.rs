@@ -84,6 +84,7 @@ impl ResilienceService {
             }),
             stale_permit: res.stale,
             duplicate: res.duplicate,
+            degraded: res.degraded,
         })
     }
 }
@@ -97,6 +98,7 @@ pub(crate) fn admission(a: Admission) -> proto::CanProceedResponse {
         permit: a.token,
         key_slot: a.key_slot.map(|k| k.to_string()).unwrap_or_default(),
         shadow_reason: a.shadow_reason.map_or(0, |r| reason(r) as i32),
+        degraded: a.degraded,
     }
 }
 
@@ -234,6 +236,7 @@ impl Resilience for ResilienceService {
             out.max_tokens = settings.max_tokens;
             out.cost_per_mtok_input = settings.cost_per_mtok_input;
             out.cost_per_mtok_output = settings.cost_per_mtok_output;
+            out.degraded = adm.degraded;
         }
         Ok(Response::new(out))
     }

@@ -123,6 +123,13 @@ fn event(e: &Event) -> Value {
         } => json!({
             "queue": queue.as_ref(), "id": id.to_string(), "reason": reason, "attempts": attempts,
         }),
+        EventKind::RedisUnavailable { replica, error } => json!({
+            "replica": replica.as_ref(), "error": error,
+        }),
+        EventKind::RedisRestored { replica, merged } => json!({
+            "replica": replica.as_ref(), "merged": merged,
+        }),
+        EventKind::ConfigMismatch { replicas } => json!({ "replicas": replicas }),
     };
     if let Value::Object(m) = &mut v {
         m.insert("seq".into(), json!(e.seq));

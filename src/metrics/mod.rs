@@ -78,6 +78,11 @@ pub(crate) struct BudgetLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLabel {
     queue: String,
 }
@@ -138,6 +143,12 @@ pub struct Metrics {
     deferrals: Family<QueueLabel, Counter>,
     drains: Family<QueueLabel, Counter>,
     dead_letters: Family<QueueLabel, Counter>,
+    cluster_degraded: Gauge,
+    cluster_replicas: Gauge,
+    redis_errors: Family<KindLabel, Counter>,
+    config_mismatch: Gauge,
+    redis_rtt: AtomicHistogram,
+    refusal_cache_hits: Counter,
     labels_used: AtomicUsize,
     max_labels: usize,
     other: Arc<TargetMetrics>,
@@ -271,7 +282,50 @@ impl Metrics {
             "Deferred items dead-lettered per queue",
             dead_letters.clone(),
         );
+        let cluster_degraded = Gauge::default();
+        let cluster_replicas = Gauge::default();
+        let redis_errors = Family::<KindLabel, Counter>::default();
+        let config_mismatch = Gauge::default();
+        let redis_rtt = AtomicHistogram::default();
+        let refusal_cache_hits = Counter::default();
+        registry.register(
+            "degraded",
+            "Cluster mode: 1 while this replica decides without Redis",
+            cluster_degraded.clone(),
+        );
+        registry.register(
+            "cluster_replicas",
+            "Cluster mode: live replicas (heartbeats seen)",
+            cluster_replicas.clone(),
+        );
+        registry.register(
+            "redis_errors",
+            "Cluster mode: failed Redis calls by kind (timeout, open, error, not_connected)",
+            redis_errors.clone(),
+        );
+        registry.register(
+            "cluster_config_mismatch",
+            "Cluster mode: 1 while live replicas run different configs",
+            config_mismatch.clone(),
+        );
+        registry.register_with_unit(
+            "redis_round_trip",
+            "Cluster mode: round trip of a decision's commit to Redis",
+            Unit::Seconds,
+            redis_rtt.clone(),
+        );
+        registry.register(
+            "refusal_cache_hits",
+            "Cluster mode: refusals answered from this replica's cache, without Redis",
+            refusal_cache_hits.clone(),
+        );
         let mut m = Metrics {
+            cluster_degraded,
+            cluster_replicas,
+            redis_errors,
+            config_mismatch,
+            redis_rtt,
+            refusal_cache_hits,
             registry,
             decisions,
             attempts,
@@ -400,6 +454,36 @@ impl Metrics {
         if t.label.as_ref() != OTHER {
             t.state.set(state_value(s));
         }
+    }
+
+    /// Cluster mode: whether this replica decides without Redis, and how
+    /// many replicas are live.
+    pub fn set_cluster(&self, degraded: bool, live_replicas: usize) {
+        self.cluster_degraded.set(i64::from(degraded));
+        self.cluster_replicas
+            .set(i64::try_from(live_replicas).unwrap_or(i64::MAX));
+    }
+
+    /// Cluster mode: a Redis call failed (`kind`: timeout, open, error, not_connected).
+    pub fn redis_error(&self, kind: &str) {
+        self.redis_errors
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+
+    /// Cluster mode: live replicas disagree on their config.
+    pub fn set_config_mismatch(&self, mismatch: bool) {
+        self.config_mismatch.set(i64::from(mismatch));
+    }
+
+    /// Cluster mode: a decision's Redis round trip.
+    pub fn redis_round_trip(&self, d: Duration) {
+        self.redis_rtt.observe(d);
+    }
+
+    /// Cluster mode: a refusal answered from the replica's cache.
+    pub fn refusal_cache_hit(&self) {
+        self.refusal_cache_hits.inc();
     }
 
     /// Sets the headroom gauge of one budget (refreshed at scrape time).

@@ -71,8 +71,37 @@ pub struct StateOptions {
     pub reset: bool,
 }
 
-/// Opens the store the config asks for and restores the engine from it.
-fn open_engine(config: Arc<Config>, opts: StateOptions) -> Result<Engine, StartError> {
+/// This host's name, for the default replica id.
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "backstop".into())
+}
+
+/// Opens the store the config asks for and restores the engine from it; in
+/// cluster mode, an engine over Redis (which does not wait for Redis).
+fn open_engine(
+    config: Arc<Config>,
+    opts: StateOptions,
+    grpc_addr: std::net::SocketAddr,
+) -> Result<Engine, StartError> {
+    if let Some(cluster) = &config.cluster {
+        let replica = cluster
+            .replica_id
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", hostname(), grpc_addr.port()));
+        let clock = Arc::new(crate::engine::clock::OffsetClock::new());
+        let engine = Engine::cluster(config.clone(), clock.clone(), Some(clock), replica.clone());
+        tracing::info!(replica = %replica, store = engine.store_description(), "cluster mode");
+        return Ok(engine);
+    }
     let store: Box<dyn Store> = if config.server.ephemeral {
         Box::new(MemoryStore)
     } else {
@@ -97,13 +126,14 @@ fn open_engine(config: Arc<Config>, opts: StateOptions) -> Result<Engine, StartE
 /// `shutdown_grace`) and returns.
 pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
     let config = Arc::new(config);
-    let engine = Arc::new(open_engine(config.clone(), opts)?);
     let max_msg = config.server.max_message_bytes;
 
     let grpc_listener = bind(config.server.listen, "gRPC").await?;
     let grpc_addr = grpc_listener
         .local_addr()
         .map_err(|e| StartError(format!("cannot read the bound gRPC address: {e}")))?;
+    let engine = Arc::new(open_engine(config.clone(), opts, grpc_addr)?);
+    engine.start_cluster(grpc_addr.to_string());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -35,6 +35,7 @@ fn recorded() -> proto::RecordOutcomeResponse {
         }),
         stale_permit: false,
         duplicate: false,
+        degraded: false,
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod breaker;
 mod budget;
+mod cluster;
 mod server;
 mod targets;
 mod telemetry;
@@ -116,10 +117,15 @@ impl Cx {
                         config.queue = self.queue(q, key_span);
                     }
                 }
+                "cluster" => {
+                    if let Some(c) = self.de::<ClusterToml>(value, "[cluster]") {
+                        config.cluster = self.cluster(c, key_span);
+                    }
+                }
                 other => self.err(
                     key_span,
                     format!(
-                        "unknown section `{other}`; expected one of: server, defaults, targets, routes, budgets, queue, events, telemetry"
+                        "unknown section `{other}`; expected one of: server, defaults, targets, routes, budgets, queue, events, telemetry, cluster"
                     ),
                 ),
             }

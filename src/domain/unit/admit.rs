@@ -26,6 +26,8 @@ pub struct Admission {
     pub key_slot: Option<Arc<str>>,
     /// Shadow mode: the refusal that was not enforced.
     pub shadow_reason: Option<Reason>,
+    /// Cluster mode: decided without Redis (from this replica's last known state).
+    pub degraded: bool,
 }
 
 /// Admission inputs.
@@ -63,6 +65,7 @@ pub fn admit(
         token: String::new(),
         key_slot: None,
         shadow_reason: None,
+        degraded: false,
     };
 
     let admission_no = st.next_admission;
@@ -134,6 +137,7 @@ pub fn admit(
                 token: String::new(),
                 key_slot: cx.slot_name(slot_ix),
                 shadow_reason: None,
+                degraded: false,
             }
         }
         Err(refusal) => {
@@ -160,6 +164,7 @@ pub fn admit(
                     token: String::new(),
                     key_slot: cx.slot_name(0),
                     shadow_reason: Some(refusal.reason),
+                    degraded: false,
                 };
             }
             refusal

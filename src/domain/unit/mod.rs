@@ -19,6 +19,7 @@
 
 pub mod admit;
 pub mod codec;
+pub mod merge;
 pub mod narrate;
 pub mod operate;
 pub mod outcome;

@@ -68,6 +68,8 @@ pub struct OutcomeResult {
     /// This permit was already reported: nothing changed, and the answer is
     /// the first report's (or, if that is no longer remembered, fresh advice).
     pub duplicate: bool,
+    /// Cluster mode: applied without Redis (to this replica's local state).
+    pub degraded: bool,
 }
 
 /// The first answer to a permit's report, kept to answer its duplicates.
@@ -271,6 +273,7 @@ pub fn record(
         advice,
         stale,
         duplicate: false,
+        degraded: false,
     }
 }
 
@@ -297,5 +300,6 @@ pub fn duplicate_answer(
         advice,
         stale: false,
         duplicate: true,
+        degraded: false,
     }
 }

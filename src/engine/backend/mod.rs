@@ -26,18 +26,19 @@
 //! * **Never block on a lock across I/O, never do I/O on the hot path** of
 //!   the embedded backend.
 
+pub mod cluster;
 pub mod local;
 
 #[cfg(test)]
 pub(crate) mod props;
 
+pub use cluster::RedisBackend;
 pub use local::LocalBackend;
 
 use crate::domain::breaker::Mode;
 use crate::domain::unit::view::{TargetPage, TargetView};
 use crate::domain::unit::{Admission, AdmitArgs, OutcomeArgs, OutcomeResult};
 use crate::engine::error::Result;
-use crate::engine::permit::PermitKey;
 use std::collections::HashSet;
 use std::future::Future;
 
@@ -92,9 +93,17 @@ pub trait DecisionBackend: Send + Sync {
     /// Makes sure a target exists (creating it within `max_targets`).
     fn ensure(&self, target: &str) -> Result<()>;
 
-    /// The key that signs this backend's permits (shared by every process
-    /// that shares the state, so a permit settles anywhere).
-    fn permit_key(&self) -> &PermitKey;
+    /// Signs a permit with the key shared by every process that shares the
+    /// state (so a permit settles anywhere).
+    fn sign(&self, target: &str, p: &crate::domain::unit::Permit) -> String;
+
+    /// Verifies a permit presented with `target` (tag: its name hash's).
+    fn verify(
+        &self,
+        target: &str,
+        tag: u16,
+        s: &str,
+    ) -> std::result::Result<crate::domain::unit::Permit, crate::engine::permit::PermitError>;
 
     /// Number of targets held.
     fn target_count(&self) -> usize;
@@ -144,8 +153,17 @@ impl DecisionBackend for LocalBackend {
         self.target(target).map(|_| ())
     }
 
-    fn permit_key(&self) -> &PermitKey {
-        LocalBackend::permit_key(self)
+    fn sign(&self, target: &str, p: &crate::domain::unit::Permit) -> String {
+        self.permit_key().sign(target, p)
+    }
+
+    fn verify(
+        &self,
+        target: &str,
+        tag: u16,
+        s: &str,
+    ) -> std::result::Result<crate::domain::unit::Permit, crate::engine::permit::PermitError> {
+        self.permit_key().verify(target, tag, s)
     }
 
     fn target_count(&self) -> usize {
@@ -158,5 +176,69 @@ impl DecisionBackend for LocalBackend {
 
     fn describe(&self) -> String {
         self.store_description().to_string()
+    }
+}
+
+impl DecisionBackend for RedisBackend {
+    async fn admit(&self, target: &str, args: &AdmitArgs<'_>) -> Result<Admission> {
+        RedisBackend::admit(self, target, args).await
+    }
+
+    async fn record(
+        &self,
+        target: &str,
+        args: OutcomeArgs<'_>,
+        rand01: f64,
+    ) -> Result<OutcomeResult> {
+        RedisBackend::record(self, target, args, rand01).await
+    }
+
+    async fn force(&self, target: &str, mode: Mode, reason: &str) -> Result<TargetView> {
+        RedisBackend::force(self, target, mode, reason).await
+    }
+
+    async fn reset(&self, target: &str) -> Result<TargetView> {
+        RedisBackend::reset(self, target).await
+    }
+
+    async fn view(&self, target: &str) -> Result<TargetView> {
+        RedisBackend::view(self, target).await
+    }
+
+    async fn list(&self, prefix: &str, size: usize, page_token: &str) -> Result<TargetPage> {
+        RedisBackend::list(self, prefix, size, page_token).await
+    }
+
+    async fn views(&self, only: &HashSet<String>, max: usize) -> Vec<TargetView> {
+        RedisBackend::views(self, only, max).await
+    }
+
+    fn ensure(&self, target: &str) -> Result<()> {
+        RedisBackend::ensure(self, target)
+    }
+
+    fn sign(&self, target: &str, p: &crate::domain::unit::Permit) -> String {
+        RedisBackend::sign(self, target, p)
+    }
+
+    fn verify(
+        &self,
+        target: &str,
+        tag: u16,
+        s: &str,
+    ) -> std::result::Result<crate::domain::unit::Permit, crate::engine::permit::PermitError> {
+        RedisBackend::verify(self, target, tag, s)
+    }
+
+    fn target_count(&self) -> usize {
+        RedisBackend::target_count(self)
+    }
+
+    fn refresh_gauges(&self) {
+        RedisBackend::refresh_gauges(self)
+    }
+
+    fn describe(&self) -> String {
+        RedisBackend::describe(self)
     }
 }

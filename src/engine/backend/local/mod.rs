@@ -654,6 +654,36 @@ impl LocalBackend {
         }
     }
 
+    /// Replaces a target's state with `rec`, exactly (cluster mode: seeds the
+    /// degraded fallback with the last state known from Redis).
+    pub fn seed(&self, name: &str, rec: &store::TargetRecord) {
+        if let Ok(t) = self.target(name) {
+            let mut l = t.lock();
+            l.st = codec::decode(&t.cx(), rec, first_permit_id(self.boot));
+        }
+    }
+
+    /// Replaces a budget group's state (cluster mode: seeding the fallback).
+    pub fn seed_group(&self, group: usize, rec: &GroupRecord) {
+        if let Some(g) = self.groups.get(group) {
+            *lock(&g.state) = codec::decode_group(rec, &g.config, self.clock.now(), false);
+        }
+    }
+
+    /// A target's state as a record, and its groups' (cluster mode: merging
+    /// back what the fallback decided).
+    pub fn export(&self, name: &str) -> Option<(store::TargetRecord, Vec<(usize, GroupRecord)>)> {
+        let t = self.targets.get(name)?.clone();
+        let l = t.lock();
+        let groups = t
+            .settings
+            .groups
+            .iter()
+            .map(|&g| (g, codec::encode_group(&lock(&self.groups[g].state))))
+            .collect();
+        Some((codec::encode(&t.cx(), &l.st), groups))
+    }
+
     /// Where state is kept, for logs.
     pub fn store_description(&self) -> &str {
         self.persister

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from backstop._proto import resilience_pb2 as backstop_dot_v1_dot_resilience__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61\x63kstop/v1/admin.proto\x12\x0b\x62\x61\x63kstop.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1c\x62\x61\x63kstop/v1/resilience.proto\"K\n\x12ListTargetsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"j\n\x13ListTargetsResponse\x12+\n\x07targets\x18\x01 \x03(\x0b\x32\x1a.backstop.v1.TargetSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x04\"\xab\x01\n\rTargetSummary\x12\x0e\n\x06target\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12\x12\n\nconfigured\x18\x03 \x01(\x08\x12.\n\nopen_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\"\"\n\x10GetTargetRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\"`\n\x16SetBreakerStateRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12&\n\x04mode\x18\x02 \x01(\x0e\x32\x18.backstop.v1.BreakerMode\x12\x0e\n\x06reason\x18\x03 \x01(\t\"$\n\x12ResetTargetRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\"\xe9\x04\n\x0cTargetStatus\x12\x0e\n\x06target\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12\x12\n\nconfigured\x18\x03 \x01(\x08\x12.\n\nopen_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\x12\x1b\n\x13half_open_successes\x18\x06 \x01(\r\x12\x1a\n\x12probes_outstanding\x18\x07 \x01(\r\x12\x14\n\x0creopen_count\x18\x08 \x01(\r\x12\x12\n\ngeneration\x18\t \x01(\x04\x12.\n\x08\x63ounters\x18\n \x01(\x0b\x32\x1c.backstop.v1.OutcomeCounters\x12\x14\n\x0cwindow_calls\x18\x0b \x01(\x04\x12\x17\n\x0fwindow_failures\x18\x0c \x01(\x04\x12-\n\x08settings\x18\r \x01(\x0b\x32\x1b.backstop.v1.TargetSettings\x12-\n\tkey_slots\x18\x0e \x03(\x0b\x32\x1a.backstop.v1.KeySlotStatus\x12\x15\n\rforced_reason\x18\x0f \x01(\t\x12-\n\topened_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_cause\x18\x11 \x01(\t\x12\x11\n\tin_flight\x18\x12 \x01(\r\x12\x30\n\rgroup_budgets\x18\x13 \x03(\x0b\x32\x19.backstop.v1.BudgetStatus\"\xc6\x01\n\x0fOutcomeCounters\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x04\x12\x0f\n\x07refused\x18\x02 \x01(\x04\x12\x0f\n\x07success\x18\x03 \x01(\x04\x12\x11\n\ttransient\x18\x04 \x01(\x04\x12\x14\n\x0crate_limited\x18\x05 \x01(\x04\x12\x12\n\npersistent\x18\x06 \x01(\x04\x12\x11\n\tbad_input\x18\x07 \x01(\x04\x12\x0f\n\x07partial\x18\x08 \x01(\x04\x12\x0f\n\x07timeout\x18\t \x01(\x04\x12\r\n\x05stale\x18\n \x01(\x04\"\x9a\x02\n\rKeySlotStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64isabled\x18\x02 \x01(\x08\x12\x32\n\x0e\x64isabled_until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x64isabled_reason\x18\x04 \x01(\t\x12\x30\n\x0cpaused_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07\x62udgets\x18\x06 \x03(\x0b\x32\x19.backstop.v1.BudgetStatus\x12+\n\x07learned\x18\x07 \x03(\x0b\x32\x1a.backstop.v1.ProviderLimit\x12\x11\n\tin_flight\x18\x08 \x01(\r\"x\n\x0c\x42udgetStatus\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x04\x12)\n\x06window\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tavailable\x18\x04 \x01(\x01\x12\r\n\x05group\x18\x05 \x01(\t\"\x9e\x01\n\rProviderLimit\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x11\n\tremaining\x18\x03 \x01(\x04\x12,\n\x08reset_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bobserved_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd9\x01\n\x0eTargetSettings\x12-\n\x07\x62reaker\x18\x01 \x01(\x0b\x32\x1c.backstop.v1.BreakerSettings\x12\x12\n\nmax_tokens\x18\x02 \x01(\x04\x12\x16\n\x0e\x63ontext_window\x18\x03 \x01(\x04\x12\x1b\n\x13\x63ost_per_mtok_input\x18\x04 \x01(\x01\x12\x1c\n\x14\x63ost_per_mtok_output\x18\x05 \x01(\x01\x12\x0c\n\x04keys\x18\x06 \x03(\t\x12\x15\n\rbudget_groups\x18\x07 \x03(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t\"\xef\x03\n\x0f\x42reakerSettings\x12\x19\n\x11\x66\x61ilure_threshold\x18\x01 \x01(\r\x12\x19\n\x11success_threshold\x18\x02 \x01(\r\x12\x30\n\ropen_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1c\n\x14half_open_max_probes\x18\x04 \x01(\r\x12.\n\x0bprobe_lease\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x06 \x01(\x01\x12\x34\n\x11max_open_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16\x66\x61ilure_rate_threshold\x18\x08 \x01(\x01\x12)\n\x06window\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rminimum_calls\x18\n \x01(\r\x12\x35\n\x12slow_call_duration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12;\n\x18persistent_open_duration\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration*\x83\x01\n\x0b\x42reakerMode\x12\x1c\n\x18\x42REAKER_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42REAKER_MODE_AUTOMATIC\x10\x01\x12\x1b\n\x17\x42REAKER_MODE_FORCE_OPEN\x10\x02\x12\x1d\n\x19\x42REAKER_MODE_FORCE_CLOSED\x10\x03\x32\xbe\x02\n\x05\x41\x64min\x12P\n\x0bListTargets\x12\x1f.backstop.v1.ListTargetsRequest\x1a .backstop.v1.ListTargetsResponse\x12\x45\n\tGetTarget\x12\x1d.backstop.v1.GetTargetRequest\x1a\x19.backstop.v1.TargetStatus\x12Q\n\x0fSetBreakerState\x12#.backstop.v1.SetBreakerStateRequest\x1a\x19.backstop.v1.TargetStatus\x12I\n\x0bResetTarget\x12\x1f.backstop.v1.ResetTargetRequest\x1a\x19.backstop.v1.TargetStatusBCZAgithub.com/backstop-dev/backstop/clients/go/backstopv1;backstopv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61\x63kstop/v1/admin.proto\x12\x0b\x62\x61\x63kstop.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1c\x62\x61\x63kstop/v1/resilience.proto\"\x13\n\x11GetClusterRequest\"\xe3\x01\n\rClusterStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x17\n\x0fredis_reachable\x18\x03 \x01(\x08\x12\x12\n\nredis_role\x18\x04 \x01(\t\x12,\n\tredis_rtt\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12,\n\x08replicas\x18\x07 \x03(\x0b\x32\x1a.backstop.v1.ReplicaStatus\x12\x15\n\rconfig_digest\x18\x08 \x01(\t\"w\n\rReplicaStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x32\n\x0elast_heartbeat\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rconfig_digest\x18\x04 \x01(\t\"K\n\x12ListTargetsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"j\n\x13ListTargetsResponse\x12+\n\x07targets\x18\x01 \x03(\x0b\x32\x1a.backstop.v1.TargetSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x04\"\xab\x01\n\rTargetSummary\x12\x0e\n\x06target\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12\x12\n\nconfigured\x18\x03 \x01(\x08\x12.\n\nopen_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\"\"\n\x10GetTargetRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\"`\n\x16SetBreakerStateRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12&\n\x04mode\x18\x02 \x01(\x0e\x32\x18.backstop.v1.BreakerMode\x12\x0e\n\x06reason\x18\x03 \x01(\t\"$\n\x12ResetTargetRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\"\xe9\x04\n\x0cTargetStatus\x12\x0e\n\x06target\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12\x12\n\nconfigured\x18\x03 \x01(\x08\x12.\n\nopen_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\x12\x1b\n\x13half_open_successes\x18\x06 \x01(\r\x12\x1a\n\x12probes_outstanding\x18\x07 \x01(\r\x12\x14\n\x0creopen_count\x18\x08 \x01(\r\x12\x12\n\ngeneration\x18\t \x01(\x04\x12.\n\x08\x63ounters\x18\n \x01(\x0b\x32\x1c.backstop.v1.OutcomeCounters\x12\x14\n\x0cwindow_calls\x18\x0b \x01(\x04\x12\x17\n\x0fwindow_failures\x18\x0c \x01(\x04\x12-\n\x08settings\x18\r \x01(\x0b\x32\x1b.backstop.v1.TargetSettings\x12-\n\tkey_slots\x18\x0e \x03(\x0b\x32\x1a.backstop.v1.KeySlotStatus\x12\x15\n\rforced_reason\x18\x0f \x01(\t\x12-\n\topened_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_cause\x18\x11 \x01(\t\x12\x11\n\tin_flight\x18\x12 \x01(\r\x12\x30\n\rgroup_budgets\x18\x13 \x03(\x0b\x32\x19.backstop.v1.BudgetStatus\"\xc6\x01\n\x0fOutcomeCounters\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x04\x12\x0f\n\x07refused\x18\x02 \x01(\x04\x12\x0f\n\x07success\x18\x03 \x01(\x04\x12\x11\n\ttransient\x18\x04 \x01(\x04\x12\x14\n\x0crate_limited\x18\x05 \x01(\x04\x12\x12\n\npersistent\x18\x06 \x01(\x04\x12\x11\n\tbad_input\x18\x07 \x01(\x04\x12\x0f\n\x07partial\x18\x08 \x01(\x04\x12\x0f\n\x07timeout\x18\t \x01(\x04\x12\r\n\x05stale\x18\n \x01(\x04\"\x9a\x02\n\rKeySlotStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64isabled\x18\x02 \x01(\x08\x12\x32\n\x0e\x64isabled_until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x64isabled_reason\x18\x04 \x01(\t\x12\x30\n\x0cpaused_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07\x62udgets\x18\x06 \x03(\x0b\x32\x19.backstop.v1.BudgetStatus\x12+\n\x07learned\x18\x07 \x03(\x0b\x32\x1a.backstop.v1.ProviderLimit\x12\x11\n\tin_flight\x18\x08 \x01(\r\"x\n\x0c\x42udgetStatus\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x04\x12)\n\x06window\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tavailable\x18\x04 \x01(\x01\x12\r\n\x05group\x18\x05 \x01(\t\"\x9e\x01\n\rProviderLimit\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x11\n\tremaining\x18\x03 \x01(\x04\x12,\n\x08reset_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bobserved_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd9\x01\n\x0eTargetSettings\x12-\n\x07\x62reaker\x18\x01 \x01(\x0b\x32\x1c.backstop.v1.BreakerSettings\x12\x12\n\nmax_tokens\x18\x02 \x01(\x04\x12\x16\n\x0e\x63ontext_window\x18\x03 \x01(\x04\x12\x1b\n\x13\x63ost_per_mtok_input\x18\x04 \x01(\x01\x12\x1c\n\x14\x63ost_per_mtok_output\x18\x05 \x01(\x01\x12\x0c\n\x04keys\x18\x06 \x03(\t\x12\x15\n\rbudget_groups\x18\x07 \x03(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t\"\xef\x03\n\x0f\x42reakerSettings\x12\x19\n\x11\x66\x61ilure_threshold\x18\x01 \x01(\r\x12\x19\n\x11success_threshold\x18\x02 \x01(\r\x12\x30\n\ropen_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1c\n\x14half_open_max_probes\x18\x04 \x01(\r\x12.\n\x0bprobe_lease\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x06 \x01(\x01\x12\x34\n\x11max_open_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16\x66\x61ilure_rate_threshold\x18\x08 \x01(\x01\x12)\n\x06window\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rminimum_calls\x18\n \x01(\r\x12\x35\n\x12slow_call_duration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12;\n\x18persistent_open_duration\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration*\x83\x01\n\x0b\x42reakerMode\x12\x1c\n\x18\x42REAKER_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42REAKER_MODE_AUTOMATIC\x10\x01\x12\x1b\n\x17\x42REAKER_MODE_FORCE_OPEN\x10\x02\x12\x1d\n\x19\x42REAKER_MODE_FORCE_CLOSED\x10\x03\x32\x88\x03\n\x05\x41\x64min\x12P\n\x0bListTargets\x12\x1f.backstop.v1.ListTargetsRequest\x1a .backstop.v1.ListTargetsResponse\x12\x45\n\tGetTarget\x12\x1d.backstop.v1.GetTargetRequest\x1a\x19.backstop.v1.TargetStatus\x12Q\n\x0fSetBreakerState\x12#.backstop.v1.SetBreakerStateRequest\x1a\x19.backstop.v1.TargetStatus\x12I\n\x0bResetTarget\x12\x1f.backstop.v1.ResetTargetRequest\x1a\x19.backstop.v1.TargetStatus\x12H\n\nGetCluster\x12\x1e.backstop.v1.GetClusterRequest\x1a\x1a.backstop.v1.ClusterStatusBCZAgithub.com/backstop-dev/backstop/clients/go/backstopv1;backstopv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'backstop.v1.admin_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZAgithub.com/backstop-dev/backstop/clients/go/backstopv1;backstopv1'
-  _globals['_BREAKERMODE']._serialized_start=2774
-  _globals['_BREAKERMODE']._serialized_end=2905
-  _globals['_LISTTARGETSREQUEST']._serialized_start=135
-  _globals['_LISTTARGETSREQUEST']._serialized_end=210
-  _globals['_LISTTARGETSRESPONSE']._serialized_start=212
-  _globals['_LISTTARGETSRESPONSE']._serialized_end=318
-  _globals['_TARGETSUMMARY']._serialized_start=321
-  _globals['_TARGETSUMMARY']._serialized_end=492
-  _globals['_GETTARGETREQUEST']._serialized_start=494
-  _globals['_GETTARGETREQUEST']._serialized_end=528
-  _globals['_SETBREAKERSTATEREQUEST']._serialized_start=530
-  _globals['_SETBREAKERSTATEREQUEST']._serialized_end=626
-  _globals['_RESETTARGETREQUEST']._serialized_start=628
-  _globals['_RESETTARGETREQUEST']._serialized_end=664
-  _globals['_TARGETSTATUS']._serialized_start=667
-  _globals['_TARGETSTATUS']._serialized_end=1284
-  _globals['_OUTCOMECOUNTERS']._serialized_start=1287
-  _globals['_OUTCOMECOUNTERS']._serialized_end=1485
-  _globals['_KEYSLOTSTATUS']._serialized_start=1488
-  _globals['_KEYSLOTSTATUS']._serialized_end=1770
-  _globals['_BUDGETSTATUS']._serialized_start=1772
-  _globals['_BUDGETSTATUS']._serialized_end=1892
-  _globals['_PROVIDERLIMIT']._serialized_start=1895
-  _globals['_PROVIDERLIMIT']._serialized_end=2053
-  _globals['_TARGETSETTINGS']._serialized_start=2056
-  _globals['_TARGETSETTINGS']._serialized_end=2273
-  _globals['_BREAKERSETTINGS']._serialized_start=2276
-  _globals['_BREAKERSETTINGS']._serialized_end=2771
-  _globals['_ADMIN']._serialized_start=2908
-  _globals['_ADMIN']._serialized_end=3226
+  _globals['_BREAKERMODE']._serialized_start=3146
+  _globals['_BREAKERMODE']._serialized_end=3277
+  _globals['_GETCLUSTERREQUEST']._serialized_start=135
+  _globals['_GETCLUSTERREQUEST']._serialized_end=154
+  _globals['_CLUSTERSTATUS']._serialized_start=157
+  _globals['_CLUSTERSTATUS']._serialized_end=384
+  _globals['_REPLICASTATUS']._serialized_start=386
+  _globals['_REPLICASTATUS']._serialized_end=505
+  _globals['_LISTTARGETSREQUEST']._serialized_start=507
+  _globals['_LISTTARGETSREQUEST']._serialized_end=582
+  _globals['_LISTTARGETSRESPONSE']._serialized_start=584
+  _globals['_LISTTARGETSRESPONSE']._serialized_end=690
+  _globals['_TARGETSUMMARY']._serialized_start=693
+  _globals['_TARGETSUMMARY']._serialized_end=864
+  _globals['_GETTARGETREQUEST']._serialized_start=866
+  _globals['_GETTARGETREQUEST']._serialized_end=900
+  _globals['_SETBREAKERSTATEREQUEST']._serialized_start=902
+  _globals['_SETBREAKERSTATEREQUEST']._serialized_end=998
+  _globals['_RESETTARGETREQUEST']._serialized_start=1000
+  _globals['_RESETTARGETREQUEST']._serialized_end=1036
+  _globals['_TARGETSTATUS']._serialized_start=1039
+  _globals['_TARGETSTATUS']._serialized_end=1656
+  _globals['_OUTCOMECOUNTERS']._serialized_start=1659
+  _globals['_OUTCOMECOUNTERS']._serialized_end=1857
+  _globals['_KEYSLOTSTATUS']._serialized_start=1860
+  _globals['_KEYSLOTSTATUS']._serialized_end=2142
+  _globals['_BUDGETSTATUS']._serialized_start=2144
+  _globals['_BUDGETSTATUS']._serialized_end=2264
+  _globals['_PROVIDERLIMIT']._serialized_start=2267
+  _globals['_PROVIDERLIMIT']._serialized_end=2425
+  _globals['_TARGETSETTINGS']._serialized_start=2428
+  _globals['_TARGETSETTINGS']._serialized_end=2645
+  _globals['_BREAKERSETTINGS']._serialized_start=2648
+  _globals['_BREAKERSETTINGS']._serialized_end=3143
+  _globals['_ADMIN']._serialized_start=3280
+  _globals['_ADMIN']._serialized_end=3672
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,42 @@ BREAKER_MODE_AUTOMATIC: BreakerMode
 BREAKER_MODE_FORCE_OPEN: BreakerMode
 BREAKER_MODE_FORCE_CLOSED: BreakerMode
 
+class GetClusterRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClusterStatus(_message.Message):
+    __slots__ = ("replica_id", "mode", "redis_reachable", "redis_role", "redis_rtt", "degraded", "replicas", "config_digest")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REDIS_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    REDIS_ROLE_FIELD_NUMBER: _ClassVar[int]
+    REDIS_RTT_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    mode: str
+    redis_reachable: bool
+    redis_role: str
+    redis_rtt: _duration_pb2.Duration
+    degraded: bool
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    config_digest: str
+    def __init__(self, replica_id: _Optional[str] = ..., mode: _Optional[str] = ..., redis_reachable: bool = ..., redis_role: _Optional[str] = ..., redis_rtt: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., degraded: bool = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., config_digest: _Optional[str] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("id", "address", "last_heartbeat", "config_digest")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    address: str
+    last_heartbeat: _timestamp_pb2.Timestamp
+    config_digest: str
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., last_heartbeat: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., config_digest: _Optional[str] = ...) -> None: ...
+
 class ListTargetsRequest(_message.Message):
     __slots__ = ("prefix", "page_size", "page_token")
     PREFIX_FIELD_NUMBER: _ClassVar[int]

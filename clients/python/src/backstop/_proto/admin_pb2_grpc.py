@@ -54,6 +54,11 @@ class AdminStub(object):
                 request_serializer=backstop_dot_v1_dot_admin__pb2.ResetTargetRequest.SerializeToString,
                 response_deserializer=backstop_dot_v1_dot_admin__pb2.TargetStatus.FromString,
                 _registered_method=True)
+        self.GetCluster = channel.unary_unary(
+                '/backstop.v1.Admin/GetCluster',
+                request_serializer=backstop_dot_v1_dot_admin__pb2.GetClusterRequest.SerializeToString,
+                response_deserializer=backstop_dot_v1_dot_admin__pb2.ClusterStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer(object):
@@ -88,6 +93,13 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCluster(self, request, context):
+        """This replica and, in cluster mode, Redis and every live replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ResetTarget,
                     request_deserializer=backstop_dot_v1_dot_admin__pb2.ResetTargetRequest.FromString,
                     response_serializer=backstop_dot_v1_dot_admin__pb2.TargetStatus.SerializeToString,
+            ),
+            'GetCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCluster,
+                    request_deserializer=backstop_dot_v1_dot_admin__pb2.GetClusterRequest.FromString,
+                    response_serializer=backstop_dot_v1_dot_admin__pb2.ClusterStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +237,33 @@ class Admin(object):
             '/backstop.v1.Admin/ResetTarget',
             backstop_dot_v1_dot_admin__pb2.ResetTargetRequest.SerializeToString,
             backstop_dot_v1_dot_admin__pb2.TargetStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backstop.v1.Admin/GetCluster',
+            backstop_dot_v1_dot_admin__pb2.GetClusterRequest.SerializeToString,
+            backstop_dot_v1_dot_admin__pb2.ClusterStatus.FromString,
             options,
             channel_credentials,
             insecure,

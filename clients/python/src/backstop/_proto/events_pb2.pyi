@@ -27,6 +27,9 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_DEFERRED: _ClassVar[EventKind]
     EVENT_KIND_DRAINED: _ClassVar[EventKind]
     EVENT_KIND_DEAD_LETTERED: _ClassVar[EventKind]
+    EVENT_KIND_REDIS_UNAVAILABLE: _ClassVar[EventKind]
+    EVENT_KIND_REDIS_RESTORED: _ClassVar[EventKind]
+    EVENT_KIND_CONFIG_MISMATCH: _ClassVar[EventKind]
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_SNAPSHOT: EventKind
 EVENT_KIND_BREAKER_TRANSITION: EventKind
@@ -42,6 +45,9 @@ EVENT_KIND_TARGET_RESET: EventKind
 EVENT_KIND_DEFERRED: EventKind
 EVENT_KIND_DRAINED: EventKind
 EVENT_KIND_DEAD_LETTERED: EventKind
+EVENT_KIND_REDIS_UNAVAILABLE: EventKind
+EVENT_KIND_REDIS_RESTORED: EventKind
+EVENT_KIND_CONFIG_MISMATCH: EventKind
 
 class WatchRequest(_message.Message):
     __slots__ = ("since_seq", "targets", "kinds")
@@ -54,7 +60,7 @@ class WatchRequest(_message.Message):
     def __init__(self, since_seq: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[EventKind, str]]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("seq", "at", "target", "snapshot", "breaker_transition", "probe_expired", "target_forced", "rate_limited", "budget_restored", "fallback_activated", "route_exhausted", "gap", "key_slot_disabled", "target_reset", "deferred", "drained", "dead_lettered")
+    __slots__ = ("seq", "at", "target", "snapshot", "breaker_transition", "probe_expired", "target_forced", "rate_limited", "budget_restored", "fallback_activated", "route_exhausted", "gap", "key_slot_disabled", "target_reset", "deferred", "drained", "dead_lettered", "redis_unavailable", "redis_restored", "config_mismatch")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +78,9 @@ class Event(_message.Message):
     DEFERRED_FIELD_NUMBER: _ClassVar[int]
     DRAINED_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    REDIS_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    REDIS_RESTORED_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_MISMATCH_FIELD_NUMBER: _ClassVar[int]
     seq: int
     at: _timestamp_pb2.Timestamp
     target: str
@@ -89,7 +98,10 @@ class Event(_message.Message):
     deferred: ItemDeferred
     drained: ItemDrained
     dead_lettered: ItemDeadLettered
-    def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., breaker_transition: _Optional[_Union[BreakerTransition, _Mapping]] = ..., probe_expired: _Optional[_Union[ProbeExpired, _Mapping]] = ..., target_forced: _Optional[_Union[TargetForced, _Mapping]] = ..., rate_limited: _Optional[_Union[RateLimited, _Mapping]] = ..., budget_restored: _Optional[_Union[BudgetRestored, _Mapping]] = ..., fallback_activated: _Optional[_Union[FallbackActivated, _Mapping]] = ..., route_exhausted: _Optional[_Union[RouteExhausted, _Mapping]] = ..., gap: _Optional[_Union[Gap, _Mapping]] = ..., key_slot_disabled: _Optional[_Union[KeySlotDisabled, _Mapping]] = ..., target_reset: _Optional[_Union[TargetReset, _Mapping]] = ..., deferred: _Optional[_Union[ItemDeferred, _Mapping]] = ..., drained: _Optional[_Union[ItemDrained, _Mapping]] = ..., dead_lettered: _Optional[_Union[ItemDeadLettered, _Mapping]] = ...) -> None: ...
+    redis_unavailable: RedisUnavailable
+    redis_restored: RedisRestored
+    config_mismatch: ConfigMismatch
+    def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., breaker_transition: _Optional[_Union[BreakerTransition, _Mapping]] = ..., probe_expired: _Optional[_Union[ProbeExpired, _Mapping]] = ..., target_forced: _Optional[_Union[TargetForced, _Mapping]] = ..., rate_limited: _Optional[_Union[RateLimited, _Mapping]] = ..., budget_restored: _Optional[_Union[BudgetRestored, _Mapping]] = ..., fallback_activated: _Optional[_Union[FallbackActivated, _Mapping]] = ..., route_exhausted: _Optional[_Union[RouteExhausted, _Mapping]] = ..., gap: _Optional[_Union[Gap, _Mapping]] = ..., key_slot_disabled: _Optional[_Union[KeySlotDisabled, _Mapping]] = ..., target_reset: _Optional[_Union[TargetReset, _Mapping]] = ..., deferred: _Optional[_Union[ItemDeferred, _Mapping]] = ..., drained: _Optional[_Union[ItemDrained, _Mapping]] = ..., dead_lettered: _Optional[_Union[ItemDeadLettered, _Mapping]] = ..., redis_unavailable: _Optional[_Union[RedisUnavailable, _Mapping]] = ..., redis_restored: _Optional[_Union[RedisRestored, _Mapping]] = ..., config_mismatch: _Optional[_Union[ConfigMismatch, _Mapping]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
     __slots__ = ("targets", "part", "parts")
@@ -232,6 +244,28 @@ class ItemDrained(_message.Message):
     queue: str
     id: str
     def __init__(self, queue: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+
+class RedisUnavailable(_message.Message):
+    __slots__ = ("replica", "error")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    error: str
+    def __init__(self, replica: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class RedisRestored(_message.Message):
+    __slots__ = ("replica", "merged")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    merged: int
+    def __init__(self, replica: _Optional[str] = ..., merged: _Optional[int] = ...) -> None: ...
+
+class ConfigMismatch(_message.Message):
+    __slots__ = ("replicas",)
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, replicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ItemDeadLettered(_message.Message):
     __slots__ = ("queue", "id", "reason", "attempts")

@@ -102,7 +102,7 @@ class CanProceedRequest(_message.Message):
     def __init__(self, target: _Optional[str] = ..., caller: _Optional[str] = ..., estimated_tokens: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class CanProceedResponse(_message.Message):
-    __slots__ = ("allowed", "reason", "state", "retry_after", "permit", "key_slot", "shadow_reason")
+    __slots__ = ("allowed", "reason", "state", "retry_after", "permit", "key_slot", "shadow_reason", "degraded")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class CanProceedResponse(_message.Message):
     PERMIT_FIELD_NUMBER: _ClassVar[int]
     KEY_SLOT_FIELD_NUMBER: _ClassVar[int]
     SHADOW_REASON_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reason: Reason
     state: BreakerState
@@ -117,7 +118,8 @@ class CanProceedResponse(_message.Message):
     permit: str
     key_slot: str
     shadow_reason: Reason
-    def __init__(self, allowed: bool = ..., reason: _Optional[_Union[Reason, str]] = ..., state: _Optional[_Union[BreakerState, str]] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., permit: _Optional[str] = ..., key_slot: _Optional[str] = ..., shadow_reason: _Optional[_Union[Reason, str]] = ...) -> None: ...
+    degraded: bool
+    def __init__(self, allowed: bool = ..., reason: _Optional[_Union[Reason, str]] = ..., state: _Optional[_Union[BreakerState, str]] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., permit: _Optional[str] = ..., key_slot: _Optional[str] = ..., shadow_reason: _Optional[_Union[Reason, str]] = ..., degraded: bool = ...) -> None: ...
 
 class RecordOutcomeRequest(_message.Message):
     __slots__ = ("target", "permit", "outcome", "http_status", "error_type", "latency", "retry_after", "input_tokens", "output_tokens", "attempt", "headers", "key_slot", "caller")
@@ -157,18 +159,20 @@ class RecordOutcomeRequest(_message.Message):
     def __init__(self, target: _Optional[str] = ..., permit: _Optional[str] = ..., outcome: _Optional[_Union[OutcomeClass, str]] = ..., http_status: _Optional[int] = ..., error_type: _Optional[str] = ..., latency: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., attempt: _Optional[int] = ..., headers: _Optional[_Mapping[str, str]] = ..., key_slot: _Optional[str] = ..., caller: _Optional[str] = ...) -> None: ...
 
 class RecordOutcomeResponse(_message.Message):
-    __slots__ = ("classified_as", "state", "retry", "stale_permit", "duplicate")
+    __slots__ = ("classified_as", "state", "retry", "stale_permit", "duplicate", "degraded")
     CLASSIFIED_AS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
     STALE_PERMIT_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     classified_as: OutcomeClass
     state: BreakerState
     retry: RetryAdvice
     stale_permit: bool
     duplicate: bool
-    def __init__(self, classified_as: _Optional[_Union[OutcomeClass, str]] = ..., state: _Optional[_Union[BreakerState, str]] = ..., retry: _Optional[_Union[RetryAdvice, _Mapping]] = ..., stale_permit: bool = ..., duplicate: bool = ...) -> None: ...
+    degraded: bool
+    def __init__(self, classified_as: _Optional[_Union[OutcomeClass, str]] = ..., state: _Optional[_Union[BreakerState, str]] = ..., retry: _Optional[_Union[RetryAdvice, _Mapping]] = ..., stale_permit: bool = ..., duplicate: bool = ..., degraded: bool = ...) -> None: ...
 
 class RetryAdvice(_message.Message):
     __slots__ = ("retry", "delay", "reason")
@@ -199,7 +203,7 @@ class RouteRequest(_message.Message):
     def __init__(self, route: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., estimated_tokens: _Optional[int] = ..., required_context_tokens: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., caller: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("target", "permit", "fallback_depth", "skipped", "max_tokens", "cost_per_mtok_input", "cost_per_mtok_output", "retry_after", "key_slot", "state")
+    __slots__ = ("target", "permit", "fallback_depth", "skipped", "max_tokens", "cost_per_mtok_input", "cost_per_mtok_output", "retry_after", "key_slot", "state", "degraded")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     PERMIT_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +214,7 @@ class RouteResponse(_message.Message):
     RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
     KEY_SLOT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     target: str
     permit: str
     fallback_depth: int
@@ -220,7 +225,8 @@ class RouteResponse(_message.Message):
     retry_after: _duration_pb2.Duration
     key_slot: str
     state: BreakerState
-    def __init__(self, target: _Optional[str] = ..., permit: _Optional[str] = ..., fallback_depth: _Optional[int] = ..., skipped: _Optional[_Iterable[_Union[Skip, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., cost_per_mtok_input: _Optional[float] = ..., cost_per_mtok_output: _Optional[float] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., key_slot: _Optional[str] = ..., state: _Optional[_Union[BreakerState, str]] = ...) -> None: ...
+    degraded: bool
+    def __init__(self, target: _Optional[str] = ..., permit: _Optional[str] = ..., fallback_depth: _Optional[int] = ..., skipped: _Optional[_Iterable[_Union[Skip, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., cost_per_mtok_input: _Optional[float] = ..., cost_per_mtok_output: _Optional[float] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., key_slot: _Optional[str] = ..., state: _Optional[_Union[BreakerState, str]] = ..., degraded: bool = ...) -> None: ...
 
 class Skip(_message.Message):
     __slots__ = ("target", "reason", "retry_after")

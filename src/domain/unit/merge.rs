@@ -1,0 +1,151 @@
+//! Merging state decided apart back together (cluster mode, after a replica
+//! decided without Redis): the most restrictive deadline wins.
+//!
+//! While Redis was unreachable, a replica decided from its last known state
+//! with its share of each budget. When Redis returns, what it learned must
+//! not be lost, and nothing it did may loosen the shared state:
+//! * an open breaker (with the later open-until) wins over a closed or
+//!   half-open one, and the breaker gets a new generation;
+//! * pauses and disabled keys end at the later deadline;
+//! * budget levels take the later theoretical arrival time (the spending of
+//!   both sides is at least accounted for: conservative, never generous);
+//! * learned provider limits keep the most recent observation.
+//!
+//! Counters are not merged: what a replica counted while degraded stays in
+//! its own metrics.
+
+use super::narrate::absorb_breaker_events;
+use super::state::{GroupState, TargetState};
+use super::{Effects, UnitCx};
+use crate::domain::Time;
+use crate::domain::breaker::{Breaker, BreakerEvent, BreakerState, Cause, Mode, Transition};
+use crate::domain::budget::{Gcra, Kind};
+
+/// Merges `local` (decided apart) into `shared` (read from the shared store).
+pub fn merge(
+    cx: &UnitCx<'_>,
+    shared: &mut TargetState,
+    local: &TargetState,
+    now: Time,
+    fx: &mut Effects,
+) {
+    let (sp, lp) = (shared.breaker.parts(), local.breaker.parts());
+    let local_open = lp.mode == Mode::Automatic && lp.phase == 1 && lp.open_until > now;
+    let shared_open_until = (sp.phase == 1).then_some(sp.open_until);
+    if sp.mode == Mode::Automatic
+        && local_open
+        && shared_open_until.is_none_or(|u| lp.open_until > u)
+    {
+        let from = shared.breaker.state();
+        let mut p = lp.clone();
+        p.generation = sp.generation.max(lp.generation) + 1;
+        p.probes.clear();
+        shared.breaker = Breaker::from_parts(p, cx.seed);
+        let t = Transition {
+            from,
+            to: BreakerState::Open,
+            cause: Cause::Persistent {
+                class: crate::domain::OutcomeClass::Transient,
+            },
+            generation: shared.breaker.generation(),
+            open_until: shared.breaker.open_until(),
+        };
+        absorb_breaker_events(
+            cx,
+            shared,
+            &[BreakerEvent::Transition(t)],
+            Some((
+                None,
+                "opened by a replica while Redis was unreachable".into(),
+            )),
+            fx,
+        );
+        fx.durable = true;
+    }
+    for (s, l) in shared.slots.iter_mut().zip(local.slots.iter()) {
+        if l.paused_until > s.paused_until {
+            s.paused_until = l.paused_until;
+            fx.durable = true;
+        }
+        if l.disabled_until > s.disabled_until {
+            s.disabled_until = l.disabled_until;
+            s.disabled_reason.clone_from(&l.disabled_reason);
+            fx.durable = true;
+        }
+        for k in Kind::ALL {
+            let (st, lt) = (s.budget.cell(k).tat(), l.budget.cell(k).tat());
+            if lt > st {
+                s.budget.set_cell(k, Gcra::from_tat(lt));
+                fx.state_dirty = true;
+            }
+        }
+        if let Some(ll) = &l.learned {
+            let sl = s.learned.get_or_insert_with(Default::default);
+            for (dst, src) in sl.iter_mut().zip(ll.iter()) {
+                if let Some(src) = src
+                    && dst.is_none_or(|d| src.observed_at > d.observed_at)
+                {
+                    *dst = Some(*src);
+                }
+            }
+        }
+    }
+}
+
+/// Merges a group's budget levels: the later arrival time wins.
+pub fn merge_group(shared: &mut GroupState, local: &GroupState) {
+    for k in Kind::ALL {
+        let (st, lt) = (shared.budget.cell(k).tat(), local.budget.cell(k).tat());
+        if lt > st {
+            shared.budget.set_cell(k, Gcra::from_tat(lt));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TargetSettings;
+    use crate::domain::breaker::Effect;
+    use std::time::Duration;
+
+    #[test]
+    fn an_outage_learned_apart_is_not_forgotten_and_nothing_loosens() {
+        let settings = TargetSettings::default();
+        let cx = UnitCx {
+            settings: &settings,
+            seed: 7,
+        };
+        let now = Time::from_secs(1_000_000);
+        let mut shared = TargetState::new(7, 1, 1);
+        let mut local = TargetState::new(7, 1, 1);
+        // The local side saw five failures and opened; and a pause.
+        let mut ev = Vec::new();
+        for _ in 0..5 {
+            local.breaker.record(
+                now,
+                &settings.breaker,
+                None,
+                Effect::Failure(crate::domain::breaker::Trigger::Outcome(
+                    crate::domain::OutcomeClass::Transient,
+                )),
+                &mut ev,
+            );
+        }
+        assert_eq!(local.breaker.state(), BreakerState::Open);
+        local.slots[0].paused_until = now + Duration::from_secs(30);
+        shared.slots[0].paused_until = now + Duration::from_secs(10);
+        let mut fx = Effects::default();
+        merge(&cx, &mut shared, &local, now, &mut fx);
+        assert_eq!(shared.breaker.state(), BreakerState::Open);
+        assert!(shared.breaker.generation() > local.breaker.generation());
+        assert_eq!(shared.slots[0].paused_until, now + Duration::from_secs(30));
+        assert!(fx.durable);
+        // Merging a closed local state changes nothing.
+        let before = shared.breaker.open_until();
+        let mut fx = Effects::default();
+        merge(&cx, &mut shared, &TargetState::new(7, 1, 1), now, &mut fx);
+        assert_eq!(shared.breaker.open_until(), before);
+        assert!(!fx.durable);
+    }
+}

@@ -1,0 +1,323 @@
+//! The connection to Redis, and the breaker in front of it.
+//!
+//! Every call has a deadline (`redis_timeout`, 50 ms by default): an
+//! unreachable or frozen Redis must cost a decision milliseconds, never
+//! seconds (envoy ratelimit cost 1-10 s per request before failing open;
+//! LiteLLM blocked every request with no socket timeout at all). After
+//! [`FAILURES_TO_OPEN`] consecutive failures the link opens: calls fail at
+//! once, without touching the network, and the replica decides locally
+//! (degraded) while a prober pings Redis about once a second; the first
+//! success closes it again. A replica also starts while Redis is down: the
+//! connection is made in the background and the link starts open.
+
+use crate::config::RedisTarget;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Consecutive failures that open the link.
+pub const FAILURES_TO_OPEN: u32 = 3;
+/// How often an open link is probed.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// A connection to standalone Redis (reconnecting) or to a Redis Cluster.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Why a Redis call did not answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkError {
+    /// The link is open (Redis failed recently): not attempted.
+    Open,
+    /// No answer within `redis_timeout`.
+    Timeout,
+    /// Not connected yet.
+    NotConnected,
+    /// Redis answered with an error, or the connection broke.
+    Redis(String),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Open => f.write_str("Redis is marked unreachable (recent failures)"),
+            LinkError::Timeout => f.write_str("Redis did not answer within redis_timeout"),
+            LinkError::NotConnected => f.write_str("not connected to Redis yet"),
+            LinkError::Redis(e) => write!(f, "Redis error: {e}"),
+        }
+    }
+}
+
+impl LinkError {
+    /// A label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LinkError::Open => "open",
+            LinkError::Timeout => "timeout",
+            LinkError::NotConnected => "not_connected",
+            LinkError::Redis(_) => "error",
+        }
+    }
+}
+
+/// The shared connection with its deadline and breaker.
+pub struct Link {
+    target: RedisTarget,
+    conn: RwLock<Option<Conn>>,
+    timeout: Duration,
+    failures: AtomicU32,
+    open: AtomicBool,
+    /// Last round trip, in microseconds.
+    rtt_micros: AtomicU64,
+    /// "master", "slave" or "cluster", from the last probe.
+    role: RwLock<String>,
+}
+
+impl Link {
+    /// A link that is not connected yet (see [`Link::connect`]); it starts
+    /// open, so decisions made before the first connection are degraded.
+    pub fn new(target: RedisTarget, timeout: Duration) -> Link {
+        Link {
+            target,
+            conn: RwLock::new(None),
+            timeout,
+            failures: AtomicU32::new(0),
+            open: AtomicBool::new(true),
+            rtt_micros: AtomicU64::new(0),
+            role: RwLock::new(String::new()),
+        }
+    }
+
+    /// Opens a fresh connection of the configured kind (also used for the
+    /// event reader, which blocks and so needs its own).
+    pub async fn dial(target: &RedisTarget, timeout: Duration) -> Result<Conn, LinkError> {
+        let dial = async {
+            match target {
+                RedisTarget::Url(url) => {
+                    let client = redis::Client::open(url.as_str())
+                        .map_err(|e| LinkError::Redis(e.to_string()))?;
+                    let cfg = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
+                        .set_response_timeout(Some(timeout.max(Duration::from_millis(50)) * 4))
+                        .set_number_of_retries(1)
+                        .set_max_delay(Duration::from_millis(500));
+                    ConnectionManager::new_with_config(client, cfg)
+                        .await
+                        .map(Conn::Single)
+                        .map_err(|e| LinkError::Redis(e.to_string()))
+                }
+                RedisTarget::Cluster(nodes) => {
+                    let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}")).collect();
+                    let client = redis::cluster::ClusterClient::builder(urls)
+                        .connection_timeout(timeout.max(Duration::from_millis(200)))
+                        .response_timeout(timeout.max(Duration::from_millis(50)) * 4)
+                        .retries(1)
+                        .build()
+                        .map_err(|e| LinkError::Redis(e.to_string()))?;
+                    client
+                        .get_async_connection()
+                        .await
+                        .map(Conn::Cluster)
+                        .map_err(|e| LinkError::Redis(e.to_string()))
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(2), dial)
+            .await
+            .map_err(|_| LinkError::Timeout)?
+    }
+
+    /// A connection for blocking reads (`XREAD BLOCK`): its response
+    /// timeout must outlast the block time, unlike the decision connection's.
+    pub async fn dial_reader(target: &RedisTarget) -> Result<Conn, LinkError> {
+        let dial = async {
+            match target {
+                RedisTarget::Url(url) => {
+                    let client = redis::Client::open(url.as_str())
+                        .map_err(|e| LinkError::Redis(e.to_string()))?;
+                    let cfg = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(Duration::from_secs(1)))
+                        .set_response_timeout(Some(Duration::from_secs(3)))
+                        .set_number_of_retries(1);
+                    ConnectionManager::new_with_config(client, cfg)
+                        .await
+                        .map(Conn::Single)
+                        .map_err(|e| LinkError::Redis(e.to_string()))
+                }
+                RedisTarget::Cluster(nodes) => {
+                    let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}")).collect();
+                    redis::cluster::ClusterClient::builder(urls)
+                        .connection_timeout(Duration::from_secs(1))
+                        .response_timeout(Duration::from_secs(3))
+                        .retries(1)
+                        .build()
+                        .map_err(|e| LinkError::Redis(e.to_string()))?
+                        .get_async_connection()
+                        .await
+                        .map(Conn::Cluster)
+                        .map_err(|e| LinkError::Redis(e.to_string()))
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(3), dial)
+            .await
+            .map_err(|_| LinkError::Timeout)?
+    }
+
+    /// Connects (or reconnects) the shared connection.
+    pub async fn connect(&self) -> Result<(), LinkError> {
+        let c = Self::dial(&self.target, self.timeout).await?;
+        *self.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(c);
+        Ok(())
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// True while decisions must not wait for Redis.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    pub fn rtt(&self) -> Duration {
+        Duration::from_micros(self.rtt_micros.load(Ordering::Relaxed))
+    }
+
+    pub fn role(&self) -> String {
+        self.role.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn conn(&self) -> Result<Conn, LinkError> {
+        self.conn
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(LinkError::NotConnected)
+    }
+
+    fn failed(&self) {
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= FAILURES_TO_OPEN {
+            self.open.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn succeeded(&self, rtt: Duration) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.rtt_micros.store(
+            u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Runs one call (a command, a script, a pipeline) with the deadline,
+    /// counting it for the breaker. Fails at once while the link is open.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, LinkError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        if self.is_open() {
+            return Err(LinkError::Open);
+        }
+        self.call_anyway(f).await
+    }
+
+    /// Like [`Link::call`] but also while open (the prober, merge-back).
+    pub async fn call_anyway<T, F, Fut>(&self, f: F) -> Result<T, LinkError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.conn()?;
+        let started = Instant::now();
+        match tokio::time::timeout(self.timeout, f(conn)).await {
+            Ok(Ok(v)) => {
+                self.succeeded(started.elapsed());
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                // Script-level errors (e.g. NOSCRIPT) are Redis answering: not a link failure.
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
+                    return Err(LinkError::Redis(e.to_string()));
+                }
+                self.failed();
+                Err(LinkError::Redis(e.to_string()))
+            }
+            Err(_) => {
+                self.failed();
+                Err(LinkError::Timeout)
+            }
+        }
+    }
+
+    /// One probe: PING (and the role). Closes the link on success; returns
+    /// whether it was open before (so the caller can merge back).
+    pub async fn probe(&self) -> Result<bool, LinkError> {
+        if !self.is_connected() {
+            self.connect().await?;
+        }
+        let role: Vec<Value> = self
+            .call_anyway(|mut c| async move { redis::cmd("ROLE").query_async(&mut c).await })
+            .await
+            .or_else(|e| match e {
+                // Redis Cluster routes ROLE to a random node; PING is enough.
+                LinkError::Redis(_) => Ok(Vec::new()),
+                other => Err(other),
+            })?;
+        let role = match (&self.target, role.first()) {
+            (RedisTarget::Cluster(_), _) => "cluster".to_string(),
+            (_, Some(Value::BulkString(b))) => String::from_utf8_lossy(b).into_owned(),
+            (_, Some(Value::SimpleString(s))) => s.clone(),
+            _ => {
+                let _: String = self
+                    .call_anyway(
+                        |mut c| async move { redis::cmd("PING").query_async(&mut c).await },
+                    )
+                    .await?;
+                "unknown".to_string()
+            }
+        };
+        *self.role.write().unwrap_or_else(|e| e.into_inner()) = role;
+        let was_open = self.open.swap(false, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
+        Ok(was_open)
+    }
+}
