@@ -34,7 +34,8 @@ step "format and lint"
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 
-step "rust: unit, property and end-to-end tests"
+step "rust: unit, property and end-to-end tests (cluster tests start their own redis-server)"
+apt_install redis-server redis-server redis-tools
 cargo test --all-targets
 
 step "metrics: a real Prometheus scrapes the server and evaluates the Grafana dashboard's queries"

@@ -221,6 +221,152 @@ impl Server {
     }
 }
 
+/// A free TCP port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A real `redis-server` on a free port, in its own directory, killed on drop.
+pub struct Redis {
+    pub child: Child,
+    pub port: u16,
+    pub dir: TempDir,
+    args: Vec<String>,
+}
+
+impl Redis {
+    /// No persistence: a scratch Redis for a test.
+    pub fn start() -> Redis {
+        Self::start_with(&["--save", "", "--appendonly", "no"])
+    }
+
+    /// With extra `redis-server` arguments (e.g. AOF settings).
+    pub fn start_with(args: &[&str]) -> Redis {
+        let dir = TempDir::new("redis");
+        let port = free_port();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let child = Self::spawn(port, &dir, &args);
+        let r = Redis {
+            child,
+            port,
+            dir,
+            args,
+        };
+        r.wait_ready();
+        r
+    }
+
+    fn spawn(port: u16, dir: &TempDir, args: &[String]) -> Child {
+        Command::new("redis-server")
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(dir.path())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs Debian's redis-server)")
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                if s.write_all(b"PING\r\n").is_ok() {
+                    let mut b = [0u8; 7];
+                    if s.read(&mut b).is_ok_and(|n| n > 0) && b.starts_with(b"+PONG") {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Sends a signal (e.g. "STOP", "CONT") to freeze or thaw Redis.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Kills Redis (SIGKILL) and starts it again on the same port and directory.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.port, &self.dir, &self.args);
+        self.wait_ready();
+    }
+
+    /// One command through redis-cli, for assertions.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// A replica in cluster mode on `redis`; waits until it reaches Redis.
+    pub async fn start_replica(config: &str, redis: &str, extra: &[&str]) -> Server {
+        let mut args = vec!["--redis", redis];
+        args.extend_from_slice(extra);
+        let s = Server::start(config, &args);
+        s.wait_cluster_ready().await;
+        s
+    }
+
+    /// Waits until GetCluster says Redis is reachable (decisions not degraded).
+    pub async fn wait_cluster_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut admin = self.admin().await;
+        loop {
+            let c = admin
+                .get_cluster(backstop::proto::GetClusterRequest {})
+                .await
+                .expect("get_cluster")
+                .into_inner();
+            if c.redis_reachable && !c.degraded {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica never reached Redis: {c:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// A signed permit of `target` (on key slot `slot` when given), from
 /// CanProceed: outcomes that impose anything on the fleet (a pause, a disabled
 /// key, an immediate open) count only with the permit of an admitted call.

@@ -265,6 +265,10 @@ pub(crate) struct Inner {
     clock_sync: Option<Arc<crate::engine::clock::OffsetClock>>,
     /// Targets the fallback has decided on since Redis was last reachable.
     degraded_targets: Mutex<HashSet<Arc<str>>>,
+    /// True from entering degraded mode (fallback built and seeded) until
+    /// merged back; transitions take `transition`.
+    pub(crate) degraded: AtomicBool,
+    transition: tokio::sync::Mutex<()>,
     pub(crate) replica_id: String,
     pub(crate) address: RwLock<String>,
     pub(crate) digest: String,
@@ -325,6 +329,8 @@ impl RedisBackend {
                 fallback: RwLock::new(Arc::new(fallback)),
                 clock_sync,
                 degraded_targets: Mutex::new(HashSet::new()),
+                degraded: AtomicBool::new(false),
+                transition: tokio::sync::Mutex::new(()),
                 replica_id,
                 address: RwLock::new(String::new()),
                 digest,
@@ -1465,6 +1471,7 @@ impl Inner {
                 degraded: true,
             }),
             OnRedisUnavailable::Local => {
+                self.ensure_degraded(&e.to_string()).await;
                 self.degraded_targets
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -1494,6 +1501,7 @@ impl Inner {
                 "Redis is unreachable ({e}) and [cluster] on_redis_unavailable = \"closed\""
             ))),
             _ => {
+                self.ensure_degraded(&e.to_string()).await;
                 self.degraded_targets
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

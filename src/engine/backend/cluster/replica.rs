@@ -19,20 +19,15 @@ const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
 impl Inner {
     /// Runs for ever (see the module doc).
     pub(super) async fn supervise(self: Arc<Self>) {
-        let mut degraded = true; // the link starts open until the first connection
         let mut have_key = self.config.server.permit_key.is_some();
         let mut last_mismatch = String::new();
         loop {
             if self.link.is_open() || !self.link.is_connected() {
-                if !degraded {
-                    degraded = true;
-                    self.enter_degraded("Redis stopped answering").await;
+                if self.link.is_connected() {
+                    self.ensure_degraded("Redis stopped answering").await;
                 }
                 match self.link.probe().await {
-                    Ok(_) => {
-                        degraded = false;
-                        self.leave_degraded().await;
-                    }
+                    Ok(_) => self.leave_degraded().await,
                     Err(e) => {
                         if self.degraded_since_boot() {
                             tracing::debug!(error = %e, "Redis still unreachable");
@@ -60,9 +55,22 @@ impl Inner {
         self.clock.now().since(self.boot) < Duration::from_secs(2)
     }
 
-    /// Into degraded mode: a fresh fallback with this replica's share of
-    /// every budget, seeded with the last state known from Redis.
-    async fn enter_degraded(&self, why: &str) {
+    /// Into degraded mode, once per outage: a fresh fallback with this
+    /// replica's share of every budget, seeded with the last state known
+    /// from Redis, installed before any degraded decision is made on it.
+    pub(super) async fn ensure_degraded(&self, why: &str) {
+        if self.degraded.load(Ordering::Acquire) {
+            return;
+        }
+        let _t = self.transition.lock().await;
+        if self.degraded.load(Ordering::Acquire) {
+            return;
+        }
+        self.enter_degraded(why);
+        self.degraded.store(true, Ordering::Release);
+    }
+
+    fn enter_degraded(&self, why: &str) {
         let live = self.live_replicas.load(Ordering::Relaxed).max(1);
         let fallback = LocalBackend::new(
             Arc::new(degraded_config(&self.config, live)),
@@ -109,6 +117,10 @@ impl Inner {
     /// Out of degraded mode: every target decided on while degraded is
     /// merged back into the shared state.
     async fn leave_degraded(self: &Arc<Self>) {
+        let _t = self.transition.lock().await;
+        if !self.degraded.swap(false, Ordering::AcqRel) {
+            return;
+        }
         let names: Vec<Arc<str>> = self
             .degraded_targets
             .lock()

@@ -1,0 +1,503 @@
+//! End-to-end: cluster mode. Three real replicas on one real Redis (and on a
+//! three-primary Redis Cluster), driven over gRPC: one shared breaker, one
+//! set of probes, one budget, permits that settle anywhere, one event
+//! stream, and what happens when a replica dies or Redis freezes.
+
+mod common;
+
+use backstop::proto;
+use common::{Redis, Server, TempDir};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+type Client = proto::resilience_client::ResilienceClient<Channel>;
+
+fn can(target: &str) -> proto::CanProceedRequest {
+    proto::CanProceedRequest {
+        target: target.into(),
+        ..Default::default()
+    }
+}
+
+fn outcome(target: &str, permit: &str, status: i32) -> proto::RecordOutcomeRequest {
+    proto::RecordOutcomeRequest {
+        target: target.into(),
+        permit: permit.into(),
+        http_status: status,
+        ..Default::default()
+    }
+}
+
+async fn replicas(config: &str, url: &str, n: usize) -> Vec<Server> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(Server::start_replica(config, url, &[]).await);
+    }
+    out
+}
+
+async fn clients(servers: &[Server]) -> Vec<Client> {
+    let mut out = Vec::new();
+    for s in servers {
+        out.push(s.resilience().await);
+    }
+    out
+}
+
+async fn status(server: &Server, target: &str) -> proto::TargetStatus {
+    server
+        .admin()
+        .await
+        .get_target(proto::GetTargetRequest {
+            target: target.into(),
+        })
+        .await
+        .expect("get_target")
+        .into_inner()
+}
+
+/// Five failures, each admitted on one replica and reported on another,
+/// open the breaker for all three at once.
+async fn breaker_is_shared(servers: &[Server]) {
+    let mut c = clients(servers).await;
+    let n = c.len();
+    for i in 0..5 {
+        let p = c[i % n]
+            .can_proceed(can("m"))
+            .await
+            .expect("ok")
+            .into_inner();
+        assert!(p.allowed, "call {i}: {p:?}");
+        assert!(!p.degraded);
+        c[(i + 1) % n]
+            .record_outcome(outcome("m", &p.permit, 503))
+            .await
+            .expect("ok");
+    }
+    for (i, ci) in c.iter_mut().enumerate() {
+        let r = ci.can_proceed(can("m")).await.expect("ok").into_inner();
+        assert!(
+            !r.allowed,
+            "replica {i} admitted after the fleet's fifth failure"
+        );
+        assert_eq!(r.reason(), proto::Reason::CircuitOpen, "replica {i}");
+    }
+}
+
+/// 60 concurrent callers over every replica while half-open: exactly
+/// `half_open_max_probes` are admitted, fleet-wide.
+async fn probes_are_limited_fleet_wide(servers: &[Server]) {
+    let mut c = clients(servers).await;
+    let n = c.len();
+    for i in 0..2 {
+        let p = c[i % n]
+            .can_proceed(can("h"))
+            .await
+            .expect("ok")
+            .into_inner();
+        c[(i + 1) % n]
+            .record_outcome(outcome("h", &p.permit, 503))
+            .await
+            .expect("ok");
+    }
+    assert_eq!(
+        status(&servers[0], "h").await.state(),
+        proto::BreakerState::Open
+    );
+    // Wait out the open period (1 s), then everyone asks at once.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let admitted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let mut ci = c[i % n].clone();
+        let admitted = admitted.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = ci.can_proceed(can("h")).await.expect("ok").into_inner();
+            if r.allowed {
+                admitted.fetch_add(1, Ordering::Relaxed);
+            } else {
+                assert!(
+                    matches!(
+                        r.reason(),
+                        proto::Reason::ProbeLimit | proto::Reason::CircuitOpen
+                    ),
+                    "{r:?}"
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(
+        admitted.load(Ordering::Relaxed),
+        2,
+        "half_open_max_probes = 2"
+    );
+}
+
+/// 48 clients over every replica for 3 s against requests_per_minute = 600:
+/// never more than burst + rate·t, and not starved either.
+async fn budget_is_shared(servers: &[Server]) {
+    let c = clients(servers).await;
+    let admitted = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let run_for = Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for i in 0..48 {
+        let mut ci = c[i % c.len()].clone();
+        let admitted = admitted.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut last = start;
+            while start.elapsed() < run_for {
+                let r = ci.can_proceed(can("b")).await.expect("ok").into_inner();
+                if r.allowed {
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                    last = Instant::now();
+                } else {
+                    assert_eq!(r.reason(), proto::Reason::RateLimited, "{r:?}");
+                    let wait = r
+                        .retry_after
+                        .map_or(0.01, |d| d.nanos as f64 / 1e9 + d.seconds as f64);
+                    tokio::time::sleep(Duration::from_secs_f64(wait.clamp(0.001, 0.05))).await;
+                }
+            }
+            last
+        }));
+    }
+    let mut last = start;
+    for t in tasks {
+        last = last.max(t.await.expect("task"));
+    }
+    let t = last.duration_since(start).as_secs_f64();
+    let got = admitted.load(Ordering::Relaxed) as f64;
+    let bound = 600.0 + 600.0 * t / 60.0 + 1.0;
+    assert!(got <= bound, "admitted {got} > burst + rate·t = {bound}");
+    assert!(got >= 600.0, "starved: only {got} admitted of a 600 burst");
+}
+
+const SHARED: &str = r#"
+[targets.m]
+breaker = { failure_threshold = 5, open_duration = "60s" }
+[targets.h]
+breaker = { failure_threshold = 2, open_duration = "1s", half_open_max_probes = 2, probe_lease = "30s", jitter = 0.0 }
+[targets.b]
+requests_per_minute = 600
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_share_breakers_probes_and_budgets() {
+    let redis = Redis::start();
+    let servers = replicas(SHARED, &redis.url(), 3).await;
+    breaker_is_shared(&servers).await;
+    probes_are_limited_fleet_wide(&servers).await;
+    budget_is_shared(&servers).await;
+    // Every replica sees the others.
+    let c = servers[0]
+        .admin()
+        .await
+        .get_cluster(proto::GetClusterRequest {})
+        .await
+        .expect("cluster")
+        .into_inner();
+    assert_eq!(c.mode, "cluster");
+    assert_eq!(c.replicas.len(), 3, "{c:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_permit_settles_on_any_replica_once() {
+    let redis = Redis::start();
+    let config = "[targets.c]\nmax_concurrency = 1\ntokens_per_minute = 1000\n";
+    let servers = replicas(config, &redis.url(), 3).await;
+    let mut c = clients(&servers).await;
+    let p = c[0]
+        .can_proceed(proto::CanProceedRequest {
+            estimated_tokens: 900,
+            ..can("c")
+        })
+        .await
+        .expect("ok")
+        .into_inner();
+    assert!(p.allowed);
+    let blocked = c[2].can_proceed(can("c")).await.expect("ok").into_inner();
+    assert_eq!(blocked.reason(), proto::Reason::ConcurrencyLimit);
+    // Reported on B: the slot is freed and 800 of the 900 reserved tokens come back.
+    let mut report = outcome("c", &p.permit, 200);
+    report.input_tokens = 100;
+    let r = c[1]
+        .record_outcome(report.clone())
+        .await
+        .expect("ok")
+        .into_inner();
+    assert!(!r.duplicate);
+    let s = status(&servers[2], "c").await;
+    let tokens = s.key_slots[0]
+        .budgets
+        .iter()
+        .find(|b| b.kind == "tokens")
+        .expect("tokens budget");
+    assert!(tokens.available >= 899.0, "refunded: {}", tokens.available);
+    assert_eq!(s.key_slots[0].in_flight, 0);
+    let q = c[2]
+        .can_proceed(proto::CanProceedRequest {
+            estimated_tokens: 10,
+            ..can("c")
+        })
+        .await
+        .expect("ok")
+        .into_inner();
+    assert!(
+        q.allowed,
+        "the slot was freed by the report on another replica: {q:?}"
+    );
+    // Reported again (on C): a duplicate that frees nothing more.
+    let again = c[2].record_outcome(report).await.expect("ok").into_inner();
+    assert!(again.duplicate);
+    let blocked = c[0].can_proceed(can("c")).await.expect("ok").into_inner();
+    assert_eq!(
+        blocked.reason(),
+        proto::Reason::ConcurrencyLimit,
+        "q still holds the only slot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_on_one_replica_sees_a_transition_caused_on_another() {
+    let redis = Redis::start();
+    let config = "[targets.w]\nbreaker = { failure_threshold = 1 }\n";
+    let servers = replicas(config, &redis.url(), 3).await;
+    let mut ev = proto::events_client::EventsClient::new(servers[2].channel().await);
+    let mut stream = ev
+        .watch(proto::WatchRequest {
+            targets: vec!["w".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    // The snapshot first.
+    let first = stream.message().await.expect("ok").expect("snapshot");
+    assert!(matches!(first.kind, Some(proto::event::Kind::Snapshot(_))));
+    let mut a = servers[0].resilience().await;
+    let p = a.can_proceed(can("w")).await.expect("ok").into_inner();
+    let opened_at = Instant::now();
+    a.record_outcome(outcome("w", &p.permit, 503))
+        .await
+        .expect("ok");
+    let e = tokio::time::timeout(Duration::from_secs(1), stream.message())
+        .await
+        .expect("within a second")
+        .expect("ok")
+        .expect("an event");
+    let Some(proto::event::Kind::BreakerTransition(t)) = e.kind else {
+        panic!("expected a transition, got {e:?}");
+    };
+    assert_eq!(t.to(), proto::BreakerState::Open);
+    assert_eq!(e.target, "w");
+    assert!(e.seq > first.seq, "ordered after the snapshot");
+    assert!(opened_at.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_killed_holding_a_probe_lease_does_not_wedge_half_open() {
+    let redis = Redis::start();
+    let config = "[targets.k]\nbreaker = { failure_threshold = 1, open_duration = \"500ms\", probe_lease = \"1500ms\", jitter = 0.0 }\n";
+    let mut servers = replicas(config, &redis.url(), 2).await;
+    let mut c = clients(&servers).await;
+    let p = c[0].can_proceed(can("k")).await.expect("ok").into_inner();
+    c[0].record_outcome(outcome("k", &p.permit, 503))
+        .await
+        .expect("ok");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let probe = c[0].can_proceed(can("k")).await.expect("ok").into_inner();
+    assert!(probe.allowed, "A holds the probe");
+    servers[0].kill9();
+    let refused = c[1].can_proceed(can("k")).await.expect("ok").into_inner();
+    assert_eq!(refused.reason(), proto::Reason::ProbeLimit);
+    // The lease runs out: B gets a probe of its own.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = c[1].can_proceed(can("k")).await.expect("ok").into_inner();
+        if r.allowed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never re-admitted a probe: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_redis_degrades_fast_and_state_merges_back() {
+    let redis = Redis::start();
+    let config = "[cluster]\nredis_url = \"redis://unused\"\nredis_timeout = \"50ms\"\n[targets.f]\nbreaker = { failure_threshold = 2, open_duration = \"60s\" }\n";
+    // --redis overrides the URL above with the test's Redis.
+    let servers = replicas(config, &redis.url(), 3).await;
+    let mut c = clients(&servers).await;
+    redis.signal("STOP");
+    // Every replica keeps answering, quickly, flagged degraded.
+    for (i, ci) in c.iter_mut().enumerate() {
+        for _ in 0..5 {
+            let t = Instant::now();
+            let r = ci
+                .can_proceed(can("f"))
+                .await
+                .expect("answered")
+                .into_inner();
+            assert!(
+                t.elapsed() < Duration::from_millis(300),
+                "replica {i} took {:?}",
+                t.elapsed()
+            );
+            assert!(r.degraded, "replica {i} answered without Redis: degraded");
+        }
+    }
+    // While frozen, replica A sees the provider fail and opens its breaker alone.
+    for _ in 0..2 {
+        let p = c[0].can_proceed(can("f")).await.expect("ok").into_inner();
+        let o = c[0]
+            .record_outcome(outcome("f", &p.permit, 503))
+            .await
+            .expect("ok")
+            .into_inner();
+        assert!(o.degraded);
+    }
+    let r = c[0].can_proceed(can("f")).await.expect("ok").into_inner();
+    assert_eq!(r.reason(), proto::Reason::CircuitOpen);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.signal("CONT");
+    for s in &servers {
+        s.wait_cluster_ready().await;
+    }
+    // A's outage was merged back: B, which never saw it, refuses too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = c[1].can_proceed(can("f")).await.expect("ok").into_inner();
+        if !r.allowed && !r.degraded {
+            assert_eq!(r.reason(), proto::Reason::CircuitOpen);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never merged back: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_with_aof_keeps_outages_pauses_and_disabled_keys() {
+    let mut redis = Redis::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ]);
+    let config = "[targets.o]\nbreaker = { failure_threshold = 1, open_duration = \"10m\" }\n[targets.p]\n[targets.k]\nkeys = [\"k1\", \"k2\"]\n";
+    let servers = replicas(config, &redis.url(), 2).await;
+    let mut c = clients(&servers).await;
+    let p = c[0].can_proceed(can("o")).await.expect("ok").into_inner();
+    c[0].record_outcome(outcome("o", &p.permit, 503))
+        .await
+        .expect("ok");
+    let p = c[0].can_proceed(can("p")).await.expect("ok").into_inner();
+    let mut pause = outcome("p", &p.permit, 429);
+    pause.headers.insert("retry-after".into(), "600".into());
+    c[0].record_outcome(pause).await.expect("ok");
+    let k1 = common::permit(&mut c[0], "k", Some("k1")).await;
+    c[0].record_outcome(outcome("k", &k1, 401))
+        .await
+        .expect("ok");
+    redis.restart();
+    for s in &servers {
+        s.wait_cluster_ready().await;
+    }
+    let o = status(&servers[1], "o").await;
+    assert_eq!(o.state(), proto::BreakerState::Open, "the outage survived");
+    let p = status(&servers[1], "p").await;
+    assert!(p.key_slots[0].paused_until.is_some(), "the pause survived");
+    let k = status(&servers[1], "k").await;
+    assert!(
+        k.key_slots.iter().any(|s| s.name == "k1" && s.disabled),
+        "k1 is still disabled"
+    );
+}
+
+/// A local three-primary Redis Cluster.
+struct RedisCluster {
+    nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let nodes: Vec<Redis> = (0..3)
+            .map(|_| {
+                Redis::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Wait until every node agrees the cluster is up.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !nodes
+            .iter()
+            .all(|n| n.cli(&["cluster", "info"]).contains("cluster_state:ok"))
+        {
+            assert!(Instant::now() < deadline, "the Redis Cluster never came up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        RedisCluster { nodes }
+    }
+
+    fn config(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("\"127.0.0.1:{}\"", n.port))
+            .collect();
+        format!("[cluster]\nredis_cluster_nodes = [{}]\n", nodes.join(", "))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_on_a_redis_cluster() {
+    let rc = RedisCluster::start();
+    let config = format!("{}{SHARED}", rc.config());
+    let dir = TempDir::new("rc");
+    let _ = dir;
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        let s = Server::start(&config, &[]);
+        s.wait_cluster_ready().await;
+        servers.push(s);
+    }
+    breaker_is_shared(&servers).await;
+    probes_are_limited_fleet_wide(&servers).await;
+    budget_is_shared(&servers).await;
+}
