@@ -213,7 +213,13 @@ pub struct Engine {
     /// Event subscribers and the shared snapshot (see watch.rs).
     hub: watch::Hub,
     queue: queue::DeferredQueue,
+    /// Where the jitter of advised backoffs comes from (uniform in [0, 1)):
+    /// the thread RNG, or a fixed sequence in tests that compare engines.
+    rng: Rng01,
 }
+
+/// A source of uniform numbers in [0, 1) (see [`Engine::with_rng`]).
+pub type Rng01 = Arc<dyn Fn() -> f64 + Send + Sync>;
 
 /// What startup restored from the store.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -449,7 +455,16 @@ impl Engine {
             backend,
             clock,
             config,
+            rng: Arc::new(rand::random::<f64>),
         }
+    }
+
+    /// Replaces the jitter source: two engines given the same sequence (and
+    /// the same clock) make identical decisions, which is what the
+    /// differential test between the embedded and Redis backends relies on.
+    pub fn with_rng(mut self, rng: Rng01) -> Engine {
+        self.rng = rng;
+        self
     }
 
     pub fn config(&self) -> &Arc<Config> {
@@ -683,9 +698,7 @@ impl Engine {
             attempt: report.attempt,
             caller: report.caller,
         };
-        self.backend
-            .record(target, args, rand::random::<f64>())
-            .await
+        self.backend.record(target, args, (self.rng)()).await
     }
 
     /// Picks the first admissible candidate of a route and admits it.

@@ -581,7 +581,7 @@ requests_per_minute = 100
                     out.push(Out::Other(events(&fx)));
                 }
                 Op::Reset => {
-                    operate::reset(cx, st, &mut groups, &mut fx);
+                    operate::reset(cx, st, &mut groups, *now, &mut fx);
                     out.push(Out::Other(events(&fx)));
                 }
             }

@@ -58,9 +58,18 @@ pub fn force(
 /// Back to a fresh closed breaker with no pauses, disabled keys or counters,
 /// and full budgets: the target's and its groups' (a group in debt would
 /// keep refusing it, and the operator asked for it to admit again).
-/// Concurrency leases stay: those calls are still in flight.
-pub fn reset(cx: &UnitCx<'_>, st: &mut TargetState, groups: &mut [GroupRef<'_>], fx: &mut Effects) {
+/// Concurrency leases stay: those calls are still in flight. What time did
+/// is applied first (as for `force`), so the generation a reset leaves does
+/// not depend on whether someone happened to look at the target before.
+pub fn reset(
+    cx: &UnitCx<'_>,
+    st: &mut TargetState,
+    groups: &mut [GroupRef<'_>],
+    now: Time,
+    fx: &mut Effects,
+) {
     let mut bev = Vec::new();
+    st.breaker.tick(now, &cx.settings.breaker, &mut bev);
     st.breaker.reset(&mut bev);
     for s in st.slots.iter_mut() {
         s.paused_until = Time::ZERO;

@@ -283,6 +283,7 @@ pub fn record(
 pub fn duplicate_answer(
     cx: &UnitCx<'_>,
     st: &TargetState,
+    now: Time,
     class: OutcomeClass,
     attempt: u32,
     first: Option<SettledAnswer>,
@@ -294,9 +295,14 @@ pub fn duplicate_answer(
             (class, advice)
         }
     };
+    // The state as of now, without changing anything (a duplicate is a
+    // read): an open period that has ended shows as half-open whether or
+    // not anything has applied it yet.
+    let mut breaker = st.breaker.clone();
+    breaker.tick(now, &cx.settings.breaker, &mut Vec::new());
     OutcomeResult {
         classified_as,
-        state: st.breaker.state(),
+        state: breaker.state(),
         advice,
         stale: false,
         duplicate: true,

@@ -76,7 +76,7 @@ pub(crate) struct Meta {
     pub tag: Arc<str>,
     pub metrics: Arc<TargetMetrics>,
     /// A refusal that holds until then: answered without Redis.
-    refusal: Mutex<Option<(Time, Admission)>>,
+    refusal: Mutex<Option<CachedRefusal>>,
     /// Refusals answered from the cache since the last flush (counted into
     /// the target's shared `refused` by the flusher).
     pub(crate) refused_delta: AtomicU64,
@@ -109,6 +109,14 @@ enum Op {
         reason: String,
     },
     Reset,
+    /// A report of a permit Redis says was settled already: answered as a
+    /// duplicate on the current state (`first` is the first report's answer,
+    /// if still remembered), changing nothing.
+    Duplicate {
+        class: OutcomeClass,
+        attempt: u32,
+        first: Option<SettledAnswer>,
+    },
     /// Merge what this replica decided while degraded back into the shared state.
     Merge {
         target: codec::TargetRecord,
@@ -269,6 +277,8 @@ pub(crate) struct Inner {
     /// merged back; transitions take `transition`.
     pub(crate) degraded: AtomicBool,
     transition: tokio::sync::Mutex<()>,
+    /// Refusals are cached until their retry_after (on by default).
+    refusal_cache: AtomicBool,
     pub(crate) replica_id: String,
     pub(crate) address: RwLock<String>,
     pub(crate) digest: String,
@@ -331,6 +341,7 @@ impl RedisBackend {
                 degraded_targets: Mutex::new(HashSet::new()),
                 degraded: AtomicBool::new(false),
                 transition: tokio::sync::Mutex::new(()),
+                refusal_cache: AtomicBool::new(true),
                 replica_id,
                 address: RwLock::new(String::new()),
                 digest,
@@ -355,6 +366,24 @@ impl RedisBackend {
         tokio::spawn(async move { inner.supervise().await });
         let inner = self.inner.clone();
         tokio::spawn(async move { stream::read(inner).await });
+    }
+
+    /// Connects now and waits for it (tests and tools; `start` does this in
+    /// the background for a server).
+    pub async fn connect(&self) -> std::result::Result<(), String> {
+        self.inner
+            .link
+            .probe()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Turns the refusal cache off (the differential test compares every
+    /// answer with the embedded backend's, including exact retry_after).
+    pub fn without_refusal_cache(self) -> Self {
+        self.inner.refusal_cache.store(false, Ordering::Relaxed);
+        self
     }
 
     pub fn sign(&self, target: &str, p: &unit::Permit) -> String {
@@ -410,7 +439,10 @@ impl RedisBackend {
         let inner = &self.inner;
         let meta = inner.meta(target)?;
         let now = inner.clock.now();
-        if let Some(a) = meta.cached_refusal(now) {
+        if inner.refusal_cache.load(Ordering::Relaxed)
+            && let Some(a) = meta.cached_refusal(now, args)
+        {
+            inner.metrics.refusal_cache_hit();
             meta.refused_delta.fetch_add(1, Ordering::Relaxed);
             meta.metrics
                 .decision(a.shadow_reason.unwrap_or(a.reason), args.attempt);
@@ -437,6 +469,9 @@ impl RedisBackend {
     ) -> Result<OutcomeResult> {
         let inner = &self.inner;
         let meta = inner.meta(target)?;
+        // What this outcome does may make a cached refusal wrong (a longer
+        // pause, a refund): this replica asks Redis again next time.
+        meta.forget_refusal();
         let owned = OwnedOutcome::from(&args);
         match inner
             .submit(
@@ -466,6 +501,9 @@ impl RedisBackend {
 
     pub async fn reset(&self, target: &str) -> Result<TargetView> {
         let meta = self.inner.existing(target).await?;
+        // A reset zeroes the counters: refusals this replica answered from
+        // its cache and has not yet flushed go too.
+        meta.refused_delta.store(0, Ordering::Relaxed);
         self.inner.operate(meta, Op::Reset).await
     }
 
@@ -671,13 +709,34 @@ impl OwnedOutcome {
     }
 }
 
+/// A refusal remembered until it runs out, and which requests it answers.
+struct CachedRefusal {
+    until: Time,
+    answer: Admission,
+    /// `None`: the breaker refused, whatever was asked (it is checked
+    /// first). `Some(tokens)`: a budget or key-slot refusal, which depends on
+    /// the request's size and, for retries, on the retry budget checked
+    /// before it; it answers only first attempts of exactly this size.
+    only_for: Option<u64>,
+}
+
 impl Meta {
-    fn cached_refusal(&self, now: Time) -> Option<Admission> {
+    fn cached_refusal(&self, now: Time, args: &AdmitArgs<'_>) -> Option<Admission> {
         let mut r = self.refusal.lock().unwrap_or_else(|e| e.into_inner());
         match &*r {
-            Some((until, a)) if *until > now => {
+            Some(CachedRefusal {
+                until,
+                answer: a,
+                only_for,
+            }) if *until > now => {
+                if only_for.is_some_and(|t| t != args.estimated_tokens || args.attempt > 0) {
+                    return None;
+                }
                 let mut a = a.clone();
-                a.retry_after = Some(now.until(*until));
+                // A refusal without a retry_after (forced open) keeps none.
+                if a.retry_after.is_some() {
+                    a.retry_after = Some(now.until(*until));
+                }
                 Some(a)
             }
             Some(_) => {
@@ -688,18 +747,20 @@ impl Meta {
         }
     }
 
-    fn remember_refusal(&self, now: Time, a: &Admission) {
-        let cacheable = matches!(
-            a.reason,
-            Reason::CircuitOpen
-                | Reason::ForcedOpen
-                | Reason::RateLimited
-                | Reason::KeySlotsUnavailable
-        );
-        if !a.allowed && cacheable {
+    fn remember_refusal(&self, now: Time, a: &Admission, args: Option<(u64, u32)>) {
+        let only_for = match (a.reason, args) {
+            (Reason::CircuitOpen | Reason::ForcedOpen, _) => None,
+            (Reason::RateLimited | Reason::KeySlotsUnavailable, Some((tokens, 0))) => Some(tokens),
+            _ => return,
+        };
+        if !a.allowed {
             // A forced-open breaker has no end: re-checked every second.
             let for_ = a.retry_after.unwrap_or(Duration::from_secs(1));
-            *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some((now + for_, a.clone()));
+            *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(CachedRefusal {
+                until: now + for_,
+                answer: a.clone(),
+                only_for,
+            });
         }
     }
 
@@ -1055,6 +1116,13 @@ impl Inner {
                             }
                             Answer::Outcome(r)
                         }
+                        Op::Duplicate {
+                            class,
+                            attempt,
+                            first,
+                        } => Answer::Outcome(unit::duplicate_answer(
+                            &cx, st, now, *class, *attempt, *first,
+                        )),
                         Op::Force { mode, reason } => {
                             operate::force(&cx, st, now, *mode, reason, &mut fx);
                             Answer::View(unit::view::view(
@@ -1067,7 +1135,7 @@ impl Inner {
                             ))
                         }
                         Op::Reset => {
-                            operate::reset(&cx, st, &mut refs, &mut fx);
+                            operate::reset(&cx, st, &mut refs, now, &mut fx);
                             Answer::View(unit::view::view(
                                 &cx,
                                 &meta.name,
@@ -1188,37 +1256,22 @@ impl Inner {
                     }
                 }
                 Ok(Committed::Duplicates(dups)) => {
-                    // Those permits were settled already: answer them as
-                    // duplicates and decide the rest again on fresh state.
-                    let dup_jobs: Vec<usize> = dups.iter().map(|(k, _)| settled[*k].0).collect();
-                    let mut first: HashMap<usize, Vec<u8>> = HashMap::new();
+                    // Those permits were settled already: they become
+                    // duplicates (answered on the current state, like the
+                    // embedded backend does), and the batch is decided again
+                    // on fresh state.
                     for (k, a) in dups {
-                        first.insert(settled[k].0, a);
+                        let job = &mut jobs[settled[k].0];
+                        if let Op::Record { args, .. } = &job.op {
+                            job.op = Op::Duplicate {
+                                class: args.args.class,
+                                attempt: args.args.attempt,
+                                first: decode_answer(&a),
+                            };
+                        }
                     }
                     cache.targets.clear();
                     cache.groups.clear();
-                    let mut rest = Vec::new();
-                    for (ji, job) in jobs.into_iter().enumerate() {
-                        if dup_jobs.contains(&ji) {
-                            let a = first.get(&ji).and_then(|b| decode_answer(b));
-                            let (class, attempt) = match &job.op {
-                                Op::Record { args, .. } => (args.args.class, args.args.attempt),
-                                _ => (OutcomeClass::Success, 0),
-                            };
-                            let st =
-                                TargetState::new(job.meta.seed, job.meta.settings.keys.len(), 1);
-                            let mut r =
-                                unit::duplicate_answer(&job.meta.cx(), &st, class, attempt, a);
-                            r.state = BreakerState::Closed;
-                            let _ = job.reply.send(Ok(Answer::Outcome(r)));
-                        } else {
-                            rest.push(job);
-                        }
-                    }
-                    if rest.is_empty() {
-                        return;
-                    }
-                    jobs = rest;
                 }
                 Err(e) => {
                     // The cached state holds decisions that were not
@@ -1414,6 +1467,9 @@ impl Inner {
     async fn read_view(&self, meta: &Meta) -> Result<TargetView> {
         let (mut st, mut groups) = self.read_state(meta).await?;
         let now = self.clock.now();
+        // What time did (an open period ended, probe leases ran out), on
+        // this copy: the next decision applies and commits it.
+        operate::tick(&meta.cx(), &mut st, now, &mut Effects::default());
         let mut refs: Vec<GroupRef<'_>> = meta
             .settings
             .groups
@@ -1529,7 +1585,15 @@ fn deliver(jobs: Vec<Job>, answers: Vec<Answer>, now: Time) {
     for (job, answer) in jobs.into_iter().zip(answers) {
         match &answer {
             Answer::Admission(a) => {
-                job.meta.remember_refusal(now, a);
+                let asked = match &job.op {
+                    Op::Admit {
+                        estimated_tokens,
+                        attempt,
+                        ..
+                    } => Some((*estimated_tokens, *attempt)),
+                    _ => None,
+                };
+                job.meta.remember_refusal(now, a, asked);
                 job.meta.metrics.decision(
                     a.shadow_reason.unwrap_or(a.reason),
                     match &job.op {

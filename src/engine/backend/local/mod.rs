@@ -428,6 +428,7 @@ impl LocalBackend {
                         duplicate = Some(unit::duplicate_answer(
                             &t.cx(),
                             &l.st,
+                            now,
                             args.class,
                             args.attempt,
                             first,
@@ -486,7 +487,7 @@ impl LocalBackend {
         let pending = {
             let mut l = t.lock();
             let now = self.clock.now();
-            self.with_groups(&t, |g| operate::reset(&t.cx(), &mut l.st, g, &mut fx));
+            self.with_groups(&t, |g| operate::reset(&t.cx(), &mut l.st, g, now, &mut fx));
             self.finish(now, &t, &l, &mut fx)
         };
         Self::durable(pending).await?;
