@@ -63,8 +63,8 @@ _URI_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock
 
 def _is_uri(address: str) -> bool:
     scheme, sep, rest = address.partition(":")
-    # "dns:50051" is the host "dns" on port 50051, not a URI.
-    return bool(sep) and scheme.lower() in _URI_SCHEMES and not rest.isdigit()
+    # "dns:50051" (or "dns:50051,b:50051") is the host "dns" on port 50051, not a URI.
+    return bool(sep) and scheme.lower() in _URI_SCHEMES and not rest.split(",", 1)[0].strip().isdigit()
 
 
 def parse_addresses(address: AddressArg) -> Tuple[str, ...]:
@@ -248,7 +248,10 @@ class ReplicaSet(Generic[C]):
     def __init__(self, targets: Sequence[str], connect: Callable[[str, bool], C]) -> None:
         self.replicas: List[Replica[C]] = [Replica(t, connect) for t in targets]
         self._lock = threading.Lock()
-        self._turn = 0
+        # One turn per method: with a single shared turn, an agent's steady
+        # CanProceed, RecordOutcome, CanProceed... would send every CanProceed
+        # to the same replica of two.
+        self._turns: Dict[str, int] = {}
         self._sticky = 0
 
     @property
@@ -263,14 +266,14 @@ class ReplicaSet(Generic[C]):
         ring = self.replicas[start:] + self.replicas[:start]
         return [r for r in ring if not r.down] + [r for r in ring if r.down]
 
-    def balanced(self) -> List[Replica[C]]:
+    def balanced(self, method: str) -> List[Replica[C]]:
         """Replicas to try for a decision or admin call, in order: the ones up,
-        starting with the next in turn, then the ones marked down."""
+        starting with the next in ``method``'s turn, then the ones marked down."""
         if not self.multiple:
             return list(self.replicas)
         with self._lock:
-            start = self._turn
-            self._turn = (start + 1) % len(self.replicas)
+            start = self._turns.get(method, 0)
+            self._turns[method] = (start + 1) % len(self.replicas)
         return self._up_first(start)
 
     def sticky(self) -> List[Replica[C]]:

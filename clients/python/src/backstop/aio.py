@@ -130,7 +130,7 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         """See :meth:`backstop.Backstop._unary`: replica after replica until one answers."""
         queue = rpc.service == "deferred"
         last: Optional[ControlPlaneUnavailable] = None
-        for replica in self._replicas.sticky() if queue else self._replicas.balanced():
+        for replica in self._replicas.sticky() if queue else self._replicas.balanced(rpc.method):
             stubs = replica.queue_stubs() if queue else replica.stubs
             method = getattr(getattr(stubs, rpc.service), rpc.method)
             try:

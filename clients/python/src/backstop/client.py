@@ -121,7 +121,7 @@ class Backstop(Requests[OutcomeResult]):
         answer moves on to the next replica, and the last one's is raised."""
         queue = rpc.service == "deferred"
         last: Optional[ControlPlaneUnavailable] = None
-        for replica in self._replicas.sticky() if queue else self._replicas.balanced():
+        for replica in self._replicas.sticky() if queue else self._replicas.balanced(rpc.method):
             stubs = replica.queue_stubs() if queue else replica.stubs
             method = getattr(getattr(stubs, rpc.service), rpc.method)
             try:
