@@ -620,6 +620,8 @@ def test_the_server_serves_what_the_probes_ask(launch: Launch, redis: RedisServe
             if p.kind == "script":
                 out = run_script(live.http_port, p.path)
                 assert out.returncode == 0, f"{p.where}: the health check failed on a serving server: {out.stderr}"
+                # Any answer but a 200 is unhealthy (a 503 from a draining server, a 404 here).
+                assert run_script(live.http_port, "/no-such-probe-path").returncode != 0, f"{p.where}: passes on a 404"
         if "cluster" in launch.config():
             status = live.cluster()
             assert status.mode == "cluster" and status.redis_reachable, status
@@ -822,17 +824,20 @@ def labels_select(selector: Dict[str, str], labels: Dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def test_k8s_deployment() -> None:
+def test_k8s_deployment(k8s_config_dir: Path) -> None:
     dep = backstop_deployment()
     spec = dep["spec"]
     assert spec["replicas"] == 3
     pod_labels = spec["template"]["metadata"]["labels"]
     assert labels_select(spec["selector"]["matchLabels"], pod_labels)
     c = container(dep, "backstop")
-    launch = k8s_launch(Path(tempfile.mkdtemp(prefix="backstop-deploy-")))
+    launch = k8s_launch(k8s_config_dir)
     server = check_config(launch.config_source, "ConfigMap backstop-config")["server"]
     assert container_port(c, "grpc") == host_port(server["listen"])[1]
     assert container_port(c, "http") == host_port(server["http"])[1]
+    scrape = spec["template"]["metadata"].get("annotations", {})
+    if "prometheus.io/port" in scrape:
+        assert int(scrape["prometheus.io/port"]) == host_port(server["http"])[1], "Prometheus would scrape the wrong port"
     kinds = {p.where.rsplit(" ", 1)[1]: p for p in launch.probes}
     ready, live = kinds.get("readinessProbe"), kinds.get("livenessProbe")
     assert ready and (ready.kind == "grpc" or ready.path == "/readyz"), "readiness: gRPC health or /readyz"
@@ -842,10 +847,8 @@ def test_k8s_deployment() -> None:
     # The image's user, enforced.
     sc = spec["template"]["spec"]["securityContext"]
     assert sc["runAsNonRoot"] is True and str(sc["runAsUser"]) == DOCKER.one("USER").rest.split(":")[0]
-    # A read-only root needs the data directory mounted writable.
-    data_dir = tomllib.loads((DOCKER.source_of(config_flag(DOCKER.one("CMD").exec_form()) or "")).read_text())[
-        "server"
-    ]["data_dir"]
+    # A read-only root needs the image's data directory mounted writable.
+    data_dir = docker_launch().config()["server"]["data_dir"]
     if c.get("securityContext", {}).get("readOnlyRootFilesystem"):
         assert any(m["mountPath"] == data_dir for m in c["volumeMounts"]), f"mount a volume at {data_dir}"
 
@@ -874,8 +877,8 @@ def test_k8s_services_and_pdb_select_the_pods() -> None:
         assert int(pdb["maxUnavailable"]) >= 1
 
 
-def test_k8s_redis() -> None:
-    launch = k8s_launch(Path(tempfile.mkdtemp(prefix="backstop-deploy-")))
+def test_k8s_redis(k8s_config_dir: Path) -> None:
+    launch = k8s_launch(k8s_config_dir)
     url = launch.config()["cluster"]["redis_url"]
     m = re.fullmatch(r"redis://([^:/]+)(?::(\d+))?(/\d+)?", url)
     assert m, url
