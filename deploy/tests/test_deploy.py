@@ -273,7 +273,7 @@ def docker_launch() -> Launch:
     assert entry == ["backstop"], f"deploy/Dockerfile: ENTRYPOINT should be the backstop binary, is {entry}"
     path = config_flag(cmd)
     assert path, "deploy/Dockerfile: CMD passes no --config"
-    opts, words = DOCKER.one("HEALTHCHECK").split()
+    _, words = DOCKER.one("HEALTHCHECK").split()
     assert words[0] == "CMD", "deploy/Dockerfile: HEALTHCHECK should be CMD [...] (exec form)"
     hc = json.loads(DOCKER.one("HEALTHCHECK").rest.split("CMD", 1)[1])
     return Launch(
