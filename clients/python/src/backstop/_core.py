@@ -22,6 +22,7 @@ from ._local import LOCAL_PERMIT_PREFIX, LocalEngine, LocalPolicy, RouteMemory
 from ._plan import CallSpec, defer_message, encode_payload, metadata_dict
 from ._proto import admin_pb2, deferred_pb2
 from ._reconcile import DEFAULT_LIMIT, Reconciler
+from ._transport import AddressArg, parse_addresses
 from .structured import Structured
 from .types import (
     Admission,
@@ -58,7 +59,12 @@ R = TypeVar("R")
 class Core:
     """Settings and fail-safe state of one client (the constructor of both clients).
 
-    :param address: ``host:port`` of the Backstop gRPC listener.
+    :param address: ``host:port`` of the Backstop gRPC listener; or several
+        replicas of a cluster, as a list or a comma-separated string
+        (``"backstop-1:50051,backstop-2:50051"``); or one name that resolves
+        to several servers (``"dns:///backstop-headless.ns.svc:50051"``).
+        Decisions are balanced over the replicas and fail over between them;
+        the local fail-safe takes over only when none answers.
     :param timeout: deadline of each decision call (CanProceed, RecordOutcome,
         Route), 50 ms by default: a control plane that cannot answer that fast
         is treated as down rather than slowing every agent call.
@@ -84,7 +90,7 @@ class Core:
 
     def __init__(
         self,
-        address: str = "127.0.0.1:50051",
+        address: AddressArg = "127.0.0.1:50051",
         *,
         timeout: float = 0.05,
         caller: Optional[str] = None,
@@ -103,7 +109,10 @@ class Core:
             raise ValueError(f"policy must be {FAIL_OPEN!r} or {FAIL_CLOSED!r}, got {policy!r}")
         if timeout <= 0:
             raise ValueError("timeout must be positive")
-        self.address = address
+        #: The replicas' addresses, in the order given.
+        self.addresses = parse_addresses(address)
+        #: As given (a list is shown comma-separated), for messages.
+        self.address = address if isinstance(address, str) else ",".join(self.addresses)
         self.timeout = float(timeout)
         self.caller = caller if caller is not None else default_caller()
         self.policy = policy

@@ -39,14 +39,16 @@ from ._plan import (
     call_plan,
 )
 from ._transport import (
-    HEALTH_METHOD,
     OUTAGE_CODES,
     SERVING,
+    Replica,
+    ReplicaSet,
     Stubs,
     aio_channel,
     health_request,
     health_serving,
     rpc_error,
+    target_options,
 )
 from .errors import BackstopError, ControlPlaneError, ControlPlaneUnavailable
 from .guard import AsyncGuard
@@ -71,33 +73,38 @@ T = TypeVar("T")
 
 
 class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
-    """asyncio Backstop client; same parameters as :class:`backstop.Backstop`.
+    """asyncio Backstop client; same parameters as :class:`backstop.Backstop`
+    (including several replicas' addresses).
 
-    The channel is created on first use, inside the running event loop; use
+    The channels are created on first use, inside the running event loop; use
     one client per event loop.
     """
 
     def _setup(self) -> None:
-        self._channel: Optional[grpc.aio.Channel] = None
-        self._stubs: Optional[Stubs] = None
-        self._health: Any = None
+        self._replica_set: Optional[ReplicaSet[grpc.aio.Channel]] = None
         self._connect_lock: Optional[asyncio.Lock] = None
         self._prober: Optional[asyncio.Task[None]] = None
         self._flushers: Set[asyncio.Task[None]] = set()
 
+    def _connect(self, target: str, sticky: bool) -> grpc.aio.Channel:
+        return aio_channel(target, self.credentials, target_options(target, self.channel_options, sticky=sticky))
+
+    @property
+    def _replicas(self) -> ReplicaSet[grpc.aio.Channel]:
+        """The replicas and their channels (created on first use, in the running loop)."""
+        if self._replica_set is None:
+            self._replica_set = ReplicaSet(self.addresses, self._connect)
+        return self._replica_set
+
     @property
     def stubs(self) -> Stubs:
-        """The generated grpc.aio stubs (created on first use)."""
-        if self._stubs is None:
-            self._channel = aio_channel(self.address, self.credentials, self.channel_options)
-            self._stubs = Stubs(self._channel)
-            self._health = self._channel.unary_unary(HEALTH_METHOD)
-        return self._stubs
+        """The generated grpc.aio stubs, on the first address's channel (created on first use)."""
+        return self._replicas.first.stubs
 
     # --- lifecycle -------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stops the recovery probe and closes the channel."""
+        """Stops the recovery probe and closes the channels."""
         with self._mode_lock:
             self._closed = True
         for task in [self._prober, *self._flushers]:
@@ -107,8 +114,9 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
                     await task
                 except asyncio.CancelledError:
                     pass
-        if self._channel is not None:
-            await self._channel.close()
+        if self._replica_set is not None:
+            for channel in self._replica_set.channels():
+                await channel.close()
 
     async def __aenter__(self) -> AsyncBackstop:
         return self
@@ -119,12 +127,34 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
     # --- transport -------------------------------------------------------------------
 
     async def _unary(self, rpc: Rpc) -> Any:
-        method = getattr(getattr(self.stubs, rpc.service), rpc.method)
-        try:
-            response = await method(rpc.request, timeout=rpc.timeout, metadata=self._metadata(rpc))
-        except grpc.RpcError as e:
-            raise rpc_error(rpc.method, e) from e
-        return rpc.convert(response)
+        """See :meth:`backstop.Backstop._unary`: replica after replica until one answers."""
+        queue = rpc.service == "deferred"
+        last: Optional[ControlPlaneUnavailable] = None
+        for replica in self._replicas.sticky() if queue else self._replicas.balanced(rpc.method):
+            stubs = replica.queue_stubs() if queue else replica.stubs
+            method = getattr(getattr(stubs, rpc.service), rpc.method)
+            try:
+                response = await method(rpc.request, timeout=rpc.timeout, metadata=self._metadata(rpc))
+            except grpc.RpcError as e:
+                err = rpc_error(rpc.method, e)
+                # A queue call that ran out of time may have been carried out.
+                if not isinstance(err, ControlPlaneUnavailable) or (
+                    queue and err.code != grpc.StatusCode.UNAVAILABLE
+                ):
+                    self._replicas.succeeded(replica, queue=queue)
+                    raise err from e
+                err.__cause__ = e
+                last = err
+                self._replica_failed(replica, err)
+                continue
+            self._replicas.succeeded(replica, queue=queue)
+            return rpc.convert(response)
+        assert last is not None
+        raise last
+
+    def _replica_failed(self, replica: Replica[grpc.aio.Channel], err: Any) -> None:
+        self._replicas.failed(replica, err)
+        self._ensure_prober()  # health-checks the replicas marked down
 
     async def _use_remote(self) -> bool:
         if not self._remote:
@@ -135,41 +165,44 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
             async with self._connect_lock:
                 if not self._connected_once:
                     self._connected_once = True
-                    _ = self.stubs
-                    assert self._channel is not None
-                    try:
-                        await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout)
-                    except asyncio.TimeoutError:
+                    if not await self._wait_connected():
                         self._outage("connect", f"not connected within {self.connect_timeout}s")
         return self._remote
+
+    async def _wait_connected(self) -> bool:
+        """Waits up to ``connect_timeout`` for any replica's channel to connect."""
+        waits = [asyncio.ensure_future(r.channel.channel_ready()) for r in self._replicas.replicas]
+        done, pending = await asyncio.wait(waits, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+        for w in pending:
+            w.cancel()  # stops waiting; the channels keep connecting on their own
+        await asyncio.gather(*pending, return_exceptions=True)
+        return any(not w.cancelled() and w.exception() is None for w in done)
 
     def _outage(self, method: str, err: Any) -> None:
         if self._went_down(method, err):
             self._ensure_prober()
 
     def _ensure_prober(self) -> None:
-        """Starts the recovery probe task unless it is running (restarted if it ever died)."""
-        if self._closed or self._remote or (self._prober is not None and not self._prober.done()):
+        """Starts the probe task unless it is running (restarted if it ever died),
+        when Backstop is unreachable or a replica is marked down."""
+        if self._closed or (self._prober is not None and not self._prober.done()):
+            return
+        if self._remote and not self._replicas.down():
             return
         self._prober = asyncio.get_running_loop().create_task(self._probe())
 
     async def _probe(self) -> None:
-        """Background recovery: health-checks Backstop until it serves again,
-        reports what the fail-safe decided meanwhile, then switches back."""
+        """See :meth:`backstop.Backstop._probe`: health-checks the replicas marked
+        down (all of them while the fail-safe decides); on the way back from
+        local mode, reports what was decided meanwhile, then switches back."""
         probe_timeout = max(1.0, self.timeout)
         while not self._closed:
             await asyncio.sleep(self.reconnect_interval)
-            try:
-                answer = await self._health(health_request(), timeout=probe_timeout, wait_for_ready=True)
-            except grpc.RpcError as e:
-                if e.code() in OUTAGE_CODES:
-                    log.debug("Backstop still unreachable: %s", e.code())
-                    continue
-                answer = SERVING  # it answered (e.g. no health service): reachable
-            except Exception as e:  # keep probing until closed
-                log.debug("Backstop health probe failed: %r", e)
-                continue
-            if health_serving(answer):
+            local = not self._remote
+            candidates = self._replicas.replicas if local else self._replicas.down()
+            if not candidates:
+                return  # one event loop: nothing can mark a replica down between this check and the return
+            if await self._health_check(candidates, probe_timeout) and local:
                 # The outage's outcomes go first (see Backstop._probe).
                 outage = await self._flush_pending()
                 if outage is not None:
@@ -177,7 +210,29 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
                     continue
                 self._came_back()
                 self._kick_reconcile()  # outcomes recorded while the flush ran
-                return
+
+    async def _health_check(self, replicas: List[Replica[grpc.aio.Channel]], timeout: float) -> bool:
+        """Health-checks ``replicas`` at once; marks the serving ones up. True if any serves."""
+
+        async def check(r: Replica[grpc.aio.Channel]) -> bool:
+            try:
+                answer = await r.health(health_request(), timeout=timeout, wait_for_ready=True)
+            except grpc.RpcError as e:
+                if e.code() in OUTAGE_CODES:
+                    log.debug("Backstop at %s still unreachable: %s", r.target, e.code())
+                    return False
+                answer = SERVING  # it answered (e.g. no health service): reachable
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # keep probing until closed
+                log.debug("Backstop health probe of %s failed: %r", r.target, e)
+                return False
+            if not health_serving(answer):
+                return False
+            self._replicas.succeeded(r)
+            return True
+
+        return any(await asyncio.gather(*(check(r) for r in replicas)))
 
     # --- reconciliation ----------------------------------------------------------------
 

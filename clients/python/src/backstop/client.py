@@ -34,14 +34,15 @@ from ._plan import (
     call_plan,
 )
 from ._transport import (
-    HEALTH_METHOD,
     OUTAGE_CODES,
     SERVING,
-    Stubs,
+    Replica,
+    ReplicaSet,
     health_request,
     health_serving,
     rpc_error,
     sync_channel,
+    target_options,
 )
 from .errors import BackstopError, ControlPlaneError, ControlPlaneUnavailable
 from .guard import Guard
@@ -68,6 +69,11 @@ T = TypeVar("T")
 class Backstop(Requests[OutcomeResult]):
     """Blocking Backstop client. Thread-safe; create one per process and share it.
 
+    ``address`` is one ``host:port``, or the replicas of a cluster (a list, a
+    comma-separated string, or a name with several addresses such as
+    ``dns:///backstop-headless:50051``): decisions are balanced over them and
+    fail over between them before the local fail-safe takes over.
+
     ``Backstop(address="127.0.0.1:50051", *, timeout=0.05, policy="fail_open",
     local_policy=None, local_routes=None, caller=None, admin_token=None,
     queue_timeout=5.0, connect_timeout=1.0, reconnect_interval=0.5,
@@ -76,26 +82,31 @@ class Backstop(Requests[OutcomeResult]):
     """
 
     def _setup(self) -> None:
-        self._channel = sync_channel(self.address, self.credentials, self.channel_options)
-        self.stubs = Stubs(self._channel)
-        self._health = self._channel.unary_unary(HEALTH_METHOD)
+        self._replicas: ReplicaSet[grpc.Channel] = ReplicaSet(self.addresses, self._connect)
+        self._channel = self._replicas.first.channel
+        #: The generated stubs, on the first address's channel.
+        self.stubs = self._replicas.first.stubs
         self._connect_lock = threading.Lock()
         self._prober_lock = threading.Lock()
         self._stopping = threading.Event()
         self._prober: Optional[threading.Thread] = None
         self._flusher: Optional[threading.Thread] = None
 
+    def _connect(self, target: str, sticky: bool) -> grpc.Channel:
+        return sync_channel(target, self.credentials, target_options(target, self.channel_options, sticky=sticky))
+
     # --- lifecycle -------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stops the recovery probe and closes the channel."""
+        """Stops the recovery probe and closes the channels."""
         with self._mode_lock:
             self._closed = True
         self._stopping.set()
         for t in (self._prober, self._flusher):
             if t is not None and t is not threading.current_thread():
                 t.join(timeout=5)
-        self._channel.close()
+        for channel in self._replicas.channels():
+            channel.close()
 
     def __enter__(self) -> Backstop:
         return self
@@ -106,12 +117,36 @@ class Backstop(Requests[OutcomeResult]):
     # --- transport -------------------------------------------------------------------
 
     def _unary(self, rpc: Rpc) -> Any:
-        method = getattr(getattr(self.stubs, rpc.service), rpc.method)
-        try:
-            response = method(rpc.request, timeout=rpc.timeout, metadata=self._metadata(rpc))
-        except grpc.RpcError as e:
-            raise rpc_error(rpc.method, e) from e
-        return rpc.convert(response)
+        """One call, on the replicas in the order the replica set gives; an outage
+        answer moves on to the next replica, and the last one's is raised."""
+        queue = rpc.service == "deferred"
+        last: Optional[ControlPlaneUnavailable] = None
+        for replica in self._replicas.sticky() if queue else self._replicas.balanced(rpc.method):
+            stubs = replica.queue_stubs() if queue else replica.stubs
+            method = getattr(getattr(stubs, rpc.service), rpc.method)
+            try:
+                response = method(rpc.request, timeout=rpc.timeout, metadata=self._metadata(rpc))
+            except grpc.RpcError as e:
+                err = rpc_error(rpc.method, e)
+                # A queue call that ran out of time may have been carried out (a
+                # Defer saved): only a replica that cannot be reached is skipped.
+                if not isinstance(err, ControlPlaneUnavailable) or (
+                    queue and err.code != grpc.StatusCode.UNAVAILABLE
+                ):
+                    self._replicas.succeeded(replica, queue=queue)
+                    raise err from e
+                err.__cause__ = e
+                last = err
+                self._replica_failed(replica, err)
+                continue
+            self._replicas.succeeded(replica, queue=queue)
+            return rpc.convert(response)
+        assert last is not None
+        raise last
+
+    def _replica_failed(self, replica: Replica[grpc.Channel], err: Any) -> None:
+        self._replicas.failed(replica, err)
+        self._ensure_prober()  # health-checks the replicas marked down
 
     def _use_remote(self) -> bool:
         if not self._remote:
@@ -120,42 +155,53 @@ class Backstop(Requests[OutcomeResult]):
             with self._connect_lock:
                 if not self._connected_once:
                     self._connected_once = True
-                    ready = grpc.channel_ready_future(self._channel)
-                    try:
-                        ready.result(timeout=self.connect_timeout)
-                    except grpc.FutureTimeoutError:
-                        ready.cancel()
+                    if not self._wait_connected():
                         self._outage("connect", f"not connected within {self.connect_timeout}s")
         return self._remote
+
+    def _wait_connected(self) -> bool:
+        """Waits up to ``connect_timeout`` for any replica's channel to connect."""
+        ready = threading.Event()
+        futures = [grpc.channel_ready_future(r.channel) for r in self._replicas.replicas]
+        for f in futures:
+            f.add_done_callback(lambda _f: ready.set())
+        connected = ready.wait(self.connect_timeout) and any(f.done() and not f.cancelled() for f in futures)
+        for f in futures:
+            f.cancel()  # stops waiting; the channels keep connecting on their own
+        return connected
 
     def _outage(self, method: str, err: Any) -> None:
         if self._went_down(method, err):
             self._ensure_prober()
 
     def _ensure_prober(self) -> None:
-        """Starts the recovery probe unless it is running (it is restarted if it ever died)."""
+        """Starts the background probe, unless it is running (it is restarted if it
+        ever died), when Backstop is unreachable or a replica is marked down."""
         with self._prober_lock:
-            if self._closed or self._remote or (self._prober is not None and self._prober.is_alive()):
+            if self._closed or (self._prober is not None and self._prober.is_alive()):
+                return
+            if self._remote and not self._replicas.down():
                 return
             self._prober = threading.Thread(target=self._probe, name="backstop-reconnect", daemon=True)
             self._prober.start()
 
     def _probe(self) -> None:
-        """Background recovery: health-checks Backstop until it serves again,
-        reports what the fail-safe decided meanwhile, then switches back."""
+        """Background recovery: health-checks the replicas marked down (every
+        replica while the fail-safe decides) until they serve again; on the
+        way back from local mode, reports what the fail-safe decided meanwhile,
+        then switches back."""
         probe_timeout = max(1.0, self.timeout)
         while not self._stopping.wait(self.reconnect_interval):
-            try:
-                answer = self._health(health_request(), timeout=probe_timeout, wait_for_ready=True)
-            except grpc.RpcError as e:
-                if e.code() in OUTAGE_CODES:
-                    log.debug("Backstop still unreachable: %s", e.code())
-                    continue
-                answer = SERVING  # it answered (e.g. no health service): reachable
-            except Exception as e:  # e.g. the channel was closed under us: keep probing until stopped
-                log.debug("Backstop health probe failed: %r", e)
+            local = not self._remote
+            candidates = self._replicas.replicas if local else self._replicas.down()
+            if not candidates:
+                with self._prober_lock:
+                    # Decided under the lock, so a replica marked down now starts a new probe.
+                    if self._remote and not self._replicas.down():
+                        self._prober = None
+                        return
                 continue
-            if health_serving(answer):
+            if self._health_check(candidates, probe_timeout) and local:
                 # The outage's outcomes go first, so the server sees them in the
                 # order they happened; callers keep deciding locally meanwhile.
                 outage = self._flush_pending()
@@ -164,7 +210,31 @@ class Backstop(Requests[OutcomeResult]):
                     continue
                 self._came_back()
                 self._kick_reconcile()  # outcomes recorded while the flush ran
-                return
+
+    def _health_check(self, replicas: List[Replica[grpc.Channel]], timeout: float) -> bool:
+        """Health-checks ``replicas`` at once; marks the serving ones up. True if any serves."""
+        pending = []
+        for r in replicas:
+            try:
+                pending.append((r, r.health.future(health_request(), timeout=timeout, wait_for_ready=True)))
+            except Exception as e:  # e.g. the channel was closed under us: keep probing until stopped
+                log.debug("Backstop health probe of %s failed: %r", r.target, e)
+        serving = False
+        for r, future in pending:
+            try:
+                answer = future.result()
+            except grpc.RpcError as e:
+                if e.code() in OUTAGE_CODES:
+                    log.debug("Backstop at %s still unreachable: %s", r.target, e.code())
+                    continue
+                answer = SERVING  # it answered (e.g. no health service): reachable
+            except Exception as e:
+                log.debug("Backstop health probe of %s failed: %r", r.target, e)
+                continue
+            if health_serving(answer):
+                self._replicas.succeeded(r)
+                serving = True
+        return serving
 
     # --- reconciliation ----------------------------------------------------------------
 
@@ -409,9 +479,24 @@ class Backstop(Requests[OutcomeResult]):
         return self._unary(self._rpc_claim(queue, max_items, lease, wait, worker))  # type: ignore[no-any-return]
 
     def _claim_future(self, queue: str, max_items: int, lease: Optional[float], wait: float, worker: str) -> Any:
-        """A cancellable Claim, so a worker can stop in the middle of a long poll."""
+        """A cancellable Claim, so a worker can stop in the middle of a long poll.
+        Sent to the queue's replica; if that one turns out to be unreachable, the
+        worker's next Claim goes to the next replica."""
         rpc = self._rpc_claim(queue, max_items, lease, wait, worker)
-        return rpc, self.stubs.deferred.Claim.future(rpc.request, timeout=rpc.timeout)
+        replica = self._replicas.queue_replica()
+        future = replica.queue_stubs().deferred.Claim.future(rpc.request, timeout=rpc.timeout)
+
+        def done(f: Any) -> None:
+            if f.cancelled():
+                return
+            e = f.exception()
+            if e is None:
+                self._replicas.succeeded(replica, queue=True)
+            elif isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE:
+                self._replica_failed(replica, rpc_error(rpc.method, e))
+
+        future.add_done_callback(done)
+        return rpc, future
 
     def ack(self, item: Union[DeferredItem, str], lease_token: Optional[str] = None) -> None:
         self._unary(self._rpc_ack(item, lease_token))

@@ -68,8 +68,12 @@ class BackstopServer:
 
     :param config: TOML text (empty = built-in defaults).
     :param port: 0 picks a free port; :meth:`restart` reuses the one bound.
+    :param host: the loopback address to listen on (another ``127.x.y.z`` lets
+        several servers share a port, e.g. behind one DNS name).
     :param data_dir: passed as ``--data-dir`` when the binary supports it
         (a fresh temporary directory by default, kept across restarts).
+    :param redis: a Redis URL: cluster mode (``--redis``), state shared with
+        every server started with the same URL (see :class:`RedisServer`).
     """
 
     def __init__(
@@ -78,7 +82,9 @@ class BackstopServer:
         *,
         binary: Optional[str] = None,
         port: int = 0,
+        host: str = "127.0.0.1",
         data_dir: Optional[str] = None,
+        redis: Optional[str] = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 30.0,
     ) -> None:
@@ -89,6 +95,8 @@ class BackstopServer:
         self.config_path.write_text(config)
         self.log_path = self.dir / "backstop.log"
         self.port = port
+        self.host = host
+        self.redis = redis
         self.data_dir = data_dir or str(self.dir / "data")
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
@@ -100,6 +108,15 @@ class BackstopServer:
         """``127.0.0.1:PORT`` of the gRPC listener."""
         return self.fields["grpc"]
 
+    def metrics(self) -> str:
+        """The server's ``GET /metrics`` text (it must have been started with HTTP on)."""
+        http = self.fields.get("http", "off")
+        if http == "off":
+            raise RuntimeError("this server runs without its HTTP listener (--http off)")
+        with urllib.request.urlopen(f"http://{http}/metrics", timeout=5) as r:
+            text: str = r.read().decode()
+        return text
+
     def _args(self) -> List[str]:
         args = [
             self.binary,
@@ -107,14 +124,16 @@ class BackstopServer:
             "--config",
             str(self.config_path),
             "--listen",
-            f"127.0.0.1:{self.port}",
+            f"{self.host}:{self.port}",
         ]
         flags = serve_help(self.binary)
+        if self.redis is not None:
+            args += ["--redis", self.redis]
         if "--data-dir" in flags:
             args += ["--data-dir", self.data_dir]
         if "--http" in flags and not any(a.startswith("--http") for a in self.extra_args):
             # The HTTP listener has a fixed default port: two servers would collide.
-            args += ["--http", "127.0.0.1:0"]
+            args += ["--http", f"{self.host}:0"]
         return args + self.extra_args
 
     def start(self) -> BackstopServer:
@@ -200,6 +219,85 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+# --- Redis, for cluster mode -------------------------------------------------------------
+
+
+def find_redis(explicit: Optional[str] = None) -> str:
+    """``redis-server``: ``explicit``, else ``$REDIS_SERVER``, else on PATH."""
+    for candidate in (explicit, os.environ.get("REDIS_SERVER"), shutil.which("redis-server")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(
+        "cannot find redis-server (needed for cluster-mode tests): install it "
+        "(Debian/Ubuntu: apt-get install redis-server) or set REDIS_SERVER"
+    )
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a free loopback port that keeps nothing on
+    disk, for :class:`BackstopServer` replicas in cluster mode::
+
+        with RedisServer() as redis:
+            a = BackstopServer(CONFIG, redis=redis.url).start()
+            b = BackstopServer(CONFIG, redis=redis.url).start()
+    """
+
+    def __init__(self, *, binary: Optional[str] = None, startup_timeout: float = 10.0) -> None:
+        self.binary = find_redis(binary)
+        self._tmp = tempfile.TemporaryDirectory(prefix="backstop-redis-")
+        self.log_path = Path(self._tmp.name) / "redis.log"
+        self.startup_timeout = startup_timeout
+        self.port = 0
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start(self) -> RedisServer:
+        # redis-server cannot pick a free port itself: take one, and try another
+        # if something else grabbed it in between.
+        for _ in range(10):
+            self.port = free_port()
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                     "--dir", self._tmp.name],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            deadline = time.monotonic() + self.startup_timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if self.ping():
+                    return self
+                time.sleep(0.02)
+            self.kill()
+        raise RuntimeError(f"redis-server did not start; its log:\n{self.log_path.read_text(errors='replace')}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # --- the fake provider -----------------------------------------------------------------
