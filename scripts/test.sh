@@ -63,6 +63,9 @@ clients/typescript/scripts/test.sh
 step "go client: stubs, gofmt, vet, unit / e2e / conformance (GOPATH mode, Debian's Go)"
 clients/go/scripts/test.sh
 
+step "deploy: Dockerfile, compose, Kubernetes manifests against the real binary (and a real redis-server)"
+deploy/scripts/test.sh -q
+
 step "browser: the dashboard in headless Chromium"
 apt_install chromium chromium
 (cd tests/browser && npm install --no-audit --no-fund --loglevel=error)
