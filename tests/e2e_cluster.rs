@@ -6,7 +6,7 @@
 mod common;
 
 use backstop::proto;
-use common::{Redis, Server, TempDir};
+use common::{Redis, Server};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -411,6 +411,12 @@ async fn a_redis_restart_with_aof_keeps_outages_pauses_and_disabled_keys() {
     c[0].record_outcome(outcome("k", &k1, 401))
         .await
         .expect("ok");
+    let mut d = deferred(&servers[0]).await;
+    for i in 0..2 {
+        d.defer(defer_req("p", format!("saved {i}").as_bytes(), ""))
+            .await
+            .expect("defer");
+    }
     redis.restart();
     for s in &servers {
         s.wait_cluster_ready().await;
@@ -423,6 +429,12 @@ async fn a_redis_restart_with_aof_keeps_outages_pauses_and_disabled_keys() {
     assert!(
         k.key_slots.iter().any(|s| s.name == "k1" && s.disabled),
         "k1 is still disabled"
+    );
+    let mut d = deferred(&servers[1]).await;
+    assert_eq!(
+        depth(&mut d, "p").await,
+        (2, 0, 0),
+        "acknowledged deferrals survived"
     );
 }
 
@@ -489,8 +501,6 @@ impl RedisCluster {
 async fn the_same_on_a_redis_cluster() {
     let rc = RedisCluster::start();
     let config = format!("{}{SHARED}", rc.config());
-    let dir = TempDir::new("rc");
-    let _ = dir;
     let mut servers = Vec::new();
     for _ in 0..3 {
         let s = Server::start(&config, &[]);
@@ -500,4 +510,337 @@ async fn the_same_on_a_redis_cluster() {
     breaker_is_shared(&servers).await;
     probes_are_limited_fleet_wide(&servers).await;
     budget_is_shared(&servers).await;
+    // The deferred queue's scripts run there too (one hash tag).
+    let mut a = deferred(&servers[0]).await;
+    let mut b = deferred(&servers[1]).await;
+    let id = a
+        .defer(defer_req("m", b"on a cluster", "rk"))
+        .await
+        .expect("defer")
+        .into_inner()
+        .id;
+    assert!(
+        b.defer(defer_req("m", b"on a cluster", "rk"))
+            .await
+            .expect("defer")
+            .into_inner()
+            .duplicate
+    );
+    let it = b
+        .claim(claim_req("m", 1, 30_000, 0))
+        .await
+        .expect("claim")
+        .into_inner()
+        .items;
+    // m's breaker is open (breaker_is_shared): blocked, nothing handed out.
+    assert!(it.is_empty());
+    let mut admin = servers[2].admin().await;
+    admin
+        .reset_target(proto::ResetTargetRequest { target: "m".into() })
+        .await
+        .expect("reset");
+    let it = b
+        .claim(claim_req("m", 1, 30_000, 0))
+        .await
+        .expect("claim")
+        .into_inner()
+        .items
+        .remove(0);
+    assert_eq!(it.id, id);
+    a.ack(proto::AckRequest {
+        id,
+        lease_token: it.lease_token,
+    })
+    .await
+    .expect("ack");
+}
+
+type Deferred = proto::deferred_client::DeferredClient<Channel>;
+
+async fn deferred(s: &Server) -> Deferred {
+    proto::deferred_client::DeferredClient::new(s.channel().await)
+}
+
+fn defer_req(queue: &str, payload: &[u8], key: &str) -> proto::DeferRequest {
+    proto::DeferRequest {
+        queue: queue.into(),
+        payload: payload.to_vec(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+fn claim_req(queue: &str, max: u32, lease_ms: u64, wait_ms: u64) -> proto::ClaimRequest {
+    proto::ClaimRequest {
+        queue: queue.into(),
+        max_items: max,
+        lease: Some(prost_types::Duration {
+            seconds: (lease_ms / 1000) as i64,
+            nanos: ((lease_ms % 1000) * 1_000_000) as i32,
+        }),
+        wait: Some(prost_types::Duration {
+            seconds: (wait_ms / 1000) as i64,
+            nanos: ((wait_ms % 1000) * 1_000_000) as i32,
+        }),
+        worker: "w".into(),
+    }
+}
+
+async fn depth(d: &mut Deferred, queue: &str) -> (u64, u64, u64) {
+    let s = d
+        .queue_stats(proto::QueueStatsRequest {
+            queue: queue.into(),
+        })
+        .await
+        .expect("stats")
+        .into_inner();
+    s.queues
+        .first()
+        .map_or((0, 0, 0), |q| (q.depth, q.in_flight, q.dead_letters))
+}
+
+/// The queue is shared: Defer on A, Claim on B (admitted, with a permit
+/// that settles on C), Ack on C; a retried Defer with the same key on B is
+/// a duplicate of A's; a Claim long-polling on B wakes for a Defer on A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_deferred_queue_is_shared_by_every_replica() {
+    let redis = Redis::start();
+    let config = "[targets.q]\nrequests_per_minute = 600\n";
+    let servers = replicas(config, &redis.url(), 3).await;
+    let mut a = deferred(&servers[0]).await;
+    let mut b = deferred(&servers[1]).await;
+    let mut c = deferred(&servers[2]).await;
+    let first = a
+        .defer(defer_req("q", b"one", "k1"))
+        .await
+        .expect("defer")
+        .into_inner();
+    assert!(!first.duplicate);
+    let again = b
+        .defer(defer_req("q", b"one", "k1"))
+        .await
+        .expect("defer")
+        .into_inner();
+    assert!(again.duplicate, "the same key on another replica");
+    assert_eq!(again.id, first.id);
+    assert_eq!(depth(&mut c, "q").await, (1, 0, 0));
+
+    let got = b
+        .claim(claim_req("q", 10, 30_000, 0))
+        .await
+        .expect("claim")
+        .into_inner();
+    assert_eq!(got.items.len(), 1);
+    let it = &got.items[0];
+    assert_eq!(
+        (it.id.as_str(), it.payload.as_slice(), it.attempt),
+        (first.id.as_str(), &b"one"[..], 1)
+    );
+    assert_eq!(it.target, "q");
+    // Its permit settles on a third replica.
+    let mut r = servers[2].resilience().await;
+    let o = r
+        .record_outcome(outcome("q", &it.permit, 200))
+        .await
+        .expect("outcome")
+        .into_inner();
+    assert!(!o.duplicate);
+    assert_eq!(depth(&mut a, "q").await, (0, 1, 0));
+    c.ack(proto::AckRequest {
+        id: it.id.clone(),
+        lease_token: it.lease_token.clone(),
+    })
+    .await
+    .expect("ack on another replica");
+    assert_eq!(depth(&mut a, "q").await, (0, 0, 0));
+    // Acked: the key is still remembered (idempotency_ttl).
+    let late = a
+        .defer(defer_req("q", b"one", "k1"))
+        .await
+        .expect("defer")
+        .into_inner();
+    assert!(late.duplicate);
+    // Acking twice: NOT_FOUND, with a message.
+    let e = b
+        .ack(proto::AckRequest {
+            id: it.id.clone(),
+            lease_token: it.lease_token.clone(),
+        })
+        .await
+        .expect_err("acked already");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+
+    // A long poll on B wakes when A defers.
+    let mut b2 = b.clone();
+    let poll = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = b2
+            .claim(claim_req("q", 1, 30_000, 10_000))
+            .await
+            .expect("claim")
+            .into_inner();
+        (r, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.defer(defer_req("q", b"two", "")).await.expect("defer");
+    let (r, took) = poll.await.expect("task");
+    assert_eq!(r.items.len(), 1);
+    assert_eq!(r.items[0].payload, b"two");
+    assert!(took < Duration::from_secs(2), "woke after {took:?}");
+}
+
+/// A replica killed (SIGKILL) while it holds leases: its items come back
+/// when the leases run out and another replica hands them out; each is
+/// acked once, none lost, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn items_claimed_by_a_killed_replica_are_redelivered() {
+    let redis = Redis::start();
+    let config = "[targets.q]\n";
+    let mut servers = replicas(config, &redis.url(), 2).await;
+    let mut a = deferred(&servers[0]).await;
+    let mut b = deferred(&servers[1]).await;
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..5 {
+        let r = a
+            .defer(defer_req("q", format!("p{i}").as_bytes(), &format!("k{i}")))
+            .await
+            .expect("defer")
+            .into_inner();
+        ids.insert(r.id);
+    }
+    let held = b
+        .claim(claim_req("q", 3, 1500, 0))
+        .await
+        .expect("claim")
+        .into_inner();
+    assert_eq!(held.items.len(), 3);
+    servers[1].kill9();
+    // A drains everything: two at once, the killed replica's three after their lease.
+    let mut acked = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while acked.len() < 5 {
+        assert!(Instant::now() < deadline, "only {acked:?} came back");
+        let got = a
+            .claim(claim_req("q", 10, 30_000, 1000))
+            .await
+            .expect("claim")
+            .into_inner();
+        for it in got.items {
+            assert!(
+                acked.insert(it.id.clone()),
+                "{} delivered twice after ack",
+                it.id
+            );
+            if held.items.iter().any(|h| h.id == it.id) {
+                assert_eq!(it.attempt, 2, "a redelivery counts as an attempt");
+                assert_eq!(it.last_error, "lease expired without Ack or Nack");
+            }
+            a.ack(proto::AckRequest {
+                id: it.id,
+                lease_token: it.lease_token,
+            })
+            .await
+            .expect("ack");
+        }
+    }
+    assert_eq!(acked, ids);
+    assert_eq!(depth(&mut a, "q").await, (0, 0, 0));
+    // The killed replica's old lease tokens are stale now.
+    let e = a
+        .ack(proto::AckRequest {
+            id: held.items[0].id.clone(),
+            lease_token: held.items[0].lease_token.clone(),
+        })
+        .await
+        .expect_err("gone");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+}
+
+/// Nack with a delay, the last attempt to the dead letters, Requeue: on
+/// different replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nack_dead_letters_and_requeue_across_replicas() {
+    let redis = Redis::start();
+    let config = "[targets.q]\n";
+    let servers = replicas(config, &redis.url(), 2).await;
+    let mut a = deferred(&servers[0]).await;
+    let mut b = deferred(&servers[1]).await;
+    let mut req = defer_req("q", b"x", "");
+    req.max_attempts = 2;
+    let id = a.defer(req).await.expect("defer").into_inner().id;
+    let it = b
+        .claim(claim_req("q", 1, 30_000, 0))
+        .await
+        .expect("claim")
+        .into_inner()
+        .items
+        .remove(0);
+    let n = a
+        .nack(proto::NackRequest {
+            id: id.clone(),
+            lease_token: it.lease_token,
+            delay: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 300_000_000,
+            }),
+            reason: "provider said no".into(),
+        })
+        .await
+        .expect("nack")
+        .into_inner();
+    assert!(!n.dead_lettered);
+    let none = b
+        .claim(claim_req("q", 1, 30_000, 0))
+        .await
+        .expect("claim")
+        .into_inner();
+    assert!(none.items.is_empty(), "not before the Nack's delay");
+    let it = b
+        .claim(claim_req("q", 1, 30_000, 2000))
+        .await
+        .expect("claim")
+        .into_inner()
+        .items
+        .remove(0);
+    assert_eq!(
+        (it.attempt, it.last_error.as_str()),
+        (2, "provider said no")
+    );
+    let n = a
+        .nack(proto::NackRequest {
+            id: id.clone(),
+            lease_token: it.lease_token,
+            delay: None,
+            reason: "still no".into(),
+        })
+        .await
+        .expect("nack")
+        .into_inner();
+    assert!(n.dead_lettered);
+    assert_eq!(depth(&mut b, "q").await, (0, 0, 1));
+    let dl = b
+        .list_dead_letters(proto::ListDeadLettersRequest {
+            queue: "q".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(dl.items.len(), 1);
+    assert_eq!(
+        (dl.items[0].id.as_str(), dl.items[0].last_error.as_str()),
+        (id.as_str(), "still no")
+    );
+    assert!(dl.items[0].dead_lettered_at.is_some());
+    a.requeue(proto::RequeueRequest { id: id.clone() })
+        .await
+        .expect("requeue");
+    let it = b
+        .claim(claim_req("q", 1, 30_000, 0))
+        .await
+        .expect("claim")
+        .into_inner()
+        .items
+        .remove(0);
+    assert_eq!((it.id.as_str(), it.attempt), (id.as_str(), 1));
 }

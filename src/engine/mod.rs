@@ -212,10 +212,19 @@ pub struct Engine {
     adhoc_route_metrics: metrics::RouteMetrics,
     /// Event subscribers and the shared snapshot (see watch.rs).
     hub: watch::Hub,
-    queue: queue::DeferredQueue,
+    queue: Queues,
     /// Where the jitter of advised backoffs comes from (uniform in [0, 1)):
     /// the thread RNG, or a fixed sequence in tests that compare engines.
     rng: Rng01,
+}
+
+/// Where deferred requests are kept: in this process (and its store), or
+/// in Redis, shared by every replica (cluster mode). One per engine, so the
+/// variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Queues {
+    Local(queue::DeferredQueue),
+    Redis(backend::cluster::queue::RedisQueue),
 }
 
 /// A source of uniform numbers in [0, 1) (see [`Engine::with_rng`]).
@@ -436,15 +445,24 @@ impl Engine {
             })
             .collect();
         let hub = watch::Hub::new(config.events.max_subscribers);
-        let queue = queue::DeferredQueue::new(
-            config.queue.clone(),
-            clock.clone(),
-            queue_state,
-            backend.local().and_then(|b| b.persister()).cloned(),
-            events.clone(),
-            metrics.clone(),
-            hub.shutdown_signal(),
-        );
+        let queue = match &backend {
+            Backend::Redis(b) => Queues::Redis(backend::cluster::queue::RedisQueue::new(
+                b.clone(),
+                config.queue.clone(),
+                clock.clone(),
+                metrics.clone(),
+                hub.shutdown_signal(),
+            )),
+            Backend::Local(b) => Queues::Local(queue::DeferredQueue::new(
+                config.queue.clone(),
+                clock.clone(),
+                queue_state,
+                b.persister().cloned(),
+                events.clone(),
+                metrics.clone(),
+                hub.shutdown_signal(),
+            )),
+        };
         Engine {
             hub,
             queue,
@@ -513,7 +531,12 @@ impl Engine {
     /// and returns the Prometheus text exposition.
     pub fn render_metrics(&self) -> String {
         self.backend.refresh_gauges();
-        for q in self.queue_stats("") {
+        let stats = match &self.queue {
+            Queues::Local(q) => q.queue_stats(""),
+            // As last read (reading Redis here would make a scrape wait on it).
+            Queues::Redis(q) => q.last_stats(),
+        };
+        for q in stats {
             self.metrics.set_queue(&q.queue, q.depth, q.oldest_age);
         }
         self.metrics.encode()
@@ -531,7 +554,10 @@ impl Engine {
 
     /// Saves a request; returns once it is durable.
     pub async fn defer(&self, a: queue::DeferArgs) -> Result<queue::DeferResult> {
-        self.queue.defer(self, a).await
+        match &self.queue {
+            Queues::Local(q) => q.defer(self, a).await,
+            Queues::Redis(q) => q.defer(self, a).await,
+        }
     }
 
     /// Hands out up to `max_items` due items, each admitted to the queue's
@@ -544,14 +570,18 @@ impl Engine {
         wait: Option<Duration>,
         worker: &str,
     ) -> Result<queue::ClaimResult> {
-        self.queue
-            .claim(self, queue, max_items, lease, wait, worker)
-            .await
+        match &self.queue {
+            Queues::Local(q) => q.claim(self, queue, max_items, lease, wait, worker).await,
+            Queues::Redis(q) => q.claim(self, queue, max_items, lease, wait, worker).await,
+        }
     }
 
     /// Done: deletes the item (durably).
     pub async fn ack(&self, id: &str, token: &str) -> Result<()> {
-        self.queue.ack(id, token).await
+        match &self.queue {
+            Queues::Local(q) => q.ack(id, token).await,
+            Queues::Redis(q) => q.ack(id, token).await,
+        }
     }
 
     /// Not done: back to the queue after `delay`, or to the dead letters after
@@ -563,27 +593,39 @@ impl Engine {
         delay: Duration,
         reason: &str,
     ) -> Result<(bool, u32)> {
-        self.queue.nack(id, token, delay, reason).await
+        match &self.queue {
+            Queues::Local(q) => q.nack(id, token, delay, reason).await,
+            Queues::Redis(q) => q.nack(id, token, delay, reason).await,
+        }
     }
 
     /// Dead letters, by id, optionally of one queue.
-    pub fn list_dead_letters(
+    pub async fn list_dead_letters(
         &self,
         queue: &str,
         page_size: u32,
         page_token: &str,
     ) -> Result<(Vec<queue::Item>, String)> {
-        self.queue.list_dead_letters(queue, page_size, page_token)
+        match &self.queue {
+            Queues::Local(q) => q.list_dead_letters(queue, page_size, page_token),
+            Queues::Redis(q) => q.list_dead_letters(queue, page_size, page_token).await,
+        }
     }
 
     /// Moves a dead letter back to its queue with a fresh attempt count.
     pub async fn requeue(&self, id: &str) -> Result<()> {
-        self.queue.requeue(id).await
+        match &self.queue {
+            Queues::Local(q) => q.requeue(id).await,
+            Queues::Redis(q) => q.requeue(id).await,
+        }
     }
 
     /// Depth, in flight, dead letters, oldest age and bytes per queue.
-    pub fn queue_stats(&self, queue: &str) -> Vec<queue::QueueStat> {
-        self.queue.queue_stats(queue)
+    pub async fn queue_stats(&self, queue: &str) -> Result<Vec<queue::QueueStat>> {
+        match &self.queue {
+            Queues::Local(q) => Ok(q.queue_stats(queue)),
+            Queues::Redis(q) => q.queue_stats(queue).await,
+        }
     }
 
     /// Makes sure a target exists (within `max_targets`).

@@ -63,7 +63,11 @@ async fn claim_waits_for_the_target_and_hands_out_admitted_items() {
     let r = e.claim("t", 10, None, None, "w").await.expect("claim");
     assert!(r.items.is_empty());
     assert_eq!(r.blocked, Some((Reason::CircuitOpen, Some(secs(10)))));
-    assert_eq!(e.queue_stats("t")[0].depth, 1, "the item stays queued");
+    assert_eq!(
+        e.queue_stats("t").await.expect("stats")[0].depth,
+        1,
+        "the item stays queued"
+    );
     clock.advance(secs(10));
     let r = e.claim("t", 10, None, None, "w").await.expect("claim");
     assert_eq!(r.items.len(), 1);
@@ -89,7 +93,7 @@ async fn claim_waits_for_the_target_and_hands_out_admitted_items() {
         BreakerState::Closed
     );
     e.ack(&id.to_string(), &c.lease_token).await.expect("ack");
-    let s = &e.queue_stats("t")[0];
+    let s = &e.queue_stats("t").await.expect("stats")[0];
     assert_eq!((s.depth, s.in_flight), (0, 0));
 }
 
@@ -174,10 +178,10 @@ async fn lease_expiry_redelivers_nack_delays_and_max_attempts_dead_letters() {
         .await
         .expect("nack");
     assert!(dead, "third of three attempts: dead-lettered");
-    let (dl, _) = e.list_dead_letters("q", 10, "").expect("list");
+    let (dl, _) = e.list_dead_letters("q", 10, "").await.expect("list");
     assert_eq!(dl.len(), 1);
     assert_eq!(dl[0].last_error, "still broken");
-    assert_eq!(e.queue_stats("q")[0].dead_letters, 1);
+    assert_eq!(e.queue_stats("q").await.expect("stats")[0].dead_letters, 1);
     // Requeue brings it back with fresh attempts.
     e.requeue(&id).await.expect("requeue");
     let again = e
@@ -393,13 +397,13 @@ async fn a_restart_keeps_breakers_pauses_disabled_keys_and_queued_work() {
         (BreakerState::ForcedOpen, Some("incident 42"))
     );
     // Queued work: the claimed-but-unacked item is waiting again; the dead letter is still dead.
-    let stats = &e.queue_stats("q")[0];
+    let stats = &e.queue_stats("q").await.expect("stats")[0];
     assert_eq!(
         (stats.depth, stats.in_flight, stats.dead_letters),
         (1, 0, 1)
     );
     assert_eq!(
-        e.list_dead_letters("q", 10, "").expect("dl").0[0].id,
+        e.list_dead_letters("q", 10, "").await.expect("dl").0[0].id,
         dead_id
     );
     let dup = e
@@ -641,7 +645,7 @@ async fn a_claim_abandoned_mid_way_loses_nothing() {
     );
     gate.open();
     forcing.await.expect("join").expect("forced");
-    let stats = &e.queue_stats("t")[0];
+    let stats = &e.queue_stats("t").await.expect("stats")[0];
     assert_eq!(
         (stats.depth, stats.in_flight),
         (1, 0),
@@ -676,7 +680,7 @@ async fn an_item_that_can_never_be_admitted_is_dead_lettered_not_blocking() {
         "the second item is not blocked behind the first"
     );
     assert_eq!(r.items[0].item.payload, vec![2; 10]);
-    let (dead, _) = e.list_dead_letters("chat", 10, "").expect("list");
+    let (dead, _) = e.list_dead_letters("chat", 10, "").await.expect("list");
     assert_eq!(dead.len(), 1);
     assert!(
         dead[0].last_error.contains("context_too_small"),

@@ -153,6 +153,7 @@ impl Deferred for DeferredService {
         let (items, next_page_token) = self
             .engine
             .list_dead_letters(&r.queue, r.page_size, &r.page_token)
+            .await
             .map_err(status)?;
         Ok(Response::new(proto::ListDeadLettersResponse {
             items: items.into_iter().map(item).collect(),
@@ -179,6 +180,8 @@ impl Deferred for DeferredService {
         let queues = self
             .engine
             .queue_stats(&r.queue)
+            .await
+            .map_err(status)?
             .into_iter()
             .map(|q| proto::QueueStat {
                 queue: q.queue,

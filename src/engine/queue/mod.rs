@@ -15,6 +15,7 @@
 mod state;
 
 pub(crate) use state::QueueState;
+pub(crate) use state::{idem_key, item_bytes};
 
 use super::backend::local::persist::{Pending, Persister};
 use super::error::{EngineError, Result, invalid};
@@ -26,7 +27,7 @@ use crate::domain::Time;
 use crate::domain::budget::Kind;
 use crate::engine::clock::Clock;
 use crate::metrics::Metrics;
-use state::{Entry, IdemEntry, counts, idem_key, item_bytes};
+use state::{Entry, IdemEntry, counts};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -223,6 +224,183 @@ impl Drop for Taken<'_> {
     }
 }
 
+/// Checks a Defer against the API's and `[queue]`'s limits and makes sure
+/// its queue can ever deliver it (shared by the embedded and Redis queues).
+pub(crate) fn check_defer(limits: &QueueConfig, adm: &impl Admitter, a: &DeferArgs) -> Result<()> {
+    adm.check_queue(&a.queue)?;
+    if a.payload.len() > limits.max_payload_bytes {
+        return Err(invalid(format!(
+            "payload is {} bytes; the limit is {} ([queue] max_payload_bytes)",
+            a.payload.len(),
+            limits.max_payload_bytes
+        )));
+    }
+    let meta_bytes: usize = a.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if a.metadata.len() > MAX_METADATA_ENTRIES || meta_bytes > MAX_METADATA_BYTES {
+        return Err(invalid(format!(
+            "metadata has {} entries / {meta_bytes} bytes; at most {MAX_METADATA_ENTRIES} entries and {MAX_METADATA_BYTES} bytes",
+            a.metadata.len()
+        )));
+    }
+    if a.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(invalid(format!(
+            "idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} bytes"
+        )));
+    }
+    if a.max_attempts > MAX_ATTEMPTS_CAP {
+        return Err(invalid(format!(
+            "max_attempts {} is above the maximum of {MAX_ATTEMPTS_CAP}",
+            a.max_attempts
+        )));
+    }
+    if let Some(why) =
+        adm.never_deliverable(&a.queue, a.estimated_tokens, a.required_context_tokens)
+    {
+        return Err(invalid(why));
+    }
+    // A target queue's target must exist to ever be claimed: created now,
+    // so a server at max_targets refuses the Defer instead of accepting
+    // an item that no Claim could ever hand out.
+    adm.ensure_queue_target(&a.queue)
+}
+
+pub(crate) fn too_many_queues(limits: &QueueConfig) -> EngineError {
+    EngineError::ResourceExhausted(format!(
+        "{} deferred queues exist already ([queue] max_queues); use an existing route or target as the queue",
+        limits.max_queues
+    ))
+}
+
+pub(crate) fn queue_full(limits: &QueueConfig, queue: &str, held: u64) -> EngineError {
+    EngineError::ResourceExhausted(format!(
+        "queue {queue:?} already holds {held} items, its limit ([queue] max_depth = {}); drain it or raise the limit",
+        limits.max_depth
+    ))
+}
+
+pub(crate) fn too_many_items(held: u64) -> EngineError {
+    EngineError::ResourceExhausted(format!(
+        "deferred queues hold {held} items including dead letters, the limit ([queue] max_items); drain them, or Requeue / clear dead letters"
+    ))
+}
+
+pub(crate) fn too_many_bytes(limits: &QueueConfig, total: u64, more: u64) -> EngineError {
+    EngineError::ResourceExhausted(format!(
+        "deferred queues hold {total} bytes; accepting {more} more would pass the limit of {} ([queue] max_total_bytes)",
+        limits.max_total_bytes
+    ))
+}
+
+/// A new item's record (id 0: the queue assigns it).
+pub(crate) fn new_record(limits: &QueueConfig, a: &mut DeferArgs, now: Time) -> ItemRecord {
+    ItemRecord {
+        id: 0,
+        queue: a.queue.clone(),
+        payload: std::mem::take(&mut a.payload),
+        metadata: std::mem::take(&mut a.metadata),
+        idempotency_key: a.idempotency_key.clone(),
+        due: a.not_before.unwrap_or(now).as_nanos(),
+        max_attempts: if a.max_attempts == 0 {
+            limits.default_max_attempts
+        } else {
+            a.max_attempts
+        },
+        attempt: 0,
+        enqueued_at: now.as_nanos(),
+        last_error: String::new(),
+        dead_lettered_at: 0,
+        estimated_tokens: a.estimated_tokens,
+        required_context_tokens: a.required_context_tokens,
+    }
+}
+
+/// Claim's parameters, checked: (max items, lease, long-poll wait).
+pub(crate) fn claim_params(
+    max_items: u32,
+    lease: Option<Duration>,
+    wait: Option<Duration>,
+) -> Result<(usize, Duration, Duration)> {
+    let max_items = match max_items {
+        0 => 1,
+        n if n > MAX_CLAIM => {
+            return Err(invalid(format!(
+                "max_items {n} is above the maximum of {MAX_CLAIM}"
+            )));
+        }
+        n => n as usize,
+    };
+    let lease = lease.filter(|d| !d.is_zero()).unwrap_or(DEFAULT_LEASE);
+    if lease > MAX_LEASE {
+        return Err(invalid(format!(
+            "lease is above the maximum of {}s",
+            MAX_LEASE.as_secs()
+        )));
+    }
+    let wait = wait.unwrap_or_default();
+    if wait > MAX_WAIT {
+        return Err(invalid(format!(
+            "wait is above the maximum of {}s",
+            MAX_WAIT.as_secs()
+        )));
+    }
+    Ok((max_items, lease, wait))
+}
+
+/// Nack's parameters, checked.
+pub(crate) fn check_nack(delay: Duration, reason: &str) -> Result<()> {
+    if reason.len() > 1024 {
+        return Err(invalid("reason is longer than 1024 bytes"));
+    }
+    if delay > Duration::from_secs(24 * 3600) {
+        return Err(invalid("delay is longer than 24h"));
+    }
+    Ok(())
+}
+
+/// ListDeadLetters' paging: (page size, the last id of the previous page).
+pub(crate) fn page_params(page_size: u32, page_token: &str) -> Result<(usize, u64)> {
+    let size = match page_size {
+        0 => 100,
+        n if n > 1000 => {
+            return Err(invalid(format!(
+                "page_size {n} is above the maximum of 1000"
+            )));
+        }
+        n => n as usize,
+    };
+    let after = if page_token.is_empty() {
+        0
+    } else {
+        parse_id(page_token)?
+    };
+    Ok((size, after))
+}
+
+/// A dead-lettered item can be neither acked nor nacked.
+pub(crate) fn dead_letter_error(id: u64) -> EngineError {
+    EngineError::FailedPrecondition(format!(
+        "item {id} is in the dead-letter list; Requeue it first"
+    ))
+}
+
+pub(crate) fn no_item_error(id: u64) -> EngineError {
+    EngineError::NotFound(format!(
+        "no deferred item {id} (already acked, or never existed)"
+    ))
+}
+
+pub(crate) fn lease_expired_error(id: u64) -> EngineError {
+    EngineError::FailedPrecondition(format!(
+        "the lease on item {id} expired; it is being redelivered to another worker"
+    ))
+}
+
+pub(crate) fn stale_token_error(id: u64) -> EngineError {
+    EngineError::FailedPrecondition(format!(
+        "stale lease token for item {id}: its lease expired and it was redelivered, or it is not claimed"
+    ))
+}
+
 pub fn parse_id(id: &str) -> Result<u64> {
     id.parse::<u64>().map_err(|_| {
         invalid(format!(
@@ -231,7 +409,7 @@ pub fn parse_id(id: &str) -> Result<u64> {
     })
 }
 
-fn parse_token(token: &str) -> Result<u64> {
+pub(crate) fn parse_token(token: &str) -> Result<u64> {
     u64::from_str_radix(token, 16)
         .map_err(|_| invalid("lease_token does not parse; pass it exactly as Claim returned it"))
 }
@@ -262,47 +440,10 @@ impl DeferredQueue {
         }
     }
 
-    /// Why a request could never be delivered from `queue` (no candidate's
-    /// context window or token budget can ever hold it), if so: such an item
-    /// would only wait forever, so Defer refuses it.
     /// Saves a request; returns once it is durable.
     pub async fn defer(&self, adm: &impl Admitter, a: DeferArgs) -> Result<DeferResult> {
-        adm.check_queue(&a.queue)?;
+        check_defer(&self.limits, adm, &a)?;
         let limits = &self.limits;
-        if a.payload.len() > limits.max_payload_bytes {
-            return Err(invalid(format!(
-                "payload is {} bytes; the limit is {} ([queue] max_payload_bytes)",
-                a.payload.len(),
-                limits.max_payload_bytes
-            )));
-        }
-        let meta_bytes: usize = a.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if a.metadata.len() > MAX_METADATA_ENTRIES || meta_bytes > MAX_METADATA_BYTES {
-            return Err(invalid(format!(
-                "metadata has {} entries / {meta_bytes} bytes; at most {MAX_METADATA_ENTRIES} entries and {MAX_METADATA_BYTES} bytes",
-                a.metadata.len()
-            )));
-        }
-        if a.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
-            return Err(invalid(format!(
-                "idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} bytes"
-            )));
-        }
-        if a.max_attempts > MAX_ATTEMPTS_CAP {
-            return Err(invalid(format!(
-                "max_attempts {} is above the maximum of {MAX_ATTEMPTS_CAP}",
-                a.max_attempts
-            )));
-        }
-        if let Some(why) =
-            adm.never_deliverable(&a.queue, a.estimated_tokens, a.required_context_tokens)
-        {
-            return Err(invalid(why));
-        }
-        // A target queue's target must exist to ever be claimed: created now,
-        // so a server at max_targets refuses the Defer instead of accepting
-        // an item that no Claim could ever hand out.
-        adm.ensure_queue_target(&a.queue)?;
         let now = self.clock.now();
         let mut a = a;
         /// What one look at the queue decided.
@@ -342,54 +483,26 @@ impl DeferredQueue {
                 } else {
                     let c = s.counts.get(&a.queue).copied();
                     if c.is_none() && s.counts.len() >= limits.max_queues {
-                        return Err(EngineError::ResourceExhausted(format!(
-                            "{} deferred queues exist already ([queue] max_queues); use an existing route or target as the queue",
-                            limits.max_queues
-                        )));
+                        return Err(too_many_queues(limits));
                     }
                     let c = c.unwrap_or_default();
                     if (c.waiting + c.in_flight) as usize >= limits.max_depth {
-                        return Err(EngineError::ResourceExhausted(format!(
-                            "queue {:?} already holds {} items, its limit ([queue] max_depth = {}); drain it or raise the limit",
-                            a.queue,
-                            c.waiting + c.in_flight,
-                            limits.max_depth
-                        )));
+                        return Err(queue_full(limits, &a.queue, c.waiting + c.in_flight));
                     }
                     let held = s.items.len() + s.dead.len();
                     if held >= limits.max_items {
-                        return Err(EngineError::ResourceExhausted(format!(
-                            "deferred queues hold {held} items including dead letters, the limit ([queue] max_items); drain them, or Requeue / clear dead letters"
-                        )));
+                        return Err(too_many_items(held as u64));
                     }
                     s.next_id += 1;
                     let id = s.next_id;
                     let rec = ItemRecord {
                         id,
-                        queue: a.queue.clone(),
-                        payload: std::mem::take(&mut a.payload),
-                        metadata: std::mem::take(&mut a.metadata),
-                        idempotency_key: a.idempotency_key.clone(),
-                        due: a.not_before.unwrap_or(now).as_nanos(),
-                        max_attempts: if a.max_attempts == 0 {
-                            limits.default_max_attempts
-                        } else {
-                            a.max_attempts
-                        },
-                        attempt: 0,
-                        enqueued_at: now.as_nanos(),
-                        last_error: String::new(),
-                        dead_lettered_at: 0,
-                        estimated_tokens: a.estimated_tokens,
-                        required_context_tokens: a.required_context_tokens,
+                        ..new_record(limits, &mut a, now)
                     };
                     let bytes = item_bytes(&rec);
                     if s.total_bytes + bytes > limits.max_total_bytes {
                         s.next_id -= 1;
-                        return Err(EngineError::ResourceExhausted(format!(
-                            "deferred queues hold {} bytes; accepting {bytes} more would pass the limit of {} ([queue] max_total_bytes)",
-                            s.total_bytes, limits.max_total_bytes
-                        )));
+                        return Err(too_many_bytes(limits, s.total_bytes, bytes));
                     }
                     s.total_bytes += bytes;
                     let c = counts(&mut s, &a.queue);
@@ -490,29 +603,7 @@ impl DeferredQueue {
         worker: &str,
     ) -> Result<ClaimResult> {
         adm.check_queue(queue)?;
-        let max_items = match max_items {
-            0 => 1,
-            n if n > MAX_CLAIM => {
-                return Err(invalid(format!(
-                    "max_items {n} is above the maximum of {MAX_CLAIM}"
-                )));
-            }
-            n => n as usize,
-        };
-        let lease = lease.filter(|d| !d.is_zero()).unwrap_or(DEFAULT_LEASE);
-        if lease > MAX_LEASE {
-            return Err(invalid(format!(
-                "lease is above the maximum of {}s",
-                MAX_LEASE.as_secs()
-            )));
-        }
-        let wait = wait.unwrap_or_default();
-        if wait > MAX_WAIT {
-            return Err(invalid(format!(
-                "wait is above the maximum of {}s",
-                MAX_WAIT.as_secs()
-            )));
-        }
+        let (max_items, lease, wait) = claim_params(max_items, lease, wait)?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -657,23 +748,13 @@ impl DeferredQueue {
     /// Finds a claimed item and checks its lease token.
     fn leased_entry(s: &mut QueueState, id: u64, token: u64, now: Time) -> Result<&mut Entry> {
         if s.dead.contains_key(&id) {
-            return Err(EngineError::FailedPrecondition(format!(
-                "item {id} is in the dead-letter list; Requeue it first"
-            )));
+            return Err(dead_letter_error(id));
         }
-        let entry = s.items.get_mut(&id).ok_or_else(|| {
-            EngineError::NotFound(format!(
-                "no deferred item {id} (already acked, or never existed)"
-            ))
-        })?;
+        let entry = s.items.get_mut(&id).ok_or_else(|| no_item_error(id))?;
         match entry.lease {
             Some((t, until)) if t == token && until > now => Ok(entry),
-            Some((t, _)) if t == token => Err(EngineError::FailedPrecondition(format!(
-                "the lease on item {id} expired; it is being redelivered to another worker"
-            ))),
-            _ => Err(EngineError::FailedPrecondition(format!(
-                "stale lease token for item {id}: its lease expired and it was redelivered, or it is not claimed"
-            ))),
+            Some((t, _)) if t == token => Err(lease_expired_error(id)),
+            _ => Err(stale_token_error(id)),
         }
     }
 
@@ -741,12 +822,7 @@ impl DeferredQueue {
     ) -> Result<(bool, u32)> {
         let id = parse_id(id)?;
         let token = parse_token(token)?;
-        if reason.len() > 1024 {
-            return Err(invalid("reason is longer than 1024 bytes"));
-        }
-        if delay > Duration::from_secs(24 * 3600) {
-            return Err(invalid("delay is longer than 24h"));
-        }
+        check_nack(delay, reason)?;
         let now = self.clock.now();
         let mut events = Vec::new();
         let (out, pending) = {
@@ -792,20 +868,7 @@ impl DeferredQueue {
         page_size: u32,
         page_token: &str,
     ) -> Result<(Vec<Item>, String)> {
-        let size = match page_size {
-            0 => 100,
-            n if n > 1000 => {
-                return Err(invalid(format!(
-                    "page_size {n} is above the maximum of 1000"
-                )));
-            }
-            n => n as usize,
-        };
-        let after = if page_token.is_empty() {
-            0
-        } else {
-            parse_id(page_token)?
-        };
+        let (size, after) = page_params(page_size, page_token)?;
         let s = self.lock();
         let mut items: Vec<Item> = s
             .dead

@@ -26,6 +26,7 @@
 
 pub mod keys;
 pub mod link;
+pub mod queue;
 mod replica;
 pub mod scripts;
 mod stream;
@@ -273,6 +274,8 @@ pub(crate) struct Inner {
     clock_sync: Option<Arc<crate::engine::clock::OffsetClock>>,
     /// Targets the fallback has decided on since Redis was last reachable.
     degraded_targets: Mutex<HashSet<Arc<str>>>,
+    /// Wakes long-polling Claims: a Defer here, or one seen on the stream.
+    pub(crate) queue_wake: tokio::sync::Notify,
     /// True from entering degraded mode (fallback built and seeded) until
     /// merged back; transitions take `transition`.
     pub(crate) degraded: AtomicBool,
@@ -339,6 +342,7 @@ impl RedisBackend {
                 fallback: RwLock::new(Arc::new(fallback)),
                 clock_sync,
                 degraded_targets: Mutex::new(HashSet::new()),
+                queue_wake: tokio::sync::Notify::new(),
                 degraded: AtomicBool::new(false),
                 transition: tokio::sync::Mutex::new(()),
                 refusal_cache: AtomicBool::new(true),
@@ -770,6 +774,38 @@ impl Meta {
 }
 
 impl Inner {
+    /// With `[cluster] min_replicas_acked = n`: waits (Redis `WAIT`) until
+    /// n Redis replicas have the writes made so far on this connection, so
+    /// an acknowledged write survives a failover to one of them.
+    pub(crate) async fn wait_replicas(&self) -> Result<()> {
+        let n = self.cluster.min_replicas_acked;
+        if n == 0 {
+            return Ok(());
+        }
+        // Within the call's own deadline, so a slow replica is "not enough
+        // replicas", not "Redis unreachable".
+        let wait_ms = (self.cluster.redis_timeout.as_millis() as u64 * 3 / 4).max(1);
+        let acked: i64 = self
+            .link
+            .call(|mut c| async move {
+                redis::cmd("WAIT")
+                    .arg(n)
+                    .arg(wait_ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .map_err(|e| EngineError::Unavailable(format!("Redis WAIT failed: {e}")))?;
+        if acked < i64::from(n) {
+            self.metrics.redis_error("wait");
+            return Err(EngineError::Unavailable(format!(
+                "only {acked} of the {n} Redis replicas required ([cluster] min_replicas_acked) acknowledged within {wait_ms} ms: \
+                 the write is on the primary but could be lost in a failover; retrying is safe with an idempotency key"
+            )));
+        }
+        Ok(())
+    }
+
     fn signing_key(&self) -> Arc<PermitKey> {
         self.keys_for_permits
             .read()
@@ -1048,6 +1084,7 @@ impl Inner {
             let mut events: Vec<Vec<u8>> = Vec::new();
             let mut settled: Vec<(usize, String, Vec<u8>, u64)> = Vec::new();
             let mut transitions = Vec::new();
+            let mut durable = false;
             for (ji, job) in jobs.iter().enumerate() {
                 let meta = &job.meta;
                 let mut fx = Effects::default();
@@ -1174,6 +1211,7 @@ impl Inner {
                         c.st = s;
                     }
                 }
+                durable |= fx.durable;
                 for k in fx.events {
                     if let EventKind::BreakerTransition { from, to, .. } = k {
                         transitions.push((ji, from, to));
@@ -1230,6 +1268,12 @@ impl Inner {
                     drop(cache);
                     if !in_script && !events.is_empty() {
                         self.xadd(events).await;
+                    }
+                    // A transition a client is told about is on enough Redis
+                    // replicas first (min_replicas_acked). It is committed
+                    // either way: a shortfall is counted, not refused.
+                    if durable {
+                        let _ = self.wait_replicas().await;
                     }
                     for (ji, from, to) in transitions {
                         self.metrics.transition(&jobs[ji].meta.metrics, from, to);

@@ -78,6 +78,9 @@ fn publish(inner: &Inner, id: &str, data: &[u8]) {
     {
         m.forget_refusal();
     }
+    if matches!(kind, EventKind::ItemDeferred { .. }) {
+        inner.queue_wake.notify_waiters();
+    }
     inner.events.publish_numbered(seq, at, &target, kind);
 }
 
