@@ -131,6 +131,14 @@ fn main() -> ExitCode {
                     None => config.cluster = Some(backstop::config::ClusterConfig::for_url(url)),
                 }
             }
+            if let Some(c) = &config.cluster
+                && c.redis == backstop::config::RedisTarget::Url(String::new())
+            {
+                eprintln!(
+                    "[cluster] needs redis_url (e.g. \"redis://127.0.0.1:6379/0\") or redis_cluster_nodes, or pass --redis URL"
+                );
+                return ExitCode::from(2);
+            }
             let state = backstop::server::StateOptions {
                 reset: args.reset_state,
             };

@@ -844,3 +844,82 @@ async fn nack_dead_letters_and_requeue_across_replicas() {
         .remove(0);
     assert_eq!((it.id.as_str(), it.attempt), (id.as_str(), 1));
 }
+
+/// Redis frozen: a Defer is still acknowledged, spooled durably on the
+/// replica that took it (which survives a kill -9 with it), and replayed into
+/// Redis when Redis is back, where another replica hands it out; a retried
+/// Defer with the same idempotency key is a duplicate, not a second item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deferrals_while_redis_is_down_are_spooled_and_replayed() {
+    let redis = Redis::start();
+    let config = "[targets.q]\n[cluster]\nredis_timeout = \"50ms\"\n";
+    let mut a = Server::start_replica(config, &redis.url(), &[]).await;
+    let b = Server::start_replica(config, &redis.url(), &[]).await;
+    redis.signal("STOP");
+    let mut d = deferred(&a).await;
+    let mut spooled = Vec::new();
+    for (payload, key) in [(&b"keyed"[..], "s1"), (&b"unkeyed"[..], "")] {
+        let started = Instant::now();
+        let r = d
+            .defer(defer_req("q", payload, key))
+            .await
+            .expect("acknowledged while Redis is frozen")
+            .into_inner();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        spooled.push(r.id);
+    }
+    // The replica dies before Redis is back; its spool is on disk.
+    a.kill9();
+    let dir = a.into_dir();
+    redis.signal("CONT");
+    let a = Server::start_in(dir, config, &["--redis", &redis.url()]);
+    a.wait_cluster_ready().await;
+    let mut db = deferred(&b).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while depth(&mut db, "q").await.0 < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "spooled deferrals never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = db
+        .defer(defer_req("q", b"keyed", "s1"))
+        .await
+        .expect("defer")
+        .into_inner();
+    assert!(again.duplicate, "the key came along with the spooled item");
+    let got = db
+        .claim(claim_req("q", 10, 30_000, 0))
+        .await
+        .expect("claim")
+        .into_inner();
+    let mut payloads: Vec<Vec<u8>> = got.items.iter().map(|i| i.payload.clone()).collect();
+    payloads.sort();
+    assert_eq!(payloads, vec![b"keyed".to_vec(), b"unkeyed".to_vec()]);
+    // Nothing is replayed twice.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(depth(&mut db, "q").await, (0, 2, 0));
+    drop(a);
+}
+
+/// `[cluster]` without a Redis address is completed by `--redis`; with
+/// neither, serve refuses to start and says what is missing.
+#[test]
+fn cluster_mode_needs_a_redis_address_from_the_config_or_the_flag() {
+    let dir = common::TempDir::new("noredis");
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[cluster]\nkey_prefix = \"x\"\n").expect("write");
+    let out = std::process::Command::new(common::binary())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:0", "--ephemeral"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs redis_url") && err.contains("--redis"),
+        "{err}"
+    );
+}

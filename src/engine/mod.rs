@@ -376,6 +376,50 @@ impl Engine {
         )
     }
 
+    /// Gives a cluster engine a spool: Defers accepted while Redis is
+    /// unreachable are kept durably in `store` (this replica's own data
+    /// directory) and replayed into Redis when it is back
+    /// ([`Engine::replay_spool`]). Anything spooled before a restart is
+    /// replayed too.
+    pub fn with_spool(mut self, store: Box<dyn Store>) -> std::result::Result<Engine, StoreError> {
+        let Queues::Redis(q) = &mut self.queue else {
+            return Ok(self);
+        };
+        let loaded = store.load()?;
+        let now = self.clock.now();
+        let (state, ops) = queue::QueueState::load(
+            loaded.items,
+            loaded.dead,
+            loaded.idem,
+            loaded.next_item_id,
+            now,
+        );
+        store.commit(&ops)?;
+        let persister = Arc::new(backend::local::persist::Persister::start(
+            store,
+            self.events.clone(),
+        ));
+        q.set_spool(queue::DeferredQueue::new(
+            self.config.queue.clone(),
+            self.clock.clone(),
+            state,
+            Some(persister),
+            self.events.clone(),
+            self.metrics.clone(),
+            self.hub.shutdown_signal(),
+        ));
+        Ok(self)
+    }
+
+    /// Moves deferrals spooled while Redis was unreachable into Redis (a
+    /// server calls this about once a second in cluster mode).
+    pub async fn replay_spool(&self) -> usize {
+        match &self.queue {
+            Queues::Redis(q) => q.replay_spool().await,
+            Queues::Local(_) => 0,
+        }
+    }
+
     /// Starts a cluster engine's background work (connection, heartbeats,
     /// the event stream); `address` is this replica's gRPC address.
     pub fn start_cluster(&self, address: String) {

@@ -98,7 +98,17 @@ fn open_engine(
             .clone()
             .unwrap_or_else(|| format!("{}:{}", hostname(), grpc_addr.port()));
         let clock = Arc::new(crate::engine::clock::OffsetClock::new());
-        let engine = Engine::cluster(config.clone(), clock.clone(), Some(clock), replica.clone());
+        let mut engine =
+            Engine::cluster(config.clone(), clock.clone(), Some(clock), replica.clone());
+        // The replica's own store holds only its spool: Defers accepted
+        // while Redis is unreachable, until they are replayed into Redis.
+        if !config.server.ephemeral {
+            let store = RedbStore::open(&config.server.data_dir, opts.reset)
+                .map_err(|e| StartError(e.0))?;
+            engine = engine
+                .with_spool(Box::new(store))
+                .map_err(|e| StartError(e.0))?;
+        }
         tracing::info!(replica = %replica, store = engine.store_description(), "cluster mode");
         return Ok(engine);
     }
@@ -134,6 +144,15 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
         .map_err(|e| StartError(format!("cannot read the bound gRPC address: {e}")))?;
     let engine = Arc::new(open_engine(config.clone(), opts, grpc_addr)?);
     engine.start_cluster(grpc_addr.to_string());
+    if config.cluster.is_some() {
+        let e = engine.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                e.replay_spool().await;
+            }
+        });
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -925,6 +925,49 @@ impl DeferredQueue {
         Ok(())
     }
 
+    /// Up to `max` waiting items, oldest first (a cluster replica's spool:
+    /// deferrals it accepted while Redis was unreachable, to be replayed).
+    pub(crate) fn spooled(&self, max: usize) -> Vec<ItemRecord> {
+        let s = self.lock();
+        let mut out: Vec<&ItemRecord> = s
+            .items
+            .values()
+            .filter(|e| e.lease.is_none())
+            .map(|e| &e.rec)
+            .collect();
+        out.sort_by_key(|r| r.id);
+        out.into_iter().take(max).cloned().collect()
+    }
+
+    /// Deletes a waiting item durably (a spooled deferral now in Redis);
+    /// its idempotency key goes with it (Redis remembers it now).
+    pub(crate) async fn forget(&self, id: u64) -> Result<()> {
+        let pending = {
+            let mut s = self.lock();
+            let Some(entry) = s.items.remove(&id) else {
+                return Ok(());
+            };
+            let rec = entry.rec;
+            if let Some(r) = s.ready.get_mut(&rec.queue) {
+                r.remove(&(rec.due, id));
+            }
+            let c = counts(&mut s, &rec.queue);
+            c.waiting = c.waiting.saturating_sub(1);
+            s.release_payload(&rec.queue, item_bytes(&rec));
+            let mut ops = vec![Op::Item(id, None)];
+            if !rec.idempotency_key.is_empty() {
+                let key = idem_key(&rec.queue, &rec.idempotency_key);
+                s.idem.remove(&key);
+                ops.push(Op::Idem(key, None));
+            }
+            self.queue_write(ops)
+        };
+        pending
+            .wait()
+            .await
+            .map_err(|e| EngineError::Unavailable(e.to_string()))
+    }
+
     /// Depth, in flight, dead letters, oldest age and bytes per queue.
     pub fn queue_stats(&self, queue: &str) -> Vec<QueueStat> {
         let now = self.clock.now();

@@ -46,10 +46,10 @@ use crate::engine::Reason;
 use crate::engine::clock::Clock;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::queue::{
-    Admitter, ClaimResult, Claimed, DeferArgs, DeferResult, Item, QueueStat, check_defer,
-    check_nack, claim_params, dead_letter_error, idem_key, item_bytes, lease_expired_error,
-    new_record, no_item_error, page_params, parse_id, parse_token, queue_full, stale_token_error,
-    too_many_bytes, too_many_items, too_many_queues,
+    Admitter, ClaimResult, Claimed, DeferArgs, DeferResult, DeferredQueue, Item, QueueStat,
+    check_defer, check_nack, claim_params, dead_letter_error, idem_key, item_bytes,
+    lease_expired_error, new_record, no_item_error, page_params, parse_id, parse_token, queue_full,
+    stale_token_error, too_many_bytes, too_many_items, too_many_queues,
 };
 use crate::engine::store::ItemRecord;
 use crate::metrics::Metrics;
@@ -425,7 +425,14 @@ pub struct RedisQueue {
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// The last stats read (the metrics' queue gauges are read from here).
     stats: Mutex<Vec<QueueStat>>,
+    /// Deferrals accepted while Redis was unreachable, durable in this
+    /// replica's store until replayed into Redis (None with `--ephemeral`).
+    spool: Option<DeferredQueue>,
 }
+
+/// Spooled deferrals answer with ids in their own range (their Redis id,
+/// given at replay, differs; the idempotency key is what stays).
+pub const SPOOL_ID_BASE: u64 = 1 << 62;
 
 /// Maps a Redis failure to what the client is told: nothing was changed
 /// (or, for a Defer, nothing acknowledged), so retrying is safe.
@@ -454,7 +461,13 @@ impl RedisQueue {
             metrics,
             shutdown,
             stats: Mutex::new(Vec::new()),
+            spool: None,
         }
+    }
+
+    /// Gives the queue a spool (see [`RedisQueue::replay_spool`]).
+    pub fn set_spool(&mut self, spool: DeferredQueue) {
+        self.spool = Some(spool);
     }
 
     /// Runs one queue script for `queue`: `args` after (queue, now).
@@ -536,59 +549,156 @@ impl RedisQueue {
     }
 
     /// Saves a request; returns once Redis has it (and, with
-    /// `min_replicas_acked`, that many Redis replicas).
+    /// `min_replicas_acked`, that many Redis replicas). While Redis is
+    /// unreachable, into this replica's spool (durable in its store), to be
+    /// replayed into Redis with its idempotency key when Redis is back.
     pub async fn defer(&self, adm: &impl Admitter, mut a: DeferArgs) -> Result<DeferResult> {
         check_defer(&self.limits, adm, &a)?;
         let now = self.clock.now();
         let rec = new_record(&self.limits, &mut a, now);
-        let b = item_bytes(&rec);
         let scoped = if a.idempotency_key.is_empty() {
             String::new()
         } else {
             idem_key(&a.queue, &a.idempotency_key)
         };
+        match self.insert(&rec, &scoped, now).await {
+            Ok(v) => {
+                let r = self.interpret(&v, &rec.queue, item_bytes(&rec))?;
+                self.replicated().await?;
+                self.announce(now, &rec.queue, &r);
+                Ok(r)
+            }
+            Err(e) => match &self.spool {
+                Some(spool) => {
+                    let args = DeferArgs {
+                        queue: rec.queue.clone(),
+                        payload: rec.payload,
+                        metadata: rec.metadata,
+                        idempotency_key: rec.idempotency_key,
+                        not_before: Some(Time::from_nanos(rec.due)),
+                        max_attempts: rec.max_attempts,
+                        estimated_tokens: rec.estimated_tokens,
+                        required_context_tokens: rec.required_context_tokens,
+                    };
+                    let r = spool.defer(adm, args).await?;
+                    tracing::warn!(queue = %rec.queue, id = r.id, error = %e, "Redis unreachable: deferral spooled locally until it is back");
+                    Ok(DeferResult {
+                        id: SPOOL_ID_BASE | r.id,
+                        ..r
+                    })
+                }
+                None => Err(unavailable(e)),
+            },
+        }
+    }
+
+    /// Runs DEFER for a record (id 0; Redis assigns it).
+    async fn insert(
+        &self,
+        rec: &ItemRecord,
+        scoped: &str,
+        now: Time,
+    ) -> std::result::Result<Vec<Value>, LinkError> {
         let l = &self.limits;
         let args = vec![
-            scoped.into_bytes(),
+            scoped.as_bytes().to_vec(),
             rec.encode_to_vec(),
             (rec.due / 1_000_000).to_string().into_bytes(),
-            ms(now).to_string().into_bytes(),
+            (rec.enqueued_at / 1_000_000).to_string().into_bytes(),
             rec.max_attempts.to_string().into_bytes(),
-            b.to_string().into_bytes(),
+            item_bytes(rec).to_string().into_bytes(),
             l.max_queues.to_string().into_bytes(),
             l.max_depth.to_string().into_bytes(),
             l.max_items.to_string().into_bytes(),
             l.max_total_bytes.to_string().into_bytes(),
         ];
-        let v = self.run_list(&DEFER, &a.queue, now, args).await?;
+        match self.run(&DEFER, &rec.queue, now, args).await? {
+            Value::Array(v) => Ok(v),
+            other => Err(LinkError::Redis(format!("unexpected answer: {other:?}"))),
+        }
+    }
+
+    /// DEFER's answer: the item, or which limit refused it.
+    fn interpret(&self, v: &[Value], queue: &str, b: u64) -> Result<DeferResult> {
+        let l = &self.limits;
         let code = v.first().map_or(0, int);
         let n = v.get(1).map_or(0, int) as u64;
-        let result = match code {
-            0 | 1 => DeferResult {
+        match code {
+            0 | 1 => Ok(DeferResult {
                 id: n,
                 duplicate: code == 1,
                 depth: v.get(2).map_or(0, int) as u64,
-            },
-            -1 => return Err(too_many_queues(l)),
-            -2 => return Err(queue_full(l, &a.queue, n)),
-            -3 => return Err(too_many_items(n)),
-            _ => return Err(too_many_bytes(l, n, b)),
-        };
-        self.replicated().await?;
-        if !result.duplicate {
-            self.metrics.deferred(&a.queue);
-            self.publish(
-                now,
-                &a.queue,
-                EventKind::ItemDeferred {
-                    queue: Arc::from(a.queue.as_str()),
-                    id: result.id,
-                    depth: result.depth,
-                },
-            );
-            self.backend.inner.queue_wake.notify_waiters();
+            }),
+            -1 => Err(too_many_queues(l)),
+            -2 => Err(queue_full(l, queue, n)),
+            -3 => Err(too_many_items(n)),
+            _ => Err(too_many_bytes(l, n, b)),
         }
-        Ok(result)
+    }
+
+    /// Counts and announces a new item (an event every replica sees).
+    fn announce(&self, now: Time, queue: &str, r: &DeferResult) {
+        if r.duplicate {
+            return;
+        }
+        self.metrics.deferred(queue);
+        self.publish(
+            now,
+            queue,
+            EventKind::ItemDeferred {
+                queue: Arc::from(queue),
+                id: r.id,
+                depth: r.depth,
+            },
+        );
+        self.backend.inner.queue_wake.notify_waiters();
+    }
+
+    /// Moves spooled deferrals into Redis (oldest first, at most 100 per
+    /// call), each with its idempotency key, or one made from this replica's
+    /// id and the spool id, so a replay interrupted by a crash is not
+    /// duplicated. Returns how many were moved.
+    pub async fn replay_spool(&self) -> usize {
+        let Some(spool) = &self.spool else {
+            return 0;
+        };
+        if self.backend.inner.link.is_open() {
+            return 0;
+        }
+        let mut moved = 0;
+        for mut rec in spool.spooled(100) {
+            let spool_id = rec.id;
+            if rec.idempotency_key.is_empty() {
+                rec.idempotency_key = format!("spool:{}:{spool_id}", self.backend.inner.replica_id);
+            }
+            let scoped = idem_key(&rec.queue, &rec.idempotency_key);
+            rec.id = 0;
+            let now = self.clock.now();
+            let v = match self.insert(&rec, &scoped, now).await {
+                Ok(v) => v,
+                Err(_) => break,
+            };
+            match self.interpret(&v, &rec.queue, item_bytes(&rec)) {
+                Ok(r) => {
+                    if self.replicated().await.is_err() {
+                        break;
+                    }
+                    self.announce(now, &rec.queue, &r);
+                    if spool.forget(spool_id).await.is_err() {
+                        break;
+                    }
+                    moved += 1;
+                }
+                Err(e) => {
+                    // A full queue: kept, tried again on the next round.
+                    tracing::warn!(queue = %rec.queue, error = %e, "spooled deferral not replayed yet");
+                }
+            }
+        }
+        if moved > 0 {
+            tracing::info!(moved, "spooled deferrals replayed into Redis");
+        }
+        moved
     }
 
     /// Hands out up to `max_items` due items, each admitted to the queue's
