@@ -1347,6 +1347,7 @@ impl Inner {
     ) -> std::result::Result<Committed, LinkError> {
         let n = state_keys.len();
         let stream = self.keys.events();
+        let started = std::time::Instant::now();
         let vals: Vec<Value> = self
             .link
             .call(|mut c| async move {
@@ -1382,6 +1383,7 @@ impl Inner {
                 inv.invoke_async(&mut c).await
             })
             .await?;
+        self.metrics.redis_round_trip(started.elapsed());
         match vals.first().map(int) {
             Some(1) => Ok(Committed::Ok(vals[1..].iter().map(int).collect())),
             Some(0) => Ok(Committed::Conflict(
