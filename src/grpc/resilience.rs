@@ -248,16 +248,27 @@ impl Resilience for ResilienceService {
         let _timer = self.engine.metrics().rpc("CanProceedBatch");
         let r = req.into_inner();
         check_batch(r.items.len())?;
-        let mut items = Vec::with_capacity(r.items.len());
-        for item in &r.items {
+        let one = |item| async move {
             let result = match self.can_proceed_one(item).await {
                 Ok(ok) => proto::can_proceed_result::Result::Ok(ok),
                 Err(e) => proto::can_proceed_result::Result::Error(item_error(e)),
             };
-            items.push(proto::CanProceedResult {
+            proto::CanProceedResult {
                 result: Some(result),
-            });
-        }
+            }
+        };
+        // Embedded decisions never wait: one after another is cheapest. In
+        // cluster mode each waits on Redis: all at once, so items on one
+        // target combine into one script and the rest share round trips.
+        let items = if self.engine.backend().redis().is_some() {
+            futures_util::future::join_all(r.items.iter().map(one)).await
+        } else {
+            let mut items = Vec::with_capacity(r.items.len());
+            for item in &r.items {
+                items.push(one(item).await);
+            }
+            items
+        };
         Ok(Response::new(proto::CanProceedBatchResponse { items }))
     }
 
@@ -268,16 +279,25 @@ impl Resilience for ResilienceService {
         let _timer = self.engine.metrics().rpc("RecordOutcomeBatch");
         let r = req.into_inner();
         check_batch(r.items.len())?;
-        let mut items = Vec::with_capacity(r.items.len());
-        for item in &r.items {
+        let one = |item| async move {
             let result = match self.record_one(item).await {
                 Ok(ok) => proto::record_outcome_result::Result::Ok(ok),
                 Err(e) => proto::record_outcome_result::Result::Error(item_error(e)),
             };
-            items.push(proto::RecordOutcomeResult {
+            proto::RecordOutcomeResult {
                 result: Some(result),
-            });
-        }
+            }
+        };
+        // As in can_proceed_batch: concurrently only when each waits on Redis.
+        let items = if self.engine.backend().redis().is_some() {
+            futures_util::future::join_all(r.items.iter().map(one)).await
+        } else {
+            let mut items = Vec::with_capacity(r.items.len());
+            for item in &r.items {
+                items.push(one(item).await);
+            }
+            items
+        };
         Ok(Response::new(proto::RecordOutcomeBatchResponse { items }))
     }
 }

@@ -143,9 +143,13 @@ pub fn next_unit(s: &mut u64) -> f64 {
     (next_u64(s) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// `n` connections to `addr`, or spread over a comma-separated list of
+/// addresses (the replicas of a cluster), round robin.
 pub async fn connect(addr: &str, n: usize) -> Result<Vec<Channel>, String> {
+    let addrs: Vec<&str> = addr.split(',').filter(|a| !a.is_empty()).collect();
     let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n.max(addrs.len()) {
+        let addr = addrs.get(i % addrs.len().max(1)).copied().unwrap_or(addr);
         let ch = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| e.to_string())?
             .tcp_nodelay(true)
@@ -290,6 +294,26 @@ pub async fn run(addr: &str, shape: &Shape) -> Result<RunResult, String> {
         phase(&channels, &ctx, shape.warmup).await;
     }
     Ok(phase(&channels, &ctx, shape.duration).await)
+}
+
+/// Like [`run`], also returning the warm-up's decisions (to relate counts
+/// taken around the whole run, such as Redis's, to decisions).
+pub async fn run_counting(addr: &str, shape: &Shape) -> Result<(RunResult, u64), String> {
+    let channels = connect(addr, shape.connections.max(1)).await?;
+    let names: Vec<String> = (0..shape.targets.max(1))
+        .map(|i| format!("bench/model-{i}"))
+        .collect();
+    let ctx = Arc::new(Ctx {
+        zipf: Zipf::new(names.len(), shape.zipf),
+        names,
+        shape: shape.clone(),
+    });
+    let warm = if shape.warmup.is_zero() {
+        0
+    } else {
+        phase(&channels, &ctx, shape.warmup).await.decisions
+    };
+    Ok((phase(&channels, &ctx, shape.duration).await, warm))
 }
 
 async fn phase(channels: &[Channel], ctx: &Arc<Ctx>, duration: Duration) -> RunResult {

@@ -12,6 +12,7 @@
 //! backstop-bench --workload batch --batch-size 100
 //! backstop-bench --workload can-proceed --targets 10000 --peer redis-lua
 //! backstop-bench --fill 1000000            # memory per resident target
+//! backstop-bench --cluster 1 --in-flight 64 # + one replica on a Redis, same run
 //! ```
 
 mod baseline;
@@ -86,6 +87,11 @@ struct RunArgs {
     /// Also run the can-proceed workload against a peer (redis-lua: redis-server + a token-bucket script).
     #[arg(long)]
     peer: Option<Peer>,
+    /// Also start a redis-server and this many replicas in cluster mode on
+    /// it, drive them (connections spread over the replicas) in the same
+    /// rounds, and count Redis commands per decision from INFO commandstats.
+    #[arg(long)]
+    cluster: Option<usize>,
     /// Instead of a load run: create this many distinct targets and report resident memory per target.
     #[arg(long)]
     fill: Option<usize>,
@@ -180,7 +186,16 @@ fn backstop_bin(args: &RunArgs) -> Result<PathBuf, String> {
 }
 
 fn start_backstop(args: &RunArgs, max_targets: usize) -> Result<Proc, String> {
-    let dir = temp_dir("server")?;
+    start_backstop_with(args, max_targets, "server", &[])
+}
+
+fn start_backstop_with(
+    args: &RunArgs,
+    max_targets: usize,
+    tag: &str,
+    extra: &[&str],
+) -> Result<Proc, String> {
+    let dir = temp_dir(tag)?;
     let config = dir.0.join("bench.toml");
     std::fs::write(&config, format!("[server]\nmax_targets = {max_targets}\n"))
         .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
@@ -195,7 +210,8 @@ fn start_backstop(args: &RunArgs, max_targets: usize) -> Result<Proc, String> {
     ])
     .arg(&config)
     .arg("--data-dir")
-    .arg(dir.0.join("data"));
+    .arg(dir.0.join("data"))
+    .args(extra);
     if std::env::var_os("RUST_LOG").is_none() {
         // Quiet startup logs, but keep per-RPC spans on as in production (info).
         cmd.env("RUST_LOG", "warn,backstop::grpc=info");
@@ -238,6 +254,94 @@ fn start_redis() -> Result<Proc, String> {
         addr: format!("redis://127.0.0.1:{port}/"),
         _dir: None,
     })
+}
+
+/// Commands Redis executed, by name, from `INFO commandstats`.
+async fn command_calls(url: &str) -> Result<std::collections::HashMap<String, (u64, u64)>, String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(info
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls: u64 = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            let usec: u64 = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("usec="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            Some((name.to_string(), (calls, usec)))
+        })
+        .collect())
+}
+
+/// Commands a replica sends that are not decisions: heartbeats and the
+/// replica list (SET, GET, SADD, SREM, SMEMBERS, TIME), the stream reader
+/// (XREAD, XREVRANGE), probes (PING, ROLE), flushing refusal counts
+/// (HINCRBY), connection setup and this tool's own INFO.
+const NOT_DECISIONS: &[&str] = &[
+    "set",
+    "get",
+    "sadd",
+    "srem",
+    "smembers",
+    "time",
+    "xread",
+    "xrevrange",
+    "ping",
+    "role",
+    "hincrby",
+    "info",
+    "client|setinfo",
+    "client|setname",
+    "hello",
+    "command",
+    "select",
+];
+
+/// (decision commands, script calls, Redis CPU µs in scripts) between two
+/// INFO snapshots.
+fn command_delta(
+    before: &std::collections::HashMap<String, (u64, u64)>,
+    after: &std::collections::HashMap<String, (u64, u64)>,
+) -> (u64, u64, u64, String) {
+    let mut total = 0;
+    let mut scripts = 0;
+    let mut usec = 0;
+    let mut by: Vec<(String, u64)> = Vec::new();
+    for (name, &(n, us)) in after {
+        let (n0, us0) = before.get(name).copied().unwrap_or((0, 0));
+        let d = n.saturating_sub(n0);
+        if d == 0 || NOT_DECISIONS.contains(&name.as_str()) {
+            continue;
+        }
+        total += d;
+        if name == "evalsha" || name == "eval" {
+            scripts += d;
+            usec += us.saturating_sub(us0);
+        }
+        by.push((name.clone(), d));
+    }
+    by.sort_by(|a, b| b.1.cmp(&a.1));
+    let detail = by
+        .iter()
+        .map(|(n, d)| format!("{n}={d}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    (total, scripts, usec, detail)
 }
 
 fn rss_bytes(pid: u32) -> Option<u64> {
@@ -403,6 +507,32 @@ async fn run(args: RunArgs) -> Result<(), String> {
         Some(Peer::RedisLua) => Some(start_redis()?),
         None => None,
     };
+    // Cluster mode: its own redis-server and N replicas on it.
+    let (cluster_redis, replicas) = match args.cluster {
+        Some(n) if n > 0 => {
+            let r = start_redis()?;
+            let mut reps = Vec::new();
+            for i in 0..n {
+                reps.push(start_backstop_with(
+                    &args,
+                    max_targets,
+                    &format!("replica{i}"),
+                    &["--redis", &r.addr],
+                )?);
+            }
+            // Let every replica connect and see the others' heartbeats.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            (Some(r), reps)
+        }
+        _ => (None, Vec::new()),
+    };
+    let cluster_addr = replicas
+        .iter()
+        .map(|p| p.addr.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let cluster_name: &'static str =
+        Box::leak(format!("cluster-{}", replicas.len()).into_boxed_str());
     println!(
         "backstop-bench: workload {}, {} target(s), {} connection(s), {} round(s) of {:?} (+{:?} warm-up) per system",
         args.workload.name(),
@@ -431,8 +561,14 @@ async fn run(args: RunArgs) -> Result<(), String> {
             args.targets,
             in_flight
         );
-        let mut totals: Vec<(&'static str, Option<RunResult>)> =
-            vec![("baseline", None), ("backstop", None), ("redis-lua", None)];
+        let mut totals: Vec<(&'static str, Option<RunResult>)> = vec![
+            ("baseline", None),
+            ("backstop", None),
+            ("redis-lua", None),
+            (cluster_name, None),
+        ];
+        let (mut cmds, mut script_calls, mut warm_total) = (0u64, 0u64, 0u64);
+        let mut cmd_detail = String::new();
         for round in 0..args.rounds.max(1) {
             let mut round_rows = Vec::new();
             if let Some(b) = &baseline {
@@ -441,6 +577,29 @@ async fn run(args: RunArgs) -> Result<(), String> {
             round_rows.push(("backstop", load::run(&backstop_addr, &shape).await?));
             if let Some(r) = &redis {
                 round_rows.push(("redis-lua", redis_peer::run(&r.addr, &shape).await?));
+            }
+            if let Some(r) = &cluster_redis {
+                // Commands counted over the whole run (warm-up included,
+                // so the decisions are counted over the same span).
+                let before = command_calls(&r.addr).await?;
+                let (result, warm) = load::run_counting(&cluster_addr, &shape).await?;
+                let after = command_calls(&r.addr).await?;
+                let (total, scripts, usec, detail) = command_delta(&before, &after);
+                let decisions = result.decisions + warm;
+                println!(
+                    "     redis CPU in scripts per decision: {:.1} µs",
+                    usec as f64 / decisions.max(1) as f64
+                );
+                println!(
+                    "     redis round trips (scripts) per decision: {}; commands Redis executed per decision (inside scripts included): {:.3} ({detail})",
+                    format_args!("{:.3}", scripts as f64 / decisions.max(1) as f64),
+                    total as f64 / decisions.max(1) as f64,
+                );
+                cmds += total;
+                script_calls += scripts;
+                cmd_detail = detail;
+                round_rows.push((cluster_name, result));
+                warm_total += warm;
             }
             for (system, result) in round_rows {
                 let row = Row {
@@ -469,11 +628,13 @@ async fn run(args: RunArgs) -> Result<(), String> {
                 .and_then(|(_, t)| t.clone())
         };
         let (base, ours, peer) = (get("baseline"), get("backstop"), get("redis-lua"));
+        let clus = get(cluster_name);
         println!("---- {label}: all rounds");
         for (name, r) in [
             ("baseline", &base),
             ("backstop", &ours),
             ("redis-lua", &peer),
+            (cluster_name, &clus),
         ] {
             if let Some(r) = r {
                 print_row(&Row {
@@ -501,6 +662,26 @@ async fn run(args: RunArgs) -> Result<(), String> {
                 o.q_us(0.99) / p.q_us(0.99)
             );
             s["backstop_over_redis_throughput"] = serde_json::json!(tput);
+        }
+        if let (Some(c), Some(o)) = (&clus, &ours) {
+            let tput = c.dps() / o.dps();
+            let all = c.decisions + warm_total;
+            let per = cmds as f64 / all.max(1) as f64;
+            println!(
+                "     {cluster_name} / embedded: throughput {tput:.2}×, p50 {:.2}×, p99 {:.2}×; redis round trips per decision {:.3}, commands executed per decision {per:.3} ({cmd_detail})",
+                c.q_us(0.5) / o.q_us(0.5),
+                c.q_us(0.99) / o.q_us(0.99),
+                script_calls as f64 / all.max(1) as f64,
+            );
+            s["cluster_over_embedded_throughput"] = serde_json::json!(tput);
+            s["redis_commands_per_decision"] = serde_json::json!(per);
+            s["redis_round_trips_per_decision"] =
+                serde_json::json!(script_calls as f64 / all.max(1) as f64);
+            s["cluster"] = row_json(&Row {
+                shape: label.clone(),
+                system: cluster_name,
+                result: c.clone(),
+            });
         }
         if let Some(o) = &ours {
             s["backstop"] = row_json(&Row {
