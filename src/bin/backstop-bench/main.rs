@@ -335,7 +335,7 @@ fn command_delta(
         }
         by.push((name.clone(), d));
     }
-    by.sort_by(|a, b| b.1.cmp(&a.1));
+    by.sort_by_key(|b| std::cmp::Reverse(b.1));
     let detail = by
         .iter()
         .map(|(n, d)| format!("{n}={d}"))
