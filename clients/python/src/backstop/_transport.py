@@ -212,9 +212,10 @@ class Replica(Generic[C]):
         self.down = False
 
     def queue_stubs(self) -> Stubs:
-        """Stubs for deferred-queue calls. A cluster's replicas each keep their own
-        queue, so these stay on one server: the main channel when the address is
-        one server, else a second, ``pick_first`` channel (created on first use)."""
+        """Stubs for deferred-queue calls. They stay on one server (the queue is
+        shared through Redis, but a Defer is never retried elsewhere, so it is
+        never saved twice): the main channel when the address is one server,
+        else a second, ``pick_first`` channel (created on first use)."""
         with self._lock:
             if self._queue_stubs is None:
                 if single_server(self.target):
@@ -238,8 +239,9 @@ class ReplicaSet(Generic[C]):
     fail-safe only when every replica has failed. A replica marked down gets no
     traffic (except as a last resort) until the client's background probe
     finds it serving again. Deferred-queue calls stay on one replica (the first
-    listed that is up, then whichever answered last), because each replica of a
-    cluster keeps its own queue.
+    listed that is up, then whichever answered last): the queue itself is shared
+    through Redis, but a Defer is not retried on another replica (it must not be
+    saved twice).
 
     With a single address nothing is ever marked down: an outage is the
     client's switch to local decisions, as it always was.
