@@ -586,6 +586,12 @@ impl Engine {
         self.metrics.encode()
     }
 
+    /// Resolves (or reads true) once the server is draining: long-lived
+    /// streams (Watch, Decide) end.
+    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.hub.shutdown_signal()
+    }
+
     /// Starts draining: live event streams end, long polls answer.
     pub fn begin_shutdown(&self) {
         self.hub.begin_shutdown();

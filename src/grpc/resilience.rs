@@ -1,4 +1,5 @@
-//! `backstop.v1.Resilience`: CanProceed, RecordOutcome, Route and their batches.
+//! `backstop.v1.Resilience`: CanProceed, RecordOutcome, Route, their
+//! batches, and Decide (all three over one long-lived stream).
 
 use super::{
     breaker_state, check_len, from_outcome_class, from_proto_duration, outcome_class, reason,
@@ -16,7 +17,11 @@ use tracing::Instrument as _;
 pub const MAX_BATCH: usize = 1000;
 /// Longest `caller` / `error_type` accepted.
 const MAX_LABEL: usize = 256;
+/// Most requests one Decide stream may have outstanding (decided but not
+/// yet answered); past it an item gets RESOURCE_EXHAUSTED.
+pub const MAX_OUTSTANDING: usize = 1024;
 
+#[derive(Clone)]
 pub struct ResilienceService {
     engine: Arc<Engine>,
 }
@@ -86,6 +91,107 @@ impl ResilienceService {
             duplicate: res.duplicate,
             degraded: res.degraded,
         })
+    }
+}
+
+impl ResilienceService {
+    async fn route_one(&self, r: &proto::RouteRequest) -> Result<proto::RouteResponse, Status> {
+        check_len(&r.caller, "caller", MAX_LABEL)?;
+        let d = self
+            .engine
+            .route(RouteQuery {
+                route: &r.route,
+                candidates: &r.candidates,
+                estimated_tokens: r.estimated_tokens,
+                required_context_tokens: r.required_context_tokens,
+                exclude: &r.exclude,
+                caller: &r.caller,
+                attempt: r.attempt,
+            })
+            .await
+            .map_err(status)?;
+        let skipped = d
+            .skipped
+            .iter()
+            .map(|s| proto::Skip {
+                target: s.target.to_string(),
+                reason: reason(s.reason) as i32,
+                retry_after: s.retry_after.map(to_proto_duration),
+            })
+            .collect();
+        let mut out = proto::RouteResponse {
+            fallback_depth: d.fallback_depth,
+            skipped,
+            retry_after: d.retry_after.map(to_proto_duration),
+            ..Default::default()
+        };
+        if let Some((target, adm, settings)) = d.chosen {
+            out.target = target.to_string();
+            out.state = breaker_state(adm.state) as i32;
+            out.permit = adm.token;
+            out.key_slot = adm.key_slot.map(|k| k.to_string()).unwrap_or_default();
+            out.max_tokens = settings.max_tokens;
+            out.cost_per_mtok_input = settings.cost_per_mtok_input;
+            out.cost_per_mtok_output = settings.cost_per_mtok_output;
+            out.degraded = adm.degraded;
+        }
+        Ok(out)
+    }
+
+    /// One item of a Decide stream: the same answer as the unary call.
+    async fn decide_one(&self, r: proto::DecideRequest) -> proto::DecideResponse {
+        use proto::decide_request::Request as Q;
+        use proto::decide_response::Response as A;
+        let m = self.engine.metrics();
+        let response = match &r.request {
+            Some(Q::CanProceed(q)) => {
+                let _timer = m.rpc("Decide.CanProceed");
+                self.can_proceed_one(q).await.map(A::CanProceed)
+            }
+            Some(Q::RecordOutcome(q)) => {
+                let _timer = m.rpc("Decide.RecordOutcome");
+                self.record_one(q).await.map(A::RecordOutcome)
+            }
+            Some(Q::Route(q)) => {
+                let _timer = m.rpc("Decide.Route");
+                self.route_one(q).await.map(A::Route)
+            }
+            None => Err(Status::invalid_argument(
+                "the item has no request: set one of can_proceed, record_outcome or route",
+            )),
+        };
+        proto::DecideResponse {
+            id: r.id,
+            response: Some(response.unwrap_or_else(|s| A::Error(item_error(s)))),
+        }
+    }
+
+    /// Like [`ResilienceService::decide_one`], within the item's deadline.
+    async fn decide_within(&self, r: proto::DecideRequest) -> proto::DecideResponse {
+        let id = r.id;
+        let deadline = match from_proto_duration(r.deadline, "deadline") {
+            Ok(d) => d,
+            Err(s) => return item_failed(id, s),
+        };
+        match deadline {
+            None => self.decide_one(r).await,
+            Some(d) => match tokio::time::timeout(d, self.decide_one(r)).await {
+                Ok(resp) => resp,
+                Err(_) => item_failed(
+                    id,
+                    Status::deadline_exceeded(format!(
+                        "not decided within the item's deadline of {d:?}"
+                    )),
+                ),
+            },
+        }
+    }
+}
+
+fn item_failed(id: u64, s: Status) -> proto::DecideResponse {
+    proto::DecideResponse {
+        id,
+        response: Some(proto::decide_response::Response::Error(item_error(s))),
     }
 }
 
@@ -196,47 +302,10 @@ impl Resilience for ResilienceService {
         );
         crate::telemetry::join_caller_trace(&span, req.metadata());
         let r = req.into_inner();
-        check_len(&r.caller, "caller", MAX_LABEL)?;
-        let d = self
-            .engine
-            .route(RouteQuery {
-                route: &r.route,
-                candidates: &r.candidates,
-                estimated_tokens: r.estimated_tokens,
-                required_context_tokens: r.required_context_tokens,
-                exclude: &r.exclude,
-                caller: &r.caller,
-                attempt: r.attempt,
-            })
-            .instrument(span.clone())
-            .await
-            .map_err(status)?;
-        let skipped = d
-            .skipped
-            .iter()
-            .map(|s| proto::Skip {
-                target: s.target.to_string(),
-                reason: reason(s.reason) as i32,
-                retry_after: s.retry_after.map(to_proto_duration),
-            })
-            .collect();
-        let mut out = proto::RouteResponse {
-            fallback_depth: d.fallback_depth,
-            skipped,
-            retry_after: d.retry_after.map(to_proto_duration),
-            ..Default::default()
-        };
-        span.record("fallback_depth", d.fallback_depth);
-        if let Some((target, adm, settings)) = d.chosen {
-            span.record("target", target.as_ref());
-            out.target = target.to_string();
-            out.state = breaker_state(adm.state) as i32;
-            out.permit = adm.token;
-            out.key_slot = adm.key_slot.map(|k| k.to_string()).unwrap_or_default();
-            out.max_tokens = settings.max_tokens;
-            out.cost_per_mtok_input = settings.cost_per_mtok_input;
-            out.cost_per_mtok_output = settings.cost_per_mtok_output;
-            out.degraded = adm.degraded;
+        let out = self.route_one(&r).instrument(span.clone()).await?;
+        span.record("fallback_depth", out.fallback_depth);
+        if !out.target.is_empty() {
+            span.record("target", out.target.as_str());
         }
         Ok(Response::new(out))
     }
@@ -299,5 +368,72 @@ impl Resilience for ResilienceService {
             items
         };
         Ok(Response::new(proto::RecordOutcomeBatchResponse { items }))
+    }
+
+    type DecideStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<proto::DecideResponse, Status>> + Send>,
+    >;
+
+    /// Reads the client's requests in order and answers each as soon as it
+    /// is decided. Embedded decisions never wait, so they are decided right
+    /// here, in order, with no task per item; in cluster mode each waits on
+    /// Redis, so items run concurrently (at most [`MAX_OUTSTANDING`]) and
+    /// combine. The response channel is bounded: a client that stops reading
+    /// stops being read (HTTP/2 flow control), so memory stays bounded.
+    async fn decide(
+        &self,
+        req: Request<tonic::Streaming<proto::DecideRequest>>,
+    ) -> Result<Response<Self::DecideStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<proto::DecideResponse, Status>>(256);
+        let svc = self.clone();
+        let mut shutdown = self.engine.shutdown_signal();
+        let concurrent = self.engine.backend().redis().is_some();
+        tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_OUTSTANDING));
+            loop {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = shutdown.changed() => break,
+                };
+                let r = match next {
+                    Ok(Some(r)) => r,
+                    // The client closed its side: answer what is pending, then end.
+                    Ok(None) => break,
+                    // A malformed message or a broken connection: say so if we can.
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
+                };
+                if !concurrent {
+                    if tx.send(Ok(svc.decide_within(r).await)).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    let busy = item_failed(
+                        r.id,
+                        Status::resource_exhausted(format!(
+                            "this stream already has {MAX_OUTSTANDING} requests outstanding; wait for answers (or open another stream)"
+                        )),
+                    );
+                    if tx.send(Ok(busy)).await.is_err() {
+                        break;
+                    }
+                    continue;
+                };
+                let (svc, tx) = (svc.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let resp = svc.decide_within(r).await;
+                    let _ = tx.send(Ok(resp)).await;
+                    drop(slot);
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

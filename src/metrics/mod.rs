@@ -165,6 +165,9 @@ pub const RPC_METHODS: &[&str] = &[
     "Route",
     "CanProceedBatch",
     "RecordOutcomeBatch",
+    "Decide.CanProceed",
+    "Decide.RecordOutcome",
+    "Decide.Route",
 ];
 
 /// Transition series created at 0 for every labelled target.

@@ -95,6 +95,47 @@ impl Resilience for Noop {
             .collect();
         Ok(Response::new(proto::RecordOutcomeBatchResponse { items }))
     }
+
+    type DecideStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<proto::DecideResponse, Status>> + Send>,
+    >;
+
+    /// Answers each item at once, in order, with the no-op answer of its kind
+    /// (the same shape as Backstop's Decide: a reader task and a bounded channel).
+    async fn decide(
+        &self,
+        r: Request<tonic::Streaming<proto::DecideRequest>>,
+    ) -> Result<Response<Self::DecideStream>, Status> {
+        use proto::decide_request::Request as Q;
+        use proto::decide_response::Response as A;
+        let mut inbound = r.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                let response = match m.request {
+                    Some(Q::CanProceed(_)) => A::CanProceed(allowed()),
+                    Some(Q::RecordOutcome(_)) => A::RecordOutcome(recorded()),
+                    Some(Q::Route(q)) => A::Route(proto::RouteResponse {
+                        target: q.candidates.first().cloned().unwrap_or(q.route),
+                        permit: PERMIT.into(),
+                        state: proto::BreakerState::Closed as i32,
+                        ..Default::default()
+                    }),
+                    None => A::Error(proto::ItemError::default()),
+                };
+                let out = proto::DecideResponse {
+                    id: m.id,
+                    response: Some(response),
+                };
+                if tx.send(Ok(out)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
 }
 
 /// Runs the baseline server until killed; prints `baseline listening grpc=ADDR`.

@@ -25,6 +25,10 @@ pub enum Workload {
     AgentLoop,
     /// CanProceedBatch of --batch-size decisions per request.
     Batch,
+    /// CanProceed over Decide streams (one per connection, in-flight spread over them).
+    Stream,
+    /// The agent loop (Route then RecordOutcome) over Decide streams.
+    StreamAgentLoop,
 }
 
 impl Workload {
@@ -35,6 +39,8 @@ impl Workload {
             Workload::Route => "route",
             Workload::AgentLoop => "agent-loop",
             Workload::Batch => "batch",
+            Workload::Stream => "stream",
+            Workload::StreamAgentLoop => "stream-agent-loop",
         }
     }
 }
@@ -161,10 +167,36 @@ pub async fn connect(addr: &str, n: usize) -> Result<Vec<Channel>, String> {
     Ok(out)
 }
 
-struct Ctx {
-    shape: Shape,
-    names: Vec<String>,
-    zipf: Zipf,
+pub(crate) struct Ctx {
+    pub(crate) shape: Shape,
+    pub(crate) names: Vec<String>,
+    pub(crate) zipf: Zipf,
+}
+
+/// The agent loop's outcome mix: 92% success, 3% 429 with a short hint, 3%
+/// 503, 1% 529, 1% context-length 400 (status, error type, headers).
+pub(crate) fn agent_outcome(rng: &mut u64) -> (i32, &'static str, HashMap<String, String>) {
+    let roll = next_u64(rng) % 100;
+    let mut headers = HashMap::new();
+    headers.insert(
+        "x-ratelimit-limit-requests".to_string(),
+        "10000".to_string(),
+    );
+    headers.insert(
+        "x-ratelimit-remaining-requests".to_string(),
+        "9000".to_string(),
+    );
+    let (status, error_type) = match roll {
+        0..=91 => (200, ""),
+        92..=94 => {
+            headers.insert("retry-after-ms".to_string(), "20".to_string());
+            (429, "rate_limit_exceeded")
+        }
+        95..=97 => (503, "server_error"),
+        98 => (529, "overloaded_error"),
+        _ => (400, "context_length_exceeded"),
+    };
+    (status, error_type, headers)
 }
 
 /// One request of the workload; returns (decisions, error kind).
@@ -172,6 +204,8 @@ async fn one(c: &mut ResilienceClient<Channel>, ctx: &Ctx, rng: &mut u64) -> (u6
     let pick = |rng: &mut u64| ctx.names[ctx.zipf.sample(rng)].clone();
     let err = |s: tonic::Status| Some(format!("{:?}", s.code()));
     match ctx.shape.workload {
+        // Driven by `stream::phase`, never one request at a time.
+        Workload::Stream | Workload::StreamAgentLoop => (0, Some("not unary".into())),
         Workload::CanProceed => {
             let r = c
                 .can_proceed(proto::CanProceedRequest {
@@ -224,27 +258,7 @@ async fn one(c: &mut ResilienceClient<Channel>, ctx: &Ctx, rng: &mut u64) -> (u6
             if routed.target.is_empty() {
                 return (1, None); // every candidate paused or open: a decision too
             }
-            // 92% success, 3% 429 with a short hint, 3% 503, 1% 529, 1% context-length 400.
-            let roll = next_u64(rng) % 100;
-            let mut headers = HashMap::new();
-            headers.insert(
-                "x-ratelimit-limit-requests".to_string(),
-                "10000".to_string(),
-            );
-            headers.insert(
-                "x-ratelimit-remaining-requests".to_string(),
-                "9000".to_string(),
-            );
-            let (status, error_type) = match roll {
-                0..=91 => (200, ""),
-                92..=94 => {
-                    headers.insert("retry-after-ms".to_string(), "20".to_string());
-                    (429, "rate_limit_exceeded")
-                }
-                95..=97 => (503, "server_error"),
-                98 => (529, "overloaded_error"),
-                _ => (400, "context_length_exceeded"),
-            };
+            let (status, error_type, headers) = agent_outcome(rng);
             let r = c
                 .record_outcome(proto::RecordOutcomeRequest {
                     target: routed.target,
@@ -317,6 +331,12 @@ pub async fn run_counting(addr: &str, shape: &Shape) -> Result<(RunResult, u64),
 }
 
 async fn phase(channels: &[Channel], ctx: &Arc<Ctx>, duration: Duration) -> RunResult {
+    if matches!(
+        ctx.shape.workload,
+        Workload::Stream | Workload::StreamAgentLoop
+    ) {
+        return crate::stream::phase(channels, ctx, duration).await;
+    }
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::with_capacity(ctx.shape.in_flight);

@@ -18,6 +18,7 @@
 mod baseline;
 mod load;
 mod redis_peer;
+mod stream;
 
 use clap::Parser;
 use load::{RunResult, Shape, Workload};
