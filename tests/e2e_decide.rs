@@ -86,7 +86,9 @@ async fn one_stream_carries_every_kind_of_decision() {
             panic!("{a:?}")
         };
         assert!(p.allowed);
-        tx.send(outcome(20 + i, "m", &p.permit, 503)).await.expect("send");
+        tx.send(outcome(20 + i, "m", &p.permit, 503))
+            .await
+            .expect("send");
         let r = next(&mut inbound).await;
         assert_eq!(r.id, 20 + i);
         assert!(matches!(r.response, Some(A::RecordOutcome(_))), "{r:?}");
@@ -145,7 +147,9 @@ async fn bad_items_fail_alone_and_the_stream_goes_on() {
     })
     .await
     .expect("send");
-    tx.send(outcome(3, "m", "2.not.a.permit", 200)).await.expect("send");
+    tx.send(outcome(3, "m", "2.not.a.permit", 200))
+        .await
+        .expect("send");
     tx.send(proto::DecideRequest {
         id: 4,
         request: Some(Q::Route(proto::RouteRequest {
@@ -187,7 +191,9 @@ async fn every_item_is_answered_once() {
     let n = 2000u64;
     let sender = tokio::spawn(async move {
         for id in 0..n {
-            tx.send(can(id, &format!("t{}", id % 7))).await.expect("send");
+            tx.send(can(id, &format!("t{}", id % 7)))
+                .await
+                .expect("send");
         }
     });
     let mut seen = std::collections::HashSet::new();
@@ -244,7 +250,10 @@ async fn outstanding_items_are_bounded_and_deadlines_hold() {
     }
     // The first refused item is at most 1024 + 1 (the deadline item's slot may
     // still be held) behind; the rest wait, and are answered once Redis is back.
-    assert!((75..=77).contains(&busy), "{busy} items refused as over the cap");
+    assert!(
+        (75..=77).contains(&busy),
+        "{busy} items refused as over the cap"
+    );
     redis.signal("CONT");
     let mut answered = 0;
     while answered < 1100 - busy {

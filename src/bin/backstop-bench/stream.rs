@@ -57,7 +57,9 @@ impl Driver {
         match self.ctx.shape.workload {
             Workload::StreamAgentLoop => {
                 let n = self.ctx.names.len();
-                let candidates = (0..3).map(|k| self.ctx.names[(i + k) % n].clone()).collect();
+                let candidates = (0..3)
+                    .map(|k| self.ctx.names[(i + k) % n].clone())
+                    .collect();
                 self.send(
                     Q::Route(proto::RouteRequest {
                         candidates,
@@ -94,7 +96,9 @@ pub async fn phase(channels: &[Channel], ctx: &Arc<Ctx>, duration: Duration) -> 
             continue;
         }
         let (ch, ctx) = (ch.clone(), ctx.clone());
-        tasks.push(tokio::spawn(async move { drive(ch, ctx, k, deadline, c as u64).await }));
+        tasks.push(tokio::spawn(async move {
+            drive(ch, ctx, k, deadline, c as u64).await
+        }));
     }
     let mut out = RunResult::empty();
     for t in tasks {
@@ -128,7 +132,9 @@ async fn drive(ch: Channel, ctx: Arc<Ctx>, k: usize, deadline: Instant, seed: u6
         Ok(r) => r.into_inner(),
         Err(s) => {
             out.errors += 1;
-            *out.error_kinds.entry(format!("{:?}", s.code())).or_default() += 1;
+            *out.error_kinds
+                .entry(format!("{:?}", s.code()))
+                .or_default() += 1;
             return out;
         }
     };
@@ -138,21 +144,29 @@ async fn drive(ch: Channel, ctx: Arc<Ctx>, k: usize, deadline: Instant, seed: u6
             Ok(None) => break,
             Err(s) => {
                 out.errors += 1;
-                *out.error_kinds.entry(format!("{:?}", s.code())).or_default() += 1;
+                *out.error_kinds
+                    .entry(format!("{:?}", s.code()))
+                    .or_default() += 1;
                 break;
             }
         };
         let Some((t0, stage)) = d.sent.remove(&resp.id) else {
             continue;
         };
-        let _ = hist.record(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1));
+        let _ = hist.record(
+            u64::try_from(t0.elapsed().as_nanos())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
         out.requests += 1;
         out.decisions += 1;
         let now = Instant::now();
         match (resp.response, stage) {
             (Some(A::Error(e)), _) => {
                 out.errors += 1;
-                *out.error_kinds.entry(format!("code {}", e.code)).or_default() += 1;
+                *out.error_kinds
+                    .entry(format!("code {}", e.code))
+                    .or_default() += 1;
             }
             (Some(A::Route(r)), Stage::First) if !r.target.is_empty() => {
                 // The loop goes on: report the call's outcome with the permit.
