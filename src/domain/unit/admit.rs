@@ -9,7 +9,6 @@ use crate::domain::Time;
 use crate::domain::breaker::{BreakerState, Refusal, Ticket};
 use crate::domain::budget::{BudgetConfig, BudgetRefusal, BudgetState, Cost, Kind, Lease};
 use crate::domain::event::EventKind;
-use crate::domain::retry::RetryBudget;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,9 +85,7 @@ pub fn admit(
             }
         };
         if args.attempt > 0 {
-            let rb = st
-                .retry
-                .get_or_insert_with(|| Box::new(RetryBudget::new(cfg.retry.budget_window)));
+            let rb = st.retry_or_new(cfg.retry.budget_window);
             if !rb.allows(now, &cfg.retry) {
                 return Err(refuse(
                     Reason::RetryBudgetExhausted,
@@ -110,10 +107,10 @@ pub fn admit(
             st.next_admission += 1;
             note_budget_ok(cx, st, groups, slot_ix, fx);
             if args.attempt > 0 {
-                if let Some(rb) = st.retry.as_mut() {
+                if let Some(rb) = st.retry_mut() {
                     rb.try_retry(now, &cfg.retry);
                 }
-            } else if let Some(rb) = st.retry.as_mut() {
+            } else if let Some(rb) = st.retry_mut() {
                 rb.record_first(now);
             }
             st.counters.admitted += 1;

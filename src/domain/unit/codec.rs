@@ -282,7 +282,7 @@ pub fn encode(cx: &UnitCx<'_>, st: &TargetState) -> TargetRecord {
             })
             .collect(),
         breaker_window: p.window.as_ref().map(window_record),
-        retry_window: st.retry.as_ref().map(|r| window_record(r.counts())),
+        retry_window: st.retry().map(|r| window_record(r.counts())),
     }
 }
 
@@ -391,11 +391,12 @@ pub fn decode(cx: &UnitCx<'_>, rec: &TargetRecord, first_id: u64) -> TargetState
             },
             cx.seed,
         );
-        st.retry = rec
-            .retry_window
-            .as_ref()
-            .and_then(window_from)
-            .map(|w| Box::new(RetryBudget::from_counts(w)));
+        st.set_retry(
+            rec.retry_window
+                .as_ref()
+                .and_then(window_from)
+                .map(RetryBudget::from_counts),
+        );
     } else {
         let mut b = Breaker::restore(&snapshot_of(rec), cx.seed);
         b.set_generation(rec.generation);

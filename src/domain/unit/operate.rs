@@ -84,7 +84,6 @@ pub fn reset(
         g.state.limited = false;
     }
     st.counters = Default::default();
-    st.retry = None;
     st.notes = None;
     fx.durable = true;
     fx.state_dirty = true;

@@ -7,7 +7,7 @@ use crate::domain::breaker::{BreakerState, Effect, PermitRef, Trigger};
 use crate::domain::budget::{Kind, Usage};
 use crate::domain::event::EventKind;
 use crate::domain::headers::Signals;
-use crate::domain::retry::{Advice, RetryBudget, advise, against_open_breaker};
+use crate::domain::retry::{Advice, advise, against_open_breaker};
 use crate::domain::{OutcomeClass, Time};
 use std::sync::Arc;
 use std::time::Duration;
@@ -245,13 +245,10 @@ pub fn record(
     }
 
     // Retry advice, against the fleet's retry budget.
-    if class != OutcomeClass::Success && st.retry.is_none() {
-        st.retry = Some(Box::new(RetryBudget::new(cfg.retry.budget_window)));
+    if class != OutcomeClass::Success {
+        st.retry_or_new(cfg.retry.budget_window);
     }
-    let budget_ok = st
-        .retry
-        .as_ref()
-        .is_none_or(|rb| rb.allows(now, &cfg.retry));
+    let budget_ok = st.retry().is_none_or(|rb| rb.allows(now, &cfg.retry));
     let slot = &st.slots[slot_ix];
     let wait = (slot.paused_until > now).then(|| now.until(slot.paused_until));
     let hint = match (hint, wait) {

@@ -73,11 +73,15 @@ impl std::ops::DerefMut for Slots {
     }
 }
 
-/// Rarely-set text, boxed together so targets without any carry one pointer.
+/// The rarely needed parts of a target's state, boxed together so a target
+/// that never needed any carries one pointer (a million idle targets must
+/// fit in 512 MiB): operator text, and the fleet retry budget (created on
+/// the first failure or retry; healthy targets never need it).
 #[derive(Debug, Default)]
 pub struct Notes {
     pub forced_reason: Option<Box<str>>,
     pub last_cause: Option<Box<str>>,
+    pub retry: Option<RetryBudget>,
 }
 
 /// One target's decision state.
@@ -85,8 +89,6 @@ pub struct Notes {
 pub struct TargetState {
     pub breaker: Breaker,
     pub slots: Slots,
-    /// Allocated on the first failure or retry: healthy targets never need it.
-    pub retry: Option<Box<RetryBudget>>,
     pub counters: Counters,
     /// The next permit id: a counter that never goes back (see
     /// [`super::first_permit_id`]), so every permit of a target is unique.
@@ -106,7 +108,6 @@ impl TargetState {
         TargetState {
             breaker: Breaker::new(seed),
             slots,
-            retry: None,
             counters: Counters::default(),
             next_admission: first_id.max(1),
             notes: None,
@@ -115,6 +116,26 @@ impl TargetState {
 }
 
 impl TargetState {
+    /// The fleet retry budget, if one was needed yet.
+    pub fn retry(&self) -> Option<&RetryBudget> {
+        self.notes.as_ref().and_then(|n| n.retry.as_ref())
+    }
+    pub fn retry_mut(&mut self) -> Option<&mut RetryBudget> {
+        self.notes.as_mut().and_then(|n| n.retry.as_mut())
+    }
+    /// The retry budget, created (over `window`) if there is none yet.
+    pub fn retry_or_new(&mut self, window: std::time::Duration) -> &mut RetryBudget {
+        self.notes
+            .get_or_insert_with(Default::default)
+            .retry
+            .get_or_insert_with(|| RetryBudget::new(window))
+    }
+    pub fn set_retry(&mut self, r: Option<RetryBudget>) {
+        if r.is_some() || self.notes.is_some() {
+            self.notes.get_or_insert_with(Default::default).retry = r;
+        }
+    }
+
     /// Why an operator forced the breaker, if they said.
     pub fn forced_reason(&self) -> Option<&str> {
         self.notes.as_ref().and_then(|n| n.forced_reason.as_deref())

@@ -87,11 +87,13 @@ impl Target {
 #[cfg(test)]
 mod size_tests {
     /// A million resident targets must fit in 512 MiB (BENCHMARKS.md measures
-    /// ~490 bytes each, map and name included): keep the per-target struct lean.
+    /// ~500 bytes each, map and name included): keep the per-target struct
+    /// lean. 344 bytes + the Arc's counts is a 368-byte allocation; 352 would
+    /// be a 384-byte one.
     #[test]
     fn a_target_stays_small() {
         assert!(
-            std::mem::size_of::<super::Target>() <= 352,
+            std::mem::size_of::<super::Target>() <= 344,
             "{}",
             std::mem::size_of::<super::Target>()
         );
