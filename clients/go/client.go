@@ -13,6 +13,8 @@
 //   - Transport: an http.RoundTripper that guards any HTTP-based provider SDK.
 //   - DeferredWorker: drains requests deferred while every model was down.
 //   - Client.Watch: the live event stream (breaker transitions, fallbacks...).
+//   - Every decision of a Client travels over one bidirectional Decide stream
+//     (unary calls with WithoutStream, BACKSTOP_STREAM=0, or a server without it).
 //   - A fail-safe: when Backstop itself is unreachable, decisions are taken
 //     locally (an in-process breaker and full-jitter backoff) until it is back,
 //     and what was decided meanwhile is reported to it then. An agent is never
@@ -133,7 +135,11 @@ func New(addr string, opts ...Option) (*Client, error) {
 		remote:     1,
 		closed:     make(chan struct{}),
 	}
-	c.dec = unaryDecisions{c.resilience}
+	if s.stream {
+		c.dec = newStreamDecisions(c, unaryDecisions{c.resilience})
+	} else {
+		c.dec = unaryDecisions{c.resilience}
+	}
 	c.rec = newReconciler(c)
 	return c, nil
 }
@@ -145,11 +151,13 @@ func maxDur(a, b time.Duration) time.Duration {
 	return b
 }
 
-// Close stops the background probe and closes the connection.
+// Close stops the background probe, ends the Decide stream and closes the
+// connection. Decisions still in flight fail with CANCELED.
 func (c *Client) Close() error {
 	var err error
 	c.closeOnce.Do(func() {
 		close(c.closed)
+		c.dec.close()
 		err = c.conn.Close()
 		c.wg.Wait()
 	})
@@ -188,19 +196,23 @@ func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]strin
 // plaintext servers; with WithTLS it travels encrypted.
 func (b bearer) RequireTransportSecurity() bool { return b.secure }
 
-// decisionTransport carries the decision calls. Today they are unary RPCs;
-// the planned bidirectional Decide stream will be a second implementation
-// (one stream per client, answers matched to requests), picked in New.
-// Everything above this interface (the fail-safe, Guard, Call, the
-// Transport) stays as it is.
+// decisionTransport carries the decision calls: the Decide stream by
+// default (stream.go: one stream per client, answers matched to requests,
+// unary as its fallback), or unary RPCs (WithoutStream, BACKSTOP_STREAM=0),
+// picked in New. Both fail the way a unary call does (the same status
+// codes), so everything above this interface (the fail-safe, Guard, Call,
+// the Transport) is the same for both.
 type decisionTransport interface {
 	canProceed(context.Context, *pb.CanProceedRequest) (*pb.CanProceedResponse, error)
 	recordOutcome(context.Context, *pb.RecordOutcomeRequest) (*pb.RecordOutcomeResponse, error)
 	route(context.Context, *pb.RouteRequest) (*pb.RouteResponse, error)
 	recordOutcomeBatch(context.Context, *pb.RecordOutcomeBatchRequest) (*pb.RecordOutcomeBatchResponse, error)
+	close()
 }
 
 type unaryDecisions struct{ c pb.ResilienceClient }
+
+func (unaryDecisions) close() {}
 
 func (u unaryDecisions) canProceed(ctx context.Context, r *pb.CanProceedRequest) (*pb.CanProceedResponse, error) {
 	return u.c.CanProceed(ctx, r)

@@ -48,6 +48,7 @@ type settings struct {
 	dialOptions       []grpc.DialOption
 	logger            Logger
 	reconcileLimit    int
+	stream            bool
 }
 
 func defaultSettings() settings {
@@ -61,6 +62,7 @@ func defaultSettings() settings {
 		caller:            fmt.Sprintf("%s:%d", host, os.Getpid()),
 		logger:            stdLogger{},
 		reconcileLimit:    10000,
+		stream:            streamEnabledByEnv(),
 	}
 }
 
@@ -135,6 +137,12 @@ func WithLogger(l Logger) Option {
 // WithReconcileLimit bounds how many outcomes decided locally are kept to
 // report once Backstop is back (10000; the oldest are dropped first).
 func WithReconcileLimit(n int) Option { return func(s *settings) { s.reconcileLimit = n } }
+
+// WithoutStream makes every decision a unary RPC instead of an item on the
+// client's Decide stream (the default). The environment variable
+// BACKSTOP_STREAM=0 does the same without a code change. Against a server
+// without Decide the client falls back to unary calls by itself.
+func WithoutStream() Option { return func(s *settings) { s.stream = false } }
 
 type stdLogger struct{}
 

@@ -67,12 +67,16 @@ func (r *reconciler) kick() {
 	r.c.wg.Add(1)
 	go func() {
 		defer r.c.wg.Done()
-		_ = r.flush()
+		if r.flush() == nil && r.c.isRemote() {
+			r.kick() // reports added while it ran
+		}
 	}()
 }
 
-// flush sends every pending report in batches. It stops at the first outage
-// (the rest stay pending); items the server rejects are dropped with a log line.
+// flush sends the reports pending when it starts, in batches (reports added
+// meanwhile wait for the next flush, so agents busy deciding locally cannot
+// keep the probe from switching back). It stops at the first outage (the
+// rest stay pending); items the server rejects are dropped with a log line.
 func (r *reconciler) flush() error {
 	r.mu.Lock()
 	if r.flushing {
@@ -80,6 +84,7 @@ func (r *reconciler) flush() error {
 		return nil
 	}
 	r.flushing = true
+	budget := len(r.pending)
 	r.mu.Unlock()
 	defer func() {
 		r.mu.Lock()
@@ -93,6 +98,10 @@ func (r *reconciler) flush() error {
 		if n > maxBatch {
 			n = maxBatch
 		}
+		if n > budget {
+			n = budget
+		}
+		budget -= n
 		batch := append([]OutcomeReport(nil), r.pending[:n]...)
 		r.mu.Unlock()
 		if n == 0 || r.c.isClosed() {

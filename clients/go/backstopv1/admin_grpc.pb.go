@@ -26,6 +26,8 @@ type AdminClient interface {
 	// Back to a fresh closed breaker: clears counters, open periods (including a
 	// PERSISTENT open), forced states, provider pauses and disabled key slots.
 	ResetTarget(ctx context.Context, in *ResetTargetRequest, opts ...grpc.CallOption) (*TargetStatus, error)
+	// This replica and, in cluster mode, Redis and every live replica.
+	GetCluster(ctx context.Context, in *GetClusterRequest, opts ...grpc.CallOption) (*ClusterStatus, error)
 }
 
 type adminClient struct {
@@ -72,6 +74,15 @@ func (c *adminClient) ResetTarget(ctx context.Context, in *ResetTargetRequest, o
 	return out, nil
 }
 
+func (c *adminClient) GetCluster(ctx context.Context, in *GetClusterRequest, opts ...grpc.CallOption) (*ClusterStatus, error) {
+	out := new(ClusterStatus)
+	err := c.cc.Invoke(ctx, "/backstop.v1.Admin/GetCluster", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility
@@ -85,6 +96,8 @@ type AdminServer interface {
 	// Back to a fresh closed breaker: clears counters, open periods (including a
 	// PERSISTENT open), forced states, provider pauses and disabled key slots.
 	ResetTarget(context.Context, *ResetTargetRequest) (*TargetStatus, error)
+	// This replica and, in cluster mode, Redis and every live replica.
+	GetCluster(context.Context, *GetClusterRequest) (*ClusterStatus, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -103,6 +116,9 @@ func (UnimplementedAdminServer) SetBreakerState(context.Context, *SetBreakerStat
 }
 func (UnimplementedAdminServer) ResetTarget(context.Context, *ResetTargetRequest) (*TargetStatus, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ResetTarget not implemented")
+}
+func (UnimplementedAdminServer) GetCluster(context.Context, *GetClusterRequest) (*ClusterStatus, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetCluster not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 
@@ -189,6 +205,24 @@ func _Admin_ResetTarget_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_GetCluster_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetClusterRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).GetCluster(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/backstop.v1.Admin/GetCluster",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).GetCluster(ctx, req.(*GetClusterRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _Admin_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "backstop.v1.Admin",
 	HandlerType: (*AdminServer)(nil),
@@ -208,6 +242,10 @@ var _Admin_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ResetTarget",
 			Handler:    _Admin_ResetTarget_Handler,
+		},
+		{
+			MethodName: "GetCluster",
+			Handler:    _Admin_GetCluster_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -30,6 +30,15 @@ type ResilienceClient interface {
 	CanProceedBatch(ctx context.Context, in *CanProceedBatchRequest, opts ...grpc.CallOption) (*CanProceedBatchResponse, error)
 	// Many RecordOutcome reports in one round trip; one response item per request item, in order.
 	RecordOutcomeBatch(ctx context.Context, in *RecordOutcomeBatchRequest, opts ...grpc.CallOption) (*RecordOutcomeBatchResponse, error)
+	// Every decision of a client process over one long-lived stream: each
+	// request carries an id the client chooses and one CanProceed,
+	// RecordOutcome or Route; each response carries the same id and the answer
+	// the unary call would give, as soon as it is decided (possibly out of
+	// order). Far cheaper per decision than unary calls (no new HTTP/2 stream,
+	// no headers per call). Per-item problems come back as an item error; the
+	// stream itself ends only when the client closes it, the server drains, or
+	// the connection breaks.
+	Decide(ctx context.Context, opts ...grpc.CallOption) (Resilience_DecideClient, error)
 }
 
 type resilienceClient struct {
@@ -85,6 +94,37 @@ func (c *resilienceClient) RecordOutcomeBatch(ctx context.Context, in *RecordOut
 	return out, nil
 }
 
+func (c *resilienceClient) Decide(ctx context.Context, opts ...grpc.CallOption) (Resilience_DecideClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_Resilience_serviceDesc.Streams[0], "/backstop.v1.Resilience/Decide", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &resilienceDecideClient{stream}
+	return x, nil
+}
+
+type Resilience_DecideClient interface {
+	Send(*DecideRequest) error
+	Recv() (*DecideResponse, error)
+	grpc.ClientStream
+}
+
+type resilienceDecideClient struct {
+	grpc.ClientStream
+}
+
+func (x *resilienceDecideClient) Send(m *DecideRequest) error {
+	return x.ClientStream.SendMsg(m)
+}
+
+func (x *resilienceDecideClient) Recv() (*DecideResponse, error) {
+	m := new(DecideResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 // ResilienceServer is the server API for Resilience service.
 // All implementations must embed UnimplementedResilienceServer
 // for forward compatibility
@@ -102,6 +142,15 @@ type ResilienceServer interface {
 	CanProceedBatch(context.Context, *CanProceedBatchRequest) (*CanProceedBatchResponse, error)
 	// Many RecordOutcome reports in one round trip; one response item per request item, in order.
 	RecordOutcomeBatch(context.Context, *RecordOutcomeBatchRequest) (*RecordOutcomeBatchResponse, error)
+	// Every decision of a client process over one long-lived stream: each
+	// request carries an id the client chooses and one CanProceed,
+	// RecordOutcome or Route; each response carries the same id and the answer
+	// the unary call would give, as soon as it is decided (possibly out of
+	// order). Far cheaper per decision than unary calls (no new HTTP/2 stream,
+	// no headers per call). Per-item problems come back as an item error; the
+	// stream itself ends only when the client closes it, the server drains, or
+	// the connection breaks.
+	Decide(Resilience_DecideServer) error
 	mustEmbedUnimplementedResilienceServer()
 }
 
@@ -123,6 +172,9 @@ func (UnimplementedResilienceServer) CanProceedBatch(context.Context, *CanProcee
 }
 func (UnimplementedResilienceServer) RecordOutcomeBatch(context.Context, *RecordOutcomeBatchRequest) (*RecordOutcomeBatchResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method RecordOutcomeBatch not implemented")
+}
+func (UnimplementedResilienceServer) Decide(Resilience_DecideServer) error {
+	return status.Errorf(codes.Unimplemented, "method Decide not implemented")
 }
 func (UnimplementedResilienceServer) mustEmbedUnimplementedResilienceServer() {}
 
@@ -227,6 +279,32 @@ func _Resilience_RecordOutcomeBatch_Handler(srv interface{}, ctx context.Context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Resilience_Decide_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(ResilienceServer).Decide(&resilienceDecideServer{stream})
+}
+
+type Resilience_DecideServer interface {
+	Send(*DecideResponse) error
+	Recv() (*DecideRequest, error)
+	grpc.ServerStream
+}
+
+type resilienceDecideServer struct {
+	grpc.ServerStream
+}
+
+func (x *resilienceDecideServer) Send(m *DecideResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
+func (x *resilienceDecideServer) Recv() (*DecideRequest, error) {
+	m := new(DecideRequest)
+	if err := x.ServerStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 var _Resilience_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "backstop.v1.Resilience",
 	HandlerType: (*ResilienceServer)(nil),
@@ -252,6 +330,13 @@ var _Resilience_serviceDesc = grpc.ServiceDesc{
 			Handler:    _Resilience_RecordOutcomeBatch_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Decide",
+			Handler:       _Resilience_Decide_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "backstop/v1/resilience.proto",
 }
