@@ -290,6 +290,9 @@ export class Backstop {
     this.local = new LocalEngine(localPolicy(opts.localPolicy));
     this.routeMemory = new RouteMemory(opts.localRoutes);
     this.log = opts.logger ?? console;
+    const useStream = opts.stream ?? streamFromEnv();
+    if (typeof useStream !== 'boolean') throw new TypeError(`stream must be true or false, got ${String(useStream)}`);
+    const streamIdleMs = positiveMs('streamIdleMs', opts.streamIdleMs, 1000);
     this.transport = new Transport(address, {
       token: opts.token,
       adminToken: opts.adminToken,
@@ -298,11 +301,9 @@ export class Backstop {
       channelOptions: opts.channelOptions,
       reconnectBackoffMs: Math.max(50, this.reconnectIntervalMs),
     });
-    const useStream = opts.stream ?? streamFromEnv();
-    if (typeof useStream !== 'boolean') throw new TypeError(`stream must be true or false, got ${String(useStream)}`);
     this.stream = useStream
       ? new StreamTransport(this.transport, {
-          idleMs: positiveMs('streamIdleMs', opts.streamIdleMs, 1000),
+          idleMs: streamIdleMs,
           onUnimplemented: (details) =>
             this.log.warn(
               `Backstop at ${this.address} does not implement the Decide stream (an older server: ${details}); ` +

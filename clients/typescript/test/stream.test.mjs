@@ -16,6 +16,9 @@ import { resilience as pb } from '@backstop/client/proto';
 import { BackstopServer } from '@backstop/client/testing';
 import { CHAT, FAST, backstopBin, recordingLogger, waitFor } from './helpers.mjs';
 
+// These tests are about the stream: the rest of the suite honours BACKSTOP_STREAM=0, this file does not.
+delete process.env.BACKSTOP_STREAM;
+
 const HERE = dirname(fileURLToPath(import.meta.url));
 const PKG = join(HERE, '..');
 const SONNET = 'anthropic/sonnet';
@@ -264,7 +267,8 @@ test('server killed and restarted mid-run: the fail-safe decides meanwhile, then
       assert.equal(after.Route + after.CanProceed + after.RecordOutcome, 0, JSON.stringify(after));
       assert.equal(bs.streaming, true);
       const warns = logger.lines.filter(([lvl]) => lvl === 'warn').map(([, m]) => m);
-      assert.equal(warns.filter((m) => m.includes('unreachable')).length, 1, warns.join('\n'));
+      assert.match(warns[0], /unreachable \((CanProceed|Route|RecordOutcome): (UNAVAILABLE|DEADLINE_EXCEEDED)/, warns.join('\n'));
+      assert.ok(warns.some((m) => m.includes('reachable again')), warns.join('\n'));
     } finally {
       stop = true;
       await loop;
@@ -287,7 +291,7 @@ test('per-item deadline: an unanswered item is decided by the fail-safe; a DEADL
     call.on('end', () => call.end());
   });
   const logger = recordingLogger();
-  const bs = new Backstop(fake.address, { timeoutMs: 100, reconnectIntervalMs: 50, logger });
+  const bs = new Backstop(fake.address, { timeoutMs: 200, reconnectIntervalMs: 50, logger });
   try {
     const fast = await bs.canProceed('fast/a');
     assert.equal(fast.local, false);
@@ -297,8 +301,8 @@ test('per-item deadline: an unanswered item is decided by the fail-safe; a DEADL
     assert.equal(other.local, false, 'the other item on the same stream was answered');
     assert.equal(slow.local, true, 'decided locally');
     assert.equal(slow.allowed, true);
-    assert.ok(took >= 90 && took < 1000, String(took));
-    assert.match(logger.lines.map(([, m]) => m).join('\n'), /unreachable \(CanProceed: DEADLINE_EXCEEDED: no answer on the Decide stream within 100ms\)/);
+    assert.ok(took >= 190 && took < 2000, String(took));
+    assert.match(logger.lines.map(([, m]) => m).join('\n'), /unreachable \(CanProceed: DEADLINE_EXCEEDED: no answer on the Decide stream within 200ms\)/);
     assert.equal(bs.mode, 'local');
 
     // The probe finds the server again; the next decision opens a fresh stream.
