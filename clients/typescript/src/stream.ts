@@ -242,7 +242,7 @@ export class StreamTransport implements DecisionTransport {
     const msg: DecideRequest = {
       id: item.id,
       [item.kind]: item.req,
-      // The server gives up on the item when the client has; at least 1 ms (0 means none).
+      // The server gives up on the item when the client has (whole milliseconds, at least 1).
       deadline: duration(Math.max(1, Math.ceil(left))),
     } as DecideRequest;
     s.call.write(msg);
