@@ -17,6 +17,7 @@ import {
 import { type BackstopEvent, type WatchOptions, watchEvents } from './events.js';
 import { LOCAL_PERMIT_PREFIX, LocalEngine, type LocalPolicy, type PendingReport, RouteMemory, localPolicy } from './local.js';
 import { type Correction, type ReplyLike, type Schema, Structured, type StructuredOptions, isStructured } from './structured.js';
+import { StreamTransport } from './stream.js';
 import { type TlsOptions, Transport, type DecisionTransport } from './transport.js';
 import type {
   Admission,
@@ -73,6 +74,15 @@ export interface BackstopOptions {
   reconnectIntervalMs?: number;
   /** Report outcomes decided locally to the server once it is back (default true). */
   reconcile?: boolean;
+  /**
+   * Send every decision over one bidirectional Decide stream (default true,
+   * unless the environment says `BACKSTOP_STREAM=0`); `false`: one unary call
+   * per decision. A server without Decide is detected and answered with unary
+   * calls either way.
+   */
+  stream?: boolean;
+  /** Half-close the Decide stream after this long without decisions, so an idle process can exit (default 1000 ms). */
+  streamIdleMs?: number;
   logger?: Logger;
 }
 
@@ -251,8 +261,9 @@ export class Backstop {
   /** The generated gRPC clients on this client's channel, for calls the wrapper does not cover. */
   readonly stubs: Pick<Transport, 'resilience' | 'admin' | 'deferred' | 'events'>;
   private readonly transport: Transport;
-  /** Where decisions go; the unary transport today (a stream transport can replace it). */
+  /** Where decisions go: the Decide stream (default) or unary calls. */
   private readonly decisions: DecisionTransport;
+  private readonly stream: StreamTransport | undefined;
   private readonly log: Logger;
   private readonly reconcileEnabled: boolean;
   private remote = true;
@@ -279,6 +290,9 @@ export class Backstop {
     this.local = new LocalEngine(localPolicy(opts.localPolicy));
     this.routeMemory = new RouteMemory(opts.localRoutes);
     this.log = opts.logger ?? console;
+    const useStream = opts.stream ?? streamFromEnv();
+    if (typeof useStream !== 'boolean') throw new TypeError(`stream must be true or false, got ${String(useStream)}`);
+    const streamIdleMs = positiveMs('streamIdleMs', opts.streamIdleMs, 1000);
     this.transport = new Transport(address, {
       token: opts.token,
       adminToken: opts.adminToken,
@@ -287,7 +301,17 @@ export class Backstop {
       channelOptions: opts.channelOptions,
       reconnectBackoffMs: Math.max(50, this.reconnectIntervalMs),
     });
-    this.decisions = this.transport;
+    this.stream = useStream
+      ? new StreamTransport(this.transport, {
+          idleMs: streamIdleMs,
+          onUnimplemented: (details) =>
+            this.log.warn(
+              `Backstop at ${this.address} does not implement the Decide stream (an older server: ${details}); ` +
+                'decisions use unary calls on this channel',
+            ),
+        })
+      : undefined;
+    this.decisions = this.stream ?? this.transport;
     this.stubs = this.transport;
   }
 
@@ -296,10 +320,19 @@ export class Backstop {
     return this.remote ? 'remote' : 'local';
   }
 
-  /** Stops the recovery probe and closes the channel. */
+  /**
+   * True while decisions go over the Decide stream; false with `stream: false`
+   * (or `BACKSTOP_STREAM=0`) and after an older server answered UNIMPLEMENTED.
+   */
+  get streaming(): boolean {
+    return this.stream?.streaming ?? false;
+  }
+
+  /** Stops the recovery probe and closes the Decide stream and the channel. */
   close(): void {
     this.closed = true;
     this.proberWake?.();
+    this.stream?.close();
     this.transport.close();
   }
 
@@ -350,6 +383,8 @@ export class Backstop {
       });
       if (this.closed) return;
       if (await this.transport.health(probeTimeout)) {
+        // The server may have been upgraded meanwhile: try the Decide stream again.
+        this.stream?.retryStream();
         this.remote = true;
         const down = ((performance.now() - this.downSince) / 1000).toFixed(1);
         this.log.warn(`Backstop at ${this.address} is reachable again after ${down}s; using the fleet's decisions`);
@@ -453,13 +488,18 @@ export class Backstop {
   // --- decisions ----------------------------------------------------------------------------
 
   /** May a call go to `target` now? (Does not throw on refusal; see `guard()`.) */
-  async canProceed(target: string, opts: { estimatedTokens?: number; attempt?: number } = {}): Promise<Admission> {
+  async canProceed(
+    target: string,
+    opts: { estimatedTokens?: number; attempt?: number; signal?: AbortSignal | undefined } = {},
+  ): Promise<Admission> {
     const estimatedTokens = nonNegInt('estimatedTokens', opts.estimatedTokens);
     const attempt = nonNegInt('attempt', opts.attempt);
+    const { signal } = opts;
+    signal?.throwIfAborted();
     return this.decide(
       'CanProceed',
       async () => {
-        const r = await this.decisions.canProceed({ target, caller: this.caller, estimatedTokens, attempt }, this.timeoutMs);
+        const r = await this.decisions.canProceed({ target, caller: this.caller, estimatedTokens, attempt }, this.timeoutMs, { signal });
         const adm = conv.admission(target, r);
         // A fleet refusal is carried into local mode if the outage starts now.
         if (!adm.allowed && adm.reason === 'circuit_open' && adm.retryAfterMs) this.local.seedOpen(target, adm.retryAfterMs);
@@ -472,9 +512,17 @@ export class Backstop {
   /** Which target of `route` (a configured route name, or a list of targets) should serve now. */
   async route(
     route: RouteArg,
-    opts: { estimatedTokens?: number; requiredContextTokens?: number; exclude?: readonly string[]; attempt?: number } = {},
+    opts: {
+      estimatedTokens?: number;
+      requiredContextTokens?: number;
+      exclude?: readonly string[];
+      attempt?: number;
+      signal?: AbortSignal | undefined;
+    } = {},
   ): Promise<RouteDecision> {
     const [name, candidates] = routeArgs(route);
+    const { signal } = opts;
+    signal?.throwIfAborted();
     const exclude = [...(opts.exclude ?? [])];
     const req = {
       route: name ?? '',
@@ -488,7 +536,7 @@ export class Backstop {
     return this.decide(
       'Route',
       async () => {
-        const d = conv.routeDecision(await this.decisions.route(req, this.timeoutMs));
+        const d = conv.routeDecision(await this.decisions.route(req, this.timeoutMs, { signal }));
         if (name) this.routeMemory.learn(name, d);
         for (const s of d.skipped) if (s.reason === 'circuit_open' && s.retryAfterMs) this.local.seedOpen(s.target, s.retryAfterMs);
         return d;
@@ -576,7 +624,7 @@ export class Backstop {
   async guard<T>(target: string, fn: (g: GuardContext) => T | Promise<T>, opts: GuardOptions = {}): Promise<T> {
     const attempt = nonNegInt('attempt', opts.attempt);
     opts.signal?.throwIfAborted();
-    const adm = await this.canProceed(target, { estimatedTokens: opts.estimatedTokens ?? 0, attempt });
+    const adm = await this.canProceed(target, { estimatedTokens: opts.estimatedTokens ?? 0, attempt, signal: opts.signal });
     if (!adm.allowed) throw refusal(target, adm.reason, adm.state, adm.retryAfterMs, adm.local);
     const g = new GuardContext(target, attempt, adm, opts.signal);
     const started = performance.now();
@@ -652,7 +700,7 @@ export class Backstop {
 
     for (;;) {
       signal?.throwIfAborted();
-      const decision = await this.route(route, { estimatedTokens, requiredContextTokens: requiredContext, exclude });
+      const decision = await this.route(route, { estimatedTokens, requiredContextTokens: requiredContext, exclude, signal });
       last = decision;
       if (decision.target === null) {
         errors = postMortem(errors, decision, tried);
@@ -711,7 +759,7 @@ export class Backstop {
         if (opts.deadlineMs !== undefined && performance.now() - started + result.retry.delayMs > opts.deadlineMs) break;
         if (result.retry.delayMs > 0) await sleep(result.retry.delayMs, signal);
         attempt += 1;
-        const adm = await this.canProceed(target, { estimatedTokens, attempt });
+        const adm = await this.canProceed(target, { estimatedTokens, attempt, signal });
         if (!adm.allowed) {
           errors.push({
             target,
@@ -923,6 +971,12 @@ export class Backstop {
   watch(opts: WatchOptions = {}): AsyncGenerator<BackstopEvent, void, undefined> {
     return watchEvents(this.transport, opts, this.reconnectIntervalMs);
   }
+}
+
+/** `BACKSTOP_STREAM=0` (or false / no / off) turns the Decide stream off by default. */
+function streamFromEnv(): boolean {
+  const v = process.env.BACKSTOP_STREAM?.trim().toLowerCase();
+  return !(v === '0' || v === 'false' || v === 'no' || v === 'off');
 }
 
 function observeErrorWithSignal(error: unknown, signal: AbortSignal | undefined): Observed {

@@ -51,5 +51,5 @@ export type { Correction, JsonSchema, ReplyLike, Schema, StandardSchemaLike, Str
 export { ClaimedItem, DeferredWorker } from './worker.js';
 export type { WorkerOptions, WorkerStats } from './worker.js';
 export type { BackstopEvent, EventKindName, WatchOptions } from './events.js';
-export type { DecisionTransport, TlsOptions } from './transport.js';
+export type { DecisionCallOptions, DecisionTransport, TlsOptions } from './transport.js';
 export type * from './types.js';

@@ -3,9 +3,8 @@
  * credentials (plaintext or TLS), bearer-token metadata and per-call deadlines.
  *
  * Decisions go through the `DecisionTransport` interface, implemented here
- * with unary calls. A bidirectional `Decide` stream (planned on the server)
- * would be a second implementation of the same interface; nothing above this
- * file needs to know which one is in use.
+ * with unary calls and in `stream.ts` over one bidirectional `Decide` stream
+ * (the default); nothing above these files needs to know which one is in use.
  */
 import * as grpc from '@grpc/grpc-js';
 import { AdminClient } from './gen/backstop/v1/admin.js';
@@ -60,11 +59,20 @@ export function controlPlaneError(method: string, err: unknown): ControlPlaneErr
   return new Cls(method, code, details, name);
 }
 
-/** The decision calls. Implemented with unary RPCs today; a stream transport later. */
+/** Per-decision options: an AbortSignal rejects the decision with its reason. */
+export interface DecisionCallOptions {
+  signal?: AbortSignal | undefined;
+}
+
+/**
+ * The decision calls: unary RPCs (`Transport`) or items on one Decide stream
+ * (`StreamTransport`). Outages reject with ControlPlaneUnavailable, server
+ * refusals (INVALID_ARGUMENT, NOT_FOUND...) with ControlPlaneError, either way.
+ */
 export interface DecisionTransport {
-  canProceed(req: CanProceedRequest, timeoutMs: number): Promise<CanProceedResponse>;
-  recordOutcome(req: RecordOutcomeRequest, timeoutMs: number): Promise<RecordOutcomeResponse>;
-  route(req: RouteRequest, timeoutMs: number): Promise<RouteResponse>;
+  canProceed(req: CanProceedRequest, timeoutMs: number, opts?: DecisionCallOptions): Promise<CanProceedResponse>;
+  recordOutcome(req: RecordOutcomeRequest, timeoutMs: number, opts?: DecisionCallOptions): Promise<RecordOutcomeResponse>;
+  route(req: RouteRequest, timeoutMs: number, opts?: DecisionCallOptions): Promise<RouteResponse>;
   recordOutcomeBatch(req: RecordOutcomeBatchRequest, timeoutMs: number): Promise<RecordOutcomeBatchResponse>;
 }
 
@@ -156,16 +164,16 @@ export class Transport implements DecisionTransport {
     });
   }
 
-  canProceed(req: CanProceedRequest, timeoutMs: number): Promise<CanProceedResponse> {
-    return this.unary(this.resilience, this.resilience.canProceed, 'CanProceed', req, timeoutMs);
+  canProceed(req: CanProceedRequest, timeoutMs: number, opts: DecisionCallOptions = {}): Promise<CanProceedResponse> {
+    return this.unary(this.resilience, this.resilience.canProceed, 'CanProceed', req, timeoutMs, { signal: opts.signal });
   }
 
-  recordOutcome(req: RecordOutcomeRequest, timeoutMs: number): Promise<RecordOutcomeResponse> {
-    return this.unary(this.resilience, this.resilience.recordOutcome, 'RecordOutcome', req, timeoutMs);
+  recordOutcome(req: RecordOutcomeRequest, timeoutMs: number, opts: DecisionCallOptions = {}): Promise<RecordOutcomeResponse> {
+    return this.unary(this.resilience, this.resilience.recordOutcome, 'RecordOutcome', req, timeoutMs, { signal: opts.signal });
   }
 
-  route(req: RouteRequest, timeoutMs: number): Promise<RouteResponse> {
-    return this.unary(this.resilience, this.resilience.route, 'Route', req, timeoutMs);
+  route(req: RouteRequest, timeoutMs: number, opts: DecisionCallOptions = {}): Promise<RouteResponse> {
+    return this.unary(this.resilience, this.resilience.route, 'Route', req, timeoutMs, { signal: opts.signal });
   }
 
   recordOutcomeBatch(req: RecordOutcomeBatchRequest, timeoutMs: number): Promise<RecordOutcomeBatchResponse> {

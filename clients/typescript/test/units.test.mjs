@@ -201,6 +201,8 @@ test('bad options get clear errors', () => {
   assert.throws(() => new Backstop('127.0.0.1:1', { timeoutMs: 0 }), /timeoutMs/);
   assert.throws(() => new Backstop('127.0.0.1:1', { localPolicy: { failureThreshold: 0 } }), /failureThreshold/);
   assert.throws(() => new Backstop('127.0.0.1:1', { tls: { certChain: 'x' } }), /privateKey/);
+  assert.throws(() => new Backstop('127.0.0.1:1', { stream: 'yes' }), /stream must be true or false/);
+  assert.throws(() => new Backstop('127.0.0.1:1', { streamIdleMs: -1 }), /streamIdleMs/);
 });
 
 test('the typed errors carry what an agent needs', () => {

@@ -45,6 +45,38 @@ export enum BreakerMode {
   UNRECOGNIZED = -1,
 }
 
+export interface GetClusterRequest {
+}
+
+export interface ClusterStatus {
+  /** This replica's id (cluster mode: [cluster] replica_id or hostname:port). */
+  replicaId: string;
+  /** "embedded" (one process, its own store) or "cluster" (state in Redis). */
+  mode: string;
+  /** Cluster mode: whether this replica reaches Redis now. */
+  redisReachable: boolean;
+  /** The Redis role this replica talks to ("master", "slave") or "cluster". */
+  redisRole: string;
+  /** The last measured round trip to Redis. */
+  redisRtt:
+    | Duration
+    | undefined;
+  /** True while this replica decides without Redis. */
+  degraded: boolean;
+  /** Every live replica (heartbeat seen within the last few seconds), this one included. */
+  replicas: ReplicaStatus[];
+  /** A digest of this replica's config: replicas with different digests disagree on settings. */
+  configDigest: string;
+}
+
+export interface ReplicaStatus {
+  id: string;
+  /** Its gRPC address. */
+  address: string;
+  lastHeartbeat: Date | undefined;
+  configDigest: string;
+}
+
 export interface ListTargetsRequest {
   /** Only targets whose name starts with this prefix. */
   prefix: string;
@@ -213,6 +245,290 @@ export interface BreakerSettings {
   slowCallDuration: Duration | undefined;
   persistentOpenDuration: Duration | undefined;
 }
+
+function createBaseGetClusterRequest(): GetClusterRequest {
+  return {};
+}
+
+export const GetClusterRequest: MessageFns<GetClusterRequest> = {
+  encode(_: GetClusterRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetClusterRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetClusterRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<GetClusterRequest>, I>>(base?: I): GetClusterRequest {
+    return GetClusterRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetClusterRequest>, I>>(_: I): GetClusterRequest {
+    const message = createBaseGetClusterRequest();
+    return message;
+  },
+};
+
+function createBaseClusterStatus(): ClusterStatus {
+  return {
+    replicaId: "",
+    mode: "",
+    redisReachable: false,
+    redisRole: "",
+    redisRtt: undefined,
+    degraded: false,
+    replicas: [],
+    configDigest: "",
+  };
+}
+
+export const ClusterStatus: MessageFns<ClusterStatus> = {
+  encode(message: ClusterStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.replicaId !== "") {
+      writer.uint32(10).string(message.replicaId);
+    }
+    if (message.mode !== "") {
+      writer.uint32(18).string(message.mode);
+    }
+    if (message.redisReachable !== false) {
+      writer.uint32(24).bool(message.redisReachable);
+    }
+    if (message.redisRole !== "") {
+      writer.uint32(34).string(message.redisRole);
+    }
+    if (message.redisRtt !== undefined) {
+      Duration.encode(message.redisRtt, writer.uint32(42).fork()).join();
+    }
+    if (message.degraded !== false) {
+      writer.uint32(48).bool(message.degraded);
+    }
+    for (const v of message.replicas) {
+      ReplicaStatus.encode(v!, writer.uint32(58).fork()).join();
+    }
+    if (message.configDigest !== "") {
+      writer.uint32(66).string(message.configDigest);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ClusterStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseClusterStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.replicaId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.mode = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.redisReachable = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.redisRole = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.redisRtt = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.degraded = reader.bool();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.replicas.push(ReplicaStatus.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.configDigest = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ClusterStatus>, I>>(base?: I): ClusterStatus {
+    return ClusterStatus.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ClusterStatus>, I>>(object: I): ClusterStatus {
+    const message = createBaseClusterStatus();
+    message.replicaId = object.replicaId ?? "";
+    message.mode = object.mode ?? "";
+    message.redisReachable = object.redisReachable ?? false;
+    message.redisRole = object.redisRole ?? "";
+    message.redisRtt = (object.redisRtt !== undefined && object.redisRtt !== null)
+      ? Duration.fromPartial(object.redisRtt)
+      : undefined;
+    message.degraded = object.degraded ?? false;
+    message.replicas = object.replicas?.map((e) => ReplicaStatus.fromPartial(e)) || [];
+    message.configDigest = object.configDigest ?? "";
+    return message;
+  },
+};
+
+function createBaseReplicaStatus(): ReplicaStatus {
+  return { id: "", address: "", lastHeartbeat: undefined, configDigest: "" };
+}
+
+export const ReplicaStatus: MessageFns<ReplicaStatus> = {
+  encode(message: ReplicaStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.address !== "") {
+      writer.uint32(18).string(message.address);
+    }
+    if (message.lastHeartbeat !== undefined) {
+      Timestamp.encode(toTimestamp(message.lastHeartbeat), writer.uint32(26).fork()).join();
+    }
+    if (message.configDigest !== "") {
+      writer.uint32(34).string(message.configDigest);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReplicaStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReplicaStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.address = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.lastHeartbeat = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.configDigest = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ReplicaStatus>, I>>(base?: I): ReplicaStatus {
+    return ReplicaStatus.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ReplicaStatus>, I>>(object: I): ReplicaStatus {
+    const message = createBaseReplicaStatus();
+    message.id = object.id ?? "";
+    message.address = object.address ?? "";
+    message.lastHeartbeat = object.lastHeartbeat ?? undefined;
+    message.configDigest = object.configDigest ?? "";
+    return message;
+  },
+};
 
 function createBaseListTargetsRequest(): ListTargetsRequest {
   return { prefix: "", pageSize: 0, pageToken: "" };
@@ -1898,6 +2214,16 @@ export const AdminService = {
     responseSerialize: (value: TargetStatus): Buffer => Buffer.from(TargetStatus.encode(value).finish()),
     responseDeserialize: (value: Buffer): TargetStatus => TargetStatus.decode(value),
   },
+  /** This replica and, in cluster mode, Redis and every live replica. */
+  getCluster: {
+    path: "/backstop.v1.Admin/GetCluster" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetClusterRequest): Buffer => Buffer.from(GetClusterRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetClusterRequest => GetClusterRequest.decode(value),
+    responseSerialize: (value: ClusterStatus): Buffer => Buffer.from(ClusterStatus.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ClusterStatus => ClusterStatus.decode(value),
+  },
 } as const;
 
 export interface AdminServer extends UntypedServiceImplementation {
@@ -1912,6 +2238,8 @@ export interface AdminServer extends UntypedServiceImplementation {
    * PERSISTENT open), forced states, provider pauses and disabled key slots.
    */
   resetTarget: handleUnaryCall<ResetTargetRequest, TargetStatus>;
+  /** This replica and, in cluster mode, Redis and every live replica. */
+  getCluster: handleUnaryCall<GetClusterRequest, ClusterStatus>;
 }
 
 export interface AdminClient extends Client {
@@ -1981,6 +2309,22 @@ export interface AdminClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: TargetStatus) => void,
+  ): ClientUnaryCall;
+  /** This replica and, in cluster mode, Redis and every live replica. */
+  getCluster(
+    request: GetClusterRequest,
+    callback: (error: ServiceError | null, response: ClusterStatus) => void,
+  ): ClientUnaryCall;
+  getCluster(
+    request: GetClusterRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ClusterStatus) => void,
+  ): ClientUnaryCall;
+  getCluster(
+    request: GetClusterRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ClusterStatus) => void,
   ): ClientUnaryCall;
 }
 

@@ -52,6 +52,9 @@ export enum EventKind {
   EVENT_KIND_DEFERRED = 12,
   EVENT_KIND_DRAINED = 13,
   EVENT_KIND_DEAD_LETTERED = 14,
+  EVENT_KIND_REDIS_UNAVAILABLE = 15,
+  EVENT_KIND_REDIS_RESTORED = 16,
+  EVENT_KIND_CONFIG_MISMATCH = 17,
   UNRECOGNIZED = -1,
 }
 
@@ -89,6 +92,9 @@ export interface Event {
   deferred?: ItemDeferred | undefined;
   drained?: ItemDrained | undefined;
   deadLettered?: ItemDeadLettered | undefined;
+  redisUnavailable?: RedisUnavailable | undefined;
+  redisRestored?: RedisRestored | undefined;
+  configMismatch?: ConfigMismatch | undefined;
 }
 
 /**
@@ -198,6 +204,31 @@ export interface ItemDeferred {
 export interface ItemDrained {
   queue: string;
   id: string;
+}
+
+/**
+ * Cluster mode: a replica lost Redis and decides from its last known state
+ * (its answers are flagged degraded). Seen on that replica only.
+ */
+export interface RedisUnavailable {
+  replica: string;
+  error: string;
+}
+
+/**
+ * Cluster mode: a replica reaches Redis again and merged back what it decided
+ * meanwhile (the most restrictive deadline wins).
+ */
+export interface RedisRestored {
+  replica: string;
+  /** Targets whose degraded decisions were merged back. */
+  merged: number;
+}
+
+/** Cluster mode: live replicas run with different configs (digests differ). */
+export interface ConfigMismatch {
+  /** "replica=digest" for every live replica. */
+  replicas: string[];
 }
 
 /** A deferred item used its last attempt. */
@@ -320,6 +351,9 @@ function createBaseEvent(): Event {
     deferred: undefined,
     drained: undefined,
     deadLettered: undefined,
+    redisUnavailable: undefined,
+    redisRestored: undefined,
+    configMismatch: undefined,
   };
 }
 
@@ -375,6 +409,15 @@ export const Event: MessageFns<Event> = {
     }
     if (message.deadLettered !== undefined) {
       ItemDeadLettered.encode(message.deadLettered, writer.uint32(186).fork()).join();
+    }
+    if (message.redisUnavailable !== undefined) {
+      RedisUnavailable.encode(message.redisUnavailable, writer.uint32(194).fork()).join();
+    }
+    if (message.redisRestored !== undefined) {
+      RedisRestored.encode(message.redisRestored, writer.uint32(202).fork()).join();
+    }
+    if (message.configMismatch !== undefined) {
+      ConfigMismatch.encode(message.configMismatch, writer.uint32(210).fork()).join();
     }
     return writer;
   },
@@ -528,6 +571,30 @@ export const Event: MessageFns<Event> = {
             message.deadLettered = ItemDeadLettered.decode(reader, reader.uint32());
             continue;
           }
+          case 24: {
+            if (tag !== 194) {
+              break;
+            }
+
+            message.redisUnavailable = RedisUnavailable.decode(reader, reader.uint32());
+            continue;
+          }
+          case 25: {
+            if (tag !== 202) {
+              break;
+            }
+
+            message.redisRestored = RedisRestored.decode(reader, reader.uint32());
+            continue;
+          }
+          case 26: {
+            if (tag !== 210) {
+              break;
+            }
+
+            message.configMismatch = ConfigMismatch.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -587,6 +654,15 @@ export const Event: MessageFns<Event> = {
       : undefined;
     message.deadLettered = (object.deadLettered !== undefined && object.deadLettered !== null)
       ? ItemDeadLettered.fromPartial(object.deadLettered)
+      : undefined;
+    message.redisUnavailable = (object.redisUnavailable !== undefined && object.redisUnavailable !== null)
+      ? RedisUnavailable.fromPartial(object.redisUnavailable)
+      : undefined;
+    message.redisRestored = (object.redisRestored !== undefined && object.redisRestored !== null)
+      ? RedisRestored.fromPartial(object.redisRestored)
+      : undefined;
+    message.configMismatch = (object.configMismatch !== undefined && object.configMismatch !== null)
+      ? ConfigMismatch.fromPartial(object.configMismatch)
       : undefined;
     return message;
   },
@@ -1732,6 +1808,195 @@ export const ItemDrained: MessageFns<ItemDrained> = {
     const message = createBaseItemDrained();
     message.queue = object.queue ?? "";
     message.id = object.id ?? "";
+    return message;
+  },
+};
+
+function createBaseRedisUnavailable(): RedisUnavailable {
+  return { replica: "", error: "" };
+}
+
+export const RedisUnavailable: MessageFns<RedisUnavailable> = {
+  encode(message: RedisUnavailable, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.replica !== "") {
+      writer.uint32(10).string(message.replica);
+    }
+    if (message.error !== "") {
+      writer.uint32(18).string(message.error);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RedisUnavailable {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRedisUnavailable();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.replica = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.error = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<RedisUnavailable>, I>>(base?: I): RedisUnavailable {
+    return RedisUnavailable.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RedisUnavailable>, I>>(object: I): RedisUnavailable {
+    const message = createBaseRedisUnavailable();
+    message.replica = object.replica ?? "";
+    message.error = object.error ?? "";
+    return message;
+  },
+};
+
+function createBaseRedisRestored(): RedisRestored {
+  return { replica: "", merged: 0 };
+}
+
+export const RedisRestored: MessageFns<RedisRestored> = {
+  encode(message: RedisRestored, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.replica !== "") {
+      writer.uint32(10).string(message.replica);
+    }
+    if (message.merged !== 0) {
+      writer.uint32(16).uint32(message.merged);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RedisRestored {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRedisRestored();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.replica = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.merged = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<RedisRestored>, I>>(base?: I): RedisRestored {
+    return RedisRestored.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RedisRestored>, I>>(object: I): RedisRestored {
+    const message = createBaseRedisRestored();
+    message.replica = object.replica ?? "";
+    message.merged = object.merged ?? 0;
+    return message;
+  },
+};
+
+function createBaseConfigMismatch(): ConfigMismatch {
+  return { replicas: [] };
+}
+
+export const ConfigMismatch: MessageFns<ConfigMismatch> = {
+  encode(message: ConfigMismatch, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.replicas) {
+      writer.uint32(10).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ConfigMismatch {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseConfigMismatch();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.replicas.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ConfigMismatch>, I>>(base?: I): ConfigMismatch {
+    return ConfigMismatch.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ConfigMismatch>, I>>(object: I): ConfigMismatch {
+    const message = createBaseConfigMismatch();
+    message.replicas = object.replicas?.map((e) => e) || [];
     return message;
   },
 };

@@ -10,8 +10,10 @@ import {
   type CallOptions,
   type ChannelCredentials,
   Client,
+  type ClientDuplexStream,
   type ClientOptions,
   type ClientUnaryCall,
+  type handleBidiStreamingCall,
   type handleUnaryCall,
   makeGenericClientConstructor,
   type Metadata,
@@ -153,6 +155,11 @@ export interface CanProceedResponse {
   keySlot: string;
   /** Shadow mode only: the refusal that would have been answered (the call is admitted anyway). */
   shadowReason: Reason;
+  /**
+   * Cluster mode: true when this answer was decided without Redis (the
+   * replica could not reach it and decided from its last known state).
+   */
+  degraded: boolean;
 }
 
 export interface RecordOutcomeRequest {
@@ -211,6 +218,8 @@ export interface RecordOutcomeResponse {
    * answer repeats the first report's (so a retried RecordOutcome is safe).
    */
   duplicate: boolean;
+  /** Cluster mode: true when the outcome was applied without Redis. */
+  degraded: boolean;
 }
 
 /** Retry advice for the call just reported. */
@@ -252,6 +261,8 @@ export interface RouteResponse {
   retryAfter: Duration | undefined;
   keySlot: string;
   state: BreakerState;
+  /** Cluster mode: true when this answer was decided without Redis. */
+  degraded: boolean;
 }
 
 /** A candidate that Route passed over. */
@@ -294,6 +305,40 @@ export interface RecordOutcomeBatchResponse {
 
 export interface RecordOutcomeResult {
   ok?: RecordOutcomeResponse | undefined;
+  error?: ItemError | undefined;
+}
+
+/** One decision on the Decide stream. */
+export interface DecideRequest {
+  /**
+   * Chosen by the client, echoed in the response (unique among the stream's
+   * outstanding requests; reusing one is the client's problem to untangle).
+   */
+  id: number;
+  canProceed?: CanProceedRequest | undefined;
+  recordOutcome?: RecordOutcomeRequest | undefined;
+  route?:
+    | RouteRequest
+    | undefined;
+  /**
+   * Give up on this item after this long (DEADLINE_EXCEEDED for the item);
+   * unset = no per-item deadline.
+   */
+  deadline: Duration | undefined;
+}
+
+export interface DecideResponse {
+  id: number;
+  canProceed?: CanProceedResponse | undefined;
+  recordOutcome?: RecordOutcomeResponse | undefined;
+  route?:
+    | RouteResponse
+    | undefined;
+  /**
+   * The item failed (e.g. INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED
+   * when the stream already has its maximum of outstanding requests);
+   * the stream goes on.
+   */
   error?: ItemError | undefined;
 }
 
@@ -389,7 +434,16 @@ export const CanProceedRequest: MessageFns<CanProceedRequest> = {
 };
 
 function createBaseCanProceedResponse(): CanProceedResponse {
-  return { allowed: false, reason: 0, state: 0, retryAfter: undefined, permit: "", keySlot: "", shadowReason: 0 };
+  return {
+    allowed: false,
+    reason: 0,
+    state: 0,
+    retryAfter: undefined,
+    permit: "",
+    keySlot: "",
+    shadowReason: 0,
+    degraded: false,
+  };
 }
 
 export const CanProceedResponse: MessageFns<CanProceedResponse> = {
@@ -414,6 +468,9 @@ export const CanProceedResponse: MessageFns<CanProceedResponse> = {
     }
     if (message.shadowReason !== 0) {
       writer.uint32(56).int32(message.shadowReason);
+    }
+    if (message.degraded !== false) {
+      writer.uint32(64).bool(message.degraded);
     }
     return writer;
   },
@@ -487,6 +544,14 @@ export const CanProceedResponse: MessageFns<CanProceedResponse> = {
             message.shadowReason = reader.int32() as any;
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.degraded = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -513,6 +578,7 @@ export const CanProceedResponse: MessageFns<CanProceedResponse> = {
     message.permit = object.permit ?? "";
     message.keySlot = object.keySlot ?? "";
     message.shadowReason = object.shadowReason ?? 0;
+    message.degraded = object.degraded ?? false;
     return message;
   },
 };
@@ -817,7 +883,7 @@ export const RecordOutcomeRequest_HeadersEntry: MessageFns<RecordOutcomeRequest_
 };
 
 function createBaseRecordOutcomeResponse(): RecordOutcomeResponse {
-  return { classifiedAs: 0, state: 0, retry: undefined, stalePermit: false, duplicate: false };
+  return { classifiedAs: 0, state: 0, retry: undefined, stalePermit: false, duplicate: false, degraded: false };
 }
 
 export const RecordOutcomeResponse: MessageFns<RecordOutcomeResponse> = {
@@ -836,6 +902,9 @@ export const RecordOutcomeResponse: MessageFns<RecordOutcomeResponse> = {
     }
     if (message.duplicate !== false) {
       writer.uint32(40).bool(message.duplicate);
+    }
+    if (message.degraded !== false) {
+      writer.uint32(48).bool(message.degraded);
     }
     return writer;
   },
@@ -893,6 +962,14 @@ export const RecordOutcomeResponse: MessageFns<RecordOutcomeResponse> = {
             message.duplicate = reader.bool();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.degraded = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -917,6 +994,7 @@ export const RecordOutcomeResponse: MessageFns<RecordOutcomeResponse> = {
       : undefined;
     message.stalePermit = object.stalePermit ?? false;
     message.duplicate = object.duplicate ?? false;
+    message.degraded = object.degraded ?? false;
     return message;
   },
 };
@@ -1149,6 +1227,7 @@ function createBaseRouteResponse(): RouteResponse {
     retryAfter: undefined,
     keySlot: "",
     state: 0,
+    degraded: false,
   };
 }
 
@@ -1183,6 +1262,9 @@ export const RouteResponse: MessageFns<RouteResponse> = {
     }
     if (message.state !== 0) {
       writer.uint32(80).int32(message.state);
+    }
+    if (message.degraded !== false) {
+      writer.uint32(88).bool(message.degraded);
     }
     return writer;
   },
@@ -1280,6 +1362,14 @@ export const RouteResponse: MessageFns<RouteResponse> = {
             message.state = reader.int32() as any;
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.degraded = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1309,6 +1399,7 @@ export const RouteResponse: MessageFns<RouteResponse> = {
       : undefined;
     message.keySlot = object.keySlot ?? "";
     message.state = object.state ?? 0;
+    message.degraded = object.degraded ?? false;
     return message;
   },
 };
@@ -1823,6 +1914,228 @@ export const RecordOutcomeResult: MessageFns<RecordOutcomeResult> = {
   },
 };
 
+function createBaseDecideRequest(): DecideRequest {
+  return { id: 0, canProceed: undefined, recordOutcome: undefined, route: undefined, deadline: undefined };
+}
+
+export const DecideRequest: MessageFns<DecideRequest> = {
+  encode(message: DecideRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== 0) {
+      writer.uint32(8).uint64(message.id);
+    }
+    if (message.canProceed !== undefined) {
+      CanProceedRequest.encode(message.canProceed, writer.uint32(18).fork()).join();
+    }
+    if (message.recordOutcome !== undefined) {
+      RecordOutcomeRequest.encode(message.recordOutcome, writer.uint32(26).fork()).join();
+    }
+    if (message.route !== undefined) {
+      RouteRequest.encode(message.route, writer.uint32(34).fork()).join();
+    }
+    if (message.deadline !== undefined) {
+      Duration.encode(message.deadline, writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DecideRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDecideRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.id = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.canProceed = CanProceedRequest.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.recordOutcome = RecordOutcomeRequest.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.route = RouteRequest.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.deadline = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<DecideRequest>, I>>(base?: I): DecideRequest {
+    return DecideRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DecideRequest>, I>>(object: I): DecideRequest {
+    const message = createBaseDecideRequest();
+    message.id = object.id ?? 0;
+    message.canProceed = (object.canProceed !== undefined && object.canProceed !== null)
+      ? CanProceedRequest.fromPartial(object.canProceed)
+      : undefined;
+    message.recordOutcome = (object.recordOutcome !== undefined && object.recordOutcome !== null)
+      ? RecordOutcomeRequest.fromPartial(object.recordOutcome)
+      : undefined;
+    message.route = (object.route !== undefined && object.route !== null)
+      ? RouteRequest.fromPartial(object.route)
+      : undefined;
+    message.deadline = (object.deadline !== undefined && object.deadline !== null)
+      ? Duration.fromPartial(object.deadline)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseDecideResponse(): DecideResponse {
+  return { id: 0, canProceed: undefined, recordOutcome: undefined, route: undefined, error: undefined };
+}
+
+export const DecideResponse: MessageFns<DecideResponse> = {
+  encode(message: DecideResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== 0) {
+      writer.uint32(8).uint64(message.id);
+    }
+    if (message.canProceed !== undefined) {
+      CanProceedResponse.encode(message.canProceed, writer.uint32(18).fork()).join();
+    }
+    if (message.recordOutcome !== undefined) {
+      RecordOutcomeResponse.encode(message.recordOutcome, writer.uint32(26).fork()).join();
+    }
+    if (message.route !== undefined) {
+      RouteResponse.encode(message.route, writer.uint32(34).fork()).join();
+    }
+    if (message.error !== undefined) {
+      ItemError.encode(message.error, writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DecideResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDecideResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.id = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.canProceed = CanProceedResponse.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.recordOutcome = RecordOutcomeResponse.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.route = RouteResponse.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.error = ItemError.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<DecideResponse>, I>>(base?: I): DecideResponse {
+    return DecideResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DecideResponse>, I>>(object: I): DecideResponse {
+    const message = createBaseDecideResponse();
+    message.id = object.id ?? 0;
+    message.canProceed = (object.canProceed !== undefined && object.canProceed !== null)
+      ? CanProceedResponse.fromPartial(object.canProceed)
+      : undefined;
+    message.recordOutcome = (object.recordOutcome !== undefined && object.recordOutcome !== null)
+      ? RecordOutcomeResponse.fromPartial(object.recordOutcome)
+      : undefined;
+    message.route = (object.route !== undefined && object.route !== null)
+      ? RouteResponse.fromPartial(object.route)
+      : undefined;
+    message.error = (object.error !== undefined && object.error !== null)
+      ? ItemError.fromPartial(object.error)
+      : undefined;
+    return message;
+  },
+};
+
 export type ResilienceService = typeof ResilienceService;
 export const ResilienceService = {
   /**
@@ -1887,6 +2200,25 @@ export const ResilienceService = {
       Buffer.from(RecordOutcomeBatchResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): RecordOutcomeBatchResponse => RecordOutcomeBatchResponse.decode(value),
   },
+  /**
+   * Every decision of a client process over one long-lived stream: each
+   * request carries an id the client chooses and one CanProceed,
+   * RecordOutcome or Route; each response carries the same id and the answer
+   * the unary call would give, as soon as it is decided (possibly out of
+   * order). Far cheaper per decision than unary calls (no new HTTP/2 stream,
+   * no headers per call). Per-item problems come back as an item error; the
+   * stream itself ends only when the client closes it, the server drains, or
+   * the connection breaks.
+   */
+  decide: {
+    path: "/backstop.v1.Resilience/Decide" as const,
+    requestStream: true as const,
+    responseStream: true as const,
+    requestSerialize: (value: DecideRequest): Buffer => Buffer.from(DecideRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DecideRequest => DecideRequest.decode(value),
+    responseSerialize: (value: DecideResponse): Buffer => Buffer.from(DecideResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DecideResponse => DecideResponse.decode(value),
+  },
 } as const;
 
 export interface ResilienceServer extends UntypedServiceImplementation {
@@ -1907,6 +2239,17 @@ export interface ResilienceServer extends UntypedServiceImplementation {
   canProceedBatch: handleUnaryCall<CanProceedBatchRequest, CanProceedBatchResponse>;
   /** Many RecordOutcome reports in one round trip; one response item per request item, in order. */
   recordOutcomeBatch: handleUnaryCall<RecordOutcomeBatchRequest, RecordOutcomeBatchResponse>;
+  /**
+   * Every decision of a client process over one long-lived stream: each
+   * request carries an id the client chooses and one CanProceed,
+   * RecordOutcome or Route; each response carries the same id and the answer
+   * the unary call would give, as soon as it is decided (possibly out of
+   * order). Far cheaper per decision than unary calls (no new HTTP/2 stream,
+   * no headers per call). Per-item problems come back as an item error; the
+   * stream itself ends only when the client closes it, the server drains, or
+   * the connection breaks.
+   */
+  decide: handleBidiStreamingCall<DecideRequest, DecideResponse>;
 }
 
 export interface ResilienceClient extends Client {
@@ -1997,6 +2340,19 @@ export interface ResilienceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: RecordOutcomeBatchResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * Every decision of a client process over one long-lived stream: each
+   * request carries an id the client chooses and one CanProceed,
+   * RecordOutcome or Route; each response carries the same id and the answer
+   * the unary call would give, as soon as it is decided (possibly out of
+   * order). Far cheaper per decision than unary calls (no new HTTP/2 stream,
+   * no headers per call). Per-item problems come back as an item error; the
+   * stream itself ends only when the client closes it, the server drains, or
+   * the connection breaks.
+   */
+  decide(): ClientDuplexStream<DecideRequest, DecideResponse>;
+  decide(options: Partial<CallOptions>): ClientDuplexStream<DecideRequest, DecideResponse>;
+  decide(metadata: Metadata, options?: Partial<CallOptions>): ClientDuplexStream<DecideRequest, DecideResponse>;
 }
 
 export const ResilienceClient = makeGenericClientConstructor(
