@@ -262,3 +262,26 @@ async fn outstanding_items_are_bounded_and_deadlines_hold() {
         answered += 1;
     }
 }
+
+/// A draining server answers what it read, then ends the stream with
+/// UNAVAILABLE (so the client knows the rest was never decided), and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_server_ends_the_stream_with_unavailable() {
+    let mut s = Server::start(CONFIG, &[]);
+    let (tx, mut inbound) = open(&s).await;
+    tx.send(can(1, "m")).await.expect("send");
+    assert_eq!(next(&mut inbound).await.id, 1);
+    let exit = tokio::task::spawn_blocking(move || s.terminate());
+    let end = tokio::time::timeout(Duration::from_secs(15), inbound.message())
+        .await
+        .expect("the stream ends while draining");
+    match end {
+        Err(st) => {
+            assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+            assert!(st.message().contains("shutting down"), "{st:?}");
+        }
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+    drop(tx);
+    assert!(exit.await.expect("join").success(), "drained and exited 0");
+}

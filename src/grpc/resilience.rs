@@ -391,10 +391,14 @@ impl Resilience for ResilienceService {
         let concurrent = self.engine.backend().redis().is_some();
         tokio::spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_OUTSTANDING));
-            loop {
+            let mut draining = *shutdown.borrow();
+            while !draining {
                 let next = tokio::select! {
                     m = inbound.message() => m,
-                    _ = shutdown.changed() => break,
+                    _ = shutdown.changed() => {
+                        draining = true;
+                        break;
+                    }
                 };
                 let r = match next {
                     Ok(Some(r)) => r,
@@ -430,6 +434,16 @@ impl Resilience for ResilienceService {
                     let _ = tx.send(Ok(resp)).await;
                     drop(slot);
                 });
+            }
+            if draining {
+                // Answer what was read, then say why the stream ends, so the
+                // client knows unanswered items were never decided.
+                let _ = slots.acquire_many(MAX_OUTSTANDING as u32).await;
+                let _ = tx
+                    .send(Err(Status::unavailable(
+                        "the server is shutting down: every item read was answered; send the rest to another server",
+                    )))
+                    .await;
             }
         });
         Ok(Response::new(Box::pin(

@@ -1550,8 +1550,10 @@ type DecideRequest struct {
 	//	*DecideRequest_RecordOutcome
 	//	*DecideRequest_Route
 	Request isDecideRequest_Request `protobuf_oneof:"request"`
-	// Give up on this item after this long (DEADLINE_EXCEEDED for the item);
-	// unset = no per-item deadline.
+	// Give up on this item after this long (DEADLINE_EXCEEDED for the item),
+	// counted from when the server reads it; unset = no per-item deadline.
+	// A client whose own deadline passed should not count on the server
+	// having dropped the item: a CanProceed answered late still admitted.
 	Deadline *durationpb.Duration `protobuf:"bytes,5,opt,name=deadline,proto3" json:"deadline,omitempty"`
 }
 

@@ -321,8 +321,10 @@ export interface DecideRequest {
     | RouteRequest
     | undefined;
   /**
-   * Give up on this item after this long (DEADLINE_EXCEEDED for the item);
-   * unset = no per-item deadline.
+   * Give up on this item after this long (DEADLINE_EXCEEDED for the item),
+   * counted from when the server reads it; unset = no per-item deadline.
+   * A client whose own deadline passed should not count on the server
+   * having dropped the item: a CanProceed answered late still admitted.
    */
   deadline: Duration | undefined;
 }
@@ -2208,7 +2210,16 @@ export const ResilienceService = {
    * order). Far cheaper per decision than unary calls (no new HTTP/2 stream,
    * no headers per call). Per-item problems come back as an item error; the
    * stream itself ends only when the client closes it, the server drains, or
-   * the connection breaks.
+   * the connection breaks:
+   * - after the client half-closes, every item the server read is answered,
+   *   then the stream ends with OK;
+   * - when the server drains, every item it read is answered, then the
+   *   stream ends with UNAVAILABLE: items sent but not answered were never
+   *   read, never decided, and can be sent again elsewhere;
+   * - an embedded server decides items one after another as it reads them
+   *   (answers come in order); a cluster replica, where each item waits on
+   *   Redis, decides up to 1024 at once (answers may come out of order) and
+   *   answers further items with RESOURCE_EXHAUSTED until some are done.
    */
   decide: {
     path: "/backstop.v1.Resilience/Decide" as const,
@@ -2247,7 +2258,16 @@ export interface ResilienceServer extends UntypedServiceImplementation {
    * order). Far cheaper per decision than unary calls (no new HTTP/2 stream,
    * no headers per call). Per-item problems come back as an item error; the
    * stream itself ends only when the client closes it, the server drains, or
-   * the connection breaks.
+   * the connection breaks:
+   * - after the client half-closes, every item the server read is answered,
+   *   then the stream ends with OK;
+   * - when the server drains, every item it read is answered, then the
+   *   stream ends with UNAVAILABLE: items sent but not answered were never
+   *   read, never decided, and can be sent again elsewhere;
+   * - an embedded server decides items one after another as it reads them
+   *   (answers come in order); a cluster replica, where each item waits on
+   *   Redis, decides up to 1024 at once (answers may come out of order) and
+   *   answers further items with RESOURCE_EXHAUSTED until some are done.
    */
   decide: handleBidiStreamingCall<DecideRequest, DecideResponse>;
 }
@@ -2348,7 +2368,16 @@ export interface ResilienceClient extends Client {
    * order). Far cheaper per decision than unary calls (no new HTTP/2 stream,
    * no headers per call). Per-item problems come back as an item error; the
    * stream itself ends only when the client closes it, the server drains, or
-   * the connection breaks.
+   * the connection breaks:
+   * - after the client half-closes, every item the server read is answered,
+   *   then the stream ends with OK;
+   * - when the server drains, every item it read is answered, then the
+   *   stream ends with UNAVAILABLE: items sent but not answered were never
+   *   read, never decided, and can be sent again elsewhere;
+   * - an embedded server decides items one after another as it reads them
+   *   (answers come in order); a cluster replica, where each item waits on
+   *   Redis, decides up to 1024 at once (answers may come out of order) and
+   *   answers further items with RESOURCE_EXHAUSTED until some are done.
    */
   decide(): ClientDuplexStream<DecideRequest, DecideResponse>;
   decide(options: Partial<CallOptions>): ClientDuplexStream<DecideRequest, DecideResponse>;
