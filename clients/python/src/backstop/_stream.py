@@ -25,7 +25,9 @@ What a caller sees is what the unary call would give:
   as unary calls, and so is every later decision on that replica.
 
 A stream that answers nothing for a whole item deadline is replaced (a wedged
-stream must not hold every later decision). At most
+stream must not hold every later decision); on a name for several servers a
+stream is also replaced every :data:`ROTATE_AFTER` items, so decisions still
+spread over them. At most
 :data:`MAX_OUTSTANDING` items are outstanding per stream (the server's limit);
 past that a decision is sent as a unary call.
 
@@ -62,6 +64,12 @@ DECIDE_FIELDS: Dict[str, str] = {
 
 #: Most items one stream may have outstanding (the server's MAX_OUTSTANDING).
 MAX_OUTSTANDING = 1024
+
+#: On an address that names several servers (``dns:///...``), a stream is
+#: replaced (half-closed once its answers are in) after this many items, so
+#: that gRPC's round_robin spreads one client's decisions over the servers
+#: as it does unary calls, rather than pinning them all to one.
+ROTATE_AFTER = 64
 
 #: Returned instead of an answer: send this decision as a unary call instead
 #: (the server has no Decide, the stream is full, or the client is closing).
@@ -100,15 +108,32 @@ class _Broken:
         self.unsupported = unsupported
 
 
+#: Stream-level statuses that mean "the stream broke" for the items in flight.
+#: The server answers an item's own failure as an item; the stream itself ends
+#: OK (drained), or the connection breaks: UNAVAILABLE, or INTERNAL / UNKNOWN
+#: (grpc.aio reports a write that raced the connection's end as INTERNAL
+#: "Internal error from Core"); CANCELLED is the client replacing or closing it.
+_BROKEN_CODES = frozenset(
+    {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
 def _failure(err: Optional[BaseException]) -> Tuple[grpc.StatusCode, str]:
-    """The status a broken stream gives its items: a stream that ended without
-    an error (the server drained) or was cancelled counts as UNAVAILABLE."""
+    """The status a broken stream gives its items: UNAVAILABLE for a stream that
+    ended or broke, the stream's own status otherwise (e.g. UNIMPLEMENTED from
+    an older server, UNAUTHENTICATED from a proxy)."""
     if err is None:
         return grpc.StatusCode.UNAVAILABLE, "the Decide stream ended"
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
     details = err.details() if callable(getattr(err, "details", None)) else repr(err)
-    if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, None):
-        return grpc.StatusCode.UNAVAILABLE, f"the Decide stream ended ({details or code})"
+    if code is None or code in _BROKEN_CODES:
+        return grpc.StatusCode.UNAVAILABLE, f"the Decide stream broke ({getattr(code, 'name', code)}: {details})"
     return code, details or ""
 
 
@@ -200,6 +225,7 @@ class _Generation:
         self.call: Any = None
         self.answered_at = time.monotonic()
         self.reader: Optional[threading.Thread] = None
+        self.items = 0
 
     def requests(self) -> Iterator[Any]:
         """The request iterator gRPC's sender thread consumes; ends (half-closing
@@ -251,6 +277,10 @@ class DecideStream(_Base):
             item.queued_at = time.monotonic()
             gen.pending[self._ids] = item
             gen.queue.put(item)
+            gen.items += 1
+            if self.several_servers and gen.items >= ROTATE_AFTER:
+                self._gen = None
+                gen.queue.put(None)  # half-close: the server answers what it has, then ends it
         if not item.done.acquire(timeout=timeout):
             # Left in gen.pending: the server still counts it until it answers
             # (at the latest with DEADLINE_EXCEEDED, from the item's own deadline).
@@ -346,6 +376,7 @@ class _AsyncGeneration:
         self.call: Any = None
         self.answered_at = time.monotonic()
         self.tasks: Tuple["asyncio.Task[None]", ...] = ()
+        self.items = 0
 
 
 def _settle(future: "asyncio.Future[Any]", value: Any) -> None:
@@ -389,6 +420,10 @@ class AsyncDecideStream(_Base):
         item.queued_at = time.monotonic()
         gen.pending[self._ids] = item
         gen.queue.put_nowait(item)
+        gen.items += 1
+        if self.several_servers and gen.items >= ROTATE_AFTER:
+            self._gen = None
+            gen.queue.put_nowait(None)  # half-close (see DecideStream._once)
         timer = loop.call_later(timeout, _settle, item.future, _EXPIRED)
         try:
             got = await item.future
