@@ -137,6 +137,14 @@ def _failure(err: Optional[BaseException]) -> Tuple[grpc.StatusCode, str]:
     return code, details or ""
 
 
+def _masked(err: Optional[BaseException]) -> bool:
+    """grpc.aio's INTERNAL for a write that raced the call's end (see
+    :meth:`AsyncDecideStream._probe`)."""
+    code = err.code() if callable(getattr(err, "code", None)) else None
+    details = err.details() if callable(getattr(err, "details", None)) else ""
+    return code == grpc.StatusCode.INTERNAL and details == "Internal error from Core"
+
+
 def _answer(method: str, response: Any) -> Any:
     """The unary-shaped answer of an item, or its error raised as the unary
     call would raise it. USE_UNARY when the server turned the item away only
@@ -391,6 +399,9 @@ class AsyncDecideStream(_Base):
         super().__init__(target, several_servers, timeout)
         self._open_call = open_call
         self._gen: Optional[_AsyncGeneration] = None
+        self._timeout = timeout
+        #: Set once the server answered an item: it has Decide.
+        self._confirmed = False
 
     async def call(self, rpc: Any) -> Any:
         """See :meth:`DecideStream.call`."""
@@ -465,19 +476,48 @@ class AsyncDecideStream(_Base):
                 if response is grpc.aio.EOF:
                     break
                 gen.answered_at = time.monotonic()
+                self._confirmed = True
                 item = gen.pending.pop(response.id, None)
                 if item is not None:
                     _settle(item.future, response)
         except asyncio.CancelledError:
-            err = asyncio.CancelledError()
+            self._died(gen, asyncio.CancelledError())
             raise
         except grpc.RpcError as e:
             err = e
         except Exception as e:
             log.debug("Backstop Decide stream to %s failed: %r", self.target, e)
             err = e
-        finally:
-            self._died(gen, err)
+        if not self._confirmed and _masked(err):
+            err = await self._probe(err)
+        self._died(gen, err)
+
+    async def _probe(self, err: BaseException) -> BaseException:
+        """The status an INTERNAL "Internal error from Core" hides. grpc.aio reports
+        a write that raced the end of the call that way and drops the call's real
+        status, so an older server's UNIMPLEMENTED would pass for a broken stream
+        (and every decision for an outage). A stream with no items cannot race:
+        open one, half-close it at once, and read how it ends."""
+        try:
+            probe = self._open_call()
+            try:
+                await asyncio.wait_for(self._drain(probe), self._timeout)
+            finally:
+                probe.cancel()
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return e
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # e.g. the probe timed out: the stream just broke
+            log.debug("Backstop Decide probe of %s: %r", self.target, e)
+        return err
+
+    @staticmethod
+    async def _drain(call: Any) -> None:
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
 
     def _died(self, gen: _AsyncGeneration, err: Optional[BaseException]) -> None:
         code, details = _failure(err)
