@@ -44,7 +44,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Set, Tuple
 
 import grpc
 
@@ -130,19 +130,26 @@ def _failure(err: Optional[BaseException]) -> Tuple[grpc.StatusCode, str]:
     an older server, UNAUTHENTICATED from a proxy)."""
     if err is None:
         return grpc.StatusCode.UNAVAILABLE, "the Decide stream ended"
-    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
-    details = err.details() if callable(getattr(err, "details", None)) else repr(err)
+    code, details = _status(err)
     if code is None or code in _BROKEN_CODES:
         return grpc.StatusCode.UNAVAILABLE, f"the Decide stream broke ({getattr(code, 'name', code)}: {details})"
     return code, details or ""
 
 
+def _status(err: BaseException) -> Tuple[Any, str]:
+    """(code, details) of an RPC error; (UNKNOWN, repr) of anything else."""
+    code: Any = getattr(err, "code", None)
+    details: Any = getattr(err, "details", None)
+    return (
+        code() if callable(code) else grpc.StatusCode.UNKNOWN,
+        str(details() or "") if callable(details) else repr(err),
+    )
+
+
 def _masked(err: Optional[BaseException]) -> bool:
     """grpc.aio's INTERNAL for a write that raced the call's end (see
     :meth:`AsyncDecideStream._probe`)."""
-    code = err.code() if callable(getattr(err, "code", None)) else None
-    details = err.details() if callable(getattr(err, "details", None)) else ""
-    return code == grpc.StatusCode.INTERNAL and details == "Internal error from Core"
+    return err is not None and _status(err) == (grpc.StatusCode.INTERNAL, "Internal error from Core")
 
 
 def _answer(method: str, response: Any) -> Any:
@@ -345,7 +352,7 @@ class DecideStream(_Base):
         """An item went unanswered for its whole deadline; if the stream answered
         nothing meanwhile it is presumed wedged and replaced."""
         if gen.answered_at < item.queued_at and self._gen is gen:
-            log.debug("Backstop Decide stream to %s answered nothing for %s; opening a new one", self.target, self._deadline)
+            log.debug("Backstop Decide stream to %s answered nothing for a whole item deadline; opening a new one", self.target)
             with self._lock:
                 if self._gen is gen:
                     self._gen = None
@@ -399,6 +406,8 @@ class AsyncDecideStream(_Base):
         super().__init__(target, several_servers, timeout)
         self._open_call = open_call
         self._gen: Optional[_AsyncGeneration] = None
+        #: Every generation whose tasks still run (a replaced one finishes its answers).
+        self._live: Set[_AsyncGeneration] = set()
         self._timeout = timeout
         #: Set once the server answered an item: it has Decide.
         self._confirmed = False
@@ -452,6 +461,7 @@ class AsyncDecideStream(_Base):
         gen.call = self._open_call()
         gen.tasks = (loop.create_task(self._write(gen)), loop.create_task(self._read(gen)))
         self._gen = gen
+        self._live.add(gen)
         return gen
 
     async def _write(self, gen: _AsyncGeneration) -> None:
@@ -488,7 +498,7 @@ class AsyncDecideStream(_Base):
         except Exception as e:
             log.debug("Backstop Decide stream to %s failed: %r", self.target, e)
             err = e
-        if not self._confirmed and _masked(err):
+        if err is not None and not self._confirmed and _masked(err):
             err = await self._probe(err)
         self._died(gen, err)
 
@@ -505,8 +515,9 @@ class AsyncDecideStream(_Base):
             finally:
                 probe.cancel()
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-                return e
+            if _status(e)[0] == grpc.StatusCode.UNIMPLEMENTED:
+                unimplemented: BaseException = e
+                return unimplemented
         except asyncio.CancelledError:
             raise
         except Exception as e:  # e.g. the probe timed out: the stream just broke
@@ -526,6 +537,7 @@ class AsyncDecideStream(_Base):
             self._note_unsupported()
         if self._gen is gen:
             self._gen = None
+        self._live.discard(gen)
         items = list(gen.pending.values())
         gen.pending.clear()
         gen.queue.put_nowait(None)
@@ -538,16 +550,17 @@ class AsyncDecideStream(_Base):
 
     def _expired(self, gen: _AsyncGeneration, item: _AsyncItem) -> None:
         if gen.answered_at < item.queued_at and self._gen is gen:
-            log.debug("Backstop Decide stream to %s answered nothing for %s; opening a new one", self.target, self._deadline)
+            log.debug("Backstop Decide stream to %s answered nothing for a whole item deadline; opening a new one", self.target)
             self._gen = None
             gen.call.cancel()
 
     async def close(self) -> None:
         self._closed = True
-        gen, self._gen = self._gen, None
-        if gen is None:
-            return
-        gen.call.cancel()
-        for task in gen.tasks:
+        self._gen = None
+        gens, self._live = list(self._live), set()
+        tasks = [t for gen in gens for t in gen.tasks]
+        for gen in gens:
+            gen.call.cancel()
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*gen.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
