@@ -11,8 +11,10 @@ Each worker repeats one guarded call's decisions: CanProceed, then (``--op
 pair``, the default) RecordOutcome with the permit; every answer counts as a
 decision. The server (``backstop.testing.BackstopServer``, embedded mode) runs
 on this machine, so client and server share its cores: the numbers compare the
-three ways of asking, not the server's capacity. Loopback only; each cell runs
-for ``--seconds`` and stops by itself.
+three ways of asking, not the server's capacity. Besides the rate, each row
+shows the CPU time per decision of the client process (all its threads,
+gRPC's included) and of the server process (from /proc). Loopback only; each
+cell runs for ``--seconds`` and stops by itself.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, List, Tuple
+from typing import Awaitable, Callable, Dict, List, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout without installing
@@ -41,6 +43,40 @@ CONFIG = ""  # built-in defaults: no budgets, so every CanProceed is admitted
 
 TARGET = "bench/model"
 MODES = ("stream", "unary", "raw")
+
+
+class Cpu:
+    """CPU seconds used so far by this process (every thread) and by the server."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.pid = server_pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def server(self) -> float:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+        except OSError:
+            return float("nan")  # not Linux
+
+    def both(self) -> Tuple[float, float]:
+        return time.process_time(), self.server()
+
+
+#: decisions/s, p50 ms per iteration, client and server CPU microseconds per decision.
+Cell = Tuple[float, float, float, float]
+
+
+def cell(decisions: int, elapsed: float, lat: List[float], before: Tuple[float, float], after: Tuple[float, float]) -> Cell:
+    lat.sort()
+    per = 1e6 / max(1, decisions)
+    return (
+        decisions / elapsed,
+        percentile(lat, 0.5) * 1e3,
+        (after[0] - before[0]) * per,
+        (after[1] - before[1]) * per,
+    )
 
 
 def percentile(sorted_values: List[float], q: float) -> float:
@@ -83,8 +119,8 @@ def sync_worker(mode: str, address: str, op: str) -> Tuple[Callable[[], int], Ca
     return client, bs.close
 
 
-def run_threads(mode: str, address: str, threads: int, seconds: float, op: str) -> Tuple[float, float, float]:
-    """decisions/s, p50 and p99 latency of one iteration (ms); one client shared by the threads."""
+def run_threads(mode: str, address: str, threads: int, seconds: float, op: str, cpu: Cpu) -> Cell:
+    """One client shared by ``threads`` threads."""
     one, close = sync_worker(mode, address, op)
     for _ in range(20):  # connect, open the stream, warm up
         one()
@@ -107,15 +143,16 @@ def run_threads(mode: str, address: str, threads: int, seconds: float, op: str) 
     ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
     for t in ts:
         t.start()
+    before = cpu.both()
     t0 = time.perf_counter()
     stop_at[0] = t0 + seconds
     start.wait()
     for t in ts:
         t.join()
     elapsed = time.perf_counter() - t0
+    after = cpu.both()
     close()
-    all_lat = sorted(x for per in lat for x in per)
-    return sum(counts) / elapsed, percentile(all_lat, 0.5) * 1e3, percentile(all_lat, 0.99) * 1e3
+    return cell(sum(counts), elapsed, [x for per in lat for x in per], before, after)
 
 
 # --- asyncio -------------------------------------------------------------------------------
@@ -151,7 +188,7 @@ async def async_worker(mode: str, address: str, op: str) -> Tuple[Callable[[], A
     return client, bs.close
 
 
-async def run_tasks(mode: str, address: str, tasks: int, seconds: float, op: str) -> Tuple[float, float, float]:
+async def run_tasks(mode: str, address: str, tasks: int, seconds: float, op: str, cpu: Cpu) -> Cell:
     one, close = await async_worker(mode, address, op)
     for _ in range(20):
         await one()
@@ -167,12 +204,13 @@ async def run_tasks(mode: str, address: str, tasks: int, seconds: float, op: str
             lat.append(time.perf_counter() - t0)
         return n
 
+    before = cpu.both()
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(work() for _ in range(tasks)))
     elapsed = time.perf_counter() - t0
+    after = cpu.both()
     await close()
-    lat.sort()
-    return sum(counts) / elapsed, percentile(lat, 0.5) * 1e3, percentile(lat, 0.99) * 1e3
+    return cell(sum(counts), elapsed, lat, before, after)
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -188,29 +226,28 @@ def main() -> int:
     args = ap.parse_args()
     workers = [int(x) for x in args.threads.split(",") if x.strip()]
 
-    rows: List[Tuple[str, int, Dict[str, Tuple[float, float, float]]]] = []
+    rows: List[Tuple[str, int, Dict[str, Cell]]] = []
     with BackstopServer(CONFIG, binary=args.binary, extra_args=["--http", "off"]) as server:
+        assert server.proc is not None
+        cpu = Cpu(server.proc.pid)
         for n in workers:
-            cells = {m: run_threads(m, server.address, n, args.seconds, args.op) for m in MODES}
-            rows.append(("threads", n, cells))
+            rows.append(("threads", n, {m: run_threads(m, server.address, n, args.seconds, args.op, cpu) for m in MODES}))
         if not args.no_async:
             for n in workers:
-                cells = {m: asyncio.run(run_tasks(m, server.address, n, args.seconds, args.op)) for m in MODES}
+                cells = {m: asyncio.run(run_tasks(m, server.address, n, args.seconds, args.op, cpu)) for m in MODES}
                 rows.append(("asyncio tasks", n, cells))
 
     print(
-        f"decisions/s (p50 / p99 ms per iteration; op={args.op}, {args.seconds:g}s per cell, "
-        f"grpcio {grpc.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} cores shared with the server)"
+        f"op={args.op}, {args.seconds:g}s per cell; grpcio {grpc.__version__}, Python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} cores shared by client and server; CPU = CPU time per decision"
     )
-    head = f"| {'workers':<16} | " + " | ".join(f"{m:^26}" for m in ("stream (default)", "stream=False", "raw grpcio unary")) + " |"
-    print(head)
-    print("|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:-1]) + "|")
+    names = {"stream": "stream (default)", "unary": "stream=False", "raw": "raw grpcio unary"}
+    print("| workers | client | decisions/s | p50 ms / iteration | client CPU µs | server CPU µs |")
+    print("|---|---|--:|--:|--:|--:|")
     for kind, n, cells in rows:
-        parts = []
         for m in MODES:
-            rate, p50, p99 = cells[m]
-            parts.append(f"{rate:>8,.0f} ({p50:5.2f} / {p99:6.2f})".center(26))
-        print(f"| {f'{n} {kind}':<16} | " + " | ".join(parts) + " |")
+            rate, p50, client_us, server_us = cells[m]
+            print(f"| {n} {kind} | {names[m]} | {rate:,.0f} | {p50:.2f} | {client_us:,.0f} | {server_us:,.0f} |")
     return 0
 
 
