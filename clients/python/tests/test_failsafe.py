@@ -142,13 +142,33 @@ def test_kill_mid_run_then_restart(
     assert len(down) == 1 and len(back) == 1, [r.getMessage() for r in caplog.records]
 
 
+def stop(pid: int) -> None:
+    """SIGSTOP, and wait until every thread of the process is stopped (the signal
+    takes a moment to reach threads running on another core: a decision on an
+    open Decide stream may be answered meanwhile)."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+            states = []
+            for t in tasks:
+                with open(f"/proc/{pid}/task/{t}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            return True  # no /proc (not Linux): best effort
+        return all(s in ("T", "t") for s in states)
+
+    wait_for(stopped, 5, "the server to stop")
+
+
 def test_deadline_on_a_hung_server(server: BackstopServer, make_client: Callable[..., Backstop]) -> None:
     """A server that accepts but never answers costs one short deadline (default 50 ms)."""
     bs = make_client(server.address, timeout=0.05, reconnect_interval=0.1)
     assert bs.timeout == 0.05 and Backstop("127.0.0.1:1").timeout == 0.05  # the default
     assert bs.can_proceed("hung/model").local is False
     assert server.proc is not None
-    os.kill(server.proc.pid, signal.SIGSTOP)
+    stop(server.proc.pid)
     try:
         t0 = time.monotonic()
         adm = bs.can_proceed("hung/model")

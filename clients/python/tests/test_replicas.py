@@ -43,9 +43,14 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def served(server: BackstopServer, method: str = "CanProceed") -> int:
-    """How many ``method`` calls this replica answered (its own Prometheus counter)."""
-    m = re.search(rf'^backstop_rpc_duration_seconds_count{{method="{method}"}} (\d+)', server.metrics(), re.M)
-    return int(m.group(1)) if m else 0
+    """How many ``method`` decisions this replica answered (its own Prometheus
+    counters), as unary calls or as items of a Decide stream."""
+    text = server.metrics()
+    total = 0
+    for name in (method, f"Decide.{method}"):
+        m = re.search(rf'^backstop_rpc_duration_seconds_count{{method="{re.escape(name)}"}} (\d+)', text, re.M)
+        total += int(m.group(1)) if m else 0
+    return total
 
 
 # --- addresses, without a server ----------------------------------------------------------
@@ -344,8 +349,9 @@ class DnsStub:
         self.sock.close()
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
 def test_one_dns_name_with_several_addresses(
-    redis: RedisServer, start_server: Callable[..., BackstopServer], make_client: Callable[..., Backstop]
+    redis: RedisServer, start_server: Callable[..., BackstopServer], make_client: Callable[..., Backstop], stream: bool
 ) -> None:
     if os.environ.get("GRPC_DNS_RESOLVER", "").lower() == "native":
         pytest.skip("GRPC_DNS_RESOLVER=native cannot query a given DNS server")
@@ -355,14 +361,19 @@ def test_one_dns_name_with_several_addresses(
     b = start_server(FAST + CHAT, redis=redis.url, host="127.0.0.2", port=a.port)
     dns = DnsStub({"backstop.test": ["127.0.0.1", "127.0.0.2"]})
     try:
-        bs = make_client(f"dns://127.0.0.1:{dns.port}/backstop.test:{a.port}", timeout=0.25, reconnect_interval=0.1)
+        bs = make_client(
+            f"dns://127.0.0.1:{dns.port}/backstop.test:{a.port}", timeout=0.25, reconnect_interval=0.1, stream=stream
+        )
         assert bs.addresses == (f"dns://127.0.0.1:{dns.port}/backstop.test:{a.port}",)
         before = served(a), served(b)
-        for _ in range(20):
+        # Unary calls alternate; a stream is replaced every ROTATE_AFTER (64)
+        # items, and each new one goes to the next server.
+        n = 200 if stream else 20
+        for _ in range(n):
             assert not bs.can_proceed(TARGET).local
         assert ("backstop.test", 1) in dns.asked
         got = served(a) - before[0], served(b) - before[1]
-        assert sum(got) == 20 and min(got) >= 5, f"decisions per server: {got}"
+        assert sum(got) == n and min(got) >= n // 4, f"decisions per server: {got}"
 
         # One server killed: gRPC's round_robin (and its retry of a call lost
         # with the server) keeps every decision on the cluster.
@@ -408,8 +419,9 @@ class BrokenReplica:
         self.server.stop(None)
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
 def test_dns_name_retries_a_call_on_another_server(
-    start_server: Callable[..., BackstopServer], make_client: Callable[..., Backstop]
+    start_server: Callable[..., BackstopServer], make_client: Callable[..., Backstop], stream: bool
 ) -> None:
     # gRPC's retry (from the client's service config) sends a call that failed
     # UNAVAILABLE on one server of the name to the next one, within its deadline.
@@ -419,12 +431,14 @@ def test_dns_name_retries_a_call_on_another_server(
     broken = BrokenReplica(f"127.0.0.2:{good.port}")
     dns = DnsStub({"backstop.test": ["127.0.0.1", "127.0.0.2"]})
     try:
-        bs = make_client(f"dns://127.0.0.1:{dns.port}/backstop.test:{good.port}", timeout=0.5)
-        for _ in range(20):
+        bs = make_client(f"dns://127.0.0.1:{dns.port}/backstop.test:{good.port}", timeout=0.5, stream=stream)
+        # A stream is a call too: one round_robin sends to the broken server
+        # fails there and is retried on the good one (a stream per 64 items).
+        for _ in range(200 if stream else 20):
             adm = bs.can_proceed(TARGET)
             assert adm.allowed and not adm.local
         assert bs.mode == "remote"
-        assert broken.decisions() >= 5, "round_robin never picked the broken server"
+        assert broken.decisions() >= (1 if stream else 5), "round_robin never picked the broken server"
     finally:
         dns.close()
         broken.close()

@@ -22,6 +22,7 @@ from ._local import LOCAL_PERMIT_PREFIX, LocalEngine, LocalPolicy, RouteMemory
 from ._plan import CallSpec, defer_message, encode_payload, metadata_dict
 from ._proto import admin_pb2, deferred_pb2
 from ._reconcile import DEFAULT_LIMIT, Reconciler
+from ._stream import stream_enabled
 from ._transport import AddressArg, parse_addresses
 from .structured import Structured
 from .types import (
@@ -84,6 +85,10 @@ class Core:
     :param reconcile_limit: how many outcomes decided locally (while Backstop
         was unreachable) are kept to be reported once it is back (oldest dropped
         first); 0 turns reconciliation off.
+    :param stream: send every CanProceed / RecordOutcome / Route over one
+        ``Decide`` stream per replica (default: on, unless the environment has
+        ``BACKSTOP_STREAM=0``); ``False`` makes each decision a unary call.
+        A server without ``Decide`` gets unary calls either way.
     :param channel_options: extra gRPC channel options.
     :param credentials: ``grpc.ssl_channel_credentials(...)`` for TLS (default: plaintext).
     """
@@ -104,6 +109,7 @@ class Core:
         reconcile_limit: int = DEFAULT_LIMIT,
         channel_options: Sequence[Tuple[str, Any]] = (),
         credentials: Optional[grpc.ChannelCredentials] = None,
+        stream: Optional[bool] = None,
     ) -> None:
         if policy not in (FAIL_OPEN, FAIL_CLOSED):
             raise ValueError(f"policy must be {FAIL_OPEN!r} or {FAIL_CLOSED!r}, got {policy!r}")
@@ -120,6 +126,8 @@ class Core:
         self.connect_timeout = float(connect_timeout)
         self.reconnect_interval = float(reconnect_interval)
         self.credentials = credentials
+        #: Whether decisions go over the Decide stream (see :mod:`backstop._stream`).
+        self.stream = stream_enabled(stream)
         self.local_engine = LocalEngine(local_policy or LocalPolicy())
         self.route_memory = RouteMemory(local_routes)
         self._reconciler = Reconciler(reconcile_limit)

@@ -210,6 +210,9 @@ class Replica(Generic[C]):
         self._queue_stubs: Optional[Stubs] = None
         #: Set by an outage answer, cleared by a health check (or a call) that gets through.
         self.down = False
+        #: The replica's Decide stream (``_stream``), set by the client that owns it
+        #: when decisions go over a stream; None for unary calls.
+        self.decide: Any = None
 
     def queue_stubs(self) -> Stubs:
         """Stubs for deferred-queue calls. They stay on one server (the queue is

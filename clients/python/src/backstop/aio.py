@@ -38,6 +38,7 @@ from ._plan import (
     SleepOp,
     call_plan,
 )
+from ._stream import DECIDE_FIELDS, USE_UNARY, AsyncDecideStream
 from ._transport import (
     OUTAGE_CODES,
     SERVING,
@@ -48,6 +49,7 @@ from ._transport import (
     health_request,
     health_serving,
     rpc_error,
+    single_server,
     target_options,
 )
 from .errors import BackstopError, ControlPlaneError, ControlPlaneUnavailable
@@ -94,6 +96,11 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         """The replicas and their channels (created on first use, in the running loop)."""
         if self._replica_set is None:
             self._replica_set = ReplicaSet(self.addresses, self._connect)
+            if self.stream:
+                for r in self._replica_set.replicas:
+                    r.decide = AsyncDecideStream(
+                        r.stubs.resilience.Decide, r.target, not single_server(r.target), self.timeout
+                    )
         return self._replica_set
 
     @property
@@ -115,6 +122,9 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
                 except asyncio.CancelledError:
                     pass
         if self._replica_set is not None:
+            for r in self._replica_set.replicas:
+                if r.decide is not None:
+                    await r.decide.close()
             for channel in self._replica_set.channels():
                 await channel.close()
 
@@ -131,19 +141,15 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         queue = rpc.service == "deferred"
         last: Optional[ControlPlaneUnavailable] = None
         for replica in self._replicas.sticky() if queue else self._replicas.balanced(rpc.method):
-            stubs = replica.queue_stubs() if queue else replica.stubs
-            method = getattr(getattr(stubs, rpc.service), rpc.method)
             try:
-                response = await method(rpc.request, timeout=rpc.timeout, metadata=self._metadata(rpc))
-            except grpc.RpcError as e:
-                err = rpc_error(rpc.method, e)
+                response = await self._attempt(replica, rpc, queue)
+            except ControlPlaneError as err:
                 # A queue call that ran out of time may have been carried out.
                 if not isinstance(err, ControlPlaneUnavailable) or (
                     queue and err.code != grpc.StatusCode.UNAVAILABLE
                 ):
                     self._replicas.succeeded(replica, queue=queue)
-                    raise err from e
-                err.__cause__ = e
+                    raise
                 last = err
                 self._replica_failed(replica, err)
                 continue
@@ -151,6 +157,19 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
             return rpc.convert(response)
         assert last is not None
         raise last
+
+    async def _attempt(self, replica: Replica[grpc.aio.Channel], rpc: Rpc, queue: bool) -> Any:
+        """See :meth:`backstop.Backstop._attempt`."""
+        if replica.decide is not None and rpc.method in DECIDE_FIELDS and rpc.service == "resilience":
+            response = await replica.decide.call(rpc)
+            if response is not USE_UNARY:
+                return response
+        stubs = replica.queue_stubs() if queue else replica.stubs
+        method = getattr(getattr(stubs, rpc.service), rpc.method)
+        try:
+            return await method(rpc.request, timeout=rpc.timeout, metadata=self._metadata(rpc))
+        except grpc.RpcError as e:
+            raise rpc_error(rpc.method, e) from e
 
     def _replica_failed(self, replica: Replica[grpc.aio.Channel], err: Any) -> None:
         self._replicas.failed(replica, err)

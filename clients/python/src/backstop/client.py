@@ -33,6 +33,7 @@ from ._plan import (
     SleepOp,
     call_plan,
 )
+from ._stream import DECIDE_FIELDS, USE_UNARY, DecideStream
 from ._transport import (
     OUTAGE_CODES,
     SERVING,
@@ -41,6 +42,7 @@ from ._transport import (
     health_request,
     health_serving,
     rpc_error,
+    single_server,
     sync_channel,
     target_options,
 )
@@ -91,6 +93,9 @@ class Backstop(Requests[OutcomeResult]):
         self._stopping = threading.Event()
         self._prober: Optional[threading.Thread] = None
         self._flusher: Optional[threading.Thread] = None
+        if self.stream:
+            for r in self._replicas.replicas:
+                r.decide = DecideStream(r.stubs.resilience.Decide, r.target, not single_server(r.target), self.timeout)
 
     def _connect(self, target: str, sticky: bool) -> grpc.Channel:
         return sync_channel(target, self.credentials, target_options(target, self.channel_options, sticky=sticky))
@@ -105,6 +110,9 @@ class Backstop(Requests[OutcomeResult]):
         for t in (self._prober, self._flusher):
             if t is not None and t is not threading.current_thread():
                 t.join(timeout=5)
+        for r in self._replicas.replicas:
+            if r.decide is not None:
+                r.decide.close()
         for channel in self._replicas.channels():
             channel.close()
 
@@ -118,24 +126,21 @@ class Backstop(Requests[OutcomeResult]):
 
     def _unary(self, rpc: Rpc) -> Any:
         """One call, on the replicas in the order the replica set gives; an outage
-        answer moves on to the next replica, and the last one's is raised."""
+        answer moves on to the next replica, and the last one's is raised.
+        Decisions go over the replica's Decide stream when there is one."""
         queue = rpc.service == "deferred"
         last: Optional[ControlPlaneUnavailable] = None
         for replica in self._replicas.sticky() if queue else self._replicas.balanced(rpc.method):
-            stubs = replica.queue_stubs() if queue else replica.stubs
-            method = getattr(getattr(stubs, rpc.service), rpc.method)
             try:
-                response = method(rpc.request, timeout=rpc.timeout, metadata=self._metadata(rpc))
-            except grpc.RpcError as e:
-                err = rpc_error(rpc.method, e)
+                response = self._attempt(replica, rpc, queue)
+            except ControlPlaneError as err:
                 # A queue call that ran out of time may have been carried out (a
                 # Defer saved): only a replica that cannot be reached is skipped.
                 if not isinstance(err, ControlPlaneUnavailable) or (
                     queue and err.code != grpc.StatusCode.UNAVAILABLE
                 ):
                     self._replicas.succeeded(replica, queue=queue)
-                    raise err from e
-                err.__cause__ = e
+                    raise
                 last = err
                 self._replica_failed(replica, err)
                 continue
@@ -143,6 +148,19 @@ class Backstop(Requests[OutcomeResult]):
             return rpc.convert(response)
         assert last is not None
         raise last
+
+    def _attempt(self, replica: Replica[grpc.Channel], rpc: Rpc, queue: bool) -> Any:
+        """One replica's answer (the response message) or its error, as a ControlPlaneError."""
+        if replica.decide is not None and rpc.method in DECIDE_FIELDS and rpc.service == "resilience":
+            response = replica.decide.call(rpc)
+            if response is not USE_UNARY:
+                return response
+        stubs = replica.queue_stubs() if queue else replica.stubs
+        method = getattr(getattr(stubs, rpc.service), rpc.method)
+        try:
+            return method(rpc.request, timeout=rpc.timeout, metadata=self._metadata(rpc))
+        except grpc.RpcError as e:
+            raise rpc_error(rpc.method, e) from e
 
     def _replica_failed(self, replica: Replica[grpc.Channel], err: Any) -> None:
         self._replicas.failed(replica, err)

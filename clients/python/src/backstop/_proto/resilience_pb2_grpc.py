@@ -59,6 +59,11 @@ class ResilienceStub(object):
                 request_serializer=backstop_dot_v1_dot_resilience__pb2.RecordOutcomeBatchRequest.SerializeToString,
                 response_deserializer=backstop_dot_v1_dot_resilience__pb2.RecordOutcomeBatchResponse.FromString,
                 _registered_method=True)
+        self.Decide = channel.stream_stream(
+                '/backstop.v1.Resilience/Decide',
+                request_serializer=backstop_dot_v1_dot_resilience__pb2.DecideRequest.SerializeToString,
+                response_deserializer=backstop_dot_v1_dot_resilience__pb2.DecideResponse.FromString,
+                _registered_method=True)
 
 
 class ResilienceServicer(object):
@@ -102,6 +107,20 @@ class ResilienceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Decide(self, request_iterator, context):
+        """Every decision of a client process over one long-lived stream: each
+        request carries an id the client chooses and one CanProceed,
+        RecordOutcome or Route; each response carries the same id and the answer
+        the unary call would give, as soon as it is decided (possibly out of
+        order). Far cheaper per decision than unary calls (no new HTTP/2 stream,
+        no headers per call). Per-item problems come back as an item error; the
+        stream itself ends only when the client closes it, the server drains, or
+        the connection breaks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResilienceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +148,11 @@ def add_ResilienceServicer_to_server(servicer, server):
                     servicer.RecordOutcomeBatch,
                     request_deserializer=backstop_dot_v1_dot_resilience__pb2.RecordOutcomeBatchRequest.FromString,
                     response_serializer=backstop_dot_v1_dot_resilience__pb2.RecordOutcomeBatchResponse.SerializeToString,
+            ),
+            'Decide': grpc.stream_stream_rpc_method_handler(
+                    servicer.Decide,
+                    request_deserializer=backstop_dot_v1_dot_resilience__pb2.DecideRequest.FromString,
+                    response_serializer=backstop_dot_v1_dot_resilience__pb2.DecideResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +290,33 @@ class Resilience(object):
             '/backstop.v1.Resilience/RecordOutcomeBatch',
             backstop_dot_v1_dot_resilience__pb2.RecordOutcomeBatchRequest.SerializeToString,
             backstop_dot_v1_dot_resilience__pb2.RecordOutcomeBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decide(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/backstop.v1.Resilience/Decide',
+            backstop_dot_v1_dot_resilience__pb2.DecideRequest.SerializeToString,
+            backstop_dot_v1_dot_resilience__pb2.DecideResponse.FromString,
             options,
             channel_credentials,
             insecure,
