@@ -115,7 +115,16 @@ class ResilienceServicer(object):
         order). Far cheaper per decision than unary calls (no new HTTP/2 stream,
         no headers per call). Per-item problems come back as an item error; the
         stream itself ends only when the client closes it, the server drains, or
-        the connection breaks.
+        the connection breaks:
+        - after the client half-closes, every item the server read is answered,
+        then the stream ends with OK;
+        - when the server drains, every item it read is answered, then the
+        stream ends with UNAVAILABLE: items sent but not answered were never
+        read, never decided, and can be sent again elsewhere;
+        - an embedded server decides items one after another as it reads them
+        (answers come in order); a cluster replica, where each item waits on
+        Redis, decides up to 1024 at once (answers may come out of order) and
+        answers further items with RESOURCE_EXHAUSTED until some are done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
