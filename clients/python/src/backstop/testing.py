@@ -42,10 +42,14 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence
 
 
 def find_binary(explicit: Optional[str] = None) -> str:
-    """The ``backstop`` binary: ``explicit``, else ``$BACKSTOP_BIN``, else ``backstop`` on PATH."""
+    """The ``backstop`` binary: ``explicit``, else ``$BACKSTOP_BIN``, else ``backstop`` on PATH.
+
+    Returned as an absolute path: the server is started in its own temporary
+    directory, where a relative ``target/release/backstop`` would not resolve.
+    """
     for candidate in (explicit, os.environ.get("BACKSTOP_BIN"), shutil.which("backstop")):
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
+            return os.path.abspath(candidate)
     raise FileNotFoundError(
         "cannot find the backstop binary: set BACKSTOP_BIN (e.g. target/debug/backstop after `cargo build`) "
         "or put `backstop` on PATH"
