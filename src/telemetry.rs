@@ -153,6 +153,33 @@ impl Extractor for MetadataExtractor<'_> {
     }
 }
 
+/// An extractor over one `traceparent` value carried in a message rather
+/// than in metadata (a Decide stream item).
+struct TraceparentExtractor<'a>(&'a str);
+
+impl Extractor for TraceparentExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == "traceparent").then_some(self.0)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent"]
+    }
+}
+
+/// Makes `span` a child of the span `traceparent` names (a W3C
+/// `traceparent` value); a no-op when it is empty. Used per item of a
+/// Decide stream, where each decision may belong to a different trace.
+pub fn join_traceparent(span: &tracing::Span, traceparent: &str) {
+    if traceparent.is_empty() {
+        return;
+    }
+    let cx = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&TraceparentExtractor(traceparent))
+    });
+    let _ = span.set_parent(cx);
+}
+
 /// Makes `span` a child of the caller's trace when the request carries a
 /// W3C `traceparent` (a no-op otherwise).
 pub fn join_caller_trace(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {

@@ -22,6 +22,7 @@ fn can(id: u64, target: &str) -> proto::DecideRequest {
             ..Default::default()
         })),
         deadline: None,
+        traceparent: String::new(),
     }
 }
 
@@ -35,6 +36,7 @@ fn outcome(id: u64, target: &str, permit: &str, status: i32) -> proto::DecideReq
             ..Default::default()
         })),
         deadline: None,
+        traceparent: String::new(),
     }
 }
 
@@ -118,6 +120,7 @@ async fn one_stream_carries_every_kind_of_decision() {
             ..Default::default()
         })),
         deadline: None,
+        traceparent: String::new(),
     })
     .await
     .expect("send");
@@ -144,6 +147,7 @@ async fn bad_items_fail_alone_and_the_stream_goes_on() {
         id: 2,
         request: None,
         deadline: None,
+        traceparent: String::new(),
     })
     .await
     .expect("send");
@@ -157,6 +161,7 @@ async fn bad_items_fail_alone_and_the_stream_goes_on() {
             ..Default::default()
         })),
         deadline: None,
+        traceparent: String::new(),
     })
     .await
     .expect("send");

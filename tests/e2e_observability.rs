@@ -512,8 +512,8 @@ mod otlp {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_join_the_callers_trace_and_carry_the_decision() {
+/// Starts an OTLP receiver and a server exporting its spans to it.
+async fn traced_server(name: &str) -> (Server, otlp::Receiver) {
     let receiver = otlp::Receiver::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -530,7 +530,7 @@ async fn spans_join_the_callers_trace_and_carry_the_decision() {
         "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nservice_name = \"backstop-test\"\n"
     );
     let server = Server::start_with(
-        TempDir::new("otlp"),
+        TempDir::new(name),
         &config,
         &["--http", "off"],
         &[
@@ -538,6 +538,118 @@ async fn spans_join_the_callers_trace_and_carry_the_decision() {
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ],
     );
+    (server, receiver)
+}
+
+/// Every exported span named `name`, waiting up to 15 s for `n` of them.
+async fn spans_named(
+    receiver: &otlp::Receiver,
+    name: &str,
+    n: usize,
+) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found: Vec<_> = receiver
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .flat_map(|r| r.resource_spans.clone())
+            .flat_map(|rs| rs.scope_spans)
+            .flat_map(|ss| ss.spans)
+            .filter(|s| s.name == name)
+            .collect();
+        if found.len() >= n {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} {name} spans exported within 15 s, expected {n}",
+            found.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decide_items_join_their_own_trace_or_the_streams() {
+    let (server, receiver) = traced_server("otlp-decide").await;
+    let item_trace = "0af7651916cd43dd8448eb211c80319c";
+    let item_parent = "b7ad6b7169203331";
+    let stream_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let stream_parent = "00f067aa0ba902b7";
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{stream_trace}-{stream_parent}-01")
+            .parse()
+            .expect("ascii"),
+    );
+    let mut c = server.resilience().await;
+    let mut inbound = c.decide(req).await.expect("decide").into_inner();
+    let item = |id: u64, target: &str, traceparent: String| proto::DecideRequest {
+        id,
+        request: Some(proto::decide_request::Request::CanProceed(
+            proto::CanProceedRequest {
+                target: target.into(),
+                ..Default::default()
+            },
+        )),
+        traceparent,
+        ..Default::default()
+    };
+    tx.send(item(
+        1,
+        "own/trace",
+        format!("00-{item_trace}-{item_parent}-01"),
+    ))
+    .await
+    .expect("send");
+    tx.send(item(2, "stream/trace", String::new()))
+        .await
+        .expect("send");
+    // A malformed traceparent is ignored: the item is still decided.
+    tx.send(item(3, "bad/trace", "not-a-traceparent".into()))
+        .await
+        .expect("send");
+    for _ in 0..3 {
+        let r = inbound.message().await.expect("ok").expect("answer");
+        assert!(
+            matches!(r.response, Some(proto::decide_response::Response::CanProceed(ref p)) if p.allowed),
+            "{r:?}"
+        );
+    }
+    let spans = spans_named(&receiver, "Decide.CanProceed", 3).await;
+    // (tracing-opentelemetry also exports the module as a `target`.)
+    let by_target = |t: &str| {
+        spans
+            .iter()
+            .find(|s| {
+                s.attributes
+                    .iter()
+                    .any(|kv| kv.key == "target" && format!("{:?}", kv.value).contains(t))
+            })
+            .unwrap_or_else(|| panic!("no span for {t}: {spans:?}"))
+    };
+    let own = by_target("own/trace");
+    assert_eq!(hex(&own.trace_id), item_trace, "the item's own trace");
+    assert_eq!(hex(&own.parent_span_id), item_parent);
+    let inherited = by_target("stream/trace");
+    assert_eq!(hex(&inherited.trace_id), stream_trace, "the stream's trace");
+    assert_eq!(hex(&inherited.parent_span_id), stream_parent);
+    let bad = by_target("bad/trace");
+    assert_ne!(hex(&bad.trace_id), item_trace);
+    assert!(bad.parent_span_id.is_empty(), "a root span: {bad:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_join_the_callers_trace_and_carry_the_decision() {
+    let (server, receiver) = traced_server("otlp").await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent_id = "00f067aa0ba902b7";
     let mut req = tonic::Request::new(proto::CanProceedRequest {
@@ -577,7 +689,6 @@ async fn spans_join_the_callers_trace_and_carry_the_decision() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let (span, resource) = span;
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     assert_eq!(hex(&span.trace_id), trace_id, "joined the caller's trace");
     assert_eq!(
         hex(&span.parent_span_id),

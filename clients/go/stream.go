@@ -180,12 +180,14 @@ func itemError(e *pb.ItemError) error {
 }
 
 // ctxStatus is a caller's expired or cancelled context as the status a
-// unary call would return.
+// unary call would return. ctx.Err() can still be nil when the deadline has
+// just passed (the context's timer has not fired yet): that is a deadline too.
 func ctxStatus(ctx context.Context) error {
-	if ctx.Err() == context.DeadlineExceeded {
+	err := ctx.Err()
+	if err == nil || err == context.DeadlineExceeded {
 		return status.Error(codes.DeadlineExceeded, "Decide: no answer within the deadline")
 	}
-	return status.Error(codes.Canceled, "Decide: "+ctx.Err().Error())
+	return status.Error(codes.Canceled, "Decide: "+err.Error())
 }
 
 func (sd *streamDecisions) isUnsupported() bool { return atomic.LoadInt32(&sd.unsupported) == 1 }

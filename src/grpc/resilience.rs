@@ -138,23 +138,81 @@ impl ResilienceService {
         Ok(out)
     }
 
-    /// One item of a Decide stream: the same answer as the unary call.
-    async fn decide_one(&self, r: proto::DecideRequest) -> proto::DecideResponse {
+    /// One item of a Decide stream: the same answer as the unary call, in a
+    /// span of its own (`Decide.CanProceed` …) with the unary span's fields,
+    /// joined to the item's `traceparent`, else to the stream's.
+    async fn decide_one(
+        &self,
+        r: proto::DecideRequest,
+        stream_parent: &str,
+    ) -> proto::DecideResponse {
         use proto::decide_request::Request as Q;
         use proto::decide_response::Response as A;
         let m = self.engine.metrics();
+        let parent = if r.traceparent.is_empty() {
+            stream_parent
+        } else {
+            r.traceparent.as_str()
+        };
         let response = match &r.request {
             Some(Q::CanProceed(q)) => {
                 let _timer = m.rpc("Decide.CanProceed");
-                self.can_proceed_one(q).await.map(A::CanProceed)
+                let span = crate::rpc_span!(
+                    "Decide.CanProceed",
+                    target = %q.target,
+                    caller = %q.caller,
+                    attempt = q.attempt,
+                    allowed = tracing::field::Empty,
+                    reason = tracing::field::Empty,
+                    state = tracing::field::Empty,
+                );
+                crate::telemetry::join_traceparent(&span, parent);
+                let res = self.can_proceed_one(q).instrument(span.clone()).await;
+                if let Ok(res) = &res {
+                    span.record("allowed", res.allowed);
+                    span.record("reason", res.reason().as_str_name());
+                    span.record("state", res.state().as_str_name());
+                }
+                res.map(A::CanProceed)
             }
             Some(Q::RecordOutcome(q)) => {
                 let _timer = m.rpc("Decide.RecordOutcome");
-                self.record_one(q).await.map(A::RecordOutcome)
+                let span = crate::rpc_span!(
+                    "Decide.RecordOutcome",
+                    target = %q.target,
+                    caller = %q.caller,
+                    http_status = q.http_status,
+                    class = tracing::field::Empty,
+                    state = tracing::field::Empty,
+                    retry = tracing::field::Empty,
+                );
+                crate::telemetry::join_traceparent(&span, parent);
+                let res = self.record_one(q).instrument(span.clone()).await;
+                if let Ok(res) = &res {
+                    span.record("class", res.classified_as().as_str_name());
+                    span.record("state", res.state().as_str_name());
+                    span.record("retry", res.retry.as_ref().is_some_and(|a| a.retry));
+                }
+                res.map(A::RecordOutcome)
             }
             Some(Q::Route(q)) => {
                 let _timer = m.rpc("Decide.Route");
-                self.route_one(q).await.map(A::Route)
+                let span = crate::rpc_span!(
+                    "Decide.Route",
+                    route = %q.route,
+                    caller = %q.caller,
+                    target = tracing::field::Empty,
+                    fallback_depth = tracing::field::Empty,
+                );
+                crate::telemetry::join_traceparent(&span, parent);
+                let res = self.route_one(q).instrument(span.clone()).await;
+                if let Ok(out) = &res {
+                    span.record("fallback_depth", out.fallback_depth);
+                    if !out.target.is_empty() {
+                        span.record("target", out.target.as_str());
+                    }
+                }
+                res.map(A::Route)
             }
             None => Err(Status::invalid_argument(
                 "the item has no request: set one of can_proceed, record_outcome or route",
@@ -167,15 +225,19 @@ impl ResilienceService {
     }
 
     /// Like [`ResilienceService::decide_one`], within the item's deadline.
-    async fn decide_within(&self, r: proto::DecideRequest) -> proto::DecideResponse {
+    async fn decide_within(
+        &self,
+        r: proto::DecideRequest,
+        stream_parent: &str,
+    ) -> proto::DecideResponse {
         let id = r.id;
         let deadline = match from_proto_duration(r.deadline, "deadline") {
             Ok(d) => d,
             Err(s) => return item_failed(id, s),
         };
         match deadline {
-            None => self.decide_one(r).await,
-            Some(d) => match tokio::time::timeout(d, self.decide_one(r)).await {
+            None => self.decide_one(r, stream_parent).await,
+            Some(d) => match tokio::time::timeout(d, self.decide_one(r, stream_parent)).await {
                 Ok(resp) => resp,
                 Err(_) => item_failed(
                     id,
@@ -384,6 +446,13 @@ impl Resilience for ResilienceService {
         &self,
         req: Request<tonic::Streaming<proto::DecideRequest>>,
     ) -> Result<Response<Self::DecideStream>, Status> {
+        // Items without a traceparent of their own join the stream's trace.
+        let stream_parent: Arc<str> = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .into();
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<proto::DecideResponse, Status>>(256);
         let svc = self.clone();
@@ -411,7 +480,11 @@ impl Resilience for ResilienceService {
                     }
                 };
                 if !concurrent {
-                    if tx.send(Ok(svc.decide_within(r).await)).await.is_err() {
+                    if tx
+                        .send(Ok(svc.decide_within(r, &stream_parent).await))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                     continue;
@@ -428,9 +501,9 @@ impl Resilience for ResilienceService {
                     }
                     continue;
                 };
-                let (svc, tx) = (svc.clone(), tx.clone());
+                let (svc, tx, stream_parent) = (svc.clone(), tx.clone(), stream_parent.clone());
                 tokio::spawn(async move {
-                    let resp = svc.decide_within(r).await;
+                    let resp = svc.decide_within(r, &stream_parent).await;
                     let _ = tx.send(Ok(resp)).await;
                     drop(slot);
                 });

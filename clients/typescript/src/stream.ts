@@ -244,6 +244,8 @@ export class StreamTransport implements DecisionTransport {
       [item.kind]: item.req,
       // The server gives up on the item when the client has (whole milliseconds, at least 1).
       deadline: duration(Math.max(1, Math.ceil(left))),
+      // Unset: the item's server span joins the stream's trace, if any.
+      traceparent: '',
     } as DecideRequest;
     s.call.write(msg);
   }

@@ -46,6 +46,7 @@ impl Driver {
                 id,
                 request: Some(request),
                 deadline: None,
+                traceparent: String::new(),
             })
             .await
             .is_ok()

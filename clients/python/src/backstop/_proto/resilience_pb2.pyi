@@ -287,18 +287,20 @@ class RecordOutcomeResult(_message.Message):
     def __init__(self, ok: _Optional[_Union[RecordOutcomeResponse, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
-    __slots__ = ("id", "can_proceed", "record_outcome", "route", "deadline")
+    __slots__ = ("id", "can_proceed", "record_outcome", "route", "deadline", "traceparent")
     ID_FIELD_NUMBER: _ClassVar[int]
     CAN_PROCEED_FIELD_NUMBER: _ClassVar[int]
     RECORD_OUTCOME_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     id: int
     can_proceed: CanProceedRequest
     record_outcome: RecordOutcomeRequest
     route: RouteRequest
     deadline: _duration_pb2.Duration
-    def __init__(self, id: _Optional[int] = ..., can_proceed: _Optional[_Union[CanProceedRequest, _Mapping]] = ..., record_outcome: _Optional[_Union[RecordOutcomeRequest, _Mapping]] = ..., route: _Optional[_Union[RouteRequest, _Mapping]] = ..., deadline: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, id: _Optional[int] = ..., can_proceed: _Optional[_Union[CanProceedRequest, _Mapping]] = ..., record_outcome: _Optional[_Union[RecordOutcomeRequest, _Mapping]] = ..., route: _Optional[_Union[RouteRequest, _Mapping]] = ..., deadline: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
     __slots__ = ("id", "can_proceed", "record_outcome", "route", "error")

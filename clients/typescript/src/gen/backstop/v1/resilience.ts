@@ -326,7 +326,17 @@ export interface DecideRequest {
    * A client whose own deadline passed should not count on the server
    * having dropped the item: a CanProceed answered late still admitted.
    */
-  deadline: Duration | undefined;
+  deadline:
+    | Duration
+    | undefined;
+  /**
+   * W3C trace context of the caller's span for this item
+   * ("00-<trace id>-<span id>-<flags>"): the item's server span becomes its
+   * child, as the `traceparent` metadata of a unary call does. Unset: the
+   * stream's own `traceparent` metadata, if any. Invalid values are ignored
+   * (the item is still decided, in a trace of its own).
+   */
+  traceparent: string;
 }
 
 export interface DecideResponse {
@@ -1917,7 +1927,14 @@ export const RecordOutcomeResult: MessageFns<RecordOutcomeResult> = {
 };
 
 function createBaseDecideRequest(): DecideRequest {
-  return { id: 0, canProceed: undefined, recordOutcome: undefined, route: undefined, deadline: undefined };
+  return {
+    id: 0,
+    canProceed: undefined,
+    recordOutcome: undefined,
+    route: undefined,
+    deadline: undefined,
+    traceparent: "",
+  };
 }
 
 export const DecideRequest: MessageFns<DecideRequest> = {
@@ -1936,6 +1953,9 @@ export const DecideRequest: MessageFns<DecideRequest> = {
     }
     if (message.deadline !== undefined) {
       Duration.encode(message.deadline, writer.uint32(42).fork()).join();
+    }
+    if (message.traceparent !== "") {
+      writer.uint32(50).string(message.traceparent);
     }
     return writer;
   },
@@ -1993,6 +2013,14 @@ export const DecideRequest: MessageFns<DecideRequest> = {
             message.deadline = Duration.decode(reader, reader.uint32());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.traceparent = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2023,6 +2051,7 @@ export const DecideRequest: MessageFns<DecideRequest> = {
     message.deadline = (object.deadline !== undefined && object.deadline !== null)
       ? Duration.fromPartial(object.deadline)
       : undefined;
+    message.traceparent = object.traceparent ?? "";
     return message;
   },
 };
