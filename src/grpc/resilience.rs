@@ -442,6 +442,9 @@ impl Resilience for ResilienceService {
     /// Redis, so items run concurrently (at most [`MAX_OUTSTANDING`]) and
     /// combine. The response channel is bounded: a client that stops reading
     /// stops being read (HTTP/2 flow control), so memory stays bounded.
+    /// Writes are coalesced by tonic's encoder: it takes every answer already
+    /// in the channel into one buffer and writes it when the channel is
+    /// empty (or 32 KiB are pending), so a burst of answers is one write.
     async fn decide(
         &self,
         req: Request<tonic::Streaming<proto::DecideRequest>>,
