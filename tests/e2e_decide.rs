@@ -290,3 +290,103 @@ async fn a_draining_server_ends_the_stream_with_unavailable() {
     drop(tx);
     assert!(exit.await.expect("join").success(), "drained and exited 0");
 }
+
+/// Absurd numbers in an item: a negative deadline is that item's
+/// INVALID_ARGUMENT; the largest representable one is simply no limit; an id
+/// reused by the client is answered twice, once per item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_deadlines_and_reused_ids_fail_or_pass_alone() {
+    let s = Server::start(CONFIG, &[]);
+    let (tx, mut inbound) = open(&s).await;
+    let mut negative = can(1, "m");
+    negative.deadline = Some(prost_types::Duration {
+        seconds: -1,
+        nanos: 0,
+    });
+    let mut huge = can(2, "m");
+    huge.deadline = Some(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 999_999_999,
+    });
+    let mut zero = can(3, "m");
+    zero.deadline = Some(prost_types::Duration {
+        seconds: 0,
+        nanos: 0,
+    });
+    for r in [negative, huge, zero, can(4, "m"), can(4, "m")] {
+        tx.send(r).await.expect("send");
+    }
+    let mut got: Vec<proto::DecideResponse> = Vec::new();
+    for _ in 0..5 {
+        got.push(next(&mut inbound).await);
+    }
+    got.sort_by_key(|r| r.id);
+    match &got[0].response {
+        Some(A::Error(e)) => {
+            assert_eq!(e.code, tonic::Code::InvalidArgument as i32, "{e:?}");
+            assert!(e.message.contains("deadline"), "{e:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // An embedded decision never waits, so even a zero deadline is met.
+    for r in &got[1..] {
+        assert!(
+            matches!(r.response, Some(A::CanProceed(ref p)) if p.allowed),
+            "{r:?}"
+        );
+    }
+    assert_eq!((got[3].id, got[4].id), (4, 4), "a reused id: both answered");
+}
+
+/// A client that writes a flood and never reads its answers fills its own
+/// stream's buffers and then is no longer read (HTTP/2 flow control): other
+/// clients keep their answers at normal speed, and the server's memory stays
+/// bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_does_not_slow_anyone_else() {
+    let s = Server::start("[targets.t]\n", &[]);
+    let (tx, _never_read) = open(&s).await;
+    let flood = tokio::spawn(async move {
+        let mut sent = 0u64;
+        // Stops when the stream stops taking items (the send blocks).
+        while tokio::time::timeout(Duration::from_millis(500), tx.send(can(sent, "t")))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            sent += 1;
+            if sent == 2_000_000 {
+                break;
+            }
+        }
+        (sent, tx)
+    });
+    let (sent, _tx) = flood.await.expect("flood");
+    assert!(
+        sent < 2_000_000,
+        "the server kept reading a stream nobody reads: {sent} items"
+    );
+    let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", s.child.id()))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS");
+    assert!(rss_kib < 200 * 1024, "server RSS {rss_kib} KiB");
+    // Another client: unary and its own stream both answer promptly.
+    let mut c = s.resilience().await;
+    let t0 = Instant::now();
+    for _ in 0..20 {
+        c.can_proceed(proto::CanProceedRequest {
+            target: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("unary");
+    }
+    let (tx2, mut inbound2) = open(&s).await;
+    for id in 0..20 {
+        tx2.send(can(id, "t")).await.expect("send");
+        next(&mut inbound2).await;
+    }
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+}
