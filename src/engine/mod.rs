@@ -586,6 +586,15 @@ impl Engine {
         self.metrics.encode()
     }
 
+    /// The embedded store's health as its writer sees it
+    /// ([`backend::local::persist::Mark::failing`]); None in ephemeral and
+    /// cluster mode. The server turns it into health status and a gauge.
+    pub fn store_health(
+        &self,
+    ) -> Option<tokio::sync::watch::Receiver<backend::local::persist::Mark>> {
+        self.backend.local()?.persister().map(|p| p.health())
+    }
+
     /// Resolves (or reads true) once the server is draining: long-lived
     /// streams (Watch, Decide) end.
     pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {

@@ -876,3 +876,131 @@ async fn an_open_period_ending_is_not_waited_for() {
     assert_eq!((probe.allowed, probe.state), (true, BreakerState::HalfOpen));
     gate.open();
 }
+
+/// A store that fails on demand (a full disk, an I/O error), keeping what
+/// was committed while it worked so a restart can be simulated.
+#[derive(Clone, Default)]
+struct FailingStore {
+    failing: Arc<std::sync::atomic::AtomicBool>,
+    saved: Arc<std::sync::Mutex<HashMap<String, store::TargetRecord>>>,
+}
+
+impl Store for FailingStore {
+    fn load(&self) -> std::result::Result<store::Loaded, StoreError> {
+        Ok(store::Loaded {
+            targets: self
+                .saved
+                .lock()
+                .expect("lock")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ..Default::default()
+        })
+    }
+    fn commit(&self, ops: &[Op]) -> std::result::Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError(
+                "writing the state store failing.redb: No space left on device (os error 28)"
+                    .into(),
+            ));
+        }
+        let mut saved = self.saved.lock().expect("lock");
+        for op in ops {
+            if let Op::Target(name, Some(rec)) = op {
+                saved.insert(name.to_string(), rec.clone());
+            }
+        }
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "failing.redb".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_store_is_never_lied_about_and_recovers() {
+    let store = FailingStore::default();
+    let config = Arc::new(
+        Config::parse(
+            "[targets.t]\nbreaker = { failure_threshold = 1, open_duration = \"10m\" }\n[targets.steady]\n",
+            "t",
+        )
+        .expect("config"),
+    );
+    let clock = Arc::new(ManualClock::new(T0));
+    let (e, _) =
+        Engine::open(config.clone(), clock.clone(), Box::new(store.clone())).expect("open");
+    let mut health = e.store_health().expect("a persisted engine has a store");
+    store.failing.store(true, Ordering::SeqCst);
+
+    // A Defer is not acknowledged, names the store and the OS error, and is
+    // not left in the queue.
+    let err = e.defer(item("q", 1)).await.expect_err("not durable");
+    match &err {
+        EngineError::Unavailable(m) => {
+            assert!(
+                m.contains("failing.redb") && m.contains("No space left"),
+                "{m}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let stats = e.queue_stats("q").await.expect("stats");
+    assert!(stats.iter().all(|q| q.depth == 0), "{stats:?}");
+    assert!(
+        health.borrow_and_update().failing().is_some(),
+        "health shows the failure"
+    );
+
+    // Decisions that change nothing durable keep flowing.
+    let a = e
+        .can_proceed("steady", AdmitArgs::default())
+        .await
+        .expect("admission needs no durability");
+    assert!(a.allowed);
+
+    // The failure that opens the breaker is not acknowledged...
+    let r = e
+        .record_outcome(
+            "t",
+            OutcomeReport {
+                http_status: 503,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(matches!(r, Err(EngineError::Unavailable(_))), "{r:?}");
+
+    // ...and once the store works, the next flush writes it (the target was
+    // marked dirty), health recovers, and a restart finds the breaker open.
+    store.failing.store(false, Ordering::SeqCst);
+    // Until then, nobody reads the breaker that is not on disk.
+    let r = e.can_proceed("t", AdmitArgs::default()).await;
+    assert!(matches!(r, Err(EngineError::Unavailable(_))), "{r:?}");
+    e.flush_dirty()
+        .0
+        .wait()
+        .await
+        .expect("flush after recovery");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        health.wait_for(|m| m.failing().is_none()),
+    )
+    .await
+    .expect("health recovers once the recovery mark commits")
+    .expect("writer running");
+    let open = e
+        .can_proceed("t", AdmitArgs::default())
+        .await
+        .expect("readable again");
+    assert_eq!(open.reason, Reason::CircuitOpen);
+    e.defer(item("q", 2)).await.expect("a Defer after recovery");
+    drop(e);
+    let (again, _) = Engine::open(config, clock, Box::new(store.clone())).expect("reopen");
+    assert_eq!(
+        again.get_target("t").await.expect("t").state,
+        BreakerState::Open,
+        "the transition refused on the failing store was written once it recovered"
+    );
+}

@@ -144,6 +144,7 @@ pub struct Metrics {
     drains: Family<QueueLabel, Counter>,
     dead_letters: Family<QueueLabel, Counter>,
     cluster_degraded: Gauge,
+    store_failing: Gauge,
     cluster_replicas: Gauge,
     redis_errors: Family<KindLabel, Counter>,
     config_mismatch: Gauge,
@@ -286,6 +287,13 @@ impl Metrics {
             dead_letters.clone(),
         );
         let cluster_degraded = Gauge::default();
+        let store_failing = Gauge::default();
+        registry.register(
+            "store_failing",
+            "1 while the embedded state store cannot commit (disk full, I/O error): \
+             answers that need durability are UNAVAILABLE until it recovers",
+            store_failing.clone(),
+        );
         let cluster_replicas = Gauge::default();
         let redis_errors = Family::<KindLabel, Counter>::default();
         let config_mismatch = Gauge::default();
@@ -324,6 +332,7 @@ impl Metrics {
         );
         let mut m = Metrics {
             cluster_degraded,
+            store_failing,
             cluster_replicas,
             redis_errors,
             config_mismatch,
@@ -457,6 +466,11 @@ impl Metrics {
         if t.label.as_ref() != OTHER {
             t.state.set(state_value(s));
         }
+    }
+
+    /// Whether the embedded state store is failing to commit.
+    pub fn set_store_failing(&self, failing: bool) {
+        self.store_failing.set(i64::from(failing));
     }
 
     /// Cluster mode: whether this replica decides without Redis, and how

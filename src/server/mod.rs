@@ -167,6 +167,45 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
     health_reporter
         .set_serving::<EventsServer<EventsService>>()
         .await;
+    // A failing state store (disk full, I/O error) turns the services whose
+    // answers need durability (Deferred: Defer; Admin: force, reset) to
+    // NOT_SERVING until a commit succeeds again; Resilience stays SERVING,
+    // since decisions that change nothing durable keep flowing.
+    let store_watch = engine.store_health().map(|mut health| {
+        let reporter = health_reporter.clone();
+        let metrics = engine.metrics().clone();
+        let store = config.server.data_dir.display().to_string();
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                let now_failing = match health.borrow_and_update().failing() {
+                    None => false,
+                    Some(e) => {
+                        if !failing {
+                            tracing::error!(store = %store, error = %e,
+                                "state store failing: Defer and operator changes answer UNAVAILABLE until it recovers");
+                        }
+                        true
+                    }
+                };
+                if now_failing != failing {
+                    failing = now_failing;
+                    metrics.set_store_failing(failing);
+                    if failing {
+                        reporter.set_not_serving::<DeferredServer<DeferredService>>().await;
+                        reporter.set_not_serving::<AdminServer<AdminService>>().await;
+                    } else {
+                        tracing::info!(store = %store, "state store recovered");
+                        reporter.set_serving::<DeferredServer<DeferredService>>().await;
+                        reporter.set_serving::<AdminServer<AdminService>>().await;
+                    }
+                }
+                if health.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    });
     // Reflection in both versions: grpcurl and current tools speak v1, while
     // older grpcurl, grpcui, Postman and Evans speak only v1alpha.
     let reflection_builder = || {
@@ -273,6 +312,10 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
 
     shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight calls");
+    if let Some(w) = &store_watch {
+        // Health is NOT_SERVING from here on, whatever the store does.
+        w.abort();
+    }
     health_reporter
         .set_not_serving::<ResilienceServer<ResilienceService>>()
         .await;

@@ -79,6 +79,9 @@ pub struct LocalBackend {
     /// When this process started: a permit issued before it is late (its
     /// lease and reservation died with the previous process).
     boot: Time,
+    /// Non-zero while recovering from a failed commit: the sequence number
+    /// from which every target was queued again (see `persist.rs`).
+    recovering: std::sync::atomic::AtomicU64,
 }
 
 impl LocalBackend {
@@ -115,6 +118,7 @@ impl LocalBackend {
             metrics,
             permit_key: PermitKey::new(&secret),
             boot: clock.now(),
+            recovering: std::sync::atomic::AtomicU64::new(0),
             clock,
             config,
         };
@@ -365,10 +369,17 @@ impl LocalBackend {
 
     /// Waits until a decision's durable change is on disk, so that a client is
     /// never told about a transition a crash could forget.
-    async fn durable(pending: Option<Pending>) -> Result<()> {
+    ///
+    /// If the store failed, the change is still in memory (a breaker that
+    /// opened stays open: the safe side) but not on disk: the target is marked
+    /// dirty so the next write-behind flush that succeeds writes it, and the
+    /// answer is UNAVAILABLE naming the store and the OS error.
+    async fn durable(t: &Target, pending: Option<Pending>) -> Result<()> {
         match pending {
             None => Ok(()),
             Some(p) => p.wait().await.map_err(|e| {
+                t.dirty
+                    .fetch_or(DIRTY_STATE | DIRTY_COUNTERS, Ordering::Relaxed);
                 EngineError::Unavailable(format!(
                     "the decision could not be made durable, so it was not acknowledged: {e}"
                 ))
@@ -390,7 +401,7 @@ impl LocalBackend {
         };
         t.metrics
             .decision(adm.shadow_reason.unwrap_or(adm.reason), args.attempt);
-        Self::durable(pending).await?;
+        Self::durable(&t, pending).await?;
         Ok(adm)
     }
 
@@ -462,7 +473,7 @@ impl LocalBackend {
                 }
             }
         };
-        Self::durable(pending).await?;
+        Self::durable(&t, pending).await?;
         Ok(result)
     }
 
@@ -476,7 +487,7 @@ impl LocalBackend {
             operate::force(&t.cx(), &mut l.st, now, mode, reason, &mut fx);
             self.finish(now, &t, &l, &mut fx)
         };
-        Self::durable(pending).await?;
+        Self::durable(&t, pending).await?;
         Ok(self.view_of(&t))
     }
 
@@ -490,7 +501,7 @@ impl LocalBackend {
             self.with_groups(&t, |g| operate::reset(&t.cx(), &mut l.st, g, now, &mut fx));
             self.finish(now, &t, &l, &mut fx)
         };
-        Self::durable(pending).await?;
+        Self::durable(&t, pending).await?;
         Ok(self.view_of(&t))
     }
 
@@ -592,6 +603,19 @@ impl LocalBackend {
         let Some(p) = &self.persister else {
             return (Pending::none(), 0);
         };
+        if let Some(from) = p.take_lost() {
+            // A commit failed: what it carried may be any target's latest
+            // state, so every target is written again, then a recovery mark
+            // (persist.rs): the store is back once that mark commits with no
+            // failure since `from`, or this flush fails too and it starts over.
+            self.recovering.store(from, Ordering::Release);
+            for entry in self.targets.iter() {
+                entry
+                    .value()
+                    .dirty
+                    .fetch_or(DIRTY_STATE | DIRTY_COUNTERS, Ordering::Relaxed);
+            }
+        }
         let (mut n, mut last) = (0, 0);
         for entry in self.targets.iter() {
             if n >= MAX_FLUSH {
@@ -614,6 +638,12 @@ impl LocalBackend {
         for g in self.groups.iter() {
             let rec: GroupRecord = codec::encode_group(&lock(&g.state));
             last = p.write_behind(vec![Op::Group(g.name.clone(), Some(rec))]);
+        }
+        let from = self.recovering.load(Ordering::Acquire);
+        if from != 0 && n < MAX_FLUSH {
+            // Every target dirty since the failure is queued: mark it.
+            self.recovering.store(0, Ordering::Release);
+            p.mark_recovered(from);
         }
         (p.wait_for(last), n)
     }

@@ -14,11 +14,24 @@
 //! that reads the target before the write is committed waits for the
 //! watermark to pass it. Events about such a target are handed to the writer
 //! and published after the commit, in order.
+//!
+//! # When a commit fails
+//! A failed commit (disk full, I/O error) loses the writes it carried. Their
+//! waiters get the error, and so does anyone who waits for one of those
+//! sequence numbers later (the failed ranges are remembered). The fast-path
+//! watermark ([`Persister::committed`]) then stops at the last write before
+//! the first failure, so no decision can read past the lost state without
+//! waiting; it moves again only once the store is *recovered*: the backend
+//! marks every target dirty after a failure, writes them all again, and ends
+//! that flush with a recovery mark ([`Persister::mark_recovered`]) carrying
+//! the sequence number at which it started. When that mark commits and no
+//! failure since hit a write queued after that point, every lost state has
+//! been written again: the watermark catches up and health returns.
 
 use super::store::{Op, Store, StoreError};
 use crate::domain::Time;
 use crate::engine::events::{EventBus, EventKind};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -32,6 +45,46 @@ struct Job {
     ops: Vec<Op>,
     events: Vec<PendingEvent>,
     done: Option<oneshot::Sender<Result<(), StoreError>>>,
+    /// A recovery mark: every target was queued again from sequence number
+    /// `n` on (see the module doc).
+    recovers_from: Option<u64>,
+}
+
+/// Most failed ranges remembered; beyond it the oldest two merge (a wider
+/// range only makes more waiters see the error: the safe side).
+const MAX_LOST: usize = 1024;
+
+/// What the writer has done so far, as waiters and health see it.
+#[derive(Clone, Debug, Default)]
+pub struct Mark {
+    /// The highest sequence number whose commit finished, well or not.
+    pub attempted: u64,
+    /// Failed commits, as inclusive ranges of sequence numbers, oldest first.
+    pub lost: std::collections::VecDeque<(u64, u64, StoreError)>,
+    /// Some(first lost seq) from a failure until the recovery flush after it
+    /// committed: the store is failing, or has not caught up yet.
+    pub unrecovered: Option<u64>,
+}
+
+impl Mark {
+    /// Whether the store is failing (or recovering): health NOT_SERVING.
+    pub fn failing(&self) -> Option<&StoreError> {
+        self.unrecovered?;
+        self.lost.back().map(|(_, _, e)| e)
+    }
+
+    /// The outcome of write `seq`, once known.
+    fn outcome(&self, seq: u64) -> Option<Result<(), StoreError>> {
+        if let Some((_, _, e)) = self
+            .lost
+            .iter()
+            .rev()
+            .find(|(from, to, _)| (*from..=*to).contains(&seq))
+        {
+            return Some(Err(e.clone()));
+        }
+        (seq <= self.attempted).then_some(Ok(()))
+    }
 }
 
 /// Resolves when a queued write (or the watermark) says the state is durable.
@@ -40,7 +93,7 @@ pub struct Pending(PendingKind);
 enum PendingKind {
     None,
     Job(oneshot::Receiver<Result<(), StoreError>>),
-    Watermark(u64, watch::Receiver<Result<u64, StoreError>>),
+    Watermark(u64, watch::Receiver<Mark>),
 }
 
 impl Pending {
@@ -56,11 +109,11 @@ impl Pending {
             PendingKind::None => Ok(()),
             PendingKind::Job(rx) => rx.await.unwrap_or_else(|_| Err(stopped())),
             PendingKind::Watermark(seq, mut rx) => {
-                let r = rx
-                    .wait_for(|v| v.as_ref().map_or(true, |c| *c >= seq))
+                let m = rx
+                    .wait_for(|m| m.outcome(seq).is_some())
                     .await
                     .map_err(|_| stopped())?;
-                r.clone().map(|_| ())
+                m.outcome(seq).unwrap_or(Ok(()))
             }
         }
     }
@@ -86,7 +139,10 @@ pub struct Persister {
     /// Held while assigning a sequence number and sending, so queue order is seq order.
     tx: Mutex<Option<(u64, mpsc::Sender<Job>)>>,
     committed: Arc<AtomicU64>,
-    watermark: watch::Receiver<Result<u64, StoreError>>,
+    watermark: watch::Receiver<Mark>,
+    /// Set when a commit failed: what it carried is not on disk, so the
+    /// next flush writes every target again (see [`Persister::take_lost`]).
+    lost: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     describe: String,
 }
@@ -99,16 +155,19 @@ impl Persister {
         let describe = store.describe();
         let (tx, rx) = mpsc::channel::<Job>();
         let committed = Arc::new(AtomicU64::new(0));
-        let (wm_tx, wm_rx) = watch::channel(Ok(0));
+        let (wm_tx, wm_rx) = watch::channel(Mark::default());
         let c = committed.clone();
+        let lost = Arc::new(AtomicBool::new(false));
+        let l = lost.clone();
         let thread = std::thread::Builder::new()
             .name("backstop-writer".into())
-            .spawn(move || writer(store, rx, c, wm_tx, events))
+            .spawn(move || writer(store, rx, c, wm_tx, events, l))
             .ok();
         Persister {
             tx: Mutex::new(Some((0, tx))),
             committed,
             watermark: wm_rx,
+            lost,
             thread,
             describe,
         }
@@ -124,6 +183,16 @@ impl Persister {
         events: Vec<PendingEvent>,
         done: Option<oneshot::Sender<Result<(), StoreError>>>,
     ) -> Option<u64> {
+        self.send_job(ops, events, done, None)
+    }
+
+    fn send_job(
+        &self,
+        ops: Vec<Op>,
+        events: Vec<PendingEvent>,
+        done: Option<oneshot::Sender<Result<(), StoreError>>>,
+        recovers_from: Option<u64>,
+    ) -> Option<u64> {
         let mut guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let (seq, tx) = guard.as_mut()?;
         *seq += 1;
@@ -132,6 +201,7 @@ impl Persister {
             ops,
             events,
             done,
+            recovers_from,
         };
         tx.send(job).ok().map(|_| *seq)
     }
@@ -165,6 +235,29 @@ impl Persister {
         self.send(Vec::new(), events, None).unwrap_or(0)
     }
 
+    /// If a commit failed since the last call (clearing the flag): the
+    /// sequence number from which writes queued now are "after the failure"
+    /// (for [`Persister::mark_recovered`]).
+    pub fn take_lost(&self) -> Option<u64> {
+        if !self.lost.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|(seq, _)| *seq + 1)
+    }
+
+    /// Queues the recovery mark: every target was queued again from `from`
+    /// on (see the module doc). It carries a no-op write, so it also
+    /// re-tests the store when there is nothing else to write.
+    pub fn mark_recovered(&self, from: u64) {
+        let _ = self.send_job(vec![Op::Check], Vec::new(), None, Some(from));
+    }
+
+    /// What the writer has done, for health (see [`Mark::failing`]).
+    pub fn health(&self) -> watch::Receiver<Mark> {
+        self.watermark.clone()
+    }
+
     /// Every write with a sequence number up to this is durable.
     pub fn committed(&self) -> u64 {
         self.committed.load(Ordering::Acquire)
@@ -193,9 +286,12 @@ fn writer(
     store: Box<dyn Store>,
     rx: mpsc::Receiver<Job>,
     committed: Arc<AtomicU64>,
-    watermark: watch::Sender<Result<u64, StoreError>>,
+    watermark: watch::Sender<Mark>,
     events: Arc<EventBus>,
+    lost: Arc<AtomicBool>,
 ) {
+    // The latest lost write's sequence number (0: none yet).
+    let mut last_lost = 0u64;
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -204,18 +300,43 @@ fn writer(
                 Err(_) => break,
             }
         }
+        let from = jobs.first().map_or(0, |j| j.seq);
         let last = jobs.last().map_or(0, |j| j.seq);
+        let recovers_from = jobs.iter().filter_map(|j| j.recovers_from).max();
         let ops: Vec<Op> = jobs.iter_mut().flat_map(|j| j.ops.drain(..)).collect();
         let result = store.commit(&ops);
-        match &result {
-            Ok(()) => {
-                committed.store(last, Ordering::Release);
-                let _ = watermark.send_replace(Ok(last));
+        watermark.send_modify(|m| {
+            m.attempted = last;
+            match &result {
+                Ok(()) => {
+                    // Recovered once a recovery flush that began after the
+                    // latest failure is on disk.
+                    if recovers_from.is_some_and(|r| r > last_lost) {
+                        m.unrecovered = None;
+                        m.lost.clear();
+                    }
+                }
+                Err(e) => {
+                    lost.store(true, Ordering::Release);
+                    last_lost = last;
+                    m.unrecovered.get_or_insert(from);
+                    m.lost.push_back((from, last, e.clone()));
+                    if m.lost.len() > MAX_LOST
+                        && let (Some(a), Some(b)) = (m.lost.pop_front(), m.lost.pop_front())
+                    {
+                        m.lost.push_front((a.0, b.1, b.2));
+                    }
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, ops = ops.len(), "state store commit failed");
-                let _ = watermark.send_replace(Err(e.clone()));
-            }
+            // The fast path never passes a lost write that was not written again.
+            let upto = match m.unrecovered {
+                Some(first_lost) => first_lost - 1,
+                None => last,
+            };
+            committed.fetch_max(upto, Ordering::AcqRel);
+        });
+        if let Err(e) = &result {
+            tracing::error!(error = %e, ops = ops.len(), "state store commit failed");
         }
         for j in jobs {
             // Events go out only once their state is durable; after a failed
@@ -279,5 +400,98 @@ mod tests {
             3,
             "drop finished the queue"
         );
+    }
+
+    /// Fails every commit while `fail` is set.
+    #[derive(Clone, Default)]
+    struct Switch(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Store for Switch {
+        fn load(&self) -> Result<super::super::store::Loaded, StoreError> {
+            Ok(Default::default())
+        }
+        fn commit(&self, _ops: &[Op]) -> Result<(), StoreError> {
+            if self.0.load(Ordering::SeqCst) {
+                Err(StoreError("disk full".into()))
+            } else {
+                Ok(())
+            }
+        }
+        fn describe(&self) -> String {
+            "switch".into()
+        }
+    }
+
+    #[test]
+    fn a_lost_write_stays_lost_until_a_recovery_flush_commits() {
+        let sw = Switch::default();
+        let p = Persister::start(Box::new(sw.clone()), Arc::new(EventBus::new(16, 16)));
+        let t: Arc<str> = Arc::from("t");
+        let (w, ok_seq) = p.write(vec![Op::Item(1, None)], vec![]);
+        w.wait_blocking().expect("durable");
+        sw.0.store(true, Ordering::SeqCst);
+        let (w, lost_seq) = p.write(
+            vec![Op::Item(2, None)],
+            vec![(Time::ZERO, t.clone(), EventKind::TargetReset)],
+        );
+        assert!(
+            w.wait_blocking().is_err(),
+            "the failed write's waiter is told"
+        );
+        sw.0.store(false, Ordering::SeqCst);
+        // A later write succeeds: the lost one is still lost for anyone who
+        // waits for it afterwards, and the fast path stops before it.
+        let (w, later) = p.write(vec![Op::Item(3, None)], vec![]);
+        w.wait_blocking().expect("durable");
+        assert!(p.wait_for(lost_seq).wait_blocking().is_err());
+        assert!(
+            p.wait_for(later).wait_blocking().is_ok(),
+            "its own write is durable"
+        );
+        assert_eq!(p.committed(), lost_seq - 1);
+        assert!(p.health().borrow().failing().is_some());
+        assert!(ok_seq < lost_seq);
+        // The recovery flush: lost noticed, everything queued again, marked.
+        let from = p.take_lost().expect("a commit failed");
+        assert!(p.take_lost().is_none(), "taken once");
+        let (w, rewritten) = p.write(vec![Op::Item(2, None)], vec![]);
+        p.mark_recovered(from);
+        w.wait_blocking().expect("durable");
+        p.wait_for(rewritten + 1)
+            .wait_blocking()
+            .expect("the mark committed");
+        assert!(p.health().borrow().failing().is_none(), "recovered");
+        assert!(p.committed() > rewritten);
+        assert_eq!(
+            p.health().borrow().lost.len(),
+            0,
+            "nothing lost is left unwritten"
+        );
+    }
+
+    #[test]
+    fn a_recovery_mark_from_before_a_later_failure_does_not_count() {
+        let sw = Switch::default();
+        let p = Persister::start(Box::new(sw.clone()), Arc::new(EventBus::new(16, 16)));
+        sw.0.store(true, Ordering::SeqCst);
+        let (w, _) = p.write(vec![Op::Item(1, None)], vec![]);
+        assert!(w.wait_blocking().is_err());
+        let from = p.take_lost().expect("lost");
+        // Another failure after the recovery flush began...
+        let (w, _) = p.write(vec![Op::Item(2, None)], vec![]);
+        assert!(w.wait_blocking().is_err());
+        sw.0.store(false, Ordering::SeqCst);
+        // ...so its mark, committing fine, does not declare recovery.
+        let (w, seq) = p.write(vec![], vec![]);
+        p.mark_recovered(from);
+        w.wait_blocking().expect("durable");
+        p.wait_for(seq + 1).wait_blocking().ok();
+        assert!(p.health().borrow().failing().is_some(), "still recovering");
+        // The next recovery flush does.
+        let from = p.take_lost().expect("the second failure");
+        p.mark_recovered(from);
+        let (w, _) = p.write(vec![Op::Item(3, None)], vec![]);
+        w.wait_blocking().expect("durable");
+        assert!(p.health().borrow().failing().is_none());
     }
 }

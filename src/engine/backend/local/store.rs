@@ -77,6 +77,9 @@ pub enum Op {
     NextItemId(u64),
     /// The generated secret that signs permits (kept so permits stay valid across restarts).
     PermitKey(Vec<u8>),
+    /// Writes nothing anyone reads: a commit that tells whether the store
+    /// works again after a failure, when there is no state to write.
+    Check,
 }
 
 /// Everything a store holds, as loaded at startup.
@@ -143,8 +146,16 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const FORMAT: &[u8] = b"backstop-state-v1";
 
 /// The embedded persistent store: one redb file, fsync'd on every commit.
+///
+/// After any I/O error (disk full, EIO, a file removed underneath) redb
+/// refuses every later transaction on that handle (`PreviousIo`) until the
+/// database is opened again. So a failed commit drops the handle, and the next
+/// commit reopens the file first (redb repairs it from its last durable
+/// commit): when the disk recovers, so does the store, without a restart.
+/// Only the persister's one writer thread commits, so the mutex is never
+/// contended.
 pub struct RedbStore {
-    db: Database,
+    db: std::sync::Mutex<Option<Database>>,
     path: PathBuf,
     /// Held for the store's lifetime: one server per data directory.
     _lock: DataDirLock,
@@ -251,7 +262,7 @@ impl RedbStore {
             Database::create(&path).map_err(|e| corrupt(&path, &e.to_string()))
         })?;
         let store = RedbStore {
-            db,
+            db: std::sync::Mutex::new(Some(db)),
             path,
             _lock: lock,
         };
@@ -259,9 +270,29 @@ impl RedbStore {
         Ok(store)
     }
 
+    /// The open database, reopening it after an I/O failure dropped it.
+    fn db(&self) -> Result<std::sync::MutexGuard<'_, Option<Database>>, StoreError> {
+        let mut g = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            let db = Database::create(&self.path).map_err(|e| {
+                StoreError(format!(
+                    "the state store {} failed and cannot be reopened yet: {e}",
+                    self.path.display()
+                ))
+            })?;
+            tracing::info!(store = %self.path.display(), "state store reopened after a failure");
+            *g = Some(db);
+        }
+        Ok(g)
+    }
+
     fn init(&self) -> Result<(), StoreError> {
         let err = |e: &dyn std::fmt::Display| corrupt(&self.path, &e.to_string());
-        let tx = self.db.begin_write().map_err(|e| err(&e))?;
+        let g = self.db()?;
+        let Some(db) = g.as_ref() else {
+            return Err(corrupt(&self.path, "the store is not open"));
+        };
+        let tx = db.begin_write().map_err(|e| err(&e))?;
         {
             let mut meta = tx.open_table(META).map_err(|e| err(&e))?;
             let existing = meta
@@ -338,7 +369,14 @@ impl Store for RedbStore {
     }
 
     fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
-        guarded(&self.path, || self.commit_unguarded(ops))
+        let r = guarded(&self.path, || self.commit_unguarded(ops));
+        if r.is_err() {
+            // Whatever failed, the next commit starts from a fresh handle
+            // (see the type's doc): a latched I/O failure never outlives
+            // its cause.
+            *self.db.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        r
     }
 
     fn describe(&self) -> String {
@@ -349,7 +387,11 @@ impl Store for RedbStore {
 impl RedbStore {
     fn load_unguarded(&self) -> Result<Loaded, StoreError> {
         let err = |e: &dyn std::fmt::Display| corrupt(&self.path, &e.to_string());
-        let tx = self.db.begin_read().map_err(|e| err(&e))?;
+        let g = self.db()?;
+        let Some(db) = g.as_ref() else {
+            return Err(corrupt(&self.path, "the store is not open"));
+        };
+        let tx = db.begin_read().map_err(|e| err(&e))?;
         let mut out = Loaded::default();
         let t = tx.open_table(TARGETS).map_err(|e| err(&e))?;
         for row in t.range::<&str>(..).map_err(|e| err(&e))? {
@@ -398,9 +440,17 @@ impl RedbStore {
         if ops.is_empty() {
             return Ok(());
         }
-        let err =
-            |e: &dyn std::fmt::Display| StoreError(format!("writing {}: {e}", self.path.display()));
-        let tx = self.db.begin_write().map_err(|e| err(&e))?;
+        let err = |e: &dyn std::fmt::Display| {
+            StoreError(format!(
+                "writing the state store {}: {e}",
+                self.path.display()
+            ))
+        };
+        let g = self.db()?;
+        let Some(db) = g.as_ref() else {
+            return Err(err(&"the store is not open"));
+        };
+        let tx = db.begin_write().map_err(|e| err(&e))?;
         {
             let mut targets = tx.open_table(TARGETS).map_err(|e| err(&e))?;
             let mut groups = tx.open_table(GROUPS).map_err(|e| err(&e))?;
@@ -434,6 +484,7 @@ impl RedbStore {
                         .insert("next_item_id", id.to_be_bytes().as_slice())
                         .map(|_| ()),
                     Op::PermitKey(k) => meta.insert("permit_key", k.as_slice()).map(|_| ()),
+                    Op::Check => meta.insert("check", [1u8].as_slice()).map(|_| ()),
                 };
                 r.map_err(|e| err(&e))?;
             }

@@ -1,0 +1,261 @@
+//! End-to-end: a state store on a disk that fills up. Backstop must never lie
+//! about durability: an answer that needs the disk (a Defer, a breaker
+//! transition) is UNAVAILABLE naming the store and the OS error while the
+//! disk is full; decisions that change nothing durable keep flowing; health
+//! says which services cannot write; and when space returns, everything
+//! recovers without a restart, and every acknowledged write survives a
+//! `kill -9`.
+//!
+//! Uses a real 4 MiB tmpfs (needs `mount`, i.e. root, as in CI's container);
+//! where mounting is not allowed the test says so on stderr and returns.
+
+mod common;
+
+use backstop::proto;
+use common::{Server, TempDir};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const CONFIG: &str = r#"
+[targets.flaky]
+breaker = { failure_threshold = 2, open_duration = "10m" }
+[targets.steady]
+"#;
+
+/// A small tmpfs, unmounted on drop.
+struct SmallDisk {
+    mount: PathBuf,
+    _dir: TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = TempDir::new("smalldisk");
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir_all(&mount).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&mount)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk { mount, _dir: dir })
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.mount.join("data")
+    }
+
+    /// Writes a filler file until the disk is full; returns its path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write as _;
+        let path = self.mount.join("filler");
+        let mut f = std::fs::File::create(&path).expect("filler");
+        let chunk = vec![0xa5u8; 64 * 1024];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+fn defer(i: usize) -> proto::DeferRequest {
+    proto::DeferRequest {
+        queue: "q".into(),
+        // Large enough that a few fill the store file's free pages quickly.
+        payload: vec![u8::try_from(i % 251).unwrap_or(0); 96 * 1024],
+        idempotency_key: format!("k{i}"),
+        ..Default::default()
+    }
+}
+
+async fn health(s: &Server, service: &str) -> ServingStatus {
+    HealthClient::new(s.channel().await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status()
+}
+
+fn start(data: &Path) -> Server {
+    Server::start_in(
+        TempDir::new("storage"),
+        CONFIG,
+        &["--data-dir", data.to_str().expect("utf-8 path")],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_never_makes_backstop_lie_and_it_recovers_without_a_restart() {
+    let Some(disk) = SmallDisk::mount("4m") else {
+        eprintln!(
+            "SKIPPED a_full_disk_never_makes_backstop_lie: cannot mount a tmpfs here (needs root)"
+        );
+        return;
+    };
+    let mut server = start(&disk.data_dir());
+    let mut d = proto::deferred_client::DeferredClient::new(server.channel().await);
+    let mut r = server.resilience().await;
+    d.defer(defer(0))
+        .await
+        .expect("a defer while there is space");
+    let filler = disk.fill();
+
+    // Defers until the store's own free space is gone too: every one is either
+    // acknowledged (then it must survive) or UNAVAILABLE naming the store and
+    // the OS error.
+    let mut acked = vec![0usize];
+    let mut refusal = None;
+    for i in 1..40 {
+        match d.defer(defer(i)).await {
+            Ok(_) => acked.push(i),
+            Err(s) => {
+                refusal = Some(s);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("a Defer on a full disk was acknowledged 39 times");
+    assert_eq!(refusal.code(), tonic::Code::Unavailable, "{refusal:?}");
+    assert!(
+        refusal.message().contains("backstop.redb")
+            && refusal.message().to_lowercase().contains("space"),
+        "names the store and the OS error: {}",
+        refusal.message()
+    );
+
+    // Decisions that change nothing durable keep flowing.
+    let ok = r
+        .can_proceed(proto::CanProceedRequest {
+            target: "steady".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("CanProceed on a full disk")
+        .into_inner();
+    assert!(ok.allowed);
+    // Health: writes are not served, decisions are.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while health(&server, "backstop.v1.Deferred").await != ServingStatus::NotServing {
+        assert!(Instant::now() < deadline, "Deferred still SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        health(&server, "backstop.v1.Resilience").await,
+        ServingStatus::Serving
+    );
+    let (_, metrics) = server.http_get("/metrics", &[]);
+    assert!(
+        metrics.contains("backstop_store_failing 1"),
+        "gauge: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("store_failing"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // A transition on a full disk: the breaker opens in memory (the safe
+    // side) but the answer that would reveal it is UNAVAILABLE.
+    let mut transition_refused = false;
+    for _ in 0..2 {
+        let p = r
+            .can_proceed(proto::CanProceedRequest {
+                target: "flaky".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("admitted")
+            .into_inner();
+        match r
+            .record_outcome(proto::RecordOutcomeRequest {
+                target: "flaky".into(),
+                permit: p.permit,
+                http_status: 503,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+                assert!(s.message().contains("durable"), "{}", s.message());
+                transition_refused = true;
+            }
+        }
+    }
+    assert!(
+        transition_refused,
+        "the outcome that opened the breaker was acknowledged on a full disk"
+    );
+
+    // Space returns: the store reopens by itself, health and Defer recover.
+    std::fs::remove_file(&filler).expect("remove filler");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&server, "backstop.v1.Deferred").await != ServingStatus::Serving {
+        assert!(Instant::now() < deadline, "Deferred did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = 100;
+    d.defer(defer(after)).await.expect("a defer after recovery");
+    acked.push(after);
+    let open = r
+        .can_proceed(proto::CanProceedRequest {
+            target: "flaky".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("CanProceed after recovery")
+        .into_inner();
+    assert_eq!(open.reason(), proto::Reason::CircuitOpen);
+    // Health returned only once every target was written again (the
+    // recovery mark committed), so the breaker that opened while the disk
+    // was full is on disk already: kill -9 at once.
+    server.kill9();
+    drop(d);
+    drop(r);
+
+    let server = start(&disk.data_dir());
+    let mut d = proto::deferred_client::DeferredClient::new(server.channel().await);
+    let stats = d
+        .queue_stats(proto::QueueStatsRequest { queue: "q".into() })
+        .await
+        .expect("stats")
+        .into_inner();
+    let depth = stats.queues.first().map_or(0, |q| q.depth);
+    assert_eq!(
+        depth,
+        acked.len() as u64,
+        "every acknowledged Defer survived (acked {acked:?})"
+    );
+    let open = server
+        .resilience()
+        .await
+        .can_proceed(proto::CanProceedRequest {
+            target: "flaky".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("CanProceed after restart")
+        .into_inner();
+    assert_eq!(
+        open.reason(),
+        proto::Reason::CircuitOpen,
+        "the breaker opened on a full disk is still open after kill -9"
+    );
+}
