@@ -161,7 +161,7 @@ async fn a_full_disk_never_makes_backstop_lie_and_it_recovers_without_a_restart(
     );
     let (_, metrics) = server.http_get("/metrics", &[]);
     assert!(
-        metrics.contains("backstop_store_failing 1"),
+        metrics.lines().any(|l| l == "backstop_store_failing 1"),
         "gauge: {}",
         metrics
             .lines()
@@ -258,4 +258,106 @@ async fn a_full_disk_never_makes_backstop_lie_and_it_recovers_without_a_restart(
         proto::Reason::CircuitOpen,
         "the breaker opened on a full disk is still open after kill -9"
     );
+}
+
+/// The store file deleted while the server runs (an operator's `rm`, a
+/// cleanup job): writes would go to a file nobody will read again. The server
+/// notices within about a second even when idle, says so (health, gauge),
+/// writes everything it holds to a new file, and after `kill -9` nothing
+/// acknowledged is missing: deferrals, the open breaker, and permits issued
+/// before the deletion still verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_file_removed_underneath_is_noticed_and_written_again() {
+    let data = TempDir::new("removed");
+    let mut server = start(data.path());
+    let mut d = proto::deferred_client::DeferredClient::new(server.channel().await);
+    let mut r = server.resilience().await;
+    for i in 0..3 {
+        d.defer(defer(i)).await.expect("defer");
+    }
+    // Open the breaker (two failures), and keep a permit of another target.
+    for _ in 0..2 {
+        let p = r
+            .can_proceed(proto::CanProceedRequest {
+                target: "flaky".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("admitted")
+            .into_inner();
+        r.record_outcome(proto::RecordOutcomeRequest {
+            target: "flaky".into(),
+            permit: p.permit,
+            http_status: 503,
+            ..Default::default()
+        })
+        .await
+        .expect("recorded");
+    }
+    let kept = r
+        .can_proceed(proto::CanProceedRequest {
+            target: "steady".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("admitted")
+        .into_inner()
+        .permit;
+
+    std::fs::remove_file(data.path().join("backstop.redb")).expect("rm the store");
+    // Noticed without any traffic, then recovered on a new file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut saw_failing = false;
+    loop {
+        let (_, m) = server.http_get("/metrics", &[]);
+        let gauge = |v: &str| {
+            m.lines()
+                .any(|l| l == format!("backstop_store_failing {v}"))
+        };
+        saw_failing |= gauge("1");
+        if saw_failing && gauge("0") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "store failing seen: {saw_failing}; never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        data.path().join("backstop.redb").exists(),
+        "a new store file was written"
+    );
+    server.kill9();
+    drop(d);
+    drop(r);
+
+    let server = start(data.path());
+    let mut d = proto::deferred_client::DeferredClient::new(server.channel().await);
+    let stats = d
+        .queue_stats(proto::QueueStatsRequest { queue: "q".into() })
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.queues.first().map_or(0, |q| q.depth), 3);
+    let mut r = server.resilience().await;
+    let open = r
+        .can_proceed(proto::CanProceedRequest {
+            target: "flaky".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("CanProceed")
+        .into_inner();
+    assert_eq!(open.reason(), proto::Reason::CircuitOpen);
+    // The permit key was written again too: an old permit still verifies
+    // (it is late, so it counts without a lease, but it is not "forged").
+    r.record_outcome(proto::RecordOutcomeRequest {
+        target: "steady".into(),
+        permit: kept,
+        http_status: 200,
+        ..Default::default()
+    })
+    .await
+    .expect("a permit from before the deletion still verifies");
 }

@@ -557,10 +557,20 @@ impl Engine {
     /// Write-behind of counters and budget levels (the embedded backend's;
     /// see `LocalBackend::flush_dirty`).
     pub fn flush_dirty(&self) -> (Pending, usize) {
-        match self.backend.local() {
-            Some(b) => b.flush_dirty(),
-            None => (Pending::none(), 0),
+        let Some(b) = self.backend.local() else {
+            return (Pending::none(), 0);
+        };
+        let (pending, n, recovered) = b.flush_dirty();
+        if let Some(from) = recovered {
+            // A commit failed earlier (perhaps the file itself was lost):
+            // the queue's items, dead letters and keys are written again too
+            // before the store counts as recovered.
+            if let Queues::Local(q) = &self.queue {
+                q.rewrite_all();
+            }
+            b.mark_recovered(from);
         }
+        (pending, n)
     }
 
     /// Flushes everything written behind (shutdown).

@@ -290,8 +290,8 @@ impl Metrics {
         let store_failing = Gauge::default();
         registry.register(
             "store_failing",
-            "1 while the embedded state store cannot commit (disk full, I/O error): \
-             answers that need durability are UNAVAILABLE until it recovers",
+            "Whether the embedded state store is failing (disk full, I/O error, file removed) \
+             or not yet caught up: answers that need durability are UNAVAILABLE while it is 1",
             store_failing.clone(),
         );
         let cluster_replicas = Gauge::default();

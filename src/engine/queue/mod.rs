@@ -175,6 +175,40 @@ pub struct DeferredQueue {
 }
 
 impl DeferredQueue {
+    /// Queues every item, dead letter, idempotency key and the id counter
+    /// for writing again (recovery after a failed commit, see `persist.rs`).
+    /// Writes what memory holds; a removal that was lost in the failure
+    /// stays on disk, which after a crash means one redelivery, never a loss.
+    pub(crate) fn rewrite_all(&self) {
+        let Some(p) = &self.persister else { return };
+        let ops = {
+            let s = self.lock();
+            let mut ops = Vec::with_capacity(s.items.len() + s.dead.len() + s.idem.len() + 1);
+            ops.extend(
+                s.items
+                    .iter()
+                    .map(|(id, e)| Op::Item(*id, Some(e.rec.clone()))),
+            );
+            ops.extend(
+                s.dead
+                    .iter()
+                    .map(|(id, rec)| Op::Dead(*id, Some(rec.clone()))),
+            );
+            ops.extend(s.idem.iter().map(|(k, e)| {
+                Op::Idem(
+                    k.clone(),
+                    Some(IdemRecord {
+                        id: e.id,
+                        expires_at: e.expires_at,
+                    }),
+                )
+            }));
+            ops.push(Op::NextItemId(s.next_id));
+            ops
+        };
+        p.write_behind(ops);
+    }
+
     pub(crate) fn new(
         limits: QueueConfig,
         clock: Arc<dyn Clock>,

@@ -82,6 +82,9 @@ pub struct LocalBackend {
     /// Non-zero while recovering from a failed commit: the sequence number
     /// from which every target was queued again (see `persist.rs`).
     recovering: std::sync::atomic::AtomicU64,
+    /// The permit key's secret when it is kept in the store (not configured):
+    /// written again after a failure, in case the file itself was lost.
+    stored_secret: Option<Box<[u8]>>,
 }
 
 impl LocalBackend {
@@ -119,6 +122,7 @@ impl LocalBackend {
             permit_key: PermitKey::new(&secret),
             boot: clock.now(),
             recovering: std::sync::atomic::AtomicU64::new(0),
+            stored_secret: None,
             clock,
             config,
         };
@@ -161,12 +165,16 @@ impl LocalBackend {
         if b.config.server.permit_key.is_none() {
             // A generated key is kept, so permits outlive a restart.
             match &loaded.permit_key {
-                Some(k) if !k.is_empty() => b.permit_key = PermitKey::new(k),
+                Some(k) if !k.is_empty() => {
+                    b.permit_key = PermitKey::new(k);
+                    b.stored_secret = Some(k.clone().into_boxed_slice());
+                }
                 _ => {
                     let secret = PermitKey::generate_secret().ok_or_else(|| {
                         StoreError("the OS could not provide random bytes for a permit key".into())
                     })?;
                     b.permit_key = PermitKey::new(&secret);
+                    b.stored_secret = Some(secret.clone().into_boxed_slice());
                     cleanup.push(Op::PermitKey(secret));
                 }
             }
@@ -594,14 +602,26 @@ impl LocalBackend {
     /// group. Called about once a second; what it writes is approximate across
     /// a crash by design. Returns the pending write and how many targets it
     /// covers (call again while that is `MAX_FLUSH` to drain a backlog).
-    pub fn flush_dirty(&self) -> (Pending, usize) {
+    ///
+    /// The third value is Some(n) when this flush completed a recovery from
+    /// a failed commit (every target written again since sequence number
+    /// `n`): the caller writes what else it holds (the deferred queue), then
+    /// [`LocalBackend::mark_recovered`].
+    pub fn flush_dirty(&self) -> (Pending, usize, Option<u64>) {
         self.flush(DIRTY_STATE)
     }
 
+    /// Ends a recovery (see [`LocalBackend::flush_dirty`]).
+    pub fn mark_recovered(&self, from: u64) {
+        if let Some(p) = &self.persister {
+            p.mark_recovered(from);
+        }
+    }
+
     /// Queues targets with any of `mask` dirty (see [`LocalBackend::flush_dirty`]).
-    fn flush(&self, mask: u8) -> (Pending, usize) {
+    fn flush(&self, mask: u8) -> (Pending, usize, Option<u64>) {
         let Some(p) = &self.persister else {
-            return (Pending::none(), 0);
+            return (Pending::none(), 0, None);
         };
         if let Some(from) = p.take_lost() {
             // A commit failed: what it carried may be any target's latest
@@ -639,19 +659,31 @@ impl LocalBackend {
             let rec: GroupRecord = codec::encode_group(&lock(&g.state));
             last = p.write_behind(vec![Op::Group(g.name.clone(), Some(rec))]);
         }
+        // An empty write: even an idle server notices within a second that
+        // its store file was removed or replaced (see `RedbStore`).
+        p.publish_after(Vec::new());
         let from = self.recovering.load(Ordering::Acquire);
-        if from != 0 && n < MAX_FLUSH {
-            // Every target dirty since the failure is queued: mark it.
+        let recovered = (from != 0 && n < MAX_FLUSH).then(|| {
+            // Every target dirty since the failure is queued; the key too,
+            // in case the failure was the file itself.
             self.recovering.store(0, Ordering::Release);
-            p.mark_recovered(from);
-        }
-        (p.wait_for(last), n)
+            if let Some(k) = &self.stored_secret {
+                p.write_behind(vec![Op::PermitKey(k.to_vec())]);
+            }
+            from
+        });
+        (p.wait_for(last), n, recovered)
     }
 
     /// Flushes every dirty target (shutdown).
     pub async fn flush_all(&self) -> std::result::Result<(), StoreError> {
         loop {
-            let (pending, n) = self.flush(DIRTY_STATE | DIRTY_COUNTERS);
+            let (pending, n, recovered) = self.flush(DIRTY_STATE | DIRTY_COUNTERS);
+            if let Some(from) = recovered {
+                // At shutdown the queue is not written again: every item it
+                // holds was answered only once durable, or not acknowledged.
+                self.mark_recovered(from);
+            }
             pending.wait().await?;
             if n < MAX_FLUSH {
                 return Ok(());

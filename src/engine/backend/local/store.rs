@@ -157,6 +157,10 @@ const FORMAT: &[u8] = b"backstop-state-v1";
 pub struct RedbStore {
     db: std::sync::Mutex<Option<Database>>,
     path: PathBuf,
+    /// (device, inode) of the file the open handle writes: if the path no
+    /// longer names it (deleted, or replaced by a restore gone wrong), writes
+    /// would go to a file nobody will ever read again, so that is a failure.
+    identity: std::sync::Mutex<Option<(u64, u64)>>,
     /// Held for the store's lifetime: one server per data directory.
     _lock: DataDirLock,
 }
@@ -262,6 +266,7 @@ impl RedbStore {
             Database::create(&path).map_err(|e| corrupt(&path, &e.to_string()))
         })?;
         let store = RedbStore {
+            identity: std::sync::Mutex::new(file_identity(&path)),
             db: std::sync::Mutex::new(Some(db)),
             path,
             _lock: lock,
@@ -274,52 +279,83 @@ impl RedbStore {
     fn db(&self) -> Result<std::sync::MutexGuard<'_, Option<Database>>, StoreError> {
         let mut g = self.db.lock().unwrap_or_else(|e| e.into_inner());
         if g.is_none() {
-            let db = Database::create(&self.path).map_err(|e| {
+            let reopen = || -> Result<Database, StoreError> {
+                let db = Database::create(&self.path).map_err(|e| StoreError(e.to_string()))?;
+                init_tables(&db, &self.path)?;
+                Ok(db)
+            };
+            let db = reopen().map_err(|e| {
                 StoreError(format!(
                     "the state store {} failed and cannot be reopened yet: {e}",
                     self.path.display()
                 ))
             })?;
+            *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = file_identity(&self.path);
             tracing::info!(store = %self.path.display(), "state store reopened after a failure");
             *g = Some(db);
         }
         Ok(g)
     }
 
+    /// Fails if the path no longer names the file the handle writes.
+    fn check_identity(&self) -> Result<(), StoreError> {
+        let want = *self.identity.lock().unwrap_or_else(|e| e.into_inner());
+        let have = file_identity(&self.path);
+        if have.is_none() || have != want {
+            return Err(StoreError(format!(
+                "the state store {} was removed or replaced while in use; \
+                 a new file is written with everything this server holds",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
     fn init(&self) -> Result<(), StoreError> {
-        let err = |e: &dyn std::fmt::Display| corrupt(&self.path, &e.to_string());
         let g = self.db()?;
         let Some(db) = g.as_ref() else {
             return Err(corrupt(&self.path, "the store is not open"));
         };
-        let tx = db.begin_write().map_err(|e| err(&e))?;
-        {
-            let mut meta = tx.open_table(META).map_err(|e| err(&e))?;
-            let existing = meta
-                .get("format")
-                .map_err(|e| err(&e))?
-                .map(|v| v.value().to_vec());
-            match existing {
-                Some(f) if f != FORMAT => {
-                    return Err(corrupt(
-                        &self.path,
-                        &format!("unknown format {:?}", String::from_utf8_lossy(&f)),
-                    ));
-                }
-                Some(_) => {}
-                None => {
-                    meta.insert("format", FORMAT).map_err(|e| err(&e))?;
-                }
-            }
-            // Create every table so reads never meet a missing one.
-            tx.open_table(TARGETS).map_err(|e| err(&e))?;
-            tx.open_table(GROUPS).map_err(|e| err(&e))?;
-            tx.open_table(ITEMS).map_err(|e| err(&e))?;
-            tx.open_table(DEAD).map_err(|e| err(&e))?;
-            tx.open_table(IDEM).map_err(|e| err(&e))?;
-        }
-        tx.commit().map_err(|e| err(&e))
+        init_tables(db, &self.path)
     }
+}
+
+/// (device, inode) of `path`, if it exists.
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Checks the format mark and creates every table (a new or reopened file).
+fn init_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
+    let err = |e: &dyn std::fmt::Display| corrupt(path, &e.to_string());
+    let tx = db.begin_write().map_err(|e| err(&e))?;
+    {
+        let mut meta = tx.open_table(META).map_err(|e| err(&e))?;
+        let existing = meta
+            .get("format")
+            .map_err(|e| err(&e))?
+            .map(|v| v.value().to_vec());
+        match existing {
+            Some(f) if f != FORMAT => {
+                return Err(corrupt(
+                    path,
+                    &format!("unknown format {:?}", String::from_utf8_lossy(&f)),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                meta.insert("format", FORMAT).map_err(|e| err(&e))?;
+            }
+        }
+        // Create every table so reads never meet a missing one.
+        tx.open_table(TARGETS).map_err(|e| err(&e))?;
+        tx.open_table(GROUPS).map_err(|e| err(&e))?;
+        tx.open_table(ITEMS).map_err(|e| err(&e))?;
+        tx.open_table(DEAD).map_err(|e| err(&e))?;
+        tx.open_table(IDEM).map_err(|e| err(&e))?;
+    }
+    tx.commit().map_err(|e| err(&e))
 }
 
 /// Runs `f`, turning a panic inside the storage library into the same clean
@@ -438,7 +474,14 @@ impl RedbStore {
     fn commit_unguarded(&self, ops: &[Op]) -> Result<(), StoreError> {
         use prost::Message as _;
         if ops.is_empty() {
-            return Ok(());
+            // Nothing to write (events queued behind writes, or the
+            // once-a-second check of an idle server): still, the file must be
+            // the one at the path, or the next real write would go nowhere.
+            return if self.db.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                self.check_identity()
+            } else {
+                Ok(())
+            };
         }
         let err = |e: &dyn std::fmt::Display| {
             StoreError(format!(
@@ -446,7 +489,10 @@ impl RedbStore {
                 self.path.display()
             ))
         };
+        // Reopened first (after a failure, a new file if the old one is
+        // gone), then checked: the handle must write the file at the path.
         let g = self.db()?;
+        self.check_identity()?;
         let Some(db) = g.as_ref() else {
             return Err(err(&"the store is not open"));
         };
