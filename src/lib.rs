@@ -15,6 +15,8 @@
 pub mod config;
 pub mod domain;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod grpc;
 pub mod http;
 pub mod metrics;

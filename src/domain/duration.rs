@@ -111,7 +111,7 @@ pub fn format_duration(d: Duration) -> String {
     }
     let secs = d.as_secs();
     let (h, m, s) = (secs / 3600, (secs / 60) % 60, secs % 60);
-    let sub_ms = d.subsec_millis();
+    let sub = d.subsec_nanos();
     let mut out = String::new();
     if h > 0 {
         out.push_str(&format!("{h}h"));
@@ -119,9 +119,12 @@ pub fn format_duration(d: Duration) -> String {
     if m > 0 {
         out.push_str(&format!("{m}m"));
     }
-    if s > 0 || sub_ms > 0 {
-        if sub_ms > 0 {
-            out.push_str(&format!("{s}.{sub_ms:03}s"));
+    if s > 0 || sub > 0 {
+        if sub > 0 {
+            // Exact to the nanosecond (fuzzing found `3h` for 3h + 3.25µs):
+            // what is printed parses back to the same duration.
+            let frac = format!("{sub:09}");
+            out.push_str(&format!("{s}.{}s", frac.trim_end_matches('0')));
         } else {
             out.push_str(&format!("{s}s"));
         }
