@@ -23,9 +23,12 @@ use crate::domain::unit::{Permit, UnitCx, name_hash, tag};
 use crate::engine::permit::{MAX_PERMIT_LEN, PermitKey};
 use std::time::Duration;
 
+/// A property over arbitrary bytes (panics when it does not hold).
+pub type Property = fn(&[u8]);
+
 /// The fuzz targets, by name (the `fuzz/fuzz_targets/<name>.rs` files and
 /// the `fuzz/corpus/<name>/` directories).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Property)] = &[
     ("permit", permit),
     ("headers", headers),
     ("duration", duration),
