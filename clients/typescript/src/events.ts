@@ -25,7 +25,10 @@ export type EventKindName =
   | 'target_reset'
   | 'deferred'
   | 'drained'
-  | 'dead_lettered';
+  | 'dead_lettered'
+  | 'redis_unavailable'
+  | 'redis_restored'
+  | 'config_mismatch';
 
 export interface BackstopEvent {
   readonly seq: number;
@@ -67,6 +70,10 @@ const FIELDS: ReadonlyArray<[keyof Event, EventKindName]> = [
   ['deferred', 'deferred'],
   ['drained', 'drained'],
   ['deadLettered', 'dead_lettered'],
+  // Cluster mode (a replica lost / regained Redis; replicas run different configs).
+  ['redisUnavailable', 'redis_unavailable'],
+  ['redisRestored', 'redis_restored'],
+  ['configMismatch', 'config_mismatch'],
 ];
 
 export function toEvent(e: Event): BackstopEvent {

@@ -275,3 +275,9 @@ export const contextLength = (tokens = 150000, window = 128000): APIError =>
       message: `This model's maximum context length is ${window} tokens. However, your messages resulted in ${tokens} tokens.`,
     },
   });
+
+/**
+ * How the client names a wire event (what `watch()` yields), for tests that
+ * check every event kind the server can send has a name.
+ */
+export { toEvent } from './events.js';

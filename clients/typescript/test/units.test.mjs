@@ -226,3 +226,14 @@ test('a newer server: unknown enum values read as unspecified, unknown fields ar
   const r = conv.outcomeResult('t', resilience.RecordOutcomeResponse.decode(resilience.RecordOutcomeResponse.encode({ classifiedAs: 42, state: 1, retry: { retry: false, delay: undefined, reason: 42 }, stalePermit: false }).finish()));
   assert.deepEqual([r.classifiedAs, r.retry.reason, r.retry.retry], ['unspecified', 'unspecified', false]);
 });
+
+test('every event kind the server can send has a name (none reads as unspecified)', async () => {
+  const { toEvent } = await import('@backstop/client/testing');
+  const { Event } = await import('../dist/esm/gen/backstop/v1/events.js');
+  const kinds = Object.keys(Event.fromPartial({})).filter((k) => !['seq', 'at', 'target'].includes(k));
+  assert.ok(kinds.length >= 17, `${kinds.length} kinds`);
+  for (const field of kinds) {
+    const ev = toEvent(Event.fromPartial({ seq: 1, target: 't', [field]: {} }));
+    assert.notEqual(ev.kind, 'unspecified', `${field} has no name`);
+  }
+});
