@@ -100,6 +100,34 @@ fn start(data: &Path) -> Server {
     )
 }
 
+type Resilience = proto::resilience_client::ResilienceClient<tonic::transport::Channel>;
+
+/// CanProceed on `target`.
+async fn ask(r: &mut Resilience, target: &str) -> proto::CanProceedResponse {
+    r.can_proceed(proto::CanProceedRequest {
+        target: target.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("CanProceed")
+    .into_inner()
+}
+
+/// An admission on `target`, then a 503 reported with its permit.
+async fn fail_once(
+    r: &mut Resilience,
+    target: &str,
+) -> Result<tonic::Response<proto::RecordOutcomeResponse>, tonic::Status> {
+    let p = ask(r, target).await;
+    r.record_outcome(proto::RecordOutcomeRequest {
+        target: target.into(),
+        permit: p.permit,
+        http_status: 503,
+        ..Default::default()
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_never_makes_backstop_lie_and_it_recovers_without_a_restart() {
     let Some(disk) = SmallDisk::mount("4m") else {
@@ -140,14 +168,7 @@ async fn a_full_disk_never_makes_backstop_lie_and_it_recovers_without_a_restart(
     );
 
     // Decisions that change nothing durable keep flowing.
-    let ok = r
-        .can_proceed(proto::CanProceedRequest {
-            target: "steady".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("CanProceed on a full disk")
-        .into_inner();
+    let ok = ask(&mut r, "steady").await;
     assert!(ok.allowed);
     // Health: writes are not served, decisions are.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -174,23 +195,7 @@ async fn a_full_disk_never_makes_backstop_lie_and_it_recovers_without_a_restart(
     // side) but the answer that would reveal it is UNAVAILABLE.
     let mut transition_refused = false;
     for _ in 0..2 {
-        let p = r
-            .can_proceed(proto::CanProceedRequest {
-                target: "flaky".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("admitted")
-            .into_inner();
-        match r
-            .record_outcome(proto::RecordOutcomeRequest {
-                target: "flaky".into(),
-                permit: p.permit,
-                http_status: 503,
-                ..Default::default()
-            })
-            .await
-        {
+        match fail_once(&mut r, "flaky").await {
             Ok(_) => {}
             Err(s) => {
                 assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
@@ -214,14 +219,7 @@ async fn a_full_disk_never_makes_backstop_lie_and_it_recovers_without_a_restart(
     let after = 100;
     d.defer(defer(after)).await.expect("a defer after recovery");
     acked.push(after);
-    let open = r
-        .can_proceed(proto::CanProceedRequest {
-            target: "flaky".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("CanProceed after recovery")
-        .into_inner();
+    let open = ask(&mut r, "flaky").await;
     assert_eq!(open.reason(), proto::Reason::CircuitOpen);
     // Health returned only once every target was written again (the
     // recovery mark committed), so the breaker that opened while the disk
@@ -277,32 +275,9 @@ async fn a_store_file_removed_underneath_is_noticed_and_written_again() {
     }
     // Open the breaker (two failures), and keep a permit of another target.
     for _ in 0..2 {
-        let p = r
-            .can_proceed(proto::CanProceedRequest {
-                target: "flaky".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("admitted")
-            .into_inner();
-        r.record_outcome(proto::RecordOutcomeRequest {
-            target: "flaky".into(),
-            permit: p.permit,
-            http_status: 503,
-            ..Default::default()
-        })
-        .await
-        .expect("recorded");
+        fail_once(&mut r, "flaky").await.expect("recorded");
     }
-    let kept = r
-        .can_proceed(proto::CanProceedRequest {
-            target: "steady".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("admitted")
-        .into_inner()
-        .permit;
+    let kept = ask(&mut r, "steady").await.permit;
 
     std::fs::remove_file(data.path().join("backstop.redb")).expect("rm the store");
     // Noticed without any traffic, then recovered on a new file.
@@ -341,14 +316,7 @@ async fn a_store_file_removed_underneath_is_noticed_and_written_again() {
         .into_inner();
     assert_eq!(stats.queues.first().map_or(0, |q| q.depth), 3);
     let mut r = server.resilience().await;
-    let open = r
-        .can_proceed(proto::CanProceedRequest {
-            target: "flaky".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("CanProceed")
-        .into_inner();
+    let open = ask(&mut r, "flaky").await;
     assert_eq!(open.reason(), proto::Reason::CircuitOpen);
     // The permit key was written again too: an old permit still verifies
     // (it is late, so it counts without a lease, but it is not "forged").
