@@ -329,3 +329,26 @@ async fn a_store_file_removed_underneath_is_noticed_and_written_again() {
     .await
     .expect("a permit from before the deletion still verifies");
 }
+
+/// The store file deleted just before a graceful shutdown: the final flush
+/// notices and writes everything to a new file, so a restart loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_file_removed_just_before_shutdown_loses_nothing() {
+    let data = TempDir::new("removed-stop");
+    let mut server = start(data.path());
+    let mut d = proto::deferred_client::DeferredClient::new(server.channel().await);
+    for i in 0..3 {
+        d.defer(defer(i)).await.expect("defer");
+    }
+    drop(d);
+    std::fs::remove_file(data.path().join("backstop.redb")).expect("rm the store");
+    assert!(server.terminate().success(), "clean exit");
+
+    let server = start(data.path());
+    let stats = proto::deferred_client::DeferredClient::new(server.channel().await)
+        .queue_stats(proto::QueueStatsRequest { queue: "q".into() })
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.queues.first().map_or(0, |q| q.depth), 3);
+}

@@ -565,18 +565,25 @@ impl Engine {
             // A commit failed earlier (perhaps the file itself was lost):
             // the queue's items, dead letters and keys are written again too
             // before the store counts as recovered.
-            if let Queues::Local(q) = &self.queue {
-                q.rewrite_all();
-            }
-            b.mark_recovered(from);
+            self.rewrite_queue();
+            // Health tells when it is committed; nothing here waits for it.
+            drop(b.mark_recovered(from));
         }
         (pending, n)
+    }
+
+    /// Queues the embedded deferred queue's whole content for writing again
+    /// (recovery after a failed commit, see `persist.rs`).
+    fn rewrite_queue(&self) {
+        if let Queues::Local(q) = &self.queue {
+            q.rewrite_all();
+        }
     }
 
     /// Flushes everything written behind (shutdown).
     pub async fn flush_all(&self) -> std::result::Result<(), StoreError> {
         match self.backend.local() {
-            Some(b) => b.flush_all().await,
+            Some(b) => b.flush_all(&|| self.rewrite_queue()).await,
             None => Ok(()),
         }
     }

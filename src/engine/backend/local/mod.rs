@@ -611,10 +611,12 @@ impl LocalBackend {
         self.flush(DIRTY_STATE)
     }
 
-    /// Ends a recovery (see [`LocalBackend::flush_dirty`]).
-    pub fn mark_recovered(&self, from: u64) {
-        if let Some(p) = &self.persister {
-            p.mark_recovered(from);
+    /// Ends a recovery (see [`LocalBackend::flush_dirty`]); resolves once
+    /// the mark is committed.
+    pub fn mark_recovered(&self, from: u64) -> Pending {
+        match &self.persister {
+            Some(p) => p.wait_for(p.mark_recovered(from)),
+            None => Pending::none(),
         }
     }
 
@@ -660,8 +662,9 @@ impl LocalBackend {
             last = p.write_behind(vec![Op::Group(g.name.clone(), Some(rec))]);
         }
         // An empty write: even an idle server notices within a second that
-        // its store file was removed or replaced (see `RedbStore`).
-        p.publish_after(Vec::new());
+        // its store file was removed or replaced (see `RedbStore`). Waited
+        // for with the rest, so a flush also reports that failure.
+        last = last.max(p.publish_after(Vec::new()));
         let from = self.recovering.load(Ordering::Acquire);
         let recovered = (from != 0 && n < MAX_FLUSH).then(|| {
             // Every target dirty since the failure is queued; the key too,
@@ -676,17 +679,41 @@ impl LocalBackend {
     }
 
     /// Flushes every dirty target (shutdown).
-    pub async fn flush_all(&self) -> std::result::Result<(), StoreError> {
+    ///
+    /// `rewrite_rest` queues what else must be written again when this
+    /// flush completes a recovery (the deferred queue, see
+    /// [`LocalBackend::flush_dirty`]), before the recovery mark.
+    ///
+    /// A failure found on the way (the file removed just before shutdown)
+    /// gets a recovery here too, so nothing is lost; up to a few attempts,
+    /// then the last error.
+    pub async fn flush_all(&self, rewrite_rest: &dyn Fn()) -> std::result::Result<(), StoreError> {
+        let mut failures = 0;
         loop {
             let (pending, n, recovered) = self.flush(DIRTY_STATE | DIRTY_COUNTERS);
-            if let Some(from) = recovered {
-                // At shutdown the queue is not written again: every item it
-                // holds was answered only once durable, or not acknowledged.
-                self.mark_recovered(from);
-            }
-            pending.wait().await?;
-            if n < MAX_FLUSH {
-                return Ok(());
+            let pending = match recovered {
+                Some(from) => {
+                    rewrite_rest();
+                    self.mark_recovered(from)
+                }
+                None => pending,
+            };
+            match pending.wait().await {
+                Err(e) => {
+                    failures += 1;
+                    if failures >= 4 {
+                        return Err(e);
+                    }
+                }
+                Ok(()) => {
+                    let healthy = self
+                        .persister
+                        .as_ref()
+                        .is_none_or(|p| p.health().borrow().failing().is_none());
+                    if n < MAX_FLUSH && healthy {
+                        return Ok(());
+                    }
+                }
             }
         }
     }

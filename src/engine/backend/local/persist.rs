@@ -249,8 +249,10 @@ impl Persister {
     /// Queues the recovery mark: every target was queued again from `from`
     /// on (see the module doc). It carries a no-op write, so it also
     /// re-tests the store when there is nothing else to write.
-    pub fn mark_recovered(&self, from: u64) {
-        let _ = self.send_job(vec![Op::Check], Vec::new(), None, Some(from));
+    /// Returns the mark's sequence number.
+    pub fn mark_recovered(&self, from: u64) -> u64 {
+        self.send_job(vec![Op::Check], Vec::new(), None, Some(from))
+            .unwrap_or(0)
     }
 
     /// What the writer has done, for health (see [`Mark::failing`]).
