@@ -151,7 +151,13 @@ async fn budget_is_shared(servers: &[Server]) {
         let admitted = admitted.clone();
         tasks.push(tokio::spawn(async move {
             let mut last = start;
-            while start.elapsed() < run_for {
+            // 3 s, or longer (up to 10 s) until the burst is used: on a
+            // loaded machine 48 debug-build clients may be slower than the
+            // budget, and "not starved" must not depend on their speed.
+            while start.elapsed() < run_for
+                || (admitted.load(Ordering::Relaxed) < 600
+                    && start.elapsed() < Duration::from_secs(10))
+            {
                 let r = ci.can_proceed(can("b")).await.expect("ok").into_inner();
                 if r.allowed {
                     admitted.fetch_add(1, Ordering::Relaxed);
