@@ -612,6 +612,13 @@ impl Engine {
         self.backend.local()?.persister().map(|p| p.health())
     }
 
+    /// Whether a decision may wait on I/O (cluster mode: every decision is a
+    /// Redis round trip). Adapters decide many items concurrently only then;
+    /// embedded decisions never wait, so one after another is cheapest.
+    pub fn decisions_wait(&self) -> bool {
+        self.backend.redis().is_some()
+    }
+
     /// Resolves (or reads true) once the server is draining: long-lived
     /// streams (Watch, Decide) end.
     pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {

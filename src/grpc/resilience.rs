@@ -169,9 +169,7 @@ impl ResilienceService {
                 crate::telemetry::join_traceparent(&span, parent);
                 let res = self.can_proceed_one(q).instrument(span.clone()).await;
                 if let Ok(res) = &res {
-                    span.record("allowed", res.allowed);
-                    span.record("reason", res.reason().as_str_name());
-                    span.record("state", res.state().as_str_name());
+                    record_admission(&span, res);
                 }
                 res.map(A::CanProceed)
             }
@@ -189,9 +187,7 @@ impl ResilienceService {
                 crate::telemetry::join_traceparent(&span, parent);
                 let res = self.record_one(q).instrument(span.clone()).await;
                 if let Ok(res) = &res {
-                    span.record("class", res.classified_as().as_str_name());
-                    span.record("state", res.state().as_str_name());
-                    span.record("retry", res.retry.as_ref().is_some_and(|a| a.retry));
+                    record_outcome(&span, res);
                 }
                 res.map(A::RecordOutcome)
             }
@@ -207,10 +203,7 @@ impl ResilienceService {
                 crate::telemetry::join_traceparent(&span, parent);
                 let res = self.route_one(q).instrument(span.clone()).await;
                 if let Ok(out) = &res {
-                    span.record("fallback_depth", out.fallback_depth);
-                    if !out.target.is_empty() {
-                        span.record("target", out.target.as_str());
-                    }
+                    record_route(&span, out);
                 }
                 res.map(A::Route)
             }
@@ -247,6 +240,26 @@ impl ResilienceService {
                 ),
             },
         }
+    }
+}
+
+/// The decision's fields on its span (unary call or Decide item alike).
+fn record_admission(span: &tracing::Span, res: &proto::CanProceedResponse) {
+    span.record("allowed", res.allowed);
+    span.record("reason", res.reason().as_str_name());
+    span.record("state", res.state().as_str_name());
+}
+
+fn record_outcome(span: &tracing::Span, res: &proto::RecordOutcomeResponse) {
+    span.record("class", res.classified_as().as_str_name());
+    span.record("state", res.state().as_str_name());
+    span.record("retry", res.retry.as_ref().is_some_and(|a| a.retry));
+}
+
+fn record_route(span: &tracing::Span, out: &proto::RouteResponse) {
+    span.record("fallback_depth", out.fallback_depth);
+    if !out.target.is_empty() {
+        span.record("target", out.target.as_str());
     }
 }
 
@@ -321,9 +334,7 @@ impl Resilience for ResilienceService {
         crate::telemetry::join_caller_trace(&span, req.metadata());
         let r = req.into_inner();
         let res = self.can_proceed_one(&r).instrument(span.clone()).await?;
-        span.record("allowed", res.allowed);
-        span.record("reason", res.reason().as_str_name());
-        span.record("state", res.state().as_str_name());
+        record_admission(&span, &res);
         Ok(Response::new(res))
     }
 
@@ -344,9 +355,7 @@ impl Resilience for ResilienceService {
         crate::telemetry::join_caller_trace(&span, req.metadata());
         let r = req.into_inner();
         let res = self.record_one(&r).instrument(span.clone()).await?;
-        span.record("class", res.classified_as().as_str_name());
-        span.record("state", res.state().as_str_name());
-        span.record("retry", res.retry.as_ref().is_some_and(|a| a.retry));
+        record_outcome(&span, &res);
         Ok(Response::new(res))
     }
 
@@ -365,10 +374,7 @@ impl Resilience for ResilienceService {
         crate::telemetry::join_caller_trace(&span, req.metadata());
         let r = req.into_inner();
         let out = self.route_one(&r).instrument(span.clone()).await?;
-        span.record("fallback_depth", out.fallback_depth);
-        if !out.target.is_empty() {
-            span.record("target", out.target.as_str());
-        }
+        record_route(&span, &out);
         Ok(Response::new(out))
     }
 
@@ -391,7 +397,7 @@ impl Resilience for ResilienceService {
         // Embedded decisions never wait: one after another is cheapest. In
         // cluster mode each waits on Redis: all at once, so items on one
         // target combine into one script and the rest share round trips.
-        let items = if self.engine.backend().redis().is_some() {
+        let items = if self.engine.decisions_wait() {
             futures_util::future::join_all(r.items.iter().map(one)).await
         } else {
             let mut items = Vec::with_capacity(r.items.len());
@@ -420,7 +426,7 @@ impl Resilience for ResilienceService {
             }
         };
         // As in can_proceed_batch: concurrently only when each waits on Redis.
-        let items = if self.engine.backend().redis().is_some() {
+        let items = if self.engine.decisions_wait() {
             futures_util::future::join_all(r.items.iter().map(one)).await
         } else {
             let mut items = Vec::with_capacity(r.items.len());
@@ -460,7 +466,7 @@ impl Resilience for ResilienceService {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<proto::DecideResponse, Status>>(256);
         let svc = self.clone();
         let mut shutdown = self.engine.shutdown_signal();
-        let concurrent = self.engine.backend().redis().is_some();
+        let concurrent = self.engine.decisions_wait();
         tokio::spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_OUTSTANDING));
             let mut draining = *shutdown.borrow();
