@@ -612,6 +612,12 @@ impl Engine {
         self.backend.local()?.persister().map(|p| p.health())
     }
 
+    /// How long the embedded store's commit in progress has been running
+    /// (see `Persister::stalled_for`); None when none is, or no store.
+    pub fn store_stalled_for(&self) -> Option<Duration> {
+        self.backend.local()?.persister()?.stalled_for()
+    }
+
     /// Whether a decision may wait on I/O (cluster mode: every decision is a
     /// Redis round trip). Adapters decide many items concurrently only then;
     /// embedded decisions never wait, so one after another is cheapest.

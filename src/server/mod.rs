@@ -132,6 +132,11 @@ fn open_engine(
     Ok(engine)
 }
 
+/// How long a state-store commit may run before health calls the store
+/// failing: fsync on a healthy disk takes milliseconds; this is a disk that
+/// hangs.
+const STORE_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves until SIGTERM / Ctrl-C, then drains in-flight calls (up to
 /// `shutdown_grace`) and returns.
 pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
@@ -173,24 +178,31 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
     // since decisions that change nothing durable keep flowing.
     let store_watch = engine.store_health().map(|mut health| {
         let reporter = health_reporter.clone();
-        let metrics = engine.metrics().clone();
+        let engine = engine.clone();
         let store = config.server.data_dir.display().to_string();
         tokio::spawn(async move {
             let mut failing = false;
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
-                let now_failing = match health.borrow_and_update().failing() {
-                    None => false,
-                    Some(e) => {
-                        if !failing {
-                            tracing::error!(store = %store, error = %e,
-                                "state store failing: Defer and operator changes answer UNAVAILABLE until it recovers");
-                        }
-                        true
-                    }
+                // A commit that failed, or one that has not returned for
+                // STORE_STALL (a disk that hangs instead of failing).
+                let problem = match health.borrow_and_update().failing() {
+                    Some(e) => Some(e.to_string()),
+                    None => engine
+                        .store_stalled_for()
+                        .filter(|d| *d >= STORE_STALL)
+                        .map(|d| format!("a commit has not returned for {} s", d.as_secs())),
                 };
+                if let Some(why) = &problem
+                    && !failing
+                {
+                    tracing::error!(store = %store, error = %why,
+                        "state store failing: Defer and operator changes answer UNAVAILABLE (or wait) until it recovers");
+                }
+                let now_failing = problem.is_some();
                 if now_failing != failing {
                     failing = now_failing;
-                    metrics.set_store_failing(failing);
+                    engine.metrics().set_store_failing(failing);
                     if failing {
                         reporter.set_not_serving::<DeferredServer<DeferredService>>().await;
                         reporter.set_not_serving::<AdminServer<AdminService>>().await;
@@ -200,8 +212,13 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
                         reporter.set_serving::<AdminServer<AdminService>>().await;
                     }
                 }
-                if health.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    changed = health.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    _ = tick.tick() => {}
                 }
             }
         })

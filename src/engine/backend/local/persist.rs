@@ -143,6 +143,10 @@ pub struct Persister {
     /// Set when a commit failed: what it carried is not on disk, so the
     /// next flush writes every target again (see [`Persister::take_lost`]).
     lost: Arc<AtomicBool>,
+    /// Milliseconds since `epoch` at which the commit in progress started
+    /// (0: none): a disk that hangs rather than fails shows up here.
+    in_commit: Arc<AtomicU64>,
+    epoch: std::time::Instant,
     thread: Option<JoinHandle<()>>,
     describe: String,
 }
@@ -159,15 +163,20 @@ impl Persister {
         let c = committed.clone();
         let lost = Arc::new(AtomicBool::new(false));
         let l = lost.clone();
+        let in_commit = Arc::new(AtomicU64::new(0));
+        let epoch = std::time::Instant::now();
+        let ic = in_commit.clone();
         let thread = std::thread::Builder::new()
             .name("backstop-writer".into())
-            .spawn(move || writer(store, rx, c, wm_tx, events, l))
+            .spawn(move || writer(store, rx, c, wm_tx, events, l, (ic, epoch)))
             .ok();
         Persister {
             tx: Mutex::new(Some((0, tx))),
             committed,
             watermark: wm_rx,
             lost,
+            in_commit,
+            epoch,
             thread,
             describe,
         }
@@ -255,6 +264,17 @@ impl Persister {
             .unwrap_or(0)
     }
 
+    /// How long the commit in progress has been running, if one is: a disk
+    /// that hangs (a frozen network mount) never fails a commit, so health
+    /// watches this too.
+    pub fn stalled_for(&self) -> Option<std::time::Duration> {
+        let started = self.in_commit.load(Ordering::Acquire);
+        (started != 0).then(|| {
+            let now = self.epoch.elapsed().as_millis() as u64;
+            std::time::Duration::from_millis(now.saturating_sub(started - 1))
+        })
+    }
+
     /// What the writer has done, for health (see [`Mark::failing`]).
     pub fn health(&self) -> watch::Receiver<Mark> {
         self.watermark.clone()
@@ -291,6 +311,7 @@ fn writer(
     watermark: watch::Sender<Mark>,
     events: Arc<EventBus>,
     lost: Arc<AtomicBool>,
+    (in_commit, epoch): (Arc<AtomicU64>, std::time::Instant),
 ) {
     // The latest lost write's sequence number (0: none yet).
     let mut last_lost = 0u64;
@@ -306,7 +327,10 @@ fn writer(
         let last = jobs.last().map_or(0, |j| j.seq);
         let recovers_from = jobs.iter().filter_map(|j| j.recovers_from).max();
         let ops: Vec<Op> = jobs.iter_mut().flat_map(|j| j.ops.drain(..)).collect();
+        // +1 so a commit starting in the first millisecond is not "none".
+        in_commit.store(epoch.elapsed().as_millis() as u64 + 1, Ordering::Release);
         let result = store.commit(&ops);
+        in_commit.store(0, Ordering::Release);
         watermark.send_modify(|m| {
             m.attempted = last;
             match &result {
@@ -495,5 +519,47 @@ mod tests {
         let (w, _) = p.write(vec![Op::Item(3, None)], vec![]);
         w.wait_blocking().expect("durable");
         assert!(p.health().borrow().failing().is_none());
+    }
+
+    /// Holds every commit until released: a disk that hangs.
+    #[derive(Clone, Default)]
+    struct Frozen(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+    impl Store for Frozen {
+        fn load(&self) -> Result<super::super::store::Loaded, StoreError> {
+            Ok(Default::default())
+        }
+        fn commit(&self, _ops: &[Op]) -> Result<(), StoreError> {
+            let (m, c) = &*self.0;
+            let mut thawed = m.lock().expect("lock");
+            while !*thawed {
+                thawed = c.wait(thawed).expect("wait");
+            }
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "frozen".into()
+        }
+    }
+
+    #[test]
+    fn a_hanging_commit_shows_as_stalled_until_it_returns() {
+        let disk = Frozen::default();
+        let p = Persister::start(Box::new(disk.clone()), Arc::new(EventBus::new(16, 16)));
+        assert_eq!(p.stalled_for(), None, "idle");
+        let (w, _) = p.write(vec![Op::Item(1, None)], vec![]);
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        let stalled = p.stalled_for().expect("a commit is in progress");
+        assert!(
+            stalled >= std::time::Duration::from_millis(40),
+            "{stalled:?}"
+        );
+        {
+            let (m, c) = &*disk.0;
+            *m.lock().expect("lock") = true;
+            c.notify_all();
+        }
+        w.wait_blocking().expect("durable once thawed");
+        assert_eq!(p.stalled_for(), None, "returned");
     }
 }
