@@ -80,65 +80,36 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(args) => {
-            let mut config = match &args.config {
-                Some(path) => match Config::load(path) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("{e}");
+            let http = match args.http.as_deref() {
+                None => None,
+                Some("off" | "") => Some(None),
+                Some(addr) => match addr.parse() {
+                    Ok(a) => Some(Some(a)),
+                    Err(_) => {
+                        eprintln!(
+                            "--http {addr:?} is not an address like 127.0.0.1:9464 (or \"off\")"
+                        );
                         return ExitCode::from(2);
                     }
                 },
-                None => Config::default(),
             };
-            if let Some(l) = args.listen {
-                config.server.listen = l;
-                // Asking for a free gRPC port means "don't collide with
-                // anything": the HTTP listener follows unless --http says otherwise.
-                if l.port() == 0
-                    && args.http.is_none()
-                    && let Some(h) = config.server.http.as_mut()
-                {
-                    h.set_port(0);
-                }
-            }
-            if let Some(h) = args.http.as_deref() {
-                config.server.http = match h {
-                    "off" | "" => None,
-                    addr => match addr.parse() {
-                        Ok(a) => Some(a),
-                        Err(_) => {
-                            eprintln!(
-                                "--http {addr:?} is not an address like 127.0.0.1:9464 (or \"off\")"
-                            );
-                            return ExitCode::from(2);
-                        }
-                    },
-                };
-            }
-            if let Some(d) = args.data_dir {
-                config.server.data_dir = d;
-            }
-            if args.ephemeral {
-                config.server.ephemeral = true;
-            }
-            if let Some(url) = args.redis.as_deref() {
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                    eprintln!("--redis {url:?} is not a URL like redis://127.0.0.1:6379/0");
+            let source = backstop::config::reload::Source {
+                path: args.config.clone(),
+                overrides: backstop::config::reload::Overrides {
+                    listen: args.listen,
+                    http,
+                    data_dir: args.data_dir.clone(),
+                    ephemeral: args.ephemeral,
+                    redis: args.redis.clone(),
+                },
+            };
+            let config = match source.load() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
                     return ExitCode::from(2);
                 }
-                match config.cluster.as_mut() {
-                    Some(c) => c.redis = backstop::config::RedisTarget::Url(url.to_string()),
-                    None => config.cluster = Some(backstop::config::ClusterConfig::for_url(url)),
-                }
-            }
-            if let Some(c) = &config.cluster
-                && c.redis == backstop::config::RedisTarget::Url(String::new())
-            {
-                eprintln!(
-                    "[cluster] needs redis_url (e.g. \"redis://127.0.0.1:6379/0\") or redis_cluster_nodes, or pass --redis URL"
-                );
-                return ExitCode::from(2);
-            }
+            };
             let state = backstop::server::StateOptions {
                 reset: args.reset_state,
             };
@@ -164,7 +135,7 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                match backstop::server::run(config, state).await {
+                match backstop::server::run(config, source, state).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("backstop: {e}");

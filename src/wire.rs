@@ -236,6 +236,26 @@ pub fn event_to_proto(e: &Event) -> proto::Event {
         EventKind::ConfigMismatch { replicas } => PKind::ConfigMismatch(proto::ConfigMismatch {
             replicas: replicas.clone(),
         }),
+        EventKind::ConfigReloaded {
+            digest,
+            previous_digest,
+            added,
+            removed,
+            changed,
+            needs_restart,
+            source,
+        } => PKind::ConfigReloaded(proto::ConfigReloaded {
+            digest: digest.clone(),
+            previous_digest: previous_digest.clone(),
+            added: added.clone(),
+            removed: removed.clone(),
+            changed: changed.clone(),
+            needs_restart: needs_restart.clone(),
+            source: source.clone(),
+        }),
+        EventKind::TargetRemoved { reason } => PKind::TargetRemoved(proto::TargetRemoved {
+            reason: reason.clone(),
+        }),
     };
     proto::Event {
         seq: e.seq,
@@ -358,6 +378,16 @@ pub fn event_from_proto(e: proto::Event) -> Option<(Time, Arc<str>, EventKind)> 
         PKind::ConfigMismatch(c) => EventKind::ConfigMismatch {
             replicas: c.replicas,
         },
+        PKind::ConfigReloaded(c) => EventKind::ConfigReloaded {
+            digest: c.digest,
+            previous_digest: c.previous_digest,
+            added: c.added,
+            removed: c.removed,
+            changed: c.changed,
+            needs_restart: c.needs_restart,
+            source: c.source,
+        },
+        PKind::TargetRemoved(r) => EventKind::TargetRemoved { reason: r.reason },
         PKind::Snapshot(_) | PKind::Gap(_) => return None,
     };
     Some((at, Arc::from(e.target.as_str()), kind))

@@ -8,6 +8,7 @@
 
 mod errors;
 pub(crate) mod raw;
+pub mod reload;
 mod resolve;
 mod settings;
 

@@ -93,13 +93,31 @@ pub enum EventKind {
     ConfigMismatch {
         replicas: Vec<String>,
     },
+    /// The config was re-read and applied (SIGHUP or Admin/ReloadConfig).
+    ConfigReloaded {
+        /// The digest now in force (see `Config::digest`), and the one before.
+        digest: String,
+        previous_digest: String,
+        added: Vec<String>,
+        removed: Vec<String>,
+        changed: Vec<String>,
+        /// Settings that changed in the file but take effect only after a
+        /// restart ("server.listen", ...): they keep their running value.
+        needs_restart: Vec<String>,
+        /// Who asked: "sighup", or "admin" with the reason given.
+        source: String,
+    },
+    /// A target the config no longer declares was dropped by a reload.
+    TargetRemoved {
+        reason: String,
+    },
 }
 
 impl EventKind {
     /// Every kind's stable name, in the order of `backstop.v1.EventKind`
     /// (after SNAPSHOT and GAP, which are not events). The one list the gRPC
     /// filter, the SSE filter and the dashboard (via `/api/event-kinds`) use.
-    pub const NAMES: [&'static str; 15] = [
+    pub const NAMES: [&'static str; 17] = [
         "breaker_transition",
         "probe_expired",
         "target_forced",
@@ -115,6 +133,8 @@ impl EventKind {
         "redis_unavailable",
         "redis_restored",
         "config_mismatch",
+        "config_reloaded",
+        "target_removed",
     ];
 
     /// The known name equal to `s`, if any.
@@ -140,6 +160,8 @@ impl EventKind {
             EventKind::RedisRestored { .. } => "redis_restored",
             EventKind::ConfigMismatch { .. } => "config_mismatch",
             EventKind::ItemDeadLettered { .. } => "dead_lettered",
+            EventKind::ConfigReloaded { .. } => "config_reloaded",
+            EventKind::TargetRemoved { .. } => "target_removed",
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod events;
 pub mod permit;
 pub mod queue;
+pub mod reload;
 pub mod watch;
 
 pub use crate::domain::Reason;
@@ -202,10 +203,16 @@ impl DecisionBackend for Backend {
 }
 
 pub struct Engine {
-    config: Arc<Config>,
+    /// Replaced whole by a reload ([`Engine::reload`]); readers take what
+    /// they need of it without a lock.
+    config: arc_swap::ArcSwap<Config>,
+    /// Where the config came from, for reloads (None: nothing to re-read).
+    source: Option<crate::config::reload::Source>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
     clock: Arc<dyn Clock>,
     backend: Backend,
-    routes: HashMap<String, RouteRuntime>,
+    routes: arc_swap::ArcSwap<HashMap<String, Arc<RouteRuntime>>>,
     events: Arc<EventBus>,
     metrics: Arc<Metrics>,
     /// Route metrics of ad-hoc candidate lists (`route="_adhoc"`).
@@ -225,6 +232,53 @@ pub struct Engine {
 enum Queues {
     Local(queue::DeferredQueue),
     Redis(backend::cluster::queue::RedisQueue),
+}
+
+/// The per-call limits of `[server]` an outcome is checked against, copied
+/// out of the config in force so a decision never holds it across an await.
+#[derive(Clone, Copy)]
+struct Limits {
+    permitless: Permitless,
+    max_headers: usize,
+    max_header_bytes: usize,
+    max_pause: Duration,
+}
+
+impl Limits {
+    fn of(s: &crate::config::ServerConfig) -> Limits {
+        Limits {
+            permitless: s.outcomes_without_permit,
+            max_headers: s.max_headers,
+            max_header_bytes: s.max_header_bytes,
+            max_pause: s.max_pause,
+        }
+    }
+}
+
+/// The runtime of each configured route: a route whose candidate list did
+/// not change keeps its runtime (its fallback state, so a reload does not
+/// re-announce a fallback in progress).
+fn route_runtimes(
+    config: &Config,
+    old: &HashMap<String, Arc<RouteRuntime>>,
+    metrics: &Metrics,
+) -> HashMap<String, Arc<RouteRuntime>> {
+    config
+        .routes
+        .iter()
+        .map(|(name, r)| {
+            let rt = match old.get(name) {
+                Some(o) if o.settings == *r => o.clone(),
+                _ => Arc::new(RouteRuntime {
+                    settings: r.clone(),
+                    last: AtomicU32::new(NO_DEPTH),
+                    publish: Mutex::new(()),
+                    metrics: metrics.for_route(name, r.targets.len()),
+                }),
+            };
+            (name.clone(), rt)
+        })
+        .collect()
 }
 
 /// A source of uniform numbers in [0, 1) (see [`Engine::with_rng`]).
@@ -382,6 +436,7 @@ impl Engine {
     /// ([`Engine::replay_spool`]). Anything spooled before a restart is
     /// replayed too.
     pub fn with_spool(mut self, store: Box<dyn Store>) -> std::result::Result<Engine, StoreError> {
+        let limits = self.cfg().queue.clone();
         let Queues::Redis(q) = &mut self.queue else {
             return Ok(self);
         };
@@ -400,7 +455,7 @@ impl Engine {
             self.events.clone(),
         ));
         q.set_spool(queue::DeferredQueue::new(
-            self.config.queue.clone(),
+            limits,
             self.clock.clone(),
             state,
             Some(persister),
@@ -446,7 +501,7 @@ impl Engine {
             Backend::Local(_) => backend::cluster::ClusterStatus {
                 replica_id: String::new(),
                 redis_reachable: false,
-                config_digest: self.config.digest(),
+                config_digest: self.cfg().digest(),
                 ..Default::default()
             },
         }
@@ -473,21 +528,7 @@ impl Engine {
         backend: Backend,
         queue_state: queue::QueueState,
     ) -> Engine {
-        let routes = config
-            .routes
-            .iter()
-            .map(|(name, r)| {
-                (
-                    name.clone(),
-                    RouteRuntime {
-                        settings: r.clone(),
-                        last: AtomicU32::new(NO_DEPTH),
-                        publish: Mutex::new(()),
-                        metrics: metrics.for_route(name, r.targets.len()),
-                    },
-                )
-            })
-            .collect();
+        let routes = route_runtimes(&config, &HashMap::new(), &metrics);
         let hub = watch::Hub::new(config.events.max_subscribers);
         let queue = match &backend {
             Backend::Redis(b) => Queues::Redis(backend::cluster::queue::RedisQueue::new(
@@ -511,12 +552,14 @@ impl Engine {
             hub,
             queue,
             adhoc_route_metrics: metrics.for_route(ADHOC_ROUTE, MAX_ROUTE_LEN),
-            routes,
+            routes: arc_swap::ArcSwap::from_pointee(routes),
             events,
             metrics,
             backend,
             clock,
-            config,
+            config: arc_swap::ArcSwap::new(config),
+            source: None,
+            reloading: tokio::sync::Mutex::new(()),
             rng: Arc::new(rand::random::<f64>),
         }
     }
@@ -529,8 +572,20 @@ impl Engine {
         self
     }
 
-    pub fn config(&self) -> &Arc<Config> {
-        &self.config
+    /// The config in force now (a reload may replace it at any time).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// The config in force, borrowed for one decision (no reference count).
+    fn cfg(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// Where [`Engine::reload_from_source`] re-reads the config from.
+    pub fn with_source(mut self, source: crate::config::reload::Source) -> Engine {
+        self.source = Some(source);
+        self
     }
 
     pub fn now(&self) -> Time {
@@ -735,7 +790,8 @@ impl Engine {
             adm.token = self.backend.sign(target, p);
         }
         if matches!(adm.reason, Reason::RateLimited | Reason::ConcurrencyLimit) {
-            adm.retry_after = adm.retry_after.map(|d| d.min(self.config.server.max_pause));
+            let max = self.cfg().server.max_pause;
+            adm.retry_after = adm.retry_after.map(|d| d.min(max));
         }
     }
 
@@ -746,7 +802,10 @@ impl Engine {
         report: OutcomeReport<'_>,
     ) -> Result<OutcomeResult> {
         validate_target(target)?;
-        let settings = self.config.target(target).clone();
+        let (settings, server) = {
+            let c = self.cfg();
+            (c.target(target).clone(), Limits::of(&c.server))
+        };
         let cx = UnitCx {
             settings: &settings,
             seed: name_hash(target),
@@ -754,7 +813,7 @@ impl Engine {
         let class = classify(report.class, report.http_status, report.error_type)
             .map_err(|e| invalid(e.to_string()))?;
         let permit = if report.permit.is_empty() {
-            if self.config.server.outcomes_without_permit == Permitless::Reject {
+            if server.permitless == Permitless::Reject {
                 return Err(invalid(
                     "this server requires the permit from CanProceed / Route with every outcome \
                      ([server] outcomes_without_permit = \"reject\")",
@@ -786,7 +845,6 @@ impl Engine {
         if slot >= settings.keys.len().max(1) {
             return Err(invalid("permit names a key slot this target does not have"));
         }
-        let server = &self.config.server;
         if report.headers.len() > server.max_headers {
             return Err(invalid(format!(
                 "{} headers; at most {} are accepted (send the provider's response headers only)",
@@ -815,7 +873,7 @@ impl Engine {
         };
         let args = OutcomeArgs {
             trust,
-            trust_permitless: self.config.server.outcomes_without_permit == Permitless::Trusted,
+            trust_permitless: server.permitless == Permitless::Trusted,
             class,
             signals,
             max_pause: server.max_pause,
@@ -834,19 +892,22 @@ impl Engine {
 
     /// Picks the first admissible candidate of a route and admits it.
     pub async fn route(&self, q: RouteQuery<'_>) -> Result<RouteDecision> {
-        let (name, list): (Arc<str>, Vec<Arc<str>>) = match (
+        let mut runtime: Option<Arc<RouteRuntime>> = None;
+        let (_name, list): (Arc<str>, Vec<Arc<str>>) = match (
             q.route.is_empty(),
             q.candidates.is_empty(),
         ) {
             (false, true) => {
-                let r = self.routes.get(q.route).ok_or_else(|| {
-                    let mut known: Vec<&String> = self.routes.keys().collect();
+                let routes = self.routes.load();
+                let r = routes.get(q.route).ok_or_else(|| {
+                    let mut known: Vec<&String> = routes.keys().collect();
                     known.sort();
                     EngineError::NotFound(format!(
                         "route {:?} is not configured; configured routes: {known:?}",
                         q.route
                     ))
                 })?;
+                runtime = Some(r.clone());
                 (r.settings.name.clone(), r.settings.targets.clone())
             }
             (true, false) => {
@@ -882,11 +943,14 @@ impl Engine {
             estimated_tokens: q.estimated_tokens,
             attempt: q.attempt,
         };
-        let plan = route::plan(&list, q.exclude, q.required_context_tokens, |t| {
-            CandidateInfo {
-                context_window: self.config.target(t).context_window,
-            }
-        });
+        let plan = {
+            let c = self.cfg();
+            route::plan(&list, q.exclude, q.required_context_tokens, |t| {
+                CandidateInfo {
+                    context_window: c.target(t).context_window,
+                }
+            })
+        };
         let mut skipped = Vec::new();
         let mut chosen = None;
         let mut depth = 0;
@@ -903,7 +967,7 @@ impl Engine {
             if adm.allowed {
                 self.seal(&cand.target, &mut adm);
                 depth = cand.depth;
-                let settings = self.config.target(&cand.target).clone();
+                let settings = self.cfg().target(&cand.target).clone();
                 chosen = Some((cand.target, adm, settings));
                 break;
             }
@@ -920,7 +984,7 @@ impl Engine {
             None
         };
         let served = chosen.as_ref().map(|_| depth);
-        match self.routes.get(name.as_ref()) {
+        match &runtime {
             Some(rt) => {
                 rt.metrics.record(served);
                 self.note_route(rt, served, &skipped, retry_after);
@@ -1040,3 +1104,5 @@ mod tests;
 
 #[cfg(test)]
 mod queue_tests;
+#[cfg(test)]
+mod reload_tests;

@@ -259,7 +259,7 @@ impl Engine {
     /// Current state of every target matching `filter` (at most `max_snapshot_targets`).
     pub async fn snapshot(&self, filter: &WatchFilter) -> Vec<TargetView> {
         self.backend
-            .views(&filter.targets, self.config.events.max_snapshot_targets)
+            .views(&filter.targets, self.cfg().events.max_snapshot_targets)
             .await
     }
 }

@@ -207,6 +207,33 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn reload_config(
+        &self,
+        req: Request<proto::ReloadConfigRequest>,
+    ) -> Result<Response<proto::ReloadConfigResponse>, Status> {
+        let r = req.into_inner();
+        check_len(&r.reason, "reason", 512)?;
+        let source = if r.reason.is_empty() {
+            "admin".to_string()
+        } else {
+            format!("admin: {}", r.reason)
+        };
+        let rep = self
+            .engine
+            .reload_from_source(&source)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ReloadConfigResponse {
+            digest: rep.digest,
+            previous_digest: rep.previous_digest,
+            added: rep.added,
+            removed: rep.removed,
+            changed: rep.changed,
+            routes_changed: rep.routes_changed,
+            needs_restart: rep.needs_restart,
+        }))
+    }
+
     async fn reset_target(
         &self,
         req: Request<proto::ResetTargetRequest>,

@@ -130,6 +130,20 @@ fn event(e: &Event) -> Value {
             "replica": replica.as_ref(), "merged": merged,
         }),
         EventKind::ConfigMismatch { replicas } => json!({ "replicas": replicas }),
+        EventKind::ConfigReloaded {
+            digest,
+            previous_digest,
+            added,
+            removed,
+            changed,
+            needs_restart,
+            source,
+        } => json!({
+            "digest": digest, "previous_digest": previous_digest, "added": added,
+            "removed": removed, "changed": changed, "needs_restart": needs_restart,
+            "source": source,
+        }),
+        EventKind::TargetRemoved { reason } => json!({ "reason": reason }),
     };
     if let Value::Object(m) = &mut v {
         m.insert("seq".into(), json!(e.seq));

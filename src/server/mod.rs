@@ -132,6 +132,31 @@ fn open_engine(
     Ok(engine)
 }
 
+/// Re-reads the config on every SIGHUP (the usual signal for it). An
+/// invalid file is logged with every error, located, and changes nothing.
+fn spawn_reload_on_sighup(engine: Arc<Engine>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: reload with Admin/ReloadConfig instead");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if let Err(e) = engine.reload_from_source("sighup").await {
+                    tracing::error!("config reload on SIGHUP failed: {e}");
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = engine;
+}
+
 /// How long a state-store commit may run before health calls the store
 /// failing: fsync on a healthy disk takes milliseconds; this is a disk that
 /// hangs.
@@ -139,7 +164,14 @@ const STORE_STALL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves until SIGTERM / Ctrl-C, then drains in-flight calls (up to
 /// `shutdown_grace`) and returns.
-pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
+///
+/// `source` is where the config came from: SIGHUP and Admin/ReloadConfig
+/// re-read it (see `engine/reload.rs`).
+pub async fn run(
+    config: Config,
+    source: crate::config::reload::Source,
+    opts: StateOptions,
+) -> Result<(), StartError> {
     let config = Arc::new(config);
     let max_msg = config.server.max_message_bytes;
 
@@ -147,8 +179,9 @@ pub async fn run(config: Config, opts: StateOptions) -> Result<(), StartError> {
     let grpc_addr = grpc_listener
         .local_addr()
         .map_err(|e| StartError(format!("cannot read the bound gRPC address: {e}")))?;
-    let engine = Arc::new(open_engine(config.clone(), opts, grpc_addr)?);
+    let engine = Arc::new(open_engine(config.clone(), opts, grpc_addr)?.with_source(source));
     engine.start_cluster(grpc_addr.to_string());
+    spawn_reload_on_sighup(engine.clone());
     if config.cluster.is_some() {
         let e = engine.clone();
         tokio::spawn(async move {

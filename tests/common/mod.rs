@@ -65,13 +65,23 @@ impl Server {
 
     /// Starts with extra environment variables (e.g. RUST_LOG, OTEL_*).
     pub fn start_with(dir: TempDir, config: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn(dir, Some(config), extra, env)
+    }
+
+    /// Starts on the built-in defaults (no --config).
+    pub fn start_without_config(extra: &[&str]) -> Server {
+        Self::spawn(TempDir::new("srv"), None, extra, &[])
+    }
+
+    fn spawn(dir: TempDir, config: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let config_path = dir.path().join("backstop.toml");
-        std::fs::write(&config_path, config).expect("write config");
         let mut cmd = Command::new(binary());
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--listen")
+        cmd.arg("serve");
+        if let Some(config) = config {
+            std::fs::write(&config_path, config).expect("write config");
+            cmd.arg("--config").arg(&config_path);
+        }
+        cmd.arg("--listen")
             .arg("127.0.0.1:0")
             .args(if extra.contains(&"--http") {
                 &[][..]

@@ -28,6 +28,12 @@ type AdminClient interface {
 	ResetTarget(ctx context.Context, in *ResetTargetRequest, opts ...grpc.CallOption) (*TargetStatus, error)
 	// This replica and, in cluster mode, Redis and every live replica.
 	GetCluster(ctx context.Context, in *GetClusterRequest, opts ...grpc.CallOption) (*ClusterStatus, error)
+	// Re-read the config file (as SIGHUP does) and apply it without a restart:
+	// open breakers stay open, budget levels carry over (as the same fraction
+	// used when a limit changes), removed targets are dropped, new ones appear.
+	// An invalid file changes nothing: FAILED_PRECONDITION with every error,
+	// located. A server started without a config file: FAILED_PRECONDITION.
+	ReloadConfig(ctx context.Context, in *ReloadConfigRequest, opts ...grpc.CallOption) (*ReloadConfigResponse, error)
 }
 
 type adminClient struct {
@@ -83,6 +89,15 @@ func (c *adminClient) GetCluster(ctx context.Context, in *GetClusterRequest, opt
 	return out, nil
 }
 
+func (c *adminClient) ReloadConfig(ctx context.Context, in *ReloadConfigRequest, opts ...grpc.CallOption) (*ReloadConfigResponse, error) {
+	out := new(ReloadConfigResponse)
+	err := c.cc.Invoke(ctx, "/backstop.v1.Admin/ReloadConfig", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility
@@ -98,6 +113,12 @@ type AdminServer interface {
 	ResetTarget(context.Context, *ResetTargetRequest) (*TargetStatus, error)
 	// This replica and, in cluster mode, Redis and every live replica.
 	GetCluster(context.Context, *GetClusterRequest) (*ClusterStatus, error)
+	// Re-read the config file (as SIGHUP does) and apply it without a restart:
+	// open breakers stay open, budget levels carry over (as the same fraction
+	// used when a limit changes), removed targets are dropped, new ones appear.
+	// An invalid file changes nothing: FAILED_PRECONDITION with every error,
+	// located. A server started without a config file: FAILED_PRECONDITION.
+	ReloadConfig(context.Context, *ReloadConfigRequest) (*ReloadConfigResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -119,6 +140,9 @@ func (UnimplementedAdminServer) ResetTarget(context.Context, *ResetTargetRequest
 }
 func (UnimplementedAdminServer) GetCluster(context.Context, *GetClusterRequest) (*ClusterStatus, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetCluster not implemented")
+}
+func (UnimplementedAdminServer) ReloadConfig(context.Context, *ReloadConfigRequest) (*ReloadConfigResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ReloadConfig not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 
@@ -223,6 +247,24 @@ func _Admin_GetCluster_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_ReloadConfig_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReloadConfigRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ReloadConfig(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/backstop.v1.Admin/ReloadConfig",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ReloadConfig(ctx, req.(*ReloadConfigRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _Admin_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "backstop.v1.Admin",
 	HandlerType: (*AdminServer)(nil),
@@ -246,6 +288,10 @@ var _Admin_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetCluster",
 			Handler:    _Admin_GetCluster_Handler,
+		},
+		{
+			MethodName: "ReloadConfig",
+			Handler:    _Admin_ReloadConfig_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

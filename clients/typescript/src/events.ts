@@ -28,7 +28,9 @@ export type EventKindName =
   | 'dead_lettered'
   | 'redis_unavailable'
   | 'redis_restored'
-  | 'config_mismatch';
+  | 'config_mismatch'
+  | 'config_reloaded'
+  | 'target_removed';
 
 export interface BackstopEvent {
   readonly seq: number;
@@ -74,6 +76,9 @@ const FIELDS: ReadonlyArray<[keyof Event, EventKindName]> = [
   ['redisUnavailable', 'redis_unavailable'],
   ['redisRestored', 'redis_restored'],
   ['configMismatch', 'config_mismatch'],
+  // A config reload (SIGHUP or Admin/ReloadConfig), and a target it dropped.
+  ['configReloaded', 'config_reloaded'],
+  ['targetRemoved', 'target_removed'],
 ];
 
 export function toEvent(e: Event): BackstopEvent {

@@ -163,7 +163,8 @@ pub trait Admitter: Sync {
 /// are rare next to decisions), the wake-up signal for long polls, and where
 /// it writes (the embedded store's writer).
 pub struct DeferredQueue {
-    limits: QueueConfig,
+    /// `[queue]` bounds, replaced by a config reload.
+    limits: arc_swap::ArcSwap<QueueConfig>,
     clock: Arc<dyn Clock>,
     state: Mutex<QueueState>,
     notify: tokio::sync::Notify,
@@ -209,6 +210,12 @@ impl DeferredQueue {
         p.write_behind(ops);
     }
 
+    /// New `[queue]` bounds (a config reload): they apply to the next
+    /// Defer; items already held stay, even past a lowered depth.
+    pub(crate) fn set_limits(&self, limits: QueueConfig) {
+        self.limits.store(Arc::new(limits));
+    }
+
     pub(crate) fn new(
         limits: QueueConfig,
         clock: Arc<dyn Clock>,
@@ -219,7 +226,7 @@ impl DeferredQueue {
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> DeferredQueue {
         DeferredQueue {
-            limits,
+            limits: arc_swap::ArcSwap::from_pointee(limits),
             clock,
             state: Mutex::new(state),
             notify: tokio::sync::Notify::new(),
@@ -476,8 +483,9 @@ impl DeferredQueue {
 
     /// Saves a request; returns once it is durable.
     pub async fn defer(&self, adm: &impl Admitter, a: DeferArgs) -> Result<DeferResult> {
-        check_defer(&self.limits, adm, &a)?;
-        let limits = &self.limits;
+        check_defer(&self.limits.load(), adm, &a)?;
+        let limits_guard = self.limits.load();
+        let limits: &QueueConfig = &limits_guard;
         let now = self.clock.now();
         let mut a = a;
         /// What one look at the queue decided.
@@ -813,7 +821,7 @@ impl DeferredQueue {
             ops.push(Op::Item(id, None));
             if !rec.idempotency_key.is_empty() {
                 // Remember the key for a while, so a retried Defer is still a duplicate.
-                let expires_at = (now + self.limits.idempotency_ttl).as_nanos();
+                let expires_at = (now + self.limits.load().idempotency_ttl).as_nanos();
                 let key = idem_key(&rec.queue, &rec.idempotency_key);
                 s.idem.insert(
                     key.clone(),
@@ -933,10 +941,10 @@ impl DeferredQueue {
             };
             let queue = rec.queue.clone();
             let c = s.counts.get(&queue).copied().unwrap_or_default();
-            if (c.waiting + c.in_flight) as usize >= self.limits.max_depth {
+            if (c.waiting + c.in_flight) as usize >= self.limits.load().max_depth {
                 return Err(EngineError::ResourceExhausted(format!(
                     "queue {queue:?} is at its limit of {} items ([queue] max_depth)",
-                    self.limits.max_depth
+                    self.limits.load().max_depth
                 )));
             }
             let mut rec = s.dead.remove(&id).unwrap_or_default();
@@ -1042,7 +1050,7 @@ impl DeferredQueue {
 
 impl Admitter for Engine {
     fn check_queue(&self, queue: &str) -> Result<()> {
-        if self.config.routes.contains_key(queue) {
+        if self.config().routes.contains_key(queue) {
             return Ok(());
         }
         validate_target(queue).map_err(|_| {
@@ -1053,19 +1061,20 @@ impl Admitter for Engine {
     }
 
     fn ensure_queue_target(&self, queue: &str) -> Result<()> {
-        if self.config.routes.contains_key(queue) {
+        if self.config().routes.contains_key(queue) {
             return Ok(());
         }
         self.ensure_target(queue)
     }
 
     fn never_deliverable(&self, queue: &str, estimated: u64, context: u64) -> Option<String> {
-        let candidates: Vec<Arc<str>> = match self.config.routes.get(queue) {
+        let c = self.config();
+        let candidates: Vec<Arc<str>> = match c.routes.get(queue) {
             Some(r) => r.targets.clone(),
             None => vec![Arc::from(queue)],
         };
         let fits = |name: &Arc<str>| {
-            let t = self.config.target(name);
+            let t = c.target(name);
             let window_ok = context == 0 || t.context_window == 0 || t.context_window >= context;
             let capacity = |b: &crate::domain::budget::BudgetConfig| {
                 [Kind::Tokens, Kind::InputTokens]
@@ -1073,10 +1082,8 @@ impl Admitter for Engine {
                     .filter_map(|k| b.rate(*k))
                     .all(|r| estimated <= r.amount)
             };
-            let tokens_ok = capacity(&t.budget)
-                && t.groups
-                    .iter()
-                    .all(|&g| capacity(&self.config.groups[g].budget));
+            let tokens_ok =
+                capacity(&t.budget) && t.groups.iter().all(|&g| capacity(&c.groups[g].budget));
             window_ok && tokens_ok
         };
         if candidates.iter().any(fits) {
@@ -1099,7 +1106,7 @@ impl Admitter for Engine {
         need: (u64, u64, u32),
     ) -> Result<std::result::Result<(Arc<str>, String, Option<Arc<str>>), (Reason, Option<Duration>)>>
     {
-        if self.config.routes.contains_key(queue) {
+        if self.config().routes.contains_key(queue) {
             let (estimated_tokens, required_context_tokens, attempt) = need;
             let d = self
                 .route(RouteQuery {

@@ -27,6 +27,7 @@
 pub mod keys;
 pub mod link;
 pub mod queue;
+mod reload;
 mod replica;
 pub mod scripts;
 mod stream;
@@ -254,7 +255,8 @@ fn int(v: &Value) -> u64 {
 
 /// Shared by the backend handle and its background tasks.
 pub(crate) struct Inner {
-    config: Arc<Config>,
+    /// Replaced by a config reload (see [`RedisBackend::reload`]).
+    config: arc_swap::ArcSwap<Config>,
     cluster: ClusterConfig,
     clock: Arc<dyn Clock>,
     pub(crate) link: Arc<Link>,
@@ -284,7 +286,8 @@ pub(crate) struct Inner {
     refusal_cache: AtomicBool,
     pub(crate) replica_id: String,
     pub(crate) address: RwLock<String>,
-    pub(crate) digest: String,
+    /// This replica's config digest (heartbeats carry it; a reload changes it).
+    pub(crate) digest: arc_swap::ArcSwap<String>,
     pub(crate) live_replicas: AtomicUsize,
     boot: Time,
 }
@@ -348,10 +351,10 @@ impl RedisBackend {
                 refusal_cache: AtomicBool::new(true),
                 replica_id,
                 address: RwLock::new(String::new()),
-                digest,
+                digest: arc_swap::ArcSwap::from_pointee(digest),
                 live_replicas: AtomicUsize::new(1),
                 boot,
-                config,
+                config: arc_swap::ArcSwap::new(config),
                 cluster,
                 clock,
             }),
@@ -612,7 +615,7 @@ impl RedisBackend {
             redis_rtt: inner.link.rtt(),
             degraded: inner.link.is_open(),
             replicas: inner.replicas().await.unwrap_or_default(),
-            config_digest: inner.digest.clone(),
+            config_digest: inner.digest.load().to_string(),
         }
     }
 }
@@ -820,14 +823,14 @@ impl Inner {
             return Ok(m.clone());
         }
         validate_target(name)?;
-        let configured = self.config.targets.contains_key(name)
-            || self
-                .config
+        let config = self.config.load_full();
+        let configured = config.targets.contains_key(name)
+            || config
                 .routes
                 .values()
                 .any(|r| r.targets.iter().any(|t| t.as_ref() == name));
         if !configured {
-            let max = self.config.server.max_targets;
+            let max = config.server.max_targets;
             if self.created.load(Ordering::Relaxed) >= max {
                 return Err(EngineError::ResourceExhausted(format!(
                     "target {name:?} is unknown and the server already tracks the maximum of {max} targets created on first use; \
@@ -843,7 +846,7 @@ impl Inner {
                 if !configured {
                     self.created.fetch_add(1, Ordering::Relaxed);
                 }
-                let settings = self.config.target(name).clone();
+                let settings = config.target(name).clone();
                 Arc::new(Meta {
                     seed: name_hash(name),
                     tag: self.keys.tag(name, &settings.groups),
@@ -862,7 +865,7 @@ impl Inner {
     /// A target that exists somewhere in the cluster (NOT_FOUND otherwise).
     async fn existing(&self, name: &str) -> Result<Arc<Meta>> {
         validate_target(name)?;
-        if self.metas.contains_key(name) || self.config.targets.contains_key(name) {
+        if self.metas.contains_key(name) || self.config.load().targets.contains_key(name) {
             return self.meta(name);
         }
         let key = self.keys.index();
@@ -880,6 +883,7 @@ impl Inner {
             .unwrap_or(false);
         let route_member = self
             .config
+            .load()
             .routes
             .values()
             .any(|r| r.targets.iter().any(|t| t.as_ref() == name));
@@ -900,8 +904,9 @@ impl Inner {
             .call(|mut c| async move { redis::cmd("SMEMBERS").arg(&key).query_async(&mut c).await })
             .await
             .map_err(|e| EngineError::Unavailable(format!("cannot list targets: {e}")))?;
-        names.extend(self.config.targets.keys().cloned());
-        for r in self.config.routes.values() {
+        let config = self.config.load_full();
+        names.extend(config.targets.keys().cloned());
+        for r in config.routes.values() {
             names.extend(r.targets.iter().map(|t| t.to_string()));
         }
         Ok(names.into_iter().collect())
@@ -1025,7 +1030,8 @@ impl Inner {
     fn decode_group(&self, gi: usize, version: u64, record: Vec<u8>, now: Time) -> CachedGroup {
         let st = match codec::GroupRecord::decode(record.as_slice()) {
             Ok(rec) if version > 0 => {
-                codec::decode_group(&rec, &self.config.groups[gi].budget, now, false)
+                let config = self.config.load();
+                codec::decode_group(&rec, &config.groups[gi].budget, now, false)
             }
             _ => GroupState::default(),
         };
@@ -1038,6 +1044,7 @@ impl Inner {
 
     /// Decides a batch and commits it (see the module doc).
     async fn process(self: &Arc<Self>, unit: &Unit, mut jobs: Vec<Job>) {
+        let config = self.config.load_full();
         let mut cache = unit.cache.lock().await;
         for _ in 0..MAX_ATTEMPTS {
             let (metas, groups) = self.batch_keys(&jobs);
@@ -1048,7 +1055,7 @@ impl Inner {
                 .chain(
                     groups
                         .iter()
-                        .map(|&g| self.keys.group(&tag, &self.config.groups[g].name)),
+                        .map(|&g| self.keys.group(&tag, &config.groups[g].name)),
                 )
                 .collect();
             // Load what this replica has not seen yet.
@@ -1116,8 +1123,8 @@ impl Inner {
                     let mut refs: Vec<GroupRef<'_>> = taken
                         .iter_mut()
                         .map(|(g, s)| GroupRef {
-                            name: &self.config.groups[*g].name,
-                            config: &self.config.groups[*g].budget,
+                            name: &config.groups[*g].name,
+                            config: &config.groups[*g].budget,
                             state: s,
                         })
                         .collect();
@@ -1460,7 +1467,7 @@ impl Inner {
             meta.settings
                 .groups
                 .iter()
-                .map(|&g| self.keys.group(tag, &self.config.groups[g].name)),
+                .map(|&g| self.keys.group(tag, &self.config.load().groups[g].name)),
         );
         keys.push(self.keys.counts(tag, &meta.name));
         let counts_key = keys.pop().unwrap_or_default();
@@ -1516,14 +1523,15 @@ impl Inner {
         // What time did (an open period ended, probe leases ran out), on
         // this copy: the next decision applies and commits it.
         operate::tick(&meta.cx(), &mut st, now, &mut Effects::default());
+        let config = self.config.load_full();
         let mut refs: Vec<GroupRef<'_>> = meta
             .settings
             .groups
             .iter()
             .zip(groups.iter_mut())
             .map(|(&g, s)| GroupRef {
-                name: &self.config.groups[g].name,
-                config: &self.config.groups[g].budget,
+                name: &config.groups[g].name,
+                config: &config.groups[g].budget,
                 state: s,
             })
             .collect();

@@ -419,7 +419,8 @@ fn item(id: i64, rec: &[u8], attempt: i64, err: String, dead_ms: i64) -> Item {
 pub struct RedisQueue {
     backend: RedisBackend,
     keys: QueueKeys,
-    limits: QueueConfig,
+    /// `[queue]` bounds, replaced by a config reload.
+    limits: arc_swap::ArcSwap<QueueConfig>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -443,6 +444,15 @@ fn unavailable(e: LinkError) -> EngineError {
 }
 
 impl RedisQueue {
+    /// New `[queue]` bounds (a config reload), for this replica's Defers;
+    /// the spool follows.
+    pub fn set_limits(&self, limits: QueueConfig) {
+        if let Some(sp) = &self.spool {
+            sp.set_limits(limits.clone());
+        }
+        self.limits.store(Arc::new(limits));
+    }
+
     pub fn new(
         backend: RedisBackend,
         limits: QueueConfig,
@@ -456,7 +466,7 @@ impl RedisQueue {
         RedisQueue {
             backend,
             keys,
-            limits,
+            limits: arc_swap::ArcSwap::from_pointee(limits),
             clock,
             metrics,
             shutdown,
@@ -553,9 +563,9 @@ impl RedisQueue {
     /// unreachable, into this replica's spool (durable in its store), to be
     /// replayed into Redis with its idempotency key when Redis is back.
     pub async fn defer(&self, adm: &impl Admitter, mut a: DeferArgs) -> Result<DeferResult> {
-        check_defer(&self.limits, adm, &a)?;
+        check_defer(&self.limits.load(), adm, &a)?;
         let now = self.clock.now();
-        let rec = new_record(&self.limits, &mut a, now);
+        let rec = new_record(&self.limits.load(), &mut a, now);
         let scoped = if a.idempotency_key.is_empty() {
             String::new()
         } else {
@@ -599,7 +609,8 @@ impl RedisQueue {
         scoped: &str,
         now: Time,
     ) -> std::result::Result<Vec<Value>, LinkError> {
-        let l = &self.limits;
+        let l_guard = self.limits.load();
+        let l: &QueueConfig = &l_guard;
         let args = vec![
             scoped.as_bytes().to_vec(),
             rec.encode_to_vec(),
@@ -620,7 +631,8 @@ impl RedisQueue {
 
     /// DEFER's answer: the item, or which limit refused it.
     fn interpret(&self, v: &[Value], queue: &str, b: u64) -> Result<DeferResult> {
-        let l = &self.limits;
+        let l_guard = self.limits.load();
+        let l: &QueueConfig = &l_guard;
         let code = v.first().map_or(0, int);
         let n = v.get(1).map_or(0, int) as u64;
         match code {
@@ -926,6 +938,7 @@ impl RedisQueue {
             id.to_string().into_bytes(),
             token.as_bytes().to_vec(),
             self.limits
+                .load()
                 .idempotency_ttl
                 .as_millis()
                 .to_string()
@@ -1048,7 +1061,7 @@ impl RedisQueue {
         let now = self.clock.now();
         let args = vec![
             id.to_string().into_bytes(),
-            self.limits.max_depth.to_string().into_bytes(),
+            self.limits.load().max_depth.to_string().into_bytes(),
             (rec.enqueued_at / 1_000_000).to_string().into_bytes(),
         ];
         let v = self.run_list(&REQUEUE, &queue, now, args).await?;
@@ -1058,7 +1071,7 @@ impl RedisQueue {
             _ => {
                 return Err(EngineError::ResourceExhausted(format!(
                     "queue {queue:?} is at its limit of {} items ([queue] max_depth)",
-                    self.limits.max_depth
+                    self.limits.load().max_depth
                 )));
             }
         }

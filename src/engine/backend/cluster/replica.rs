@@ -19,7 +19,7 @@ const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
 impl Inner {
     /// Runs for ever (see the module doc).
     pub(super) async fn supervise(self: Arc<Self>) {
-        let mut have_key = self.config.server.permit_key.is_some();
+        let mut have_key = self.config.load().server.permit_key.is_some();
         let mut last_mismatch = String::new();
         loop {
             if self.link.is_open() || !self.link.is_connected() {
@@ -73,7 +73,7 @@ impl Inner {
     fn enter_degraded(&self, why: &str) {
         let live = self.live_replicas.load(Ordering::Relaxed).max(1);
         let fallback = LocalBackend::new(
-            Arc::new(degraded_config(&self.config, live)),
+            Arc::new(degraded_config(&self.config.load(), live)),
             self.clock.clone(),
             self.events.clone(),
             self.metrics.clone(),
@@ -209,7 +209,7 @@ impl Inner {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
             heartbeat_ms: self.clock.now().as_millis(),
-            config_digest: self.digest.clone(),
+            config_digest: self.digest.load().to_string(),
         };
         let json = serde_json::to_string(&me).unwrap_or_default();
         let (rkey, set) = (self.keys.replica(&self.replica_id), self.keys.replicas());

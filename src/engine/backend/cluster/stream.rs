@@ -88,7 +88,7 @@ fn publish(inner: &Inner, id: &str, data: &[u8]) {
 /// opens this replica sees what happened before it started), then live.
 pub(super) async fn read(inner: Arc<Inner>) {
     let key = inner.keys.events();
-    let tail = inner.config.events.ring_size;
+    let tail = inner.config.load().events.ring_size;
     let mut last: Option<String> = None;
     loop {
         let conn = Link::dial_reader(&inner.cluster.redis).await;

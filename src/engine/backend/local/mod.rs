@@ -18,9 +18,11 @@
 //! written behind about once a second.
 
 pub mod persist;
+mod reload;
 pub mod store;
 mod target;
 
+pub use reload::Reloaded;
 pub use target::Target;
 
 use crate::config::{Config, TargetSettings};
@@ -41,12 +43,13 @@ use crate::engine::permit::PermitKey;
 use crate::engine::validate_target;
 use crate::engine::{LoadReport, QueueLoad};
 use crate::metrics::{self, Metrics};
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use persist::{Pending, Persister};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use store::{GroupRecord, Op, Store, StoreError};
-use target::{DIRTY_COUNTERS, DIRTY_STATE, Locked};
+use target::{Conf, DIRTY_COUNTERS, DIRTY_STATE, Locked};
 
 /// Most targets one write-behind flush writes (bounds its memory and I/O; a
 /// backlog drains over the following flushes).
@@ -54,9 +57,39 @@ pub const MAX_FLUSH: usize = 20_000;
 
 /// A budget group: one shared budget several targets draw on.
 pub(crate) struct LocalGroup {
+    /// Unique in this process, never reused: the order decisions lock
+    /// groups in (see [`Conf::groups`]).
+    pub id: u64,
     pub name: Arc<str>,
     pub config: BudgetConfig,
     pub state: Mutex<GroupState>,
+}
+
+impl LocalGroup {
+    fn new(name: Arc<str>, config: BudgetConfig) -> Arc<LocalGroup> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Arc::new(LocalGroup {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            name,
+            config,
+            state: Mutex::new(GroupState::default()),
+        })
+    }
+}
+
+/// Resolves a target's settings against the groups of the config they came
+/// from (`groups[i]` is the config's group `i`).
+fn conf(settings: &Arc<TargetSettings>, groups: &[Arc<LocalGroup>]) -> Arc<Conf> {
+    let mut resolved: Vec<Arc<LocalGroup>> = settings
+        .groups
+        .iter()
+        .filter_map(|&g| groups.get(g).cloned())
+        .collect();
+    resolved.sort_by_key(|g| g.id);
+    Arc::new(Conf {
+        settings: settings.clone(),
+        groups: resolved.into_boxed_slice(),
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -65,12 +98,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Every unit's state in this process, persisted to an embedded store.
 pub struct LocalBackend {
-    config: Arc<Config>,
+    /// Replaced whole by a reload; decisions read what they need of it once.
+    config: ArcSwap<Config>,
     clock: Arc<dyn Clock>,
     targets: DashMap<Arc<str>, Arc<Target>>,
     /// Targets created on first use (bounded by `max_targets`).
     created: AtomicUsize,
-    groups: Box<[LocalGroup]>,
+    /// The config's budget groups, in its order (a reload replaces the list;
+    /// a group whose budget did not change keeps its state object).
+    groups: ArcSwap<Vec<Arc<LocalGroup>>>,
+    /// What a target created on first use gets.
+    default_conf: ArcSwap<Conf>,
+    /// One reload at a time.
+    reloading: Mutex<()>,
     events: Arc<EventBus>,
     /// None in ephemeral mode.
     persister: Option<Arc<Persister>>,
@@ -96,15 +136,12 @@ impl LocalBackend {
         events: Arc<EventBus>,
         metrics: Arc<Metrics>,
     ) -> LocalBackend {
-        let groups = config
+        let groups: Vec<Arc<LocalGroup>> = config
             .groups
             .iter()
-            .map(|g| LocalGroup {
-                name: g.name.clone(),
-                config: g.budget.clone(),
-                state: Mutex::new(GroupState::default()),
-            })
+            .map(|g| LocalGroup::new(g.name.clone(), g.budget.clone()))
             .collect();
+        let default_conf = conf(&config.default_target, &groups);
         let secret = config
             .server
             .permit_key
@@ -115,7 +152,9 @@ impl LocalBackend {
         let b = LocalBackend {
             targets: DashMap::new(),
             created: AtomicUsize::new(0),
-            groups,
+            groups: ArcSwap::from_pointee(groups),
+            default_conf: ArcSwap::new(default_conf),
+            reloading: Mutex::new(()),
             events,
             persister: None,
             metrics,
@@ -124,24 +163,20 @@ impl LocalBackend {
             recovering: std::sync::atomic::AtomicU64::new(0),
             stored_secret: None,
             clock,
-            config,
+            config: ArcSwap::new(config.clone()),
         };
-        for (name, settings) in &b.config.targets {
-            b.insert_target(Arc::from(name.as_str()), settings.clone());
+        let groups = b.groups.load();
+        for (name, settings) in &config.targets {
+            b.insert_target(Arc::from(name.as_str()), conf(settings, &groups));
         }
         // Route members exist from the start (so GetTarget and dashboards see
         // them before their first call); they do not count towards max_targets.
-        let members: Vec<Arc<str>> = b
-            .config
-            .routes
-            .values()
-            .flat_map(|r| r.targets.iter().cloned())
-            .collect();
-        for name in members {
+        for name in config.routes.values().flat_map(|r| r.targets.iter()) {
             if !b.targets.contains_key(name.as_ref()) {
-                b.insert_target(name, b.config.default_target.clone());
+                b.insert_target(name.clone(), b.default_conf.load_full());
             }
         }
+        drop(groups);
         b
     }
 
@@ -160,9 +195,9 @@ impl LocalBackend {
     ) -> std::result::Result<(LocalBackend, LoadReport, Q), StoreError> {
         let started = std::time::Instant::now();
         let loaded = store.load()?;
-        let mut b = LocalBackend::new(config, clock, events, metrics);
+        let mut b = LocalBackend::new(config.clone(), clock, events, metrics);
         let mut cleanup = Vec::new();
-        if b.config.server.permit_key.is_none() {
+        if config.server.permit_key.is_none() {
             // A generated key is kept, so permits outlive a restart.
             match &loaded.permit_key {
                 Some(k) if !k.is_empty() => {
@@ -208,7 +243,7 @@ impl LocalBackend {
             }
         }
         for (name, rec) in loaded.groups {
-            match b.groups.iter().find(|g| g.name.as_ref() == name) {
+            match b.groups.load().iter().find(|g| g.name.as_ref() == name) {
                 Some(g) => *lock(&g.state) = codec::decode_group(&rec, &g.config, now, true),
                 None => cleanup.push(Op::Group(Arc::from(name.as_str()), None)),
             }
@@ -244,10 +279,10 @@ impl LocalBackend {
         self.targets.len()
     }
 
-    fn insert_target(&self, name: Arc<str>, settings: Arc<TargetSettings>) -> Arc<Target> {
+    fn insert_target(&self, name: Arc<str>, conf: Arc<Conf>) -> Arc<Target> {
         let t = Arc::new(Target::new(
             name.clone(),
-            settings,
+            conf,
             self.metrics.for_target(&name),
             first_permit_id(self.boot),
         ));
@@ -261,7 +296,7 @@ impl LocalBackend {
             return Ok(t.clone());
         }
         validate_target(name)?;
-        let max = self.config.server.max_targets;
+        let max = self.config.load().server.max_targets;
         if self.created.load(Ordering::Relaxed) >= max {
             return Err(EngineError::ResourceExhausted(format!(
                 "target {name:?} is unknown and the server already tracks the maximum of {max} targets created on first use; \
@@ -273,9 +308,11 @@ impl LocalBackend {
         let entry = self.targets.entry(key.clone());
         let t = entry.or_insert_with(|| {
             self.created.fetch_add(1, Ordering::Relaxed);
+            // Read inside the map's entry lock: a reload's sweep, which
+            // reads the map after replacing the default, cannot miss it.
             Arc::new(Target::new(
                 key,
-                self.config.default_target.clone(),
+                self.default_conf.load_full(),
                 self.metrics.for_target(name),
                 first_permit_id(self.boot),
             ))
@@ -296,22 +333,19 @@ impl LocalBackend {
     /// Runs `f` with the target's budget groups held, in index order (the
     /// target's own lock is already held: targets first, then groups, always).
     fn with_groups<R>(&self, t: &Target, f: impl FnOnce(&mut [GroupRef<'_>]) -> R) -> R {
-        if t.settings.groups.is_empty() {
+        let groups = &t.conf.groups;
+        if groups.is_empty() {
             return f(&mut []);
         }
-        let mut guards: Vec<MutexGuard<'_, GroupState>> = t
-            .settings
-            .groups
-            .iter()
-            .map(|&gi| lock(&self.groups[gi].state))
-            .collect();
+        let mut guards: Vec<MutexGuard<'_, GroupState>> =
+            groups.iter().map(|g| lock(&g.state)).collect();
         let mut refs: Vec<GroupRef<'_>> = guards
             .iter_mut()
-            .zip(&t.settings.groups)
-            .map(|(g, &gi)| GroupRef {
-                name: &self.groups[gi].name,
-                config: &self.groups[gi].config,
-                state: g,
+            .zip(groups.iter())
+            .map(|(state, g)| GroupRef {
+                name: &g.name,
+                config: &g.config,
+                state,
             })
             .collect();
         f(&mut refs)
@@ -397,15 +431,23 @@ impl LocalBackend {
 
     /// Decides one admission (the permit is unsigned: the engine signs it).
     pub async fn admit(&self, name: &str, args: &AdmitArgs<'_>) -> Result<Admission> {
-        let t = self.target(name)?;
         let mut fx = Effects::default();
-        let (adm, pending) = {
+        let (t, adm, pending) = loop {
+            let t = self.target(name)?;
             let mut l = t.lock();
+            if t.retired.load(Ordering::Relaxed) {
+                // A reload is putting its successor in the map.
+                drop(l);
+                std::thread::yield_now();
+                continue;
+            }
             let now = self.clock.now();
             let adm = self.with_groups(&t, |g| {
                 unit::admit(&t.cx(), &mut l.st, g, now, args, &mut fx)
             });
-            (adm, self.finish(now, &t, &l, &mut fx))
+            let pending = self.finish(now, &t, &l, &mut fx);
+            drop(l);
+            break (t, adm, pending);
         };
         t.metrics
             .decision(adm.shadow_reason.unwrap_or(adm.reason), args.attempt);
@@ -420,7 +462,6 @@ impl LocalBackend {
         mut args: OutcomeArgs<'_>,
         rand01: f64,
     ) -> Result<OutcomeResult> {
-        let t = self.target(name)?;
         if let Trust::Permit(p) = args.trust
             && p.issued_ms < self.boot.as_millis()
         {
@@ -428,8 +469,15 @@ impl LocalBackend {
             args.trust = Trust::Late(p);
         }
         let mut fx = Effects::default();
-        let (result, pending) = {
+        let (t, result, pending) = loop {
+            let t = self.target(name)?;
             let mut l = t.lock();
+            if t.retired.load(Ordering::Relaxed) {
+                // A reload is putting its successor in the map.
+                drop(l);
+                std::thread::yield_now();
+                continue;
+            }
             let now = self.clock.now();
             let mut duplicate = None;
             // Settle once: the first report of a permit counts; a duplicate
@@ -456,7 +504,7 @@ impl LocalBackend {
                     Seen::Forgotten => args.trust = Trust::Late(p),
                 }
             }
-            match duplicate {
+            let (r, pending) = match duplicate {
                 Some(d) => {
                     // Answered only once the state it reflects is durable.
                     let seq = t.durable_seq.load(Ordering::Acquire);
@@ -477,9 +525,12 @@ impl LocalBackend {
                         );
                     }
                     t.metrics.outcome(args.class, args.latency);
-                    (r, self.finish(now, &t, l, &mut fx))
+                    let pending = self.finish(now, &t, l, &mut fx);
+                    (r, pending)
                 }
-            }
+            };
+            drop(l);
+            break (t, r, pending);
         };
         Self::durable(&t, pending).await?;
         Ok(result)
@@ -487,13 +538,21 @@ impl LocalBackend {
 
     /// Forces a breaker open or closed, or returns it to automatic control.
     pub async fn force(&self, name: &str, mode: Mode, reason: &str) -> Result<TargetView> {
-        let t = self.target(name)?;
         let mut fx = Effects::default();
-        let pending = {
+        let (t, pending) = loop {
+            let t = self.target(name)?;
             let mut l = t.lock();
+            if t.retired.load(Ordering::Relaxed) {
+                // A reload is putting its successor in the map.
+                drop(l);
+                std::thread::yield_now();
+                continue;
+            }
             let now = self.clock.now();
             operate::force(&t.cx(), &mut l.st, now, mode, reason, &mut fx);
-            self.finish(now, &t, &l, &mut fx)
+            let pending = self.finish(now, &t, &l, &mut fx);
+            drop(l);
+            break (t, pending);
         };
         Self::durable(&t, pending).await?;
         Ok(self.view_of(&t))
@@ -501,13 +560,21 @@ impl LocalBackend {
 
     /// Back to a fresh closed breaker, full budgets, no pauses or disabled keys.
     pub async fn reset(&self, name: &str) -> Result<TargetView> {
-        let t = self.existing(name)?;
         let mut fx = Effects::default();
-        let pending = {
+        let (t, pending) = loop {
+            let t = self.existing(name)?;
             let mut l = t.lock();
+            if t.retired.load(Ordering::Relaxed) {
+                // A reload is putting its successor in the map.
+                drop(l);
+                std::thread::yield_now();
+                continue;
+            }
             let now = self.clock.now();
             self.with_groups(&t, |g| operate::reset(&t.cx(), &mut l.st, g, now, &mut fx));
-            self.finish(now, &t, &l, &mut fx)
+            let pending = self.finish(now, &t, &l, &mut fx);
+            drop(l);
+            break (t, pending);
         };
         Self::durable(&t, pending).await?;
         Ok(self.view_of(&t))
@@ -531,7 +598,7 @@ impl LocalBackend {
         self.apply_time(now, t, &mut l);
         let l = &mut *l;
         self.with_groups(t, |g| {
-            unit::view::view(&t.cx(), &t.name, &t.settings, &mut l.st, g, now)
+            unit::view::view(&t.cx(), &t.name, &t.conf.settings, &mut l.st, g, now)
         })
     }
 
@@ -562,7 +629,7 @@ impl LocalBackend {
             if let Some(t) = self.targets.get(name.as_ref()) {
                 let mut l = t.lock();
                 self.apply_time(now, &t, &mut l);
-                targets.push(summary(name, &t.settings, &l.st));
+                targets.push(summary(name, &t.conf.settings, &l.st));
             }
         }
         let next_page_token = if start + size < names.len() {
@@ -650,6 +717,10 @@ impl LocalBackend {
                 // Queued under the target's lock, like durable writes, so a
                 // flushed snapshot can never land after a newer one.
                 let l = t.lock();
+                if t.retired.load(Ordering::Relaxed) {
+                    // A reload replaced it after this flush read the map.
+                    continue;
+                }
                 last = p.write_behind(vec![Op::Target(
                     t.name.clone(),
                     Some(codec::encode(&t.cx(), &l.st)),
@@ -657,7 +728,7 @@ impl LocalBackend {
                 n += 1;
             }
         }
-        for g in self.groups.iter() {
+        for g in self.groups.load().iter() {
             let rec: GroupRecord = codec::encode_group(&lock(&g.state));
             last = p.write_behind(vec![Op::Group(g.name.clone(), Some(rec))]);
         }
@@ -724,14 +795,14 @@ impl LocalBackend {
         for entry in self.targets.iter() {
             let t = entry.value();
             if t.metrics.label.as_ref() == metrics::OTHER
-                || (t.settings.budget.is_unlimited() && t.settings.groups.is_empty())
+                || (t.conf.settings.budget.is_unlimited() && t.conf.groups.is_empty())
             {
                 continue;
             }
             let l = t.lock();
             for (i, slot) in l.st.slots.iter().enumerate() {
                 for kind in Kind::ALL {
-                    if let Some(rate) = t.settings.budget.rate(kind) {
+                    if let Some(rate) = t.conf.settings.budget.rate(kind) {
                         self.metrics.set_budget_remaining(
                             &t.name,
                             t.cx().slot_name(i).as_deref().unwrap_or_default(),
@@ -755,7 +826,7 @@ impl LocalBackend {
 
     /// Replaces a budget group's state (cluster mode: seeding the fallback).
     pub fn seed_group(&self, group: usize, rec: &GroupRecord) {
-        if let Some(g) = self.groups.get(group) {
+        if let Some(g) = self.groups.load().get(group) {
             *lock(&g.state) = codec::decode_group(rec, &g.config, self.clock.now(), false);
         }
     }
@@ -765,11 +836,15 @@ impl LocalBackend {
     pub fn export(&self, name: &str) -> Option<(store::TargetRecord, Vec<(usize, GroupRecord)>)> {
         let t = self.targets.get(name)?.clone();
         let l = t.lock();
+        let all = self.groups.load();
         let groups = t
-            .settings
+            .conf
             .groups
             .iter()
-            .map(|&g| (g, codec::encode_group(&lock(&self.groups[g].state))))
+            .filter_map(|g| {
+                let ix = all.iter().position(|a| Arc::ptr_eq(a, g))?;
+                Some((ix, codec::encode_group(&lock(&g.state))))
+            })
             .collect();
         Some((codec::encode(&t.cx(), &l.st), groups))
     }

@@ -1,11 +1,17 @@
 //! One target as the local backend holds it: identity and settings (read
 //! by every decision, never written) and its state behind its own mutex.
+//!
+//! Settings never change in place: a config reload that changes them puts
+//! a new `Target` in the map with the state carried over, and marks the old
+//! one `retired` under its lock, so a decision that looked up the old one
+//! just before notices and looks again (see `reload.rs`).
 
+use super::LocalGroup;
 use crate::config::TargetSettings;
 use crate::domain::unit::settled::SettledLog;
 use crate::domain::unit::{SettledAnswer, TargetState, UnitCx, name_hash};
 use crate::metrics::TargetMetrics;
-use std::sync::atomic::{AtomicU8, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What the mutex guards: the unit's state, and which of its permits were
@@ -18,6 +24,17 @@ pub(crate) struct Locked {
     pub settled: Option<Box<SettledLog<SettledAnswer>>>,
 }
 
+/// A target's settings with its budget groups resolved: shared by every
+/// target with the same settings (all first-use targets share one), so it
+/// costs a target one pointer.
+pub(crate) struct Conf {
+    pub settings: Arc<TargetSettings>,
+    /// The groups it draws on, sorted by [`LocalGroup::id`]: every decision
+    /// locks them in that order, which stays one total order across reloads
+    /// (config indexes do not), so two decisions can never deadlock.
+    pub groups: Box<[Arc<LocalGroup>]>,
+}
+
 /// A target: name, settings and state.
 /// Field order is deliberate (`repr(C)` keeps it): the read-mostly fields
 /// come first and the mutex-guarded state last, so threads deciding on a hot
@@ -28,13 +45,17 @@ pub(crate) struct Locked {
 #[repr(C)]
 pub struct Target {
     pub name: Arc<str>,
-    pub(crate) settings: Arc<TargetSettings>,
+    pub(crate) conf: Arc<Conf>,
     /// Pre-resolved metric handles (shared `_other` beyond the label cap).
     pub(crate) metrics: Arc<TargetMetrics>,
     /// Hash of the name: seeds jitter, tags permits, namespaces lease keys.
     pub(crate) seed: u64,
     /// What changed since the last flush: [`DIRTY_STATE`] | [`DIRTY_COUNTERS`].
     pub(crate) dirty: AtomicU8,
+    /// Replaced by a reload (or removed from the config): this state is no
+    /// longer the target's, so a decision that finds it set (under the
+    /// lock, which orders it) looks up again. In `dirty`'s padding.
+    pub(crate) retired: AtomicBool,
     /// Sequence number of this target's latest durable write (see persist.rs).
     pub(crate) durable_seq: AtomicU64,
     pub(crate) state: Mutex<Locked>,
@@ -48,20 +69,21 @@ pub(crate) const DIRTY_COUNTERS: u8 = 2;
 impl Target {
     pub(crate) fn new(
         name: Arc<str>,
-        settings: Arc<TargetSettings>,
+        conf: Arc<Conf>,
         metrics: Arc<TargetMetrics>,
         first_id: u64,
     ) -> Self {
         let seed = name_hash(&name);
         Target {
             state: Mutex::new(Locked {
-                st: TargetState::new(seed, settings.keys.len(), first_id),
+                st: TargetState::new(seed, conf.settings.keys.len(), first_id),
                 settled: None,
             }),
             name,
             seed,
-            settings,
+            conf,
             dirty: AtomicU8::new(0),
+            retired: AtomicBool::new(false),
             durable_seq: AtomicU64::new(0),
             metrics,
         }
@@ -70,7 +92,7 @@ impl Target {
     /// What the pure decision functions read besides the state.
     pub(crate) fn cx(&self) -> UnitCx<'_> {
         UnitCx {
-            settings: &self.settings,
+            settings: &self.conf.settings,
             seed: self.seed,
         }
     }
@@ -80,7 +102,7 @@ impl Target {
     }
 
     pub fn settings(&self) -> &Arc<TargetSettings> {
-        &self.settings
+        &self.conf.settings
     }
 }
 

@@ -24,6 +24,30 @@ class GetClusterRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReloadConfigRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ReloadConfigResponse(_message.Message):
+    __slots__ = ("digest", "previous_digest", "added", "removed", "changed", "routes_changed", "needs_restart")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_RESTART_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    previous_digest: str
+    added: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    changed: _containers.RepeatedScalarFieldContainer[str]
+    routes_changed: _containers.RepeatedScalarFieldContainer[str]
+    needs_restart: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digest: _Optional[str] = ..., previous_digest: _Optional[str] = ..., added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., changed: _Optional[_Iterable[str]] = ..., routes_changed: _Optional[_Iterable[str]] = ..., needs_restart: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ClusterStatus(_message.Message):
     __slots__ = ("replica_id", "mode", "redis_reachable", "redis_role", "redis_rtt", "degraded", "replicas", "config_digest")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class AdminStub(object):
                 request_serializer=backstop_dot_v1_dot_admin__pb2.GetClusterRequest.SerializeToString,
                 response_deserializer=backstop_dot_v1_dot_admin__pb2.ClusterStatus.FromString,
                 _registered_method=True)
+        self.ReloadConfig = channel.unary_unary(
+                '/backstop.v1.Admin/ReloadConfig',
+                request_serializer=backstop_dot_v1_dot_admin__pb2.ReloadConfigRequest.SerializeToString,
+                response_deserializer=backstop_dot_v1_dot_admin__pb2.ReloadConfigResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer(object):
@@ -100,6 +105,17 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadConfig(self, request, context):
+        """Re-read the config file (as SIGHUP does) and apply it without a restart:
+        open breakers stay open, budget levels carry over (as the same fraction
+        used when a limit changes), removed targets are dropped, new ones appear.
+        An invalid file changes nothing: FAILED_PRECONDITION with every error,
+        located. A server started without a config file: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +143,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetCluster,
                     request_deserializer=backstop_dot_v1_dot_admin__pb2.GetClusterRequest.FromString,
                     response_serializer=backstop_dot_v1_dot_admin__pb2.ClusterStatus.SerializeToString,
+            ),
+            'ReloadConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadConfig,
+                    request_deserializer=backstop_dot_v1_dot_admin__pb2.ReloadConfigRequest.FromString,
+                    response_serializer=backstop_dot_v1_dot_admin__pb2.ReloadConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +285,33 @@ class Admin(object):
             '/backstop.v1.Admin/GetCluster',
             backstop_dot_v1_dot_admin__pb2.GetClusterRequest.SerializeToString,
             backstop_dot_v1_dot_admin__pb2.ClusterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backstop.v1.Admin/ReloadConfig',
+            backstop_dot_v1_dot_admin__pb2.ReloadConfigRequest.SerializeToString,
+            backstop_dot_v1_dot_admin__pb2.ReloadConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,6 +30,8 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_REDIS_UNAVAILABLE: _ClassVar[EventKind]
     EVENT_KIND_REDIS_RESTORED: _ClassVar[EventKind]
     EVENT_KIND_CONFIG_MISMATCH: _ClassVar[EventKind]
+    EVENT_KIND_CONFIG_RELOADED: _ClassVar[EventKind]
+    EVENT_KIND_TARGET_REMOVED: _ClassVar[EventKind]
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_SNAPSHOT: EventKind
 EVENT_KIND_BREAKER_TRANSITION: EventKind
@@ -48,6 +50,8 @@ EVENT_KIND_DEAD_LETTERED: EventKind
 EVENT_KIND_REDIS_UNAVAILABLE: EventKind
 EVENT_KIND_REDIS_RESTORED: EventKind
 EVENT_KIND_CONFIG_MISMATCH: EventKind
+EVENT_KIND_CONFIG_RELOADED: EventKind
+EVENT_KIND_TARGET_REMOVED: EventKind
 
 class WatchRequest(_message.Message):
     __slots__ = ("since_seq", "targets", "kinds")
@@ -60,7 +64,7 @@ class WatchRequest(_message.Message):
     def __init__(self, since_seq: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[EventKind, str]]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("seq", "at", "target", "snapshot", "breaker_transition", "probe_expired", "target_forced", "rate_limited", "budget_restored", "fallback_activated", "route_exhausted", "gap", "key_slot_disabled", "target_reset", "deferred", "drained", "dead_lettered", "redis_unavailable", "redis_restored", "config_mismatch")
+    __slots__ = ("seq", "at", "target", "snapshot", "breaker_transition", "probe_expired", "target_forced", "rate_limited", "budget_restored", "fallback_activated", "route_exhausted", "gap", "key_slot_disabled", "target_reset", "deferred", "drained", "dead_lettered", "redis_unavailable", "redis_restored", "config_mismatch", "config_reloaded", "target_removed")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +85,8 @@ class Event(_message.Message):
     REDIS_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     REDIS_RESTORED_FIELD_NUMBER: _ClassVar[int]
     CONFIG_MISMATCH_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_RELOADED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REMOVED_FIELD_NUMBER: _ClassVar[int]
     seq: int
     at: _timestamp_pb2.Timestamp
     target: str
@@ -101,7 +107,9 @@ class Event(_message.Message):
     redis_unavailable: RedisUnavailable
     redis_restored: RedisRestored
     config_mismatch: ConfigMismatch
-    def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., breaker_transition: _Optional[_Union[BreakerTransition, _Mapping]] = ..., probe_expired: _Optional[_Union[ProbeExpired, _Mapping]] = ..., target_forced: _Optional[_Union[TargetForced, _Mapping]] = ..., rate_limited: _Optional[_Union[RateLimited, _Mapping]] = ..., budget_restored: _Optional[_Union[BudgetRestored, _Mapping]] = ..., fallback_activated: _Optional[_Union[FallbackActivated, _Mapping]] = ..., route_exhausted: _Optional[_Union[RouteExhausted, _Mapping]] = ..., gap: _Optional[_Union[Gap, _Mapping]] = ..., key_slot_disabled: _Optional[_Union[KeySlotDisabled, _Mapping]] = ..., target_reset: _Optional[_Union[TargetReset, _Mapping]] = ..., deferred: _Optional[_Union[ItemDeferred, _Mapping]] = ..., drained: _Optional[_Union[ItemDrained, _Mapping]] = ..., dead_lettered: _Optional[_Union[ItemDeadLettered, _Mapping]] = ..., redis_unavailable: _Optional[_Union[RedisUnavailable, _Mapping]] = ..., redis_restored: _Optional[_Union[RedisRestored, _Mapping]] = ..., config_mismatch: _Optional[_Union[ConfigMismatch, _Mapping]] = ...) -> None: ...
+    config_reloaded: ConfigReloaded
+    target_removed: TargetRemoved
+    def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., breaker_transition: _Optional[_Union[BreakerTransition, _Mapping]] = ..., probe_expired: _Optional[_Union[ProbeExpired, _Mapping]] = ..., target_forced: _Optional[_Union[TargetForced, _Mapping]] = ..., rate_limited: _Optional[_Union[RateLimited, _Mapping]] = ..., budget_restored: _Optional[_Union[BudgetRestored, _Mapping]] = ..., fallback_activated: _Optional[_Union[FallbackActivated, _Mapping]] = ..., route_exhausted: _Optional[_Union[RouteExhausted, _Mapping]] = ..., gap: _Optional[_Union[Gap, _Mapping]] = ..., key_slot_disabled: _Optional[_Union[KeySlotDisabled, _Mapping]] = ..., target_reset: _Optional[_Union[TargetReset, _Mapping]] = ..., deferred: _Optional[_Union[ItemDeferred, _Mapping]] = ..., drained: _Optional[_Union[ItemDrained, _Mapping]] = ..., dead_lettered: _Optional[_Union[ItemDeadLettered, _Mapping]] = ..., redis_unavailable: _Optional[_Union[RedisUnavailable, _Mapping]] = ..., redis_restored: _Optional[_Union[RedisRestored, _Mapping]] = ..., config_mismatch: _Optional[_Union[ConfigMismatch, _Mapping]] = ..., config_reloaded: _Optional[_Union[ConfigReloaded, _Mapping]] = ..., target_removed: _Optional[_Union[TargetRemoved, _Mapping]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
     __slots__ = ("targets", "part", "parts")
@@ -266,6 +274,30 @@ class ConfigMismatch(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, replicas: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ConfigReloaded(_message.Message):
+    __slots__ = ("digest", "previous_digest", "added", "removed", "changed", "needs_restart", "source")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_RESTART_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    previous_digest: str
+    added: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    changed: _containers.RepeatedScalarFieldContainer[str]
+    needs_restart: _containers.RepeatedScalarFieldContainer[str]
+    source: str
+    def __init__(self, digest: _Optional[str] = ..., previous_digest: _Optional[str] = ..., added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., changed: _Optional[_Iterable[str]] = ..., needs_restart: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class TargetRemoved(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ItemDeadLettered(_message.Message):
     __slots__ = ("queue", "id", "reason", "attempts")

@@ -48,6 +48,28 @@ export enum BreakerMode {
 export interface GetClusterRequest {
 }
 
+export interface ReloadConfigRequest {
+  /** Why, for the config_reloaded event and the log. */
+  reason: string;
+}
+
+export interface ReloadConfigResponse {
+  /** The config digest now in force, and the one before (equal: nothing changed). */
+  digest: string;
+  previousDigest: string;
+  /** Targets declared now and not before / dropped / with other settings. */
+  added: string[];
+  removed: string[];
+  changed: string[];
+  /** Routes whose candidate lists changed, appeared or went. */
+  routesChanged: string[];
+  /**
+   * Settings edited in the file that take effect only after a restart
+   * (e.g. "server.listen", "cluster"); they keep their running value.
+   */
+  needsRestart: string[];
+}
+
 export interface ClusterStatus {
   /** This replica's id (cluster mode: [cluster] replica_id or hostname:port). */
   replicaId: string;
@@ -285,6 +307,188 @@ export const GetClusterRequest: MessageFns<GetClusterRequest> = {
   },
   fromPartial<I extends Exact<DeepPartial<GetClusterRequest>, I>>(_: I): GetClusterRequest {
     const message = createBaseGetClusterRequest();
+    return message;
+  },
+};
+
+function createBaseReloadConfigRequest(): ReloadConfigRequest {
+  return { reason: "" };
+}
+
+export const ReloadConfigRequest: MessageFns<ReloadConfigRequest> = {
+  encode(message: ReloadConfigRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.reason !== "") {
+      writer.uint32(10).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReloadConfigRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReloadConfigRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ReloadConfigRequest>, I>>(base?: I): ReloadConfigRequest {
+    return ReloadConfigRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ReloadConfigRequest>, I>>(object: I): ReloadConfigRequest {
+    const message = createBaseReloadConfigRequest();
+    message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
+function createBaseReloadConfigResponse(): ReloadConfigResponse {
+  return { digest: "", previousDigest: "", added: [], removed: [], changed: [], routesChanged: [], needsRestart: [] };
+}
+
+export const ReloadConfigResponse: MessageFns<ReloadConfigResponse> = {
+  encode(message: ReloadConfigResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.digest !== "") {
+      writer.uint32(10).string(message.digest);
+    }
+    if (message.previousDigest !== "") {
+      writer.uint32(18).string(message.previousDigest);
+    }
+    for (const v of message.added) {
+      writer.uint32(26).string(v!);
+    }
+    for (const v of message.removed) {
+      writer.uint32(34).string(v!);
+    }
+    for (const v of message.changed) {
+      writer.uint32(42).string(v!);
+    }
+    for (const v of message.routesChanged) {
+      writer.uint32(50).string(v!);
+    }
+    for (const v of message.needsRestart) {
+      writer.uint32(58).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReloadConfigResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReloadConfigResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.digest = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.previousDigest = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.added.push(reader.string());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.removed.push(reader.string());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.changed.push(reader.string());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.routesChanged.push(reader.string());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.needsRestart.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ReloadConfigResponse>, I>>(base?: I): ReloadConfigResponse {
+    return ReloadConfigResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ReloadConfigResponse>, I>>(object: I): ReloadConfigResponse {
+    const message = createBaseReloadConfigResponse();
+    message.digest = object.digest ?? "";
+    message.previousDigest = object.previousDigest ?? "";
+    message.added = object.added?.map((e) => e) || [];
+    message.removed = object.removed?.map((e) => e) || [];
+    message.changed = object.changed?.map((e) => e) || [];
+    message.routesChanged = object.routesChanged?.map((e) => e) || [];
+    message.needsRestart = object.needsRestart?.map((e) => e) || [];
     return message;
   },
 };
@@ -2224,6 +2428,23 @@ export const AdminService = {
     responseSerialize: (value: ClusterStatus): Buffer => Buffer.from(ClusterStatus.encode(value).finish()),
     responseDeserialize: (value: Buffer): ClusterStatus => ClusterStatus.decode(value),
   },
+  /**
+   * Re-read the config file (as SIGHUP does) and apply it without a restart:
+   * open breakers stay open, budget levels carry over (as the same fraction
+   * used when a limit changes), removed targets are dropped, new ones appear.
+   * An invalid file changes nothing: FAILED_PRECONDITION with every error,
+   * located. A server started without a config file: FAILED_PRECONDITION.
+   */
+  reloadConfig: {
+    path: "/backstop.v1.Admin/ReloadConfig" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ReloadConfigRequest): Buffer => Buffer.from(ReloadConfigRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ReloadConfigRequest => ReloadConfigRequest.decode(value),
+    responseSerialize: (value: ReloadConfigResponse): Buffer =>
+      Buffer.from(ReloadConfigResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ReloadConfigResponse => ReloadConfigResponse.decode(value),
+  },
 } as const;
 
 export interface AdminServer extends UntypedServiceImplementation {
@@ -2240,6 +2461,14 @@ export interface AdminServer extends UntypedServiceImplementation {
   resetTarget: handleUnaryCall<ResetTargetRequest, TargetStatus>;
   /** This replica and, in cluster mode, Redis and every live replica. */
   getCluster: handleUnaryCall<GetClusterRequest, ClusterStatus>;
+  /**
+   * Re-read the config file (as SIGHUP does) and apply it without a restart:
+   * open breakers stay open, budget levels carry over (as the same fraction
+   * used when a limit changes), removed targets are dropped, new ones appear.
+   * An invalid file changes nothing: FAILED_PRECONDITION with every error,
+   * located. A server started without a config file: FAILED_PRECONDITION.
+   */
+  reloadConfig: handleUnaryCall<ReloadConfigRequest, ReloadConfigResponse>;
 }
 
 export interface AdminClient extends Client {
@@ -2325,6 +2554,28 @@ export interface AdminClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ClusterStatus) => void,
+  ): ClientUnaryCall;
+  /**
+   * Re-read the config file (as SIGHUP does) and apply it without a restart:
+   * open breakers stay open, budget levels carry over (as the same fraction
+   * used when a limit changes), removed targets are dropped, new ones appear.
+   * An invalid file changes nothing: FAILED_PRECONDITION with every error,
+   * located. A server started without a config file: FAILED_PRECONDITION.
+   */
+  reloadConfig(
+    request: ReloadConfigRequest,
+    callback: (error: ServiceError | null, response: ReloadConfigResponse) => void,
+  ): ClientUnaryCall;
+  reloadConfig(
+    request: ReloadConfigRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ReloadConfigResponse) => void,
+  ): ClientUnaryCall;
+  reloadConfig(
+    request: ReloadConfigRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ReloadConfigResponse) => void,
   ): ClientUnaryCall;
 }
 

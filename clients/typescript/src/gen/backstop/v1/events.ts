@@ -55,6 +55,8 @@ export enum EventKind {
   EVENT_KIND_REDIS_UNAVAILABLE = 15,
   EVENT_KIND_REDIS_RESTORED = 16,
   EVENT_KIND_CONFIG_MISMATCH = 17,
+  EVENT_KIND_CONFIG_RELOADED = 18,
+  EVENT_KIND_TARGET_REMOVED = 19,
   UNRECOGNIZED = -1,
 }
 
@@ -95,6 +97,8 @@ export interface Event {
   redisUnavailable?: RedisUnavailable | undefined;
   redisRestored?: RedisRestored | undefined;
   configMismatch?: ConfigMismatch | undefined;
+  configReloaded?: ConfigReloaded | undefined;
+  targetRemoved?: TargetRemoved | undefined;
 }
 
 /**
@@ -231,6 +235,35 @@ export interface ConfigMismatch {
   replicas: string[];
 }
 
+/**
+ * The config file was re-read and applied (SIGHUP or Admin/ReloadConfig).
+ * In cluster mode each replica reloads on its own and publishes its own.
+ */
+export interface ConfigReloaded {
+  /** The config digest now in force, and the one before. */
+  digest: string;
+  previousDigest: string;
+  /**
+   * Targets declared now and not before / declared before only (dropped) /
+   * with other settings (state carried over).
+   */
+  added: string[];
+  removed: string[];
+  changed: string[];
+  /**
+   * Settings edited in the file that take effect only after a restart
+   * (e.g. "server.listen"); they keep their running value.
+   */
+  needsRestart: string[];
+  /** "sighup", or "admin: <reason>". */
+  source: string;
+}
+
+/** A target the config no longer declares was dropped by a reload. */
+export interface TargetRemoved {
+  reason: string;
+}
+
 /** A deferred item used its last attempt. */
 export interface ItemDeadLettered {
   queue: string;
@@ -354,6 +387,8 @@ function createBaseEvent(): Event {
     redisUnavailable: undefined,
     redisRestored: undefined,
     configMismatch: undefined,
+    configReloaded: undefined,
+    targetRemoved: undefined,
   };
 }
 
@@ -418,6 +453,12 @@ export const Event: MessageFns<Event> = {
     }
     if (message.configMismatch !== undefined) {
       ConfigMismatch.encode(message.configMismatch, writer.uint32(210).fork()).join();
+    }
+    if (message.configReloaded !== undefined) {
+      ConfigReloaded.encode(message.configReloaded, writer.uint32(218).fork()).join();
+    }
+    if (message.targetRemoved !== undefined) {
+      TargetRemoved.encode(message.targetRemoved, writer.uint32(226).fork()).join();
     }
     return writer;
   },
@@ -595,6 +636,22 @@ export const Event: MessageFns<Event> = {
             message.configMismatch = ConfigMismatch.decode(reader, reader.uint32());
             continue;
           }
+          case 27: {
+            if (tag !== 218) {
+              break;
+            }
+
+            message.configReloaded = ConfigReloaded.decode(reader, reader.uint32());
+            continue;
+          }
+          case 28: {
+            if (tag !== 226) {
+              break;
+            }
+
+            message.targetRemoved = TargetRemoved.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -663,6 +720,12 @@ export const Event: MessageFns<Event> = {
       : undefined;
     message.configMismatch = (object.configMismatch !== undefined && object.configMismatch !== null)
       ? ConfigMismatch.fromPartial(object.configMismatch)
+      : undefined;
+    message.configReloaded = (object.configReloaded !== undefined && object.configReloaded !== null)
+      ? ConfigReloaded.fromPartial(object.configReloaded)
+      : undefined;
+    message.targetRemoved = (object.targetRemoved !== undefined && object.targetRemoved !== null)
+      ? TargetRemoved.fromPartial(object.targetRemoved)
       : undefined;
     return message;
   },
@@ -1997,6 +2060,188 @@ export const ConfigMismatch: MessageFns<ConfigMismatch> = {
   fromPartial<I extends Exact<DeepPartial<ConfigMismatch>, I>>(object: I): ConfigMismatch {
     const message = createBaseConfigMismatch();
     message.replicas = object.replicas?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseConfigReloaded(): ConfigReloaded {
+  return { digest: "", previousDigest: "", added: [], removed: [], changed: [], needsRestart: [], source: "" };
+}
+
+export const ConfigReloaded: MessageFns<ConfigReloaded> = {
+  encode(message: ConfigReloaded, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.digest !== "") {
+      writer.uint32(10).string(message.digest);
+    }
+    if (message.previousDigest !== "") {
+      writer.uint32(18).string(message.previousDigest);
+    }
+    for (const v of message.added) {
+      writer.uint32(26).string(v!);
+    }
+    for (const v of message.removed) {
+      writer.uint32(34).string(v!);
+    }
+    for (const v of message.changed) {
+      writer.uint32(42).string(v!);
+    }
+    for (const v of message.needsRestart) {
+      writer.uint32(50).string(v!);
+    }
+    if (message.source !== "") {
+      writer.uint32(58).string(message.source);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ConfigReloaded {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseConfigReloaded();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.digest = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.previousDigest = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.added.push(reader.string());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.removed.push(reader.string());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.changed.push(reader.string());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.needsRestart.push(reader.string());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.source = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ConfigReloaded>, I>>(base?: I): ConfigReloaded {
+    return ConfigReloaded.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ConfigReloaded>, I>>(object: I): ConfigReloaded {
+    const message = createBaseConfigReloaded();
+    message.digest = object.digest ?? "";
+    message.previousDigest = object.previousDigest ?? "";
+    message.added = object.added?.map((e) => e) || [];
+    message.removed = object.removed?.map((e) => e) || [];
+    message.changed = object.changed?.map((e) => e) || [];
+    message.needsRestart = object.needsRestart?.map((e) => e) || [];
+    message.source = object.source ?? "";
+    return message;
+  },
+};
+
+function createBaseTargetRemoved(): TargetRemoved {
+  return { reason: "" };
+}
+
+export const TargetRemoved: MessageFns<TargetRemoved> = {
+  encode(message: TargetRemoved, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.reason !== "") {
+      writer.uint32(10).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TargetRemoved {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTargetRemoved();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<TargetRemoved>, I>>(base?: I): TargetRemoved {
+    return TargetRemoved.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<TargetRemoved>, I>>(object: I): TargetRemoved {
+    const message = createBaseTargetRemoved();
+    message.reason = object.reason ?? "";
     return message;
   },
 };
