@@ -929,3 +929,97 @@ fn cluster_mode_needs_a_redis_address_from_the_config_or_the_flag() {
         "{err}"
     );
 }
+
+async fn cluster_view(s: &Server) -> proto::ClusterStatus {
+    s.admin()
+        .await
+        .get_cluster(proto::GetClusterRequest {})
+        .await
+        .expect("get_cluster")
+        .into_inner()
+}
+
+async fn reload(s: &Server) -> Result<proto::ReloadConfigResponse, tonic::Status> {
+    s.admin()
+        .await
+        .reload_config(proto::ReloadConfigRequest {
+            reason: "test".into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Waits until `s` sees every live replica with one digest (`same`) or not.
+async fn wait_digests(s: &Server, same: bool) -> proto::ClusterStatus {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let c = cluster_view(s).await;
+        let distinct: std::collections::HashSet<_> =
+            c.replicas.iter().map(|r| r.config_digest.clone()).collect();
+        if c.replicas.len() == 2 && (distinct.len() == 1) == same {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "digests never became same={same}: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_replica_reloads_on_its_own_and_the_digest_check_shows_who_differs() {
+    let redis = Redis::start();
+    let config = "[budgets.org]\nrequests_per_minute = 600\n[targets.h]\nbreaker = { failure_threshold = 2, open_duration = \"10m\", jitter = 0.0 }\n[targets.g]\nbudgets = [\"org\"]\n";
+    let servers = replicas(config, &redis.url(), 2).await;
+    let mut cs = clients(&servers).await;
+    for _ in 0..2 {
+        let p = common::permit(&mut cs[0], "h", None).await;
+        cs[0]
+            .record_outcome(outcome("h", &p, 503))
+            .await
+            .expect("ok");
+    }
+    assert_eq!(
+        status(&servers[1], "h").await.state(),
+        proto::BreakerState::Open
+    );
+    wait_digests(&servers[1], true).await;
+
+    // Replica 0 gets a new file: its settings change, the shared state stays.
+    let edited = config
+        .replace("failure_threshold = 2", "failure_threshold = 4")
+        .replace("requests_per_minute = 600", "requests_per_minute = 300");
+    std::fs::write(&servers[0].config_path, &edited).expect("write");
+    let r = reload(&servers[0]).await.expect("reload");
+    assert_eq!(r.changed, vec!["g", "h"]);
+    let h = status(&servers[0], "h").await;
+    assert_eq!(h.state(), proto::BreakerState::Open, "still open in Redis");
+    assert_eq!(
+        h.settings
+            .and_then(|s| s.breaker)
+            .map(|b| b.failure_threshold),
+        Some(4)
+    );
+    let c = wait_digests(&servers[1], false).await;
+    assert!(
+        c.replicas.iter().any(|x| x.config_digest == r.digest),
+        "{c:?}"
+    );
+    // The other replica reloads the same file: one digest again.
+    std::fs::write(&servers[1].config_path, &edited).expect("write");
+    reload(&servers[1]).await.expect("reload");
+    wait_digests(&servers[0], true).await;
+
+    // Moving a target into a budget group would move its state between
+    // Redis keys: refused, nothing changes.
+    std::fs::write(
+        &servers[0].config_path,
+        edited.replace("[targets.h]\n", "[targets.h]\nbudgets = [\"org\"]\n"),
+    )
+    .expect("write");
+    let err = reload(&servers[0]).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("restarted"), "{}", err.message());
+    assert_eq!(cluster_view(&servers[0]).await.config_digest, r.digest);
+}

@@ -161,6 +161,14 @@ impl Gcra {
         }
     }
 
+    /// Empty at `now` (never fuller than it was): see [`BudgetState::drain`].
+    fn drain(&mut self, now: Time, rate: &Rate) {
+        let empty = u128::from(now.as_nanos()) + rate.window_nanos();
+        if u128::from(self.tat.as_nanos()) < empty {
+            self.tat = Time::from_nanos(u64::try_from(empty).unwrap_or(u64::MAX));
+        }
+    }
+
     /// Units admissible right now (negative while in debt).
     pub fn available(&self, now: Time, rate: &Rate) -> f64 {
         let used = self.tat.as_nanos().saturating_sub(now.as_nanos()) as f64;
@@ -399,6 +407,18 @@ impl BudgetState {
     /// calls are still in flight and will report or expire).
     pub fn refill(&mut self) {
         self.cells = Default::default();
+    }
+
+    /// Empties every rate cell at `now` (never refills one): after a crash,
+    /// what the lost second of write-behind spent is unknown, and assuming
+    /// none of it is left is the only guess that never admits past
+    /// `burst + rate·t`. The budget refills at its rate from here.
+    pub fn drain(&mut self, now: Time, cfg: &BudgetConfig) {
+        for kind in Kind::ALL {
+            if let Some(rate) = cfg.rate(kind) {
+                self.cells[kind.index()].drain(now, &rate);
+            }
+        }
     }
 
     /// Clamps every cell's debt (after a restore).

@@ -294,6 +294,8 @@ pub struct LoadReport {
     pub dropped: usize,
     pub items: usize,
     pub dead: usize,
+    /// The previous process did not shut down gracefully (budgets restart empty).
+    pub unclean: bool,
     pub elapsed: Duration,
 }
 
@@ -638,7 +640,10 @@ impl Engine {
     /// Flushes everything written behind (shutdown).
     pub async fn flush_all(&self) -> std::result::Result<(), StoreError> {
         match self.backend.local() {
-            Some(b) => b.flush_all(&|| self.rewrite_queue()).await,
+            Some(b) => {
+                b.flush_all(&|| self.rewrite_queue()).await?;
+                b.mark_clean().await
+            }
             None => Ok(()),
         }
     }

@@ -126,6 +126,7 @@ fn open_engine(
         dropped = report.dropped,
         queued = report.items,
         dead_letters = report.dead,
+        after_crash = report.unclean,
         load_ms = report.elapsed.as_secs_f64() * 1000.0,
         "state loaded"
     );

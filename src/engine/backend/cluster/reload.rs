@@ -38,14 +38,23 @@ impl RedisBackend {
                 names(new)
             )));
         }
+        // Every target this replica knows of or either config declares
+        // (another replica may hold state for a target this one never used).
         let keys = super::keys::Keys::new(&inner.cluster.key_prefix, new);
-        for m in inner.metas.iter() {
-            let s = new.target(&m.name);
-            if keys.tag(&m.name, &s.groups) != m.tag {
+        let mut names: std::collections::BTreeSet<Arc<str>> =
+            inner.metas.iter().map(|m| m.name.clone()).collect();
+        names.extend(
+            old.targets
+                .keys()
+                .chain(new.targets.keys())
+                .map(|n| Arc::from(n.as_str())),
+        );
+        for name in names {
+            let was = inner.keys.tag(&name, &old.target(&name).groups);
+            if keys.tag(&name, &new.target(&name).groups) != was {
                 return Err(EngineError::FailedPrecondition(format!(
-                    "target {:?} would move to other budget groups: in cluster mode its state lives under keys named by its groups, \
-                     so this needs every replica restarted with the new config",
-                    m.name
+                    "target {name:?} would move to other budget groups: in cluster mode its state lives under keys named by its groups, \
+                     so this needs every replica restarted with the new config"
                 )));
             }
         }

@@ -236,6 +236,11 @@ impl LocalBackend {
             };
             let mut l = t.lock();
             l.st = codec::restore(&t.cx(), &rec, now, first_permit_id(b.boot));
+            if loaded.unclean {
+                for slot in l.st.slots.iter_mut() {
+                    slot.budget.drain(now, &t.conf.settings.budget);
+                }
+            }
             b.metrics.set_state(&t.metrics, l.st.breaker.state());
             report.targets += 1;
             if l.st.breaker.state() != BreakerState::Closed {
@@ -244,7 +249,13 @@ impl LocalBackend {
         }
         for (name, rec) in loaded.groups {
             match b.groups.load().iter().find(|g| g.name.as_ref() == name) {
-                Some(g) => *lock(&g.state) = codec::decode_group(&rec, &g.config, now, true),
+                Some(g) => {
+                    let mut st = codec::decode_group(&rec, &g.config, now, true);
+                    if loaded.unclean {
+                        st.budget.drain(now, &g.config);
+                    }
+                    *lock(&g.state) = st;
+                }
                 None => cleanup.push(Op::Group(Arc::from(name.as_str()), None)),
             }
         }
@@ -260,6 +271,9 @@ impl LocalBackend {
             now,
         );
         cleanup.extend(queue_ops);
+        report.unclean = loaded.unclean;
+        // Until a graceful shutdown says otherwise (see `mark_clean`).
+        cleanup.push(Op::Running(true));
         store.commit(&cleanup)?;
         b.persister = Some(Arc::new(Persister::start(store, b.events.clone())));
         report.elapsed = started.elapsed();
@@ -786,6 +800,20 @@ impl LocalBackend {
                     }
                 }
             }
+        }
+    }
+
+    /// Records a graceful shutdown, once everything is flushed: the next
+    /// start trusts the budget levels it finds (after a crash it empties
+    /// them, see [`crate::domain::budget::BudgetState::drain`]).
+    pub async fn mark_clean(&self) -> std::result::Result<(), StoreError> {
+        match &self.persister {
+            Some(p) => {
+                p.wait_for(p.write_behind(vec![Op::Running(false)]))
+                    .wait()
+                    .await
+            }
+            None => Ok(()),
         }
     }
 

@@ -80,6 +80,10 @@ pub enum Op {
     /// Writes nothing anyone reads: a commit that tells whether the store
     /// works again after a failure, when there is no state to write.
     Check,
+    /// True from startup until a graceful shutdown has flushed everything:
+    /// found true at the next start, the last process crashed (see
+    /// [`Loaded::unclean`]).
+    Running(bool),
 }
 
 /// Everything a store holds, as loaded at startup.
@@ -92,6 +96,10 @@ pub struct Loaded {
     pub idem: Vec<(String, IdemRecord)>,
     pub next_item_id: u64,
     pub permit_key: Option<Vec<u8>>,
+    /// The last process to use this store did not shut down gracefully
+    /// (kill -9, a crash, power loss): what it wrote behind (budget levels)
+    /// may be up to a second old.
+    pub unclean: bool,
 }
 
 /// A store failure, naming what failed.
@@ -462,6 +470,9 @@ impl RedbStore {
         if let Some(v) = meta.get("permit_key").map_err(|e| err(&e))? {
             out.permit_key = Some(v.value().to_vec());
         }
+        if let Some(v) = meta.get("running").map_err(|e| err(&e))? {
+            out.unclean = v.value() == [1u8];
+        }
         let t = tx.open_table(IDEM).map_err(|e| err(&e))?;
         for row in t.range::<&str>(..).map_err(|e| err(&e))? {
             let (k, v) = row.map_err(|e| err(&e))?;
@@ -531,6 +542,9 @@ impl RedbStore {
                         .map(|_| ()),
                     Op::PermitKey(k) => meta.insert("permit_key", k.as_slice()).map(|_| ()),
                     Op::Check => meta.insert("check", [1u8].as_slice()).map(|_| ()),
+                    Op::Running(on) => meta
+                        .insert("running", [u8::from(*on)].as_slice())
+                        .map(|_| ()),
                 };
                 r.map_err(|e| err(&e))?;
             }
