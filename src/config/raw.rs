@@ -297,3 +297,23 @@ with_budget_fields! {
 pub struct RouteToml {
     pub targets: Vec<Spanned<String>>,
 }
+
+/// `[auth]`: principals with roles (see `grpc/auth.rs`).
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthToml {
+    /// "open" (default) or "token": whether `/metrics` needs a viewer credential.
+    pub metrics: Option<Spanned<String>>,
+    #[serde(default)]
+    pub principals: Vec<Spanned<PrincipalToml>>,
+}
+
+/// One `[[auth.principals]]` entry.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalToml {
+    pub name: Spanned<String>,
+    pub roles: Spanned<Vec<String>>,
+    /// SHA-256 of the bearer token, hex (the token itself is never stored).
+    pub token_sha256: Option<Spanned<String>>,
+}

@@ -114,7 +114,6 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
     keep!(server.http2_keepalive_timeout);
     keep!(server.max_message_bytes);
     keep!(server.shutdown_grace);
-    keep!(server.admin_token);
     keep!(server.permit_key);
     keep!(cluster);
     keep!(events);

@@ -314,6 +314,56 @@ pub struct Config {
     pub queue: QueueConfig,
     pub events: EventsConfig,
     pub telemetry: TelemetryConfig,
+    /// `[auth]`: None = no principals (the admin token alone guards
+    /// operator calls, as before roles existed).
+    pub auth: Option<AuthConfig>,
+}
+
+/// What a principal may do. A principal may hold several; `operator`
+/// includes everything `viewer` may.
+pub mod roles {
+    /// Resilience calls, Defer / Claim / Ack / Nack, Watch.
+    pub const AGENT: u8 = 1;
+    /// Admin reads, Watch, QueueStats, dead letters, the dashboard and `/events`.
+    pub const VIEWER: u8 = 2;
+    /// Viewer, plus SetBreakerState, ResetTarget, Requeue, ReloadConfig.
+    pub const OPERATOR: u8 = 4;
+
+    /// The role names as written in the config, in order.
+    pub const NAMES: [(&str, u8); 3] =
+        [("agent", AGENT), ("viewer", VIEWER), ("operator", OPERATOR)];
+
+    /// "agent, viewer" for a set of roles.
+    pub fn describe(bits: u8) -> String {
+        let names: Vec<&str> = NAMES
+            .iter()
+            .filter(|(_, b)| bits & b != 0)
+            .map(|(n, _)| *n)
+            .collect();
+        if names.is_empty() {
+            "no role".into()
+        } else {
+            names.join(", ")
+        }
+    }
+}
+
+/// `[auth]`, resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuthConfig {
+    pub principals: Vec<Principal>,
+    /// `/metrics` without a credential.
+    pub metrics_open: bool,
+}
+
+/// An identity that may call the server.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Principal {
+    pub name: std::sync::Arc<str>,
+    /// Bits of [`roles`].
+    pub roles: u8,
+    /// SHA-256 of its bearer token.
+    pub token_sha256: [u8; 32],
 }
 
 impl Default for Config {
@@ -328,6 +378,7 @@ impl Default for Config {
             targets: BTreeMap::new(),
             routes: HashMap::new(),
             groups: Vec::new(),
+            auth: None,
         }
     }
 }

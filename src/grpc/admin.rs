@@ -18,16 +18,6 @@ impl AdminService {
     }
 }
 
-/// Checks `authorization: Bearer <token>` on every Admin call when the server has an admin token.
-pub fn auth_interceptor(
-    token: super::auth::OperatorToken,
-) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |req: Request<()>| {
-        token.check(req.metadata(), "Admin")?;
-        Ok(req)
-    }
-}
-
 pub(crate) fn budget(b: &BudgetView) -> proto::BudgetStatus {
     proto::BudgetStatus {
         kind: b.kind.to_string(),
@@ -114,6 +104,15 @@ pub(crate) fn target_status(v: TargetView) -> proto::TargetStatus {
     }
 }
 
+/// An operator's reason with who gave it, when the server knows (with `[auth]`).
+fn attributed(reason: &str, by: &str) -> String {
+    match (by, reason.is_empty()) {
+        ("-", _) => reason.to_string(),
+        (_, true) => format!("by {by}"),
+        (_, false) => format!("{reason} (by {by})"),
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn list_targets(
@@ -158,6 +157,7 @@ impl Admin for AdminService {
         &self,
         req: Request<proto::SetBreakerStateRequest>,
     ) -> Result<Response<proto::TargetStatus>, Status> {
+        let by = super::auth::who(&req);
         let r = req.into_inner();
         let mode = match proto::BreakerMode::try_from(r.mode) {
             Ok(proto::BreakerMode::Automatic) => Mode::Automatic,
@@ -170,11 +170,15 @@ impl Admin for AdminService {
                 )));
             }
         };
+        check_len(&r.reason, "reason", 1024)?;
+        // Audit: the event and the target's forced reason say who.
+        let reason = attributed(&r.reason, &by);
         let v = self
             .engine
-            .set_breaker_mode(&r.target, mode, &r.reason)
+            .set_breaker_mode(&r.target, mode, &reason)
             .await
             .map_err(status)?;
+        tracing::info!(principal = %by, action = "set_breaker_state", target = %r.target, mode = ?mode, reason = %r.reason, "operator action");
         Ok(Response::new(target_status(v)))
     }
 
@@ -211,13 +215,18 @@ impl Admin for AdminService {
         &self,
         req: Request<proto::ReloadConfigRequest>,
     ) -> Result<Response<proto::ReloadConfigResponse>, Status> {
+        let by = super::auth::who(&req);
         let r = req.into_inner();
         check_len(&r.reason, "reason", 512)?;
-        let source = if r.reason.is_empty() {
-            "admin".to_string()
-        } else {
-            format!("admin: {}", r.reason)
-        };
+        let source = attributed(
+            &if r.reason.is_empty() {
+                "admin".to_string()
+            } else {
+                format!("admin: {}", r.reason)
+            },
+            &by,
+        );
+        tracing::info!(principal = %by, action = "reload_config", reason = %r.reason, "operator action");
         let rep = self
             .engine
             .reload_from_source(&source)
@@ -238,8 +247,10 @@ impl Admin for AdminService {
         &self,
         req: Request<proto::ResetTargetRequest>,
     ) -> Result<Response<proto::TargetStatus>, Status> {
+        let by = super::auth::who(&req);
         let r = req.into_inner();
         let v = self.engine.reset_target(&r.target).await.map_err(status)?;
+        tracing::info!(principal = %by, action = "reset_target", target = %r.target, "operator action");
         Ok(Response::new(target_status(v)))
     }
 }

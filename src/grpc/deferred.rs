@@ -1,6 +1,5 @@
 //! `backstop.v1.Deferred`: the deferred-request queue.
 
-use super::auth::OperatorToken;
 use super::{check_len, from_proto_duration, reason, status, to_proto_duration, to_timestamp};
 use crate::domain::Time;
 use crate::engine::Engine;
@@ -10,15 +9,15 @@ use crate::proto::deferred_server::Deferred;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+/// Who may call what (ListDeadLetters carries other queues' payloads;
+/// Requeue is an operator action) is `auth::AuthLayer`'s to check.
 pub struct DeferredService {
     engine: Arc<Engine>,
-    operator: OperatorToken,
 }
 
 impl DeferredService {
     pub fn new(engine: Arc<Engine>) -> Self {
-        let operator = OperatorToken(engine.config().server.admin_token.clone());
-        DeferredService { engine, operator }
+        DeferredService { engine }
     }
 }
 
@@ -147,8 +146,6 @@ impl Deferred for DeferredService {
         &self,
         req: Request<proto::ListDeadLettersRequest>,
     ) -> Result<Response<proto::ListDeadLettersResponse>, Status> {
-        // Dead letters carry other queues' payloads: an operator call.
-        self.operator.check(req.metadata(), "ListDeadLetters")?;
         let r = req.into_inner();
         let (items, next_page_token) = self
             .engine
@@ -165,9 +162,10 @@ impl Deferred for DeferredService {
         &self,
         req: Request<proto::RequeueRequest>,
     ) -> Result<Response<proto::RequeueResponse>, Status> {
-        self.operator.check(req.metadata(), "Requeue")?;
+        let by = super::auth::who(&req);
         let r = req.into_inner();
         self.engine.requeue(&r.id).await.map_err(status)?;
+        tracing::info!(principal = %by, action = "requeue", item = %r.id, "operator action");
         Ok(Response::new(proto::RequeueResponse {}))
     }
 

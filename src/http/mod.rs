@@ -6,6 +6,7 @@ mod json;
 use crate::domain::event::EventKind;
 use crate::engine::Engine;
 use crate::engine::watch::{SnapshotPart, WatchFilter, WatchItem};
+use crate::grpc::auth::Need;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -31,6 +32,7 @@ pub struct HttpState {
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/", get(dashboard))
+        .route("/login", axum::routing::post(login))
         .route("/metrics", get(metrics))
         .route("/events", get(events))
         .route("/api/snapshot", get(snapshot))
@@ -40,11 +42,23 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-async fn dashboard() -> Html<&'static str> {
-    Html(DASHBOARD)
+async fn dashboard(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    if guarded(&s) && authorized(&s, &headers).is_some() {
+        return (StatusCode::UNAUTHORIZED, Html(LOGIN)).into_response();
+    }
+    Html(DASHBOARD).into_response()
 }
 
-async fn metrics(State(s): State<HttpState>) -> Response {
+async fn metrics(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    let open = s
+        .engine
+        .config()
+        .auth
+        .as_ref()
+        .is_none_or(|a| a.metrics_open);
+    if !open && let Some(denied) = authorized(&s, &headers) {
+        return denied;
+    }
     let body = s.engine.render_metrics();
     (
         [(
@@ -56,24 +70,144 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         .into_response()
 }
 
-/// With `[server] admin_token` set, what shows the whole fleet (`/events`,
-/// `/api/snapshot`) needs `Authorization: Bearer <admin_token>`.
-fn authorized(s: &HttpState, headers: &HeaderMap) -> Option<Response> {
-    let token = crate::grpc::auth::OperatorToken(s.engine.config().server.admin_token.clone());
-    let header = headers
+/// The credential of an HTTP request: `Authorization: Bearer <token>`, or
+/// the cookie the login form sets (browsers cannot add headers to an
+/// EventSource), as an `authorization` value.
+fn credential(headers: &HeaderMap) -> Option<String> {
+    if let Some(h) = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if token.check_http(header) {
-        None
-    } else {
-        Some(
-            (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "this server has an admin token: send `Authorization: Bearer <admin_token>`\n",
+        .and_then(|v| v.to_str().ok())
+    {
+        return Some(h.to_string());
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().strip_prefix(COOKIE_EQ))
+        .map(|t| format!("Bearer {}", percent_decode(t)))
+        .next()
+}
+
+const COOKIE: &str = "backstop_token";
+const COOKIE_EQ: &str = "backstop_token=";
+
+/// What shows the whole fleet (`/events`, `/api/snapshot`, the dashboard;
+/// `/metrics` with `[auth] metrics = "token"`) needs the viewer role, or,
+/// without `[auth]`, the admin token if there is one (see grpc/auth.rs).
+fn authorized(s: &HttpState, headers: &HeaderMap) -> Option<Response> {
+    let cfg = s.engine.config();
+    let cred = credential(headers);
+    match crate::grpc::auth::authorize(&cfg, cred.as_deref(), Need::Viewer, true, "this page") {
+        Ok(_) => None,
+        Err(st) => {
+            let code = if st.code() == tonic::Code::PermissionDenied {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            Some(
+                (
+                    code,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    format!(
+                        "{}\n(send `Authorization: Bearer <token>`, or sign in at / for a cookie)\n",
+                        st.message()
+                    ),
+                )
+                    .into_response(),
             )
-                .into_response(),
+        }
+    }
+}
+
+/// Whether viewing needs a credential at all on this server.
+fn guarded(s: &HttpState) -> bool {
+    let cfg = s.engine.config();
+    cfg.auth.is_some() || cfg.server.admin_token.is_some()
+}
+
+/// `application/x-www-form-urlencoded` value decoding (`+` is a space).
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(x) => {
+                        out.push(x);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The sign-in page: one field, posted to `/login`.
+const LOGIN: &str = r#"<!doctype html><meta charset="utf-8"><title>Backstop: sign in</title>
+<style>body{font:16px system-ui;margin:4em auto;max-width:28em}input{font:inherit;width:100%;margin:.4em 0}</style>
+<h1>Backstop</h1><p>This server needs a viewer credential.</p>
+<form method="post" action="/login"><label>Token <input name="token" type="password" autocomplete="current-password" autofocus></label>
+<input type="submit" value="Sign in"></form>"#;
+
+/// Checks a token from the sign-in form and, if it may view, sets it as an
+/// HttpOnly, SameSite=Strict cookie (scripts cannot read it, other sites
+/// cannot send it).
+async fn login(State(s): State<HttpState>, body: String) -> Response {
+    if body.len() > 4096 {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "form too large\n").into_response();
+    }
+    let token = body
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+        .map(percent_decode)
+        .unwrap_or_default();
+    let cfg = s.engine.config();
+    let cred = format!("Bearer {token}");
+    match crate::grpc::auth::authorize(&cfg, Some(&cred), Need::Viewer, true, "sign-in") {
+        Ok(_) if !token.is_empty() => {
+            let encoded: String = token
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            (
+                StatusCode::SEE_OTHER,
+                [
+                    (header::LOCATION, "/".to_string()),
+                    (
+                        header::SET_COOKIE,
+                        format!("{COOKIE}={encoded}; HttpOnly; SameSite=Strict; Path=/"),
+                    ),
+                ],
+            )
+                .into_response()
+        }
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            Html(format!(
+                "{LOGIN}<p><b>That token may not view this server.</b></p>"
+            )),
         )
+            .into_response(),
     }
 }
 

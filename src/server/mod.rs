@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::engine::clock::SystemClock;
 use crate::engine::store::{MemoryStore, RedbStore, Store};
-use crate::grpc::admin::{AdminService, auth_interceptor};
+use crate::grpc::admin::AdminService;
 use crate::grpc::deferred::DeferredService;
 use crate::grpc::events::EventsService;
 use crate::grpc::resilience::ResilienceService;
@@ -180,6 +180,10 @@ pub async fn run(
     let grpc_addr = grpc_listener
         .local_addr()
         .map_err(|e| StartError(format!("cannot read the bound gRPC address: {e}")))?;
+    if config.auth.is_none() && !config.server.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.server.listen,
+            "listening beyond loopback without [auth]: any host that reaches this port can decide for the fleet; declare [[auth.principals]]");
+    }
     let engine = Arc::new(open_engine(config.clone(), opts, grpc_addr)?.with_source(source));
     engine.start_cluster(grpc_addr.to_string());
     spawn_reload_on_sighup(engine.clone());
@@ -275,12 +279,8 @@ pub async fn run(
     let events = EventsServer::new(EventsService::new(engine.clone()));
     let deferred = DeferredServer::new(DeferredService::new(engine.clone()))
         .max_decoding_message_size(max_msg);
-    let admin = tonic::service::interceptor::InterceptedService::new(
-        AdminServer::new(AdminService::new(engine.clone())).max_decoding_message_size(max_msg),
-        auth_interceptor(crate::grpc::auth::OperatorToken(
-            config.server.admin_token.clone(),
-        )),
-    );
+    let admin =
+        AdminServer::new(AdminService::new(engine.clone())).max_decoding_message_size(max_msg);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (accept_stop_tx, accept_stop_rx) = tokio::sync::watch::channel(false);
@@ -295,6 +295,10 @@ pub async fn run(
         .http2_keepalive_interval(config.server.http2_keepalive_interval)
         .http2_keepalive_timeout(Some(config.server.http2_keepalive_timeout))
         .layer(status_map::StatusMapLayer)
+        // Who may call what (see grpc/auth.rs), before any service runs.
+        .layer(crate::grpc::auth::AuthLayer {
+            engine: engine.clone(),
+        })
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

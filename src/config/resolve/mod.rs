@@ -2,6 +2,7 @@
 //! collecting every error with its location instead of stopping at the
 //! first. One resolver per section, in the files beside this one.
 
+mod auth;
 mod breaker;
 mod budget;
 mod cluster;
@@ -122,10 +123,15 @@ impl Cx {
                         config.cluster = self.cluster(c, key_span);
                     }
                 }
+                "auth" => {
+                    if let Some(a) = self.de::<AuthToml>(value, "[auth]") {
+                        config.auth = Some(self.auth(a));
+                    }
+                }
                 other => self.err(
                     key_span,
                     format!(
-                        "unknown section `{other}`; expected one of: server, defaults, targets, routes, budgets, queue, events, telemetry, cluster"
+                        "unknown section `{other}`; expected one of: server, defaults, targets, routes, budgets, queue, events, telemetry, cluster, auth"
                     ),
                 ),
             }

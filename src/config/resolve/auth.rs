@@ -1,0 +1,108 @@
+//! `[auth]` and `[[auth.principals]]`.
+
+use super::Cx;
+use crate::config::raw::*;
+use crate::config::{AuthConfig, Principal, roles};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+impl Cx {
+    pub(super) fn auth(&mut self, a: AuthToml) -> AuthConfig {
+        let metrics_open = match a.metrics.as_ref().map(|m| m.get_ref().as_str()) {
+            None | Some("open") => true,
+            Some("token") => false,
+            Some(other) => {
+                let span = a.metrics.as_ref().map(|m| m.span()).unwrap_or_default();
+                self.err(
+                    span,
+                    format!("[auth] metrics = {other:?}: expected \"open\" or \"token\""),
+                );
+                true
+            }
+        };
+        let mut names = HashSet::new();
+        let mut tokens = HashSet::new();
+        let mut principals = Vec::new();
+        for p in a.principals {
+            let span = p.span();
+            let p = p.into_inner();
+            let name = p.name.get_ref().clone();
+            if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+                self.err(
+                    p.name.span(),
+                    "[[auth.principals]] name must be 1-128 printable characters",
+                );
+            }
+            if !names.insert(name.clone()) {
+                self.err(
+                    p.name.span(),
+                    format!("[[auth.principals]] name {name:?} appears twice"),
+                );
+            }
+            let mut bits = 0;
+            for r in p.roles.get_ref() {
+                match roles::NAMES.iter().find(|(n, _)| n == r) {
+                    Some((_, b)) => bits |= b,
+                    None => self.err(
+                        p.roles.span(),
+                        format!("[[auth.principals]] {name:?}: unknown role {r:?}; roles are agent, viewer, operator"),
+                    ),
+                }
+            }
+            if bits == 0
+                && !p
+                    .roles
+                    .get_ref()
+                    .iter()
+                    .any(|r| !roles::NAMES.iter().any(|(n, _)| n == r))
+            {
+                self.err(
+                    p.roles.span(),
+                    format!("[[auth.principals]] {name:?} has no role"),
+                );
+            }
+            let token = match &p.token_sha256 {
+                Some(t) => match parse_sha256(t.get_ref()) {
+                    Some(h) => {
+                        if !tokens.insert(h) {
+                            self.err(t.span(), format!("[[auth.principals]] {name:?}: another principal has the same token"));
+                        }
+                        h
+                    }
+                    None => {
+                        self.err(
+                            t.span(),
+                            "token_sha256 must be 64 hex digits: the SHA-256 of the token, e.g. `printf %s \"$TOKEN\" | sha256sum`",
+                        );
+                        [0; 32]
+                    }
+                },
+                None => {
+                    self.err(span.clone(), format!("[[auth.principals]] {name:?} needs token_sha256 (its bearer token's SHA-256)"));
+                    [0; 32]
+                }
+            };
+            principals.push(Principal {
+                name: Arc::from(name.as_str()),
+                roles: bits,
+                token_sha256: token,
+            });
+        }
+        AuthConfig {
+            principals,
+            metrics_open,
+        }
+    }
+}
+
+fn parse_sha256(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
