@@ -82,6 +82,8 @@ pub struct ServerToml {
     pub max_targets: Option<Positive>,
     /// When set, Admin calls need `authorization: Bearer <token>`.
     pub admin_token: Option<Spanned<String>>,
+    /// `[server.tls]`: serve gRPC and HTTP over TLS.
+    pub tls: Option<Spanned<TlsToml>>,
     pub max_message_bytes: Option<Positive>,
     pub shutdown_grace: Option<Dur>,
     /// Longest pause a provider header or retry hint can impose.
@@ -308,6 +310,19 @@ pub struct AuthToml {
     pub principals: Vec<Spanned<PrincipalToml>>,
 }
 
+/// `[server.tls]`.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TlsToml {
+    /// PEM certificate chain and private key (reloaded when the files change).
+    pub cert: String,
+    pub key: String,
+    /// PEM CA bundle that client certificates must chain to (mTLS).
+    pub client_ca: Option<String>,
+    /// Refuse peers without a valid client certificate at the handshake.
+    pub require_client_cert: Option<bool>,
+}
+
 /// One `[[auth.principals]]` entry.
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
@@ -316,4 +331,7 @@ pub struct PrincipalToml {
     pub roles: Spanned<Vec<String>>,
     /// SHA-256 of the bearer token, hex (the token itself is never stored).
     pub token_sha256: Option<Spanned<String>>,
+    /// A client certificate's subject common name or one of its DNS / URI
+    /// names (mTLS) that stands for this principal.
+    pub cert_identity: Option<Spanned<String>>,
 }

@@ -115,6 +115,7 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
     keep!(server.max_message_bytes);
     keep!(server.shutdown_grace);
     keep!(server.permit_key);
+    keep!(server.tls);
     keep!(cluster);
     keep!(events);
     keep!(telemetry);

@@ -53,6 +53,17 @@ pub struct ServerConfig {
     pub permit_key: Option<String>,
     /// What an outcome without a live permit may do.
     pub outcomes_without_permit: Permitless,
+    /// TLS for both listeners (None = plaintext).
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    pub require_client_cert: bool,
 }
 
 /// What a RecordOutcome without a live permit (none, expired, or from before
@@ -93,6 +104,7 @@ impl Default for ServerConfig {
             http2_keepalive_timeout: Duration::from_secs(20),
             permit_key: None,
             outcomes_without_permit: Permitless::Count,
+            tls: None,
         }
     }
 }
@@ -362,8 +374,10 @@ pub struct Principal {
     pub name: std::sync::Arc<str>,
     /// Bits of [`roles`].
     pub roles: u8,
-    /// SHA-256 of its bearer token.
-    pub token_sha256: [u8; 32],
+    /// SHA-256 of its bearer token (None: certificate only).
+    pub token_sha256: Option<[u8; 32]>,
+    /// Client-certificate name (CN or a DNS / URI SAN) that stands for it.
+    pub cert_identity: Option<String>,
 }
 
 impl Default for Config {

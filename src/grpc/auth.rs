@@ -32,6 +32,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tonic::Status;
 
+/// The names of a verified client certificate (mTLS): its subject common
+/// name and its DNS and URI subject alternative names. The TLS acceptor
+/// puts it in each request's extensions (see `server/tls.rs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub names: Vec<String>,
+}
+
 /// What a call needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Need {
@@ -95,6 +103,7 @@ const ADMIN: &str = "admin";
 pub fn authorize(
     cfg: &Config,
     header: Option<&str>,
+    peer: Option<&PeerIdentity>,
     need: Need,
     legacy: bool,
     what: &str,
@@ -105,33 +114,55 @@ pub fn authorize(
     if need == Need::Open {
         return Ok(None);
     }
-    let Some(token) = header.and_then(bearer) else {
-        return Err(Status::unauthenticated(format!(
-            "{what}: this server requires a credential; send the metadata `authorization: Bearer <token>`"
-        )));
-    };
-    let found = match cfg.server.admin_token.as_deref() {
-        Some(admin) if constant_time_eq(token.as_bytes(), admin.as_bytes()) => Some(Principal {
-            name: Arc::from(ADMIN),
-            roles: roles::AGENT | roles::VIEWER | roles::OPERATOR,
-            token_sha256: [0; 32],
-        }),
-        _ => {
-            let hash: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-            // Every principal is compared, so timing says nothing about which.
-            let mut hit = None;
-            for p in &auth.principals {
-                if constant_time_eq(&hash, &p.token_sha256) {
-                    hit = Some(p.clone());
-                }
+    let found = match (header.and_then(bearer), peer) {
+        (Some(token), _) => match cfg.server.admin_token.as_deref() {
+            Some(admin) if constant_time_eq(token.as_bytes(), admin.as_bytes()) => {
+                Some(Principal {
+                    name: Arc::from(ADMIN),
+                    roles: roles::AGENT | roles::VIEWER | roles::OPERATOR,
+                    token_sha256: None,
+                    cert_identity: None,
+                })
             }
-            hit
-        }
+            _ => {
+                let hash: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+                // Every principal is compared, so timing says nothing about which.
+                let mut hit = None;
+                for p in &auth.principals {
+                    if p.token_sha256.is_some_and(|h| constant_time_eq(&hash, &h)) {
+                        hit = Some(p.clone());
+                    }
+                }
+                if hit.is_none() {
+                    return Err(Status::unauthenticated(format!(
+                        "{what}: the bearer token matches no principal of this server"
+                    )));
+                }
+                hit
+            }
+        },
+        // No token: a verified client certificate may stand for a principal.
+        (None, Some(id)) => auth
+            .principals
+            .iter()
+            .find(|p| p.cert_identity.as_deref().is_some_and(|c| id.names.iter().any(|n| n == c)))
+            .cloned()
+            .or_else(|| {
+                tracing::debug!(names = ?id.names, "client certificate matches no principal");
+                None
+            }),
+        (None, None) => None,
     };
     let Some(p) = found else {
-        return Err(Status::unauthenticated(format!(
-            "{what}: the bearer token matches no principal of this server"
-        )));
+        return Err(Status::unauthenticated(match peer {
+            Some(id) => format!(
+                "{what}: the client certificate ({}) matches no principal's cert_identity, and no bearer token was sent",
+                id.names.join(", ")
+            ),
+            None => format!(
+                "{what}: this server requires a credential; send the metadata `authorization: Bearer <token>`"
+            ),
+        }));
     };
     if !need.allows(p.roles) {
         return Err(Status::permission_denied(format!(
@@ -218,7 +249,11 @@ where
                 .get("authorization")
                 .and_then(|v| v.to_str().ok());
             let what = req.uri().path().rsplit('/').next().unwrap_or("this call");
-            match authorize(&cfg, header, need, legacy, what) {
+            let peer = req
+                .extensions()
+                .get::<crate::server::tls::ConnInfo>()
+                .and_then(|c| c.peer.as_deref());
+            match authorize(&cfg, header, peer, need, legacy, what) {
                 Ok(Some(p)) => {
                     req.extensions_mut().insert(p);
                 }
@@ -260,18 +295,18 @@ mod tests {
     fn without_auth_only_the_admin_token_guards_operator_calls() {
         let c = cfg("[server]\nadmin_token = \"0123456789abcdef\"\n");
         let (n, legacy) = need("/backstop.v1.Deferred/Requeue");
-        let e = authorize(&c, None, n, legacy, "Requeue").unwrap_err();
+        let e = authorize(&c, None, None, n, legacy, "Requeue").unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
-        assert!(authorize(&c, Some("Bearer nope"), n, legacy, "Requeue").is_err());
-        assert!(authorize(&c, Some("bearer 0123456789abcdef"), n, legacy, "Requeue").is_ok());
+        assert!(authorize(&c, Some("Bearer nope"), None, n, legacy, "Requeue").is_err());
+        assert!(authorize(&c, Some("bearer 0123456789abcdef"), None, n, legacy, "Requeue").is_ok());
         let (n, legacy) = need("/backstop.v1.Resilience/CanProceed");
-        assert!(authorize(&c, None, n, legacy, "CanProceed").is_ok());
+        assert!(authorize(&c, None, None, n, legacy, "CanProceed").is_ok());
         let (n, legacy) = need("/backstop.v1.Deferred/QueueStats");
         assert!(
-            authorize(&c, None, n, legacy, "QueueStats").is_ok(),
+            authorize(&c, None, None, n, legacy, "QueueStats").is_ok(),
             "open as before"
         );
-        assert!(authorize(&Config::default(), None, Need::Operator, true, "x").is_ok());
+        assert!(authorize(&Config::default(), None, None, Need::Operator, true, "x").is_ok());
     }
 
     #[test]
@@ -300,7 +335,7 @@ token_sha256 = "{}"
         let call = |token: Option<&str>, path: &str| {
             let (n, legacy) = need(path);
             let h = token.map(|t| format!("Bearer {t}"));
-            authorize(&c, h.as_deref(), n, legacy, "call").map(|p| p.map(|p| p.name.to_string()))
+            authorize(&c, h.as_deref(), None, n, legacy, "call").map(|p| p.map(|p| p.name.to_string()))
         };
         let decide = "/backstop.v1.Resilience/CanProceed";
         let force = "/backstop.v1.Admin/SetBreakerState";

@@ -99,7 +99,7 @@ const COOKIE_EQ: &str = "backstop_token=";
 fn authorized(s: &HttpState, headers: &HeaderMap) -> Option<Response> {
     let cfg = s.engine.config();
     let cred = credential(headers);
-    match crate::grpc::auth::authorize(&cfg, cred.as_deref(), Need::Viewer, true, "this page") {
+    match crate::grpc::auth::authorize(&cfg, cred.as_deref(), None, Need::Viewer, true, "this page") {
         Ok(_) => None,
         Err(st) => {
             let code = if st.code() == tonic::Code::PermissionDenied {
@@ -177,7 +177,7 @@ async fn login(State(s): State<HttpState>, body: String) -> Response {
         .unwrap_or_default();
     let cfg = s.engine.config();
     let cred = format!("Bearer {token}");
-    match crate::grpc::auth::authorize(&cfg, Some(&cred), Need::Viewer, true, "sign-in") {
+    match crate::grpc::auth::authorize(&cfg, Some(&cred), None, Need::Viewer, true, "sign-in") {
         Ok(_) if !token.is_empty() => {
             let encoded: String = token
                 .bytes()

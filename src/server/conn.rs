@@ -12,6 +12,10 @@
 //! * a connection that receives nothing for `idle_timeout` is closed. HTTP/2
 //!   keepalive pings (configured on the tonic server) are traffic too, so a
 //!   live client that answers pings stays connected; a dead or frozen one goes.
+//!
+//! With `[server.tls]`, the TLS handshake is part of the same deadline (see
+//! `tls.rs`), and a verified client certificate's names ride along with the
+//! connection's addresses into every request's extensions.
 
 use std::io;
 use std::pin::Pin;
@@ -22,7 +26,9 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, Sleep};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use super::tls::ConnInfo;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
 
 /// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -51,6 +57,7 @@ pub fn incoming(
     limits: Limits,
     stats: Arc<Stats>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Guarded>> {
     let (tx, rx) = mpsc::channel::<io::Result<Guarded>>(64);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -79,8 +86,15 @@ pub fn incoming(
             let _ = stream.set_nodelay(true);
             let tx = tx.clone();
             let stats = stats.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                match handshake(stream, limits, permit).await {
+                let deadline = limits.handshake_timeout;
+                let done = tokio::time::timeout(deadline, handshake(stream, limits, permit, tls))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(io::Error::new(io::ErrorKind::TimedOut, "handshake not finished in time"))
+                    });
+                match done {
                     Ok(g) => {
                         let _ = tx.send(Ok(g)).await;
                     }
@@ -96,16 +110,25 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Reads the HTTP/2 preface within the deadline; anything else closes.
+/// The TLS handshake (if any), then the HTTP/2 preface; anything else
+/// closes. The caller bounds the whole with `handshake_timeout`.
 async fn handshake(
-    mut stream: TcpStream,
+    stream: TcpStream,
     limits: Limits,
     permit: OwnedSemaphorePermit,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> io::Result<Guarded> {
+    let tcp = stream.connect_info();
+    let (mut io, peer) = match tls {
+        None => (Io::Plain(stream), None),
+        Some(acceptor) => {
+            let t = acceptor.accept(stream).await?;
+            let peer = super::tls::peer_identity(t.get_ref().1);
+            (Io::Tls(Box::new(t)), peer)
+        }
+    };
     let mut preface = [0u8; 24];
-    tokio::time::timeout(limits.handshake_timeout, stream.read_exact(&mut preface))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no HTTP/2 preface in time"))??;
+    io.read_exact(&mut preface).await?;
     if &preface != PREFACE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -113,8 +136,8 @@ async fn handshake(
         ));
     }
     Ok(Guarded {
-        info: stream.connect_info(),
-        io: stream,
+        info: ConnInfo { tcp, peer },
+        io,
         replay: preface,
         replayed: 0,
         idle_timeout: limits.idle_timeout,
@@ -124,11 +147,71 @@ async fn handshake(
     })
 }
 
+/// A connection, in the clear or over TLS.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// An accepted connection: replays the preface it consumed, enforces the idle
 /// limit, and frees its connection slot when dropped.
 pub struct Guarded {
-    io: TcpStream,
-    info: TcpConnectInfo,
+    io: Io,
+    info: ConnInfo,
     replay: [u8; 24],
     replayed: usize,
     idle_timeout: Duration,
@@ -140,8 +223,8 @@ pub struct Guarded {
 }
 
 impl Connected for Guarded {
-    type ConnectInfo = TcpConnectInfo;
-    fn connect_info(&self) -> TcpConnectInfo {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
         self.info.clone()
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod conn;
 pub mod status_map;
+pub mod tls;
 
 use crate::config::Config;
 use crate::engine::Engine;
@@ -131,6 +132,17 @@ fn open_engine(
         "state loaded"
     );
     Ok(engine)
+}
+
+/// Serves the HTTP side on `listener` (plain or TLS) until `stop`.
+async fn serve_http<L>(listener: L, app: axum::Router, stop: impl std::future::Future<Output = ()> + Send + 'static)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
 }
 
 /// Re-reads the config on every SIGHUP (the usual signal for it). An
@@ -290,7 +302,21 @@ pub async fn run(
         idle_timeout: config.server.idle_timeout,
     };
     let conn_stats = Arc::new(conn::Stats::default());
-    let incoming = conn::incoming(grpc_listener, limits, conn_stats.clone(), accept_stop_rx);
+    let tls = match &config.server.tls {
+        None => None,
+        Some(t) => {
+            let tls = tls::Tls::load(t).map_err(StartError)?;
+            tls.watch(std::time::Duration::from_secs(2));
+            Some(tls)
+        }
+    };
+    let incoming = conn::incoming(
+        grpc_listener,
+        limits,
+        conn_stats.clone(),
+        accept_stop_rx,
+        tls.as_ref().map(|t| t.grpc.clone()),
+    );
     let server = Server::builder()
         .http2_keepalive_interval(config.server.http2_keepalive_interval)
         .http2_keepalive_timeout(Some(config.server.http2_keepalive_timeout))
@@ -344,16 +370,19 @@ pub async fn run(
                 engine: engine.clone(),
                 ready: ready.clone(),
             });
-            tokio::spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = http_stop_rx.await;
-                    })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "HTTP server failed");
+            let stop = async {
+                let _ = http_stop_rx.await;
+            };
+            match &tls {
+                Some(t) => {
+                    let listener = tls::HttpsListener::new(listener, t.http.clone())
+                        .map_err(|e| StartError(format!("cannot serve HTTPS: {e}")))?;
+                    tokio::spawn(serve_http(listener, app, stop));
                 }
-            });
+                None => {
+                    tokio::spawn(serve_http(listener, app, stop));
+                }
+            }
             bound.to_string()
         }
         None => "off".to_string(),

@@ -22,6 +22,7 @@ impl Cx {
         };
         let mut names = HashSet::new();
         let mut tokens = HashSet::new();
+        let mut certs = HashSet::new();
         let mut principals = Vec::new();
         for p in a.principals {
             let span = p.span();
@@ -67,25 +68,37 @@ impl Cx {
                         if !tokens.insert(h) {
                             self.err(t.span(), format!("[[auth.principals]] {name:?}: another principal has the same token"));
                         }
-                        h
+                        Some(h)
                     }
                     None => {
                         self.err(
                             t.span(),
                             "token_sha256 must be 64 hex digits: the SHA-256 of the token, e.g. `printf %s \"$TOKEN\" | sha256sum`",
                         );
-                        [0; 32]
+                        None
                     }
                 },
-                None => {
-                    self.err(span.clone(), format!("[[auth.principals]] {name:?} needs token_sha256 (its bearer token's SHA-256)"));
-                    [0; 32]
-                }
+                None => None,
             };
+            let cert = p.cert_identity.as_ref().map(|c| c.get_ref().trim().to_string());
+            if let Some(c) = &p.cert_identity {
+                if c.get_ref().trim().is_empty() {
+                    self.err(c.span(), "cert_identity is empty");
+                } else if !certs.insert(c.get_ref().trim().to_string()) {
+                    self.err(c.span(), format!("[[auth.principals]] {name:?}: another principal has the same cert_identity"));
+                }
+            }
+            if p.token_sha256.is_none() && p.cert_identity.is_none() {
+                self.err(
+                    span.clone(),
+                    format!("[[auth.principals]] {name:?} needs token_sha256 (its bearer token's SHA-256) or cert_identity (its client certificate's name)"),
+                );
+            }
             principals.push(Principal {
                 name: Arc::from(name.as_str()),
                 roles: bits,
                 token_sha256: token,
+                cert_identity: cert,
             });
         }
         AuthConfig {

@@ -52,6 +52,24 @@ impl Cx {
             }
             out.admin_token = Some(t.into_inner());
         }
+        if let Some(t) = s.tls {
+            let span = t.span();
+            let t = t.into_inner();
+            if t.require_client_cert == Some(true) && t.client_ca.is_none() {
+                self.err(span.clone(), "[server.tls] require_client_cert needs client_ca (the CA bundle client certificates must chain to)");
+            }
+            for (what, path) in [("cert", Some(&t.cert)), ("key", Some(&t.key)), ("client_ca", t.client_ca.as_ref())] {
+                if path.is_some_and(|p| p.trim().is_empty()) {
+                    self.err(span.clone(), format!("[server.tls] {what} is empty; give a PEM file path"));
+                }
+            }
+            out.tls = Some(crate::config::TlsConfig {
+                cert: PathBuf::from(t.cert),
+                key: PathBuf::from(t.key),
+                client_ca: t.client_ca.map(PathBuf::from),
+                require_client_cert: t.require_client_cert.unwrap_or(false),
+            });
+        }
         if let Some(Positive(n)) = s.max_message_bytes {
             out.max_message_bytes = n as usize;
         }
