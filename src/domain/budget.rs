@@ -409,6 +409,28 @@ impl BudgetState {
         self.cells = Default::default();
     }
 
+    /// Re-expresses every rate cell under a new budget (a config reload):
+    /// the fraction of the window used stays the same, so a window that
+    /// grows from a minute to an hour keeps "all used" as all used. A kind
+    /// the new budget adds starts full; one it drops is cleared.
+    pub fn rescale(&mut self, now: Time, old: &BudgetConfig, new: &BudgetConfig) {
+        for kind in Kind::ALL {
+            let cell = &mut self.cells[kind.index()];
+            match (old.rate(kind), new.rate(kind)) {
+                (Some(o), Some(n)) if o.window_nanos() != n.window_nanos() => {
+                    let debt = u128::from(cell.tat.as_nanos().saturating_sub(now.as_nanos()));
+                    let scaled = debt * n.window_nanos() / o.window_nanos().max(1);
+                    let tat = u128::from(now.as_nanos()) + scaled;
+                    cell.tat = Time::from_nanos(u64::try_from(tat).unwrap_or(u64::MAX));
+                    cell.clamp_debt(now, &n);
+                }
+                (Some(_), Some(n)) => cell.clamp_debt(now, &n),
+                (_, None) => *cell = Gcra::default(),
+                (None, Some(_)) => {}
+            }
+        }
+    }
+
     /// Empties every rate cell at `now` (never refills one): after a crash,
     /// what the lost second of write-behind spent is unknown, and assuming
     /// none of it is left is the only guess that never admits past

@@ -638,11 +638,16 @@ impl Engine {
     }
 
     /// Flushes everything written behind (shutdown).
-    pub async fn flush_all(&self) -> std::result::Result<(), StoreError> {
+    /// `clean` says nothing can change state after it (every call drained):
+    /// then the store is marked as stopped gracefully.
+    pub async fn flush_all(&self, clean: bool) -> std::result::Result<(), StoreError> {
         match self.backend.local() {
             Some(b) => {
                 b.flush_all(&|| self.rewrite_queue()).await?;
-                b.mark_clean().await
+                if clean {
+                    b.mark_clean().await?;
+                }
+                Ok(())
             }
             None => Ok(()),
         }

@@ -441,7 +441,7 @@ async fn write_behind_flushes_counters() {
         for _ in 0..3 {
             e.can_proceed("t", AdmitArgs::default()).await.expect("ok");
         }
-        e.flush_all().await.expect("flush");
+        e.flush_all(true).await.expect("flush");
     }
     let (e, _) = open("", &d, &clock);
     assert_eq!(e.get_target("t").await.expect("t").counters.admitted, 3);
@@ -1066,7 +1066,7 @@ async fn after_a_crash_budgets_restart_empty_after_a_clean_stop_they_carry_over(
                 .allowed
         );
     }
-    e.flush_all().await.expect("graceful stop");
+    e.flush_all(true).await.expect("graceful stop");
     drop(e);
     let (e, report) = open(cfg, &data, &clock);
     assert!(!report.unclean);
@@ -1075,6 +1075,36 @@ async fn after_a_crash_budgets_restart_empty_after_a_clean_stop_they_carry_over(
         (requests_left(&v) - 3.0).abs() < 1e-6,
         "carried over: {}",
         requests_left(&v)
+    );
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// After a crash, even a target whose spending never reached the store
+/// (no write-behind before the kill) restarts with an empty budget.
+#[tokio::test]
+async fn after_a_crash_even_unflushed_budgets_restart_empty() {
+    let cfg = "[targets.b]\nrequests_per_minute = 60\n";
+    let data = dir("crash-unflushed");
+    let clock = Arc::new(ManualClock::new(T0));
+    {
+        let (e, _) = open(cfg, &data, &clock);
+        for _ in 0..60 {
+            assert!(
+                e.can_proceed("b", AdmitArgs::default())
+                    .await
+                    .expect("ok")
+                    .allowed
+            );
+        }
+        // Killed before any write-behind.
+    }
+    let (e, report) = open(cfg, &data, &clock);
+    assert!(report.unclean);
+    assert!(
+        !e.can_proceed("b", AdmitArgs::default())
+            .await
+            .expect("ok")
+            .allowed
     );
     let _ = std::fs::remove_dir_all(&data);
 }

@@ -29,6 +29,43 @@ pub struct ReloadReport {
 }
 
 impl Engine {
+    /// Changes a reload refuses (FAILED_PRECONDITION, nothing applied):
+    /// removing a route whose queue still holds items (they would be handed
+    /// out as calls to a target named like the route), and reordering or
+    /// removing key slots other than at the end (outstanding permits name
+    /// their slot by position).
+    async fn refuse_unsafe(&self, old: &Config, new: &Config) -> Result<()> {
+        for name in old.routes.keys().filter(|n| !new.routes.contains_key(*n)) {
+            let held: u64 = self
+                .queue_stats(name)
+                .await
+                .unwrap_or_default()
+                .iter()
+                .map(|q| q.depth + q.in_flight)
+                .sum();
+            if held > 0 {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "route {name:?} is removed but its deferred queue holds {held} item(s): drain them (Claim / Ack) first, \
+                     or keep the route; nothing was changed"
+                )));
+            }
+        }
+        for (name, s) in &new.targets {
+            let Some(o) = old.targets.get(name) else {
+                continue;
+            };
+            let n = o.keys.len().min(s.keys.len());
+            if o.keys[..n] != s.keys[..n] {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "target {name:?}: key slots {:?} -> {:?} reorders or removes a slot that is not last; permits in flight \
+                     name their slot by position, so add new keys at the end and remove only from the end; nothing was changed",
+                    o.keys, s.keys
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Re-reads the config from where it was loaded at startup and applies
     /// it. `source` says who asked ("sighup", "admin: <reason>").
     pub async fn reload_from_source(&self, source: &str) -> Result<ReloadReport> {
@@ -55,15 +92,31 @@ impl Engine {
         let _one = self.reloading.lock().await;
         let old = self.config();
         let needs_restart = keep_restart_only(&old, &mut new);
+        self.refuse_unsafe(&old, &new).await?;
         let new = Arc::new(new);
         let diff = diff_targets(&old, &new);
         let (added, removed, changed) = match &self.backend {
             Backend::Local(b) => {
                 let r = b.reload(&new);
+                // The removals' events are published once their deletions
+                // are on disk: config_reloaded comes after them.
+                if let Some(p) = b.persister() {
+                    let _ = p.wait_for(p.publish_after(Vec::new())).wait().await;
+                }
                 (r.added, r.removed, r.changed)
             }
             Backend::Redis(b) => {
                 b.reload(&new).await?;
+                let now = self.clock.now();
+                for name in &diff.removed {
+                    self.publish(
+                        now,
+                        &Arc::from(name.as_str()),
+                        EventKind::TargetRemoved {
+                            reason: "no longer in the config".into(),
+                        },
+                    );
+                }
                 (diff.added, diff.removed, diff.changed)
             }
         };

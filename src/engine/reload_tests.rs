@@ -356,3 +356,148 @@ async fn first_use_targets_follow_new_defaults_and_keep_their_state() {
         BreakerState::Open
     );
 }
+
+/// Declaring a route member (created up front, never counted as a
+/// first-use target) must not push the first-use count below zero.
+#[tokio::test]
+async fn declaring_a_route_member_keeps_first_use_targets_creatable() {
+    let base = "[server]\nmax_targets = 2\n[routes.r]\ntargets = [\"m\"]\n";
+    let (e, _) = engine(base);
+    e.reload(
+        parse(&format!("{base}[targets.m]\nrequests_per_minute = 10\n")),
+        "test",
+    )
+    .await
+    .expect("reload");
+    assert!(e.can_proceed("adhoc1", AdmitArgs::default()).await.is_ok());
+    assert!(e.can_proceed("adhoc2", AdmitArgs::default()).await.is_ok());
+    let third = e.can_proceed("adhoc3", AdmitArgs::default()).await;
+    assert!(
+        matches!(third, Err(EngineError::ResourceExhausted(_))),
+        "max_targets still holds: {third:?}"
+    );
+}
+
+/// A budget whose window changes keeps the fraction used, not the time.
+#[tokio::test]
+async fn a_longer_window_keeps_a_used_budget_used() {
+    let (e, _) = engine("[targets.w]\nrequests = 100\nwindow = \"60s\"\n");
+    assert_eq!(admitted(&e, "w", 100).await, 100);
+    e.reload(
+        parse("[targets.w]\nrequests = 100\nwindow = \"3600s\"\n"),
+        "test",
+    )
+    .await
+    .expect("reload");
+    assert_eq!(admitted(&e, "w", 200).await, 0, "100 per hour, all used");
+}
+
+/// Items waiting on a route's queue would be handed out as calls to a
+/// target named like the route: removing the route is refused meanwhile.
+#[tokio::test]
+async fn a_route_with_queued_items_cannot_be_removed() {
+    let base = "[targets.a]\n[routes.chat]\ntargets = [\"a\"]\n";
+    let (e, _) = engine(base);
+    e.defer(crate::engine::queue::DeferArgs {
+        queue: "chat".into(),
+        payload: vec![1; 4],
+        ..Default::default()
+    })
+    .await
+    .expect("defer");
+    let err = e.reload(parse("[targets.a]\n"), "test").await.unwrap_err();
+    assert!(
+        matches!(&err, EngineError::FailedPrecondition(m) if m.contains("holds 1 item")),
+        "{err:?}"
+    );
+    assert!(e.config().routes.contains_key("chat"), "nothing changed");
+}
+
+/// Permits name their key slot by position: a reload that reorders slots
+/// is refused; adding one at the end is fine.
+#[tokio::test]
+async fn key_slots_may_be_appended_but_not_reordered() {
+    let (e, _) = engine("[targets.k]\nkeys = [\"a\", \"b\"]\n");
+    let err = e
+        .reload(parse("[targets.k]\nkeys = [\"b\", \"a\"]\n"), "test")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::FailedPrecondition(_)), "{err:?}");
+    e.reload(parse("[targets.k]\nkeys = [\"a\", \"b\", \"c\"]\n"), "test")
+        .await
+        .expect("appending is fine");
+}
+
+fn many(threshold: u32, rpm: u32, n: usize) -> String {
+    let mut s = format!(
+        "[defaults.breaker]\nfailure_threshold = {threshold}\n[budgets.g]\nrequests_per_minute = {rpm}\n"
+    );
+    for i in 0..8 {
+        s += &format!("[targets.m{i}]\nbudgets = [\"g\"]\n");
+    }
+    for i in 0..n {
+        s += &format!("[targets.t{i}]\n");
+    }
+    s
+}
+
+/// Found by review: the reload once held a new group's lock while writing
+/// the map, a decision on a replaced member waited for that group holding
+/// its target, and a map reader (list, the write-behind flush) waited for
+/// that target holding a shard: a deadlock. Decisions and listings run
+/// against reloads that change the group's budget; every reload returns.
+#[test]
+fn reloads_never_deadlock_with_decisions_and_map_readers() {
+    let (e, _) = engine(&many(3, 1_000_000, 3000));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = vec![];
+    for k in 0..2 {
+        let (e, stop) = (e.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("rt");
+            let Backend::Local(b) = &e.backend else {
+                return;
+            };
+            let mut i = k;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = rt.block_on(b.admit(&format!("m{}", i % 8), &AdmitArgs::default()));
+                i += 1;
+            }
+        }));
+    }
+    {
+        let (e, stop) = (e.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let Backend::Local(b) = &e.backend else {
+                return;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let _ = b.list("m", 100, "");
+            }
+        }));
+    }
+    let configs = [
+        Arc::new(parse(&many(4, 500_000, 3000))),
+        Arc::new(parse(&many(3, 1_000_000, 3000))),
+    ];
+    for round in 0..6 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (e2, c) = (e.clone(), configs[round % 2].clone());
+        std::thread::spawn(move || {
+            if let Backend::Local(b) = &e2.backend {
+                b.reload(&c);
+            }
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+            "round {round}: the reload did not return within 60 s"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("thread");
+    }
+}

@@ -145,7 +145,11 @@ pub fn authorize(
         (None, Some(id)) => auth
             .principals
             .iter()
-            .find(|p| p.cert_identity.as_deref().is_some_and(|c| id.names.iter().any(|n| n == c)))
+            .find(|p| {
+                p.cert_identity
+                    .as_deref()
+                    .is_some_and(|c| id.names.iter().any(|n| n == c))
+            })
             .cloned()
             .or_else(|| {
                 tracing::debug!(names = ?id.names, "client certificate matches no principal");
@@ -298,7 +302,17 @@ mod tests {
         let e = authorize(&c, None, None, n, legacy, "Requeue").unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
         assert!(authorize(&c, Some("Bearer nope"), None, n, legacy, "Requeue").is_err());
-        assert!(authorize(&c, Some("bearer 0123456789abcdef"), None, n, legacy, "Requeue").is_ok());
+        assert!(
+            authorize(
+                &c,
+                Some("bearer 0123456789abcdef"),
+                None,
+                n,
+                legacy,
+                "Requeue"
+            )
+            .is_ok()
+        );
         let (n, legacy) = need("/backstop.v1.Resilience/CanProceed");
         assert!(authorize(&c, None, None, n, legacy, "CanProceed").is_ok());
         let (n, legacy) = need("/backstop.v1.Deferred/QueueStats");
@@ -335,7 +349,8 @@ token_sha256 = "{}"
         let call = |token: Option<&str>, path: &str| {
             let (n, legacy) = need(path);
             let h = token.map(|t| format!("Bearer {t}"));
-            authorize(&c, h.as_deref(), None, n, legacy, "call").map(|p| p.map(|p| p.name.to_string()))
+            authorize(&c, h.as_deref(), None, n, legacy, "call")
+                .map(|p| p.map(|p| p.name.to_string()))
         };
         let decide = "/backstop.v1.Resilience/CanProceed";
         let force = "/backstop.v1.Admin/SetBreakerState";

@@ -99,7 +99,8 @@ const COOKIE_EQ: &str = "backstop_token=";
 fn authorized(s: &HttpState, headers: &HeaderMap) -> Option<Response> {
     let cfg = s.engine.config();
     let cred = credential(headers);
-    match crate::grpc::auth::authorize(&cfg, cred.as_deref(), None, Need::Viewer, true, "this page") {
+    match crate::grpc::auth::authorize(&cfg, cred.as_deref(), None, Need::Viewer, true, "this page")
+    {
         Ok(_) => None,
         Err(st) => {
             let code = if st.code() == tonic::Code::PermissionDenied {

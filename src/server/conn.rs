@@ -17,6 +17,7 @@
 //! `tls.rs`), and a verified client certificate's names ride along with the
 //! connection's addresses into every request's extensions.
 
+use super::tls::ConnInfo;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,7 +27,6 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, Sleep};
-use super::tls::ConnInfo;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
@@ -92,7 +92,10 @@ pub fn incoming(
                 let done = tokio::time::timeout(deadline, handshake(stream, limits, permit, tls))
                     .await
                     .unwrap_or_else(|_| {
-                        Err(io::Error::new(io::ErrorKind::TimedOut, "handshake not finished in time"))
+                        Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "handshake not finished in time",
+                        ))
                     });
                 match done {
                     Ok(g) => {
@@ -167,7 +170,11 @@ impl AsyncRead for Io {
 }
 
 impl AsyncWrite for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),

@@ -135,39 +135,64 @@ fn open_engine(
 }
 
 /// Serves the HTTP side on `listener` (plain or TLS) until `stop`.
-async fn serve_http<L>(listener: L, app: axum::Router, stop: impl std::future::Future<Output = ()> + Send + 'static)
-where
+async fn serve_http<L>(
+    listener: L,
+    app: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
         tracing::error!(error = %e, "HTTP server failed");
     }
 }
 
-/// Re-reads the config on every SIGHUP (the usual signal for it). An
-/// invalid file is logged with every error, located, and changes nothing.
-fn spawn_reload_on_sighup(engine: Arc<Engine>) {
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+/// Starts listening for SIGHUP (replacing its default action, which would
+/// end the process).
+fn sighup() -> Hangup {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for SIGHUP: reload with Admin/ReloadConfig instead");
-                return;
+                None
             }
-        };
-        tokio::spawn(async move {
+        }
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Re-reads the config on every SIGHUP (the usual signal for it). An
+/// invalid file is logged with every error, located, and changes nothing.
+fn spawn_reload_on_sighup(engine: Arc<Engine>, hup: Hangup) -> Option<tokio::task::JoinHandle<()>> {
+    #[cfg(unix)]
+    {
+        let mut hup = hup?;
+        Some(tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 if let Err(e) = engine.reload_from_source("sighup").await {
                     tracing::error!("config reload on SIGHUP failed: {e}");
                 }
             }
-        });
+        }))
     }
     #[cfg(not(unix))]
-    let _ = engine;
+    {
+        let _ = (engine, hup);
+        None
+    }
 }
 
 /// How long a state-store commit may run before health calls the store
@@ -196,9 +221,12 @@ pub async fn run(
         tracing::warn!(listen = %config.server.listen,
             "listening beyond loopback without [auth]: any host that reaches this port can decide for the fleet; declare [[auth.principals]]");
     }
+    // Installed before the (possibly long) load: a SIGHUP during startup
+    // must not terminate the server (the default action), it waits.
+    let hup = sighup();
     let engine = Arc::new(open_engine(config.clone(), opts, grpc_addr)?.with_source(source));
     engine.start_cluster(grpc_addr.to_string());
-    spawn_reload_on_sighup(engine.clone());
+    let reloader = spawn_reload_on_sighup(engine.clone(), hup);
     if config.cluster.is_some() {
         let e = engine.clone();
         tokio::spawn(async move {
@@ -423,7 +451,13 @@ pub async fn run(
     let _ = http_stop_tx.send(());
     let drained = tokio::time::timeout(config.server.shutdown_grace, server).await;
     flusher.abort();
-    if let Err(e) = engine.flush_all().await {
+    if let Some(r) = &reloader {
+        r.abort();
+    }
+    // Calls still running past the grace period may change state after the
+    // final flush: then the store is not marked clean (the next start
+    // treats budgets as after a crash).
+    if let Err(e) = engine.flush_all(drained.is_ok()).await {
         tracing::error!(error = %e, "final state flush failed");
     }
     match drained {

@@ -44,10 +44,7 @@ pub struct Reloading {
 }
 
 impl rustls::server::ResolvesServerCert for Reloading {
-    fn resolve(
-        &self,
-        _hello: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load_full())
     }
 }
@@ -79,8 +76,13 @@ fn load_pair(
         .load_private_key(der)
         .map_err(|e| format!("[server.tls] key {}: {e}", key.display()))?;
     let pair = CertifiedKey::new(chain, signing);
-    pair.keys_match()
-        .map_err(|e| format!("[server.tls] the key {} does not match the certificate {}: {e}", key.display(), cert.display()))?;
+    pair.keys_match().map_err(|e| {
+        format!(
+            "[server.tls] the key {} does not match the certificate {}: {e}",
+            key.display(),
+            cert.display()
+        )
+    })?;
     Ok(pair)
 }
 
@@ -137,7 +139,8 @@ impl Tls {
                 let found = CertificateDer::pem_file_iter(ca)
                     .map_err(|e| format!("[server.tls] client_ca {}: {e}", ca.display()))?;
                 for c in found {
-                    let c = c.map_err(|e| format!("[server.tls] client_ca {}: {e}", ca.display()))?;
+                    let c =
+                        c.map_err(|e| format!("[server.tls] client_ca {}: {e}", ca.display()))?;
                     roots
                         .add(c)
                         .map_err(|e| format!("[server.tls] client_ca {}: {e}", ca.display()))?;
@@ -157,7 +160,10 @@ impl Tls {
                 } else {
                     b.allow_unauthenticated()
                 };
-                Some(b.build().map_err(|e| format!("[server.tls] client_ca: {e}"))?)
+                Some(
+                    b.build()
+                        .map_err(|e| format!("[server.tls] client_ca: {e}"))?,
+                )
             }
         };
         let config = |alpn: &[u8]| -> Result<Arc<rustls::ServerConfig>, String> {

@@ -80,7 +80,10 @@ impl Cx {
                 },
                 None => None,
             };
-            let cert = p.cert_identity.as_ref().map(|c| c.get_ref().trim().to_string());
+            let cert = p
+                .cert_identity
+                .as_ref()
+                .map(|c| c.get_ref().trim().to_string());
             if let Some(c) = &p.cert_identity {
                 if c.get_ref().trim().is_empty() {
                     self.err(c.span(), "cert_identity is empty");

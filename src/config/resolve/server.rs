@@ -58,9 +58,16 @@ impl Cx {
             if t.require_client_cert == Some(true) && t.client_ca.is_none() {
                 self.err(span.clone(), "[server.tls] require_client_cert needs client_ca (the CA bundle client certificates must chain to)");
             }
-            for (what, path) in [("cert", Some(&t.cert)), ("key", Some(&t.key)), ("client_ca", t.client_ca.as_ref())] {
+            for (what, path) in [
+                ("cert", Some(&t.cert)),
+                ("key", Some(&t.key)),
+                ("client_ca", t.client_ca.as_ref()),
+            ] {
                 if path.is_some_and(|p| p.trim().is_empty()) {
-                    self.err(span.clone(), format!("[server.tls] {what} is empty; give a PEM file path"));
+                    self.err(
+                        span.clone(),
+                        format!("[server.tls] {what} is empty; give a PEM file path"),
+                    );
                 }
             }
             out.tls = Some(crate::config::TlsConfig {

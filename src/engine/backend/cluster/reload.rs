@@ -23,6 +23,27 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 impl RedisBackend {
+    /// Whether the cluster's target index lists `name`.
+    async fn indexed(&self, name: &str) -> Result<bool> {
+        let key = self.inner.keys.index();
+        let name = name.to_string();
+        self.inner
+            .link
+            .call(|mut c| async move {
+                redis::cmd("SISMEMBER")
+                    .arg(&key)
+                    .arg(&name)
+                    .query_async::<bool>(&mut c)
+                    .await
+            })
+            .await
+            .map_err(|e| {
+                EngineError::FailedPrecondition(format!(
+                    "cannot check Redis for state a reload would move ({e}); try again when Redis is reachable"
+                ))
+            })
+    }
+
     /// Applies `new` (validated, restart-only settings kept). Errors with
     /// FAILED_PRECONDITION, changing nothing, when the new config would move
     /// state between Redis keys.
@@ -38,25 +59,55 @@ impl RedisBackend {
                 names(new)
             )));
         }
-        // Every target this replica knows of or either config declares
-        // (another replica may hold state for a target this one never used).
+        // A declared target whose hash tag changes would find its state
+        // under other keys: refused if it has any (declared before, used on
+        // this replica, or known to the cluster's index).
         let keys = super::keys::Keys::new(&inner.cluster.key_prefix, new);
-        let mut names: std::collections::BTreeSet<Arc<str>> =
-            inner.metas.iter().map(|m| m.name.clone()).collect();
-        names.extend(
-            old.targets
-                .keys()
-                .chain(new.targets.keys())
-                .map(|n| Arc::from(n.as_str())),
-        );
-        for name in names {
-            let was = inner.keys.tag(&name, &old.target(&name).groups);
-            if keys.tag(&name, &new.target(&name).groups) != was {
+        for name in new.targets.keys() {
+            let was = inner.keys.tag(name, &old.target(name).groups);
+            if keys.tag(name, &new.target(name).groups) == was {
+                continue;
+            }
+            let known = old.targets.contains_key(name)
+                || inner.metas.contains_key(name.as_str())
+                || self.indexed(name).await?;
+            if known {
                 return Err(EngineError::FailedPrecondition(format!(
                     "target {name:?} would move to other budget groups: in cluster mode its state lives under keys named by its groups, \
                      so this needs every replica restarted with the new config"
                 )));
             }
+        }
+        // Budget levels in Redis are kept as time; a new window would change
+        // the fraction used on every replica at a different moment.
+        let windows = |b: &crate::domain::budget::BudgetConfig| {
+            crate::domain::budget::Kind::ALL.map(|k| b.rate(k).map(|r| r.window))
+        };
+        let changed_window = new
+            .targets
+            .iter()
+            .filter_map(|(n, s)| {
+                old.targets
+                    .get(n)
+                    .map(|o| (n.as_str(), &o.budget, &s.budget))
+            })
+            .chain(new.groups.iter().filter_map(|g| {
+                old.groups
+                    .iter()
+                    .find(|o| o.name == g.name)
+                    .map(|o| (g.name.as_ref(), &o.budget, &g.budget))
+            }))
+            .find(|(_, o, n)| {
+                windows(o)
+                    .iter()
+                    .zip(windows(n).iter())
+                    .any(|(a, b)| a.is_some() && b.is_some() && a != b)
+            });
+        if let Some((name, _, _)) = changed_window {
+            return Err(EngineError::FailedPrecondition(format!(
+                "{name:?}: a budget window changed; in cluster mode a reload changes budget amounts but not windows \
+                 (the shared levels are kept as time); restart every replica with the new config, or keep the window"
+            )));
         }
         inner.config.store(new.clone());
         inner.digest.store(Arc::new(new.digest()));

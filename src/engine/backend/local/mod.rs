@@ -63,16 +63,25 @@ pub(crate) struct LocalGroup {
     pub name: Arc<str>,
     pub config: BudgetConfig,
     pub state: Mutex<GroupState>,
+    /// False while a reload is still carrying the previous group's state
+    /// in (see `reload.rs`): a decision that finds it false waits, holding
+    /// no lock, instead of drawing on a budget that is not there yet.
+    pub ready: std::sync::atomic::AtomicBool,
 }
 
 impl LocalGroup {
     fn new(name: Arc<str>, config: BudgetConfig) -> Arc<LocalGroup> {
+        Self::with_readiness(name, config, true)
+    }
+
+    fn with_readiness(name: Arc<str>, config: BudgetConfig, ready: bool) -> Arc<LocalGroup> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Arc::new(LocalGroup {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             name,
             config,
             state: Mutex::new(GroupState::default()),
+            ready: std::sync::atomic::AtomicBool::new(ready),
         })
     }
 }
@@ -90,6 +99,16 @@ fn conf(settings: &Arc<TargetSettings>, groups: &[Arc<LocalGroup>]) -> Arc<Conf>
         settings: settings.clone(),
         groups: resolved.into_boxed_slice(),
     })
+}
+
+/// Whether a decision must not run on `t` now (checked under its lock):
+/// a reload retired it, or one of its groups is not carried over yet.
+fn stale(t: &Target) -> bool {
+    t.retired.load(Ordering::Relaxed)
+        || t.conf
+            .groups
+            .iter()
+            .any(|g| !g.ready.load(Ordering::Acquire))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -236,26 +255,25 @@ impl LocalBackend {
             };
             let mut l = t.lock();
             l.st = codec::restore(&t.cx(), &rec, now, first_permit_id(b.boot));
-            if loaded.unclean {
-                for slot in l.st.slots.iter_mut() {
-                    slot.budget.drain(now, &t.conf.settings.budget);
-                }
-            }
             b.metrics.set_state(&t.metrics, l.st.breaker.state());
             report.targets += 1;
             if l.st.breaker.state() != BreakerState::Closed {
                 report.not_closed += 1;
             }
         }
+        if loaded.unclean {
+            // Targets without a record may have spent in the lost second too.
+            for e in b.targets.iter() {
+                let t = e.value();
+                let mut l = t.lock();
+                for slot in l.st.slots.iter_mut() {
+                    slot.budget.drain(now, &t.conf.settings.budget);
+                }
+            }
+        }
         for (name, rec) in loaded.groups {
             match b.groups.load().iter().find(|g| g.name.as_ref() == name) {
-                Some(g) => {
-                    let mut st = codec::decode_group(&rec, &g.config, now, true);
-                    if loaded.unclean {
-                        st.budget.drain(now, &g.config);
-                    }
-                    *lock(&g.state) = st;
-                }
+                Some(g) => *lock(&g.state) = codec::decode_group(&rec, &g.config, now, true),
                 None => cleanup.push(Op::Group(Arc::from(name.as_str()), None)),
             }
         }
@@ -272,6 +290,11 @@ impl LocalBackend {
         );
         cleanup.extend(queue_ops);
         report.unclean = loaded.unclean;
+        if loaded.unclean {
+            for g in b.groups.load().iter() {
+                lock(&g.state).budget.drain(now, &g.config);
+            }
+        }
         // Until a graceful shutdown says otherwise (see `mark_clean`).
         cleanup.push(Op::Running(true));
         store.commit(&cleanup)?;
@@ -449,8 +472,9 @@ impl LocalBackend {
         let (t, adm, pending) = loop {
             let t = self.target(name)?;
             let mut l = t.lock();
-            if t.retired.load(Ordering::Relaxed) {
-                // A reload is putting its successor in the map.
+            if stale(&t) {
+                // A reload is putting its successor in the map, or carrying
+                // a group's state in: look again, holding nothing.
                 drop(l);
                 std::thread::yield_now();
                 continue;
@@ -486,8 +510,9 @@ impl LocalBackend {
         let (t, result, pending) = loop {
             let t = self.target(name)?;
             let mut l = t.lock();
-            if t.retired.load(Ordering::Relaxed) {
-                // A reload is putting its successor in the map.
+            if stale(&t) {
+                // A reload is putting its successor in the map, or carrying
+                // a group's state in: look again, holding nothing.
                 drop(l);
                 std::thread::yield_now();
                 continue;
@@ -556,8 +581,9 @@ impl LocalBackend {
         let (t, pending) = loop {
             let t = self.target(name)?;
             let mut l = t.lock();
-            if t.retired.load(Ordering::Relaxed) {
-                // A reload is putting its successor in the map.
+            if stale(&t) {
+                // A reload is putting its successor in the map, or carrying
+                // a group's state in: look again, holding nothing.
                 drop(l);
                 std::thread::yield_now();
                 continue;
@@ -578,8 +604,9 @@ impl LocalBackend {
         let (t, pending) = loop {
             let t = self.existing(name)?;
             let mut l = t.lock();
-            if t.retired.load(Ordering::Relaxed) {
-                // A reload is putting its successor in the map.
+            if stale(&t) {
+                // A reload is putting its successor in the map, or carrying
+                // a group's state in: look again, holding nothing.
                 drop(l);
                 std::thread::yield_now();
                 continue;
@@ -607,6 +634,19 @@ impl LocalBackend {
     }
 
     fn view_of(&self, t: &Arc<Target>) -> TargetView {
+        let mut t = t.clone();
+        loop {
+            let l = t.lock();
+            if !stale(&t) {
+                break;
+            }
+            drop(l);
+            std::thread::yield_now();
+            if let Some(now_held) = self.targets.get(t.name.as_ref()).map(|e| e.clone()) {
+                t = now_held;
+            }
+        }
+        let t = &t;
         let now = self.clock.now();
         let mut l = t.lock();
         self.apply_time(now, t, &mut l);
@@ -758,6 +798,8 @@ impl LocalBackend {
             if let Some(k) = &self.stored_secret {
                 p.write_behind(vec![Op::PermitKey(k.to_vec())]);
             }
+            // The file may be new: it must still say a server is running.
+            p.write_behind(vec![Op::Running(true)]);
             from
         });
         (p.wait_for(last), n, recovered)

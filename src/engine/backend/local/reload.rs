@@ -10,16 +10,17 @@
 //! up the old target finds it retired once it gets the lock and looks up
 //! again, so no decision ever lands on a state that was already copied.
 //!
-//! Budget levels are GCRA arrival times, kept as they are: under a new rate
-//! the same time-debt means the same *fraction* of the budget used (50 of
-//! 100 used becomes 5 of 10 used), so what is admitted after the reload
-//! never exceeds the new limit, and old plus new never exceeds the larger.
+//! Budget levels keep the *fraction* of the window used (50 of 100 used
+//! becomes 5 of 10 used; a minute's budget fully used stays fully used when
+//! the window becomes an hour), so what is admitted after the reload never
+//! exceeds the new limit, and old plus new never exceeds the larger.
 //!
 //! Budget groups are replaced the same way: a group whose budget changed
-//! gets a new state object, locked by the reload from before the first
-//! target that draws on it is replaced until every target that drew on the
-//! old one is retired and the old state is copied in. Decisions on those
-//! targets wait on that lock for the length of the reload; nothing else does.
+//! gets a new state object, not `ready` until every target that drew on the
+//! old one is retired and the old state is carried in. A decision on a
+//! target that draws on a group not ready yet lets go of every lock and
+//! looks again, so nothing the reload waits for (a map shard, a target)
+//! is ever held by a decision waiting for the reload.
 
 use super::store::Op;
 use super::target::{Conf, DIRTY_COUNTERS, DIRTY_STATE, Locked};
@@ -27,9 +28,9 @@ use super::{LocalBackend, LocalGroup, Target, conf, lock};
 use crate::config::Config;
 use crate::domain::event::EventKind;
 use crate::domain::unit::{codec, first_permit_id};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard};
 
 /// What a reload did to the targets held (names sorted).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -45,15 +46,17 @@ pub struct Reloaded {
 
 impl LocalBackend {
     /// Applies `new` (already validated, with restart-only settings kept at
-    /// their running values). One reload runs at a time; decisions go on
-    /// throughout.
+    /// their running values). One reload at a time; decisions go on
+    /// throughout (those on a target being replaced wait for it, holding
+    /// no lock).
     pub fn reload(&self, new: &Arc<Config>) -> Reloaded {
         let _one = lock(&self.reloading);
         let now = self.clock.now();
         let old_groups = self.groups.load_full();
 
         // 1. Groups: one whose name and budget are unchanged keeps its state
-        //    object; the others are new, and stay locked until step 4.
+        //    object; the others are new and not `ready` until step 4, so no
+        //    decision draws on them before the old state is carried in.
         let mut carried: Vec<(Arc<LocalGroup>, Arc<LocalGroup>)> = Vec::new();
         let groups: Vec<Arc<LocalGroup>> = new
             .groups
@@ -62,20 +65,16 @@ impl LocalBackend {
                 let old = old_groups.iter().find(|o| o.name == g.name);
                 match old {
                     Some(o) if o.config == g.budget => o.clone(),
-                    _ => {
-                        let fresh = LocalGroup::new(g.name.clone(), g.budget.clone());
-                        if let Some(o) = old {
-                            carried.push((o.clone(), fresh.clone()));
-                        }
+                    Some(o) => {
+                        let fresh =
+                            LocalGroup::with_readiness(g.name.clone(), g.budget.clone(), false);
+                        carried.push((o.clone(), fresh.clone()));
                         fresh
                     }
+                    None => LocalGroup::new(g.name.clone(), g.budget.clone()),
                 }
             })
             .collect();
-        // Locked before any target can reach them (only targets inserted
-        // below can), so this cannot deadlock with a decision.
-        let fresh_locks: Vec<Arc<LocalGroup>> = carried.iter().map(|(_, n)| n.clone()).collect();
-        let mut held: Vec<MutexGuard<'_, _>> = fresh_locks.iter().map(|g| lock(&g.state)).collect();
 
         // 2. The new config and defaults: targets created on first use from
         //    here on get the new defaults.
@@ -84,23 +83,21 @@ impl LocalBackend {
         self.config.store(new.clone());
         self.groups.store(Arc::new(groups.clone()));
 
-        // 3. Every target held: replaced if what it should be differs.
+        // 3. Every target held: replaced if what it should be differs. No
+        //    lock is held while the map is written (readers of the map lock
+        //    targets while holding a shard).
         let members: HashSet<&str> = new
             .routes
             .values()
             .flat_map(|r| r.targets.iter().map(|t| t.as_ref()))
             .collect();
-        let mut confs: HashMap<Arc<str>, Arc<Conf>> = HashMap::new();
         let mut report = Reloaded::default();
         let held_now: Vec<Arc<Target>> = self.targets.iter().map(|e| e.value().clone()).collect();
         let mut seen: HashSet<Arc<str>> = HashSet::new();
         for t in held_now {
             seen.insert(t.name.clone());
             let wanted = match new.targets.get(t.name.as_ref()) {
-                Some(s) => confs
-                    .entry(t.name.clone())
-                    .or_insert_with(|| conf(s, &groups))
-                    .clone(),
+                Some(s) => conf(s, &groups),
                 None if t.conf.settings.configured && !members.contains(t.name.as_ref()) => {
                     self.remove(&t, now);
                     report.removed.push(t.name.to_string());
@@ -111,47 +108,68 @@ impl LocalBackend {
             if same(&t.conf, &wanted) {
                 continue;
             }
-            if wanted.settings.configured && !t.conf.settings.configured {
-                // Declared now: no longer counts as created on first use.
-                self.created.fetch_sub(1, Ordering::Relaxed);
-            }
+            let was_configured = t.conf.settings.configured;
             self.replace(&t, wanted, now);
-            if t.conf.settings.configured {
+            if was_configured {
                 report.changed.push(t.name.to_string());
             } else if new.targets.contains_key(t.name.as_ref()) {
                 report.added.push(t.name.to_string());
             }
         }
-        for (name, s) in &new.targets {
-            if seen.contains(name.as_str()) {
-                continue;
-            }
-            let key: Arc<str> = Arc::from(name.as_str());
-            let wanted = conf(s, &groups);
-            match self.targets.get(name.as_str()).map(|e| e.clone()) {
-                // Created on first use while this reload ran.
-                Some(t) => self.replace(&t, wanted, now),
-                None => {
-                    self.insert_target(key, wanted);
-                }
-            }
-            report.added.push(name.clone());
-        }
-        for name in members {
-            if !self.targets.contains_key(name) {
-                self.insert_target(Arc::from(name), default_conf.clone());
-            }
-        }
-
-        // 4. Every target that drew on a replaced group is retired: its
-        //    state is final and moves to the new group.
-        for ((old, fresh), guard) in carried.iter().zip(held.iter_mut()) {
+        // 4. Every target (held before this reload) that drew on a replaced group is retired: the old
+        //    state is final. It moves in, re-expressed under the new budget,
+        //    and the group opens for decisions.
+        for (old, fresh) in &carried {
             let rec = codec::encode_group(&lock(&old.state));
             let mut g = codec::decode_group(&rec, &old.config, now, false);
-            g.budget.clamp_debt(now, &fresh.config);
-            **guard = g;
+            g.budget.rescale(now, &old.config, &fresh.config);
+            *lock(&fresh.state) = g;
+            fresh.ready.store(true, Ordering::Release);
         }
-        drop(held);
+        let wanted_new = new
+            .targets
+            .iter()
+            .filter(|(n, _)| !seen.contains(n.as_str()))
+            .map(|(n, s)| (n.as_str(), conf(s, &groups), true))
+            .chain(
+                members
+                    .iter()
+                    .filter(|n| !seen.contains(**n) && !new.targets.contains_key(**n))
+                    .map(|n| (*n, default_conf.clone(), false)),
+            );
+        for (name, wanted, declared) in wanted_new.collect::<Vec<_>>() {
+            let key: Arc<str> = Arc::from(name);
+            // One atomic step: a first use of the same name racing this
+            // either lands first (and is replaced, state carried) or finds
+            // the new target.
+            let raced = match self.targets.entry(key.clone()) {
+                dashmap::mapref::entry::Entry::Occupied(e) => Some(e.get().clone()),
+                dashmap::mapref::entry::Entry::Vacant(v) => {
+                    v.insert(Arc::new(Target::new(
+                        key,
+                        wanted.clone(),
+                        self.metrics.for_target(name),
+                        first_permit_id(self.boot),
+                    )));
+                    None
+                }
+            };
+            if let Some(t) = raced {
+                self.replace(&t, wanted, now);
+            }
+            if declared {
+                report.added.push(name.to_string());
+            }
+        }
+        // Targets created on first use, counted again from what is held
+        // (declaring one, or a route member, takes it out of the count).
+        let first_use = self
+            .targets
+            .iter()
+            .filter(|e| !e.value().conf.settings.configured && !members.contains(e.key().as_ref()))
+            .count();
+        self.created.store(first_use, Ordering::Relaxed);
+
         for g in old_groups.iter() {
             if !new.groups.iter().any(|n| n.name == g.name)
                 && let Some(p) = &self.persister
@@ -192,7 +210,8 @@ impl LocalBackend {
         {
             let mut st = codec::decode(&fresh.cx(), &rec, first_permit_id(self.boot));
             for s in st.slots.iter_mut() {
-                s.budget.clamp_debt(now, &fresh.conf.settings.budget);
+                s.budget
+                    .rescale(now, &t.conf.settings.budget, &fresh.conf.settings.budget);
             }
             *fresh.lock() = Locked { st, settled };
         }
@@ -206,7 +225,9 @@ impl LocalBackend {
     }
 
     /// Drops a target the config no longer declares, with an event once the
-    /// deletion is on disk.
+    /// deletion is on disk. The deletion is queued under the target's lock,
+    /// before it leaves the map, so a first use of the same name right after
+    /// writes its record after it, never before.
     fn remove(&self, t: &Arc<Target>, now: crate::domain::Time) {
         {
             let _l = t.lock();
@@ -214,23 +235,23 @@ impl LocalBackend {
                 return;
             }
             t.retired.store(true, Ordering::Relaxed);
+            let kind = EventKind::TargetRemoved {
+                reason: "no longer in the config".into(),
+            };
+            match &self.persister {
+                Some(p) => {
+                    let _ = p.write(
+                        vec![Op::Target(t.name.clone(), None)],
+                        vec![(now, t.name.clone(), kind)],
+                    );
+                }
+                None => {
+                    self.events.publish(now, &t.name, kind);
+                }
+            }
         }
         self.targets
             .remove_if(t.name.as_ref(), |_, held| Arc::ptr_eq(held, t));
-        let kind = EventKind::TargetRemoved {
-            reason: "no longer in the config".into(),
-        };
-        match &self.persister {
-            Some(p) => {
-                let _ = p.write(
-                    vec![Op::Target(t.name.clone(), None)],
-                    vec![(now, t.name.clone(), kind)],
-                );
-            }
-            None => {
-                self.events.publish(now, &t.name, kind);
-            }
-        }
     }
 }
 
