@@ -332,10 +332,21 @@ async fn setup(cx: &Cx) -> Result<(), String> {
             .await
             .filter(|r| r.allowed)
             .ok_or_else(|| fail("no permit for the keyed target"))?;
-        let status = if r.key_slot == DISABLED_SLOT { 401 } else { 200 };
-        record(cx, Tgt::Keyed, &r.permit, &r.key_slot, status, Default::default())
-            .await
-            .ok_or_else(|| fail("RecordOutcome failed"))?;
+        let status = if r.key_slot == DISABLED_SLOT {
+            401
+        } else {
+            200
+        };
+        record(
+            cx,
+            Tgt::Keyed,
+            &r.permit,
+            &r.key_slot,
+            status,
+            Default::default(),
+        )
+        .await
+        .ok_or_else(|| fail("RecordOutcome failed"))?;
         if status == 401 {
             disabled = true;
             break;
@@ -351,7 +362,15 @@ async fn setup(cx: &Cx) -> Result<(), String> {
         if r.key_slot == DISABLED_SLOT {
             return Err(fail("k1 is still admitted after a 401"));
         }
-        record(cx, Tgt::Keyed, &r.permit, &r.key_slot, 200, Default::default()).await;
+        record(
+            cx,
+            Tgt::Keyed,
+            &r.permit,
+            &r.key_slot,
+            200,
+            Default::default(),
+        )
+        .await;
     }
     Ok(())
 }
@@ -686,7 +705,11 @@ async fn vanisher(cx: Arc<Cx>) {
         let (inc, addr, _) = cx.conn.current();
         let Ok(ch) = channel(&addr) else { continue };
         let until = now_ms() + 1500;
-        while now_ms() < until {
+        // Its server is gone once the incarnation changes: the client's
+        // session ends there (calls to a dead address are not the new
+        // server's unanswered calls).
+        let alive = || cx.conn.current().0 == inc;
+        while now_ms() < until && alive() {
             if let Some(Answer { r: Ok(r), .. }) =
                 decide(&cx, Some((ch.clone(), inc)), Tgt::Flaky, "vanisher").await
                 && r.allowed
@@ -712,6 +735,10 @@ async fn vanisher(cx: Arc<Cx>) {
             worker: "vanisher".into(),
             ..Default::default()
         };
+        if !alive() {
+            cx.led.lock().vanished_clients += 1;
+            continue;
+        }
         if let Some(Answer { r: Ok(c), .. }) = cx
             .call_on(ch, inc, "Claim", Duration::ZERO, |ch| async move {
                 DeferredClient::new(ch).claim(req).await
@@ -727,6 +754,66 @@ async fn vanisher(cx: Arc<Cx>) {
     }
 }
 
+/// Drives the flaky breaker open with failures (or sees it already open)
+/// just before a kill, so that an open period a client was told about spans
+/// the restart: the new process must keep refusing until its open-until.
+async fn trip(cx: &Cx) {
+    let until = now_ms() + 1500;
+    while now_ms() < until {
+        let Some(a) = decide(cx, None, Tgt::Flaky, "fault-schedule").await else {
+            return;
+        };
+        let r = match a.r {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        if !r.allowed {
+            if r.reason() == proto::Reason::CircuitOpen {
+                return; // told open (recorded by `decide`)
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let fields = parse_permit(&r.permit).unwrap_or_default();
+        let req = proto::RecordOutcomeRequest {
+            target: Tgt::Flaky.name().into(),
+            permit: r.permit.clone(),
+            http_status: 503,
+            caller: "fault-schedule".into(),
+            ..Default::default()
+        };
+        if fields.probe != 0 {
+            cx.led.lock().probes.push(Probe {
+                inc: a.inc,
+                generation: fields.generation,
+                start: fields.issued_ms,
+                end: now_ms().min(fields.issued_ms + PROBE_LEASE_MS),
+            });
+        }
+        if let Some(Answer {
+            inc,
+            sent,
+            recv,
+            r: Ok(o),
+        }) = cx
+            .call("RecordOutcome", Duration::ZERO, |ch| async move {
+                ResilienceClient::new(ch).record_outcome(req).await
+            })
+            .await
+        {
+            cx.led.lock().decisions += 1;
+            if let Some(adv) = &o.retry
+                && o.state() == proto::BreakerState::Open
+                && !o.duplicate
+                && adv.reason() == proto::RetryReason::CircuitOpen
+            {
+                told_open(cx, inc, sent, recv, adv.delay.as_ref().map_or(0, ms));
+                return;
+            }
+        }
+    }
+}
+
 /// kill -9 every `every`, restart on the same data dir, hand clients the
 /// new address. Returns the last server (killed on drop by the caller).
 async fn faults(
@@ -737,14 +824,18 @@ async fn faults(
     every: Duration,
 ) -> Result<Proc, String> {
     let mut inc = 0;
+    let start = tokio::time::Instant::now();
     loop {
-        let wake = tokio::time::Instant::now() + every;
+        // Fixed rate (kill k at k·every from the start), so a run of D has
+        // floor(D / every) kills however long restarts take.
+        let wake = start + every * (inc as u32 + 1);
         while tokio::time::Instant::now() < wake {
             if cx.stopped() {
                 return Ok(server);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        trip(&cx).await;
         let kill = now_ms();
         {
             let mut s = cx.led.lock();
@@ -774,11 +865,15 @@ async fn faults(
 }
 
 pub async fn run(args: SoakArgs) -> Result<(), String> {
-    let seed = args.seed.unwrap_or_else(|| now_ms() ^ u64::from(std::process::id()));
+    let seed = args
+        .seed
+        .unwrap_or_else(|| now_ms() ^ u64::from(std::process::id()));
     let bin = backstop_bin(&args)?;
-    let (dir, _tmp) = match &args.data_dir {
+    // The temp dir (if any) lives until the end of the run, then is removed.
+    let (dir, _tmp): (PathBuf, Option<TempDir>) = match &args.data_dir {
         Some(d) => {
-            std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            std::fs::create_dir_all(d)
+                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
             (d.clone(), None)
         }
         None => {
@@ -786,7 +881,6 @@ pub async fn run(args: SoakArgs) -> Result<(), String> {
             (t.0.clone(), Some(t))
         }
     };
-    let _tmp: Option<TempDir> = _tmp;
     let cfg_path = dir.join("soak.toml");
     std::fs::write(&cfg_path, config())
         .map_err(|e| format!("cannot write {}: {e}", cfg_path.display()))?;
@@ -839,15 +933,17 @@ pub async fn run(args: SoakArgs) -> Result<(), String> {
     // The continuous checker: a progress line every 5 s, and every new
     // violation's example as soon as it is seen.
     let end = tokio::time::Instant::now() + args.duration;
-    let mut shown = 0usize;
+    let mut shown = std::collections::HashSet::new();
     while tokio::time::Instant::now() < end {
         tokio::time::sleep(Duration::from_secs(5).min(end - tokio::time::Instant::now())).await;
         let r = cx.led.check(false);
         progress(&r);
-        for e in r.examples.iter().skip(shown) {
-            println!("soak: VIOLATION {e}");
+        for e in r.examples {
+            if !shown.contains(&e) {
+                println!("soak: VIOLATION {e}");
+                shown.insert(e);
+            }
         }
-        shown = r.examples.len();
     }
     cx.stop.store(true, Ordering::Relaxed);
     let server = fault_task.await.map_err(|e| e.to_string())??;
@@ -909,7 +1005,10 @@ fn print_report(r: &Report) {
     println!("---- chaos soak: {:.0} s", r.elapsed_s);
     line("faults injected (kill -9)", r.faults.to_string());
     line("restarts", r.restarts.to_string());
-    line("clients vanished holding leases", r.vanished_clients.to_string());
+    line(
+        "clients vanished holding leases",
+        r.vanished_clients.to_string(),
+    );
     line("calls", r.calls.to_string());
     line(
         "unanswered (all in kill windows?)",
@@ -939,8 +1038,11 @@ fn print_report(r: &Report) {
         format!("{} / {}", r.ack_refused, r.acked_by_unanswered_call),
     );
     line(
-        "breaker-open windows learnt / forgotten after restart",
-        format!("{} / {}", r.told_open, r.open_forgotten_after_restart),
+        "open periods told / spanning a restart / forgotten",
+        format!(
+            "{} / {} / {}",
+            r.told_open, r.told_open_spanning_restart, r.open_forgotten_after_restart
+        ),
     );
     line("probes seen", r.probes.to_string());
     let maxes: Vec<String> = r
@@ -948,10 +1050,7 @@ fn print_report(r: &Report) {
         .iter()
         .map(|(i, m)| format!("{i}:{m}"))
         .collect();
-    line(
-        "max outstanding probes per incarnation",
-        maxes.join(" "),
-    );
+    line("max outstanding probes per incarnation", maxes.join(" "));
     for b in &r.budgets {
         line(
             &format!("budget {}", b.target),

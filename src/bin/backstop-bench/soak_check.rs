@@ -202,6 +202,12 @@ impl State {
     }
 }
 
+impl Default for Ledger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Ledger {
     pub fn new() -> Ledger {
         Ledger {
@@ -220,21 +226,36 @@ impl Ledger {
         let mut s = self.lock();
         s.admitted += 1;
         let Some(p) = parse_permit(permit) else {
-            s.violate("unparsable_permit", format!("{} permit {permit:?}", t.name()));
+            s.violate(
+                "unparsable_permit",
+                format!("{} permit {permit:?}", t.name()),
+            );
             return;
         };
         match t {
             Tgt::Forced => s.violate(
                 "forced_open_admitted",
-                format!("{} admitted at {} (incarnation {inc})", t.name(), p.issued_ms),
+                format!(
+                    "{} admitted at {} (incarnation {inc})",
+                    t.name(),
+                    p.issued_ms
+                ),
             ),
             Tgt::Paused => s.violate(
                 "pause_forgotten",
-                format!("{} admitted at {} (incarnation {inc})", t.name(), p.issued_ms),
+                format!(
+                    "{} admitted at {} (incarnation {inc})",
+                    t.name(),
+                    p.issued_ms
+                ),
             ),
             Tgt::Keyed if key_slot == DISABLED_SLOT => s.violate(
                 "disabled_key_admitted",
-                format!("{} slot {key_slot} admitted at {} (incarnation {inc})", t.name(), p.issued_ms),
+                format!(
+                    "{} slot {key_slot} admitted at {} (incarnation {inc})",
+                    t.name(),
+                    p.issued_ms
+                ),
             ),
             _ => {}
         }
@@ -248,7 +269,10 @@ impl Ledger {
     pub fn delivered(&self, payload: &[u8], server_id: &str) -> Option<u64> {
         let mut s = self.lock();
         s.deliveries += 1;
-        let Some(n) = std::str::from_utf8(payload).ok().and_then(|p| p.parse().ok()) else {
+        let Some(n) = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|p| p.parse().ok())
+        else {
             s.violate(
                 "foreign_payload",
                 format!("item {server_id} payload {payload:?}"),
@@ -346,7 +370,16 @@ impl Ledger {
             a
         };
         let mut open_forgotten_after_restart = 0u64;
+        let mut told_open_spanning_restart = 0u64;
         for t in &s.told_open {
+            // Told open, then killed, and the new process was ready while
+            // still inside the open period: the case "never forgotten" is about.
+            if s.windows
+                .iter()
+                .any(|&(k, r)| k >= t.from && r.is_some_and(|r| r + SLACK_MS < t.until))
+            {
+                told_open_spanning_restart += 1;
+            }
             let from = t.from + SLACK_MS;
             let until = t.until.saturating_sub(SLACK_MS);
             if from >= until {
@@ -396,7 +429,9 @@ impl Ledger {
                         note(
                             &mut v,
                             "too_many_probes",
-                            format!("{max} outstanding at {t} (incarnation {inc}, generation {generation})"),
+                            format!(
+                                "{max} outstanding at {t} (incarnation {inc}, generation {generation})"
+                            ),
                         );
                     }
                 }
@@ -419,21 +454,31 @@ impl Ledger {
             let mut within = f64::NEG_INFINITY;
             let incs: HashSet<u64> = adm.iter().map(|a| a.inc).collect();
             for inc in incs {
-                let ts: Vec<u64> = adm.iter().filter(|a| a.inc == inc).map(|a| a.issued_ms).collect();
+                let ts: Vec<u64> = adm
+                    .iter()
+                    .filter(|a| a.inc == inc)
+                    .map(|a| a.issued_ms)
+                    .collect();
                 within = within.max(max_excess(&ts, burst, rate).0);
             }
             let elapsed = now_ms().saturating_sub(self.start_ms) as f64 / 1000.0;
             let whole_bound = burst + rate * elapsed;
             // Millisecond truncation of both ends: allow one ms of refill.
             if excess > rate / 1000.0 + 1e-9 {
+                let kills = s
+                    .windows
+                    .iter()
+                    .filter(|&&(k, _)| k >= at.0 && k <= at.1)
+                    .count();
                 note(
                     &mut v,
                     "budget_over_admitted",
                     format!(
-                        "{}: {excess:.2} admissions over burst + rate·t in the interval {}..{}",
+                        "{}: {excess:.2} admissions over burst + rate·t in the interval {}..{} ({:.1} s, {kills} kill(s) inside)",
                         t.name(),
                         at.0,
-                        at.1
+                        at.1,
+                        at.1.saturating_sub(at.0) as f64 / 1000.0
                     ),
                 );
             }
@@ -458,7 +503,11 @@ impl Ledger {
             }
             if r.deliveries == 0 {
                 lost += 1;
-                note(&mut v, "lost_item", format!("payload {n} acknowledged, never delivered"));
+                note(
+                    &mut v,
+                    "lost_item",
+                    format!("payload {n} acknowledged, never delivered"),
+                );
             } else if r.acks_ok == 0 && !r.ack_gone {
                 unacked += 1;
                 note(
@@ -494,6 +543,7 @@ impl Ledger {
             unacked,
             told_open: s.told_open.len() as u64,
             open_forgotten_after_restart,
+            told_open_spanning_restart,
             probes: s.probes.len() as u64,
             max_probes_by_incarnation: max_probes_by_inc,
             budgets,
@@ -508,14 +558,18 @@ impl Ledger {
 fn max_excess(times: &[u64], burst: f64, rate: f64) -> (f64, (u64, u64)) {
     let mut best = (f64::NEG_INFINITY, (0, 0));
     let mut lead = (f64::NEG_INFINITY, 0u64);
-    for (j, &t) in times.iter().enumerate() {
+    // Relative to the first admission: epoch milliseconds times a rate lose
+    // precision in an f64.
+    let base = times.first().copied().unwrap_or(0);
+    for (j, &abs) in times.iter().enumerate() {
+        let t = abs - base;
         let cand = rate * t as f64 / 1000.0 - j as f64;
         if cand > lead.0 {
-            lead = (cand, t);
+            lead = (cand, abs);
         }
         let e = (j as f64 + 1.0 - rate * t as f64 / 1000.0) + lead.0 - burst;
         if e > best.0 {
-            best = (e, (lead.1, t));
+            best = (e, (lead.1, abs));
         }
     }
     best
@@ -559,6 +613,8 @@ pub struct Report {
     pub unacked: u64,
     pub told_open: u64,
     pub open_forgotten_after_restart: u64,
+    /// Open periods a client was told about that outlived a kill and restart.
+    pub told_open_spanning_restart: u64,
     pub probes: u64,
     pub max_probes_by_incarnation: BTreeMap<u64, usize>,
     pub budgets: Vec<BudgetFigure>,
@@ -587,7 +643,9 @@ mod tests {
 
     #[test]
     fn parses_a_permit() {
-        let p = parse_permit("2.ab.1f.3.2.100.0.18f00000000.18f00001000.00112233445566778899aabbccddeeff");
+        let p = parse_permit(
+            "2.ab.1f.3.2.100.0.18f00000000.18f00001000.00112233445566778899aabbccddeeff",
+        );
         assert_eq!(
             p,
             Some(PermitFields {
