@@ -59,6 +59,11 @@ pub struct SoakArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Extra `backstop serve` arguments for restarts only. For testing the
+    /// checker itself: `--restart-arg=--reset-state` makes every restart
+    /// forget its state, which the checker must report.
+    #[arg(long, hide = true, allow_hyphen_values = true)]
+    restart_arg: Vec<String>,
 }
 
 const QUEUE: &str = "soak/queue";
@@ -269,7 +274,7 @@ fn backstop_bin(args: &SoakArgs) -> Result<PathBuf, String> {
     }
 }
 
-fn start_server(bin: &Path, dir: &Path) -> Result<Proc, String> {
+fn start_server(bin: &Path, dir: &Path, extra: &[String]) -> Result<Proc, String> {
     let mut cmd = Command::new(bin);
     cmd.args([
         "serve",
@@ -281,7 +286,8 @@ fn start_server(bin: &Path, dir: &Path) -> Result<Proc, String> {
     ])
     .arg(dir.join("soak.toml"))
     .arg("--data-dir")
-    .arg(dir.join("data"));
+    .arg(dir.join("data"))
+    .args(extra);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "warn");
     }
@@ -822,6 +828,7 @@ async fn faults(
     bin: PathBuf,
     dir: PathBuf,
     every: Duration,
+    extra: Vec<String>,
 ) -> Result<Proc, String> {
     let mut inc = 0;
     let start = tokio::time::Instant::now();
@@ -842,13 +849,13 @@ async fn faults(
             s.faults += 1;
             s.windows.push((kill, None));
         }
-        let (b, d) = (bin.clone(), dir.clone());
+        let (b, d, x) = (bin.clone(), dir.clone(), extra.clone());
         let started = tokio::task::spawn_blocking(move || {
             // kill -9, and wait: the data dir's lock is free once it is gone.
             let _ = server.child.kill();
             let _ = server.child.wait();
             drop(server);
-            start_server(&b, &d)
+            start_server(&b, &d, &x)
         })
         .await
         .map_err(|e| e.to_string())??;
@@ -891,7 +898,7 @@ pub async fn run(args: SoakArgs) -> Result<(), String> {
         dir.display()
     );
     let (b, d) = (bin.clone(), dir.clone());
-    let server = tokio::task::spawn_blocking(move || start_server(&b, &d))
+    let server = tokio::task::spawn_blocking(move || start_server(&b, &d, &[]))
         .await
         .map_err(|e| e.to_string())??;
     let cx = Arc::new(Cx {
@@ -928,6 +935,7 @@ pub async fn run(args: SoakArgs) -> Result<(), String> {
         bin,
         dir.clone(),
         args.kill_every,
+        args.restart_arg.clone(),
     ));
 
     // The continuous checker: a progress line every 5 s, and every new
