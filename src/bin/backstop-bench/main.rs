@@ -13,11 +13,14 @@
 //! backstop-bench --workload can-proceed --targets 10000 --peer redis-lua
 //! backstop-bench --fill 1000000            # memory per resident target
 //! backstop-bench --cluster 1 --in-flight 64 # + one replica on a Redis, same run
+//! backstop-bench soak --duration 10m --kill-every 15s   # chaos soak (see soak.rs)
 //! ```
 
 mod baseline;
 mod load;
 mod redis_peer;
+mod soak;
+mod soak_check;
 mod stream;
 
 use clap::Parser;
@@ -47,6 +50,8 @@ enum Sub {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
+    /// The chaos soak: workload + kill -9 schedule + invariant checker (exit 1 on any violation).
+    Soak(soak::SoakArgs),
 }
 
 #[derive(clap::Args)]
@@ -733,6 +738,7 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Some(Sub::BaselineServer { listen }) => baseline::serve(listen).await,
+            Some(Sub::Soak(args)) => soak::run(args).await,
             None => run(cli.run).await,
         }
     });

@@ -1,0 +1,1082 @@
+//! `backstop-bench soak`: the chaos soak (issue 18, part 2).
+//!
+//! One `backstop serve` on its own data dir, driven for `--duration` by
+//! agents (CanProceed → RecordOutcome on budgeted targets), probe hunters on
+//! a target whose breaker keeps opening, Defer producers and Claim → Ack
+//! consumers, while a fault schedule `kill -9`s the server every
+//! `--kill-every` and restarts it on the same data dir, and clients vanish
+//! holding probe permits and claimed items. The checker
+//! ([`super::soak_check`]) judges what the clients saw, continuously and at
+//! the end; any violation makes the exit status non-zero.
+//!
+//! Why the server is restarted on an ephemeral port and clients are handed a
+//! new channel, rather than reusing the port: a listening port can stay
+//! unavailable briefly after the process holding it is killed, and a channel
+//! that keeps reconnecting on its own backoff would blur the line between
+//! "the server was down" and "the server did not answer". The kill window
+//! is measured from the kill to the new process's `listening` line.
+
+use super::soak_check::{
+    DISABLED_SLOT, Ledger, PROBE_LEASE_MS, Probe, Report, Tgt, ToldOpen, Unanswered, now_ms,
+    parse_permit,
+};
+use super::{Proc, TempDir};
+use backstop::proto;
+use backstop::proto::admin_client::AdminClient;
+use backstop::proto::deferred_client::DeferredClient;
+use backstop::proto::resilience_client::ResilienceClient;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(clap::Args)]
+pub struct SoakArgs {
+    /// How long the workload and the faults run (then a drain).
+    #[arg(long, default_value = "10m", value_parser = super::parse_dur)]
+    duration: Duration,
+    /// kill -9 the server this often (and restart it on the same data dir).
+    #[arg(long, default_value = "15s", value_parser = super::parse_dur)]
+    kill_every: Duration,
+    /// Keep the server's config and data here (default: a temp dir, removed).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Seed for the workload's choices (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Every call's deadline; a call unanswered within it outside a kill window is a violation.
+    #[arg(long, default_value = "2s", value_parser = super::parse_dur)]
+    deadline: Duration,
+    /// After the run, how long consumers may take to ack every acknowledged Defer.
+    #[arg(long, default_value = "30s", value_parser = super::parse_dur)]
+    drain: Duration,
+    /// The backstop binary to start (default: next to this one).
+    #[arg(long)]
+    backstop_bin: Option<PathBuf>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Extra `backstop serve` arguments for restarts only. For testing the
+    /// checker itself: `--restart-arg=--reset-state` makes every restart
+    /// forget its state, which the checker must report.
+    #[arg(long, hide = true, allow_hyphen_values = true)]
+    restart_arg: Vec<String>,
+}
+
+const QUEUE: &str = "soak/queue";
+/// Claim leases: short, so abandoned items come back within the run.
+const ITEM_LEASE: Duration = Duration::from_secs(3);
+const CLAIM_WAIT: Duration = Duration::from_millis(500);
+
+/// The server config. Budgets match [`Tgt::budget`]; the flaky target's
+/// breaker matches [`PROBE_LEASE_MS`] and `MAX_PROBES`. Failure thresholds
+/// of budgeted targets are out of reach so their breakers never close the
+/// budget off (the budget is what they test).
+fn config() -> String {
+    format!(
+        r#"[server]
+max_targets = 1000
+
+[targets."{a}"]
+requests_per_minute = 600
+breaker = {{ failure_threshold = 1000000 }}
+
+[targets."{b}"]
+requests = 50
+window = "5s"
+breaker = {{ failure_threshold = 1000000 }}
+
+[targets."{flaky}"]
+breaker = {{ failure_threshold = 3, success_threshold = 2, open_duration = "1s", half_open_max_probes = 2, probe_lease = "{lease}ms", backoff_multiplier = 1.5, max_open_duration = "3s" }}
+
+[targets."{forced}"]
+
+[targets."{paused}"]
+
+[targets."{keyed}"]
+keys = ["k1", "k2"]
+breaker = {{ failure_threshold = 1000000, persistent_open_duration = "2h" }}
+
+[targets."{QUEUE}"]
+"#,
+        a = Tgt::BudgetA.name(),
+        b = Tgt::BudgetB.name(),
+        flaky = Tgt::Flaky.name(),
+        lease = PROBE_LEASE_MS,
+        forced = Tgt::Forced.name(),
+        paused = Tgt::Paused.name(),
+        keyed = Tgt::Keyed.name(),
+    )
+}
+
+/// The current server incarnation and a channel to it; replaced after each restart.
+struct Conn {
+    cur: RwLock<(u64, String, Channel)>,
+}
+
+impl Conn {
+    fn current(&self) -> (u64, String, Channel) {
+        self.cur.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, inc: u64, addr: &str) -> Result<(), String> {
+        let ch = channel(addr)?;
+        *self.cur.write().unwrap_or_else(|e| e.into_inner()) = (inc, addr.to_string(), ch);
+        Ok(())
+    }
+}
+
+fn channel(addr: &str) -> Result<Channel, String> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy())
+}
+
+/// Shared by every task.
+struct Cx {
+    conn: Conn,
+    led: Ledger,
+    deadline: Duration,
+    /// Stops the workload and the faults (not the consumers).
+    stop: AtomicBool,
+    /// Stops the consumers, after the drain.
+    stop_all: AtomicBool,
+    next_payload: AtomicU64,
+    seed: u64,
+}
+
+/// An answered call: the incarnation it went to, when it was sent and when
+/// the answer arrived (ms since the epoch), and the answer.
+struct Answer<T> {
+    inc: u64,
+    sent: u64,
+    recv: u64,
+    r: Result<T, tonic::Status>,
+}
+
+/// Status codes that mean "no answer from the server" rather than an
+/// answer: the deadline passed, the connection was refused or broke.
+fn unanswered_code(c: tonic::Code) -> bool {
+    matches!(
+        c,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::DataLoss
+    )
+}
+
+impl Cx {
+    async fn call<T, F, Fut>(&self, what: &'static str, extra: Duration, f: F) -> Option<Answer<T>>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let (inc, _, ch) = self.conn.current();
+        self.call_on(ch, inc, what, extra, f).await
+    }
+
+    /// One call with the soak's deadline; unanswered calls go to the ledger
+    /// (the checker decides whether a kill window excuses them) and yield None.
+    async fn call_on<T, F, Fut>(
+        &self,
+        ch: Channel,
+        inc: u64,
+        what: &'static str,
+        extra: Duration,
+        f: F,
+    ) -> Option<Answer<T>>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let sent = now_ms();
+        let r = tokio::time::timeout(self.deadline + extra, f(ch)).await;
+        let recv = now_ms();
+        let mut s = self.led.lock();
+        s.calls += 1;
+        let why = match r {
+            Err(_) => format!("no answer within {:?}", self.deadline + extra),
+            Ok(Err(st)) if unanswered_code(st.code()) => {
+                format!("{:?}: {}", st.code(), st.message())
+            }
+            Ok(Err(st)) => {
+                *s.error_answers
+                    .entry(format!("{what} {:?}", st.code()))
+                    .or_default() += 1;
+                return Some(Answer {
+                    inc,
+                    sent,
+                    recv,
+                    r: Err(st),
+                });
+            }
+            Ok(Ok(resp)) => {
+                return Some(Answer {
+                    inc,
+                    sent,
+                    recv,
+                    r: Ok(resp.into_inner()),
+                });
+            }
+        };
+        s.unanswered.push(Unanswered {
+            start: sent,
+            end: recv,
+            what,
+            why,
+        });
+        None
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// splitmix64: the soak's choices, reproducible from `--seed` (timing is not).
+fn rnd(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn chance(state: &mut u64, percent: u64) -> bool {
+    rnd(state) % 100 < percent
+}
+
+fn ms(d: &prost_types::Duration) -> u64 {
+    (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000
+}
+
+fn backstop_bin(args: &SoakArgs) -> Result<PathBuf, String> {
+    if let Some(p) = &args.backstop_bin {
+        return Ok(p.clone());
+    }
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let p = me.with_file_name("backstop");
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "no backstop binary next to {}; build it or pass --backstop-bin",
+            me.display()
+        ))
+    }
+}
+
+fn start_server(bin: &Path, dir: &Path, extra: &[String]) -> Result<Proc, String> {
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "off",
+        "--config",
+    ])
+    .arg(dir.join("soak.toml"))
+    .arg("--data-dir")
+    .arg(dir.join("data"))
+    .args(extra);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "warn");
+    }
+    super::spawn_listening(cmd, "backstop server", None)
+}
+
+/// Puts the three "never forget" targets in their states and checks the
+/// server says so: forced open (operator), paused (provider retry-after),
+/// key slot k1 disabled (401).
+async fn setup(cx: &Cx) -> Result<(), String> {
+    let fail = |what: &str| format!("soak setup: {what}");
+    let forced = cx
+        .call("SetBreakerState", Duration::ZERO, |ch| async move {
+            AdminClient::new(ch)
+                .set_breaker_state(proto::SetBreakerStateRequest {
+                    target: Tgt::Forced.name().into(),
+                    mode: proto::BreakerMode::ForceOpen as i32,
+                    reason: "chaos soak".into(),
+                })
+                .await
+        })
+        .await
+        .and_then(|a| a.r.ok())
+        .ok_or_else(|| fail("SetBreakerState failed"))?;
+    if forced.state() != proto::BreakerState::ForcedOpen {
+        return Err(fail("the forced target is not forced open"));
+    }
+
+    let p = can_proceed(cx, Tgt::Paused)
+        .await
+        .filter(|r| r.allowed)
+        .ok_or_else(|| fail("no permit for the paused target"))?;
+    let mut headers = std::collections::HashMap::new();
+    headers.insert("retry-after".to_string(), "3000".to_string());
+    record(cx, Tgt::Paused, &p.permit, "", 429, headers)
+        .await
+        .ok_or_else(|| fail("pausing failed"))?;
+    let r = can_proceed(cx, Tgt::Paused)
+        .await
+        .ok_or_else(|| fail("CanProceed failed"))?;
+    if r.allowed || r.reason() != proto::Reason::RateLimited {
+        return Err(fail("the paused target is not paused"));
+    }
+
+    let mut disabled = false;
+    for _ in 0..20 {
+        let r = can_proceed(cx, Tgt::Keyed)
+            .await
+            .filter(|r| r.allowed)
+            .ok_or_else(|| fail("no permit for the keyed target"))?;
+        let status = if r.key_slot == DISABLED_SLOT {
+            401
+        } else {
+            200
+        };
+        record(
+            cx,
+            Tgt::Keyed,
+            &r.permit,
+            &r.key_slot,
+            status,
+            Default::default(),
+        )
+        .await
+        .ok_or_else(|| fail("RecordOutcome failed"))?;
+        if status == 401 {
+            disabled = true;
+            break;
+        }
+    }
+    if !disabled {
+        return Err(fail("never got key slot k1"));
+    }
+    for _ in 0..4 {
+        let r = can_proceed(cx, Tgt::Keyed)
+            .await
+            .ok_or_else(|| fail("CanProceed failed"))?;
+        if r.key_slot == DISABLED_SLOT {
+            return Err(fail("k1 is still admitted after a 401"));
+        }
+        record(
+            cx,
+            Tgt::Keyed,
+            &r.permit,
+            &r.key_slot,
+            200,
+            Default::default(),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// CanProceed (first attempt), without ledger bookkeeping: setup only.
+async fn can_proceed(cx: &Cx, t: Tgt) -> Option<proto::CanProceedResponse> {
+    cx.call("CanProceed", Duration::ZERO, |ch| async move {
+        ResilienceClient::new(ch)
+            .can_proceed(proto::CanProceedRequest {
+                target: t.name().into(),
+                caller: "soak-setup".into(),
+                ..Default::default()
+            })
+            .await
+    })
+    .await
+    .and_then(|a| a.r.ok())
+}
+
+async fn record(
+    cx: &Cx,
+    t: Tgt,
+    permit: &str,
+    key_slot: &str,
+    status: i32,
+    headers: std::collections::HashMap<String, String>,
+) -> Option<proto::RecordOutcomeResponse> {
+    let req = proto::RecordOutcomeRequest {
+        target: t.name().into(),
+        permit: permit.into(),
+        http_status: status,
+        key_slot: key_slot.into(),
+        headers,
+        latency: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 20_000_000,
+        }),
+        ..Default::default()
+    };
+    cx.call("RecordOutcome", Duration::ZERO, |ch| async move {
+        ResilienceClient::new(ch).record_outcome(req).await
+    })
+    .await
+    .and_then(|a| a.r.ok())
+}
+
+/// A CanProceed whose answer goes to the ledger (admissions with their
+/// permit; breaker-open refusals as "told open").
+async fn decide(
+    cx: &Cx,
+    ch: Option<(Channel, u64)>,
+    t: Tgt,
+    caller: &str,
+) -> Option<Answer<proto::CanProceedResponse>> {
+    let req = proto::CanProceedRequest {
+        target: t.name().into(),
+        caller: caller.into(),
+        ..Default::default()
+    };
+    let f = |ch| async move { ResilienceClient::new(ch).can_proceed(req).await };
+    let a = match ch {
+        Some((ch, inc)) => cx.call_on(ch, inc, "CanProceed", Duration::ZERO, f).await,
+        None => cx.call("CanProceed", Duration::ZERO, f).await,
+    }?;
+    if let Ok(r) = &a.r {
+        cx.led.lock().decisions += 1;
+        if r.allowed {
+            cx.led.admission(t, &r.permit, &r.key_slot, a.inc);
+        } else {
+            cx.led.lock().refused += 1;
+            if r.reason() == proto::Reason::CircuitOpen
+                && let Some(after) = &r.retry_after
+            {
+                told_open(cx, a.inc, a.sent, a.recv, ms(after));
+            }
+        }
+    }
+    Some(a)
+}
+
+/// The server said the breaker is open for `delay` more: it is open at
+/// least from `recv` (the answer had been decided by then) until
+/// `sent + delay` (its open-until is no earlier). Near-identical windows
+/// (many refusals quote the same open-until) are kept once.
+fn told_open(cx: &Cx, inc: u64, sent: u64, recv: u64, delay: u64) {
+    if delay == 0 {
+        return;
+    }
+    let t = ToldOpen {
+        from: recv,
+        until: sent + delay,
+        inc,
+    };
+    let mut s = cx.led.lock();
+    if let Some(last) = s.told_open.last()
+        && last.inc == inc
+        && last.until.abs_diff(t.until) <= 20
+    {
+        return;
+    }
+    s.told_open.push(t);
+}
+
+/// Agents: the agent loop on the budgeted targets (hammered above their
+/// rate), with an occasional look at the targets that must stay refused.
+async fn agent(cx: Arc<Cx>, i: u64) {
+    let mut rng = cx.seed ^ (i + 1).wrapping_mul(0x1234_5678_9abc);
+    let caller = format!("agent-{i}");
+    while !cx.stopped() {
+        let roll = rnd(&mut rng) % 100;
+        let t = match roll {
+            0..40 => Tgt::BudgetA,
+            40..75 => Tgt::BudgetB,
+            75..90 => Tgt::Keyed,
+            90..95 => Tgt::Forced,
+            _ => Tgt::Paused,
+        };
+        let Some(a) = decide(&cx, None, t, &caller).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if let Ok(r) = a.r
+            && r.allowed
+        {
+            tokio::time::sleep(Duration::from_millis(rnd(&mut rng) % 10)).await;
+            let status = if chance(&mut rng, 5) { 503 } else { 200 };
+            if record(&cx, t, &r.permit, &r.key_slot, status, Default::default())
+                .await
+                .is_some()
+            {
+                cx.led.lock().decisions += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2 + rnd(&mut rng) % 5)).await;
+    }
+}
+
+/// Probe hunters on the flaky target: in closed state 35% failures (three
+/// in a row open it), as probes 40% failures (re-open) — so the breaker
+/// cycles closed → open → half-open all the time.
+async fn hunter(cx: Arc<Cx>, i: u64) {
+    let mut rng = cx.seed ^ (i + 77).wrapping_mul(0x9876_5432_1fed);
+    let caller = format!("hunter-{i}");
+    while !cx.stopped() {
+        let Some(a) = decide(&cx, None, Tgt::Flaky, &caller).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let r = match a.r {
+            Ok(r) if r.allowed => r,
+            Ok(r) => {
+                let wait = r.retry_after.as_ref().map_or(50, ms).min(100);
+                tokio::time::sleep(Duration::from_millis(wait + rnd(&mut rng) % 30)).await;
+                continue;
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let fields = parse_permit(&r.permit).unwrap_or_default();
+        let probe = fields.probe != 0;
+        tokio::time::sleep(Duration::from_millis(rnd(&mut rng) % 200)).await;
+        let fail = chance(&mut rng, if probe { 40 } else { 35 });
+        let req = proto::RecordOutcomeRequest {
+            target: Tgt::Flaky.name().into(),
+            permit: r.permit.clone(),
+            http_status: if fail { 503 } else { 200 },
+            caller: caller.clone(),
+            ..Default::default()
+        };
+        let sent_at = now_ms();
+        if probe {
+            // Outstanding until the outcome was sent (or its lease ran out).
+            cx.led.lock().probes.push(Probe {
+                inc: a.inc,
+                generation: fields.generation,
+                start: fields.issued_ms,
+                end: sent_at.min(fields.issued_ms + PROBE_LEASE_MS),
+            });
+        }
+        let out = cx
+            .call("RecordOutcome", Duration::ZERO, |ch| async move {
+                ResilienceClient::new(ch).record_outcome(req).await
+            })
+            .await;
+        if let Some(Answer {
+            inc,
+            sent,
+            recv,
+            r: Ok(o),
+        }) = out
+        {
+            cx.led.lock().decisions += 1;
+            let open = o.state() == proto::BreakerState::Open;
+            if let Some(adv) = &o.retry
+                && open
+                && !o.duplicate
+                && adv.reason() == proto::RetryReason::CircuitOpen
+            {
+                told_open(&cx, inc, sent, recv, adv.delay.as_ref().map_or(0, ms));
+            }
+        }
+    }
+}
+
+/// Producers: Defer with an idempotency key, retried (same key) until
+/// acknowledged; the payload is the soak's own item number.
+async fn producer(cx: Arc<Cx>, i: u64) {
+    let mut rng = cx.seed ^ (i + 999).wrapping_mul(0x5555_aaaa_3333);
+    while !cx.stopped() {
+        let n = cx.next_payload.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let req = proto::DeferRequest {
+                queue: QUEUE.into(),
+                payload: n.to_string().into_bytes(),
+                idempotency_key: format!("soak-{}-{n}", cx.seed),
+                max_attempts: 100,
+                ..Default::default()
+            };
+            cx.led.lock().defer_calls += 1;
+            match cx
+                .call("Defer", Duration::ZERO, |ch| async move {
+                    DeferredClient::new(ch).defer(req).await
+                })
+                .await
+            {
+                Some(Answer { r: Ok(d), .. }) => {
+                    cx.led.defer_ok(n, &d.id, d.duplicate);
+                    break;
+                }
+                _ if cx.stop_all.load(Ordering::Relaxed) => break,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20 + rnd(&mut rng) % 40)).await;
+    }
+}
+
+/// Consumers: Claim → Ack (retried until answered). While the workload
+/// runs, 5% of claimed items are abandoned (the consumer "disappears" with
+/// them) so the visibility timeout must redeliver them.
+async fn consumer(cx: Arc<Cx>, i: u64) {
+    let mut rng = cx.seed ^ (i + 4242).wrapping_mul(0x7777_1111_2222);
+    let worker = format!("consumer-{i}");
+    while !cx.stop_all.load(Ordering::Relaxed) {
+        let req = proto::ClaimRequest {
+            queue: QUEUE.into(),
+            max_items: 5,
+            lease: Some(prost_types::Duration {
+                seconds: ITEM_LEASE.as_secs() as i64,
+                nanos: 0,
+            }),
+            wait: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: CLAIM_WAIT.subsec_nanos() as i32,
+            }),
+            worker: worker.clone(),
+        };
+        let Some(Answer { r: Ok(c), .. }) = cx
+            .call("Claim", CLAIM_WAIT, |ch| async move {
+                DeferredClient::new(ch).claim(req).await
+            })
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if c.items.is_empty() {
+            if let Some(after) = &c.retry_after {
+                tokio::time::sleep(Duration::from_millis(ms(after).min(200))).await;
+            }
+            continue;
+        }
+        for item in c.items {
+            let Some(n) = cx.led.delivered(&item.payload, &item.id) else {
+                continue;
+            };
+            if !cx.stopped() && chance(&mut rng, 5) {
+                cx.led.lock().abandoned += 1;
+                continue;
+            }
+            ack(&cx, n, &item.id, &item.lease_token).await;
+        }
+    }
+}
+
+async fn ack(cx: &Cx, n: u64, id: &str, token: &str) {
+    let mut retried = false;
+    loop {
+        let req = proto::AckRequest {
+            id: id.into(),
+            lease_token: token.into(),
+        };
+        match cx
+            .call("Ack", Duration::ZERO, |ch| async move {
+                DeferredClient::new(ch).ack(req).await
+            })
+            .await
+        {
+            Some(Answer { r: Ok(_), .. }) => {
+                cx.led.acked(n);
+                return;
+            }
+            Some(Answer { r: Err(st), .. }) => {
+                let mut s = cx.led.lock();
+                if st.code() == tonic::Code::NotFound && retried {
+                    s.items.entry(n).or_default().ack_gone = true;
+                } else {
+                    s.ack_refused += 1;
+                }
+                return;
+            }
+            None if cx.stop_all.load(Ordering::Relaxed) => return,
+            None => {
+                retried = true;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// A client that takes probe permits and claimed items and disappears
+/// (its channel dropped, nothing reported, nothing acked).
+async fn vanisher(cx: Arc<Cx>) {
+    let mut rng = cx.seed ^ 0xdead_beef;
+    while !cx.stopped() {
+        tokio::time::sleep(Duration::from_millis(5000 + rnd(&mut rng) % 4000)).await;
+        if cx.stopped() {
+            break;
+        }
+        let (inc, addr, _) = cx.conn.current();
+        let Ok(ch) = channel(&addr) else { continue };
+        let until = now_ms() + 1500;
+        // Its server is gone once the incarnation changes: the client's
+        // session ends there (calls to a dead address are not the new
+        // server's unanswered calls).
+        let alive = || cx.conn.current().0 == inc;
+        while now_ms() < until && alive() {
+            if let Some(Answer { r: Ok(r), .. }) =
+                decide(&cx, Some((ch.clone(), inc)), Tgt::Flaky, "vanisher").await
+                && r.allowed
+                && let Some(p) = parse_permit(&r.permit)
+                && p.probe != 0
+            {
+                cx.led.lock().probes.push(Probe {
+                    inc,
+                    generation: p.generation,
+                    start: p.issued_ms,
+                    end: p.issued_ms + PROBE_LEASE_MS,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        let req = proto::ClaimRequest {
+            queue: QUEUE.into(),
+            max_items: 2,
+            lease: Some(prost_types::Duration {
+                seconds: ITEM_LEASE.as_secs() as i64,
+                nanos: 0,
+            }),
+            worker: "vanisher".into(),
+            ..Default::default()
+        };
+        if !alive() {
+            cx.led.lock().vanished_clients += 1;
+            continue;
+        }
+        if let Some(Answer { r: Ok(c), .. }) = cx
+            .call_on(ch, inc, "Claim", Duration::ZERO, |ch| async move {
+                DeferredClient::new(ch).claim(req).await
+            })
+            .await
+        {
+            for item in c.items {
+                cx.led.delivered(&item.payload, &item.id);
+                cx.led.lock().abandoned += 1;
+            }
+        }
+        cx.led.lock().vanished_clients += 1;
+    }
+}
+
+/// Drives the flaky breaker open with failures (or sees it already open)
+/// just before a kill, so that an open period a client was told about spans
+/// the restart: the new process must keep refusing until its open-until.
+async fn trip(cx: &Cx) {
+    let until = now_ms() + 1500;
+    while now_ms() < until {
+        let Some(a) = decide(cx, None, Tgt::Flaky, "fault-schedule").await else {
+            return;
+        };
+        let r = match a.r {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        if !r.allowed {
+            if r.reason() == proto::Reason::CircuitOpen {
+                return; // told open (recorded by `decide`)
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let fields = parse_permit(&r.permit).unwrap_or_default();
+        let req = proto::RecordOutcomeRequest {
+            target: Tgt::Flaky.name().into(),
+            permit: r.permit.clone(),
+            http_status: 503,
+            caller: "fault-schedule".into(),
+            ..Default::default()
+        };
+        if fields.probe != 0 {
+            cx.led.lock().probes.push(Probe {
+                inc: a.inc,
+                generation: fields.generation,
+                start: fields.issued_ms,
+                end: now_ms().min(fields.issued_ms + PROBE_LEASE_MS),
+            });
+        }
+        if let Some(Answer {
+            inc,
+            sent,
+            recv,
+            r: Ok(o),
+        }) = cx
+            .call("RecordOutcome", Duration::ZERO, |ch| async move {
+                ResilienceClient::new(ch).record_outcome(req).await
+            })
+            .await
+        {
+            cx.led.lock().decisions += 1;
+            if let Some(adv) = &o.retry
+                && o.state() == proto::BreakerState::Open
+                && !o.duplicate
+                && adv.reason() == proto::RetryReason::CircuitOpen
+            {
+                told_open(cx, inc, sent, recv, adv.delay.as_ref().map_or(0, ms));
+                return;
+            }
+        }
+    }
+}
+
+/// kill -9 every `every`, restart on the same data dir, hand clients the
+/// new address. Returns the last server (killed on drop by the caller).
+async fn faults(
+    cx: Arc<Cx>,
+    mut server: Proc,
+    bin: PathBuf,
+    dir: PathBuf,
+    every: Duration,
+    extra: Vec<String>,
+) -> Result<Proc, String> {
+    let mut inc = 0;
+    let start = tokio::time::Instant::now();
+    loop {
+        // Fixed rate (kill k at k·every from the start), so a run of D has
+        // floor(D / every) kills however long restarts take.
+        let wake = start + every * (inc as u32 + 1);
+        while tokio::time::Instant::now() < wake {
+            if cx.stopped() {
+                return Ok(server);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        trip(&cx).await;
+        let kill = now_ms();
+        {
+            let mut s = cx.led.lock();
+            s.faults += 1;
+            s.windows.push((kill, None));
+        }
+        let (b, d, x) = (bin.clone(), dir.clone(), extra.clone());
+        let started = tokio::task::spawn_blocking(move || {
+            // kill -9, and wait: the data dir's lock is free once it is gone.
+            let _ = server.child.kill();
+            let _ = server.child.wait();
+            drop(server);
+            start_server(&b, &d, &x)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        server = started;
+        inc += 1;
+        cx.conn.set(inc, &server.addr)?;
+        let ready = now_ms();
+        let mut s = cx.led.lock();
+        s.restarts += 1;
+        if let Some(w) = s.windows.last_mut() {
+            w.1 = Some(ready);
+        }
+    }
+}
+
+pub async fn run(args: SoakArgs) -> Result<(), String> {
+    let seed = args
+        .seed
+        .unwrap_or_else(|| now_ms() ^ u64::from(std::process::id()));
+    let bin = backstop_bin(&args)?;
+    // The temp dir (if any) lives until the end of the run, then is removed.
+    let (dir, _tmp): (PathBuf, Option<TempDir>) = match &args.data_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)
+                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            (d.clone(), None)
+        }
+        None => {
+            let t = super::temp_dir("soak")?;
+            (t.0.clone(), Some(t))
+        }
+    };
+    let cfg_path = dir.join("soak.toml");
+    std::fs::write(&cfg_path, config())
+        .map_err(|e| format!("cannot write {}: {e}", cfg_path.display()))?;
+    println!(
+        "soak: {:?} with kill -9 every {:?}, seed {seed}, data in {}",
+        args.duration,
+        args.kill_every,
+        dir.display()
+    );
+    let (b, d) = (bin.clone(), dir.clone());
+    let server = tokio::task::spawn_blocking(move || start_server(&b, &d, &[]))
+        .await
+        .map_err(|e| e.to_string())??;
+    let cx = Arc::new(Cx {
+        conn: Conn {
+            cur: RwLock::new((0, server.addr.clone(), channel(&server.addr)?)),
+        },
+        led: Ledger::new(),
+        deadline: args.deadline,
+        stop: AtomicBool::new(false),
+        stop_all: AtomicBool::new(false),
+        next_payload: AtomicU64::new(0),
+        seed,
+    });
+    setup(&cx).await?;
+
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        tasks.push(tokio::spawn(agent(cx.clone(), i)));
+    }
+    for i in 0..4 {
+        tasks.push(tokio::spawn(hunter(cx.clone(), i)));
+    }
+    for i in 0..2 {
+        tasks.push(tokio::spawn(producer(cx.clone(), i)));
+    }
+    let mut consumers = Vec::new();
+    for i in 0..3 {
+        consumers.push(tokio::spawn(consumer(cx.clone(), i)));
+    }
+    tasks.push(tokio::spawn(vanisher(cx.clone())));
+    let fault_task = tokio::spawn(faults(
+        cx.clone(),
+        server,
+        bin,
+        dir.clone(),
+        args.kill_every,
+        args.restart_arg.clone(),
+    ));
+
+    // The continuous checker: a progress line every 5 s, and every new
+    // violation's example as soon as it is seen.
+    let end = tokio::time::Instant::now() + args.duration;
+    let mut shown = std::collections::HashSet::new();
+    while tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(5).min(end - tokio::time::Instant::now())).await;
+        let r = cx.led.check(false);
+        progress(&r);
+        for e in r.examples {
+            if !shown.contains(&e) {
+                println!("soak: VIOLATION {e}");
+                shown.insert(e);
+            }
+        }
+    }
+    cx.stop.store(true, Ordering::Relaxed);
+    let server = fault_task.await.map_err(|e| e.to_string())??;
+    for t in tasks {
+        let _ = t.await;
+    }
+
+    // Drain: consumers go on until every acknowledged Defer is acked.
+    let drain_end = tokio::time::Instant::now() + args.drain;
+    loop {
+        let pending = {
+            let s = cx.led.lock();
+            s.items
+                .values()
+                .filter(|r| r.acknowledged && r.acks_ok == 0 && !r.ack_gone)
+                .count()
+        };
+        if pending == 0 || tokio::time::Instant::now() >= drain_end {
+            println!("soak: drain over, {pending} acknowledged item(s) not acked");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    cx.stop_all.store(true, Ordering::Relaxed);
+    for t in consumers {
+        let _ = t.await;
+    }
+    let report = cx.led.check(true);
+    drop(server);
+    print_report(&report);
+    let json = serde_json::json!({ "soak": report });
+    println!("{json}");
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&json).unwrap_or_default())
+            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    let v = report.total_violations();
+    if v > 0 {
+        Err(format!("{v} violation(s)"))
+    } else {
+        Ok(())
+    }
+}
+
+fn progress(r: &Report) {
+    println!(
+        "soak: t={:.0}s faults={} decisions={} defers_acknowledged={} items_acked={} violations={}",
+        r.elapsed_s,
+        r.faults,
+        r.decisions,
+        r.defers_acknowledged,
+        r.items_acked,
+        r.total_violations()
+    );
+}
+
+fn print_report(r: &Report) {
+    let line = |k: &str, v: String| println!("  {k:<44} {v}");
+    println!("---- chaos soak: {:.0} s", r.elapsed_s);
+    line("faults injected (kill -9)", r.faults.to_string());
+    line("restarts", r.restarts.to_string());
+    line(
+        "clients vanished holding leases",
+        r.vanished_clients.to_string(),
+    );
+    line("calls", r.calls.to_string());
+    line(
+        "unanswered (all in kill windows?)",
+        format!("{} ({} excused)", r.unanswered, r.unanswered_excused),
+    );
+    line(
+        "decisions (CanProceed + RecordOutcome answered)",
+        r.decisions.to_string(),
+    );
+    line(
+        "admitted / refused",
+        format!("{} / {}", r.admitted, r.refused),
+    );
+    line("Defer calls", r.defer_calls.to_string());
+    line(
+        "defers acknowledged (of which duplicates)",
+        format!("{} ({})", r.defers_acknowledged, r.defer_duplicates),
+    );
+    line(
+        "deliveries (duplicates, allowed)",
+        format!("{} ({})", r.deliveries, r.duplicate_deliveries),
+    );
+    line("items abandoned by consumers", r.abandoned.to_string());
+    line("items acked", r.items_acked.to_string());
+    line(
+        "acks refused (lease gone) / acked by an unanswered Ack",
+        format!("{} / {}", r.ack_refused, r.acked_by_unanswered_call),
+    );
+    line(
+        "open periods told / spanning a restart / forgotten",
+        format!(
+            "{} / {} / {}",
+            r.told_open, r.told_open_spanning_restart, r.open_forgotten_after_restart
+        ),
+    );
+    line("probes seen", r.probes.to_string());
+    let maxes: Vec<String> = r
+        .max_probes_by_incarnation
+        .iter()
+        .map(|(i, m)| format!("{i}:{m}"))
+        .collect();
+    line("max outstanding probes per incarnation", maxes.join(" "));
+    for b in &r.budgets {
+        line(
+            &format!("budget {}", b.target),
+            format!(
+                "admitted {} (whole-run bound {:.0}); worst excess {:+.2}, within one incarnation {:+.2}",
+                b.admitted, b.whole_run_bound, b.max_excess, b.max_excess_within_one_incarnation
+            ),
+        );
+    }
+    if !r.error_answers.is_empty() {
+        line("error answers", format!("{:?}", r.error_answers));
+    }
+    line("lost / never acked", format!("{} / {}", r.lost, r.unacked));
+    line("VIOLATIONS", r.total_violations().to_string());
+    for (k, v) in &r.violations {
+        line(&format!("  {k}"), v.to_string());
+    }
+    for e in &r.examples {
+        println!("  example: {e}");
+    }
+}

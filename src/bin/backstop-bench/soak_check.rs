@@ -1,0 +1,659 @@
+//! The chaos soak's ledger and checker.
+//!
+//! Every workload task writes what it saw into one [`Ledger`]: admissions
+//! (with the server's own admission time, read from the permit), breaker
+//! states the server reported, probes and when they were given back, queue
+//! items deferred, delivered and acked, calls left unanswered, and the fault
+//! windows (kill → ready). [`Ledger::check`] turns that into verdicts; it runs
+//! every few seconds while the soak runs and once at the end.
+//!
+//! # Why every comparison is conservative
+//! A client only sees a server event somewhere between sending a call and
+//! receiving its answer. Each check therefore uses the interval that the
+//! event certainly lies in, and only calls something a violation when it is
+//! one for every position the event could have had: a probe counts as
+//! outstanding from its admission (server time, in the permit) until the
+//! client *sent* its outcome (the server released it no earlier), a breaker
+//! the client was told is open is open from the moment the answer *arrived*
+//! until `sent + delay` (the server's open-until is no earlier), and so on.
+//! Server and client read the same wall clock (the server's is anchored once
+//! at start and advanced monotonically), so comparisons allow [`SLACK_MS`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Allowance for the server's clock (wall time at start + monotonic time)
+/// and this process's wall clock to differ, and for millisecond truncation.
+pub const SLACK_MS: u64 = 5;
+
+/// After a restart is ready, calls may still fail for this long (clients
+/// find the new process): the "kill → ready plus a 1 s grace".
+pub const GRACE_MS: u64 = 1000;
+
+/// Milliseconds since the Unix epoch, as the server's permits count them.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The fields of a permit the checker needs. The text format is documented
+/// in `src/engine/permit.rs` (`2.<tag>.<id>.<gen>.<probe>.<flags>.<reserved>.<issued_ms>.<expires_ms>.<mac>`,
+/// hex); clients treat it as opaque, but a checker may read it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PermitFields {
+    pub generation: u64,
+    pub probe: u64,
+    pub issued_ms: u64,
+}
+
+pub fn parse_permit(s: &str) -> Option<PermitFields> {
+    let f: Vec<&str> = s.split('.').collect();
+    if f.len() != 10 || f[0] != "2" {
+        return None;
+    }
+    let hex = |i: usize| u64::from_str_radix(f[i], 16).ok();
+    Some(PermitFields {
+        generation: hex(3)?,
+        probe: hex(4)?,
+        issued_ms: hex(7)?,
+    })
+}
+
+/// What the soak knows about each target it drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tgt {
+    /// requests_per_minute budget, hammered above its rate.
+    BudgetA,
+    /// a short-window budget (requests + window), hammered above its rate.
+    BudgetB,
+    /// its breaker is driven open by failures; half_open_max_probes = 2.
+    Flaky,
+    /// forced open by an operator at the start: admits nothing, ever.
+    Forced,
+    /// paused by a provider's retry-after of ~an hour at the start.
+    Paused,
+    /// two key slots; `k1` disabled by a 401 at the start.
+    Keyed,
+}
+
+impl Tgt {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tgt::BudgetA => "soak/budget-a",
+            Tgt::BudgetB => "soak/budget-b",
+            Tgt::Flaky => "soak/flaky",
+            Tgt::Forced => "soak/forced",
+            Tgt::Paused => "soak/paused",
+            Tgt::Keyed => "soak/keyed",
+        }
+    }
+
+    /// (burst, admissions per second) of a budgeted target.
+    pub fn budget(self) -> Option<(f64, f64)> {
+        match self {
+            Tgt::BudgetA => Some((600.0, 10.0)),
+            Tgt::BudgetB => Some((50.0, 10.0)),
+            _ => None,
+        }
+    }
+}
+
+/// The flaky target's probe lease, as configured (see `soak::config`).
+pub const PROBE_LEASE_MS: u64 = 2000;
+pub const MAX_PROBES: usize = 2;
+pub const DISABLED_SLOT: &str = "k1";
+
+/// One admission the soak saw.
+#[derive(Clone, Copy, Debug)]
+pub struct Adm {
+    pub issued_ms: u64,
+    pub probe: bool,
+    pub inc: u64,
+}
+
+/// One half-open probe: outstanding from `start` (server admission) to `end`.
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    pub inc: u64,
+    pub generation: u64,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// A breaker the server said is open: from `from` (the answer arrived) to
+/// `until` (sent + the delay it gave), learnt in incarnation `inc`.
+#[derive(Clone, Copy, Debug)]
+pub struct ToldOpen {
+    pub from: u64,
+    pub until: u64,
+    pub inc: u64,
+}
+
+/// A call that got no answer (deadline passed, connection refused or broken).
+#[derive(Clone, Debug)]
+pub struct Unanswered {
+    pub start: u64,
+    pub end: u64,
+    pub what: &'static str,
+    pub why: String,
+}
+
+/// One deferred item, by the soak's own id (its payload).
+#[derive(Clone, Debug, Default)]
+pub struct ItemRec {
+    /// Defer was answered OK (acknowledged: durable).
+    pub acknowledged: bool,
+    /// Server item ids the Defer calls returned (one, by idempotency).
+    pub server_ids: HashSet<String>,
+    pub deliveries: u32,
+    /// Ack answered OK.
+    pub acks_ok: u32,
+    /// An Ack retried after a call that got no answer found the item gone:
+    /// the unanswered Ack (or another worker's) deleted it.
+    pub ack_gone: bool,
+}
+
+/// Counters and raw observations; see the module comment.
+#[derive(Default)]
+pub struct State {
+    pub faults: u64,
+    pub restarts: u64,
+    pub vanished_clients: u64,
+    /// (kill, ready) per fault; ready None while restarting.
+    pub windows: Vec<(u64, Option<u64>)>,
+    pub calls: u64,
+    pub decisions: u64,
+    pub admitted: u64,
+    pub refused: u64,
+    pub unanswered: Vec<Unanswered>,
+    pub error_answers: BTreeMap<String, u64>,
+    pub admissions: BTreeMap<Tgt, Vec<Adm>>,
+    pub told_open: Vec<ToldOpen>,
+    pub probes: Vec<Probe>,
+    pub defer_calls: u64,
+    pub defers_acknowledged: u64,
+    pub defer_duplicates: u64,
+    pub deliveries: u64,
+    pub abandoned: u64,
+    pub items_acked: u64,
+    pub ack_refused: u64,
+    pub items: HashMap<u64, ItemRec>,
+    /// Violations decided the moment they are seen (they cannot be undone).
+    pub immediate: BTreeMap<&'static str, u64>,
+    pub examples: Vec<String>,
+}
+
+pub struct Ledger {
+    pub s: Mutex<State>,
+    pub start_ms: u64,
+}
+
+const MAX_EXAMPLES: usize = 30;
+
+impl State {
+    fn violate(&mut self, what: &'static str, example: String) {
+        *self.immediate.entry(what).or_default() += 1;
+        if self.examples.len() < MAX_EXAMPLES {
+            self.examples.push(format!("{what}: {example}"));
+        }
+    }
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Ledger {
+    pub fn new() -> Ledger {
+        Ledger {
+            s: Mutex::new(State::default()),
+            start_ms: now_ms(),
+        }
+    }
+
+    /// The state, even if a task panicked while holding it (the soak's
+    /// counters are still worth reporting).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.s.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn admission(&self, t: Tgt, permit: &str, key_slot: &str, inc: u64) {
+        let mut s = self.lock();
+        s.admitted += 1;
+        let Some(p) = parse_permit(permit) else {
+            s.violate(
+                "unparsable_permit",
+                format!("{} permit {permit:?}", t.name()),
+            );
+            return;
+        };
+        match t {
+            Tgt::Forced => s.violate(
+                "forced_open_admitted",
+                format!(
+                    "{} admitted at {} (incarnation {inc})",
+                    t.name(),
+                    p.issued_ms
+                ),
+            ),
+            Tgt::Paused => s.violate(
+                "pause_forgotten",
+                format!(
+                    "{} admitted at {} (incarnation {inc})",
+                    t.name(),
+                    p.issued_ms
+                ),
+            ),
+            Tgt::Keyed if key_slot == DISABLED_SLOT => s.violate(
+                "disabled_key_admitted",
+                format!(
+                    "{} slot {key_slot} admitted at {} (incarnation {inc})",
+                    t.name(),
+                    p.issued_ms
+                ),
+            ),
+            _ => {}
+        }
+        s.admissions.entry(t).or_default().push(Adm {
+            issued_ms: p.issued_ms,
+            probe: p.probe != 0,
+            inc,
+        });
+    }
+
+    pub fn delivered(&self, payload: &[u8], server_id: &str) -> Option<u64> {
+        let mut s = self.lock();
+        s.deliveries += 1;
+        let Some(n) = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|p| p.parse().ok())
+        else {
+            s.violate(
+                "foreign_payload",
+                format!("item {server_id} payload {payload:?}"),
+            );
+            return None;
+        };
+        let rec = s.items.entry(n).or_default();
+        rec.deliveries += 1;
+        rec.server_ids.insert(server_id.to_string());
+        let ids = rec.server_ids.len();
+        if ids > 1 {
+            s.violate(
+                "idempotency_broken",
+                format!("payload {n} delivered as {ids} distinct items"),
+            );
+        }
+        Some(n)
+    }
+
+    pub fn acked(&self, n: u64) {
+        let mut s = self.lock();
+        s.items_acked += 1;
+        let rec = s.items.entry(n).or_default();
+        rec.acks_ok += 1;
+        if rec.acks_ok > 1 {
+            let k = rec.acks_ok;
+            s.violate(
+                "duplicate_successful_ack",
+                format!("payload {n} acked successfully {k} times"),
+            );
+        }
+    }
+
+    pub fn defer_ok(&self, n: u64, server_id: &str, duplicate: bool) {
+        let mut s = self.lock();
+        s.defers_acknowledged += 1;
+        if duplicate {
+            s.defer_duplicates += 1;
+        }
+        let rec = s.items.entry(n).or_default();
+        rec.acknowledged = true;
+        rec.server_ids.insert(server_id.to_string());
+        if rec.server_ids.len() > 1 {
+            s.violate(
+                "idempotency_broken",
+                format!("payload {n}: a retried Defer returned another item id {server_id}"),
+            );
+        }
+    }
+
+    /// The verdicts on everything seen so far. `final_` adds the end-of-run
+    /// queue checks (lost and unacked items), which mean nothing mid-run.
+    pub fn check(&self, final_: bool) -> Report {
+        let s = self.lock();
+        let mut v: BTreeMap<&'static str, u64> = s.immediate.clone();
+        let mut examples = s.examples.clone();
+        let mut note = |v: &mut BTreeMap<&'static str, u64>, what: &'static str, ex: String| {
+            *v.entry(what).or_default() += 1;
+            if examples.len() < MAX_EXAMPLES {
+                examples.push(format!("{what}: {ex}"));
+            }
+        };
+
+        // Deadlines: an unanswered call is excused only if it overlaps a
+        // kill window (kill → ready + grace; a restart not yet ready is open).
+        let mut excused = 0u64;
+        for u in &s.unanswered {
+            let in_window = s.windows.iter().any(|&(k, r)| {
+                let end = r.map_or(u64::MAX, |r| r + GRACE_MS);
+                u.start <= end && u.end >= k
+            });
+            if in_window {
+                excused += 1;
+            } else {
+                note(
+                    &mut v,
+                    "unanswered_outside_kill_windows",
+                    format!(
+                        "{} {}..{} (+{} ms from start): {}",
+                        u.what,
+                        u.start,
+                        u.end,
+                        u.start.saturating_sub(self.start_ms),
+                        u.why
+                    ),
+                );
+            }
+        }
+
+        // A breaker the client was told is open admits nothing before its
+        // open-until: not across a restart, not ever.
+        let flaky: Vec<Adm> = {
+            let mut a = s.admissions.get(&Tgt::Flaky).cloned().unwrap_or_default();
+            a.sort_by_key(|a| a.issued_ms);
+            a
+        };
+        let mut open_forgotten_after_restart = 0u64;
+        let mut told_open_spanning_restart = 0u64;
+        for t in &s.told_open {
+            // Told open, then killed, and the new process was ready while
+            // still inside the open period: the case "never forgotten" is about.
+            if s.windows
+                .iter()
+                .any(|&(k, r)| k >= t.from && r.is_some_and(|r| r + SLACK_MS < t.until))
+            {
+                told_open_spanning_restart += 1;
+            }
+            let from = t.from + SLACK_MS;
+            let until = t.until.saturating_sub(SLACK_MS);
+            if from >= until {
+                continue;
+            }
+            let i = flaky.partition_point(|a| a.issued_ms < from);
+            for a in flaky[i..].iter().take_while(|a| a.issued_ms < until) {
+                if a.inc != t.inc {
+                    open_forgotten_after_restart += 1;
+                }
+                note(
+                    &mut v,
+                    "open_breaker_admitted",
+                    format!(
+                        "told open {}..{} (incarnation {}), admitted {} at {} (incarnation {})",
+                        t.from,
+                        t.until,
+                        t.inc,
+                        if a.probe { "a probe" } else { "a call" },
+                        a.issued_ms,
+                        a.inc
+                    ),
+                );
+            }
+        }
+
+        // Outstanding probes per breaker generation (a restart starts a new
+        // generation, so this is also per incarnation).
+        let mut by_gen: BTreeMap<(u64, u64), Vec<(u64, i32)>> = BTreeMap::new();
+        for p in &s.probes {
+            let end = p.end.saturating_sub(SLACK_MS).max(p.start);
+            let ev = by_gen.entry((p.inc, p.generation)).or_default();
+            ev.push((p.start, 1));
+            ev.push((end, -1));
+        }
+        let mut max_probes_by_inc: BTreeMap<u64, usize> = BTreeMap::new();
+        for ((inc, generation), mut ev) in by_gen {
+            // Ends before starts at the same millisecond: a probe given back
+            // then is not outstanding alongside one admitted then.
+            ev.sort();
+            let (mut cur, mut max) = (0i64, 0i64);
+            for (t, d) in ev {
+                cur += i64::from(d);
+                if cur > max {
+                    max = cur;
+                    if max as usize > MAX_PROBES {
+                        note(
+                            &mut v,
+                            "too_many_probes",
+                            format!(
+                                "{max} outstanding at {t} (incarnation {inc}, generation {generation})"
+                            ),
+                        );
+                    }
+                }
+            }
+            let m = max_probes_by_inc.entry(inc).or_default();
+            *m = (*m).max(max as usize);
+        }
+
+        // Budgets: over every interval [a, b] between two admissions,
+        // count ≤ burst + rate·(b − a).
+        let mut budgets = Vec::new();
+        for t in [Tgt::BudgetA, Tgt::BudgetB] {
+            let Some((burst, rate)) = t.budget() else {
+                continue;
+            };
+            let mut adm: Vec<Adm> = s.admissions.get(&t).cloned().unwrap_or_default();
+            adm.sort_by_key(|a| a.issued_ms);
+            let times: Vec<u64> = adm.iter().map(|a| a.issued_ms).collect();
+            let (excess, at) = max_excess(&times, burst, rate);
+            let mut within = f64::NEG_INFINITY;
+            let incs: HashSet<u64> = adm.iter().map(|a| a.inc).collect();
+            for inc in incs {
+                let ts: Vec<u64> = adm
+                    .iter()
+                    .filter(|a| a.inc == inc)
+                    .map(|a| a.issued_ms)
+                    .collect();
+                within = within.max(max_excess(&ts, burst, rate).0);
+            }
+            let elapsed = now_ms().saturating_sub(self.start_ms) as f64 / 1000.0;
+            let whole_bound = burst + rate * elapsed;
+            // Millisecond truncation of both ends: allow one ms of refill.
+            if excess > rate / 1000.0 + 1e-9 {
+                let kills = s
+                    .windows
+                    .iter()
+                    .filter(|&&(k, _)| k >= at.0 && k <= at.1)
+                    .count();
+                note(
+                    &mut v,
+                    "budget_over_admitted",
+                    format!(
+                        "{}: {excess:.2} admissions over burst + rate·t in the interval {}..{} ({:.1} s, {kills} kill(s) inside)",
+                        t.name(),
+                        at.0,
+                        at.1,
+                        at.1.saturating_sub(at.0) as f64 / 1000.0
+                    ),
+                );
+            }
+            budgets.push(BudgetFigure {
+                target: t.name(),
+                admitted: times.len() as u64,
+                whole_run_bound: whole_bound,
+                max_excess: excess,
+                max_excess_within_one_incarnation: within,
+            });
+        }
+
+        // Queue, at the end: every acknowledged Defer delivered and acked once.
+        let (mut lost, mut unacked, mut ack_gone, mut dup_deliveries) = (0u64, 0u64, 0u64, 0u64);
+        for (n, r) in &s.items {
+            dup_deliveries += u64::from(r.deliveries.saturating_sub(1));
+            if r.ack_gone && r.acks_ok == 0 {
+                ack_gone += 1;
+            }
+            if !final_ || !r.acknowledged {
+                continue;
+            }
+            if r.deliveries == 0 {
+                lost += 1;
+                note(
+                    &mut v,
+                    "lost_item",
+                    format!("payload {n} acknowledged, never delivered"),
+                );
+            } else if r.acks_ok == 0 && !r.ack_gone {
+                unacked += 1;
+                note(
+                    &mut v,
+                    "never_acked",
+                    format!("payload {n} delivered {} times, never acked", r.deliveries),
+                );
+            }
+        }
+
+        Report {
+            elapsed_s: now_ms().saturating_sub(self.start_ms) as f64 / 1000.0,
+            faults: s.faults,
+            restarts: s.restarts,
+            vanished_clients: s.vanished_clients,
+            calls: s.calls,
+            decisions: s.decisions,
+            admitted: s.admitted,
+            refused: s.refused,
+            unanswered: s.unanswered.len() as u64,
+            unanswered_excused: excused,
+            error_answers: s.error_answers.clone(),
+            defer_calls: s.defer_calls,
+            defers_acknowledged: s.defers_acknowledged,
+            defer_duplicates: s.defer_duplicates,
+            deliveries: s.deliveries,
+            duplicate_deliveries: dup_deliveries,
+            abandoned: s.abandoned,
+            items_acked: s.items_acked,
+            ack_refused: s.ack_refused,
+            acked_by_unanswered_call: ack_gone,
+            lost,
+            unacked,
+            told_open: s.told_open.len() as u64,
+            open_forgotten_after_restart,
+            told_open_spanning_restart,
+            probes: s.probes.len() as u64,
+            max_probes_by_incarnation: max_probes_by_inc,
+            budgets,
+            violations: v,
+            examples,
+        }
+    }
+}
+
+/// max over i ≤ j of (j − i + 1) − burst − rate·(t_j − t_i), with the
+/// interval achieving it. Linear: keep the best (rate·t_i − i) so far.
+fn max_excess(times: &[u64], burst: f64, rate: f64) -> (f64, (u64, u64)) {
+    let mut best = (f64::NEG_INFINITY, (0, 0));
+    let mut lead = (f64::NEG_INFINITY, 0u64);
+    // Relative to the first admission: epoch milliseconds times a rate lose
+    // precision in an f64.
+    let base = times.first().copied().unwrap_or(0);
+    for (j, &abs) in times.iter().enumerate() {
+        let t = abs - base;
+        let cand = rate * t as f64 / 1000.0 - j as f64;
+        if cand > lead.0 {
+            lead = (cand, abs);
+        }
+        let e = (j as f64 + 1.0 - rate * t as f64 / 1000.0) + lead.0 - burst;
+        if e > best.0 {
+            best = (e, (lead.1, abs));
+        }
+    }
+    best
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BudgetFigure {
+    pub target: &'static str,
+    pub admitted: u64,
+    /// burst + rate·(soak duration so far): the whole-run bound.
+    pub whole_run_bound: f64,
+    /// The worst interval's admissions − (burst + rate·length); ≤ 0 is correct.
+    pub max_excess: f64,
+    /// The same, over intervals inside one server incarnation only.
+    pub max_excess_within_one_incarnation: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    pub elapsed_s: f64,
+    pub faults: u64,
+    pub restarts: u64,
+    pub vanished_clients: u64,
+    pub calls: u64,
+    pub decisions: u64,
+    pub admitted: u64,
+    pub refused: u64,
+    pub unanswered: u64,
+    pub unanswered_excused: u64,
+    pub error_answers: BTreeMap<String, u64>,
+    pub defer_calls: u64,
+    pub defers_acknowledged: u64,
+    pub defer_duplicates: u64,
+    pub deliveries: u64,
+    pub duplicate_deliveries: u64,
+    pub abandoned: u64,
+    pub items_acked: u64,
+    pub ack_refused: u64,
+    pub acked_by_unanswered_call: u64,
+    pub lost: u64,
+    pub unacked: u64,
+    pub told_open: u64,
+    pub open_forgotten_after_restart: u64,
+    /// Open periods a client was told about that outlived a kill and restart.
+    pub told_open_spanning_restart: u64,
+    pub probes: u64,
+    pub max_probes_by_incarnation: BTreeMap<u64, usize>,
+    pub budgets: Vec<BudgetFigure>,
+    pub violations: BTreeMap<&'static str, u64>,
+    pub examples: Vec<String>,
+}
+
+impl Report {
+    pub fn total_violations(&self) -> u64 {
+        self.violations.values().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excess_of_a_burst_then_rate() {
+        // 3 at once with burst 3: excess 0; a 4th 100 ms later at 10/s: 0 too.
+        let (e, _) = max_excess(&[0, 0, 0, 100], 3.0, 10.0);
+        assert!(e.abs() < 1e-9, "{e}");
+        let (e, _) = max_excess(&[0, 0, 0, 50], 3.0, 10.0);
+        assert!((e - 0.5).abs() < 1e-9, "{e}");
+    }
+
+    #[test]
+    fn parses_a_permit() {
+        let p = parse_permit(
+            "2.ab.1f.3.2.100.0.18f00000000.18f00001000.00112233445566778899aabbccddeeff",
+        );
+        assert_eq!(
+            p,
+            Some(PermitFields {
+                generation: 3,
+                probe: 2,
+                issued_ms: 0x18f00000000
+            })
+        );
+        assert_eq!(parse_permit("garbage"), None);
+    }
+}
