@@ -512,8 +512,8 @@ mod otlp {
     }
 }
 
-/// Starts an OTLP receiver and a server exporting its spans to it.
-async fn traced_server(name: &str) -> (Server, otlp::Receiver) {
+/// Starts an OTLP receiver; returns it and its port.
+async fn otlp_receiver() -> (otlp::Receiver, u16) {
     let receiver = otlp::Receiver::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -526,6 +526,66 @@ async fn traced_server(name: &str) -> (Server, otlp::Receiver) {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
     });
+    (receiver, port)
+}
+
+/// The `service.name` every exported batch named.
+fn service_names(receiver: &otlp::Receiver) -> Vec<String> {
+    receiver
+        .0
+        .lock()
+        .expect("lock")
+        .iter()
+        .flat_map(|r| r.resource_spans.clone())
+        .filter_map(|rs| rs.resource)
+        .flat_map(|r| r.attributes)
+        .filter(|kv| kv.key == "service.name")
+        .map(|kv| format!("{:?}", kv.value))
+        .collect()
+}
+
+/// A config reload moves trace export to another collector (and service
+/// name) without a restart, and says nothing needs one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_trace_export_to_a_new_collector() {
+    let (server, first) = traced_server("retrace").await;
+    let mut c = server.resilience().await;
+    let can = || proto::CanProceedRequest {
+        target: "p/m".into(),
+        ..Default::default()
+    };
+    c.can_proceed(can()).await.expect("ok");
+    spans_named(&first, "CanProceed", 1).await;
+    let (second, port) = otlp_receiver().await;
+    std::fs::write(
+        &server.config_path,
+        format!(
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nservice_name = \"backstop-moved\"\nmax_target_labels = 5\n"
+        ),
+    )
+    .expect("write");
+    let r = server
+        .admin()
+        .await
+        .reload_config(proto::ReloadConfigRequest::default())
+        .await
+        .expect("reload")
+        .into_inner();
+    assert!(r.needs_restart.is_empty(), "{:?}", r.needs_restart);
+    for _ in 0..3 {
+        c.can_proceed(can()).await.expect("ok");
+    }
+    spans_named(&second, "CanProceed", 1).await;
+    let names = service_names(&second);
+    assert!(
+        !names.is_empty() && names.iter().all(|n| n.contains("backstop-moved")),
+        "{names:?}"
+    );
+}
+
+/// Starts an OTLP receiver and a server exporting its spans to it.
+async fn traced_server(name: &str) -> (Server, otlp::Receiver) {
+    let (receiver, port) = otlp_receiver().await;
     let config = format!(
         "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nservice_name = \"backstop-test\"\n"
     );

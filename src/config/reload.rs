@@ -118,7 +118,7 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
     keep!(server.tls);
     keep!(cluster);
     keep!(events);
-    keep!(telemetry);
+    keep!(telemetry.latency_buckets);
     names
 }
 

@@ -579,8 +579,9 @@ impl Engine {
         self.config.load_full()
     }
 
-    /// The config in force, borrowed for one decision (no reference count).
-    fn cfg(&self) -> arc_swap::Guard<Arc<Config>> {
+    /// The config in force, borrowed for one decision (no reference count,
+    /// so readers on every core do not contend on one counter).
+    pub fn cfg(&self) -> arc_swap::Guard<Arc<Config>> {
         self.config.load()
     }
 

@@ -151,7 +151,8 @@ pub struct Metrics {
     redis_rtt: AtomicHistogram,
     refusal_cache_hits: Counter,
     labels_used: AtomicUsize,
-    max_labels: usize,
+    /// Raised or lowered by a config reload; applies to targets labelled from then on.
+    max_labels: AtomicUsize,
     other: Arc<TargetMetrics>,
     /// Pre-resolved RPC histograms, indexed like [`RPC_METHODS`]: timing an
     /// RPC must not hash a label set or take the family's lock.
@@ -356,7 +357,7 @@ impl Metrics {
             drains,
             dead_letters,
             labels_used: AtomicUsize::new(0),
-            max_labels: max_target_labels,
+            max_labels: AtomicUsize::new(max_target_labels),
             other: Arc::new(TargetMetrics {
                 label: Arc::from(OTHER),
                 decisions: Vec::new(),
@@ -439,10 +440,16 @@ impl Metrics {
         }
     }
 
+    /// A new label cap (config reload): targets already labelled keep their
+    /// label; new ones get one while under the new cap.
+    pub fn set_max_target_labels(&self, n: usize) {
+        self.max_labels.store(n, Ordering::Relaxed);
+    }
+
     /// Handles for a new target: its own label while under the cap, else `_other`.
     pub fn for_target(&self, name: &str) -> Arc<TargetMetrics> {
         let used = self.labels_used.fetch_add(1, Ordering::Relaxed);
-        if used >= self.max_labels {
+        if used >= self.max_labels.load(Ordering::Relaxed) {
             self.labels_used.fetch_sub(1, Ordering::Relaxed);
             return self.other.clone();
         }
