@@ -5,16 +5,10 @@ mod common;
 
 use backstop::proto;
 use common::Server;
-use sha2::Digest as _;
 use std::io::{Read, Write};
 use tonic::{Code, Request};
 
-fn sha(s: &str) -> String {
-    sha2::Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+use common::sha256_hex as sha;
 
 fn config(extra: &str) -> String {
     format!(

@@ -40,13 +40,7 @@ fn leaf(ca: &Ca, cn: &str, sans: &[&str]) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
-fn sha(s: &str) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+use common::sha256_hex as sha;
 
 /// A server over TLS with client certificates verified against `ca`.
 fn start(ca: &Ca, require: bool) -> (Server, std::path::PathBuf) {

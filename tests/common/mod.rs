@@ -232,6 +232,15 @@ impl Server {
 }
 
 /// A free TCP port on loopback (bound then released).
+/// Hex SHA-256 of a secret: what `[[auth.principals]] token_sha256` holds.
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
