@@ -47,25 +47,18 @@ pub enum LogFormat {
 
 /// Keeps the trace exporter alive; flushes it on drop.
 pub struct Telemetry {
-    _private: (),
+    provider: Option<SdkTracerProvider>,
 }
 
 impl Telemetry {
     pub fn tracing_enabled(&self) -> bool {
-        RPC_SPANS_AT_INFO.load(std::sync::atomic::Ordering::Relaxed)
+        self.provider.is_some()
     }
 }
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
-        let Some(t) = TRACES.get() else { return };
-        let provider = t
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .provider
-            .take();
-        if let Some(p) = provider
+        if let Some(p) = self.provider.take()
             && let Err(e) = p.shutdown()
         {
             eprintln!("backstop: flushing traces failed: {e}");
@@ -73,107 +66,46 @@ impl Drop for Telemetry {
     }
 }
 
-type Base =
-    tracing_subscriber::layer::Layered<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
-type OtelLayer =
-    Option<tracing_opentelemetry::OpenTelemetryLayer<Base, opentelemetry_sdk::trace::SdkTracer>>;
-
-/// The trace export in force, replaceable by a config reload
-/// ([`reconfigure`]): the layer sits behind a reload handle.
-struct Traces {
-    handle: tracing_subscriber::reload::Handle<OtelLayer, Base>,
-    state: std::sync::Mutex<TraceState>,
-}
-
-struct TraceState {
-    /// (endpoint, service name) in force; None = no export.
-    target: Option<(String, String)>,
-    provider: Option<SdkTracerProvider>,
-}
-
-static TRACES: std::sync::OnceLock<Traces> = std::sync::OnceLock::new();
-
-/// Where traces go under `cfg` (the environment's OTEL_* win, as at startup).
-fn trace_target(cfg: &TelemetryConfig) -> Option<(String, String)> {
-    let endpoint = cfg.otlp_endpoint.clone().or_else(|| {
-        std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .ok()
-            .filter(|e| !e.is_empty())
-    })?;
-    let service = std::env::var("OTEL_SERVICE_NAME")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| cfg.service_name.clone());
-    Some((endpoint, service))
-}
-
-fn provider_for(endpoint: &str, service: &str) -> Result<SdkTracerProvider, String> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint.to_string())
-        .build()
-        .map_err(|e| format!("cannot build the OTLP exporter for {endpoint}: {e}"))?;
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(service.to_string())
-        .build();
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource)
-        .build())
-}
-
-/// Points trace export where `cfg` says, if that changed (a config reload):
-/// the new exporter is built first, so a bad endpoint changes nothing. The
-/// old exporter is flushed in the background. Returns whether anything
-/// changed. Without [`init`] (tests, embedding), nothing to do.
-pub fn reconfigure(cfg: &TelemetryConfig) -> Result<bool, String> {
-    let Some(t) = TRACES.get() else {
-        return Ok(false);
-    };
-    let mut st = t.state.lock().unwrap_or_else(|e| e.into_inner());
-    let target = trace_target(cfg);
-    if target == st.target {
-        return Ok(false);
-    }
-    let provider = match &target {
-        Some((endpoint, service)) => Some(provider_for(endpoint, service)?),
-        None => None,
-    };
-    let layer = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("backstop")));
-    t.handle
-        .reload(layer)
-        .map_err(|e| format!("cannot switch the trace exporter: {e}"))?;
-    RPC_SPANS_AT_INFO.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
-    if let Some(old) = std::mem::replace(&mut st.provider, provider) {
-        // Flushing waits on the network: not on the reload's thread.
-        std::thread::spawn(move || {
-            let _ = old.shutdown();
-        });
-    }
-    st.target = target;
-    Ok(true)
-}
-
 /// Installs the global subscriber. Must run inside the Tokio runtime (the
 /// OTLP exporter's gRPC channel needs it).
 pub fn init(format: LogFormat, cfg: &TelemetryConfig) -> Result<Telemetry, String> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let target = trace_target(cfg);
-    let provider = match &target {
+    let endpoint = cfg.otlp_endpoint.clone().or_else(|| {
+        std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty())
+    });
+    let provider = match endpoint {
         None => None,
-        Some((endpoint, service)) => Some(provider_for(endpoint, service)?),
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .build()
+                .map_err(|e| format!("cannot build the OTLP exporter for {endpoint}: {e}"))?;
+            let service = std::env::var("OTEL_SERVICE_NAME")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| cfg.service_name.clone());
+            let resource = opentelemetry_sdk::Resource::builder()
+                .with_service_name(service)
+                .build();
+            Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(resource)
+                    .build(),
+            )
+        }
     };
     RPC_SPANS_AT_INFO.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
-    let otel: OtelLayer = provider
+    let otel = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("backstop")));
-    let (otel, handle) = tracing_subscriber::reload::Layer::new(otel);
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = match format {
         LogFormat::Pretty => registry
@@ -192,11 +124,7 @@ pub fn init(format: LogFormat, cfg: &TelemetryConfig) -> Result<Telemetry, Strin
             .try_init(),
     };
     result.map_err(|e| format!("cannot install the log subscriber: {e}"))?;
-    let _ = TRACES.set(Traces {
-        handle,
-        state: std::sync::Mutex::new(TraceState { target, provider }),
-    });
-    Ok(Telemetry { _private: () })
+    Ok(Telemetry { provider })
 }
 
 /// Colour only for a person at a terminal: logs piped to a file, a collector

@@ -118,6 +118,8 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
     keep!(server.tls);
     keep!(cluster);
     keep!(events);
+    keep!(telemetry.otlp_endpoint);
+    keep!(telemetry.service_name);
     keep!(telemetry.latency_buckets);
     names
 }

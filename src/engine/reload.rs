@@ -93,9 +93,6 @@ impl Engine {
         let old = self.config();
         let needs_restart = keep_restart_only(&old, &mut new);
         self.refuse_unsafe(&old, &new).await?;
-        // Trace export first: a new exporter that cannot be built (a bad
-        // endpoint) refuses the reload before anything else changed.
-        crate::telemetry::reconfigure(&new.telemetry).map_err(EngineError::FailedPrecondition)?;
         self.metrics
             .set_max_target_labels(new.telemetry.max_target_labels);
         let new = Arc::new(new);

@@ -1325,10 +1325,24 @@ impl Inner {
                     cache.groups.clear();
                 }
                 Err(e) => {
-                    // The cached state holds decisions that were not
-                    // committed: forget it.
-                    cache.targets.clear();
-                    cache.groups.clear();
+                    // Back to the last committed records, not forgotten:
+                    // if Redis is gone for good, degraded mode seeds from
+                    // them (a forgotten cache made the fallback forget open
+                    // breakers and disabled keys; chaos soak --cluster). If
+                    // the commit did apply after all, the version check
+                    // on the next batch reads the newer state.
+                    for m in &metas {
+                        if let Some(c) = cache.targets.get(&m.name) {
+                            let c = self.decode_target(m, c.version, c.record.clone());
+                            cache.targets.insert(m.name.clone(), c);
+                        }
+                    }
+                    for &g in &groups {
+                        if let Some(c) = cache.groups.get(&g) {
+                            let c = self.decode_group(g, c.version, c.record.clone(), now);
+                            cache.groups.insert(g, c);
+                        }
+                    }
                     return fail_all(jobs, e);
                 }
             }

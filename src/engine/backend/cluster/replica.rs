@@ -66,11 +66,11 @@ impl Inner {
         if self.degraded.load(Ordering::Acquire) {
             return;
         }
-        self.enter_degraded(why);
+        self.enter_degraded(why).await;
         self.degraded.store(true, Ordering::Release);
     }
 
-    fn enter_degraded(&self, why: &str) {
+    async fn enter_degraded(&self, why: &str) {
         let live = self.live_replicas.load(Ordering::Relaxed).max(1);
         let fallback = LocalBackend::new(
             Arc::new(degraded_config(&self.config.load(), live)),
@@ -80,7 +80,14 @@ impl Inner {
         );
         let units: Vec<_> = self.units.iter().map(|u| u.value().clone()).collect();
         for u in units {
-            if let Ok(cache) = u.cache.try_lock() {
+            // Wait for a batch in flight on this unit (bounded by
+            // redis_timeout): the unit whose Redis call just failed is the
+            // one most likely to hold its cache, and skipping it (as a
+            // try_lock did) left its targets unseeded: the fallback forgot
+            // their open breakers, pauses and disabled keys and started
+            // their budgets full (chaos soak --cluster).
+            {
+                let cache = u.cache.lock().await;
                 for (name, c) in &cache.targets {
                     if let Ok(rec) =
                         <crate::domain::unit::codec::TargetRecord as prost::Message>::decode(
