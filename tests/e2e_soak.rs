@@ -49,3 +49,62 @@ fn chaos_soak_60s_has_no_violations() {
     assert!(n("vanished_clients") > 0, "{stdout}");
     assert_eq!(n("lost"), 0);
 }
+
+/// The same in cluster mode: a redis-server (AOF, fsync always) and two
+/// replicas; one replica killed every 10 s (alternating), Redis frozen for
+/// 2 s every third interval. Skipped when `redis-server` is not installed.
+#[test]
+fn cluster_chaos_soak_60s_has_no_violations() {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: redis-server is not on PATH");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_backstop-bench"))
+        .args([
+            "soak",
+            "--cluster",
+            "--duration",
+            "60s",
+            "--kill-every",
+            "10s",
+            "--drain",
+            "20s",
+        ])
+        .arg("--backstop-bin")
+        .arg(env!("CARGO_BIN_EXE_backstop"))
+        .output()
+        .expect("run backstop-bench soak --cluster");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value = stdout
+        .lines()
+        .find(|l| l.starts_with("{\"soak\""))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no JSON report\nstdout:\n{stdout}\nstderr:\n{stderr}"));
+    let r = &report["soak"];
+    let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("no {k} in {r}"));
+    let violations: u64 = r["violations"]
+        .as_object()
+        .expect("violations")
+        .values()
+        .filter_map(|v| v.as_u64())
+        .sum();
+    assert_eq!(violations, 0, "violations: {}\n{stdout}", r["violations"]);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(n("faults") >= 5, "faults {}\n{stdout}", n("faults"));
+    assert_eq!(n("restarts"), n("faults"));
+    assert!(n("redis_freezes") >= 2, "{stdout}");
+    assert!(n("degraded_decisions") > 0, "{stdout}");
+    assert!(n("defers_acknowledged") > 0, "{stdout}");
+    assert!(n("items_acked") > 0, "{stdout}");
+    assert!(n("vanished_clients") > 0, "{stdout}");
+    assert_eq!(n("lost"), 0);
+}

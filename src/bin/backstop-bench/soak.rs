@@ -15,6 +15,14 @@
 //! that keeps reconnecting on its own backoff would blur the line between
 //! "the server was down" and "the server did not answer". The kill window
 //! is measured from the kill to the new process's `listening` line.
+//!
+//! `--cluster`: one `redis-server` (AOF, fsync always) and two replicas
+//! (`serve --redis URL`, each on its own data dir); each workload task talks
+//! to one replica (tasks alternate), the fault schedule kills one replica at
+//! a time (alternating) and, every third interval, half an interval after
+//! a kill, freezes Redis (SIGSTOP) for [`FREEZE`] so the replicas decide
+//! degraded, spool Defers and merge back. See `soak_check`'s "Cluster mode"
+//! for what the checker treats differently, and why.
 
 use super::soak_check::{
     DISABLED_SLOT, Ledger, PROBE_LEASE_MS, Probe, Report, Tgt, ToldOpen, Unanswered, now_ms,
@@ -64,7 +72,29 @@ pub struct SoakArgs {
     /// forget its state, which the checker must report.
     #[arg(long, hide = true, allow_hyphen_values = true)]
     restart_arg: Vec<String>,
+    /// Cluster mode: a redis-server and two replicas; kill one replica at a
+    /// time, and freeze Redis now and then (skipped, exit 0, without
+    /// `redis-server` on PATH).
+    #[arg(long)]
+    cluster: bool,
+    /// Cluster: the replicas' `[cluster] redis_timeout`. Above the 50 ms
+    /// default because on a small shared machine (debug builds, an AOF
+    /// fsynced on every write) Redis often takes longer than 50 ms, and every
+    /// such call would put a replica in degraded mode outside the injected
+    /// freezes; `--redis-timeout 50ms` soaks the default.
+    #[arg(long, default_value = "250ms", value_parser = super::parse_dur)]
+    redis_timeout: Duration,
 }
+
+tokio::task_local! {
+    /// The replica a workload task talks to (always 0 without `--cluster`):
+    /// a task-local rather than a parameter so that every helper that calls
+    /// the server ([`Cx::call`]) goes to its task's replica.
+    static HOME: usize;
+}
+
+/// How long Redis stays frozen (SIGSTOP) in cluster mode.
+const FREEZE: Duration = Duration::from_secs(2);
 
 const QUEUE: &str = "soak/queue";
 /// Claim leases: short, so abandoned items come back within the run.
@@ -139,7 +169,11 @@ fn channel(addr: &str) -> Result<Channel, String> {
 
 /// Shared by every task.
 struct Cx {
-    conn: Conn,
+    /// One per replica (one without `--cluster`).
+    conns: Vec<Conn>,
+    /// The next incarnation number: unique over all replicas, so an
+    /// incarnation names one process.
+    next_inc: AtomicU64,
     led: Ledger,
     deadline: Duration,
     /// Stops the workload and the faults (not the consumers).
@@ -179,8 +213,9 @@ impl Cx {
         F: FnOnce(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let (inc, _, ch) = self.conn.current();
-        self.call_on(ch, inc, what, extra, f).await
+        let replica = HOME.try_with(|h| *h).unwrap_or(0);
+        let (inc, _, ch) = self.conns[replica].current();
+        self.call_on(ch, inc, replica, what, extra, f).await
     }
 
     /// One call with the soak's deadline; unanswered calls go to the ledger
@@ -189,6 +224,7 @@ impl Cx {
         &self,
         ch: Channel,
         inc: u64,
+        replica: usize,
         what: &'static str,
         extra: Duration,
         f: F,
@@ -232,6 +268,7 @@ impl Cx {
             end: recv,
             what,
             why,
+            replica,
         });
         None
     }
@@ -274,7 +311,15 @@ fn backstop_bin(args: &SoakArgs) -> Result<PathBuf, String> {
     }
 }
 
-fn start_server(bin: &Path, dir: &Path, extra: &[String]) -> Result<Proc, String> {
+/// One server (or replica): config file, data dir, extra `serve` arguments.
+#[derive(Clone)]
+struct ServerSpec {
+    config: PathBuf,
+    data: PathBuf,
+    args: Vec<String>,
+}
+
+fn start_server(bin: &Path, spec: &ServerSpec, extra: &[String]) -> Result<Proc, String> {
     let mut cmd = Command::new(bin);
     cmd.args([
         "serve",
@@ -284,9 +329,10 @@ fn start_server(bin: &Path, dir: &Path, extra: &[String]) -> Result<Proc, String
         "off",
         "--config",
     ])
-    .arg(dir.join("soak.toml"))
+    .arg(&spec.config)
     .arg("--data-dir")
-    .arg(dir.join("data"))
+    .arg(&spec.data)
+    .args(&spec.args)
     .args(extra);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "warn");
@@ -427,7 +473,7 @@ async fn record(
 /// permit; breaker-open refusals as "told open").
 async fn decide(
     cx: &Cx,
-    ch: Option<(Channel, u64)>,
+    ch: Option<(Channel, u64, usize)>,
     t: Tgt,
     caller: &str,
 ) -> Option<Answer<proto::CanProceedResponse>> {
@@ -438,13 +484,21 @@ async fn decide(
     };
     let f = |ch| async move { ResilienceClient::new(ch).can_proceed(req).await };
     let a = match ch {
-        Some((ch, inc)) => cx.call_on(ch, inc, "CanProceed", Duration::ZERO, f).await,
+        Some((ch, inc, rep)) => {
+            cx.call_on(ch, inc, rep, "CanProceed", Duration::ZERO, f)
+                .await
+        }
         None => cx.call("CanProceed", Duration::ZERO, f).await,
     }?;
     if let Ok(r) = &a.r {
-        cx.led.lock().decisions += 1;
+        {
+            let mut s = cx.led.lock();
+            s.decisions += 1;
+            s.degraded_decisions += u64::from(r.degraded);
+        }
         if r.allowed {
-            cx.led.admission(t, &r.permit, &r.key_slot, a.inc);
+            cx.led
+                .admission(t, &r.permit, &r.key_slot, a.inc, r.degraded);
         } else {
             cx.led.lock().refused += 1;
             if r.reason() == proto::Reason::CircuitOpen
@@ -503,11 +557,12 @@ async fn agent(cx: Arc<Cx>, i: u64) {
         {
             tokio::time::sleep(Duration::from_millis(rnd(&mut rng) % 10)).await;
             let status = if chance(&mut rng, 5) { 503 } else { 200 };
-            if record(&cx, t, &r.permit, &r.key_slot, status, Default::default())
-                .await
-                .is_some()
+            if let Some(o) =
+                record(&cx, t, &r.permit, &r.key_slot, status, Default::default()).await
             {
-                cx.led.lock().decisions += 1;
+                let mut s = cx.led.lock();
+                s.decisions += 1;
+                s.degraded_decisions += u64::from(o.degraded);
             }
         }
         tokio::time::sleep(Duration::from_millis(2 + rnd(&mut rng) % 5)).await;
@@ -570,7 +625,11 @@ async fn hunter(cx: Arc<Cx>, i: u64) {
             r: Ok(o),
         }) = out
         {
-            cx.led.lock().decisions += 1;
+            {
+                let mut s = cx.led.lock();
+                s.decisions += 1;
+                s.degraded_decisions += u64::from(o.degraded);
+            }
             let open = o.state() == proto::BreakerState::Open;
             if let Some(adv) = &o.retry
                 && open
@@ -708,16 +767,17 @@ async fn vanisher(cx: Arc<Cx>) {
         if cx.stopped() {
             break;
         }
-        let (inc, addr, _) = cx.conn.current();
+        let rep = (rnd(&mut rng) % cx.conns.len() as u64) as usize;
+        let (inc, addr, _) = cx.conns[rep].current();
         let Ok(ch) = channel(&addr) else { continue };
         let until = now_ms() + 1500;
         // Its server is gone once the incarnation changes: the client's
         // session ends there (calls to a dead address are not the new
         // server's unanswered calls).
-        let alive = || cx.conn.current().0 == inc;
+        let alive = || cx.conns[rep].current().0 == inc;
         while now_ms() < until && alive() {
             if let Some(Answer { r: Ok(r), .. }) =
-                decide(&cx, Some((ch.clone(), inc)), Tgt::Flaky, "vanisher").await
+                decide(&cx, Some((ch.clone(), inc, rep)), Tgt::Flaky, "vanisher").await
                 && r.allowed
                 && let Some(p) = parse_permit(&r.permit)
                 && p.probe != 0
@@ -746,7 +806,7 @@ async fn vanisher(cx: Arc<Cx>) {
             continue;
         }
         if let Some(Answer { r: Ok(c), .. }) = cx
-            .call_on(ch, inc, "Claim", Duration::ZERO, |ch| async move {
+            .call_on(ch, inc, rep, "Claim", Duration::ZERO, |ch| async move {
                 DeferredClient::new(ch).claim(req).await
             })
             .await
@@ -820,58 +880,176 @@ async fn trip(cx: &Cx) {
     }
 }
 
-/// kill -9 every `every`, restart on the same data dir, hand clients the
-/// new address. Returns the last server (killed on drop by the caller).
+/// kill -9 one server every `every` (replicas in turn), restart it on its
+/// data dir, hand its clients the new address. Returns the last servers
+/// (killed on drop by the caller).
 async fn faults(
     cx: Arc<Cx>,
-    mut server: Proc,
+    mut servers: Vec<Option<Proc>>,
     bin: PathBuf,
-    dir: PathBuf,
+    specs: Vec<ServerSpec>,
     every: Duration,
     extra: Vec<String>,
-) -> Result<Proc, String> {
-    let mut inc = 0;
+) -> Result<Vec<Option<Proc>>, String> {
     let start = tokio::time::Instant::now();
+    let mut k: u32 = 0;
     loop {
         // Fixed rate (kill k at k·every from the start), so a run of D has
         // floor(D / every) kills however long restarts take.
-        let wake = start + every * (inc as u32 + 1);
+        let wake = start + every * (k + 1);
         while tokio::time::Instant::now() < wake {
             if cx.stopped() {
-                return Ok(server);
+                return Ok(servers);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        trip(&cx).await;
+        let victim = k as usize % servers.len();
+        k += 1;
+        // Told open by the replica about to die: the open period must
+        // outlive it (on its next incarnation, and on the other replica).
+        HOME.scope(victim, trip(&cx)).await;
         let kill = now_ms();
         {
             let mut s = cx.led.lock();
             s.faults += 1;
-            s.windows.push((kill, None));
+            s.windows.push((kill, None, victim));
         }
-        let (b, d, x) = (bin.clone(), dir.clone(), extra.clone());
+        let old = servers[victim].take();
+        let (b, spec, x) = (bin.clone(), specs[victim].clone(), extra.clone());
         let started = tokio::task::spawn_blocking(move || {
             // kill -9, and wait: the data dir's lock is free once it is gone.
-            let _ = server.child.kill();
-            let _ = server.child.wait();
-            drop(server);
-            start_server(&b, &d, &x)
+            if let Some(mut old) = old {
+                let _ = old.child.kill();
+                let _ = old.child.wait();
+            }
+            start_server(&b, &spec, &x)
         })
         .await
         .map_err(|e| e.to_string())??;
-        server = started;
-        inc += 1;
-        cx.conn.set(inc, &server.addr)?;
+        let inc = cx.next_inc.fetch_add(1, Ordering::Relaxed);
+        cx.conns[victim].set(inc, &started.addr)?;
+        servers[victim] = Some(started);
         let ready = now_ms();
         let mut s = cx.led.lock();
         s.restarts += 1;
-        if let Some(w) = s.windows.last_mut() {
+        if let Some(w) = s
+            .windows
+            .iter_mut()
+            .rev()
+            .find(|w| w.2 == victim && w.1.is_none())
+        {
             w.1 = Some(ready);
         }
     }
 }
 
+/// Cluster: every third interval, half an interval after a kill, SIGSTOP
+/// Redis for [`FREEZE`], then SIGCONT. Offset from the kills so that a
+/// freeze and a restart are separate faults and the checker can tell which
+/// one a failed call overlaps. A freeze under way is always thawed, even
+/// when the run stops meanwhile.
+async fn freezer(cx: Arc<Cx>, pid: u32, every: Duration) {
+    let start = tokio::time::Instant::now();
+    let mut j: u32 = 0;
+    loop {
+        let wake = start + every * (3 * j + 1) + every / 2;
+        j += 1;
+        while tokio::time::Instant::now() < wake {
+            if cx.stopped() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The window opens before the signal and closes after the thaw:
+        // it contains the freeze whatever the signal's latency.
+        let stop = now_ms();
+        if !signal(pid, "STOP") {
+            println!("soak: cannot SIGSTOP redis-server (pid {pid}); no more freezes");
+            return;
+        }
+        cx.led.lock().freezes.push((stop, None));
+        tokio::time::sleep(FREEZE).await;
+        signal(pid, "CONT");
+        let cont = now_ms();
+        if let Some(f) = cx.led.lock().freezes.last_mut() {
+            f.1 = Some(cont);
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn redis_on_path() -> bool {
+    Command::new("redis-server")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// A `redis-server` on a free port, persisting to `dir` with an AOF fsynced
+/// on every write (an acknowledged Defer or transition must survive a Redis
+/// restart; the soak does not restart Redis, but runs it as production would).
+fn start_redis(dir: &Path) -> Result<Proc, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"])
+        .arg(dir)
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start redis-server: {e}"))?;
+    let redis = Proc {
+        child,
+        addr: format!("127.0.0.1:{port}"),
+        _dir: None,
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        use std::io::{Read, Write};
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut b = [0u8; 5];
+            if s.write_all(b"PING\r\n").is_ok()
+                && s.read(&mut b).is_ok_and(|n| n > 0)
+                && &b == b"+PONG"
+            {
+                return Ok(redis);
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "redis-server did not answer on port {port} within 10 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub async fn run(args: SoakArgs) -> Result<(), String> {
+    if args.cluster && !redis_on_path() {
+        println!("soak: --cluster skipped: redis-server is not on PATH");
+        return Ok(());
+    }
     let seed = args
         .seed
         .unwrap_or_else(|| now_ms() ^ u64::from(std::process::id()));
@@ -888,52 +1066,111 @@ pub async fn run(args: SoakArgs) -> Result<(), String> {
             (t.0.clone(), Some(t))
         }
     };
-    let cfg_path = dir.join("soak.toml");
-    std::fs::write(&cfg_path, config())
-        .map_err(|e| format!("cannot write {}: {e}", cfg_path.display()))?;
+    let write = |p: &Path, text: String| {
+        std::fs::write(p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))
+    };
+    let (specs, redis) = if args.cluster {
+        let redis = start_redis(&dir.join("redis"))?;
+        let url = format!("redis://{}/0", redis.addr);
+        let mut specs = Vec::new();
+        for r in 0..2 {
+            // A fixed replica id: a restarted replica is the same replica
+            // (the default id, hostname:port, would change with the port).
+            let cfg = dir.join(format!("soak-r{r}.toml"));
+            write(
+                &cfg,
+                format!(
+                    "{}\n[cluster]\nreplica_id = \"soak-r{r}\"\nredis_timeout = \"{}ms\"\n",
+                    config(),
+                    args.redis_timeout.as_millis()
+                ),
+            )?;
+            specs.push(ServerSpec {
+                config: cfg,
+                data: dir.join(format!("data-r{r}")),
+                args: vec!["--redis".into(), url.clone()],
+            });
+        }
+        (specs, Some(redis))
+    } else {
+        let cfg = dir.join("soak.toml");
+        write(&cfg, config())?;
+        let spec = ServerSpec {
+            config: cfg,
+            data: dir.join("data"),
+            args: Vec::new(),
+        };
+        (vec![spec], None)
+    };
     println!(
-        "soak: {:?} with kill -9 every {:?}, seed {seed}, data in {}",
+        "soak: {:?} with kill -9 every {:?}{}, seed {seed}, data in {}",
         args.duration,
         args.kill_every,
+        if args.cluster {
+            " (one replica of two at a time; Redis frozen every third interval)"
+        } else {
+            ""
+        },
         dir.display()
     );
-    let (b, d) = (bin.clone(), dir.clone());
-    let server = tokio::task::spawn_blocking(move || start_server(&b, &d, &[]))
-        .await
-        .map_err(|e| e.to_string())??;
+    let mut servers = Vec::new();
+    let mut conns = Vec::new();
+    for spec in &specs {
+        let (b, sp) = (bin.clone(), spec.clone());
+        let server = tokio::task::spawn_blocking(move || start_server(&b, &sp, &[]))
+            .await
+            .map_err(|e| e.to_string())??;
+        conns.push(Conn {
+            cur: RwLock::new((
+                conns.len() as u64,
+                server.addr.clone(),
+                channel(&server.addr)?,
+            )),
+        });
+        servers.push(Some(server));
+    }
+    let n = conns.len();
     let cx = Arc::new(Cx {
-        conn: Conn {
-            cur: RwLock::new((0, server.addr.clone(), channel(&server.addr)?)),
-        },
-        led: Ledger::new(),
+        next_inc: AtomicU64::new(n as u64),
+        conns,
+        led: Ledger::new(args.cluster),
         deadline: args.deadline,
         stop: AtomicBool::new(false),
         stop_all: AtomicBool::new(false),
         next_payload: AtomicU64::new(0),
         seed,
     });
-    setup(&cx).await?;
+    HOME.scope(0, setup(&cx)).await?;
 
+    // Tasks alternate between the replicas (all on replica 0 without --cluster).
+    let home = |i: u64| i as usize % n;
     let mut tasks = Vec::new();
     for i in 0..6 {
-        tasks.push(tokio::spawn(agent(cx.clone(), i)));
+        tasks.push(tokio::spawn(HOME.scope(home(i), agent(cx.clone(), i))));
     }
     for i in 0..4 {
-        tasks.push(tokio::spawn(hunter(cx.clone(), i)));
+        tasks.push(tokio::spawn(HOME.scope(home(i), hunter(cx.clone(), i))));
     }
     for i in 0..2 {
-        tasks.push(tokio::spawn(producer(cx.clone(), i)));
+        tasks.push(tokio::spawn(HOME.scope(home(i), producer(cx.clone(), i))));
     }
     let mut consumers = Vec::new();
     for i in 0..3 {
-        consumers.push(tokio::spawn(consumer(cx.clone(), i)));
+        consumers.push(tokio::spawn(HOME.scope(home(i), consumer(cx.clone(), i))));
     }
     tasks.push(tokio::spawn(vanisher(cx.clone())));
+    if let Some(r) = &redis {
+        tasks.push(tokio::spawn(freezer(
+            cx.clone(),
+            r.child.id(),
+            args.kill_every,
+        )));
+    }
     let fault_task = tokio::spawn(faults(
         cx.clone(),
-        server,
+        servers,
         bin,
-        dir.clone(),
+        specs,
         args.kill_every,
         args.restart_arg.clone(),
     ));
@@ -954,7 +1191,7 @@ pub async fn run(args: SoakArgs) -> Result<(), String> {
         }
     }
     cx.stop.store(true, Ordering::Relaxed);
-    let server = fault_task.await.map_err(|e| e.to_string())??;
+    let servers = fault_task.await.map_err(|e| e.to_string())??;
     for t in tasks {
         let _ = t.await;
     }
@@ -980,7 +1217,8 @@ pub async fn run(args: SoakArgs) -> Result<(), String> {
         let _ = t.await;
     }
     let report = cx.led.check(true);
-    drop(server);
+    drop(servers);
+    drop(redis);
     print_report(&report);
     let json = serde_json::json!({ "soak": report });
     println!("{json}");
@@ -998,10 +1236,12 @@ pub async fn run(args: SoakArgs) -> Result<(), String> {
 
 fn progress(r: &Report) {
     println!(
-        "soak: t={:.0}s faults={} decisions={} defers_acknowledged={} items_acked={} violations={}",
+        "soak: t={:.0}s faults={} redis_freezes={} decisions={} (degraded {}) defers_acknowledged={} items_acked={} violations={}",
         r.elapsed_s,
         r.faults,
+        r.redis_freezes,
         r.decisions,
+        r.degraded_decisions,
         r.defers_acknowledged,
         r.items_acked,
         r.total_violations()
@@ -1014,17 +1254,34 @@ fn print_report(r: &Report) {
     line("faults injected (kill -9)", r.faults.to_string());
     line("restarts", r.restarts.to_string());
     line(
+        "Redis freezes (SIGSTOP, cluster)",
+        r.redis_freezes.to_string(),
+    );
+    line(
         "clients vanished holding leases",
         r.vanished_clients.to_string(),
     );
     line("calls", r.calls.to_string());
     line(
         "unanswered (all in kill windows?)",
-        format!("{} ({} excused)", r.unanswered, r.unanswered_excused),
+        format!(
+            "{} ({} excused, of which {} Claim/Ack by a Redis freeze)",
+            r.unanswered, r.unanswered_excused, r.unanswered_excused_by_redis_freeze
+        ),
     );
+    if !r.unanswered_not_excused_by_call.is_empty() {
+        line(
+            "unanswered, not excused, by call",
+            format!("{:?}", r.unanswered_not_excused_by_call),
+        );
+    }
     line(
         "decisions (CanProceed + RecordOutcome answered)",
         r.decisions.to_string(),
+    );
+    line(
+        "decisions answered degraded (cluster)",
+        r.degraded_decisions.to_string(),
     );
     line(
         "admitted / refused",
@@ -1063,8 +1320,15 @@ fn print_report(r: &Report) {
         line(
             &format!("budget {}", b.target),
             format!(
-                "admitted {} (whole-run bound {:.0}); worst excess {:+.2}, within one incarnation {:+.2}",
-                b.admitted, b.whole_run_bound, b.max_excess, b.max_excess_within_one_incarnation
+                "admitted {} ({} degraded; whole-run bound {:.0}); worst excess {:+.2} (interval {}..{}, {} degraded in it), within one incarnation {:+.2}",
+                b.admitted,
+                b.degraded_admitted,
+                b.whole_run_bound,
+                b.max_excess,
+                b.worst_interval.0,
+                b.worst_interval.1,
+                b.degraded_in_worst_interval,
+                b.max_excess_within_one_incarnation
             ),
         );
     }

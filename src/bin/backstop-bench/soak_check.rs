@@ -18,6 +18,18 @@
 //! until `sent + delay` (the server's open-until is no earlier), and so on.
 //! Server and client read the same wall clock (the server's is anchored once
 //! at start and advanced monotonically), so comparisons allow [`SLACK_MS`].
+//!
+//! # Cluster mode (`soak --cluster`)
+//! Two replicas share one Redis; one replica at a time is killed, and Redis
+//! is frozen (SIGSTOP) now and then. The invariants stay the same; only the
+//! places where cluster semantics really differ change, each marked
+//! "Cluster:" below: which calls a fault excuses (a kill excuses calls to
+//! the killed replica only; a Redis freeze excuses only Claim/Ack/Nack,
+//! which need Redis), how queue items are matched (a Defer spooled while
+//! Redis was frozen gets a new item id when replayed, so the payload is the
+//! identity, not the id), and probes (half-open probes are counted
+//! fleet-wide per breaker generation: the generation lives in Redis and
+//! survives a replica's restart).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -112,6 +124,8 @@ pub struct Adm {
     pub issued_ms: u64,
     pub probe: bool,
     pub inc: u64,
+    /// Cluster: decided without Redis, under the replica's share of the budget.
+    pub degraded: bool,
 }
 
 /// One half-open probe: outstanding from `start` (server admission) to `end`.
@@ -139,6 +153,8 @@ pub struct Unanswered {
     pub end: u64,
     pub what: &'static str,
     pub why: String,
+    /// The replica the call went to (always 0 without `--cluster`).
+    pub replica: usize,
 }
 
 /// One deferred item, by the soak's own id (its payload).
@@ -147,7 +163,9 @@ pub struct ItemRec {
     /// Defer was answered OK (acknowledged: durable).
     pub acknowledged: bool,
     /// Server item ids the Defer calls returned (one, by idempotency).
-    pub server_ids: HashSet<String>,
+    pub defer_ids: HashSet<String>,
+    /// Server item ids the item was delivered as.
+    pub delivered_ids: HashSet<String>,
     pub deliveries: u32,
     /// Ack answered OK.
     pub acks_ok: u32,
@@ -162,8 +180,12 @@ pub struct State {
     pub faults: u64,
     pub restarts: u64,
     pub vanished_clients: u64,
-    /// (kill, ready) per fault; ready None while restarting.
-    pub windows: Vec<(u64, Option<u64>)>,
+    /// (kill, ready, replica) per fault; ready None while restarting.
+    pub windows: Vec<(u64, Option<u64>, usize)>,
+    /// Cluster: (SIGSTOP, SIGCONT) per Redis freeze; SIGCONT None while frozen.
+    pub freezes: Vec<(u64, Option<u64>)>,
+    /// Cluster: CanProceed / RecordOutcome answers flagged `degraded`.
+    pub degraded_decisions: u64,
     pub calls: u64,
     pub decisions: u64,
     pub admitted: u64,
@@ -189,6 +211,8 @@ pub struct State {
 pub struct Ledger {
     pub s: Mutex<State>,
     pub start_ms: u64,
+    /// `soak --cluster`: the checks marked "Cluster:" apply.
+    pub cluster: bool,
 }
 
 const MAX_EXAMPLES: usize = 30;
@@ -204,15 +228,16 @@ impl State {
 
 impl Default for Ledger {
     fn default() -> Self {
-        Self::new()
+        Self::new(false)
     }
 }
 
 impl Ledger {
-    pub fn new() -> Ledger {
+    pub fn new(cluster: bool) -> Ledger {
         Ledger {
             s: Mutex::new(State::default()),
             start_ms: now_ms(),
+            cluster,
         }
     }
 
@@ -222,7 +247,7 @@ impl Ledger {
         self.s.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn admission(&self, t: Tgt, permit: &str, key_slot: &str, inc: u64) {
+    pub fn admission(&self, t: Tgt, permit: &str, key_slot: &str, inc: u64, degraded: bool) {
         let mut s = self.lock();
         s.admitted += 1;
         let Some(p) = parse_permit(permit) else {
@@ -236,25 +261,28 @@ impl Ledger {
             Tgt::Forced => s.violate(
                 "forced_open_admitted",
                 format!(
-                    "{} admitted at {} (incarnation {inc})",
+                    "{} admitted at {} (incarnation {inc}{})",
                     t.name(),
-                    p.issued_ms
+                    p.issued_ms,
+                    if degraded { ", degraded" } else { "" }
                 ),
             ),
             Tgt::Paused => s.violate(
                 "pause_forgotten",
                 format!(
-                    "{} admitted at {} (incarnation {inc})",
+                    "{} admitted at {} (incarnation {inc}{})",
                     t.name(),
-                    p.issued_ms
+                    p.issued_ms,
+                    if degraded { ", degraded" } else { "" }
                 ),
             ),
             Tgt::Keyed if key_slot == DISABLED_SLOT => s.violate(
                 "disabled_key_admitted",
                 format!(
-                    "{} slot {key_slot} admitted at {} (incarnation {inc})",
+                    "{} slot {key_slot} admitted at {} (incarnation {inc}{})",
                     t.name(),
-                    p.issued_ms
+                    p.issued_ms,
+                    if degraded { ", degraded" } else { "" }
                 ),
             ),
             _ => {}
@@ -263,6 +291,7 @@ impl Ledger {
             issued_ms: p.issued_ms,
             probe: p.probe != 0,
             inc,
+            degraded,
         });
     }
 
@@ -279,10 +308,19 @@ impl Ledger {
             );
             return None;
         };
+        let cluster = self.cluster;
         let rec = s.items.entry(n).or_default();
         rec.deliveries += 1;
-        rec.server_ids.insert(server_id.to_string());
-        let ids = rec.server_ids.len();
+        rec.delivered_ids.insert(server_id.to_string());
+        // Cluster: a Defer spooled while Redis was frozen answered the
+        // spool's id and is delivered under the id its replay got, so only
+        // delivered ids are compared (two delivered ids for one payload are
+        // two queue items for one idempotency key: a duplicate).
+        let ids = if cluster {
+            rec.delivered_ids.len()
+        } else {
+            rec.delivered_ids.union(&rec.defer_ids).count()
+        };
         if ids > 1 {
             s.violate(
                 "idempotency_broken",
@@ -312,10 +350,12 @@ impl Ledger {
         if duplicate {
             s.defer_duplicates += 1;
         }
+        let cluster = self.cluster;
         let rec = s.items.entry(n).or_default();
         rec.acknowledged = true;
-        rec.server_ids.insert(server_id.to_string());
-        if rec.server_ids.len() > 1 {
+        rec.defer_ids.insert(server_id.to_string());
+        // Cluster: see `delivered` (a spooled Defer's id is not the item's).
+        if !cluster && rec.delivered_ids.union(&rec.defer_ids).count() > 1 {
             s.violate(
                 "idempotency_broken",
                 format!("payload {n}: a retried Defer returned another item id {server_id}"),
@@ -337,22 +377,40 @@ impl Ledger {
         };
 
         // Deadlines: an unanswered call is excused only if it overlaps a
-        // kill window (kill → ready + grace; a restart not yet ready is open).
+        // kill window (kill → ready + grace; a restart not yet ready is open)
+        // of the replica it went to. Cluster: the other replica keeps
+        // serving, so a kill does not excuse calls to it. A Redis freeze
+        // (SIGSTOP → SIGCONT + grace) excuses only Claim / Ack / Nack, which
+        // need Redis; decisions and Defers must be answered (degraded,
+        // spooled) within the deadline all through it.
         let mut excused = 0u64;
+        let mut excused_freeze = 0u64;
+        let mut unexcused_by_call: BTreeMap<&'static str, u64> = BTreeMap::new();
         for u in &s.unanswered {
-            let in_window = s.windows.iter().any(|&(k, r)| {
+            let in_window = s.windows.iter().any(|&(k, r, rep)| {
                 let end = r.map_or(u64::MAX, |r| r + GRACE_MS);
-                u.start <= end && u.end >= k
+                rep == u.replica && u.start <= end && u.end >= k
             });
+            let needs_redis = matches!(u.what, "Claim" | "Ack" | "Nack");
+            let in_freeze = needs_redis
+                && s.freezes.iter().any(|&(st, c)| {
+                    let end = c.map_or(u64::MAX, |c| c + GRACE_MS);
+                    u.start <= end && u.end >= st
+                });
             if in_window {
                 excused += 1;
+            } else if in_freeze {
+                excused += 1;
+                excused_freeze += 1;
             } else {
+                *unexcused_by_call.entry(u.what).or_default() += 1;
                 note(
                     &mut v,
                     "unanswered_outside_kill_windows",
                     format!(
-                        "{} {}..{} (+{} ms from start): {}",
+                        "{} to replica {} {}..{} (+{} ms from start): {}",
                         u.what,
+                        u.replica,
                         u.start,
                         u.end,
                         u.start.saturating_sub(self.start_ms),
@@ -376,7 +434,7 @@ impl Ledger {
             // still inside the open period: the case "never forgotten" is about.
             if s.windows
                 .iter()
-                .any(|&(k, r)| k >= t.from && r.is_some_and(|r| r + SLACK_MS < t.until))
+                .any(|&(k, r, _)| k >= t.from && r.is_some_and(|r| r + SLACK_MS < t.until))
             {
                 told_open_spanning_restart += 1;
             }
@@ -394,24 +452,29 @@ impl Ledger {
                     &mut v,
                     "open_breaker_admitted",
                     format!(
-                        "told open {}..{} (incarnation {}), admitted {} at {} (incarnation {})",
+                        "told open {}..{} (incarnation {}), admitted {} at {} (incarnation {}{})",
                         t.from,
                         t.until,
                         t.inc,
                         if a.probe { "a probe" } else { "a call" },
                         a.issued_ms,
-                        a.inc
+                        a.inc,
+                        if a.degraded { ", degraded" } else { "" }
                     ),
                 );
             }
         }
 
         // Outstanding probes per breaker generation (a restart starts a new
-        // generation, so this is also per incarnation).
+        // generation, so this is also per incarnation). Cluster: the breaker
+        // and its generation live in Redis, shared by both replicas and kept
+        // across a replica's restart, so probes are counted fleet-wide per
+        // generation (reported under incarnation 0).
         let mut by_gen: BTreeMap<(u64, u64), Vec<(u64, i32)>> = BTreeMap::new();
         for p in &s.probes {
             let end = p.end.saturating_sub(SLACK_MS).max(p.start);
-            let ev = by_gen.entry((p.inc, p.generation)).or_default();
+            let inc = if self.cluster { 0 } else { p.inc };
+            let ev = by_gen.entry((inc, p.generation)).or_default();
             ev.push((p.start, 1));
             ev.push((end, -1));
         }
@@ -441,7 +504,11 @@ impl Ledger {
         }
 
         // Budgets: over every interval [a, b] between two admissions,
-        // count ≤ burst + rate·(b − a).
+        // count ≤ burst + rate·(b − a). Cluster: the same strict bound,
+        // fleet-wide, whether admissions were decided through Redis or
+        // `degraded` under each replica's share (the shares must add up to
+        // no more than the budget); the report says how many admissions were
+        // degraded, in the whole run and in the worst interval.
         let mut budgets = Vec::new();
         for t in [Tgt::BudgetA, Tgt::BudgetB] {
             let Some((burst, rate)) = t.budget() else {
@@ -451,6 +518,16 @@ impl Ledger {
             adm.sort_by_key(|a| a.issued_ms);
             let times: Vec<u64> = adm.iter().map(|a| a.issued_ms).collect();
             let (excess, at) = max_excess(&times, burst, rate);
+            let degraded = adm.iter().filter(|a| a.degraded).count() as u64;
+            let degraded_in_worst = adm
+                .iter()
+                .filter(|a| a.degraded && a.issued_ms >= at.0 && a.issued_ms <= at.1)
+                .count() as u64;
+            let freezes_in_worst = s
+                .freezes
+                .iter()
+                .filter(|&&(st, c)| st <= at.1 && c.is_none_or(|c| c >= at.0))
+                .count();
             let mut within = f64::NEG_INFINITY;
             let incs: HashSet<u64> = adm.iter().map(|a| a.inc).collect();
             for inc in incs {
@@ -468,13 +545,13 @@ impl Ledger {
                 let kills = s
                     .windows
                     .iter()
-                    .filter(|&&(k, _)| k >= at.0 && k <= at.1)
+                    .filter(|&&(k, _, _)| k >= at.0 && k <= at.1)
                     .count();
                 note(
                     &mut v,
                     "budget_over_admitted",
                     format!(
-                        "{}: {excess:.2} admissions over burst + rate·t in the interval {}..{} ({:.1} s, {kills} kill(s) inside)",
+                        "{}: {excess:.2} admissions over burst + rate·t in the interval {}..{} ({:.1} s, {kills} kill(s) and {freezes_in_worst} Redis freeze(s) inside, {degraded_in_worst} degraded admission(s))",
                         t.name(),
                         at.0,
                         at.1,
@@ -488,6 +565,9 @@ impl Ledger {
                 whole_run_bound: whole_bound,
                 max_excess: excess,
                 max_excess_within_one_incarnation: within,
+                worst_interval: at,
+                degraded_admitted: degraded,
+                degraded_in_worst_interval: degraded_in_worst,
             });
         }
 
@@ -529,6 +609,10 @@ impl Ledger {
             refused: s.refused,
             unanswered: s.unanswered.len() as u64,
             unanswered_excused: excused,
+            unanswered_excused_by_redis_freeze: excused_freeze,
+            unanswered_not_excused_by_call: unexcused_by_call,
+            redis_freezes: s.freezes.len() as u64,
+            degraded_decisions: s.degraded_decisions,
             error_answers: s.error_answers.clone(),
             defer_calls: s.defer_calls,
             defers_acknowledged: s.defers_acknowledged,
@@ -585,6 +669,11 @@ pub struct BudgetFigure {
     pub max_excess: f64,
     /// The same, over intervals inside one server incarnation only.
     pub max_excess_within_one_incarnation: f64,
+    /// The worst interval (first and last admission, server ms).
+    pub worst_interval: (u64, u64),
+    /// Cluster: admissions answered `degraded` (under a replica's share).
+    pub degraded_admitted: u64,
+    pub degraded_in_worst_interval: u64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -599,6 +688,12 @@ pub struct Report {
     pub refused: u64,
     pub unanswered: u64,
     pub unanswered_excused: u64,
+    /// Cluster: Claim / Ack / Nack excused by a Redis freeze.
+    pub unanswered_excused_by_redis_freeze: u64,
+    /// The unexcused unanswered calls, by RPC (which faults hit what).
+    pub unanswered_not_excused_by_call: BTreeMap<&'static str, u64>,
+    pub redis_freezes: u64,
+    pub degraded_decisions: u64,
     pub error_answers: BTreeMap<String, u64>,
     pub defer_calls: u64,
     pub defers_acknowledged: u64,
