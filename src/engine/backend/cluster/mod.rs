@@ -651,7 +651,8 @@ pub struct ReplicaInfo {
 }
 
 /// The config a degraded replica decides with: every rate and concurrency
-/// budget divided by the number of live replicas, so N replicas deciding
+/// budget, and the half-open probe allowance, divided by the number of live
+/// replicas, so N replicas deciding
 /// alone admit what the cluster would (Sentinel applied the cluster-wide
 /// threshold on every node: N times the limit).
 fn degraded_config(config: &Config, replicas: usize) -> Config {
@@ -666,15 +667,23 @@ fn degraded_config(config: &Config, replicas: usize) -> Config {
         }
         b
     };
+    // Half-open probes too: N replicas probing alone would send N times
+    // the probes to a provider that is just recovering (never below one
+    // each, so with fewer probes than replicas the fleet may send more).
+    let share = |s: &mut crate::config::TargetSettings| {
+        s.budget = divide(&s.budget);
+        let p = &mut s.breaker.half_open_max_probes;
+        *p = (*p / n as u32).max(1);
+    };
     let mut c = config.clone();
     c.server.ephemeral = true;
     for t in c.targets.values_mut() {
         let mut s = (**t).clone();
-        s.budget = divide(&s.budget);
+        share(&mut s);
         *t = Arc::new(s);
     }
     let mut d = (*c.default_target).clone();
-    d.budget = divide(&d.budget);
+    share(&mut d);
     c.default_target = Arc::new(d);
     for g in c.groups.iter_mut() {
         g.budget = divide(&g.budget);
@@ -1678,5 +1687,43 @@ fn deliver(jobs: Vec<Job>, answers: Vec<Answer>, now: Time) {
             Answer::View(_) => {}
         }
         let _ = job.reply.send(Ok(answer));
+    }
+}
+
+#[cfg(test)]
+mod degraded_tests {
+    use super::*;
+
+    #[test]
+    fn a_degraded_replica_gets_its_share_of_budgets_and_probes() {
+        let c = Config::parse(
+            "[targets.t]\nrequests_per_minute = 100\nbreaker = { half_open_max_probes = 4 }\n[targets.one]\nbreaker = { half_open_max_probes = 1 }\n",
+            "t.toml",
+        )
+        .expect("valid");
+        let d = degraded_config(&c, 2);
+        let t = d.target("t");
+        assert_eq!(
+            t.budget
+                .rate(crate::domain::budget::Kind::Requests)
+                .map(|r| r.amount),
+            Some(50)
+        );
+        assert_eq!(
+            t.breaker.half_open_max_probes, 2,
+            "4 probes shared by 2 replicas"
+        );
+        assert_eq!(
+            d.target("one").breaker.half_open_max_probes,
+            1,
+            "never below one"
+        );
+        assert_eq!(
+            degraded_config(&c, 1)
+                .target("t")
+                .breaker
+                .half_open_max_probes,
+            4
+        );
     }
 }
