@@ -175,8 +175,10 @@ fn spawn_listening(mut cmd: Command, what: &str, dir: Option<TempDir>) -> Result
     })
 }
 
-fn backstop_bin(args: &RunArgs) -> Result<PathBuf, String> {
-    if let Some(p) = &args.backstop_bin {
+/// The `backstop` binary: the one given, else the one built beside this
+/// load generator (shared by the load runs and the soak).
+fn backstop_bin(given: Option<&PathBuf>) -> Result<PathBuf, String> {
+    if let Some(p) = given {
         return Ok(p.clone());
     }
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -205,7 +207,7 @@ fn start_backstop_with(
     let config = dir.0.join("bench.toml");
     std::fs::write(&config, format!("[server]\nmax_targets = {max_targets}\n"))
         .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-    let mut cmd = Command::new(backstop_bin(args)?);
+    let mut cmd = Command::new(backstop_bin(args.backstop_bin.as_ref())?);
     cmd.args([
         "serve",
         "--listen",

@@ -295,22 +295,6 @@ fn ms(d: &prost_types::Duration) -> u64 {
     (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000
 }
 
-fn backstop_bin(args: &SoakArgs) -> Result<PathBuf, String> {
-    if let Some(p) = &args.backstop_bin {
-        return Ok(p.clone());
-    }
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let p = me.with_file_name("backstop");
-    if p.exists() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "no backstop binary next to {}; build it or pass --backstop-bin",
-            me.display()
-        ))
-    }
-}
-
 /// One server (or replica): config file, data dir, extra `serve` arguments.
 #[derive(Clone)]
 struct ServerSpec {
@@ -1053,7 +1037,7 @@ pub async fn run(args: SoakArgs) -> Result<(), String> {
     let seed = args
         .seed
         .unwrap_or_else(|| now_ms() ^ u64::from(std::process::id()));
-    let bin = backstop_bin(&args)?;
+    let bin = super::backstop_bin(args.backstop_bin.as_ref())?;
     // The temp dir (if any) lives until the end of the run, then is removed.
     let (dir, _tmp): (PathBuf, Option<TempDir>) = match &args.data_dir {
         Some(d) => {
