@@ -53,7 +53,16 @@ fn domain(c: &mut Criterion) {
     c.bench_function("domain/gcra_check_commit", |bench| {
         bench.iter(|| {
             now = now + Duration::from_nanos(100);
-            let plan = st.check(now, &bc, Cost { tokens: 0 }).expect("room");
+            let plan = st
+                .check(
+                    now,
+                    &bc,
+                    Cost {
+                        tokens: 0,
+                        ..Cost::default()
+                    },
+                )
+                .expect("room");
             st.commit(&plan, Lease { key: 0, until: now });
             black_box(&st);
         })

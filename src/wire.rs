@@ -68,6 +68,7 @@ pub fn reason(r: Reason) -> proto::Reason {
         Reason::RequestTooLarge => proto::Reason::RequestTooLarge,
         Reason::Excluded => proto::Reason::Excluded,
         Reason::ContextTooSmall => proto::Reason::ContextTooSmall,
+        Reason::PriorityReserved => proto::Reason::PriorityReserved,
     }
 }
 
@@ -287,6 +288,7 @@ fn reason_from(v: i32) -> Reason {
         Ok(proto::Reason::RequestTooLarge) => Reason::RequestTooLarge,
         Ok(proto::Reason::Excluded) => Reason::Excluded,
         Ok(proto::Reason::ContextTooSmall) => Reason::ContextTooSmall,
+        Ok(proto::Reason::PriorityReserved) => Reason::PriorityReserved,
         _ => Reason::Allowed,
     }
 }
@@ -391,4 +393,44 @@ pub fn event_from_proto(e: proto::Event) -> Option<(Time, Arc<str>, EventKind)> 
         PKind::Snapshot(_) | PKind::Gap(_) => return None,
     };
     Some((at, Arc::from(e.target.as_str()), kind))
+}
+
+/// A request's priority (unset = default).
+pub fn priority_from(p: i32) -> Result<crate::domain::budget::Priority, String> {
+    use crate::domain::budget::Priority;
+    match proto::Priority::try_from(p) {
+        Ok(proto::Priority::Unspecified) | Ok(proto::Priority::Default) => Ok(Priority::Default),
+        Ok(proto::Priority::Interactive) => Ok(Priority::Interactive),
+        Ok(proto::Priority::Batch) => Ok(Priority::Batch),
+        Err(_) => Err(format!(
+            "priority {p} is not a known Priority (1 INTERACTIVE, 2 DEFAULT, 3 BATCH)"
+        )),
+    }
+}
+
+/// A request's strategy override (unset = the route's own).
+pub fn strategy_from(s: i32) -> Result<Option<crate::domain::strategy::Strategy>, String> {
+    use crate::domain::strategy::Strategy;
+    Ok(Some(match proto::RouteStrategy::try_from(s) {
+        Ok(proto::RouteStrategy::Unspecified) => return Ok(None),
+        Ok(proto::RouteStrategy::Ordered) => Strategy::Ordered,
+        Ok(proto::RouteStrategy::Weighted) => Strategy::Weighted,
+        Ok(proto::RouteStrategy::LeastBusy) => Strategy::LeastBusy,
+        Ok(proto::RouteStrategy::LowestLatency) => Strategy::LowestLatency,
+        Ok(proto::RouteStrategy::LowestCost) => Strategy::LowestCost,
+        Ok(proto::RouteStrategy::MostHeadroom) => Strategy::MostHeadroom,
+        Err(_) => return Err(format!("strategy {s} is not a known RouteStrategy (1..=6)")),
+    }))
+}
+
+pub fn strategy(s: crate::domain::strategy::Strategy) -> proto::RouteStrategy {
+    use crate::domain::strategy::Strategy;
+    match s {
+        Strategy::Ordered => proto::RouteStrategy::Ordered,
+        Strategy::Weighted => proto::RouteStrategy::Weighted,
+        Strategy::LeastBusy => proto::RouteStrategy::LeastBusy,
+        Strategy::LowestLatency => proto::RouteStrategy::LowestLatency,
+        Strategy::LowestCost => proto::RouteStrategy::LowestCost,
+        Strategy::MostHeadroom => proto::RouteStrategy::MostHeadroom,
+    }
 }

@@ -43,6 +43,7 @@ breaker = { jitter = 0.0 }
 requests_per_minute = 60
 tokens_per_minute = 6000
 max_concurrency = 4
+reserve = { interactive = 0.25, default = 0.25 }
 breaker = { failure_threshold = 2, half_open_max_probes = 2, open_duration = "3s", probe_lease = "5s", jitter = 0.0 }
 [targets.k]
 keys = ["a", "b"]
@@ -50,6 +51,7 @@ requests_per_minute = 30
 breaker = { failure_threshold = 2, open_duration = "2s", jitter = 0.0 }
 [budgets.shared]
 requests_per_minute = 20
+reserve = { interactive = 0.3 }
 [targets.g1]
 budgets = ["shared"]
 breaker = { failure_rate_threshold = 0.5, minimum_calls = 3, window = "10s", open_duration = "4s", jitter = 0.0 }
@@ -66,6 +68,7 @@ enum Op {
         target: usize,
         attempt: u32,
         tokens: u64,
+        priority: usize,
     },
     /// Report the i-th permit handed out (or none, on target `t`).
     Record {
@@ -96,8 +99,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(413),
     ];
     prop_oneof![
-        6 => (0usize..5, 0u32..3, prop_oneof![Just(0u64), 1u64..3000])
-            .prop_map(|(target, attempt, tokens)| Op::Admit { target, attempt, tokens }),
+        6 => (0usize..5, 0u32..3, prop_oneof![Just(0u64), 1u64..3000], 0usize..3)
+            .prop_map(|(target, attempt, tokens, priority)| Op::Admit { target, attempt, tokens, priority }),
         6 => (proptest::option::of(0usize..24), status, proptest::option::of(0u8..90), 0u64..4000)
             .prop_map(|(permit, status, retry_after_s, used)| Op::Record { permit, status, retry_after_s, used }),
         1 => (0usize..24).prop_map(Op::Duplicate),
@@ -187,11 +190,13 @@ impl Pair {
                 target,
                 attempt,
                 tokens,
+                priority,
             } => {
                 let args = AdmitArgs {
                     caller: "diff",
                     estimated_tokens: tokens,
                     attempt,
+                    priority: backstop::domain::budget::Priority::ALL[priority],
                 };
                 let l = self.local.can_proceed(TARGETS[target], args).await;
                 let r = self.redis.can_proceed(TARGETS[target], args).await;

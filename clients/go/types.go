@@ -46,6 +46,7 @@ const (
 	ReasonRequestTooLarge      Reason = 9
 	ReasonExcluded             Reason = 10
 	ReasonContextTooSmall      Reason = 11
+	ReasonPriorityReserved     Reason = 12
 
 	// ReasonControlPlaneUnavailable is client-side only: the refusal of the
 	// fail-closed policy while Backstop cannot be reached. Its value is far

@@ -234,6 +234,15 @@ pub enum ModeToml {
     Shadow,
 }
 
+/// `reserve = { interactive = 0.2, default = 0.1 }`: the share of a budget
+/// only calls of at least that priority may use.
+#[derive(Deserialize, Debug, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveToml {
+    pub interactive: Option<f64>,
+    pub default: Option<f64>,
+}
+
 /// Declares a struct holding the budget keys, shared by targets and budget groups,
 /// plus the struct's own keys. (serde cannot combine `flatten` with
 /// `deny_unknown_fields`, so the shared keys are repeated by this macro.)
@@ -252,6 +261,8 @@ macro_rules! with_budget_fields {
             pub output_tokens: Option<Positive>,
             pub window: Option<Dur>,
             pub max_concurrency: Option<Positive>,
+            /// Shares held back for higher priorities, e.g. `{ interactive = 0.2 }`.
+            pub reserve: Option<Spanned<ReserveToml>>,
             $($(#[$fm])* pub $f: $t,)*
         }
         impl $name {
@@ -298,6 +309,15 @@ with_budget_fields! {
 #[serde(deny_unknown_fields)]
 pub struct RouteToml {
     pub targets: Vec<Spanned<String>>,
+    /// How candidates are ordered (see `domain::strategy`); "ordered" by default.
+    pub strategy: Option<Spanned<String>>,
+    /// `weighted`: one weight per target, in the same order.
+    pub weights: Option<Spanned<Vec<f64>>>,
+    /// `lowest_latency`: share of requests sent to a random other target so
+    /// it is measured again (default 0.05).
+    pub explore: Option<Spanned<f64>>,
+    /// `lowest_cost`: output tokens to price when a request does not say.
+    pub expected_output_tokens: Option<u64>,
 }
 
 /// `[auth]`: principals with roles (see `grpc/auth.rs`).

@@ -310,7 +310,15 @@ pub struct GroupSettings {
 pub struct RouteSettings {
     pub name: Arc<str>,
     pub targets: Vec<Arc<str>>,
+    pub strategy: crate::domain::strategy::Strategy,
+    /// One per target (all 1.0 unless `weights` was given).
+    pub weights: Vec<f64>,
+    pub explore: f64,
+    pub expected_output_tokens: u64,
 }
+
+/// Default exploration share of `lowest_latency` routes.
+pub const DEFAULT_EXPLORE: f64 = 0.05;
 
 /// The resolved configuration.
 #[derive(Clone, Debug)]

@@ -155,6 +155,42 @@ fn budget_rules_are_checked() {
         ),
         ("[routes.r]\ntargets = [\"a\", \"a\"]\n", "twice"),
         ("[server]\nadmin_token = \"short\"\n", "at least 16"),
+        (
+            "[routes.r]\ntargets = [\"a\"]\nstrategy = \"fastest\"\n",
+            "unknown strategy \"fastest\"",
+        ),
+        (
+            "[routes.r]\ntargets = [\"a\", \"b\"]\nstrategy = \"weighted\"\n",
+            "needs weights",
+        ),
+        (
+            "[routes.r]\ntargets = [\"a\", \"b\"]\nstrategy = \"weighted\"\nweights = [1]\n",
+            "1 weights for 2 targets",
+        ),
+        (
+            "[routes.r]\ntargets = [\"a\", \"b\"]\nstrategy = \"weighted\"\nweights = [0, 0]\n",
+            "at least one weight",
+        ),
+        (
+            "[routes.r]\ntargets = [\"a\", \"b\"]\nweights = [1, 2]\n",
+            "only apply with strategy",
+        ),
+        (
+            "[routes.r]\ntargets = [\"a\"]\nstrategy = \"lowest_latency\"\nexplore = 0.9\n",
+            "0.0..=0.5",
+        ),
+        (
+            "[targets.a]\nrequests_per_minute = 10\nreserve = { interactive = 0.6, default = 0.4 }\n",
+            "add up to the whole budget",
+        ),
+        (
+            "[targets.a]\nreserve = { interactive = 0.2 }\n",
+            "reserve needs a budget",
+        ),
+        (
+            "[targets.a]\nrequests_per_minute = 10\nreserve = { batch = 0.2 }\n",
+            "unknown field",
+        ),
     ];
     for (src, want) in cases {
         let e = Config::parse(src, "t").expect_err(src);

@@ -88,11 +88,45 @@ impl Rate {
     }
 }
 
+/// How urgent a call is. A budget can hold back part of itself for the
+/// priorities above a call's (see [`BudgetConfig::reserve`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Priority {
+    /// A person is waiting.
+    Interactive,
+    #[default]
+    Default,
+    /// Background work that can wait.
+    Batch,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::Interactive, Priority::Default, Priority::Batch];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Interactive => "interactive",
+            Priority::Default => "default",
+            Priority::Batch => "batch",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Priority> {
+        Priority::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
 /// Sizes of one budget scope (a key slot or a budget group). `None` = unlimited.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BudgetConfig {
     pub rates: [Option<Rate>; 4],
     pub max_concurrency: Option<u32>,
+    /// Per mille of each budget held back for calls of at least this
+    /// priority: `[interactive, default]` (`reserve = { interactive = 0.2 }`
+    /// is `[200, 0]`). A call may use only what is left above the reserves
+    /// of the priorities higher than its own, so when a budget runs low,
+    /// batch calls are refused first and interactive ones keep flowing.
+    pub reserve: [u16; 2],
 }
 
 impl BudgetConfig {
@@ -102,6 +136,16 @@ impl BudgetConfig {
 
     pub fn is_unlimited(&self) -> bool {
         self.rates.iter().all(Option::is_none) && self.max_concurrency.is_none()
+    }
+
+    /// Per mille of the budget a call of priority `p` may not touch.
+    pub fn held_back(&self, p: Priority) -> u16 {
+        match p {
+            Priority::Interactive => 0,
+            Priority::Default => self.reserve[0],
+            Priority::Batch => self.reserve[0].saturating_add(self.reserve[1]),
+        }
+        .min(1000)
     }
 }
 
@@ -123,8 +167,21 @@ impl Gcra {
 
     /// The TAT after admitting `cost`, or how long until it could be admitted.
     fn try_take(&self, now: Time, rate: &Rate, cost: u64) -> Result<Time, Duration> {
+        self.try_take_above(now, rate, cost, 0)
+    }
+
+    /// Like `try_take`, leaving `held_back` per mille of the window untouched
+    /// (a priority reserve): the TAT may reach only that much less far ahead.
+    fn try_take_above(
+        &self,
+        now: Time,
+        rate: &Rate,
+        cost: u64,
+        held_back: u16,
+    ) -> Result<Time, Duration> {
         let new_tat = self.base(now) + rate.cost_nanos(cost);
-        let limit = u128::from(now.as_nanos()) + rate.window_nanos();
+        let usable = rate.window_nanos() * u128::from(1000 - held_back.min(1000)) / 1000;
+        let limit = u128::from(now.as_nanos()) + usable;
         if new_tat <= limit {
             Ok(Time::from_nanos(u64::try_from(new_tat).unwrap_or(u64::MAX)))
         } else {
@@ -208,13 +265,20 @@ pub enum BudgetRefusal {
         cost: u64,
         capacity: u64,
     },
+    /// What is left is held back for higher priorities (the budget itself
+    /// would admit this call); admissible at this priority after `retry_after`.
+    Reserved {
+        priority: Priority,
+        retry_after: Duration,
+    },
 }
 
 impl BudgetRefusal {
     pub fn retry_after(&self) -> Option<Duration> {
         match *self {
             BudgetRefusal::Rate { retry_after, .. }
-            | BudgetRefusal::Concurrency { retry_after } => Some(retry_after),
+            | BudgetRefusal::Concurrency { retry_after }
+            | BudgetRefusal::Reserved { retry_after, .. } => Some(retry_after),
             BudgetRefusal::TooLarge { .. } => None,
         }
     }
@@ -243,6 +307,7 @@ pub struct Plan {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cost {
     pub tokens: u64,
+    pub priority: Priority,
 }
 
 impl Cost {
@@ -311,9 +376,12 @@ impl BudgetState {
         cost: Cost,
     ) -> Result<Plan, BudgetRefusal> {
         let mut plan = Plan::default();
+        let held = cfg.held_back(cost.priority);
         // The longest wait over every kind: "retry after" must mean that all
         // of them will admit by then, not just the first one checked.
         let mut refusal: Option<(Kind, Duration)> = None;
+        // Only the reserve stands in the way (the budget itself has room).
+        let mut reserved_only = true;
         for kind in Kind::ALL {
             let Some(rate) = cfg.rate(kind) else { continue };
             let units = cost.units(kind);
@@ -324,9 +392,13 @@ impl BudgetState {
                     capacity: rate.amount,
                 });
             }
-            match self.cells[kind.index()].try_take(now, &rate, units) {
+            let cell = &self.cells[kind.index()];
+            match cell.try_take_above(now, &rate, units, held) {
                 Ok(tat) => plan.tats[kind.index()] = Some(tat),
                 Err(wait) => {
+                    if held == 0 || cell.try_take(now, &rate, units).is_err() {
+                        reserved_only = false;
+                    }
                     if refusal.is_none_or(|(_, w)| wait > w) {
                         refusal = Some((kind, wait));
                     }
@@ -334,11 +406,20 @@ impl BudgetState {
             }
         }
         if let Some((kind, retry_after)) = refusal {
-            return Err(BudgetRefusal::Rate { kind, retry_after });
+            return Err(if reserved_only {
+                BudgetRefusal::Reserved {
+                    priority: cost.priority,
+                    retry_after,
+                }
+            } else {
+                BudgetRefusal::Rate { kind, retry_after }
+            });
         }
         if let Some(max) = cfg.max_concurrency {
             self.expire_leases(now);
-            if self.in_flight() >= max as usize {
+            // Lower priorities may fill only the unreserved share of the slots.
+            let usable = (u64::from(max) * u64::from(1000 - held) / 1000) as usize;
+            if self.in_flight() >= usable {
                 let soonest = self
                     .leases
                     .iter()
@@ -346,9 +427,14 @@ impl BudgetState {
                     .map(|l| l.until)
                     .min()
                     .unwrap_or(now);
-                return Err(BudgetRefusal::Concurrency {
-                    retry_after: now.until(soonest).min(CONCURRENCY_POLL),
-                });
+                let retry_after = now.until(soonest).min(CONCURRENCY_POLL);
+                if self.in_flight() < max as usize {
+                    return Err(BudgetRefusal::Reserved {
+                        priority: cost.priority,
+                        retry_after,
+                    });
+                }
+                return Err(BudgetRefusal::Concurrency { retry_after });
             }
             plan.lease = true;
         }
@@ -463,13 +549,14 @@ impl BudgetState {
     /// `None` if it never can.
     pub fn wait_for(&self, now: Time, cfg: &BudgetConfig, cost: Cost) -> Option<Duration> {
         let mut wait = Duration::ZERO;
+        let held = cfg.held_back(cost.priority);
         for kind in Kind::ALL {
             let Some(rate) = cfg.rate(kind) else { continue };
             let units = cost.units(kind);
             if units > rate.amount {
                 return None;
             }
-            if let Err(w) = self.cells[kind.index()].try_take(now, &rate, units) {
+            if let Err(w) = self.cells[kind.index()].try_take_above(now, &rate, units, held) {
                 wait = wait.max(w);
             }
         }
@@ -588,7 +675,16 @@ mod tests {
         let mut c = BudgetConfig::default();
         c.rates[Kind::Tokens.index()] = Some(Rate::per_minute(1000));
         let mut b = BudgetState::default();
-        let p = b.check(T0, &c, Cost { tokens: 800 }).expect("fits");
+        let p = b
+            .check(
+                T0,
+                &c,
+                Cost {
+                    tokens: 800,
+                    ..Cost::default()
+                },
+            )
+            .expect("fits");
         b.commit(&p, lease(1));
         assert_eq!(
             b.cell(Kind::Tokens)
@@ -596,7 +692,14 @@ mod tests {
             200.0
         );
         assert!(matches!(
-            b.check(T0, &c, Cost { tokens: 300 }),
+            b.check(
+                T0,
+                &c,
+                Cost {
+                    tokens: 300,
+                    ..Cost::default()
+                }
+            ),
             Err(BudgetRefusal::Rate {
                 kind: Kind::Tokens,
                 ..
@@ -615,9 +718,28 @@ mod tests {
                 .available(T0, &c.rate(Kind::Tokens).unwrap()),
             500.0
         );
-        assert!(b.check(T0, &c, Cost { tokens: 300 }).is_ok());
+        assert!(
+            b.check(
+                T0,
+                &c,
+                Cost {
+                    tokens: 300,
+                    ..Cost::default()
+                }
+            )
+            .is_ok()
+        );
         // Another used 1500 against a reservation of 500: the budget goes into debt.
-        let p = b.check(T0, &c, Cost { tokens: 500 }).expect("fits");
+        let p = b
+            .check(
+                T0,
+                &c,
+                Cost {
+                    tokens: 500,
+                    ..Cost::default()
+                },
+            )
+            .expect("fits");
         b.commit(&p, lease(2));
         let usage = Usage {
             reserved: 500,
@@ -631,7 +753,14 @@ mod tests {
             .available(T0, &c.rate(Kind::Tokens).unwrap());
         assert_eq!(avail, -1000.0);
         // Refused until the debt drains: 1000 tokens at 1000/min = 60 s, plus the 1 token.
-        match b.check(T0, &c, Cost { tokens: 1 }) {
+        match b.check(
+            T0,
+            &c,
+            Cost {
+                tokens: 1,
+                ..Cost::default()
+            },
+        ) {
             Err(BudgetRefusal::Rate { retry_after, .. }) => {
                 assert_eq!(retry_after, Duration::from_millis(60_060))
             }
@@ -671,7 +800,10 @@ mod tests {
             reported: true,
         };
         b.settle(T0, &c, usage, None);
-        let cost = Cost { tokens: 1 };
+        let cost = Cost {
+            tokens: 1,
+            ..Cost::default()
+        };
         match b.check(T0, &c, cost) {
             Err(BudgetRefusal::Rate { retry_after, .. }) => {
                 // One window of debt plus the 1-token cost: just over a minute, not 529 years.
@@ -709,9 +841,25 @@ mod tests {
         });
         c.rates[Kind::Tokens.index()] = Some(Rate::per_minute(1000));
         let mut b = BudgetState::default();
-        let p = b.check(T0, &c, Cost { tokens: 1000 }).expect("fits");
+        let p = b
+            .check(
+                T0,
+                &c,
+                Cost {
+                    tokens: 1000,
+                    ..Cost::default()
+                },
+            )
+            .expect("fits");
         b.commit(&p, lease(1));
-        match b.check(T0, &c, Cost { tokens: 500 }) {
+        match b.check(
+            T0,
+            &c,
+            Cost {
+                tokens: 500,
+                ..Cost::default()
+            },
+        ) {
             Err(BudgetRefusal::Rate { kind, retry_after }) => {
                 assert_eq!(kind, Kind::Tokens);
                 assert_eq!(
@@ -729,7 +877,16 @@ mod tests {
         let mut c = BudgetConfig::default();
         c.rates[Kind::Tokens.index()] = Some(Rate::per_minute(1000));
         let mut b = BudgetState::default();
-        let p = b.check(T0, &c, Cost { tokens: 600 }).expect("fits");
+        let p = b
+            .check(
+                T0,
+                &c,
+                Cost {
+                    tokens: 600,
+                    ..Cost::default()
+                },
+            )
+            .expect("fits");
         b.commit(&p, lease(1));
         b.settle(
             T0,
@@ -753,7 +910,14 @@ mod tests {
         c.rates[Kind::OutputTokens.index()] = Some(Rate::per_minute(100));
         let mut b = BudgetState::default();
         let p = b
-            .check(T0, &c, Cost { tokens: 5000 })
+            .check(
+                T0,
+                &c,
+                Cost {
+                    tokens: 5000,
+                    ..Cost::default()
+                },
+            )
             .expect("output is not reserved");
         b.commit(&p, lease(1));
         b.settle(
@@ -782,16 +946,40 @@ mod tests {
         c.rates[Kind::Tokens.index()] = Some(Rate::per_minute(1000));
         let mut b = BudgetState::default();
         assert_eq!(
-            b.check(T0, &c, Cost { tokens: 1001 }),
+            b.check(
+                T0,
+                &c,
+                Cost {
+                    tokens: 1001,
+                    ..Cost::default()
+                }
+            ),
             Err(BudgetRefusal::TooLarge {
                 kind: Kind::Tokens,
                 cost: 1001,
                 capacity: 1000
             })
         );
-        assert_eq!(b.wait_for(T0, &c, Cost { tokens: 1001 }), None);
         assert_eq!(
-            b.wait_for(T0, &c, Cost { tokens: 1000 }),
+            b.wait_for(
+                T0,
+                &c,
+                Cost {
+                    tokens: 1001,
+                    ..Cost::default()
+                }
+            ),
+            None
+        );
+        assert_eq!(
+            b.wait_for(
+                T0,
+                &c,
+                Cost {
+                    tokens: 1000,
+                    ..Cost::default()
+                }
+            ),
             Some(Duration::ZERO)
         );
     }
@@ -849,5 +1037,118 @@ mod tests {
         b.observe_remaining(T0, &c, Kind::Requests, 50);
         assert_eq!(b.cell(Kind::Requests).available(T0, &rate), 10.0);
         assert_eq!(drain(&mut b, &c, T0), 10);
+    }
+
+    fn with_reserve(c: BudgetConfig, interactive: u16, default: u16) -> BudgetConfig {
+        BudgetConfig {
+            reserve: [interactive, default],
+            ..c
+        }
+    }
+
+    fn at(p: Priority) -> Cost {
+        Cost {
+            tokens: 0,
+            priority: p,
+        }
+    }
+
+    /// 10 a minute with 20 % held for interactive and 10 % more for default:
+    /// batch gets 7, default 8 (batch's plus its own share), interactive
+    /// the rest; a refusal that only the reserve causes says so.
+    #[test]
+    fn a_reserve_refuses_lower_priorities_first() {
+        let c = with_reserve(rpm(10), 200, 100);
+        let mut b = BudgetState::default();
+        let took = |b: &mut BudgetState, p| match b.check(T0, &c, at(p)) {
+            Ok(plan) => {
+                b.commit(&plan, lease(0));
+                Ok(())
+            }
+            Err(r) => Err(r),
+        };
+        for _ in 0..7 {
+            assert!(took(&mut b, Priority::Batch).is_ok());
+        }
+        match took(&mut b, Priority::Batch) {
+            Err(BudgetRefusal::Reserved {
+                priority,
+                retry_after,
+            }) => {
+                assert_eq!(priority, Priority::Batch);
+                // One request's worth of window frees in 6 s.
+                assert_eq!(retry_after, Duration::from_secs(6));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(took(&mut b, Priority::Default).is_ok());
+        assert!(matches!(
+            took(&mut b, Priority::Default),
+            Err(BudgetRefusal::Reserved { .. })
+        ));
+        assert!(took(&mut b, Priority::Interactive).is_ok());
+        assert!(took(&mut b, Priority::Interactive).is_ok());
+        // Now the budget itself is empty: an ordinary rate refusal for all.
+        for p in Priority::ALL {
+            assert!(
+                matches!(took(&mut b, p), Err(BudgetRefusal::Rate { .. })),
+                "{p:?}"
+            );
+        }
+        // The wait a batch call is told is the wait for its own share.
+        let w = b.wait_for(T0, &c, at(Priority::Batch)).unwrap_or_default();
+        let wi = b
+            .wait_for(T0, &c, at(Priority::Interactive))
+            .unwrap_or_default();
+        assert!(w > wi, "{w:?} vs {wi:?}");
+    }
+
+    #[test]
+    fn a_reserve_holds_back_concurrency_slots() {
+        let c = with_reserve(
+            BudgetConfig {
+                max_concurrency: Some(4),
+                ..BudgetConfig::default()
+            },
+            500,
+            0,
+        );
+        let mut b = BudgetState::default();
+        for k in 0..2 {
+            let plan = b
+                .check(T0, &c, at(Priority::Batch))
+                .expect("half is usable");
+            b.commit(&plan, lease(k));
+        }
+        assert!(matches!(
+            b.check(T0, &c, at(Priority::Default)),
+            Err(BudgetRefusal::Reserved { .. })
+        ));
+        for k in 2..4 {
+            let plan = b
+                .check(T0, &c, at(Priority::Interactive))
+                .expect("reserved for it");
+            b.commit(&plan, lease(k));
+        }
+        assert!(matches!(
+            b.check(T0, &c, at(Priority::Interactive)),
+            Err(BudgetRefusal::Concurrency { .. })
+        ));
+    }
+
+    #[test]
+    fn without_a_reserve_priorities_are_equal() {
+        let c = rpm(3);
+        let mut b = BudgetState::default();
+        for p in Priority::ALL {
+            let plan = b.check(T0, &c, at(p)).expect("fits");
+            b.commit(&plan, lease(0));
+        }
+        for p in Priority::ALL {
+            assert!(matches!(
+                b.check(T0, &c, at(p)),
+                Err(BudgetRefusal::Rate { .. })
+            ));
+        }
     }
 }

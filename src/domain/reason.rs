@@ -14,10 +14,11 @@ pub enum Reason {
     RequestTooLarge,
     Excluded,
     ContextTooSmall,
+    PriorityReserved,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Allowed,
         Reason::CircuitOpen,
         Reason::ProbeLimit,
@@ -29,6 +30,7 @@ impl Reason {
         Reason::RequestTooLarge,
         Reason::Excluded,
         Reason::ContextTooSmall,
+        Reason::PriorityReserved,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +46,7 @@ impl Reason {
             Reason::RequestTooLarge => "request_too_large",
             Reason::Excluded => "excluded",
             Reason::ContextTooSmall => "context_too_small",
+            Reason::PriorityReserved => "priority_reserved",
         }
     }
 }

@@ -31,6 +31,7 @@ use crate::domain::breaker::Mode;
 use crate::domain::event::EventKind;
 use crate::domain::headers::parse_headers;
 use crate::domain::route::{self, CandidateInfo};
+use crate::domain::strategy::{self, Glance, Strategy};
 use crate::domain::taxonomy::classify;
 use crate::domain::unit::{OutcomeArgs, Trust, UnitCx, name_hash};
 use crate::domain::{OutcomeClass, Time};
@@ -74,6 +75,12 @@ pub struct RouteQuery<'a> {
     pub exclude: &'a [String],
     pub caller: &'a str,
     pub attempt: u32,
+    /// Overrides the route's strategy for this request (None: the route's;
+    /// `ordered` for ad-hoc candidate lists).
+    pub strategy: Option<Strategy>,
+    /// Output tokens `lowest_cost` prices (0: the route's `expected_output_tokens`).
+    pub expected_output_tokens: u64,
+    pub priority: crate::domain::budget::Priority,
 }
 
 /// A candidate Route passed over.
@@ -92,6 +99,9 @@ pub struct RouteDecision {
     pub skipped: Vec<Skip>,
     /// When nothing was admitted: the soonest any candidate may be tried.
     pub retry_after: Option<Duration>,
+    /// The strategy that ordered the candidates, and why it chose as it did.
+    pub strategy: Strategy,
+    pub reason: String,
 }
 
 /// Tracks which candidate a configured route last served, so fallbacks are
@@ -279,6 +289,47 @@ fn route_runtimes(
             (name.clone(), rt)
         })
         .collect()
+}
+
+/// RouteResponse.reason: why the strategy chose this target, and which
+/// preferred candidates refused first.
+fn explain(
+    strategy: Strategy,
+    ranked: String,
+    chosen: Option<&Arc<str>>,
+    skipped: &[Skip],
+) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::from(strategy.as_str());
+    s.push_str(": ");
+    let passed: Vec<&Skip> = skipped
+        .iter()
+        .filter(|k| !matches!(k.reason, Reason::Excluded | Reason::ContextTooSmall))
+        .collect();
+    match chosen {
+        None => s.push_str("no candidate could be admitted"),
+        Some(t) if ranked.is_empty() || !passed.is_empty() => {
+            if passed.is_empty() {
+                let _ = write!(s, "{t} is the first candidate");
+            } else {
+                let _ = write!(s, "{t} after skipping ");
+                for (i, k) in passed.iter().enumerate() {
+                    let _ = write!(
+                        s,
+                        "{}{} ({})",
+                        if i > 0 { ", " } else { "" },
+                        k.target,
+                        k.reason.as_str()
+                    );
+                }
+                if !ranked.is_empty() {
+                    let _ = write!(s, " (ranking: {ranked})");
+                }
+            }
+        }
+        Some(_) => s.push_str(&ranked),
+    }
+    s
 }
 
 /// A source of uniform numbers in [0, 1) (see [`Engine::with_rng`]).
@@ -953,6 +1004,23 @@ impl Engine {
             caller: q.caller,
             estimated_tokens: q.estimated_tokens,
             attempt: q.attempt,
+            priority: q.priority,
+        };
+        let (strategy, explore, expected_output) = match &runtime {
+            Some(rt) => (
+                q.strategy.unwrap_or(rt.settings.strategy),
+                rt.settings.explore,
+                if q.expected_output_tokens > 0 {
+                    q.expected_output_tokens
+                } else {
+                    rt.settings.expected_output_tokens
+                },
+            ),
+            None => (
+                q.strategy.unwrap_or_default(),
+                crate::config::DEFAULT_EXPLORE,
+                q.expected_output_tokens,
+            ),
         };
         let plan = {
             let c = self.cfg();
@@ -963,21 +1031,57 @@ impl Engine {
             })
         };
         let mut skipped = Vec::new();
-        let mut chosen = None;
-        let mut depth = 0;
+        // Candidates worth an admission attempt, in the strategy's order.
+        let mut tries = Vec::with_capacity(plan.len());
         for cand in plan {
-            if let Some(reason) = cand.skip {
-                skipped.push(Skip {
+            match cand.skip {
+                Some(reason) => skipped.push(Skip {
                     target: cand.target,
                     reason,
                     retry_after: None,
-                });
-                continue;
+                }),
+                None => tries.push(cand),
             }
+        }
+        // Candidates a glance found unavailable, with the refusal they would
+        // give: ranked last, and reported as skipped if never reached.
+        let mut unavailable: Vec<Option<(Reason, Option<Duration>)>> = vec![None; tries.len()];
+        let reason = if strategy == Strategy::Ordered || tries.len() < 2 {
+            String::new()
+        } else {
+            let looks = self
+                .glances(
+                    &tries,
+                    runtime.as_deref(),
+                    q.estimated_tokens,
+                    expected_output,
+                )
+                .await;
+            let names: Vec<&str> = tries.iter().map(|c| c.target.as_ref()).collect();
+            let glances: Vec<Glance> = looks.iter().map(|l| l.0).collect();
+            let rng = &self.rng;
+            let ranking = strategy::rank(strategy, &names, &glances, explore, &mut || rng());
+            let mut slots: Vec<Option<route::Candidate>> = tries.into_iter().map(Some).collect();
+            tries = Vec::with_capacity(slots.len());
+            unavailable.clear();
+            for &i in &ranking.order {
+                if let Some(c) = slots.get_mut(i).and_then(Option::take) {
+                    tries.push(c);
+                    unavailable.push(looks[i].1);
+                }
+            }
+            ranking.reason
+        };
+        let mut chosen = None;
+        let mut depth = 0;
+        let mut position = 0;
+        let mut rest = tries.into_iter().zip(unavailable).enumerate();
+        for (i, (cand, _)) in rest.by_ref() {
             let mut adm = self.backend.admit(&cand.target, &args).await?;
             if adm.allowed {
                 self.seal(&cand.target, &mut adm);
                 depth = cand.depth;
+                position = i as u32;
                 let settings = self.cfg().target(&cand.target).clone();
                 chosen = Some((cand.target, adm, settings));
                 break;
@@ -989,25 +1093,92 @@ impl Engine {
                 retry_after: adm.retry_after,
             });
         }
+        // Never reached: only the unavailable ones (ranked last) are news.
+        for (_, (cand, why)) in rest {
+            if let Some((reason, retry_after)) = why {
+                skipped.push(Skip {
+                    target: cand.target,
+                    reason,
+                    retry_after,
+                });
+            }
+        }
+        if strategy == Strategy::Ordered {
+            // A fallback list reports its skips in list order.
+            let pos = |t: &Arc<str>| list.iter().position(|x| x == t).unwrap_or(usize::MAX);
+            skipped.sort_by_key(|s| pos(&s.target));
+        }
         let retry_after = if chosen.is_none() {
             route::soonest(skipped.iter().map(|s| s.retry_after))
         } else {
             None
         };
-        let served = chosen.as_ref().map(|_| depth);
+        let reason = explain(strategy, reason, chosen.as_ref().map(|c| &c.0), &skipped);
+        // For an ordered route the list position is the fallback depth; for
+        // the others it is the position in the strategy's order (0 = its
+        // first choice), so "fallback" means the same thing: the preferred
+        // candidate refused.
+        let (served, fallback_depth) = match strategy {
+            Strategy::Ordered => (chosen.as_ref().map(|_| depth), depth),
+            _ => (chosen.as_ref().map(|_| position), position),
+        };
         match &runtime {
             Some(rt) => {
                 rt.metrics.record(served);
-                self.note_route(rt, served, &skipped, retry_after);
+                let chosen_name = chosen.as_ref().map(|c| c.0.clone());
+                // Events follow list positions for a fallback list; a
+                // balancing strategy moves between targets by design, so
+                // only its exhaustion and recovery are news.
+                let key = match strategy {
+                    Strategy::Ordered => served,
+                    _ => served.map(|_| 0),
+                };
+                self.note_route(rt, key, chosen_name, &skipped, retry_after);
             }
             None => self.adhoc_route_metrics.record(served),
         }
         Ok(RouteDecision {
             chosen,
-            fallback_depth: depth,
+            fallback_depth,
             skipped,
             retry_after,
+            strategy,
+            reason,
         })
+    }
+
+    /// What a strategy needs to know about each candidate: a glance at its
+    /// state (with the refusal it would likely give), its price for this
+    /// request and its weight in the route. In cluster mode each glance is
+    /// a read from Redis: strategies other than `ordered` cost one more
+    /// round trip per candidate.
+    async fn glances(
+        &self,
+        tries: &[route::Candidate],
+        rt: Option<&RouteRuntime>,
+        input_tokens: u64,
+        output_tokens: u64,
+    ) -> Vec<(Glance, Option<(Reason, Option<Duration>)>)> {
+        let now = self.clock.now();
+        let mut out = Vec::with_capacity(tries.len());
+        for c in tries {
+            let (mut g, why) = match self.backend.view(&c.target).await {
+                Ok(v) => crate::domain::unit::view::glance(&v, now),
+                // Never used yet (or unreadable this moment): a fresh target.
+                Err(_) => (Glance::default(), None),
+            };
+            let t = self.cfg().target(&c.target).clone();
+            g.cost = strategy::expected_cost(
+                input_tokens,
+                output_tokens,
+                (t.cost_per_mtok_input, t.cost_per_mtok_output),
+            );
+            g.weight = rt
+                .and_then(|r| r.settings.weights.get(c.depth as usize).copied())
+                .unwrap_or(1.0);
+            out.push((g, why));
+        }
+        out
     }
 
     /// Publishes FallbackActivated / RouteExhausted when a route's choice changes.
@@ -1015,6 +1186,7 @@ impl Engine {
         &self,
         rt: &RouteRuntime,
         depth: Option<u32>,
+        chosen: Option<Arc<str>>,
         skipped: &[Skip],
         retry_after: Option<Duration>,
     ) {
@@ -1036,7 +1208,7 @@ impl Engine {
                     return; // the primary serving from the start is not news
                 }
                 let target_at = |i: u32| rt.settings.targets.get(i as usize).cloned();
-                let Some(to) = target_at(d) else { return };
+                let Some(to) = chosen else { return };
                 let why = skipped.last().map_or(Reason::Allowed, |s| s.reason);
                 self.publish(
                     now,

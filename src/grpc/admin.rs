@@ -101,6 +101,7 @@ pub(crate) fn target_status(v: TargetView) -> proto::TargetStatus {
         last_cause: v.last_cause.unwrap_or_default(),
         in_flight: v.in_flight,
         group_budgets: v.groups.iter().map(budget).collect(),
+        latency: v.latency.map(crate::wire::to_proto_duration),
     }
 }
 

@@ -40,6 +40,7 @@ impl ResilienceService {
             caller: &r.caller,
             estimated_tokens: r.estimated_tokens,
             attempt: r.attempt,
+            priority: crate::wire::priority_from(r.priority).map_err(Status::invalid_argument)?,
         };
         let adm = self
             .engine
@@ -107,6 +108,11 @@ impl ResilienceService {
                 exclude: &r.exclude,
                 caller: &r.caller,
                 attempt: r.attempt,
+                strategy: crate::wire::strategy_from(r.strategy)
+                    .map_err(Status::invalid_argument)?,
+                expected_output_tokens: r.expected_output_tokens,
+                priority: crate::wire::priority_from(r.priority)
+                    .map_err(Status::invalid_argument)?,
             })
             .await
             .map_err(status)?;
@@ -123,6 +129,8 @@ impl ResilienceService {
             fallback_depth: d.fallback_depth,
             skipped,
             retry_after: d.retry_after.map(to_proto_duration),
+            strategy: crate::wire::strategy(d.strategy) as i32,
+            reason: d.reason,
             ..Default::default()
         };
         if let Some((target, adm, settings)) = d.chosen {

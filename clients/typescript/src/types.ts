@@ -32,6 +32,7 @@ export type Reason =
   | 'request_too_large'
   | 'excluded'
   | 'context_too_small'
+  | 'priority_reserved'
   | 'control_plane_unavailable';
 
 /**

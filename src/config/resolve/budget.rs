@@ -59,6 +59,40 @@ impl Cx {
         out.max_concurrency = b
             .max_concurrency()
             .map(|Positive(n)| u32::try_from(n).unwrap_or(u32::MAX));
+        if let Some(r) = b.reserve() {
+            let span = r.span();
+            let r = *r.get_ref();
+            let mut per_mille = [0u16; 2];
+            for (i, (name, x)) in [("interactive", r.interactive), ("default", r.default)]
+                .into_iter()
+                .enumerate()
+            {
+                let Some(x) = x else { continue };
+                if !(0.0..1.0).contains(&x) {
+                    self.err(
+                        span.clone(),
+                        format!("{what}: reserve.{name} = {x} must be a share in 0.0..1.0"),
+                    );
+                    continue;
+                }
+                per_mille[i] = (x * 1000.0).round() as u16;
+            }
+            if per_mille[0] + per_mille[1] >= 1000 {
+                self.err(
+                    span.clone(),
+                    format!("{what}: the reserves add up to the whole budget; batch calls could never run"),
+                );
+            }
+            if out.is_unlimited() {
+                self.err(
+                    span,
+                    format!(
+                        "{what}: reserve needs a budget to hold back (a rate or max_concurrency)"
+                    ),
+                );
+            }
+            out.reserve = per_mille;
+        }
         out
     }
 }
@@ -67,6 +101,7 @@ impl Cx {
 pub(super) trait HasAmounts {
     fn amounts(&self) -> [(Option<Positive>, Option<Positive>); 4];
     fn max_concurrency(&self) -> Option<Positive>;
+    fn reserve(&self) -> Option<&toml::Spanned<ReserveToml>>;
 }
 
 impl HasAmounts for TargetToml {
@@ -76,6 +111,9 @@ impl HasAmounts for TargetToml {
     fn max_concurrency(&self) -> Option<Positive> {
         self.max_concurrency
     }
+    fn reserve(&self) -> Option<&toml::Spanned<ReserveToml>> {
+        self.reserve.as_ref()
+    }
 }
 
 impl HasAmounts for GroupToml {
@@ -84,5 +122,8 @@ impl HasAmounts for GroupToml {
     }
     fn max_concurrency(&self) -> Option<Positive> {
         self.max_concurrency
+    }
+    fn reserve(&self) -> Option<&toml::Spanned<ReserveToml>> {
+        self.reserve.as_ref()
     }
 }

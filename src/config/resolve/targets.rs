@@ -4,9 +4,10 @@
 use super::Cx;
 use crate::config::raw::*;
 use crate::config::{
-    Config, Enforcement, GroupSettings, MAX_KEY_SLOTS, MAX_ROUTE_LEN, MAX_ROUTE_NAME,
-    MAX_TARGET_LEN, RouteSettings, TargetSettings,
+    Config, DEFAULT_EXPLORE, Enforcement, GroupSettings, MAX_KEY_SLOTS, MAX_ROUTE_LEN,
+    MAX_ROUTE_NAME, MAX_TARGET_LEN, RouteSettings, TargetSettings,
 };
+use crate::domain::strategy::Strategy;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
@@ -145,11 +146,91 @@ impl Cx {
                 }
                 list.push(Arc::from(t.get_ref().as_str()));
             }
+            let strategy = match &r.strategy {
+                None => Strategy::Ordered,
+                Some(s) => Strategy::parse(s.get_ref()).unwrap_or_else(|| {
+                    let known: Vec<&str> = Strategy::ALL.iter().map(|s| s.as_str()).collect();
+                    self.err(
+                        s.span(),
+                        format!(
+                            "{what}: unknown strategy {:?}; one of {known:?}",
+                            s.get_ref()
+                        ),
+                    );
+                    Strategy::Ordered
+                }),
+            };
+            let weights = match &r.weights {
+                None => {
+                    if strategy == Strategy::Weighted {
+                        self.err(
+                            span.clone(),
+                            format!("{what}: strategy \"weighted\" needs weights = [...], one per target"),
+                        );
+                    }
+                    vec![1.0; list.len()]
+                }
+                Some(w) => {
+                    let v = w.get_ref();
+                    if strategy != Strategy::Weighted {
+                        self.err(
+                            w.span(),
+                            format!("{what}: weights only apply with strategy = \"weighted\""),
+                        );
+                    }
+                    if v.len() != list.len() {
+                        self.err(
+                            w.span(),
+                            format!(
+                                "{what}: {} weights for {} targets; give one per target, in order",
+                                v.len(),
+                                list.len()
+                            ),
+                        );
+                    } else if v.iter().any(|x| !x.is_finite() || *x < 0.0 || *x > 1e6) {
+                        self.err(
+                            w.span(),
+                            format!("{what}: weights must be numbers in 0..=1000000"),
+                        );
+                    } else if v.iter().all(|x| *x == 0.0) {
+                        self.err(
+                            w.span(),
+                            format!("{what}: at least one weight must be above 0"),
+                        );
+                    }
+                    v.clone()
+                }
+            };
+            let explore = match &r.explore {
+                None => DEFAULT_EXPLORE,
+                Some(e) => {
+                    let x = *e.get_ref();
+                    if strategy != Strategy::LowestLatency {
+                        self.err(
+                            e.span(),
+                            format!(
+                                "{what}: explore only applies with strategy = \"lowest_latency\""
+                            ),
+                        );
+                    }
+                    if !(0.0..=0.5).contains(&x) {
+                        self.err(
+                            e.span(),
+                            format!("{what}: explore must be in 0.0..=0.5 (a share of requests)"),
+                        );
+                    }
+                    x
+                }
+            };
             config.routes.insert(
                 name.clone(),
                 Arc::new(RouteSettings {
                     name: name.into(),
                     targets: list,
+                    strategy,
+                    weights,
+                    explore,
+                    expected_output_tokens: r.expected_output_tokens.unwrap_or(0),
                 }),
             );
         }

@@ -7,7 +7,9 @@ use crate::config::Enforcement;
 use crate::domain::Reason;
 use crate::domain::Time;
 use crate::domain::breaker::{BreakerState, Refusal, Ticket};
-use crate::domain::budget::{BudgetConfig, BudgetRefusal, BudgetState, Cost, Kind, Lease};
+use crate::domain::budget::{
+    BudgetConfig, BudgetRefusal, BudgetState, Cost, Kind, Lease, Priority,
+};
 use crate::domain::event::EventKind;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +37,8 @@ pub struct AdmitArgs<'a> {
     pub caller: &'a str,
     pub estimated_tokens: u64,
     pub attempt: u32,
+    /// Budgets with a `reserve` refuse lower priorities first.
+    pub priority: Priority,
 }
 
 /// Decides one admission: breaker (and half-open probe slots), the fleet's
@@ -95,6 +99,7 @@ pub fn admit(
         }
         let cost = Cost {
             tokens: args.estimated_tokens,
+            priority: args.priority,
         };
         let (slot, leased) =
             choose_slot(cx, st, groups, now, cost, lease, fx).map_err(|(r, a)| refuse(r, a))?;
@@ -266,7 +271,10 @@ fn choose_slot(
                         }
                     }
                 }
-                if !slot.limited {
+                // Held back for higher priorities is not a limit being hit:
+                // no RateLimited event (the budget still serves the fleet).
+                let reserved = matches!(r, BudgetRefusal::Reserved { .. });
+                if !slot.limited && !reserved {
                     slot.limited = true;
                     fx.events.push(EventKind::RateLimited {
                         key_slot: cx.slot_name(i),
@@ -285,7 +293,8 @@ fn choose_slot(
                 Ok(p) => group_plans.push(p),
                 Err(r) => {
                     let (reason, after) = budget_reason(&r);
-                    if !std::mem::replace(&mut g.state.limited, true) {
+                    let reserved = matches!(r, BudgetRefusal::Reserved { .. });
+                    if !reserved && !std::mem::replace(&mut g.state.limited, true) {
                         fx.events.push(EventKind::RateLimited {
                             key_slot: None,
                             kind: budget_kind(&r),
@@ -351,12 +360,15 @@ pub(crate) fn budget_reason(r: &BudgetRefusal) -> (Reason, Option<Duration>) {
             (Reason::ConcurrencyLimit, Some(*retry_after))
         }
         BudgetRefusal::TooLarge { .. } => (Reason::RequestTooLarge, None),
+        BudgetRefusal::Reserved { retry_after, .. } => {
+            (Reason::PriorityReserved, Some(*retry_after))
+        }
     }
 }
 
 fn budget_kind(r: &BudgetRefusal) -> Option<Kind> {
     match r {
         BudgetRefusal::Rate { kind, .. } | BudgetRefusal::TooLarge { kind, .. } => Some(*kind),
-        BudgetRefusal::Concurrency { .. } => None,
+        BudgetRefusal::Concurrency { .. } | BudgetRefusal::Reserved { .. } => None,
     }
 }

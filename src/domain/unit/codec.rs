@@ -77,6 +77,10 @@ pub struct TargetRecord {
     pub breaker_window: Option<WindowRecord>,
     #[prost(message, optional, tag = "24")]
     pub retry_window: Option<WindowRecord>,
+    /// Moving average of reported latency in microseconds (0 = none yet);
+    /// `lowest_latency` routes read it, so replicas share it.
+    #[prost(uint64, tag = "40")]
+    pub latency_us: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -228,6 +232,7 @@ pub fn encode(cx: &UnitCx<'_>, st: &TargetState) -> TargetRecord {
         persistent_open: b.persistent_open,
         forced_reason: st.forced_reason().unwrap_or_default().to_string(),
         last_cause: st.last_cause().unwrap_or_default().to_string(),
+        latency_us: st.latency().map_or(0, |d| d.as_micros().max(1) as u64),
         slots: st
             .slots
             .iter()
@@ -292,6 +297,7 @@ fn fill(cx: &UnitCx<'_>, st: &mut TargetState, rec: &TargetRecord, keep_leases: 
     st.set_forced_reason(
         (!rec.forced_reason.is_empty()).then(|| rec.forced_reason.clone().into_boxed_str()),
     );
+    st.set_latency((rec.latency_us > 0).then(|| std::time::Duration::from_micros(rec.latency_us)));
     st.set_last_cause(
         (!rec.last_cause.is_empty()).then(|| rec.last_cause.clone().into_boxed_str()),
     );
@@ -537,6 +543,7 @@ requests_per_minute = 100
                         caller: "c",
                         estimated_tokens: *tokens,
                         attempt: *attempt,
+                        priority: Default::default(),
                     };
                     let a = admit(cx, st, &mut groups, *now, &args, &mut fx);
                     if let Some(p) = a.permit {

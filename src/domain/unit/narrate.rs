@@ -73,6 +73,10 @@ pub fn describe_refusal(r: &BudgetRefusal, group: Option<&str>) -> String {
     match r {
         BudgetRefusal::Rate { kind, .. } => format!("{} budget{scope} exhausted", kind.as_str()),
         BudgetRefusal::Concurrency { .. } => format!("max_concurrency{scope} reached"),
+        BudgetRefusal::Reserved { priority, .. } => format!(
+            "what is left{scope} is reserved for priorities above {}",
+            priority.as_str()
+        ),
         BudgetRefusal::TooLarge {
             kind,
             cost,

@@ -106,6 +106,17 @@ pub fn record(
     }
     st.counters.by_class[class.index()] += 1;
     fx.counted = true;
+    // Latency feeds `lowest_latency` routes: only from reports that may
+    // steer the fleet (a permit-less report could otherwise pull traffic),
+    // and only for calls that got an answer or ran out of time.
+    let timed = matches!(
+        class,
+        OutcomeClass::Success | OutcomeClass::Partial | OutcomeClass::Timeout
+    );
+    if let (Some(d), true, true) = (args.latency, trusted, timed) {
+        st.observe_latency(d);
+        fx.state_dirty = true;
+    }
     let slot_ix = args.slot.min(st.slots.len() - 1);
 
     // The provider's hint: the explicit field or the headers, whichever is longer.

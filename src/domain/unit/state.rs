@@ -82,7 +82,12 @@ pub struct Notes {
     pub forced_reason: Option<Box<str>>,
     pub last_cause: Option<Box<str>>,
     pub retry: Option<RetryBudget>,
+    /// Moving average of reported latency, in microseconds (0 = none yet).
+    pub latency_us: u32,
 }
+
+/// Weight of each new latency in the moving average.
+pub const LATENCY_ALPHA: f64 = 0.2;
 
 /// One target's decision state.
 #[derive(Debug)]
@@ -134,6 +139,35 @@ impl TargetState {
         if r.is_some() || self.notes.is_some() {
             self.notes.get_or_insert_with(Default::default).retry = r;
         }
+    }
+
+    /// Recent latency (a moving average of trusted reports), if any.
+    pub fn latency(&self) -> Option<std::time::Duration> {
+        self.notes
+            .as_ref()
+            .map(|n| n.latency_us)
+            .filter(|&us| us > 0)
+            .map(|us| std::time::Duration::from_micros(u64::from(us)))
+    }
+    pub fn set_latency(&mut self, d: Option<std::time::Duration>) {
+        if d.is_some() || self.notes.is_some() {
+            self.notes.get_or_insert_with(Default::default).latency_us =
+                d.map_or(0, |d| d.as_micros().clamp(1, u128::from(u32::MAX)) as u32);
+        }
+    }
+    /// Folds one latency into the moving average (weight [`LATENCY_ALPHA`]):
+    /// recent enough that a slowdown shows within a handful of calls, smooth
+    /// enough that one slow reply does not flip a `lowest_latency` route.
+    pub fn observe_latency(&mut self, d: std::time::Duration) {
+        let x = d.as_micros() as f64;
+        let next = match self.latency() {
+            Some(prev) => {
+                let p = prev.as_micros() as f64;
+                p + LATENCY_ALPHA * (x - p)
+            }
+            None => x,
+        };
+        self.set_latency(Some(std::time::Duration::from_micros(next as u64)));
     }
 
     /// Why an operator forced the breaker, if they said.

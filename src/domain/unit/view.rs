@@ -56,6 +56,8 @@ pub struct TargetView {
     pub groups: Vec<BudgetView>,
     /// Names of the budget groups the target draws on, in config order.
     pub group_names: Vec<Arc<str>>,
+    /// Recent latency (moving average of trusted reports).
+    pub latency: Option<Duration>,
 }
 
 /// One line of a target listing.
@@ -175,6 +177,7 @@ pub fn view(
         in_flight: in_flight + st.breaker.probes().len() as u32,
         groups: group_views,
         group_names: groups.iter().map(|g| Arc::from(g.name)).collect(),
+        latency: st.latency(),
     }
 }
 
@@ -187,4 +190,87 @@ pub fn summary(name: &Arc<str>, settings: &TargetSettings, st: &TargetState) -> 
         open_until: st.breaker.open_until(),
         consecutive_failures: st.breaker.consecutive_failures(),
     }
+}
+
+/// What a routing strategy needs from a view (see [`crate::domain::strategy`]):
+/// whether the target looks worth trying now (and if not, the refusal it
+/// would most likely give, with when it may admit again), how busy it is,
+/// how fast, and the smallest fraction left of any budget it draws on (from
+/// its best key slot). Price and weight come from the route and the
+/// request, not from state, so the engine fills them in.
+pub fn glance(
+    v: &TargetView,
+    now: Time,
+) -> (
+    crate::domain::strategy::Glance,
+    Option<(crate::domain::Reason, Option<Duration>)>,
+) {
+    use crate::domain::Reason;
+    let fraction = |b: &BudgetView| {
+        if b.limit == 0 {
+            0.0
+        } else {
+            (b.available / b.limit as f64).clamp(0.0, 1.0)
+        }
+    };
+    let usable = |s: &SlotView| {
+        s.disabled_until.is_none_or(|t| t <= now) && s.paused_until.is_none_or(|t| t <= now)
+    };
+    let slot_room = v
+        .slots
+        .iter()
+        .filter(|s| usable(s))
+        .map(|s| s.budgets.iter().map(fraction).fold(1.0, f64::min))
+        .fold(None, |best: Option<f64>, x| {
+            Some(best.map_or(x, |b| b.max(x)))
+        });
+    let group_room = v.groups.iter().map(fraction).fold(1.0, f64::min);
+    let headroom = slot_room.map_or(0.0, |r| r.min(group_room));
+    let until = |t: Option<Time>| t.map(|t| now.until(t));
+    let breaker = match v.state {
+        BreakerState::Closed | BreakerState::ForcedClosed => None,
+        BreakerState::HalfOpen => (v.probes_outstanding
+            >= v.settings.breaker.half_open_max_probes.max(1))
+        .then_some((Reason::ProbeLimit, None)),
+        BreakerState::Open => v
+            .open_until
+            .filter(|t| *t > now)
+            .map(|t| (Reason::CircuitOpen, until(Some(t)))),
+        BreakerState::ForcedOpen => Some((Reason::ForcedOpen, None)),
+    };
+    // Every key slot paused or disabled, or less than one request's worth
+    // left of some budget: it would refuse.
+    let slots = if !v.slots.iter().any(usable) {
+        let paused = v.slots.iter().filter_map(|s| s.paused_until).min();
+        Some(match paused {
+            Some(t) if v.slots.len() == 1 => (Reason::RateLimited, until(Some(t))),
+            _ => (
+                Reason::KeySlotsUnavailable,
+                until(
+                    v.slots
+                        .iter()
+                        .filter_map(|s| s.disabled_until.or(s.paused_until))
+                        .min(),
+                ),
+            ),
+        })
+    } else {
+        let room = v
+            .slots
+            .iter()
+            .filter(|s| usable(s))
+            .any(|s| s.budgets.iter().all(|b| b.limit == 0 || b.available >= 1.0))
+            && v.groups.iter().all(|b| b.limit == 0 || b.available >= 1.0);
+        (!room).then_some((Reason::RateLimited, None))
+    };
+    let why = breaker.or(slots);
+    let g = crate::domain::strategy::Glance {
+        admissible: why.is_none(),
+        in_flight: v.in_flight,
+        latency: v.latency,
+        headroom,
+        cost: None,
+        weight: 1.0,
+    };
+    (g, why)
 }

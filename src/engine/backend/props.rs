@@ -119,7 +119,7 @@ proptest! {
             match op {
                 Op::Admit { target, attempt } => {
                     let name = if target { "t" } else { "k" };
-                    let a = now_or_never(e.can_proceed(name, AdmitArgs { caller: "p", estimated_tokens: 0, attempt }))
+                    let a = now_or_never(e.can_proceed(name, AdmitArgs { caller: "p", estimated_tokens: 0, attempt, ..Default::default() }))
                         .expect("admit");
                     if a.allowed {
                         if name == "t" {

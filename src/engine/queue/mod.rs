@@ -1138,6 +1138,7 @@ impl Admitter for Engine {
                     caller: worker,
                     estimated_tokens: need.0,
                     attempt: need.2,
+                    priority: Default::default(),
                 },
             )
             .await?;

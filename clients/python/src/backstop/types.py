@@ -62,6 +62,7 @@ class Reason(_ProtoEnum):
     REQUEST_TOO_LARGE = "request_too_large"
     EXCLUDED = "excluded"
     CONTEXT_TOO_SMALL = "context_too_small"
+    PRIORITY_RESERVED = "priority_reserved"
     CONTROL_PLANE_UNAVAILABLE = "control_plane_unavailable"
 
 

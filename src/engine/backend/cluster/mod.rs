@@ -35,6 +35,7 @@ mod stream;
 use crate::config::{ClusterConfig, Config, OnRedisUnavailable, TargetSettings};
 use crate::domain::Time;
 use crate::domain::breaker::{BreakerState, Mode};
+use crate::domain::budget::Priority;
 use crate::domain::event::EventKind;
 use crate::domain::retry::{Advice, RetryReason};
 use crate::domain::unit::view::{TargetPage, TargetView, summary};
@@ -101,6 +102,7 @@ enum Op {
         caller: String,
         estimated_tokens: u64,
         attempt: u32,
+        priority: Priority,
     },
     Record {
         args: OwnedOutcome,
@@ -459,6 +461,7 @@ impl RedisBackend {
             caller: args.caller.to_string(),
             estimated_tokens: args.estimated_tokens,
             attempt: args.attempt,
+            priority: args.priority,
         };
         match inner.submit(meta.clone(), op).await {
             Ok(Answer::Admission(a)) => Ok(a),
@@ -733,7 +736,7 @@ struct CachedRefusal {
     /// first). `Some(tokens)`: a budget or key-slot refusal, which depends on
     /// the request's size and, for retries, on the retry budget checked
     /// before it; it answers only first attempts of exactly this size.
-    only_for: Option<u64>,
+    only_for: Option<(u64, Priority)>,
 }
 
 impl Meta {
@@ -745,7 +748,9 @@ impl Meta {
                 answer: a,
                 only_for,
             }) if *until > now => {
-                if only_for.is_some_and(|t| t != args.estimated_tokens || args.attempt > 0) {
+                if only_for.is_some_and(|(t, p)| {
+                    t != args.estimated_tokens || p != args.priority || args.attempt > 0
+                }) {
                     return None;
                 }
                 let mut a = a.clone();
@@ -763,10 +768,13 @@ impl Meta {
         }
     }
 
-    fn remember_refusal(&self, now: Time, a: &Admission, args: Option<(u64, u32)>) {
+    fn remember_refusal(&self, now: Time, a: &Admission, args: Option<(u64, u32, Priority)>) {
         let only_for = match (a.reason, args) {
             (Reason::CircuitOpen | Reason::ForcedOpen, _) => None,
-            (Reason::RateLimited | Reason::KeySlotsUnavailable, Some((tokens, 0))) => Some(tokens),
+            // A budget's answer depends on the size and the priority asked.
+            (Reason::RateLimited | Reason::KeySlotsUnavailable, Some((tokens, 0, p))) => {
+                Some((tokens, p))
+            }
             _ => return,
         };
         if !a.allowed {
@@ -1143,11 +1151,13 @@ impl Inner {
                             caller,
                             estimated_tokens,
                             attempt,
+                            priority,
                         } => {
                             let args = AdmitArgs {
                                 caller,
                                 estimated_tokens: *estimated_tokens,
                                 attempt: *attempt,
+                                priority: *priority,
                             };
                             Answer::Admission(unit::admit(&cx, st, &mut refs, now, &args, &mut fx))
                         }
@@ -1666,8 +1676,9 @@ fn deliver(jobs: Vec<Job>, answers: Vec<Answer>, now: Time) {
                     Op::Admit {
                         estimated_tokens,
                         attempt,
+                        priority,
                         ..
-                    } => Some((*estimated_tokens, *attempt)),
+                    } => Some((*estimated_tokens, *attempt, *priority)),
                     _ => None,
                 };
                 job.meta.remember_refusal(now, a, asked);

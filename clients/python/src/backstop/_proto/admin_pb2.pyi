@@ -137,7 +137,7 @@ class ResetTargetRequest(_message.Message):
     def __init__(self, target: _Optional[str] = ...) -> None: ...
 
 class TargetStatus(_message.Message):
-    __slots__ = ("target", "state", "configured", "open_until", "consecutive_failures", "half_open_successes", "probes_outstanding", "reopen_count", "generation", "counters", "window_calls", "window_failures", "settings", "key_slots", "forced_reason", "opened_at", "last_cause", "in_flight", "group_budgets")
+    __slots__ = ("target", "state", "configured", "open_until", "consecutive_failures", "half_open_successes", "probes_outstanding", "reopen_count", "generation", "counters", "window_calls", "window_failures", "settings", "key_slots", "forced_reason", "opened_at", "last_cause", "in_flight", "group_budgets", "latency")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CONFIGURED_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class TargetStatus(_message.Message):
     LAST_CAUSE_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     GROUP_BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
     target: str
     state: _resilience_pb2.BreakerState
     configured: bool
@@ -176,7 +177,8 @@ class TargetStatus(_message.Message):
     last_cause: str
     in_flight: int
     group_budgets: _containers.RepeatedCompositeFieldContainer[BudgetStatus]
-    def __init__(self, target: _Optional[str] = ..., state: _Optional[_Union[_resilience_pb2.BreakerState, str]] = ..., configured: bool = ..., open_until: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., consecutive_failures: _Optional[int] = ..., half_open_successes: _Optional[int] = ..., probes_outstanding: _Optional[int] = ..., reopen_count: _Optional[int] = ..., generation: _Optional[int] = ..., counters: _Optional[_Union[OutcomeCounters, _Mapping]] = ..., window_calls: _Optional[int] = ..., window_failures: _Optional[int] = ..., settings: _Optional[_Union[TargetSettings, _Mapping]] = ..., key_slots: _Optional[_Iterable[_Union[KeySlotStatus, _Mapping]]] = ..., forced_reason: _Optional[str] = ..., opened_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_cause: _Optional[str] = ..., in_flight: _Optional[int] = ..., group_budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ...) -> None: ...
+    latency: _duration_pb2.Duration
+    def __init__(self, target: _Optional[str] = ..., state: _Optional[_Union[_resilience_pb2.BreakerState, str]] = ..., configured: bool = ..., open_until: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., consecutive_failures: _Optional[int] = ..., half_open_successes: _Optional[int] = ..., probes_outstanding: _Optional[int] = ..., reopen_count: _Optional[int] = ..., generation: _Optional[int] = ..., counters: _Optional[_Union[OutcomeCounters, _Mapping]] = ..., window_calls: _Optional[int] = ..., window_failures: _Optional[int] = ..., settings: _Optional[_Union[TargetSettings, _Mapping]] = ..., key_slots: _Optional[_Iterable[_Union[KeySlotStatus, _Mapping]]] = ..., forced_reason: _Optional[str] = ..., opened_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_cause: _Optional[str] = ..., in_flight: _Optional[int] = ..., group_budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ..., latency: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class OutcomeCounters(_message.Message):
     __slots__ = ("admitted", "refused", "success", "transient", "rate_limited", "persistent", "bad_input", "partial", "timeout", "stale")

@@ -30,6 +30,24 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_REQUEST_TOO_LARGE: _ClassVar[Reason]
     REASON_EXCLUDED: _ClassVar[Reason]
     REASON_CONTEXT_TOO_SMALL: _ClassVar[Reason]
+    REASON_PRIORITY_RESERVED: _ClassVar[Reason]
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_INTERACTIVE: _ClassVar[Priority]
+    PRIORITY_DEFAULT: _ClassVar[Priority]
+    PRIORITY_BATCH: _ClassVar[Priority]
+
+class RouteStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUTE_STRATEGY_UNSPECIFIED: _ClassVar[RouteStrategy]
+    ROUTE_STRATEGY_ORDERED: _ClassVar[RouteStrategy]
+    ROUTE_STRATEGY_WEIGHTED: _ClassVar[RouteStrategy]
+    ROUTE_STRATEGY_LEAST_BUSY: _ClassVar[RouteStrategy]
+    ROUTE_STRATEGY_LOWEST_LATENCY: _ClassVar[RouteStrategy]
+    ROUTE_STRATEGY_LOWEST_COST: _ClassVar[RouteStrategy]
+    ROUTE_STRATEGY_MOST_HEADROOM: _ClassVar[RouteStrategy]
 
 class OutcomeClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -71,6 +89,18 @@ REASON_KEY_SLOTS_UNAVAILABLE: Reason
 REASON_REQUEST_TOO_LARGE: Reason
 REASON_EXCLUDED: Reason
 REASON_CONTEXT_TOO_SMALL: Reason
+REASON_PRIORITY_RESERVED: Reason
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_INTERACTIVE: Priority
+PRIORITY_DEFAULT: Priority
+PRIORITY_BATCH: Priority
+ROUTE_STRATEGY_UNSPECIFIED: RouteStrategy
+ROUTE_STRATEGY_ORDERED: RouteStrategy
+ROUTE_STRATEGY_WEIGHTED: RouteStrategy
+ROUTE_STRATEGY_LEAST_BUSY: RouteStrategy
+ROUTE_STRATEGY_LOWEST_LATENCY: RouteStrategy
+ROUTE_STRATEGY_LOWEST_COST: RouteStrategy
+ROUTE_STRATEGY_MOST_HEADROOM: RouteStrategy
 OUTCOME_CLASS_UNSPECIFIED: OutcomeClass
 OUTCOME_CLASS_SUCCESS: OutcomeClass
 OUTCOME_CLASS_TRANSIENT: OutcomeClass
@@ -90,16 +120,18 @@ RETRY_REASON_CORRECT_AND_RETRY: RetryReason
 RETRY_REASON_CIRCUIT_OPEN: RetryReason
 
 class CanProceedRequest(_message.Message):
-    __slots__ = ("target", "caller", "estimated_tokens", "attempt")
+    __slots__ = ("target", "caller", "estimated_tokens", "attempt", "priority")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     target: str
     caller: str
     estimated_tokens: int
     attempt: int
-    def __init__(self, target: _Optional[str] = ..., caller: _Optional[str] = ..., estimated_tokens: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, target: _Optional[str] = ..., caller: _Optional[str] = ..., estimated_tokens: _Optional[int] = ..., attempt: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class CanProceedResponse(_message.Message):
     __slots__ = ("allowed", "reason", "state", "retry_after", "permit", "key_slot", "shadow_reason", "degraded")
@@ -185,7 +217,7 @@ class RetryAdvice(_message.Message):
     def __init__(self, retry: bool = ..., delay: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[_Union[RetryReason, str]] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("route", "candidates", "estimated_tokens", "required_context_tokens", "exclude", "caller", "attempt")
+    __slots__ = ("route", "candidates", "estimated_tokens", "required_context_tokens", "exclude", "caller", "attempt", "strategy", "expected_output_tokens", "priority")
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +225,9 @@ class RouteRequest(_message.Message):
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     route: str
     candidates: _containers.RepeatedScalarFieldContainer[str]
     estimated_tokens: int
@@ -200,10 +235,13 @@ class RouteRequest(_message.Message):
     exclude: _containers.RepeatedScalarFieldContainer[str]
     caller: str
     attempt: int
-    def __init__(self, route: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., estimated_tokens: _Optional[int] = ..., required_context_tokens: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., caller: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    strategy: RouteStrategy
+    expected_output_tokens: int
+    priority: Priority
+    def __init__(self, route: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., estimated_tokens: _Optional[int] = ..., required_context_tokens: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., caller: _Optional[str] = ..., attempt: _Optional[int] = ..., strategy: _Optional[_Union[RouteStrategy, str]] = ..., expected_output_tokens: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("target", "permit", "fallback_depth", "skipped", "max_tokens", "cost_per_mtok_input", "cost_per_mtok_output", "retry_after", "key_slot", "state", "degraded")
+    __slots__ = ("target", "permit", "fallback_depth", "skipped", "max_tokens", "cost_per_mtok_input", "cost_per_mtok_output", "retry_after", "key_slot", "state", "degraded", "strategy", "reason")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     PERMIT_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +253,8 @@ class RouteResponse(_message.Message):
     KEY_SLOT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     target: str
     permit: str
     fallback_depth: int
@@ -226,7 +266,9 @@ class RouteResponse(_message.Message):
     key_slot: str
     state: BreakerState
     degraded: bool
-    def __init__(self, target: _Optional[str] = ..., permit: _Optional[str] = ..., fallback_depth: _Optional[int] = ..., skipped: _Optional[_Iterable[_Union[Skip, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., cost_per_mtok_input: _Optional[float] = ..., cost_per_mtok_output: _Optional[float] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., key_slot: _Optional[str] = ..., state: _Optional[_Union[BreakerState, str]] = ..., degraded: bool = ...) -> None: ...
+    strategy: RouteStrategy
+    reason: str
+    def __init__(self, target: _Optional[str] = ..., permit: _Optional[str] = ..., fallback_depth: _Optional[int] = ..., skipped: _Optional[_Iterable[_Union[Skip, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., cost_per_mtok_input: _Optional[float] = ..., cost_per_mtok_output: _Optional[float] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., key_slot: _Optional[str] = ..., state: _Optional[_Union[BreakerState, str]] = ..., degraded: bool = ..., strategy: _Optional[_Union[RouteStrategy, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Skip(_message.Message):
     __slots__ = ("target", "reason", "retry_after")

@@ -179,6 +179,8 @@ export interface TargetStatus {
   inFlight: number;
   /** Shared budget groups the target draws on. */
   groupBudgets: BudgetStatus[];
+  /** Moving average of reported latency (what LOWEST_LATENCY routes compare); unset until one is reported. */
+  latency: Duration | undefined;
 }
 
 /** Outcome and decision totals since the target was created or reset. */
@@ -1205,6 +1207,7 @@ function createBaseTargetStatus(): TargetStatus {
     lastCause: "",
     inFlight: 0,
     groupBudgets: [],
+    latency: undefined,
   };
 }
 
@@ -1266,6 +1269,9 @@ export const TargetStatus: MessageFns<TargetStatus> = {
     }
     for (const v of message.groupBudgets) {
       BudgetStatus.encode(v!, writer.uint32(154).fork()).join();
+    }
+    if (message.latency !== undefined) {
+      Duration.encode(message.latency, writer.uint32(162).fork()).join();
     }
     return writer;
   },
@@ -1435,6 +1441,14 @@ export const TargetStatus: MessageFns<TargetStatus> = {
             message.groupBudgets.push(BudgetStatus.decode(reader, reader.uint32()));
             continue;
           }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.latency = Duration.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1475,6 +1489,9 @@ export const TargetStatus: MessageFns<TargetStatus> = {
     message.lastCause = object.lastCause ?? "";
     message.inFlight = object.inFlight ?? 0;
     message.groupBudgets = object.groupBudgets?.map((e) => BudgetStatus.fromPartial(e)) || [];
+    message.latency = (object.latency !== undefined && object.latency !== null)
+      ? Duration.fromPartial(object.latency)
+      : undefined;
     return message;
   },
 };

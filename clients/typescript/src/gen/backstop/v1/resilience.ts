@@ -79,6 +79,52 @@ export enum Reason {
   REASON_EXCLUDED = 10,
   /** REASON_CONTEXT_TOO_SMALL - Route only: the candidate's context_window is smaller than required_context_tokens. */
   REASON_CONTEXT_TOO_SMALL = 11,
+  /**
+   * REASON_PRIORITY_RESERVED - The budget has room only for higher priorities (its `reserve`); retry_after
+   * says when this priority fits again.
+   */
+  REASON_PRIORITY_RESERVED = 12,
+  UNRECOGNIZED = -1,
+}
+
+/**
+ * How urgent a call is. A budget may reserve headroom for higher priorities
+ * (`reserve = { interactive = 0.2 }`): when it runs low, batch calls are refused
+ * first and interactive ones keep flowing.
+ */
+export enum Priority {
+  /** PRIORITY_UNSPECIFIED - Treated as PRIORITY_DEFAULT. */
+  PRIORITY_UNSPECIFIED = 0,
+  /** PRIORITY_INTERACTIVE - A person is waiting. */
+  PRIORITY_INTERACTIVE = 1,
+  PRIORITY_DEFAULT = 2,
+  /** PRIORITY_BATCH - Background work that can wait. */
+  PRIORITY_BATCH = 3,
+  UNRECOGNIZED = -1,
+}
+
+/** How Route orders a route's candidates (a route's `strategy`). */
+export enum RouteStrategy {
+  /** ROUTE_STRATEGY_UNSPECIFIED - In a request: use the route's own strategy (ORDERED for ad-hoc candidates). */
+  ROUTE_STRATEGY_UNSPECIFIED = 0,
+  /** ROUTE_STRATEGY_ORDERED - First admissible in list order: a fallback list. */
+  ROUTE_STRATEGY_ORDERED = 1,
+  /** ROUTE_STRATEGY_WEIGHTED - Random by the route's weights among admissible candidates. */
+  ROUTE_STRATEGY_WEIGHTED = 2,
+  /** ROUTE_STRATEGY_LEAST_BUSY - Fewest outstanding permits. */
+  ROUTE_STRATEGY_LEAST_BUSY = 3,
+  /**
+   * ROUTE_STRATEGY_LOWEST_LATENCY - Lowest recent latency (a moving average of reported outcomes), with a small
+   * exploration share so a recovered target is measured again.
+   */
+  ROUTE_STRATEGY_LOWEST_LATENCY = 4,
+  /**
+   * ROUTE_STRATEGY_LOWEST_COST - Lowest expected price: estimated_tokens at the input price plus
+   * expected_output_tokens at the output price.
+   */
+  ROUTE_STRATEGY_LOWEST_COST = 5,
+  /** ROUTE_STRATEGY_MOST_HEADROOM - Largest remaining budget fraction: spreads load before a 429 happens. */
+  ROUTE_STRATEGY_MOST_HEADROOM = 6,
   UNRECOGNIZED = -1,
 }
 
@@ -136,6 +182,8 @@ export interface CanProceedRequest {
   estimatedTokens: number;
   /** 0 for a first try; retries (> 0) draw on the fleet-wide retry budget. */
   attempt: number;
+  /** How urgent the call is (budgets may reserve headroom for higher priorities). */
+  priority: Priority;
 }
 
 export interface CanProceedResponse {
@@ -243,13 +291,23 @@ export interface RouteRequest {
   caller: string;
   /** 0 for a first try; > 0 draws on the chosen target's retry budget. */
   attempt: number;
+  /** Overrides the route's strategy for this request (unset: the route's own). */
+  strategy: RouteStrategy;
+  /** Output tokens LOWEST_COST prices (0: the route's expected_output_tokens). */
+  expectedOutputTokens: number;
+  /** How urgent the call is (budgets may reserve headroom for higher priorities). */
+  priority: Priority;
 }
 
 export interface RouteResponse {
   /** The admitted target; empty when no candidate is available. */
   target: string;
   permit: string;
-  /** 0 = the primary served; n = the n-th fallback. */
+  /**
+   * 0 = the first choice served; n = the n-th fallback. For ORDERED the first
+   * choice is the primary (list position); for other strategies it is the
+   * strategy's preferred candidate.
+   */
   fallbackDepth: number;
   /** Every candidate passed over, in order, with why. */
   skipped: Skip[];
@@ -263,6 +321,13 @@ export interface RouteResponse {
   state: BreakerState;
   /** Cluster mode: true when this answer was decided without Redis. */
   degraded: boolean;
+  /** The strategy that ordered the candidates. */
+  strategy: RouteStrategy;
+  /**
+   * Why this target, in words, e.g. "least_busy: b has the fewest permits
+   * outstanding (1)" or "ordered: b after a (circuit_open) refused".
+   */
+  reason: string;
 }
 
 /** A candidate that Route passed over. */
@@ -355,7 +420,7 @@ export interface DecideResponse {
 }
 
 function createBaseCanProceedRequest(): CanProceedRequest {
-  return { target: "", caller: "", estimatedTokens: 0, attempt: 0 };
+  return { target: "", caller: "", estimatedTokens: 0, attempt: 0, priority: 0 };
 }
 
 export const CanProceedRequest: MessageFns<CanProceedRequest> = {
@@ -371,6 +436,9 @@ export const CanProceedRequest: MessageFns<CanProceedRequest> = {
     }
     if (message.attempt !== 0) {
       writer.uint32(32).uint32(message.attempt);
+    }
+    if (message.priority !== 0) {
+      writer.uint32(40).int32(message.priority);
     }
     return writer;
   },
@@ -420,6 +488,14 @@ export const CanProceedRequest: MessageFns<CanProceedRequest> = {
             message.attempt = reader.uint32();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.priority = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -441,6 +517,7 @@ export const CanProceedRequest: MessageFns<CanProceedRequest> = {
     message.caller = object.caller ?? "";
     message.estimatedTokens = object.estimatedTokens ?? 0;
     message.attempt = object.attempt ?? 0;
+    message.priority = object.priority ?? 0;
     return message;
   },
 };
@@ -1101,6 +1178,9 @@ function createBaseRouteRequest(): RouteRequest {
     exclude: [],
     caller: "",
     attempt: 0,
+    strategy: 0,
+    expectedOutputTokens: 0,
+    priority: 0,
   };
 }
 
@@ -1126,6 +1206,15 @@ export const RouteRequest: MessageFns<RouteRequest> = {
     }
     if (message.attempt !== 0) {
       writer.uint32(56).uint32(message.attempt);
+    }
+    if (message.strategy !== 0) {
+      writer.uint32(64).int32(message.strategy);
+    }
+    if (message.expectedOutputTokens !== 0) {
+      writer.uint32(72).uint64(message.expectedOutputTokens);
+    }
+    if (message.priority !== 0) {
+      writer.uint32(80).int32(message.priority);
     }
     return writer;
   },
@@ -1199,6 +1288,30 @@ export const RouteRequest: MessageFns<RouteRequest> = {
             message.attempt = reader.uint32();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.strategy = reader.int32() as any;
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.expectedOutputTokens = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.priority = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1223,6 +1336,9 @@ export const RouteRequest: MessageFns<RouteRequest> = {
     message.exclude = object.exclude?.map((e) => e) || [];
     message.caller = object.caller ?? "";
     message.attempt = object.attempt ?? 0;
+    message.strategy = object.strategy ?? 0;
+    message.expectedOutputTokens = object.expectedOutputTokens ?? 0;
+    message.priority = object.priority ?? 0;
     return message;
   },
 };
@@ -1240,6 +1356,8 @@ function createBaseRouteResponse(): RouteResponse {
     keySlot: "",
     state: 0,
     degraded: false,
+    strategy: 0,
+    reason: "",
   };
 }
 
@@ -1277,6 +1395,12 @@ export const RouteResponse: MessageFns<RouteResponse> = {
     }
     if (message.degraded !== false) {
       writer.uint32(88).bool(message.degraded);
+    }
+    if (message.strategy !== 0) {
+      writer.uint32(96).int32(message.strategy);
+    }
+    if (message.reason !== "") {
+      writer.uint32(106).string(message.reason);
     }
     return writer;
   },
@@ -1382,6 +1506,22 @@ export const RouteResponse: MessageFns<RouteResponse> = {
             message.degraded = reader.bool();
             continue;
           }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.strategy = reader.int32() as any;
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1412,6 +1552,8 @@ export const RouteResponse: MessageFns<RouteResponse> = {
     message.keySlot = object.keySlot ?? "";
     message.state = object.state ?? 0;
     message.degraded = object.degraded ?? false;
+    message.strategy = object.strategy ?? 0;
+    message.reason = object.reason ?? "";
     return message;
   },
 };
