@@ -175,9 +175,11 @@ async fn least_busy_lowest_latency_lowest_cost_and_most_headroom_choose_as_named
         .await
         .expect("route")
         .into_inner();
-    assert_eq!(
-        (r.target.as_str(), r.strategy()),
-        ("b", proto::RouteStrategy::LowestLatency)
+    // (Ad-hoc lists explore 5 % of the time: then the slower one, and it says so.)
+    assert_eq!(r.strategy(), proto::RouteStrategy::LowestLatency);
+    assert!(
+        r.target == "b" || r.reason.contains("exploring: re-measuring a"),
+        "{r:?}"
     );
     let e = c
         .route(proto::RouteRequest {

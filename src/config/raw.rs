@@ -4,6 +4,7 @@
 //! ignored setting), and value types validate themselves so that serde's error
 //! carries the location of the offending value.
 
+use crate::domain::breaker::quorum::MAX_MIN_DISTINCT_CALLERS;
 use crate::domain::duration::parse_duration;
 use serde::{Deserialize, Deserializer};
 use std::time::Duration;
@@ -67,6 +68,26 @@ impl<'de> Deserialize<'de> for Fraction {
             )));
         }
         Ok(Fraction(v))
+    }
+}
+
+/// `min_distinct_callers`: 1 to [`MAX_MIN_DISTINCT_CALLERS`]. Checked here
+/// so the error points at the value. The upper bound keeps the breaker's
+/// set of recent failing callers small (it holds up to twice this many).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallerQuorum(pub u32);
+
+impl<'de> Deserialize<'de> for CallerQuorum {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        match u32::try_from(v) {
+            Ok(n) if (1..=MAX_MIN_DISTINCT_CALLERS).contains(&n) => Ok(CallerQuorum(n)),
+            _ => Err(serde::de::Error::custom(format!(
+                "min_distinct_callers must be between 1 and {MAX_MIN_DISTINCT_CALLERS} \
+                 (how many distinct callers must report failures before the breaker opens; \
+                 1 = any caller), got {v}"
+            ))),
+        }
     }
 }
 
@@ -184,6 +205,9 @@ pub struct BreakerToml {
     pub slow_call_duration: Option<Dur>,
     pub persistent_open_duration: Option<Dur>,
     pub treat: Option<TreatToml>,
+    /// Quorum tripping: failures open the breaker only when this many
+    /// distinct callers reported one within `window`.
+    pub min_distinct_callers: Option<CallerQuorum>,
 }
 
 /// Per-class breaker treatment overrides: "failure", "success", "ignore" or "open".

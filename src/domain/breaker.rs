@@ -18,6 +18,11 @@
 //!   generation they were issued in, and an outcome from an older generation
 //!   (or for a probe that was already reclaimed) is tallied but ignored.
 //!
+//! And one from running it for a fleet: one broken agent must not open the
+//! breaker for everyone. With `min_distinct_callers` > 1, failures trip a
+//! closed breaker only once enough distinct callers reported one within the
+//! window ([`quorum`]); PERSISTENT outcomes and failed probes do not wait.
+//!
 //! Everything here is pure: time comes in as `now`, jitter is derived from a
 //! per-breaker seed and the generation, and events are pushed into a caller's
 //! buffer. The engine owns locking and persistence.
@@ -25,6 +30,9 @@
 use super::taxonomy::OutcomeClass;
 use super::time::{Time, scale};
 use std::time::Duration;
+
+pub mod quorum;
+pub use quorum::FailureCallers;
 
 /// The reported breaker state (mirrors `backstop.v1.BreakerState`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -180,6 +188,14 @@ pub struct BreakerConfig {
     /// How long a PERSISTENT outcome (invalid key, no quota) keeps the breaker open.
     pub persistent_open_duration: Duration,
     pub treatments: Treatments,
+    /// Failures open a closed breaker only when at least this many distinct
+    /// callers reported one within `window` (see [`quorum`]), so that one
+    /// broken agent cannot open the breaker for the whole fleet. 1 = any
+    /// caller's failures count (the behaviour before quorum existed).
+    /// PERSISTENT outcomes and failed half-open probes do not wait for a
+    /// quorum: a provider's definitive answer and the fleet's own probe are
+    /// not one agent's network glitch.
+    pub min_distinct_callers: u32,
 }
 
 impl Default for BreakerConfig {
@@ -199,6 +215,7 @@ impl Default for BreakerConfig {
             slow_call_duration: None,
             persistent_open_duration: Duration::from_secs(600),
             treatments: Treatments::default(),
+            min_distinct_callers: 1,
         }
     }
 }
@@ -312,6 +329,15 @@ pub enum BreakerEvent {
     OpenExtended {
         until: Time,
     },
+    /// Failures would have opened the breaker (`cause`), but fewer than
+    /// `min_distinct_callers` callers reported them within the window. The
+    /// breaker stays closed; this is for the target's visible cause only
+    /// (it is raised on every such failure, so it is not a fleet event).
+    TripSuppressed {
+        cause: Cause,
+        callers: u32,
+        needed: u32,
+    },
 }
 
 /// Why admission was refused.
@@ -385,6 +411,20 @@ pub struct BreakerParts {
     pub next_probe: u64,
     pub probes: Vec<Probe>,
     pub window: Option<super::window::RollingPair>,
+    /// Callers that failed recently (only kept with `min_distinct_callers` > 1).
+    pub callers: Option<FailureCallers>,
+}
+
+/// What a breaker tallies over its window, boxed together so that a
+/// breaker needing neither carries one null pointer (a million idle targets
+/// must fit in 512 MiB: see `unit/state.rs`).
+#[derive(Clone, Debug, Default)]
+struct Tallies {
+    /// (calls, failures) for the rate rule: only when the rule is on.
+    window: Option<super::window::RollingPair>,
+    /// Who failed recently, for quorum tripping: only while a target with
+    /// `min_distinct_callers` > 1 is failing.
+    callers: Option<FailureCallers>,
 }
 
 /// One target's breaker.
@@ -402,8 +442,9 @@ pub struct Breaker {
     persistent_open: bool,
     next_probe: u64,
     probes: Vec<Probe>,
-    /// (calls, failures) for the rate rule; allocated only when the rule is on.
-    window: Option<Box<super::window::RollingPair>>,
+    /// The rate rule's window and the recent failing callers; allocated
+    /// only when needed (see [`Tallies`]).
+    tallies: Option<Box<Tallies>>,
     /// Seeds the re-open jitter; differs per target so breakers spread out.
     seed: u64,
 }
@@ -415,6 +456,10 @@ pub fn mix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
 }
+
+/// The caller of every report that names none (see [`Breaker::record_from`]):
+/// all anonymous reports count as one caller towards `min_distinct_callers`.
+pub const ANONYMOUS: u64 = 0;
 
 /// Maps a hash to [0, 1).
 pub fn unit_f64(x: u64) -> f64 {
@@ -436,7 +481,7 @@ impl Breaker {
             persistent_open: false,
             next_probe: 1,
             probes: Vec::new(),
-            window: None,
+            tallies: None,
             seed,
         }
     }
@@ -478,7 +523,52 @@ impl Breaker {
     }
     /// (calls, failures) in the rate rule's window.
     pub fn window_totals(&self, now: Time) -> (u64, u64) {
-        self.window.as_ref().map_or((0, 0), |w| w.totals(now))
+        self.window().map_or((0, 0), |w| w.totals(now))
+    }
+    /// Distinct callers that reported a failure within `cfg.window` (kept
+    /// only while `min_distinct_callers` > 1; otherwise 0).
+    pub fn distinct_failing_callers(&self, now: Time, cfg: &BreakerConfig) -> u32 {
+        self.failure_callers()
+            .map_or(0, |c| c.distinct(now, cfg.window))
+    }
+    /// The recent failing callers as kept (for serialising).
+    pub fn failure_callers(&self) -> Option<&FailureCallers> {
+        self.tallies.as_ref()?.callers.as_ref()
+    }
+    /// Replaces the recent failing callers (reading a record).
+    pub fn set_failure_callers(&mut self, callers: Option<FailureCallers>) {
+        let callers = callers.filter(|c| !c.entries().is_empty());
+        if callers.is_some() || self.tallies.is_some() {
+            self.tallies.get_or_insert_with(Default::default).callers = callers;
+        }
+        self.drop_empty_tallies();
+    }
+
+    fn window(&self) -> Option<&super::window::RollingPair> {
+        self.tallies.as_ref()?.window.as_ref()
+    }
+
+    /// Frees the tallies when they hold nothing.
+    fn drop_empty_tallies(&mut self) {
+        if self
+            .tallies
+            .as_ref()
+            .is_some_and(|t| t.window.is_none() && t.callers.is_none())
+        {
+            self.tallies = None;
+        }
+    }
+
+    /// Clears both tallies (on every transition to open or closed), keeping
+    /// the window's allocation as before quorum existed.
+    fn clear_tallies(&mut self) {
+        if let Some(t) = self.tallies.as_mut() {
+            if let Some(w) = t.window.as_mut() {
+                w.clear();
+            }
+            t.callers = None;
+        }
+        self.drop_empty_tallies();
     }
 
     /// Applies what the passage of time does: an elapsed open period becomes
@@ -573,15 +663,30 @@ impl Breaker {
         Ok(self.commit(now, cfg, ticket))
     }
 
-    /// Applies an outcome. Returns `true` if the outcome was stale (tallied by
-    /// the caller but ignored here): its permit came from an older generation,
-    /// or it was a half-open probe whose lease had already been reclaimed.
+    /// Applies an outcome from an anonymous caller (see [`Breaker::record_from`]).
     pub fn record(
         &mut self,
         now: Time,
         cfg: &BreakerConfig,
         permit: Option<PermitRef>,
         effect: Effect,
+        out: &mut Vec<BreakerEvent>,
+    ) -> bool {
+        self.record_from(now, cfg, permit, effect, ANONYMOUS, out)
+    }
+
+    /// Applies an outcome reported by `caller` (a hash of its name; every
+    /// anonymous report is the same caller). Returns `true` if the outcome
+    /// was stale (tallied by the caller but ignored here): its permit came
+    /// from an older generation, or it was a half-open probe whose lease had
+    /// already been reclaimed.
+    pub fn record_from(
+        &mut self,
+        now: Time,
+        cfg: &BreakerConfig,
+        permit: Option<PermitRef>,
+        effect: Effect,
+        caller: u64,
         out: &mut Vec<BreakerEvent>,
     ) -> bool {
         self.tick(now, cfg, out);
@@ -592,7 +697,7 @@ impl Breaker {
                 if permit.is_some_and(|p| p.generation != self.generation) {
                     return true;
                 }
-                self.count(now, cfg, effect);
+                self.count(now, cfg, effect, caller);
                 return false;
             }
             Mode::Automatic => {}
@@ -608,7 +713,7 @@ impl Breaker {
                     }
                     Effect::Ignore => {}
                     Effect::Success | Effect::Failure(_) => {
-                        self.count(now, cfg, effect);
+                        self.count(now, cfg, effect, caller);
                         if let Effect::Failure(trigger) = effect {
                             self.maybe_trip(now, cfg, trigger, out);
                         }
@@ -719,7 +824,8 @@ impl Breaker {
             persistent_open: self.persistent_open,
             next_probe: self.next_probe,
             probes: self.probes.clone(),
-            window: self.window.as_deref().cloned(),
+            window: self.window().cloned(),
+            callers: self.failure_callers().cloned(),
         }
     }
 
@@ -742,7 +848,12 @@ impl Breaker {
             persistent_open: p.persistent_open,
             next_probe: p.next_probe.max(1),
             probes: p.probes,
-            window: p.window.map(Box::new),
+            tallies: (p.window.is_some() || p.callers.is_some()).then(|| {
+                Box::new(Tallies {
+                    window: p.window,
+                    callers: p.callers,
+                })
+            }),
             seed,
         }
     }
@@ -793,7 +904,7 @@ impl Breaker {
         b
     }
 
-    fn count(&mut self, now: Time, cfg: &BreakerConfig, effect: Effect) {
+    fn count(&mut self, now: Time, cfg: &BreakerConfig, effect: Effect, caller: u64) {
         let failed = match effect {
             Effect::Success => false,
             Effect::Failure(_) => true,
@@ -801,15 +912,25 @@ impl Breaker {
         };
         if failed {
             self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+            if cfg.min_distinct_callers > 1 {
+                let cap = 2 * cfg.min_distinct_callers as usize;
+                self.tallies
+                    .get_or_insert_with(Default::default)
+                    .callers
+                    .get_or_insert_with(Default::default)
+                    .note(caller, now, cap);
+            }
         } else {
             self.consecutive_failures = 0;
         }
         if cfg.rate_rule.is_some() {
             let w = self
+                .tallies
+                .get_or_insert_with(Default::default)
                 .window
-                .get_or_insert_with(|| Box::new(super::window::RollingPair::new(cfg.window)));
+                .get_or_insert_with(|| super::window::RollingPair::new(cfg.window));
             if w.window() != cfg.window {
-                **w = super::window::RollingPair::new(cfg.window);
+                *w = super::window::RollingPair::new(cfg.window);
             }
             w.add(now, 1, u32::from(failed));
         }
@@ -822,29 +943,38 @@ impl Breaker {
         trigger: Trigger,
         out: &mut Vec<BreakerEvent>,
     ) {
-        let n = self.reopen_count;
-        let unit = unit_f64(mix64(self.seed ^ self.generation));
-        if self.consecutive_failures >= cfg.failure_threshold.max(1) {
-            let count = self.consecutive_failures;
-            let d = cfg.open_period(n, unit);
-            self.open(
-                now,
-                d,
-                false,
-                Cause::ConsecutiveFailures { count, trigger },
-                out,
-            );
-            return;
-        }
-        if let (Some(rule), Some(w)) = (cfg.rate_rule, self.window.as_ref()) {
+        let cause = if self.consecutive_failures >= cfg.failure_threshold.max(1) {
+            Cause::ConsecutiveFailures {
+                count: self.consecutive_failures,
+                trigger,
+            }
+        } else {
+            let Some((rule, w)) = cfg.rate_rule.zip(self.window()) else {
+                return;
+            };
             let (calls, failures) = w.totals(now);
-            if calls >= u64::from(rule.minimum_calls.max(1))
-                && failures as f64 >= rule.threshold * calls as f64
+            if calls < u64::from(rule.minimum_calls.max(1))
+                || (failures as f64) < rule.threshold * calls as f64
             {
-                let d = cfg.open_period(n, unit);
-                self.open(now, d, false, Cause::FailureRate { failures, calls }, out);
+                return;
+            }
+            Cause::FailureRate { failures, calls }
+        };
+        let needed = cfg.min_distinct_callers;
+        if needed > 1 {
+            let callers = self.distinct_failing_callers(now, cfg);
+            if callers < needed {
+                out.push(BreakerEvent::TripSuppressed {
+                    cause,
+                    callers,
+                    needed,
+                });
+                return;
             }
         }
+        let unit = unit_f64(mix64(self.seed ^ self.generation));
+        let d = cfg.open_period(self.reopen_count, unit);
+        self.open(now, d, false, cause, out);
     }
 
     fn open(
@@ -863,9 +993,8 @@ impl Breaker {
         self.probes.clear();
         self.half_open_successes = 0;
         self.consecutive_failures = 0;
-        if let Some(w) = self.window.as_mut() {
-            w.clear();
-        }
+        // Like the streak, the callers counted towards it start afresh.
+        self.clear_tallies();
         self.generation += 1;
         self.push_transition(from, cause, out);
     }
@@ -878,9 +1007,7 @@ impl Breaker {
         self.half_open_successes = 0;
         self.consecutive_failures = 0;
         self.reopen_count = 0;
-        if let Some(w) = self.window.as_mut() {
-            w.clear();
-        }
+        self.clear_tallies();
     }
 
     fn push_transition(&self, from: BreakerState, cause: Cause, out: &mut Vec<BreakerEvent>) {

@@ -501,3 +501,29 @@ fn reloads_never_deadlock_with_decisions_and_map_readers() {
         t.join().expect("thread");
     }
 }
+
+/// `min_distinct_callers` is a breaker setting like any other: a reload
+/// applies it at once, and the streak and callers seen so far carry over.
+#[tokio::test]
+async fn a_reload_changes_min_distinct_callers_live() {
+    let cfg = |n: u32| {
+        format!("[targets.t]\nbreaker = {{ failure_threshold = 3, min_distinct_callers = {n} }}\n")
+    };
+    let (e, _) = engine(&cfg(3));
+    // One caller (every report names none: the anonymous caller) fails on.
+    fail(&e, "t", 10).await;
+    let v = e.get_target("t").await.expect("t");
+    assert_eq!(v.state, BreakerState::Closed, "one caller of the 3 needed");
+    assert_eq!(v.consecutive_failures, 10);
+    let r = e.reload(parse(&cfg(1)), "test").await.expect("reload");
+    assert_eq!(r.changed, vec!["t"]);
+    assert!(r.needs_restart.is_empty(), "{:?}", r.needs_restart);
+    let v = e.get_target("t").await.expect("t");
+    assert_eq!(v.settings.breaker.min_distinct_callers, 1);
+    fail(&e, "t", 1).await;
+    assert_eq!(
+        e.get_target("t").await.expect("t").state,
+        BreakerState::Open,
+        "the next failure trips it"
+    );
+}

@@ -279,6 +279,12 @@ where
     }
 }
 
+/// The principal a call was authenticated as (None without `[auth]` or an
+/// admin token, or for calls that needed no credential).
+pub fn principal<T>(req: &tonic::Request<T>) -> Option<Arc<str>> {
+    req.extensions().get::<Principal>().map(|p| p.name.clone())
+}
+
 /// Who made a call, for logs and events ("-" when the server has no principals).
 pub fn who<T>(req: &tonic::Request<T>) -> Arc<str> {
     req.extensions()

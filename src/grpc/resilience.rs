@@ -50,11 +50,20 @@ impl ResilienceService {
         Ok(admission(adm))
     }
 
+    /// `principal`: who the call was authenticated as, if anyone. A report
+    /// that names no `caller` is attributed to it, so that quorum tripping
+    /// (`min_distinct_callers`) tells authenticated agents apart without
+    /// each having to name itself.
     async fn record_one(
         &self,
         r: &proto::RecordOutcomeRequest,
+        principal: Option<&str>,
     ) -> Result<proto::RecordOutcomeResponse, Status> {
         check_len(&r.caller, "caller", MAX_LABEL)?;
+        let caller = match (r.caller.as_str(), principal) {
+            ("", Some(p)) => p,
+            (c, _) => c,
+        };
         check_len(&r.error_type, "error_type", MAX_LABEL)?;
         check_len(&r.key_slot, "key_slot", MAX_LABEL)?;
         let report = OutcomeReport {
@@ -73,7 +82,7 @@ impl ResilienceService {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect(),
             key_slot: &r.key_slot,
-            caller: &r.caller,
+            caller,
         };
         let res = self
             .engine
@@ -153,6 +162,7 @@ impl ResilienceService {
         &self,
         r: proto::DecideRequest,
         stream_parent: &str,
+        principal: Option<&str>,
     ) -> proto::DecideResponse {
         use proto::decide_request::Request as Q;
         use proto::decide_response::Response as A;
@@ -193,7 +203,7 @@ impl ResilienceService {
                     retry = tracing::field::Empty,
                 );
                 crate::telemetry::join_traceparent(&span, parent);
-                let res = self.record_one(q).instrument(span.clone()).await;
+                let res = self.record_one(q, principal).instrument(span.clone()).await;
                 if let Ok(res) = &res {
                     record_outcome(&span, res);
                 }
@@ -230,6 +240,7 @@ impl ResilienceService {
         &self,
         r: proto::DecideRequest,
         stream_parent: &str,
+        principal: Option<&str>,
     ) -> proto::DecideResponse {
         let id = r.id;
         let deadline = match from_proto_duration(r.deadline, "deadline") {
@@ -237,16 +248,18 @@ impl ResilienceService {
             Err(s) => return item_failed(id, s),
         };
         match deadline {
-            None => self.decide_one(r, stream_parent).await,
-            Some(d) => match tokio::time::timeout(d, self.decide_one(r, stream_parent)).await {
-                Ok(resp) => resp,
-                Err(_) => item_failed(
-                    id,
-                    Status::deadline_exceeded(format!(
-                        "not decided within the item's deadline of {d:?}"
-                    )),
-                ),
-            },
+            None => self.decide_one(r, stream_parent, principal).await,
+            Some(d) => {
+                match tokio::time::timeout(d, self.decide_one(r, stream_parent, principal)).await {
+                    Ok(resp) => resp,
+                    Err(_) => item_failed(
+                        id,
+                        Status::deadline_exceeded(format!(
+                            "not decided within the item's deadline of {d:?}"
+                        )),
+                    ),
+                }
+            }
         }
     }
 }
@@ -361,8 +374,12 @@ impl Resilience for ResilienceService {
             retry = tracing::field::Empty,
         );
         crate::telemetry::join_caller_trace(&span, req.metadata());
+        let principal = super::auth::principal(&req);
         let r = req.into_inner();
-        let res = self.record_one(&r).instrument(span.clone()).await?;
+        let res = self
+            .record_one(&r, principal.as_deref())
+            .instrument(span.clone())
+            .await?;
         record_outcome(&span, &res);
         Ok(Response::new(res))
     }
@@ -422,10 +439,12 @@ impl Resilience for ResilienceService {
         req: Request<proto::RecordOutcomeBatchRequest>,
     ) -> Result<Response<proto::RecordOutcomeBatchResponse>, Status> {
         let _timer = self.engine.metrics().rpc("RecordOutcomeBatch");
+        let principal = super::auth::principal(&req);
+        let principal = principal.as_deref();
         let r = req.into_inner();
         check_batch(r.items.len())?;
         let one = |item| async move {
-            let result = match self.record_one(item).await {
+            let result = match self.record_one(item, principal).await {
                 Ok(ok) => proto::record_outcome_result::Result::Ok(ok),
                 Err(e) => proto::record_outcome_result::Result::Error(item_error(e)),
             };
@@ -470,6 +489,7 @@ impl Resilience for ResilienceService {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .into();
+        let principal = super::auth::principal(&req);
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<proto::DecideResponse, Status>>(256);
         let svc = self.clone();
@@ -498,7 +518,9 @@ impl Resilience for ResilienceService {
                 };
                 if !concurrent {
                     if tx
-                        .send(Ok(svc.decide_within(r, &stream_parent).await))
+                        .send(Ok(svc
+                            .decide_within(r, &stream_parent, principal.as_deref())
+                            .await))
                         .await
                         .is_err()
                     {
@@ -519,8 +541,11 @@ impl Resilience for ResilienceService {
                     continue;
                 };
                 let (svc, tx, stream_parent) = (svc.clone(), tx.clone(), stream_parent.clone());
+                let principal = principal.clone();
                 tokio::spawn(async move {
-                    let resp = svc.decide_within(r, &stream_parent).await;
+                    let resp = svc
+                        .decide_within(r, &stream_parent, principal.as_deref())
+                        .await;
                     let _ = tx.send(Ok(resp)).await;
                     drop(slot);
                 });

@@ -99,6 +99,9 @@ impl Cx {
         if let Some(Dur(d)) = b.persistent_open_duration {
             out.persistent_open_duration = d;
         }
+        if let Some(CallerQuorum(n)) = b.min_distinct_callers {
+            out.min_distinct_callers = n;
+        }
         if let Some(t) = &b.treat {
             let pairs = [
                 (OutcomeClass::Transient, t.transient),

@@ -624,3 +624,274 @@ proptest! {
         }
     }
 }
+
+// --- Quorum tripping (`min_distinct_callers`) ---
+
+/// failure_threshold 5, three distinct callers needed, 60 s window.
+fn quorum() -> BreakerConfig {
+    BreakerConfig {
+        failure_threshold: 5,
+        min_distinct_callers: 3,
+        ..cfg()
+    }
+}
+
+fn suppressed(ev: &[BreakerEvent]) -> Vec<(Cause, u32, u32)> {
+    ev.iter()
+        .filter_map(|e| match e {
+            BreakerEvent::TripSuppressed {
+                cause,
+                callers,
+                needed,
+            } => Some((*cause, *callers, *needed)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn one_caller_cannot_open_a_quorum_breaker() {
+    let c = quorum();
+    let mut b = Breaker::new(7);
+    let mut ev = Vec::new();
+    for _ in 0..50 {
+        b.record_from(T0, &c, None, fail(), 0xa, &mut ev);
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+    assert!(transitions(&ev).is_empty());
+    assert_eq!(b.consecutive_failures(), 50, "the streak is still counted");
+    assert_eq!(b.distinct_failing_callers(T0, &c), 1);
+    // Every failure from the 5th on would have tripped it, and says why not.
+    let s = suppressed(&ev);
+    assert_eq!(s.len(), 46);
+    assert_eq!(
+        s[0],
+        (
+            Cause::ConsecutiveFailures {
+                count: 5,
+                trigger: Trigger::Outcome(OutcomeClass::Transient)
+            },
+            1,
+            3
+        )
+    );
+    // And the breaker still admits.
+    assert!(b.admit(T0, &c, &mut ev).is_ok());
+}
+
+#[test]
+fn failures_from_enough_callers_open_it() {
+    let c = quorum();
+    let mut b = Breaker::new(7);
+    let mut ev = Vec::new();
+    for caller in [1, 2, 3, 1, 2] {
+        b.record_from(T0, &c, None, fail(), caller, &mut ev);
+    }
+    assert_eq!(b.state(), BreakerState::Open);
+    assert!(suppressed(&ev).is_empty());
+    let t = transitions(&ev);
+    assert_eq!(t.len(), 1);
+    assert_eq!(
+        t[0].cause,
+        Cause::ConsecutiveFailures {
+            count: 5,
+            trigger: Trigger::Outcome(OutcomeClass::Transient)
+        }
+    );
+    assert_eq!(b.open_until(), Some(T0 + secs(60)));
+    // The callers counted towards this open are forgotten with the streak.
+    assert_eq!(b.distinct_failing_callers(T0, &c), 0);
+    assert!(b.failure_callers().is_none());
+}
+
+#[test]
+fn a_long_streak_from_one_caller_opens_once_others_agree() {
+    let c = quorum();
+    let mut b = Breaker::new(7);
+    let mut ev = Vec::new();
+    for _ in 0..50 {
+        b.record_from(T0, &c, None, fail(), 1, &mut ev);
+    }
+    b.record_from(T0 + secs(1), &c, None, fail(), 2, &mut ev);
+    assert_eq!(b.state(), BreakerState::Closed, "two of three");
+    b.record_from(T0 + secs(2), &c, None, fail(), 3, &mut ev);
+    assert_eq!(b.state(), BreakerState::Open);
+    assert_eq!(
+        transitions(&ev)[0].cause,
+        Cause::ConsecutiveFailures {
+            count: 52,
+            trigger: Trigger::Outcome(OutcomeClass::Transient)
+        }
+    );
+}
+
+#[test]
+fn callers_whose_failures_left_the_window_do_not_count() {
+    let c = BreakerConfig {
+        window: secs(30),
+        ..quorum()
+    };
+    let mut b = Breaker::new(7);
+    let mut ev = Vec::new();
+    b.record_from(T0, &c, None, fail(), 1, &mut ev);
+    b.record_from(T0 + secs(10), &c, None, fail(), 2, &mut ev);
+    // 30 s after caller 1's failure it no longer counts: 2 of 3 at most.
+    let late = T0 + secs(30);
+    for _ in 0..5 {
+        b.record_from(late, &c, None, fail(), 3, &mut ev);
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+    assert_eq!(b.distinct_failing_callers(late, &c), 2);
+    assert_eq!(suppressed(&ev).last().map(|s| s.1), Some(2));
+    // Caller 1 failing again (within the window of 2 and 3) completes it.
+    b.record_from(late + secs(5), &c, None, fail(), 1, &mut ev);
+    assert_eq!(b.state(), BreakerState::Open);
+}
+
+#[test]
+fn the_rate_rule_waits_for_a_quorum_too() {
+    let c = BreakerConfig {
+        failure_threshold: 1000,
+        rate_rule: Some(RateRule {
+            threshold: 0.5,
+            minimum_calls: 10,
+        }),
+        window: secs(10),
+        min_distinct_callers: 2,
+        ..cfg()
+    };
+    let mut b = Breaker::new(7);
+    let mut ev = Vec::new();
+    // Caller 1 fails everything; successes (from anyone) keep the streak short.
+    for i in 0..20 {
+        let e = if i % 3 == 2 { Effect::Success } else { fail() };
+        b.record_from(T0, &c, None, e, 1, &mut ev);
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+    let s = suppressed(&ev);
+    assert!(
+        matches!(s.last(), Some((Cause::FailureRate { .. }, 1, 2))),
+        "{s:?}"
+    );
+    b.record_from(T0, &c, None, fail(), 2, &mut ev);
+    assert_eq!(b.state(), BreakerState::Open);
+    assert!(matches!(
+        transitions(&ev)[0].cause,
+        Cause::FailureRate { .. }
+    ));
+}
+
+#[test]
+fn a_persistent_failure_from_one_caller_still_opens_at_once() {
+    let c = quorum();
+    let mut b = Breaker::new(7);
+    let mut ev = Vec::new();
+    let effect = c.effect(OutcomeClass::Persistent, None, false);
+    b.record_from(T0, &c, None, effect, 1, &mut ev);
+    assert_eq!(b.state(), BreakerState::Open);
+    assert_eq!(
+        transitions(&ev)[0].cause,
+        Cause::Persistent {
+            class: OutcomeClass::Persistent
+        }
+    );
+}
+
+#[test]
+fn a_failed_probe_reopens_without_a_quorum() {
+    let c = quorum();
+    let mut b = Breaker::new(7);
+    let mut ev = Vec::new();
+    for caller in 1..=5 {
+        b.record_from(T0, &c, None, fail(), caller, &mut ev);
+    }
+    assert_eq!(b.state(), BreakerState::Open);
+    let later = T0 + secs(61);
+    let probe = b
+        .admit(later, &c, &mut ev)
+        .expect("half-open admits a probe");
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    b.record_from(later, &c, Some(probe), fail(), 1, &mut ev);
+    assert_eq!(b.state(), BreakerState::Open);
+    assert!(matches!(
+        transitions(&ev).last().map(|t| t.cause),
+        Some(Cause::ProbeFailed { .. })
+    ));
+}
+
+#[test]
+fn anonymous_reports_are_one_caller() {
+    let c = quorum();
+    let mut b = Breaker::new(7);
+    let mut ev = Vec::new();
+    for _ in 0..20 {
+        b.record(T0, &c, None, fail(), &mut ev);
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+    assert_eq!(b.distinct_failing_callers(T0, &c), 1);
+}
+
+#[test]
+fn the_caller_set_stays_bounded() {
+    let c = quorum();
+    let mut b = Breaker::new(7);
+    let mut ev = Vec::new();
+    // Interleave successes so nothing opens while many callers fail.
+    for caller in 0..100u64 {
+        b.record_from(T0 + secs(caller / 10), &c, None, fail(), caller, &mut ev);
+        b.record_from(T0, &c, None, Effect::Success, caller, &mut ev);
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+    let kept = b.failure_callers().map_or(0, |s| s.entries().len());
+    assert_eq!(kept, 6, "2 × min_distinct_callers");
+}
+
+#[test]
+fn a_quorum_breaker_that_stays_healthy_allocates_nothing() {
+    let c = quorum();
+    let mut b = Breaker::new(7);
+    let mut ev = Vec::new();
+    for caller in 0..10 {
+        b.record_from(T0, &c, None, Effect::Success, caller, &mut ev);
+    }
+    assert!(b.failure_callers().is_none());
+    // Nor does a breaker without quorum, however it fails.
+    let plain = cfg();
+    for caller in 0..3 {
+        b.record_from(T0, &plain, None, fail(), caller, &mut ev);
+    }
+    assert!(b.failure_callers().is_none());
+}
+
+proptest! {
+    /// With the default `min_distinct_callers = 1`, naming callers changes
+    /// nothing: the same outcomes drive a breaker through exactly the same
+    /// states and events whoever reports them.
+    #[test]
+    fn without_quorum_callers_change_nothing(
+        ops in proptest::collection::vec((0u8..4, 0u64..5, 0u64..20_000), 1..200),
+    ) {
+        let c = BreakerConfig {
+            rate_rule: Some(RateRule { threshold: 0.5, minimum_calls: 4 }),
+            ..cfg()
+        };
+        assert_eq!(c.min_distinct_callers, 1);
+        let (mut a, mut b) = (Breaker::new(7), Breaker::new(7));
+        let (mut ea, mut eb) = (Vec::new(), Vec::new());
+        let mut now = T0;
+        for (kind, caller, ms) in ops {
+            now = now + Duration::from_millis(ms);
+            let effect = match kind {
+                0 => Effect::Success,
+                1 | 2 => fail(),
+                _ => c.effect(OutcomeClass::Persistent, None, false),
+            };
+            let pa = a.admit(now, &c, &mut ea).ok();
+            let pb = b.admit(now, &c, &mut eb).ok();
+            a.record(now, &c, pa, effect, &mut ea);
+            b.record_from(now, &c, pb, effect, caller, &mut eb);
+            prop_assert_eq!(a.parts(), b.parts());
+        }
+        prop_assert_eq!(ea, eb);
+    }
+}

@@ -9,11 +9,15 @@
 //!   durable core (breaker, pauses, disabled keys, learned limits, budget
 //!   levels, counters) without the previous process's probe and concurrency
 //!   leases (their permits died with it), and a new breaker generation.
+//!   The callers that recently failed (quorum tripping) are kept: they are
+//!   timestamped facts, not leases of the previous process.
 
 use super::UnitCx;
 use super::state::{Counters, GroupState, Learned, Slot, TargetState};
 use crate::domain::Time;
-use crate::domain::breaker::{Breaker, BreakerParts, BreakerSnapshot, BreakerState, Mode, Probe};
+use crate::domain::breaker::{
+    Breaker, BreakerParts, BreakerSnapshot, BreakerState, FailureCallers, Mode, Probe,
+};
 use crate::domain::budget::{BudgetConfig, BudgetState, Gcra, Kind, Lease};
 use crate::domain::retry::RetryBudget;
 use crate::domain::window::{BUCKETS, RollingPair};
@@ -81,6 +85,20 @@ pub struct TargetRecord {
     /// `lowest_latency` routes read it, so replicas share it.
     #[prost(uint64, tag = "40")]
     pub latency_us: u64,
+    /// Callers that reported a failure recently (quorum tripping, kept only
+    /// with `min_distinct_callers` > 1). Read by [`decode`] and [`restore`] alike.
+    #[prost(message, repeated, tag = "25")]
+    pub failure_callers: Vec<CallerRecord>,
+}
+
+/// One caller towards `min_distinct_callers`: a hash of its name and when
+/// it last reported a failure.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CallerRecord {
+    #[prost(uint64, tag = "1")]
+    pub caller: u64,
+    #[prost(uint64, tag = "2")]
+    pub last_failure: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -288,6 +306,19 @@ pub fn encode(cx: &UnitCx<'_>, st: &TargetState) -> TargetRecord {
             .collect(),
         breaker_window: p.window.as_ref().map(window_record),
         retry_window: st.retry().map(|r| window_record(r.counts())),
+        failure_callers: st
+            .breaker
+            .failure_callers()
+            .map(|c| {
+                c.entries()
+                    .iter()
+                    .map(|&(caller, at)| CallerRecord {
+                        caller,
+                        last_failure: at.as_nanos(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -344,6 +375,17 @@ fn fill(cx: &UnitCx<'_>, st: &mut TargetState, rec: &TargetRecord, keep_leases: 
     }
 }
 
+/// The recent failing callers a record carries (None when it has none).
+fn callers_of(rec: &TargetRecord) -> Option<FailureCallers> {
+    (!rec.failure_callers.is_empty()).then(|| {
+        FailureCallers::from_entries(
+            rec.failure_callers
+                .iter()
+                .map(|c| (c.caller, Time::from_nanos(c.last_failure))),
+        )
+    })
+}
+
 fn snapshot_of(rec: &TargetRecord) -> BreakerSnapshot {
     BreakerSnapshot {
         state: match rec.state {
@@ -394,6 +436,7 @@ pub fn decode(cx: &UnitCx<'_>, rec: &TargetRecord, first_id: u64) -> TargetState
                     })
                     .collect(),
                 window: rec.breaker_window.as_ref().and_then(window_from),
+                callers: callers_of(rec),
             },
             cx.seed,
         );
@@ -406,6 +449,7 @@ pub fn decode(cx: &UnitCx<'_>, rec: &TargetRecord, first_id: u64) -> TargetState
     } else {
         let mut b = Breaker::restore(&snapshot_of(rec), cx.seed);
         b.set_generation(rec.generation);
+        b.set_failure_callers(callers_of(rec));
         st.breaker = b;
     }
     fill(cx, &mut st, rec, true);
@@ -419,6 +463,12 @@ pub fn decode(cx: &UnitCx<'_>, rec: &TargetRecord, first_id: u64) -> TargetState
 pub fn restore(cx: &UnitCx<'_>, rec: &TargetRecord, now: Time, first_id: u64) -> TargetState {
     let mut st = TargetState::new(cx.seed, cx.settings.keys.len(), first_id);
     st.breaker = Breaker::restore(&snapshot_of(rec), cx.seed);
+    // Unlike probes and leases, who failed recently did not die with the
+    // previous process: it is wall-clock facts that expire by themselves
+    // (after the breaker's window), and the failure streak they qualify is
+    // restored too. Dropping them would let the restored streak wait for a
+    // quorum that had already been reached.
+    st.breaker.set_failure_callers(callers_of(rec));
     let mut ev = Vec::new();
     st.breaker.tick(now, &cx.settings.breaker, &mut ev);
     fill(cx, &mut st, rec, false);

@@ -28,6 +28,9 @@ pub mod settled;
 pub mod state;
 pub mod view;
 
+#[cfg(test)]
+mod quorum_tests;
+
 pub use admit::{Admission, AdmitArgs, admit};
 pub use outcome::{OutcomeArgs, OutcomeResult, SettledAnswer, Trust, duplicate_answer, record};
 pub use permit::Permit;

@@ -4,7 +4,7 @@
 use super::state::TargetState;
 use super::{Effects, UnitCx};
 use crate::domain::OutcomeClass;
-use crate::domain::breaker::{BreakerEvent, BreakerState, Cause, Transition, Trigger};
+use crate::domain::breaker::{BreakerEvent, BreakerState, Cause, Trigger};
 use crate::domain::budget::BudgetRefusal;
 use crate::domain::event::EventKind;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ pub fn absorb_breaker_events(
         match *e {
             BreakerEvent::Transition(t) => {
                 let (cause, class, failures) =
-                    describe_transition(&t, origin.as_ref().map(|o| o.1.as_str()));
+                    describe_cause(t.cause, origin.as_ref().map(|o| o.1.as_str()));
                 st.set_last_cause(Some(cause.clone().into_boxed_str()));
                 if t.cause == Cause::OpenElapsed {
                     // Time-driven: a restart derives it again from the
@@ -63,6 +63,27 @@ pub fn absorb_breaker_events(
                     caller: origin.as_ref().and_then(|o| o.0.clone()),
                     open_until: Some(until),
                 });
+            }
+            BreakerEvent::TripSuppressed {
+                cause,
+                callers,
+                needed,
+            } => {
+                // Said where an operator looks (the target's cause), and
+                // written behind like the streak it explains; never
+                // published: it comes with every failure while it lasts.
+                let (what, _, _) = describe_cause(cause, None);
+                let last = origin
+                    .as_ref()
+                    .map_or(String::new(), |o| format!("; last: {}", o.1));
+                let noun = if callers == 1 { "caller" } else { "callers" };
+                st.set_last_cause(Some(
+                    format!(
+                        "{what}, but from {callers} {noun} of the {needed} needed (min_distinct_callers){last}"
+                    )
+                    .into_boxed_str(),
+                ));
+                fx.state_dirty = true;
             }
         }
     }
@@ -115,12 +136,9 @@ fn trigger_class(t: Trigger) -> Option<OutcomeClass> {
     }
 }
 
-fn describe_transition(
-    t: &Transition,
-    outcome: Option<&str>,
-) -> (String, Option<OutcomeClass>, u32) {
+fn describe_cause(cause: Cause, outcome: Option<&str>) -> (String, Option<OutcomeClass>, u32) {
     let last = outcome.map_or(String::new(), |o| format!("; last: {o}"));
-    match t.cause {
+    match cause {
         Cause::ConsecutiveFailures { count, trigger } => {
             let what = match trigger {
                 Trigger::Outcome(c) => format!("{c} failures"),

@@ -2,8 +2,8 @@
 
 use super::narrate::{absorb_breaker_events, describe_outcome};
 use super::state::{Learned, TargetState};
-use super::{DURABLE_PAUSE, Effects, GroupRef, Permit, UnitCx, lease_key};
-use crate::domain::breaker::{BreakerState, Effect, PermitRef, Trigger};
+use super::{DURABLE_PAUSE, Effects, GroupRef, Permit, UnitCx, lease_key, name_hash};
+use crate::domain::breaker::{ANONYMOUS, BreakerState, Effect, PermitRef, Trigger};
 use crate::domain::budget::{Kind, Usage};
 use crate::domain::event::EventKind;
 use crate::domain::headers::Signals;
@@ -213,10 +213,17 @@ pub fn record(
         // A late probe permit's lease is gone: it is stale for half-open.
         probe: (p.probe != 0 && matches!(args.trust, Trust::Permit(_))).then_some(p.probe),
     });
+    // Callers are told apart for quorum tripping (`min_distinct_callers`);
+    // every report without a name is the one anonymous caller.
+    let caller = if args.caller.is_empty() {
+        ANONYMOUS
+    } else {
+        name_hash(args.caller)
+    };
     let mut bev = Vec::new();
     let stale = st
         .breaker
-        .record(now, &cfg.breaker, permit_ref, effect, &mut bev);
+        .record_from(now, &cfg.breaker, permit_ref, effect, caller, &mut bev);
     if stale {
         st.counters.stale += 1;
     }
