@@ -257,6 +257,26 @@ pub fn event_to_proto(e: &Event) -> proto::Event {
         EventKind::TargetRemoved { reason } => PKind::TargetRemoved(proto::TargetRemoved {
             reason: reason.clone(),
         }),
+        EventKind::SpendLimitReached {
+            scope,
+            limit,
+            window,
+            retry_after,
+        } => PKind::SpendLimitReached(proto::SpendLimitReached {
+            scope: scope.to_string(),
+            limit: *limit,
+            window: Some(to_proto_duration(*window)),
+            retry_after: Some(to_proto_duration(*retry_after)),
+        }),
+        EventKind::LimitAdapted {
+            limit,
+            previous,
+            why,
+        } => PKind::LimitAdapted(proto::LimitAdapted {
+            limit: *limit,
+            previous: *previous,
+            why: why.clone(),
+        }),
     };
     proto::Event {
         seq: e.seq,
@@ -390,6 +410,17 @@ pub fn event_from_proto(e: proto::Event) -> Option<(Time, Arc<str>, EventKind)> 
             source: c.source,
         },
         PKind::TargetRemoved(r) => EventKind::TargetRemoved { reason: r.reason },
+        PKind::SpendLimitReached(r) => EventKind::SpendLimitReached {
+            scope: Arc::from(r.scope.as_str()),
+            limit: r.limit,
+            window: dur_or_zero(r.window),
+            retry_after: dur_or_zero(r.retry_after),
+        },
+        PKind::LimitAdapted(r) => EventKind::LimitAdapted {
+            limit: r.limit,
+            previous: r.previous,
+            why: r.why,
+        },
         PKind::Snapshot(_) | PKind::Gap(_) => return None,
     };
     Some((at, Arc::from(e.target.as_str()), kind))
@@ -433,4 +464,12 @@ pub fn strategy(s: crate::domain::strategy::Strategy) -> proto::RouteStrategy {
         Strategy::LowestCost => proto::RouteStrategy::LowestCost,
         Strategy::MostHeadroom => proto::RouteStrategy::MostHeadroom,
     }
+}
+
+/// A duration read back from Redis events: malformed or unset is zero.
+fn dur_or_zero(d: Option<prost_types::Duration>) -> Duration {
+    from_proto_duration(d, "duration")
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }

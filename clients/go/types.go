@@ -47,6 +47,7 @@ const (
 	ReasonExcluded             Reason = 10
 	ReasonContextTooSmall      Reason = 11
 	ReasonPriorityReserved     Reason = 12
+	ReasonSpendLimit           Reason = 13
 
 	// ReasonControlPlaneUnavailable is client-side only: the refusal of the
 	// fail-closed policy while Backstop cannot be reached. Its value is far

@@ -111,13 +111,28 @@ pub enum EventKind {
     TargetRemoved {
         reason: String,
     },
+    /// A spend limit started refusing (on the edge, not per refusal).
+    SpendLimitReached {
+        /// "target", or the budget group's name.
+        scope: Arc<str>,
+        /// In the currency of the configured prices.
+        limit: f64,
+        window: Duration,
+        retry_after: Duration,
+    },
+    /// An adaptive concurrency limit moved by at least 10 % (or hit a bound).
+    LimitAdapted {
+        limit: u32,
+        previous: u32,
+        why: String,
+    },
 }
 
 impl EventKind {
     /// Every kind's stable name, in the order of `backstop.v1.EventKind`
     /// (after SNAPSHOT and GAP, which are not events). The one list the gRPC
     /// filter, the SSE filter and the dashboard (via `/api/event-kinds`) use.
-    pub const NAMES: [&'static str; 17] = [
+    pub const NAMES: [&'static str; 19] = [
         "breaker_transition",
         "probe_expired",
         "target_forced",
@@ -135,6 +150,8 @@ impl EventKind {
         "config_mismatch",
         "config_reloaded",
         "target_removed",
+        "spend_limit_reached",
+        "limit_adapted",
     ];
 
     /// The known name equal to `s`, if any.
@@ -162,6 +179,8 @@ impl EventKind {
             EventKind::ItemDeadLettered { .. } => "dead_lettered",
             EventKind::ConfigReloaded { .. } => "config_reloaded",
             EventKind::TargetRemoved { .. } => "target_removed",
+            EventKind::SpendLimitReached { .. } => "spend_limit_reached",
+            EventKind::LimitAdapted { .. } => "limit_adapted",
         }
     }
 }

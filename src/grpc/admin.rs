@@ -45,6 +45,7 @@ pub(crate) fn target_status(v: TargetView) -> proto::TargetStatus {
             minimum_calls: b.rate_rule.map_or(0, |r| r.minimum_calls),
             slow_call_duration: b.slow_call_duration.map(to_proto_duration),
             persistent_open_duration: Some(to_proto_duration(b.persistent_open_duration)),
+            min_distinct_callers: b.min_distinct_callers,
         }),
         max_tokens: s.max_tokens,
         context_window: s.context_window,
@@ -102,6 +103,9 @@ pub(crate) fn target_status(v: TargetView) -> proto::TargetStatus {
         in_flight: v.in_flight,
         group_budgets: v.groups.iter().map(budget).collect(),
         latency: v.latency.map(crate::wire::to_proto_duration),
+        spend: None,
+        adaptive_concurrency: None,
+        distinct_failing_callers: v.distinct_failing_callers,
     }
 }
 

@@ -90,6 +90,7 @@ impl ResilienceService {
             .await
             .map_err(status)?;
         Ok(proto::RecordOutcomeResponse {
+            cost: 0.0,
             classified_as: outcome_class(res.classified_as) as i32,
             state: breaker_state(res.state) as i32,
             retry: Some(proto::RetryAdvice {

@@ -144,6 +144,20 @@ fn event(e: &Event) -> Value {
             "source": source,
         }),
         EventKind::TargetRemoved { reason } => json!({ "reason": reason }),
+        EventKind::SpendLimitReached {
+            scope,
+            limit,
+            window,
+            retry_after,
+        } => json!({
+            "scope": scope.as_ref(), "limit": limit, "window_ms": window.as_millis() as u64,
+            "retry_after_ms": retry_after.as_millis() as u64,
+        }),
+        EventKind::LimitAdapted {
+            limit,
+            previous,
+            why,
+        } => json!({ "limit": limit, "previous": previous, "why": why }),
     };
     if let Value::Object(m) = &mut v {
         m.insert("seq".into(), json!(e.seq));

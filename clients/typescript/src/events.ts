@@ -30,7 +30,9 @@ export type EventKindName =
   | 'redis_restored'
   | 'config_mismatch'
   | 'config_reloaded'
-  | 'target_removed';
+  | 'target_removed'
+  | 'spend_limit_reached'
+  | 'limit_adapted';
 
 export interface BackstopEvent {
   readonly seq: number;
@@ -79,6 +81,9 @@ const FIELDS: ReadonlyArray<[keyof Event, EventKindName]> = [
   // A config reload (SIGHUP or Admin/ReloadConfig), and a target it dropped.
   ['configReloaded', 'config_reloaded'],
   ['targetRemoved', 'target_removed'],
+  // A spend limit started refusing; an adaptive concurrency limit moved.
+  ['spendLimitReached', 'spend_limit_reached'],
+  ['limitAdapted', 'limit_adapted'],
 ];
 
 export function toEvent(e: Event): BackstopEvent {

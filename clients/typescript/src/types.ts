@@ -33,6 +33,7 @@ export type Reason =
   | 'excluded'
   | 'context_too_small'
   | 'priority_reserved'
+  | 'spend_limit'
   | 'control_plane_unavailable';
 
 /**

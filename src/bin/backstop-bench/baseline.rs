@@ -36,6 +36,7 @@ fn recorded() -> proto::RecordOutcomeResponse {
         stale_permit: false,
         duplicate: false,
         degraded: false,
+        cost: 0.0,
     }
 }
 

@@ -58,6 +58,8 @@ pub struct TargetView {
     pub group_names: Vec<Arc<str>>,
     /// Recent latency (moving average of trusted reports).
     pub latency: Option<Duration>,
+    /// Distinct callers with a failure in the breaker window (quorum tripping).
+    pub distinct_failing_callers: u32,
 }
 
 /// One line of a target listing.
@@ -178,6 +180,7 @@ pub fn view(
         groups: group_views,
         group_names: groups.iter().map(|g| Arc::from(g.name)).collect(),
         latency: st.latency(),
+        distinct_failing_callers: st.breaker.distinct_failing_callers(now, &settings.breaker),
     }
 }
 

@@ -63,6 +63,7 @@ class Reason(_ProtoEnum):
     EXCLUDED = "excluded"
     CONTEXT_TOO_SMALL = "context_too_small"
     PRIORITY_RESERVED = "priority_reserved"
+    SPEND_LIMIT = "spend_limit"
     CONTROL_PLANE_UNAVAILABLE = "control_plane_unavailable"
 
 

@@ -138,7 +138,8 @@ struct OwnedOutcome {
 enum Answer {
     Admission(Admission),
     Outcome(OutcomeResult),
-    View(TargetView),
+    /// Boxed: a view is much larger than the decisions that share the queue.
+    View(Box<TargetView>),
 }
 
 /// Why a queued decision was not made in Redis.
@@ -1188,25 +1189,25 @@ impl Inner {
                         )),
                         Op::Force { mode, reason } => {
                             operate::force(&cx, st, now, *mode, reason, &mut fx);
-                            Answer::View(unit::view::view(
+                            Answer::View(Box::new(unit::view::view(
                                 &cx,
                                 &meta.name,
                                 &meta.settings,
                                 st,
                                 &mut refs,
                                 now,
-                            ))
+                            )))
                         }
                         Op::Reset => {
                             operate::reset(&cx, st, &mut refs, now, &mut fx);
-                            Answer::View(unit::view::view(
+                            Answer::View(Box::new(unit::view::view(
                                 &cx,
                                 &meta.name,
                                 &meta.settings,
                                 st,
                                 &mut refs,
                                 now,
-                            ))
+                            )))
                         }
                         Op::Merge { target, groups } => {
                             let local = codec::decode(&cx, target, 1);
@@ -1221,14 +1222,14 @@ impl Inner {
                                     unit::merge::merge_group(r.0.state, &lg);
                                 }
                             }
-                            Answer::View(unit::view::view(
+                            Answer::View(Box::new(unit::view::view(
                                 &cx,
                                 &meta.name,
                                 &meta.settings,
                                 st,
                                 &mut refs,
                                 now,
-                            ))
+                            )))
                         }
                     }
                 };
@@ -1581,7 +1582,7 @@ impl Inner {
     async fn operate(self: &Arc<Self>, meta: Arc<Meta>, op: Op) -> Result<TargetView> {
         meta.forget_refusal();
         match self.submit(meta.clone(), op).await {
-            Ok(Answer::View(v)) => Ok(v),
+            Ok(Answer::View(v)) => Ok(*v),
             Ok(_) => Err(EngineError::Unavailable("unexpected answer".into())),
             Err(Fail::Engine(e)) => Err(e),
             Err(Fail::Link(e)) => Err(EngineError::Unavailable(format!(

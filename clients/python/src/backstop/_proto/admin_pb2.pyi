@@ -137,7 +137,7 @@ class ResetTargetRequest(_message.Message):
     def __init__(self, target: _Optional[str] = ...) -> None: ...
 
 class TargetStatus(_message.Message):
-    __slots__ = ("target", "state", "configured", "open_until", "consecutive_failures", "half_open_successes", "probes_outstanding", "reopen_count", "generation", "counters", "window_calls", "window_failures", "settings", "key_slots", "forced_reason", "opened_at", "last_cause", "in_flight", "group_budgets", "latency")
+    __slots__ = ("target", "state", "configured", "open_until", "consecutive_failures", "half_open_successes", "probes_outstanding", "reopen_count", "generation", "counters", "window_calls", "window_failures", "settings", "key_slots", "forced_reason", "opened_at", "last_cause", "in_flight", "group_budgets", "latency", "spend", "adaptive_concurrency", "distinct_failing_callers")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CONFIGURED_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,9 @@ class TargetStatus(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     GROUP_BUDGETS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
+    SPEND_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    DISTINCT_FAILING_CALLERS_FIELD_NUMBER: _ClassVar[int]
     target: str
     state: _resilience_pb2.BreakerState
     configured: bool
@@ -178,7 +181,42 @@ class TargetStatus(_message.Message):
     in_flight: int
     group_budgets: _containers.RepeatedCompositeFieldContainer[BudgetStatus]
     latency: _duration_pb2.Duration
-    def __init__(self, target: _Optional[str] = ..., state: _Optional[_Union[_resilience_pb2.BreakerState, str]] = ..., configured: bool = ..., open_until: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., consecutive_failures: _Optional[int] = ..., half_open_successes: _Optional[int] = ..., probes_outstanding: _Optional[int] = ..., reopen_count: _Optional[int] = ..., generation: _Optional[int] = ..., counters: _Optional[_Union[OutcomeCounters, _Mapping]] = ..., window_calls: _Optional[int] = ..., window_failures: _Optional[int] = ..., settings: _Optional[_Union[TargetSettings, _Mapping]] = ..., key_slots: _Optional[_Iterable[_Union[KeySlotStatus, _Mapping]]] = ..., forced_reason: _Optional[str] = ..., opened_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_cause: _Optional[str] = ..., in_flight: _Optional[int] = ..., group_budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ..., latency: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    spend: SpendStatus
+    adaptive_concurrency: AdaptiveLimit
+    distinct_failing_callers: int
+    def __init__(self, target: _Optional[str] = ..., state: _Optional[_Union[_resilience_pb2.BreakerState, str]] = ..., configured: bool = ..., open_until: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., consecutive_failures: _Optional[int] = ..., half_open_successes: _Optional[int] = ..., probes_outstanding: _Optional[int] = ..., reopen_count: _Optional[int] = ..., generation: _Optional[int] = ..., counters: _Optional[_Union[OutcomeCounters, _Mapping]] = ..., window_calls: _Optional[int] = ..., window_failures: _Optional[int] = ..., settings: _Optional[_Union[TargetSettings, _Mapping]] = ..., key_slots: _Optional[_Iterable[_Union[KeySlotStatus, _Mapping]]] = ..., forced_reason: _Optional[str] = ..., opened_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_cause: _Optional[str] = ..., in_flight: _Optional[int] = ..., group_budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ..., latency: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., spend: _Optional[_Union[SpendStatus, _Mapping]] = ..., adaptive_concurrency: _Optional[_Union[AdaptiveLimit, _Mapping]] = ..., distinct_failing_callers: _Optional[int] = ...) -> None: ...
+
+class SpendStatus(_message.Message):
+    __slots__ = ("total", "limits")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    total: float
+    limits: _containers.RepeatedCompositeFieldContainer[SpendLimitStatus]
+    def __init__(self, total: _Optional[float] = ..., limits: _Optional[_Iterable[_Union[SpendLimitStatus, _Mapping]]] = ...) -> None: ...
+
+class SpendLimitStatus(_message.Message):
+    __slots__ = ("scope", "limit", "window", "available")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    limit: float
+    window: _duration_pb2.Duration
+    available: float
+    def __init__(self, scope: _Optional[str] = ..., limit: _Optional[float] = ..., window: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., available: _Optional[float] = ...) -> None: ...
+
+class AdaptiveLimit(_message.Message):
+    __slots__ = ("limit", "min", "max", "last_change")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    min: int
+    max: int
+    last_change: str
+    def __init__(self, limit: _Optional[int] = ..., min: _Optional[int] = ..., max: _Optional[int] = ..., last_change: _Optional[str] = ...) -> None: ...
 
 class OutcomeCounters(_message.Message):
     __slots__ = ("admitted", "refused", "success", "transient", "rate_limited", "persistent", "bad_input", "partial", "timeout", "stale")
@@ -273,7 +311,7 @@ class TargetSettings(_message.Message):
     def __init__(self, breaker: _Optional[_Union[BreakerSettings, _Mapping]] = ..., max_tokens: _Optional[int] = ..., context_window: _Optional[int] = ..., cost_per_mtok_input: _Optional[float] = ..., cost_per_mtok_output: _Optional[float] = ..., keys: _Optional[_Iterable[str]] = ..., budget_groups: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class BreakerSettings(_message.Message):
-    __slots__ = ("failure_threshold", "success_threshold", "open_duration", "half_open_max_probes", "probe_lease", "backoff_multiplier", "max_open_duration", "failure_rate_threshold", "window", "minimum_calls", "slow_call_duration", "persistent_open_duration")
+    __slots__ = ("failure_threshold", "success_threshold", "open_duration", "half_open_max_probes", "probe_lease", "backoff_multiplier", "max_open_duration", "failure_rate_threshold", "window", "minimum_calls", "slow_call_duration", "persistent_open_duration", "min_distinct_callers")
     FAILURE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     OPEN_DURATION_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +324,7 @@ class BreakerSettings(_message.Message):
     MINIMUM_CALLS_FIELD_NUMBER: _ClassVar[int]
     SLOW_CALL_DURATION_FIELD_NUMBER: _ClassVar[int]
     PERSISTENT_OPEN_DURATION_FIELD_NUMBER: _ClassVar[int]
+    MIN_DISTINCT_CALLERS_FIELD_NUMBER: _ClassVar[int]
     failure_threshold: int
     success_threshold: int
     open_duration: _duration_pb2.Duration
@@ -298,4 +337,5 @@ class BreakerSettings(_message.Message):
     minimum_calls: int
     slow_call_duration: _duration_pb2.Duration
     persistent_open_duration: _duration_pb2.Duration
-    def __init__(self, failure_threshold: _Optional[int] = ..., success_threshold: _Optional[int] = ..., open_duration: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., half_open_max_probes: _Optional[int] = ..., probe_lease: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., backoff_multiplier: _Optional[float] = ..., max_open_duration: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., failure_rate_threshold: _Optional[float] = ..., window: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., minimum_calls: _Optional[int] = ..., slow_call_duration: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., persistent_open_duration: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    min_distinct_callers: int
+    def __init__(self, failure_threshold: _Optional[int] = ..., success_threshold: _Optional[int] = ..., open_duration: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., half_open_max_probes: _Optional[int] = ..., probe_lease: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., backoff_multiplier: _Optional[float] = ..., max_open_duration: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., failure_rate_threshold: _Optional[float] = ..., window: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., minimum_calls: _Optional[int] = ..., slow_call_duration: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., persistent_open_duration: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., min_distinct_callers: _Optional[int] = ...) -> None: ...

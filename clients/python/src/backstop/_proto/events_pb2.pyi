@@ -32,6 +32,8 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_CONFIG_MISMATCH: _ClassVar[EventKind]
     EVENT_KIND_CONFIG_RELOADED: _ClassVar[EventKind]
     EVENT_KIND_TARGET_REMOVED: _ClassVar[EventKind]
+    EVENT_KIND_SPEND_LIMIT_REACHED: _ClassVar[EventKind]
+    EVENT_KIND_LIMIT_ADAPTED: _ClassVar[EventKind]
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_SNAPSHOT: EventKind
 EVENT_KIND_BREAKER_TRANSITION: EventKind
@@ -52,6 +54,8 @@ EVENT_KIND_REDIS_RESTORED: EventKind
 EVENT_KIND_CONFIG_MISMATCH: EventKind
 EVENT_KIND_CONFIG_RELOADED: EventKind
 EVENT_KIND_TARGET_REMOVED: EventKind
+EVENT_KIND_SPEND_LIMIT_REACHED: EventKind
+EVENT_KIND_LIMIT_ADAPTED: EventKind
 
 class WatchRequest(_message.Message):
     __slots__ = ("since_seq", "targets", "kinds")
@@ -64,7 +68,7 @@ class WatchRequest(_message.Message):
     def __init__(self, since_seq: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[EventKind, str]]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("seq", "at", "target", "snapshot", "breaker_transition", "probe_expired", "target_forced", "rate_limited", "budget_restored", "fallback_activated", "route_exhausted", "gap", "key_slot_disabled", "target_reset", "deferred", "drained", "dead_lettered", "redis_unavailable", "redis_restored", "config_mismatch", "config_reloaded", "target_removed")
+    __slots__ = ("seq", "at", "target", "snapshot", "breaker_transition", "probe_expired", "target_forced", "rate_limited", "budget_restored", "fallback_activated", "route_exhausted", "gap", "key_slot_disabled", "target_reset", "deferred", "drained", "dead_lettered", "redis_unavailable", "redis_restored", "config_mismatch", "config_reloaded", "target_removed", "spend_limit_reached", "limit_adapted")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +91,8 @@ class Event(_message.Message):
     CONFIG_MISMATCH_FIELD_NUMBER: _ClassVar[int]
     CONFIG_RELOADED_FIELD_NUMBER: _ClassVar[int]
     TARGET_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    SPEND_LIMIT_REACHED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_ADAPTED_FIELD_NUMBER: _ClassVar[int]
     seq: int
     at: _timestamp_pb2.Timestamp
     target: str
@@ -109,7 +115,9 @@ class Event(_message.Message):
     config_mismatch: ConfigMismatch
     config_reloaded: ConfigReloaded
     target_removed: TargetRemoved
-    def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., breaker_transition: _Optional[_Union[BreakerTransition, _Mapping]] = ..., probe_expired: _Optional[_Union[ProbeExpired, _Mapping]] = ..., target_forced: _Optional[_Union[TargetForced, _Mapping]] = ..., rate_limited: _Optional[_Union[RateLimited, _Mapping]] = ..., budget_restored: _Optional[_Union[BudgetRestored, _Mapping]] = ..., fallback_activated: _Optional[_Union[FallbackActivated, _Mapping]] = ..., route_exhausted: _Optional[_Union[RouteExhausted, _Mapping]] = ..., gap: _Optional[_Union[Gap, _Mapping]] = ..., key_slot_disabled: _Optional[_Union[KeySlotDisabled, _Mapping]] = ..., target_reset: _Optional[_Union[TargetReset, _Mapping]] = ..., deferred: _Optional[_Union[ItemDeferred, _Mapping]] = ..., drained: _Optional[_Union[ItemDrained, _Mapping]] = ..., dead_lettered: _Optional[_Union[ItemDeadLettered, _Mapping]] = ..., redis_unavailable: _Optional[_Union[RedisUnavailable, _Mapping]] = ..., redis_restored: _Optional[_Union[RedisRestored, _Mapping]] = ..., config_mismatch: _Optional[_Union[ConfigMismatch, _Mapping]] = ..., config_reloaded: _Optional[_Union[ConfigReloaded, _Mapping]] = ..., target_removed: _Optional[_Union[TargetRemoved, _Mapping]] = ...) -> None: ...
+    spend_limit_reached: SpendLimitReached
+    limit_adapted: LimitAdapted
+    def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., breaker_transition: _Optional[_Union[BreakerTransition, _Mapping]] = ..., probe_expired: _Optional[_Union[ProbeExpired, _Mapping]] = ..., target_forced: _Optional[_Union[TargetForced, _Mapping]] = ..., rate_limited: _Optional[_Union[RateLimited, _Mapping]] = ..., budget_restored: _Optional[_Union[BudgetRestored, _Mapping]] = ..., fallback_activated: _Optional[_Union[FallbackActivated, _Mapping]] = ..., route_exhausted: _Optional[_Union[RouteExhausted, _Mapping]] = ..., gap: _Optional[_Union[Gap, _Mapping]] = ..., key_slot_disabled: _Optional[_Union[KeySlotDisabled, _Mapping]] = ..., target_reset: _Optional[_Union[TargetReset, _Mapping]] = ..., deferred: _Optional[_Union[ItemDeferred, _Mapping]] = ..., drained: _Optional[_Union[ItemDrained, _Mapping]] = ..., dead_lettered: _Optional[_Union[ItemDeadLettered, _Mapping]] = ..., redis_unavailable: _Optional[_Union[RedisUnavailable, _Mapping]] = ..., redis_restored: _Optional[_Union[RedisRestored, _Mapping]] = ..., config_mismatch: _Optional[_Union[ConfigMismatch, _Mapping]] = ..., config_reloaded: _Optional[_Union[ConfigReloaded, _Mapping]] = ..., target_removed: _Optional[_Union[TargetRemoved, _Mapping]] = ..., spend_limit_reached: _Optional[_Union[SpendLimitReached, _Mapping]] = ..., limit_adapted: _Optional[_Union[LimitAdapted, _Mapping]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
     __slots__ = ("targets", "part", "parts")
@@ -298,6 +306,28 @@ class TargetRemoved(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     reason: str
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class SpendLimitReached(_message.Message):
+    __slots__ = ("scope", "limit", "window", "retry_after")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    limit: float
+    window: _duration_pb2.Duration
+    retry_after: _duration_pb2.Duration
+    def __init__(self, scope: _Optional[str] = ..., limit: _Optional[float] = ..., window: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class LimitAdapted(_message.Message):
+    __slots__ = ("limit", "previous", "why")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    previous: int
+    why: str
+    def __init__(self, limit: _Optional[int] = ..., previous: _Optional[int] = ..., why: _Optional[str] = ...) -> None: ...
 
 class ItemDeadLettered(_message.Message):
     __slots__ = ("queue", "id", "reason", "attempts")

@@ -31,6 +31,7 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_EXCLUDED: _ClassVar[Reason]
     REASON_CONTEXT_TOO_SMALL: _ClassVar[Reason]
     REASON_PRIORITY_RESERVED: _ClassVar[Reason]
+    REASON_SPEND_LIMIT: _ClassVar[Reason]
 
 class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -90,6 +91,7 @@ REASON_REQUEST_TOO_LARGE: Reason
 REASON_EXCLUDED: Reason
 REASON_CONTEXT_TOO_SMALL: Reason
 REASON_PRIORITY_RESERVED: Reason
+REASON_SPEND_LIMIT: Reason
 PRIORITY_UNSPECIFIED: Priority
 PRIORITY_INTERACTIVE: Priority
 PRIORITY_DEFAULT: Priority
@@ -120,18 +122,20 @@ RETRY_REASON_CORRECT_AND_RETRY: RetryReason
 RETRY_REASON_CIRCUIT_OPEN: RetryReason
 
 class CanProceedRequest(_message.Message):
-    __slots__ = ("target", "caller", "estimated_tokens", "attempt", "priority")
+    __slots__ = ("target", "caller", "estimated_tokens", "attempt", "priority", "max_output_tokens")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     target: str
     caller: str
     estimated_tokens: int
     attempt: int
     priority: Priority
-    def __init__(self, target: _Optional[str] = ..., caller: _Optional[str] = ..., estimated_tokens: _Optional[int] = ..., attempt: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
+    max_output_tokens: int
+    def __init__(self, target: _Optional[str] = ..., caller: _Optional[str] = ..., estimated_tokens: _Optional[int] = ..., attempt: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
 
 class CanProceedResponse(_message.Message):
     __slots__ = ("allowed", "reason", "state", "retry_after", "permit", "key_slot", "shadow_reason", "degraded")
@@ -191,20 +195,22 @@ class RecordOutcomeRequest(_message.Message):
     def __init__(self, target: _Optional[str] = ..., permit: _Optional[str] = ..., outcome: _Optional[_Union[OutcomeClass, str]] = ..., http_status: _Optional[int] = ..., error_type: _Optional[str] = ..., latency: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., attempt: _Optional[int] = ..., headers: _Optional[_Mapping[str, str]] = ..., key_slot: _Optional[str] = ..., caller: _Optional[str] = ...) -> None: ...
 
 class RecordOutcomeResponse(_message.Message):
-    __slots__ = ("classified_as", "state", "retry", "stale_permit", "duplicate", "degraded")
+    __slots__ = ("classified_as", "state", "retry", "stale_permit", "duplicate", "degraded", "cost")
     CLASSIFIED_AS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
     STALE_PERMIT_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     classified_as: OutcomeClass
     state: BreakerState
     retry: RetryAdvice
     stale_permit: bool
     duplicate: bool
     degraded: bool
-    def __init__(self, classified_as: _Optional[_Union[OutcomeClass, str]] = ..., state: _Optional[_Union[BreakerState, str]] = ..., retry: _Optional[_Union[RetryAdvice, _Mapping]] = ..., stale_permit: bool = ..., duplicate: bool = ..., degraded: bool = ...) -> None: ...
+    cost: float
+    def __init__(self, classified_as: _Optional[_Union[OutcomeClass, str]] = ..., state: _Optional[_Union[BreakerState, str]] = ..., retry: _Optional[_Union[RetryAdvice, _Mapping]] = ..., stale_permit: bool = ..., duplicate: bool = ..., degraded: bool = ..., cost: _Optional[float] = ...) -> None: ...
 
 class RetryAdvice(_message.Message):
     __slots__ = ("retry", "delay", "reason")
@@ -217,7 +223,7 @@ class RetryAdvice(_message.Message):
     def __init__(self, retry: bool = ..., delay: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[_Union[RetryReason, str]] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("route", "candidates", "estimated_tokens", "required_context_tokens", "exclude", "caller", "attempt", "strategy", "expected_output_tokens", "priority")
+    __slots__ = ("route", "candidates", "estimated_tokens", "required_context_tokens", "exclude", "caller", "attempt", "strategy", "expected_output_tokens", "priority", "max_output_tokens")
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +234,7 @@ class RouteRequest(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     route: str
     candidates: _containers.RepeatedScalarFieldContainer[str]
     estimated_tokens: int
@@ -238,7 +245,8 @@ class RouteRequest(_message.Message):
     strategy: RouteStrategy
     expected_output_tokens: int
     priority: Priority
-    def __init__(self, route: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., estimated_tokens: _Optional[int] = ..., required_context_tokens: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., caller: _Optional[str] = ..., attempt: _Optional[int] = ..., strategy: _Optional[_Union[RouteStrategy, str]] = ..., expected_output_tokens: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
+    max_output_tokens: int
+    def __init__(self, route: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., estimated_tokens: _Optional[int] = ..., required_context_tokens: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., caller: _Optional[str] = ..., attempt: _Optional[int] = ..., strategy: _Optional[_Union[RouteStrategy, str]] = ..., expected_output_tokens: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("target", "permit", "fallback_depth", "skipped", "max_tokens", "cost_per_mtok_input", "cost_per_mtok_output", "retry_after", "key_slot", "state", "degraded", "strategy", "reason")

@@ -180,7 +180,54 @@ export interface TargetStatus {
   /** Shared budget groups the target draws on. */
   groupBudgets: BudgetStatus[];
   /** Moving average of reported latency (what LOWEST_LATENCY routes compare); unset until one is reported. */
-  latency: Duration | undefined;
+  latency:
+    | Duration
+    | undefined;
+  /** Money spent at the target's prices, and every spend limit it draws on. */
+  spend:
+    | SpendStatus
+    | undefined;
+  /** With max_concurrency = "adaptive": the limit learned from outcomes. */
+  adaptiveConcurrency:
+    | AdaptiveLimit
+    | undefined;
+  /**
+   * With breaker min_distinct_callers > 1: distinct callers that reported a
+   * failure within the breaker window (the breaker opens on failures only
+   * when this reaches min_distinct_callers).
+   */
+  distinctFailingCallers: number;
+}
+
+/** Money, in the currency of the configured prices (cost_per_mtok_*). */
+export interface SpendStatus {
+  /** Spent by this target since it was created or reset (settled outcomes). */
+  total: number;
+  /** Each spend limit this target draws on. */
+  limits: SpendLimitStatus[];
+}
+
+export interface SpendLimitStatus {
+  /** "target", or the budget group's name. */
+  scope: string;
+  limit: number;
+  window:
+    | Duration
+    | undefined;
+  /** What is left now (negative while in debt: real usage above the reservations). */
+  available: number;
+}
+
+/**
+ * A concurrency limit learned from outcomes (AIMD): raised on successes at
+ * good latency, cut on 429s, 529s and latency growth, within [min, max].
+ */
+export interface AdaptiveLimit {
+  limit: number;
+  min: number;
+  max: number;
+  /** Why it last moved, e.g. "cut 20 → 14 on a 429". */
+  lastChange: string;
 }
 
 /** Outcome and decision totals since the target was created or reset. */
@@ -267,7 +314,11 @@ export interface BreakerSettings {
   minimumCalls: number;
   /** Unset = the slow-call rule is off. */
   slowCallDuration: Duration | undefined;
-  persistentOpenDuration: Duration | undefined;
+  persistentOpenDuration:
+    | Duration
+    | undefined;
+  /** Failures open the breaker only when at least this many distinct callers reported them. */
+  minDistinctCallers: number;
 }
 
 function createBaseGetClusterRequest(): GetClusterRequest {
@@ -1208,6 +1259,9 @@ function createBaseTargetStatus(): TargetStatus {
     inFlight: 0,
     groupBudgets: [],
     latency: undefined,
+    spend: undefined,
+    adaptiveConcurrency: undefined,
+    distinctFailingCallers: 0,
   };
 }
 
@@ -1272,6 +1326,15 @@ export const TargetStatus: MessageFns<TargetStatus> = {
     }
     if (message.latency !== undefined) {
       Duration.encode(message.latency, writer.uint32(162).fork()).join();
+    }
+    if (message.spend !== undefined) {
+      SpendStatus.encode(message.spend, writer.uint32(170).fork()).join();
+    }
+    if (message.adaptiveConcurrency !== undefined) {
+      AdaptiveLimit.encode(message.adaptiveConcurrency, writer.uint32(178).fork()).join();
+    }
+    if (message.distinctFailingCallers !== 0) {
+      writer.uint32(184).uint32(message.distinctFailingCallers);
     }
     return writer;
   },
@@ -1449,6 +1512,30 @@ export const TargetStatus: MessageFns<TargetStatus> = {
             message.latency = Duration.decode(reader, reader.uint32());
             continue;
           }
+          case 21: {
+            if (tag !== 170) {
+              break;
+            }
+
+            message.spend = SpendStatus.decode(reader, reader.uint32());
+            continue;
+          }
+          case 22: {
+            if (tag !== 178) {
+              break;
+            }
+
+            message.adaptiveConcurrency = AdaptiveLimit.decode(reader, reader.uint32());
+            continue;
+          }
+          case 23: {
+            if (tag !== 184) {
+              break;
+            }
+
+            message.distinctFailingCallers = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1492,6 +1579,264 @@ export const TargetStatus: MessageFns<TargetStatus> = {
     message.latency = (object.latency !== undefined && object.latency !== null)
       ? Duration.fromPartial(object.latency)
       : undefined;
+    message.spend = (object.spend !== undefined && object.spend !== null)
+      ? SpendStatus.fromPartial(object.spend)
+      : undefined;
+    message.adaptiveConcurrency = (object.adaptiveConcurrency !== undefined && object.adaptiveConcurrency !== null)
+      ? AdaptiveLimit.fromPartial(object.adaptiveConcurrency)
+      : undefined;
+    message.distinctFailingCallers = object.distinctFailingCallers ?? 0;
+    return message;
+  },
+};
+
+function createBaseSpendStatus(): SpendStatus {
+  return { total: 0, limits: [] };
+}
+
+export const SpendStatus: MessageFns<SpendStatus> = {
+  encode(message: SpendStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.total !== 0) {
+      writer.uint32(9).double(message.total);
+    }
+    for (const v of message.limits) {
+      SpendLimitStatus.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SpendStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSpendStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 9) {
+              break;
+            }
+
+            message.total = reader.double();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.limits.push(SpendLimitStatus.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<SpendStatus>, I>>(base?: I): SpendStatus {
+    return SpendStatus.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SpendStatus>, I>>(object: I): SpendStatus {
+    const message = createBaseSpendStatus();
+    message.total = object.total ?? 0;
+    message.limits = object.limits?.map((e) => SpendLimitStatus.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseSpendLimitStatus(): SpendLimitStatus {
+  return { scope: "", limit: 0, window: undefined, available: 0 };
+}
+
+export const SpendLimitStatus: MessageFns<SpendLimitStatus> = {
+  encode(message: SpendLimitStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.scope !== "") {
+      writer.uint32(10).string(message.scope);
+    }
+    if (message.limit !== 0) {
+      writer.uint32(17).double(message.limit);
+    }
+    if (message.window !== undefined) {
+      Duration.encode(message.window, writer.uint32(26).fork()).join();
+    }
+    if (message.available !== 0) {
+      writer.uint32(33).double(message.available);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SpendLimitStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSpendLimitStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.scope = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.limit = reader.double();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.window = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 33) {
+              break;
+            }
+
+            message.available = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<SpendLimitStatus>, I>>(base?: I): SpendLimitStatus {
+    return SpendLimitStatus.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SpendLimitStatus>, I>>(object: I): SpendLimitStatus {
+    const message = createBaseSpendLimitStatus();
+    message.scope = object.scope ?? "";
+    message.limit = object.limit ?? 0;
+    message.window = (object.window !== undefined && object.window !== null)
+      ? Duration.fromPartial(object.window)
+      : undefined;
+    message.available = object.available ?? 0;
+    return message;
+  },
+};
+
+function createBaseAdaptiveLimit(): AdaptiveLimit {
+  return { limit: 0, min: 0, max: 0, lastChange: "" };
+}
+
+export const AdaptiveLimit: MessageFns<AdaptiveLimit> = {
+  encode(message: AdaptiveLimit, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.limit !== 0) {
+      writer.uint32(8).uint32(message.limit);
+    }
+    if (message.min !== 0) {
+      writer.uint32(16).uint32(message.min);
+    }
+    if (message.max !== 0) {
+      writer.uint32(24).uint32(message.max);
+    }
+    if (message.lastChange !== "") {
+      writer.uint32(34).string(message.lastChange);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AdaptiveLimit {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAdaptiveLimit();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.limit = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.min = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.max = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.lastChange = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<AdaptiveLimit>, I>>(base?: I): AdaptiveLimit {
+    return AdaptiveLimit.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AdaptiveLimit>, I>>(object: I): AdaptiveLimit {
+    const message = createBaseAdaptiveLimit();
+    message.limit = object.limit ?? 0;
+    message.min = object.min ?? 0;
+    message.max = object.max ?? 0;
+    message.lastChange = object.lastChange ?? "";
     return message;
   },
 };
@@ -2190,6 +2535,7 @@ function createBaseBreakerSettings(): BreakerSettings {
     minimumCalls: 0,
     slowCallDuration: undefined,
     persistentOpenDuration: undefined,
+    minDistinctCallers: 0,
   };
 }
 
@@ -2230,6 +2576,9 @@ export const BreakerSettings: MessageFns<BreakerSettings> = {
     }
     if (message.persistentOpenDuration !== undefined) {
       Duration.encode(message.persistentOpenDuration, writer.uint32(98).fork()).join();
+    }
+    if (message.minDistinctCallers !== 0) {
+      writer.uint32(104).uint32(message.minDistinctCallers);
     }
     return writer;
   },
@@ -2343,6 +2692,14 @@ export const BreakerSettings: MessageFns<BreakerSettings> = {
             message.persistentOpenDuration = Duration.decode(reader, reader.uint32());
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.minDistinctCallers = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2385,6 +2742,7 @@ export const BreakerSettings: MessageFns<BreakerSettings> = {
       (object.persistentOpenDuration !== undefined && object.persistentOpenDuration !== null)
         ? Duration.fromPartial(object.persistentOpenDuration)
         : undefined;
+    message.minDistinctCallers = object.minDistinctCallers ?? 0;
     return message;
   },
 };

@@ -57,6 +57,8 @@ export enum EventKind {
   EVENT_KIND_CONFIG_MISMATCH = 17,
   EVENT_KIND_CONFIG_RELOADED = 18,
   EVENT_KIND_TARGET_REMOVED = 19,
+  EVENT_KIND_SPEND_LIMIT_REACHED = 20,
+  EVENT_KIND_LIMIT_ADAPTED = 21,
   UNRECOGNIZED = -1,
 }
 
@@ -99,6 +101,8 @@ export interface Event {
   configMismatch?: ConfigMismatch | undefined;
   configReloaded?: ConfigReloaded | undefined;
   targetRemoved?: TargetRemoved | undefined;
+  spendLimitReached?: SpendLimitReached | undefined;
+  limitAdapted?: LimitAdapted | undefined;
 }
 
 /**
@@ -264,6 +268,22 @@ export interface TargetRemoved {
   reason: string;
 }
 
+/** A spend limit started refusing calls (published on the edge, not per refusal). */
+export interface SpendLimitReached {
+  /** "target", or the budget group's name. */
+  scope: string;
+  limit: number;
+  window: Duration | undefined;
+  retryAfter: Duration | undefined;
+}
+
+/** An adaptive concurrency limit moved by at least 10 % (or hit a bound). */
+export interface LimitAdapted {
+  limit: number;
+  previous: number;
+  why: string;
+}
+
 /** A deferred item used its last attempt. */
 export interface ItemDeadLettered {
   queue: string;
@@ -389,6 +409,8 @@ function createBaseEvent(): Event {
     configMismatch: undefined,
     configReloaded: undefined,
     targetRemoved: undefined,
+    spendLimitReached: undefined,
+    limitAdapted: undefined,
   };
 }
 
@@ -459,6 +481,12 @@ export const Event: MessageFns<Event> = {
     }
     if (message.targetRemoved !== undefined) {
       TargetRemoved.encode(message.targetRemoved, writer.uint32(226).fork()).join();
+    }
+    if (message.spendLimitReached !== undefined) {
+      SpendLimitReached.encode(message.spendLimitReached, writer.uint32(234).fork()).join();
+    }
+    if (message.limitAdapted !== undefined) {
+      LimitAdapted.encode(message.limitAdapted, writer.uint32(242).fork()).join();
     }
     return writer;
   },
@@ -652,6 +680,22 @@ export const Event: MessageFns<Event> = {
             message.targetRemoved = TargetRemoved.decode(reader, reader.uint32());
             continue;
           }
+          case 29: {
+            if (tag !== 234) {
+              break;
+            }
+
+            message.spendLimitReached = SpendLimitReached.decode(reader, reader.uint32());
+            continue;
+          }
+          case 30: {
+            if (tag !== 242) {
+              break;
+            }
+
+            message.limitAdapted = LimitAdapted.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -726,6 +770,12 @@ export const Event: MessageFns<Event> = {
       : undefined;
     message.targetRemoved = (object.targetRemoved !== undefined && object.targetRemoved !== null)
       ? TargetRemoved.fromPartial(object.targetRemoved)
+      : undefined;
+    message.spendLimitReached = (object.spendLimitReached !== undefined && object.spendLimitReached !== null)
+      ? SpendLimitReached.fromPartial(object.spendLimitReached)
+      : undefined;
+    message.limitAdapted = (object.limitAdapted !== undefined && object.limitAdapted !== null)
+      ? LimitAdapted.fromPartial(object.limitAdapted)
       : undefined;
     return message;
   },
@@ -2242,6 +2292,180 @@ export const TargetRemoved: MessageFns<TargetRemoved> = {
   fromPartial<I extends Exact<DeepPartial<TargetRemoved>, I>>(object: I): TargetRemoved {
     const message = createBaseTargetRemoved();
     message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
+function createBaseSpendLimitReached(): SpendLimitReached {
+  return { scope: "", limit: 0, window: undefined, retryAfter: undefined };
+}
+
+export const SpendLimitReached: MessageFns<SpendLimitReached> = {
+  encode(message: SpendLimitReached, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.scope !== "") {
+      writer.uint32(10).string(message.scope);
+    }
+    if (message.limit !== 0) {
+      writer.uint32(17).double(message.limit);
+    }
+    if (message.window !== undefined) {
+      Duration.encode(message.window, writer.uint32(26).fork()).join();
+    }
+    if (message.retryAfter !== undefined) {
+      Duration.encode(message.retryAfter, writer.uint32(34).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SpendLimitReached {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSpendLimitReached();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.scope = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.limit = reader.double();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.window = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.retryAfter = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<SpendLimitReached>, I>>(base?: I): SpendLimitReached {
+    return SpendLimitReached.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SpendLimitReached>, I>>(object: I): SpendLimitReached {
+    const message = createBaseSpendLimitReached();
+    message.scope = object.scope ?? "";
+    message.limit = object.limit ?? 0;
+    message.window = (object.window !== undefined && object.window !== null)
+      ? Duration.fromPartial(object.window)
+      : undefined;
+    message.retryAfter = (object.retryAfter !== undefined && object.retryAfter !== null)
+      ? Duration.fromPartial(object.retryAfter)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseLimitAdapted(): LimitAdapted {
+  return { limit: 0, previous: 0, why: "" };
+}
+
+export const LimitAdapted: MessageFns<LimitAdapted> = {
+  encode(message: LimitAdapted, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.limit !== 0) {
+      writer.uint32(8).uint32(message.limit);
+    }
+    if (message.previous !== 0) {
+      writer.uint32(16).uint32(message.previous);
+    }
+    if (message.why !== "") {
+      writer.uint32(26).string(message.why);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LimitAdapted {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLimitAdapted();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.limit = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.previous = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.why = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<LimitAdapted>, I>>(base?: I): LimitAdapted {
+    return LimitAdapted.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LimitAdapted>, I>>(object: I): LimitAdapted {
+    const message = createBaseLimitAdapted();
+    message.limit = object.limit ?? 0;
+    message.previous = object.previous ?? 0;
+    message.why = object.why ?? "";
     return message;
   },
 };

@@ -84,6 +84,12 @@ export enum Reason {
    * says when this priority fits again.
    */
   REASON_PRIORITY_RESERVED = 12,
+  /**
+   * REASON_SPEND_LIMIT - A spend limit (money per window, on the target or a budget group it draws
+   * on) would be exceeded by this call's reservation; retry_after says when
+   * the window frees enough.
+   */
+  REASON_SPEND_LIMIT = 13,
   UNRECOGNIZED = -1,
 }
 
@@ -184,6 +190,12 @@ export interface CanProceedRequest {
   attempt: number;
   /** How urgent the call is (budgets may reserve headroom for higher priorities). */
   priority: Priority;
+  /**
+   * Output tokens this call may produce at most: reserved at the output price
+   * against spend limits (0 = only estimated_tokens at the input price is
+   * reserved). Settled with the real usage by RecordOutcome.
+   */
+  maxOutputTokens: number;
 }
 
 export interface CanProceedResponse {
@@ -268,6 +280,11 @@ export interface RecordOutcomeResponse {
   duplicate: boolean;
   /** Cluster mode: true when the outcome was applied without Redis. */
   degraded: boolean;
+  /**
+   * What the call cost at the target's prices (input_tokens and
+   * output_tokens as reported); 0 when unpriced or no usage was reported.
+   */
+  cost: number;
 }
 
 /** Retry advice for the call just reported. */
@@ -297,6 +314,8 @@ export interface RouteRequest {
   expectedOutputTokens: number;
   /** How urgent the call is (budgets may reserve headroom for higher priorities). */
   priority: Priority;
+  /** As in CanProceedRequest: output tokens reserved against spend limits. */
+  maxOutputTokens: number;
 }
 
 export interface RouteResponse {
@@ -420,7 +439,7 @@ export interface DecideResponse {
 }
 
 function createBaseCanProceedRequest(): CanProceedRequest {
-  return { target: "", caller: "", estimatedTokens: 0, attempt: 0, priority: 0 };
+  return { target: "", caller: "", estimatedTokens: 0, attempt: 0, priority: 0, maxOutputTokens: 0 };
 }
 
 export const CanProceedRequest: MessageFns<CanProceedRequest> = {
@@ -439,6 +458,9 @@ export const CanProceedRequest: MessageFns<CanProceedRequest> = {
     }
     if (message.priority !== 0) {
       writer.uint32(40).int32(message.priority);
+    }
+    if (message.maxOutputTokens !== 0) {
+      writer.uint32(48).uint64(message.maxOutputTokens);
     }
     return writer;
   },
@@ -496,6 +518,14 @@ export const CanProceedRequest: MessageFns<CanProceedRequest> = {
             message.priority = reader.int32() as any;
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.maxOutputTokens = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -518,6 +548,7 @@ export const CanProceedRequest: MessageFns<CanProceedRequest> = {
     message.estimatedTokens = object.estimatedTokens ?? 0;
     message.attempt = object.attempt ?? 0;
     message.priority = object.priority ?? 0;
+    message.maxOutputTokens = object.maxOutputTokens ?? 0;
     return message;
   },
 };
@@ -972,7 +1003,15 @@ export const RecordOutcomeRequest_HeadersEntry: MessageFns<RecordOutcomeRequest_
 };
 
 function createBaseRecordOutcomeResponse(): RecordOutcomeResponse {
-  return { classifiedAs: 0, state: 0, retry: undefined, stalePermit: false, duplicate: false, degraded: false };
+  return {
+    classifiedAs: 0,
+    state: 0,
+    retry: undefined,
+    stalePermit: false,
+    duplicate: false,
+    degraded: false,
+    cost: 0,
+  };
 }
 
 export const RecordOutcomeResponse: MessageFns<RecordOutcomeResponse> = {
@@ -994,6 +1033,9 @@ export const RecordOutcomeResponse: MessageFns<RecordOutcomeResponse> = {
     }
     if (message.degraded !== false) {
       writer.uint32(48).bool(message.degraded);
+    }
+    if (message.cost !== 0) {
+      writer.uint32(57).double(message.cost);
     }
     return writer;
   },
@@ -1059,6 +1101,14 @@ export const RecordOutcomeResponse: MessageFns<RecordOutcomeResponse> = {
             message.degraded = reader.bool();
             continue;
           }
+          case 7: {
+            if (tag !== 57) {
+              break;
+            }
+
+            message.cost = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1084,6 +1134,7 @@ export const RecordOutcomeResponse: MessageFns<RecordOutcomeResponse> = {
     message.stalePermit = object.stalePermit ?? false;
     message.duplicate = object.duplicate ?? false;
     message.degraded = object.degraded ?? false;
+    message.cost = object.cost ?? 0;
     return message;
   },
 };
@@ -1181,6 +1232,7 @@ function createBaseRouteRequest(): RouteRequest {
     strategy: 0,
     expectedOutputTokens: 0,
     priority: 0,
+    maxOutputTokens: 0,
   };
 }
 
@@ -1215,6 +1267,9 @@ export const RouteRequest: MessageFns<RouteRequest> = {
     }
     if (message.priority !== 0) {
       writer.uint32(80).int32(message.priority);
+    }
+    if (message.maxOutputTokens !== 0) {
+      writer.uint32(88).uint64(message.maxOutputTokens);
     }
     return writer;
   },
@@ -1312,6 +1367,14 @@ export const RouteRequest: MessageFns<RouteRequest> = {
             message.priority = reader.int32() as any;
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.maxOutputTokens = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1339,6 +1402,7 @@ export const RouteRequest: MessageFns<RouteRequest> = {
     message.strategy = object.strategy ?? 0;
     message.expectedOutputTokens = object.expectedOutputTokens ?? 0;
     message.priority = object.priority ?? 0;
+    message.maxOutputTokens = object.maxOutputTokens ?? 0;
     return message;
   },
 };
