@@ -58,6 +58,7 @@ fn permit_from(data: &[u8]) -> Permit {
         leased: u64_at(data, 3) & 1 == 1,
         slot: (u64_at(data, 3) >> 8) as u8,
         reserved_tokens: u64_at(data, 4),
+        reserved_spend: u64_at(data, 7) & 0xffff_ffff,
         issued_ms: u64_at(data, 5),
         expires_ms: u64_at(data, 6),
         tag: tag(name_hash(TARGET)),

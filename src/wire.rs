@@ -69,6 +69,7 @@ pub fn reason(r: Reason) -> proto::Reason {
         Reason::Excluded => proto::Reason::Excluded,
         Reason::ContextTooSmall => proto::Reason::ContextTooSmall,
         Reason::PriorityReserved => proto::Reason::PriorityReserved,
+        Reason::SpendLimit => proto::Reason::SpendLimit,
     }
 }
 
@@ -309,6 +310,7 @@ fn reason_from(v: i32) -> Reason {
         Ok(proto::Reason::Excluded) => Reason::Excluded,
         Ok(proto::Reason::ContextTooSmall) => Reason::ContextTooSmall,
         Ok(proto::Reason::PriorityReserved) => Reason::PriorityReserved,
+        Ok(proto::Reason::SpendLimit) => Reason::SpendLimit,
         _ => Reason::Allowed,
     }
 }

@@ -44,6 +44,9 @@ requests_per_minute = 60
 tokens_per_minute = 6000
 max_concurrency = 4
 reserve = { interactive = 0.25, default = 0.25 }
+cost_per_mtok_input = 2.0
+cost_per_mtok_output = 8.0
+spend_per_hour = 0.05
 breaker = { failure_threshold = 2, half_open_max_probes = 2, open_duration = "3s", probe_lease = "5s", jitter = 0.0 }
 [targets.k]
 keys = ["a", "b"]
@@ -197,6 +200,7 @@ impl Pair {
                     estimated_tokens: tokens,
                     attempt,
                     priority: backstop::domain::budget::Priority::ALL[priority],
+                    max_output_tokens: tokens / 2,
                 };
                 let l = self.local.can_proceed(TARGETS[target], args).await;
                 let r = self.redis.can_proceed(TARGETS[target], args).await;

@@ -285,6 +285,10 @@ macro_rules! with_budget_fields {
             pub output_tokens: Option<Positive>,
             pub window: Option<Dur>,
             pub max_concurrency: Option<Positive>,
+            /// Money per `window` (in the currency of the prices), or per day / hour.
+            pub spend: Option<Spanned<f64>>,
+            pub spend_per_day: Option<Spanned<f64>>,
+            pub spend_per_hour: Option<Spanned<f64>>,
             /// Shares held back for higher priorities, e.g. `{ interactive = 0.2 }`.
             pub reserve: Option<Spanned<ReserveToml>>,
             $($(#[$fm])* pub $f: $t,)*

@@ -127,6 +127,10 @@ pub struct BudgetConfig {
     /// of the priorities higher than its own, so when a budget runs low,
     /// batch calls are refused first and interactive ones keep flowing.
     pub reserve: [u16; 2],
+    /// Money per window, in micro-units of the prices' currency (see
+    /// `domain::spend`); None = no spend limit. Held outside the per-slot
+    /// cells: a spend limit is the target's (or group's) as a whole.
+    pub spend: Option<Rate>,
 }
 
 impl BudgetConfig {
@@ -172,7 +176,7 @@ impl Gcra {
 
     /// Like `try_take`, leaving `held_back` per mille of the window untouched
     /// (a priority reserve): the TAT may reach only that much less far ahead.
-    fn try_take_above(
+    pub(crate) fn try_take_above(
         &self,
         now: Time,
         rate: &Rate,
@@ -193,7 +197,7 @@ impl Gcra {
     /// Charges (positive) or refunds (negative) `delta` units after the fact.
     /// A refund never lifts the budget above full; a charge never puts it
     /// more than one window into debt.
-    fn adjust(&mut self, now: Time, rate: &Rate, delta: i64) {
+    pub(crate) fn adjust(&mut self, now: Time, rate: &Rate, delta: i64) {
         let nanos = rate.cost_nanos(delta.unsigned_abs());
         let tat = u128::from(self.tat.as_nanos());
         let new = if delta >= 0 {

@@ -14,6 +14,7 @@ pub mod headers;
 pub mod reason;
 pub mod retry;
 pub mod route;
+pub mod spend;
 pub mod strategy;
 pub mod taxonomy;
 pub mod time;

@@ -15,10 +15,11 @@ pub enum Reason {
     Excluded,
     ContextTooSmall,
     PriorityReserved,
+    SpendLimit,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Allowed,
         Reason::CircuitOpen,
         Reason::ProbeLimit,
@@ -31,6 +32,7 @@ impl Reason {
         Reason::Excluded,
         Reason::ContextTooSmall,
         Reason::PriorityReserved,
+        Reason::SpendLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,6 +49,7 @@ impl Reason {
             Reason::Excluded => "excluded",
             Reason::ContextTooSmall => "context_too_small",
             Reason::PriorityReserved => "priority_reserved",
+            Reason::SpendLimit => "spend_limit",
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct RouteQuery<'a> {
     /// Output tokens `lowest_cost` prices (0: the route's `expected_output_tokens`).
     pub expected_output_tokens: u64,
     pub priority: crate::domain::budget::Priority,
+    /// Output tokens reserved at the output price against spend limits.
+    pub max_output_tokens: u64,
 }
 
 /// A candidate Route passed over.
@@ -1005,6 +1007,7 @@ impl Engine {
             estimated_tokens: q.estimated_tokens,
             attempt: q.attempt,
             priority: q.priority,
+            max_output_tokens: q.max_output_tokens,
         };
         let (strategy, explore, expected_output) = match &runtime {
             Some(rt) => (

@@ -20,8 +20,10 @@
 //! nothing. Replays are handled by the settled-permit memory
 //! (`settled.rs`): the first report of a permit counts, later ones do not.
 //!
-//! Format (hex fields): `2.<tag>.<id>.<gen>.<probe>.<flags>.<reserved>.<issued_ms>.<expires_ms>.<mac>`,
-//! where `flags = slot | leased << 8`. Clients treat it as opaque.
+//! Format (hex fields): `2.<tag>.<id>.<gen>.<probe>.<flags>.<reserved>.<issued_ms>.<expires_ms>[.<spend>].<mac>`,
+//! where `flags = slot | leased << 8` and `spend` (money reserved against
+//! spend limits, in micro-units) is written only when not zero, so permits
+//! of targets without prices keep their length. Clients treat it as opaque.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -59,8 +61,8 @@ impl std::fmt::Display for PermitError {
 const VERSION: &str = "2";
 /// MAC bytes kept (HMAC-SHA256 truncated to 128 bits, as RFC 2104 allows).
 const MAC_LEN: usize = 16;
-/// Longest permit string accepted: 8 u64 fields in hex, a tag, the MAC, dots.
-pub const MAX_PERMIT_LEN: usize = 1 + 8 * 17 + 1 + 2 * MAC_LEN;
+/// Longest permit string accepted: 9 u64 fields in hex, a tag, the MAC, dots.
+pub const MAX_PERMIT_LEN: usize = 1 + 9 * 17 + 1 + 2 * MAC_LEN;
 
 /// Signs and verifies permits with the server's key.
 ///
@@ -128,6 +130,10 @@ impl PermitKey {
             buf[n] = b'.';
             n = write_hex(&mut buf, n + 1, v);
         }
+        if p.reserved_spend > 0 {
+            buf[n] = b'.';
+            n = write_hex(&mut buf, n + 1, p.reserved_spend);
+        }
         let mac = self.mac(target, &buf[..n]);
         buf[n] = b'.';
         n += 1;
@@ -172,6 +178,16 @@ impl PermitKey {
         let reserved_tokens = field()?;
         let issued_ms = field()?;
         let expires_ms = field()?;
+        // Optional: present only when money was reserved (never as 0).
+        let reserved_spend = match parts.next() {
+            None => 0,
+            Some(p) => {
+                if p.is_empty() || p.len() > 16 || p == "0" {
+                    return Err(PermitError::Malformed("malformed field"));
+                }
+                u64::from_str_radix(p, 16).map_err(|_| PermitError::Malformed("malformed field"))?
+            }
+        };
         if parts.next().is_some() {
             return Err(PermitError::Malformed("too many fields"));
         }
@@ -194,6 +210,7 @@ impl PermitKey {
             leased: flags & 0x100 != 0,
             slot: (flags & 0xff) as u8,
             reserved_tokens,
+            reserved_spend,
             issued_ms,
             expires_ms,
             tag,
@@ -236,10 +253,33 @@ mod tests {
             leased: true,
             slot: 2,
             reserved_tokens: 12_000,
+            reserved_spend: 875,
             issued_ms: 1_700_000_000_000,
             expires_ms: 1_700_000_120_000,
             tag: 0xbeef,
         }
+    }
+
+    /// Money reserved adds a ninth field; without any the permit keeps its
+    /// eight, and a ninth field of 0 (never signed) is refused.
+    #[test]
+    fn the_spend_field_is_written_only_when_money_was_reserved() {
+        let k = PermitKey::new(b"0123456789abcdef0123456789abcdef");
+        let with = k.sign("t", &sample());
+        assert_eq!(with.split('.').count(), 11, "{with}");
+        let p = Permit {
+            reserved_spend: 0,
+            ..sample()
+        };
+        let without = k.sign("t", &p);
+        assert_eq!(without.split('.').count(), 10, "{without}");
+        assert_eq!(k.verify("t", 0xbeef, &without), Ok(p));
+        let (body, _) = without.rsplit_once('.').unwrap_or_default();
+        let zero = format!("{body}.0.{}", "00".repeat(MAC_LEN));
+        assert_eq!(
+            k.verify("t", 0xbeef, &zero),
+            Err(PermitError::Malformed("malformed field"))
+        );
     }
 
     #[test]

@@ -103,7 +103,19 @@ pub(crate) fn target_status(v: TargetView) -> proto::TargetStatus {
         in_flight: v.in_flight,
         group_budgets: v.groups.iter().map(budget).collect(),
         latency: v.latency.map(crate::wire::to_proto_duration),
-        spend: None,
+        spend: Some(proto::SpendStatus {
+            total: v.spend_total,
+            limits: v
+                .spend_limits
+                .iter()
+                .map(|l| proto::SpendLimitStatus {
+                    scope: l.scope.to_string(),
+                    limit: l.limit,
+                    window: Some(crate::wire::to_proto_duration(l.window)),
+                    available: l.available,
+                })
+                .collect(),
+        }),
         adaptive_concurrency: None,
         distinct_failing_callers: v.distinct_failing_callers,
     }

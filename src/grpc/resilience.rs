@@ -41,6 +41,7 @@ impl ResilienceService {
             estimated_tokens: r.estimated_tokens,
             attempt: r.attempt,
             priority: crate::wire::priority_from(r.priority).map_err(Status::invalid_argument)?,
+            max_output_tokens: r.max_output_tokens,
         };
         let adm = self
             .engine
@@ -90,7 +91,7 @@ impl ResilienceService {
             .await
             .map_err(status)?;
         Ok(proto::RecordOutcomeResponse {
-            cost: 0.0,
+            cost: crate::domain::spend::dollars(res.cost_micros),
             classified_as: outcome_class(res.classified_as) as i32,
             state: breaker_state(res.state) as i32,
             retry: Some(proto::RetryAdvice {
@@ -123,6 +124,7 @@ impl ResilienceService {
                 expected_output_tokens: r.expected_output_tokens,
                 priority: crate::wire::priority_from(r.priority)
                     .map_err(Status::invalid_argument)?,
+                max_output_tokens: r.max_output_tokens,
             })
             .await
             .map_err(status)?;

@@ -96,6 +96,7 @@ pub struct TargetMetrics {
     outcomes: Vec<Counter>,
     latency: AtomicHistogram,
     state: Gauge,
+    spend: Counter<f64, AtomicU64>,
 }
 
 impl TargetMetrics {
@@ -104,10 +105,15 @@ impl TargetMetrics {
         self.attempts[usize::from(attempt > 0)].inc();
     }
 
-    pub fn outcome(&self, class: OutcomeClass, latency: Option<Duration>) {
+    /// An outcome, with what the call cost (in micro-units of the prices' currency).
+    pub fn outcome(&self, class: OutcomeClass, latency: Option<Duration>, cost_micros: u64) {
         self.outcomes[class.index()].inc();
         if let Some(l) = latency {
             self.latency.observe(l);
+        }
+        if cost_micros > 0 {
+            self.spend
+                .inc_by(crate::domain::spend::dollars(cost_micros));
         }
     }
 }
@@ -137,6 +143,8 @@ pub struct Metrics {
     route_exhausted: Family<RouteLabel, Counter>,
     rpc_duration: Family<MethodLabel, AtomicHistogram>,
     pub(crate) budget_remaining: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    /// Money spent per target.
+    spend: Family<TargetLabel, Counter<f64, AtomicU64>>,
     subscribers: Gauge,
     queue_depth: Family<QueueLabel, Gauge>,
     queue_oldest: Family<QueueLabel, Gauge<f64, AtomicU64>>,
@@ -199,6 +207,12 @@ impl Metrics {
         let rpc_duration = Family::<MethodLabel, AtomicHistogram>::default();
         let budget_remaining = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
         let subscribers = Gauge::default();
+        let spend = Family::<TargetLabel, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "spend",
+            "Money spent per target at its configured prices (cost_per_mtok_*), from settled outcomes",
+            spend.clone(),
+        );
         let queue_depth = Family::<QueueLabel, Gauge>::default();
         let queue_oldest = Family::<QueueLabel, Gauge<f64, AtomicU64>>::default();
         let deferrals = Family::<QueueLabel, Counter>::default();
@@ -350,6 +364,7 @@ impl Metrics {
             route_exhausted,
             rpc_duration,
             budget_remaining,
+            spend,
             subscribers,
             queue_depth,
             queue_oldest,
@@ -365,6 +380,7 @@ impl Metrics {
                 outcomes: Vec::new(),
                 latency: AtomicHistogram::with_bounds(latency_buckets),
                 state: Gauge::default(),
+                spend: Counter::default(),
             }),
             rpc_handles: Vec::new(),
         };
@@ -434,9 +450,12 @@ impl Metrics {
                     });
                 }
                 self.breaker_state
-                    .get_or_create(&TargetLabel { target })
+                    .get_or_create(&TargetLabel {
+                        target: target.clone(),
+                    })
                     .clone()
             },
+            spend: self.spend.get_or_create(&TargetLabel { target }).clone(),
         }
     }
 
@@ -685,8 +704,12 @@ mod tests {
     fn histograms_encode_cumulative_buckets() {
         let m = Metrics::new(10, crate::config::DEFAULT_LATENCY_BUCKETS.into());
         let t = m.for_target("t");
-        t.outcome(OutcomeClass::Success, Some(Duration::from_millis(30)));
-        t.outcome(OutcomeClass::Success, Some(Duration::from_secs(3)));
+        t.outcome(
+            OutcomeClass::Success,
+            Some(Duration::from_millis(30)),
+            1_250_000,
+        );
+        t.outcome(OutcomeClass::Success, Some(Duration::from_secs(3)), 0);
         let text = m.encode();
         assert!(
             text.contains("backstop_call_latency_seconds_count{target=\"t\"} 2"),
@@ -701,5 +724,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("backstop_outcomes_total{target=\"t\",class=\"success\"} 2"));
+        assert!(
+            text.contains("backstop_spend_total{target=\"t\"} 1.25"),
+            "{text}"
+        );
     }
 }

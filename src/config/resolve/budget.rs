@@ -50,6 +50,56 @@ impl Cx {
                 (None, None) => {}
             }
         }
+        let spends = [
+            (b.spend_amounts()[0], window, "spend"),
+            (
+                b.spend_amounts()[1],
+                Some(std::time::Duration::from_secs(86_400)),
+                "spend_per_day",
+            ),
+            (
+                b.spend_amounts()[2],
+                Some(std::time::Duration::from_secs(3600)),
+                "spend_per_hour",
+            ),
+        ];
+        for (amount, w, key) in spends {
+            let Some(a) = amount else { continue };
+            let x = *a.get_ref();
+            if key == "spend" {
+                any_windowed = true;
+            }
+            if !(x.is_finite() && x > 0.0 && x <= 1e9) {
+                self.err(
+                    a.span(),
+                    format!("{what}: {key} = {x} must be an amount of money above 0 (at most 1e9)"),
+                );
+                continue;
+            }
+            if out.spend.is_some() {
+                self.err(
+                    a.span(),
+                    format!(
+                        "{what}: set one of spend (with window), spend_per_hour or spend_per_day"
+                    ),
+                );
+                continue;
+            }
+            match w {
+                Some(w) if !w.is_zero() => {
+                    out.spend = Some(Rate {
+                        amount: crate::domain::spend::limit_micros(x),
+                        window: w,
+                    })
+                }
+                _ => self.err(
+                    a.span(),
+                    format!(
+                        "{what}: spend needs a window, e.g. window = \"1h\" (or use spend_per_day)"
+                    ),
+                ),
+            }
+        }
         if window.is_some() && !any_windowed {
             self.err(
                 span,
@@ -102,6 +152,8 @@ pub(super) trait HasAmounts {
     fn amounts(&self) -> [(Option<Positive>, Option<Positive>); 4];
     fn max_concurrency(&self) -> Option<Positive>;
     fn reserve(&self) -> Option<&toml::Spanned<ReserveToml>>;
+    /// (spend, spend_per_day, spend_per_hour).
+    fn spend_amounts(&self) -> [Option<&toml::Spanned<f64>>; 3];
 }
 
 impl HasAmounts for TargetToml {
@@ -114,6 +166,13 @@ impl HasAmounts for TargetToml {
     fn reserve(&self) -> Option<&toml::Spanned<ReserveToml>> {
         self.reserve.as_ref()
     }
+    fn spend_amounts(&self) -> [Option<&toml::Spanned<f64>>; 3] {
+        [
+            self.spend.as_ref(),
+            self.spend_per_day.as_ref(),
+            self.spend_per_hour.as_ref(),
+        ]
+    }
 }
 
 impl HasAmounts for GroupToml {
@@ -125,5 +184,12 @@ impl HasAmounts for GroupToml {
     }
     fn reserve(&self) -> Option<&toml::Spanned<ReserveToml>> {
         self.reserve.as_ref()
+    }
+    fn spend_amounts(&self) -> [Option<&toml::Spanned<f64>>; 3] {
+        [
+            self.spend.as_ref(),
+            self.spend_per_day.as_ref(),
+            self.spend_per_hour.as_ref(),
+        ]
     }
 }

@@ -23,7 +23,7 @@ impl Cx {
         for (name, span, g) in groups {
             self.printable(&name, span.clone(), &format!("[budgets.{name:?}]"));
             let budget = self.budget(&g, g.window, span.clone(), &format!("[budgets.{name}]"));
-            if budget.is_unlimited() {
+            if budget.is_unlimited() && budget.spend.is_none() {
                 self.err(
                     span.clone(),
                     format!("[budgets.{name}] sets no limit; give it e.g. requests_per_minute or tokens_per_minute"),
@@ -63,6 +63,15 @@ impl Cx {
             s.context_window = t.context_window.unwrap_or(0);
             s.cost_per_mtok_input = t.cost_per_mtok_input.map_or(0.0, |c| c.0);
             s.cost_per_mtok_output = t.cost_per_mtok_output.map_or(0.0, |c| c.0);
+            if s.budget.spend.is_some()
+                && s.cost_per_mtok_input <= 0.0
+                && s.cost_per_mtok_output <= 0.0
+            {
+                self.err(
+                    span.clone(),
+                    format!("{what}: a spend limit needs prices; set cost_per_mtok_input and cost_per_mtok_output (per million tokens)"),
+                );
+            }
             if let Some(ModeToml::Shadow) = t.mode {
                 s.mode = Enforcement::Shadow;
             }

@@ -8,7 +8,7 @@ use crate::domain::Reason;
 use crate::domain::Time;
 use crate::domain::breaker::{BreakerState, Refusal, Ticket};
 use crate::domain::budget::{
-    BudgetConfig, BudgetRefusal, BudgetState, Cost, Kind, Lease, Priority,
+    BudgetConfig, BudgetRefusal, BudgetState, Cost, Kind, Lease, Priority, Rate,
 };
 use crate::domain::event::EventKind;
 use std::sync::Arc;
@@ -39,6 +39,9 @@ pub struct AdmitArgs<'a> {
     pub attempt: u32,
     /// Budgets with a `reserve` refuse lower priorities first.
     pub priority: Priority,
+    /// Output tokens the call may produce: reserved at the output price
+    /// against spend limits (0 = only the input estimate is reserved).
+    pub max_output_tokens: u64,
 }
 
 /// Decides one admission: breaker (and half-open probe slots), the fleet's
@@ -76,7 +79,10 @@ pub fn admit(
         key: lease_key(cx.seed, admission_no),
         until: now + cfg.permit_lease,
     };
-    let decision: Result<(Ticket, usize, bool), Admission> = (|| {
+    // The refusal is the answer itself, built once and returned as is: no
+    // point boxing it for a closure that runs once per decision.
+    #[allow(clippy::result_large_err)]
+    let decision: Result<(Ticket, usize, bool, SpendPlan), Admission> = (|| {
         let ticket = match checked {
             Ok(t) => t,
             Err((r, after)) => {
@@ -101,13 +107,15 @@ pub fn admit(
             tokens: args.estimated_tokens,
             priority: args.priority,
         };
+        let spend = check_spend(cx, st, groups, now, args, fx).map_err(|(r, a)| refuse(r, a))?;
         let (slot, leased) =
             choose_slot(cx, st, groups, now, cost, lease, fx).map_err(|(r, a)| refuse(r, a))?;
-        Ok((ticket, slot, leased))
+        Ok((ticket, slot, leased, spend))
     })();
 
     match decision {
-        Ok((ticket, slot_ix, leased)) => {
+        Ok((ticket, slot_ix, leased, spend)) => {
+            let reserved_spend = spend.commit(st, groups);
             let permit_ref = st.breaker.commit(now, &cfg.breaker, ticket);
             st.next_admission += 1;
             note_budget_ok(cx, st, groups, slot_ix, fx);
@@ -132,6 +140,7 @@ pub fn admit(
                     leased,
                     slot: slot_ix as u8,
                     reserved_tokens: args.estimated_tokens,
+                    reserved_spend,
                     issued_ms: now.as_millis(),
                     expires_ms: (now + cx.permit_lifetime()).as_millis(),
                     tag: cx.tag(),
@@ -172,6 +181,109 @@ pub fn admit(
             refusal
         }
     }
+}
+
+/// A spend reservation checked against every limit it draws on (the
+/// target's and its groups'), applied only once the whole admission passed.
+struct SpendPlan {
+    cost: u64,
+    target: Option<Time>,
+    /// Per group, in the target's group order (empty when no limit applies).
+    groups: Vec<Option<Time>>,
+}
+
+impl SpendPlan {
+    /// Applies the reservation; returns it (what the permit carries).
+    fn commit(&self, st: &mut TargetState, groups: &mut [GroupRef<'_>]) -> u64 {
+        if let Some(tat) = self.target {
+            st.spend_mut().commit(tat);
+        }
+        for (g, tat) in groups.iter_mut().zip(self.groups.iter().copied()) {
+            if let Some(tat) = tat {
+                g.state.spend.commit(tat);
+            }
+        }
+        self.cost
+    }
+}
+
+/// Checks the call's reservation (estimated input at the input price, plus
+/// `max_output_tokens` at the output price) against the target's spend
+/// limit and its groups'. Changes nothing but the edge flags (the
+/// SpendLimitReached event fires once per episode, not per refusal).
+fn check_spend(
+    cx: &UnitCx<'_>,
+    st: &mut TargetState,
+    groups: &mut [GroupRef<'_>],
+    now: Time,
+    args: &AdmitArgs<'_>,
+    fx: &mut Effects,
+) -> Result<SpendPlan, (Reason, Option<Duration>)> {
+    let cfg = cx.settings;
+    let prices = crate::domain::spend::Prices {
+        input: cfg.cost_per_mtok_input,
+        output: cfg.cost_per_mtok_output,
+    };
+    let cost = prices.micros(args.estimated_tokens, args.max_output_tokens);
+    let mut plan = SpendPlan {
+        cost,
+        target: None,
+        groups: Vec::new(),
+    };
+    let limited = cfg.budget.spend.is_some() || groups.iter().any(|g| g.config.spend.is_some());
+    if !limited || cost == 0 {
+        return Ok(plan);
+    }
+    let scopes = std::iter::once((None, &cfg.budget))
+        .chain(groups.iter().enumerate().map(|(i, g)| (Some(i), g.config)));
+    let mut refusal: Option<(Option<usize>, Rate, Duration)> = None;
+    let mut tats = Vec::with_capacity(groups.len() + 1);
+    for (scope, bc) in scopes {
+        let Some(limit) = bc.spend else { continue };
+        if cost > limit.amount {
+            return Err((Reason::RequestTooLarge, None));
+        }
+        let held = bc.held_back(args.priority);
+        let spend = match scope {
+            None => st.spend(),
+            Some(i) => groups[i].state.spend,
+        };
+        match spend.check(now, &limit, cost, held) {
+            Ok(tat) => tats.push((scope, tat)),
+            Err(wait) => {
+                if refusal.is_none_or(|(_, _, w)| wait > w) {
+                    refusal = Some((scope, limit, wait));
+                }
+            }
+        }
+    }
+    if let Some((scope, limit, wait)) = refusal {
+        let (flag, name) = match scope {
+            None => (&mut st.spend_mut().limited, Arc::from("target")),
+            Some(i) => (
+                &mut groups[i].state.spend.limited,
+                Arc::from(groups[i].name),
+            ),
+        };
+        if !std::mem::replace(flag, true) {
+            fx.state_dirty = true;
+            fx.events.push(EventKind::SpendLimitReached {
+                scope: name,
+                limit: crate::domain::spend::dollars(limit.amount),
+                window: limit.window,
+                retry_after: wait,
+            });
+        }
+        return Err((Reason::SpendLimit, Some(wait)));
+    }
+    plan.groups = vec![None; groups.len()];
+    for (scope, tat) in tats {
+        match scope {
+            None => plan.target = Some(tat),
+            Some(i) => plan.groups[i] = Some(tat),
+        }
+    }
+    Ok(plan)
 }
 
 /// Picks the usable key slot with the most headroom whose budgets (and the

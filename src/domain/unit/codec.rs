@@ -85,6 +85,14 @@ pub struct TargetRecord {
     /// `lowest_latency` routes read it, so replicas share it.
     #[prost(uint64, tag = "40")]
     pub latency_us: u64,
+    /// Spend: the limit cell's TAT (ns), the total spent (micro-units), and
+    /// whether the limit is refusing (for the event's edge).
+    #[prost(uint64, tag = "50")]
+    pub spend_tat: u64,
+    #[prost(uint64, tag = "51")]
+    pub spend_total: u64,
+    #[prost(bool, tag = "52")]
+    pub spend_limited: bool,
     /// Callers that reported a failure recently (quorum tripping, kept only
     /// with `min_distinct_callers` > 1). Read by [`decode`] and [`restore`] alike.
     #[prost(message, repeated, tag = "25")]
@@ -148,6 +156,13 @@ pub struct GroupRecord {
     pub leases: Vec<LeaseRecord>,
     #[prost(bool, tag = "3")]
     pub limited: bool,
+    /// The group's spend limit cell (TAT, ns), total spent (micro-units) and edge flag.
+    #[prost(uint64, tag = "4")]
+    pub spend_tat: u64,
+    #[prost(uint64, tag = "5")]
+    pub spend_total: u64,
+    #[prost(bool, tag = "6")]
+    pub spend_limited: bool,
 }
 
 /// A lease (a concurrency slot or a half-open probe): its key and expiry.
@@ -251,6 +266,9 @@ pub fn encode(cx: &UnitCx<'_>, st: &TargetState) -> TargetRecord {
         forced_reason: st.forced_reason().unwrap_or_default().to_string(),
         last_cause: st.last_cause().unwrap_or_default().to_string(),
         latency_us: st.latency().map_or(0, |d| d.as_micros().max(1) as u64),
+        spend_tat: st.spend().tat().as_nanos(),
+        spend_total: st.spend().total_micros,
+        spend_limited: st.spend().limited,
         slots: st
             .slots
             .iter()
@@ -329,6 +347,13 @@ fn fill(cx: &UnitCx<'_>, st: &mut TargetState, rec: &TargetRecord, keep_leases: 
         (!rec.forced_reason.is_empty()).then(|| rec.forced_reason.clone().into_boxed_str()),
     );
     st.set_latency((rec.latency_us > 0).then(|| std::time::Duration::from_micros(rec.latency_us)));
+    if rec.spend_tat > 0 || rec.spend_total > 0 || rec.spend_limited {
+        *st.spend_mut() = crate::domain::spend::Spend::restore(
+            Time::from_nanos(rec.spend_tat),
+            rec.spend_total,
+            rec.spend_limited,
+        );
+    }
     st.set_last_cause(
         (!rec.last_cause.is_empty()).then(|| rec.last_cause.clone().into_boxed_str()),
     );
@@ -484,6 +509,9 @@ pub fn encode_group(g: &GroupState) -> GroupRecord {
         tats: tats(&g.budget),
         leases: leases(&g.budget),
         limited: g.limited,
+        spend_tat: g.spend.tat().as_nanos(),
+        spend_total: g.spend.total_micros,
+        spend_limited: g.spend.limited,
     }
 }
 
@@ -492,6 +520,11 @@ pub fn encode_group(g: &GroupState) -> GroupRecord {
 pub fn decode_group(rec: &GroupRecord, cfg: &BudgetConfig, now: Time, restart: bool) -> GroupState {
     let mut g = GroupState::default();
     set_tats(&mut g.budget, &rec.tats);
+    g.spend = crate::domain::spend::Spend::restore(
+        Time::from_nanos(rec.spend_tat),
+        rec.spend_total,
+        rec.spend_limited,
+    );
     if restart {
         g.budget.clamp_debt(now, cfg);
     } else {
@@ -594,6 +627,7 @@ requests_per_minute = 100
                         estimated_tokens: *tokens,
                         attempt: *attempt,
                         priority: Default::default(),
+                        max_output_tokens: 0,
                     };
                     let a = admit(cx, st, &mut groups, *now, &args, &mut fx);
                     if let Some(p) = a.permit {

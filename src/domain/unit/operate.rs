@@ -82,6 +82,7 @@ pub fn reset(
     for g in groups.iter_mut() {
         g.state.budget.refill();
         g.state.limited = false;
+        g.state.spend.refill();
     }
     st.counters = Default::default();
     st.notes = None;

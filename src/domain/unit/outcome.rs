@@ -70,6 +70,9 @@ pub struct OutcomeResult {
     pub duplicate: bool,
     /// Cluster mode: applied without Redis (to this replica's local state).
     pub degraded: bool,
+    /// What the call cost at the target's prices, in micro-units (0 when
+    /// unpriced or no usage was reported).
+    pub cost_micros: u64,
 }
 
 /// The first answer to a permit's report, kept to answer its duplicates.
@@ -262,6 +265,36 @@ pub fn record(
         }
     }
 
+    // Spend: charge the real cost against the reservation (limits), and
+    // count it (totals, metrics). Without token counts the reservation stands.
+    let prices = crate::domain::spend::Prices {
+        input: cfg.cost_per_mtok_input,
+        output: cfg.cost_per_mtok_output,
+    };
+    let reserved_spend = own.map_or(0, |p| p.reserved_spend);
+    let cost_micros = if usage.reported {
+        prices.micros(args.input_tokens, args.output_tokens)
+    } else {
+        0
+    };
+    if usage.reported || reserved_spend > 0 {
+        let actual = if usage.reported {
+            cost_micros
+        } else {
+            reserved_spend
+        };
+        if actual > 0 || reserved_spend > 0 {
+            st.spend_mut()
+                .settle(now, cfg.budget.spend.as_ref(), reserved_spend, actual);
+            for g in groups.iter_mut() {
+                g.state
+                    .spend
+                    .settle(now, g.config.spend.as_ref(), reserved_spend, actual);
+            }
+            fx.state_dirty = true;
+        }
+    }
+
     // Retry advice, against the fleet's retry budget.
     if class != OutcomeClass::Success {
         st.retry_or_new(cfg.retry.budget_window);
@@ -289,6 +322,7 @@ pub fn record(
         stale,
         duplicate: false,
         degraded: false,
+        cost_micros,
     }
 }
 
@@ -322,5 +356,6 @@ pub fn duplicate_answer(
         stale: false,
         duplicate: true,
         degraded: false,
+        cost_micros: 0,
     }
 }

@@ -13,6 +13,8 @@ pub struct Permit {
     pub leased: bool,
     pub slot: u8,
     pub reserved_tokens: u64,
+    /// Money reserved against spend limits, in micro-units (0 = none).
+    pub reserved_spend: u64,
     /// Milliseconds since the Unix epoch.
     pub issued_ms: u64,
     /// After this the permit settles nothing (its lease and reservation

@@ -84,6 +84,8 @@ pub struct Notes {
     pub retry: Option<RetryBudget>,
     /// Moving average of reported latency, in microseconds (0 = none yet).
     pub latency_us: u32,
+    /// Money spent, and the target's spend limit cell (priced targets only).
+    pub spend: crate::domain::spend::Spend,
 }
 
 /// Weight of each new latency in the moving average.
@@ -139,6 +141,14 @@ impl TargetState {
         if r.is_some() || self.notes.is_some() {
             self.notes.get_or_insert_with(Default::default).retry = r;
         }
+    }
+
+    /// The target's spending (default: nothing spent, limit untouched).
+    pub fn spend(&self) -> crate::domain::spend::Spend {
+        self.notes.as_ref().map(|n| n.spend).unwrap_or_default()
+    }
+    pub fn spend_mut(&mut self) -> &mut crate::domain::spend::Spend {
+        &mut self.notes.get_or_insert_with(Default::default).spend
     }
 
     /// Recent latency (a moving average of trusted reports), if any.
@@ -197,4 +207,6 @@ impl TargetState {
 pub struct GroupState {
     pub budget: BudgetState,
     pub limited: bool,
+    /// The group's spend limit cell and total.
+    pub spend: crate::domain::spend::Spend,
 }

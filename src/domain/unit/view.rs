@@ -60,6 +60,20 @@ pub struct TargetView {
     pub latency: Option<Duration>,
     /// Distinct callers with a failure in the breaker window (quorum tripping).
     pub distinct_failing_callers: u32,
+    /// Money spent by this target (settled outcomes), in the prices' currency.
+    pub spend_total: f64,
+    /// Every spend limit the target draws on, with what is left now.
+    pub spend_limits: Vec<SpendView>,
+}
+
+/// One spend limit, for status views.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpendView {
+    /// "target", or the budget group's name.
+    pub scope: Arc<str>,
+    pub limit: f64,
+    pub window: Duration,
+    pub available: f64,
 }
 
 /// One line of a target listing.
@@ -158,6 +172,26 @@ pub fn view(
         })
         .collect();
     let (window_calls, window_failures) = st.breaker.window_totals(now);
+    let dollars = |m: f64| m / 1e6;
+    let mut spend_limits = Vec::new();
+    if let Some(l) = settings.budget.spend {
+        spend_limits.push(SpendView {
+            scope: Arc::from("target"),
+            limit: crate::domain::spend::dollars(l.amount),
+            window: l.window,
+            available: dollars(st.spend().available(now, &l)),
+        });
+    }
+    for g in groups.iter() {
+        if let Some(l) = g.config.spend {
+            spend_limits.push(SpendView {
+                scope: Arc::from(g.name),
+                limit: crate::domain::spend::dollars(l.amount),
+                window: l.window,
+                available: dollars(g.state.spend.available(now, &l)),
+            });
+        }
+    }
     TargetView {
         name: name.clone(),
         state: st.breaker.state(),
@@ -181,6 +215,8 @@ pub fn view(
         group_names: groups.iter().map(|g| Arc::from(g.name)).collect(),
         latency: st.latency(),
         distinct_failing_callers: st.breaker.distinct_failing_callers(now, &settings.breaker),
+        spend_total: crate::domain::spend::dollars(st.spend().total_micros),
+        spend_limits,
     }
 }
 

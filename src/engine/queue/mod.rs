@@ -1139,6 +1139,7 @@ impl Admitter for Engine {
                     estimated_tokens: need.0,
                     attempt: need.2,
                     priority: Default::default(),
+                    max_output_tokens: 0,
                 },
             )
             .await?;

@@ -103,6 +103,7 @@ enum Op {
         estimated_tokens: u64,
         attempt: u32,
         priority: Priority,
+        max_output_tokens: u64,
     },
     Record {
         args: OwnedOutcome,
@@ -463,6 +464,7 @@ impl RedisBackend {
             estimated_tokens: args.estimated_tokens,
             attempt: args.attempt,
             priority: args.priority,
+            max_output_tokens: args.max_output_tokens,
         };
         match inner.submit(meta.clone(), op).await {
             Ok(Answer::Admission(a)) => Ok(a),
@@ -1153,12 +1155,14 @@ impl Inner {
                             estimated_tokens,
                             attempt,
                             priority,
+                            max_output_tokens,
                         } => {
                             let args = AdmitArgs {
                                 caller,
                                 estimated_tokens: *estimated_tokens,
                                 attempt: *attempt,
                                 priority: *priority,
+                                max_output_tokens: *max_output_tokens,
                             };
                             Answer::Admission(unit::admit(&cx, st, &mut refs, now, &args, &mut fx))
                         }
@@ -1693,7 +1697,9 @@ fn deliver(jobs: Vec<Job>, answers: Vec<Answer>, now: Time) {
             }
             Answer::Outcome(r) => {
                 if let Op::Record { args, .. } = &job.op {
-                    job.meta.metrics.outcome(r.classified_as, args.args.latency);
+                    job.meta
+                        .metrics
+                        .outcome(r.classified_as, args.args.latency, r.cost_micros);
                 }
             }
             Answer::View(_) => {}

@@ -563,7 +563,7 @@ impl LocalBackend {
                             },
                         );
                     }
-                    t.metrics.outcome(args.class, args.latency);
+                    t.metrics.outcome(args.class, args.latency, r.cost_micros);
                     let pending = self.finish(now, &t, l, &mut fx);
                     (r, pending)
                 }
