@@ -589,6 +589,7 @@ fn claim_req(queue: &str, max: u32, lease_ms: u64, wait_ms: u64) -> proto::Claim
             nanos: ((wait_ms % 1000) * 1_000_000) as i32,
         }),
         worker: "w".into(),
+        ..Default::default()
     }
 }
 

@@ -345,3 +345,52 @@ async fn replicas_share_what_strategies_read() {
     }
     assert_eq!(allowed, 7);
 }
+
+/// Claim takes a priority too: a background drain claiming as batch is held
+/// back by the reserve, an interactive worker is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_admits_deliveries_at_the_workers_priority() {
+    let s = Server::start(CONFIG, &[]);
+    let mut c = s.resilience().await;
+    for _ in 0..7 {
+        let a = c
+            .can_proceed(proto::CanProceedRequest {
+                target: "p".into(),
+                priority: proto::Priority::Batch as i32,
+                ..Default::default()
+            })
+            .await
+            .expect("ok")
+            .into_inner();
+        assert!(a.allowed);
+    }
+    let mut q = proto::deferred_client::DeferredClient::new(s.channel().await);
+    q.defer(proto::DeferRequest {
+        queue: "p".into(),
+        payload: b"later".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .expect("defer");
+    let claim = |priority: proto::Priority| proto::ClaimRequest {
+        queue: "p".into(),
+        max_items: 1,
+        worker: "drain".into(),
+        priority: priority as i32,
+        ..Default::default()
+    };
+    let r = q
+        .claim(claim(proto::Priority::Batch))
+        .await
+        .expect("claim")
+        .into_inner();
+    assert!(r.items.is_empty(), "{r:?}");
+    assert_eq!(r.blocked_reason(), proto::Reason::PriorityReserved);
+    let r = q
+        .claim(claim(proto::Priority::Interactive))
+        .await
+        .expect("claim")
+        .into_inner();
+    assert_eq!(r.items.len(), 1, "{r:?}");
+    assert_eq!(r.items[0].payload, b"later".to_vec());
+}

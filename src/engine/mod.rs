@@ -778,6 +778,22 @@ impl Engine {
         wait: Option<Duration>,
         worker: &str,
     ) -> Result<queue::ClaimResult> {
+        let w = queue::Worker {
+            name: worker,
+            priority: Default::default(),
+        };
+        self.claim_as(queue, max_items, lease, wait, w).await
+    }
+
+    /// Claim, admitting the deliveries at the worker's priority.
+    pub async fn claim_as(
+        &self,
+        queue: &str,
+        max_items: u32,
+        lease: Option<Duration>,
+        wait: Option<Duration>,
+        worker: queue::Worker<'_>,
+    ) -> Result<queue::ClaimResult> {
         match &self.queue {
             Queues::Local(q) => q.claim(self, queue, max_items, lease, wait, worker).await,
             Queues::Redis(q) => q.claim(self, queue, max_items, lease, wait, worker).await,

@@ -97,7 +97,17 @@ impl Deferred for DeferredService {
         let wait = from_proto_duration(r.wait, "wait")?;
         let res = self
             .engine
-            .claim(&r.queue, r.max_items, lease, wait, &r.worker)
+            .claim_as(
+                &r.queue,
+                r.max_items,
+                lease,
+                wait,
+                crate::engine::queue::Worker {
+                    name: &r.worker,
+                    priority: crate::wire::priority_from(r.priority)
+                        .map_err(Status::invalid_argument)?,
+                },
+            )
             .await
             .map_err(status)?;
         let (blocked_reason, retry_after) = match res.blocked {

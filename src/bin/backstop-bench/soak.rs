@@ -678,6 +678,8 @@ async fn consumer(cx: Arc<Cx>, i: u64) {
                 nanos: CLAIM_WAIT.subsec_nanos() as i32,
             }),
             worker: worker.clone(),
+            // The soak's drain is background work.
+            priority: proto::Priority::Batch as i32,
         };
         let Some(Answer { r: Ok(c), .. }) = cx
             .call("Claim", CLAIM_WAIT, |ch| async move {

@@ -136,6 +136,15 @@ pub struct DeferArgs {
 
 /// Where a queue's items go when claimed: the queue needs admission (the
 /// engine's Route or CanProceed) without knowing how it is decided.
+/// Who claims deferred items, and at what priority their deliveries are
+/// admitted (a background drain claims as `batch`, so replaying deferred
+/// work never eats into what a budget holds back for interactive calls).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Worker<'a> {
+    pub name: &'a str,
+    pub priority: crate::domain::budget::Priority,
+}
+
 pub trait Admitter: Sync {
     /// `queue` names a configured route or a valid target.
     fn check_queue(&self, queue: &str) -> Result<()>;
@@ -150,7 +159,7 @@ pub trait Admitter: Sync {
     fn admit_for_queue(
         &self,
         queue: &str,
-        worker: &str,
+        worker: Worker<'_>,
         need: (u64, u64, u32),
     ) -> impl Future<
         Output = Result<
@@ -642,7 +651,7 @@ impl DeferredQueue {
         max_items: u32,
         lease: Option<Duration>,
         wait: Option<Duration>,
-        worker: &str,
+        worker: Worker<'_>,
     ) -> Result<ClaimResult> {
         adm.check_queue(queue)?;
         let (max_items, lease, wait) = claim_params(max_items, lease, wait)?;
@@ -1102,7 +1111,7 @@ impl Admitter for Engine {
     async fn admit_for_queue(
         &self,
         queue: &str,
-        worker: &str,
+        worker: Worker<'_>,
         need: (u64, u64, u32),
     ) -> Result<std::result::Result<(Arc<str>, String, Option<Arc<str>>), (Reason, Option<Duration>)>>
     {
@@ -1111,10 +1120,11 @@ impl Admitter for Engine {
             let d = self
                 .route(RouteQuery {
                     route: queue,
-                    caller: worker,
+                    caller: worker.name,
                     estimated_tokens,
                     required_context_tokens,
                     attempt,
+                    priority: worker.priority,
                     ..Default::default()
                 })
                 .await?;
@@ -1135,10 +1145,10 @@ impl Admitter for Engine {
             .can_proceed(
                 queue,
                 AdmitArgs {
-                    caller: worker,
+                    caller: worker.name,
                     estimated_tokens: need.0,
                     attempt: need.2,
-                    priority: Default::default(),
+                    priority: worker.priority,
                     max_output_tokens: 0,
                 },
             )

@@ -722,7 +722,7 @@ impl RedisQueue {
         max_items: u32,
         lease: Option<Duration>,
         wait: Option<Duration>,
-        worker: &str,
+        worker: crate::engine::queue::Worker<'_>,
     ) -> Result<ClaimResult> {
         adm.check_queue(queue)?;
         let (max_items, lease, wait) = claim_params(max_items, lease, wait)?;

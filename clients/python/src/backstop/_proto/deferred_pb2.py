@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from backstop._proto import resilience_pb2 as backstop_dot_v1_dot_resilience__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61\x63kstop/v1/deferred.proto\x12\x0b\x62\x61\x63kstop.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1c\x62\x61\x63kstop/v1/resilience.proto\"\xb4\x02\n\x0c\x44\x65\x66\x65rRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x39\n\x08metadata\x18\x03 \x03(\x0b\x32\'.backstop.v1.DeferRequest.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12.\n\nnot_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\r\x12\x18\n\x10\x65stimated_tokens\x18\x07 \x01(\x04\x12\x1f\n\x17required_context_tokens\x18\x08 \x01(\x04\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\rDeferResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x93\x01\n\x0c\x43laimRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tmax_items\x18\x02 \x01(\r\x12(\n\x05lease\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06worker\x18\x05 \x01(\t\"\x96\x01\n\rClaimResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.backstop.v1.DeferredItem\x12+\n\x0e\x62locked_reason\x18\x02 \x01(\x0e\x32\x13.backstop.v1.Reason\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc5\x03\n\x0c\x44\x65\x66\x65rredItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x39\n\x08metadata\x18\x04 \x03(\x0b\x32\'.backstop.v1.DeferredItem.MetadataEntry\x12\x13\n\x0blease_token\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\r\x12/\n\x0b\x65nqueued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x0e\n\x06target\x18\x0b \x01(\t\x12\x0e\n\x06permit\x18\x0c \x01(\t\x12\x10\n\x08key_slot\x18\r \x01(\t\x12\x34\n\x10\x64\x65\x61\x64_lettered_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\nAckRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\"\r\n\x0b\x41\x63kResponse\"h\n\x0bNackRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12(\n\x05\x64\x65lay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x04 \x01(\t\"6\n\x0cNackResponse\x12\x15\n\rdead_lettered\x18\x01 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"N\n\x16ListDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x17ListDeadLettersResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.backstop.v1.DeferredItem\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1c\n\x0eRequeueRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x11\n\x0fRequeueResponse\"\"\n\x11QueueStatsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"<\n\x12QueueStatsResponse\x12&\n\x06queues\x18\x01 \x03(\x0b\x32\x16.backstop.v1.QueueStat\"\x90\x01\n\tQueueStat\x12\r\n\x05queue\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\x04\x12\x11\n\tin_flight\x18\x03 \x01(\x04\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x04 \x01(\x04\x12-\n\noldest_age\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x32\xf4\x03\n\x08\x44\x65\x66\x65rred\x12>\n\x05\x44\x65\x66\x65r\x12\x19.backstop.v1.DeferRequest\x1a\x1a.backstop.v1.DeferResponse\x12>\n\x05\x43laim\x12\x19.backstop.v1.ClaimRequest\x1a\x1a.backstop.v1.ClaimResponse\x12\x38\n\x03\x41\x63k\x12\x17.backstop.v1.AckRequest\x1a\x18.backstop.v1.AckResponse\x12;\n\x04Nack\x12\x18.backstop.v1.NackRequest\x1a\x19.backstop.v1.NackResponse\x12\\\n\x0fListDeadLetters\x12#.backstop.v1.ListDeadLettersRequest\x1a$.backstop.v1.ListDeadLettersResponse\x12\x44\n\x07Requeue\x12\x1b.backstop.v1.RequeueRequest\x1a\x1c.backstop.v1.RequeueResponse\x12M\n\nQueueStats\x12\x1e.backstop.v1.QueueStatsRequest\x1a\x1f.backstop.v1.QueueStatsResponseBCZAgithub.com/backstop-dev/backstop/clients/go/backstopv1;backstopv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61\x63kstop/v1/deferred.proto\x12\x0b\x62\x61\x63kstop.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1c\x62\x61\x63kstop/v1/resilience.proto\"\xb4\x02\n\x0c\x44\x65\x66\x65rRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x39\n\x08metadata\x18\x03 \x03(\x0b\x32\'.backstop.v1.DeferRequest.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12.\n\nnot_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\r\x12\x18\n\x10\x65stimated_tokens\x18\x07 \x01(\x04\x12\x1f\n\x17required_context_tokens\x18\x08 \x01(\x04\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\rDeferResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xbc\x01\n\x0c\x43laimRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tmax_items\x18\x02 \x01(\r\x12(\n\x05lease\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06worker\x18\x05 \x01(\t\x12\'\n\x08priority\x18\x06 \x01(\x0e\x32\x15.backstop.v1.Priority\"\x96\x01\n\rClaimResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.backstop.v1.DeferredItem\x12+\n\x0e\x62locked_reason\x18\x02 \x01(\x0e\x32\x13.backstop.v1.Reason\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc5\x03\n\x0c\x44\x65\x66\x65rredItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x39\n\x08metadata\x18\x04 \x03(\x0b\x32\'.backstop.v1.DeferredItem.MetadataEntry\x12\x13\n\x0blease_token\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\r\x12/\n\x0b\x65nqueued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x0e\n\x06target\x18\x0b \x01(\t\x12\x0e\n\x06permit\x18\x0c \x01(\t\x12\x10\n\x08key_slot\x18\r \x01(\t\x12\x34\n\x10\x64\x65\x61\x64_lettered_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\nAckRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\"\r\n\x0b\x41\x63kResponse\"h\n\x0bNackRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\x12(\n\x05\x64\x65lay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x04 \x01(\t\"6\n\x0cNackResponse\x12\x15\n\rdead_lettered\x18\x01 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"N\n\x16ListDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x17ListDeadLettersResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.backstop.v1.DeferredItem\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1c\n\x0eRequeueRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x11\n\x0fRequeueResponse\"\"\n\x11QueueStatsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"<\n\x12QueueStatsResponse\x12&\n\x06queues\x18\x01 \x03(\x0b\x32\x16.backstop.v1.QueueStat\"\x90\x01\n\tQueueStat\x12\r\n\x05queue\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\x04\x12\x11\n\tin_flight\x18\x03 \x01(\x04\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x04 \x01(\x04\x12-\n\noldest_age\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x32\xf4\x03\n\x08\x44\x65\x66\x65rred\x12>\n\x05\x44\x65\x66\x65r\x12\x19.backstop.v1.DeferRequest\x1a\x1a.backstop.v1.DeferResponse\x12>\n\x05\x43laim\x12\x19.backstop.v1.ClaimRequest\x1a\x1a.backstop.v1.ClaimResponse\x12\x38\n\x03\x41\x63k\x12\x17.backstop.v1.AckRequest\x1a\x18.backstop.v1.AckResponse\x12;\n\x04Nack\x12\x18.backstop.v1.NackRequest\x1a\x19.backstop.v1.NackResponse\x12\\\n\x0fListDeadLetters\x12#.backstop.v1.ListDeadLettersRequest\x1a$.backstop.v1.ListDeadLettersResponse\x12\x44\n\x07Requeue\x12\x1b.backstop.v1.RequeueRequest\x1a\x1c.backstop.v1.RequeueResponse\x12M\n\nQueueStats\x12\x1e.backstop.v1.QueueStatsRequest\x1a\x1f.backstop.v1.QueueStatsResponseBCZAgithub.com/backstop-dev/backstop/clients/go/backstopv1;backstopv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,35 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEFERRESPONSE']._serialized_start=449
   _globals['_DEFERRESPONSE']._serialized_end=527
   _globals['_CLAIMREQUEST']._serialized_start=530
-  _globals['_CLAIMREQUEST']._serialized_end=677
-  _globals['_CLAIMRESPONSE']._serialized_start=680
-  _globals['_CLAIMRESPONSE']._serialized_end=830
-  _globals['_DEFERREDITEM']._serialized_start=833
-  _globals['_DEFERREDITEM']._serialized_end=1286
+  _globals['_CLAIMREQUEST']._serialized_end=718
+  _globals['_CLAIMRESPONSE']._serialized_start=721
+  _globals['_CLAIMRESPONSE']._serialized_end=871
+  _globals['_DEFERREDITEM']._serialized_start=874
+  _globals['_DEFERREDITEM']._serialized_end=1327
   _globals['_DEFERREDITEM_METADATAENTRY']._serialized_start=400
   _globals['_DEFERREDITEM_METADATAENTRY']._serialized_end=447
-  _globals['_ACKREQUEST']._serialized_start=1288
-  _globals['_ACKREQUEST']._serialized_end=1333
-  _globals['_ACKRESPONSE']._serialized_start=1335
-  _globals['_ACKRESPONSE']._serialized_end=1348
-  _globals['_NACKREQUEST']._serialized_start=1350
-  _globals['_NACKREQUEST']._serialized_end=1454
-  _globals['_NACKRESPONSE']._serialized_start=1456
-  _globals['_NACKRESPONSE']._serialized_end=1510
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1512
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1590
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1592
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1684
-  _globals['_REQUEUEREQUEST']._serialized_start=1686
-  _globals['_REQUEUEREQUEST']._serialized_end=1714
-  _globals['_REQUEUERESPONSE']._serialized_start=1716
-  _globals['_REQUEUERESPONSE']._serialized_end=1733
-  _globals['_QUEUESTATSREQUEST']._serialized_start=1735
-  _globals['_QUEUESTATSREQUEST']._serialized_end=1769
-  _globals['_QUEUESTATSRESPONSE']._serialized_start=1771
-  _globals['_QUEUESTATSRESPONSE']._serialized_end=1831
-  _globals['_QUEUESTAT']._serialized_start=1834
-  _globals['_QUEUESTAT']._serialized_end=1978
-  _globals['_DEFERRED']._serialized_start=1981
-  _globals['_DEFERRED']._serialized_end=2481
+  _globals['_ACKREQUEST']._serialized_start=1329
+  _globals['_ACKREQUEST']._serialized_end=1374
+  _globals['_ACKRESPONSE']._serialized_start=1376
+  _globals['_ACKRESPONSE']._serialized_end=1389
+  _globals['_NACKREQUEST']._serialized_start=1391
+  _globals['_NACKREQUEST']._serialized_end=1495
+  _globals['_NACKRESPONSE']._serialized_start=1497
+  _globals['_NACKRESPONSE']._serialized_end=1551
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1553
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1631
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1633
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1725
+  _globals['_REQUEUEREQUEST']._serialized_start=1727
+  _globals['_REQUEUEREQUEST']._serialized_end=1755
+  _globals['_REQUEUERESPONSE']._serialized_start=1757
+  _globals['_REQUEUERESPONSE']._serialized_end=1774
+  _globals['_QUEUESTATSREQUEST']._serialized_start=1776
+  _globals['_QUEUESTATSREQUEST']._serialized_end=1810
+  _globals['_QUEUESTATSRESPONSE']._serialized_start=1812
+  _globals['_QUEUESTATSRESPONSE']._serialized_end=1872
+  _globals['_QUEUESTAT']._serialized_start=1875
+  _globals['_QUEUESTAT']._serialized_end=2019
+  _globals['_DEFERRED']._serialized_start=2022
+  _globals['_DEFERRED']._serialized_end=2522
 # @@protoc_insertion_point(module_scope)

@@ -48,18 +48,20 @@ class DeferResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., duplicate: bool = ..., depth: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ClaimRequest(_message.Message):
-    __slots__ = ("queue", "max_items", "lease", "wait", "worker")
+    __slots__ = ("queue", "max_items", "lease", "wait", "worker", "priority")
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     queue: str
     max_items: int
     lease: _duration_pb2.Duration
     wait: _duration_pb2.Duration
     worker: str
-    def __init__(self, queue: _Optional[str] = ..., max_items: _Optional[int] = ..., lease: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., wait: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., worker: _Optional[str] = ...) -> None: ...
+    priority: _resilience_pb2.Priority
+    def __init__(self, queue: _Optional[str] = ..., max_items: _Optional[int] = ..., lease: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., wait: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., worker: _Optional[str] = ..., priority: _Optional[_Union[_resilience_pb2.Priority, str]] = ...) -> None: ...
 
 class ClaimResponse(_message.Message):
     __slots__ = ("items", "blocked_reason", "retry_after")

@@ -20,7 +20,7 @@ import {
 } from "@grpc/grpc-js";
 import { Duration } from "../../google/protobuf/duration.js";
 import { Timestamp } from "../../google/protobuf/timestamp.js";
-import { Reason } from "./resilience.js";
+import { Priority, Reason } from "./resilience.js";
 
 export const protobufPackage = "backstop.v1";
 
@@ -87,6 +87,12 @@ export interface ClaimRequest {
     | undefined;
   /** Optional worker id (recorded as the caller of the admissions). */
   worker: string;
+  /**
+   * The priority the deliveries are admitted at (unset = default): a
+   * background drain claims as PRIORITY_BATCH so replaying deferred work never
+   * uses what budgets reserve for interactive calls.
+   */
+  priority: Priority;
 }
 
 export interface ClaimResponse {
@@ -518,7 +524,7 @@ export const DeferResponse: MessageFns<DeferResponse> = {
 };
 
 function createBaseClaimRequest(): ClaimRequest {
-  return { queue: "", maxItems: 0, lease: undefined, wait: undefined, worker: "" };
+  return { queue: "", maxItems: 0, lease: undefined, wait: undefined, worker: "", priority: 0 };
 }
 
 export const ClaimRequest: MessageFns<ClaimRequest> = {
@@ -537,6 +543,9 @@ export const ClaimRequest: MessageFns<ClaimRequest> = {
     }
     if (message.worker !== "") {
       writer.uint32(42).string(message.worker);
+    }
+    if (message.priority !== 0) {
+      writer.uint32(48).int32(message.priority);
     }
     return writer;
   },
@@ -594,6 +603,14 @@ export const ClaimRequest: MessageFns<ClaimRequest> = {
             message.worker = reader.string();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.priority = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -618,6 +635,7 @@ export const ClaimRequest: MessageFns<ClaimRequest> = {
       : undefined;
     message.wait = (object.wait !== undefined && object.wait !== null) ? Duration.fromPartial(object.wait) : undefined;
     message.worker = object.worker ?? "";
+    message.priority = object.priority ?? 0;
     return message;
   },
 };
