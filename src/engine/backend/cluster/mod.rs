@@ -665,7 +665,14 @@ fn degraded_config(config: &Config, replicas: usize) -> Config {
     let n = replicas.max(1) as u64;
     let divide = |b: &crate::domain::budget::BudgetConfig| {
         let mut b = b.clone();
-        for r in b.rates.iter_mut().flatten() {
+        // Spend limits like rate budgets: N replicas spending alone must
+        // not spend N times the money.
+        for r in b
+            .rates
+            .iter_mut()
+            .chain(std::iter::once(&mut b.spend))
+            .flatten()
+        {
             r.amount = (r.amount / n).max(1);
         }
         if let Some(c) = b.max_concurrency.as_mut() {
@@ -1715,7 +1722,7 @@ mod degraded_tests {
     #[test]
     fn a_degraded_replica_gets_its_share_of_budgets_and_probes() {
         let c = Config::parse(
-            "[targets.t]\nrequests_per_minute = 100\nbreaker = { half_open_max_probes = 4 }\n[targets.one]\nbreaker = { half_open_max_probes = 1 }\n",
+            "[targets.t]\nrequests_per_minute = 100\ncost_per_mtok_input = 1.0\nspend_per_day = 10.0\nbreaker = { half_open_max_probes = 4 }\n[targets.one]\nbreaker = { half_open_max_probes = 1 }\n",
             "t.toml",
         )
         .expect("valid");
@@ -1730,6 +1737,11 @@ mod degraded_tests {
         assert_eq!(
             t.breaker.half_open_max_probes, 2,
             "4 probes shared by 2 replicas"
+        );
+        assert_eq!(
+            t.budget.spend.map(|r| r.amount),
+            Some(5_000_000),
+            "$10 a day shared by 2 replicas"
         );
         assert_eq!(
             d.target("one").breaker.half_open_max_probes,
