@@ -220,18 +220,24 @@ fn check_spend(
     fx: &mut Effects,
 ) -> Result<SpendPlan, (Reason, Option<Duration>)> {
     let cfg = cx.settings;
+    // Most targets have no spend limit: one test, no arithmetic, nothing
+    // reserved (their spend is still counted when the outcome reports usage).
     let prices = crate::domain::spend::Prices {
         input: cfg.cost_per_mtok_input,
         output: cfg.cost_per_mtok_output,
     };
-    let cost = prices.micros(args.estimated_tokens, args.max_output_tokens);
+    let limited = cfg.budget.spend.is_some() || groups.iter().any(|g| g.config.spend.is_some());
     let mut plan = SpendPlan {
-        cost,
+        cost: 0,
         target: None,
         groups: Vec::new(),
     };
-    let limited = cfg.budget.spend.is_some() || groups.iter().any(|g| g.config.spend.is_some());
-    if !limited || cost == 0 {
+    if !limited {
+        return Ok(plan);
+    }
+    let cost = prices.micros(args.estimated_tokens, args.max_output_tokens);
+    plan.cost = cost;
+    if cost == 0 {
         return Ok(plan);
     }
     let scopes = std::iter::once((None, &cfg.budget))
