@@ -104,7 +104,12 @@ pub(crate) fn target_status(v: TargetView) -> proto::TargetStatus {
         group_budgets: v.groups.iter().map(budget).collect(),
         latency: v.latency.map(crate::wire::to_proto_duration),
         spend: None,
-        adaptive_concurrency: None,
+        adaptive_concurrency: v.adaptive.map(|a| proto::AdaptiveLimit {
+            limit: a.limit,
+            min: a.min,
+            max: a.max,
+            last_change: a.last_change,
+        }),
         distinct_failing_callers: v.distinct_failing_callers,
     }
 }

@@ -96,6 +96,9 @@ pub struct TargetMetrics {
     outcomes: Vec<Counter>,
     latency: AtomicHistogram,
     state: Gauge,
+    /// The adaptive concurrency gauge, created on the first learned limit
+    /// (targets with fixed limits never get a series).
+    adaptive: std::sync::OnceLock<Gauge>,
 }
 
 impl TargetMetrics {
@@ -132,6 +135,7 @@ pub struct Metrics {
     outcomes: Family<TargetClass, Counter>,
     call_latency: Family<TargetLabel, AtomicHistogram, Buckets>,
     breaker_state: Family<TargetLabel, Gauge>,
+    adaptive_limit: Family<TargetLabel, Gauge>,
     transitions: Family<TransitionLabels, Counter>,
     route_decisions: Family<RouteDepth, Counter>,
     route_exhausted: Family<RouteLabel, Counter>,
@@ -193,6 +197,7 @@ impl Metrics {
             Buckets(latency_buckets.clone()),
         );
         let breaker_state = Family::<TargetLabel, Gauge>::default();
+        let adaptive_limit = Family::<TargetLabel, Gauge>::default();
         let transitions = Family::<TransitionLabels, Counter>::default();
         let route_decisions = Family::<RouteDepth, Counter>::default();
         let route_exhausted = Family::<RouteLabel, Counter>::default();
@@ -229,6 +234,11 @@ impl Metrics {
             "breaker_state",
             "Breaker state per target: 0 closed, 1 open, 2 half-open, 3 forced open, 4 forced closed",
             breaker_state.clone(),
+        );
+        registry.register(
+            "adaptive_concurrency_limit",
+            "Learned concurrency limit per key slot of targets with max_concurrency = \"adaptive\"",
+            adaptive_limit.clone(),
         );
         registry.register(
             "breaker_transitions",
@@ -345,6 +355,7 @@ impl Metrics {
             outcomes,
             call_latency,
             breaker_state,
+            adaptive_limit,
             transitions,
             route_decisions,
             route_exhausted,
@@ -365,6 +376,7 @@ impl Metrics {
                 outcomes: Vec::new(),
                 latency: AtomicHistogram::with_bounds(latency_buckets),
                 state: Gauge::default(),
+                adaptive: Default::default(),
             }),
             rpc_handles: Vec::new(),
         };
@@ -437,6 +449,7 @@ impl Metrics {
                     .get_or_create(&TargetLabel { target })
                     .clone()
             },
+            adaptive: Default::default(),
         }
     }
 
@@ -473,6 +486,23 @@ impl Metrics {
         if t.label.as_ref() != OTHER {
             t.state.set(state_value(s));
         }
+    }
+
+    /// An adaptive target's learned concurrency limit (targets folded into
+    /// `_other` have no gauge: one series cannot hold many limits).
+    pub fn set_adaptive_limit(&self, t: &TargetMetrics, limit: u32) {
+        if t.label.as_ref() == OTHER {
+            return;
+        }
+        t.adaptive
+            .get_or_init(|| {
+                self.adaptive_limit
+                    .get_or_create(&TargetLabel {
+                        target: t.label.to_string(),
+                    })
+                    .clone()
+            })
+            .set(i64::from(limit));
     }
 
     /// Whether the embedded state store is failing to commit.

@@ -6,6 +6,7 @@ use super::{Effects, GroupRef, NEVER, Permit, UnitCx, lease_key};
 use crate::config::Enforcement;
 use crate::domain::Reason;
 use crate::domain::Time;
+use crate::domain::adaptive;
 use crate::domain::breaker::{BreakerState, Refusal, Ticket};
 use crate::domain::budget::{
     BudgetConfig, BudgetRefusal, BudgetState, Cost, Kind, Lease, Priority,
@@ -108,6 +109,11 @@ pub fn admit(
 
     match decision {
         Ok((ticket, slot_ix, leased)) => {
+            if let (Some(b), true) = (&cfg.budget.adaptive, leased) {
+                // Filling an adaptive limit is what lets it grow.
+                let in_flight = st.slots[slot_ix].budget.in_flight() as u32;
+                adaptive::note_admitted(b, st.adaptive_or(b.start()), in_flight);
+            }
             let permit_ref = st.breaker.commit(now, &cfg.breaker, ticket);
             st.next_admission += 1;
             note_budget_ok(cx, st, groups, slot_ix, fx);
@@ -190,6 +196,9 @@ fn choose_slot(
 ) -> Result<(usize, bool), (Reason, Option<Duration>)> {
     let cfg = cx.settings;
     let metered = !cfg.budget.is_unlimited() || !cfg.groups.is_empty();
+    // An adaptive target enforces what it has learned, reserves included.
+    let budget = super::slot_budget(cfg, st);
+    let budget: &BudgetConfig = &budget;
     let n = st.slots.len();
     // Lift pauses and disables that have run out (restoration is an event).
     for i in 0..n {
@@ -229,7 +238,7 @@ fn choose_slot(
     let n = n.min(order.len());
     for (k, o) in order.iter_mut().enumerate().take(n) {
         let i = (k + rotate) % n;
-        *o = (i, headroom(&st.slots[i].budget, &cfg.budget, now));
+        *o = (i, headroom(&st.slots[i].budget, budget, now));
     }
     let order = &mut order[..n];
     order.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
@@ -259,7 +268,7 @@ fn choose_slot(
             consider(Reason::RateLimited, Some(now.until(slot.paused_until)));
             continue;
         }
-        let slot_plan = match slot.budget.check(now, &cfg.budget, cost) {
+        let slot_plan = match slot.budget.check(now, budget, cost) {
             Ok(p) => p,
             Err(r) => {
                 let (reason, mut after) = budget_reason(&r);
