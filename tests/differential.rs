@@ -30,8 +30,8 @@ use std::time::Duration;
 
 const TARGETS: [&str; 5] = ["t", "k", "g1", "g2", "x"];
 
-/// Every kind of unit: a plain target with a breaker, a concurrency limit
-/// and token budgets; a keyed target; two targets drawing on one shared
+/// Every kind of unit: a plain target with a breaker, an adaptive
+/// concurrency limit and token budgets; a keyed target; two targets drawing on one shared
 /// budget group (separate group keys in Redis); and "x", created on first
 /// use with the defaults.
 const CONFIG: &str = r#"
@@ -42,7 +42,8 @@ breaker = { jitter = 0.0 }
 [targets.t]
 requests_per_minute = 60
 tokens_per_minute = 6000
-max_concurrency = 4
+max_concurrency = "adaptive"
+adaptive = { min = 2, max = 8, initial = 4 }
 reserve = { interactive = 0.25, default = 0.25 }
 cost_per_mtok_input = 2.0
 cost_per_mtok_output = 8.0

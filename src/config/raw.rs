@@ -91,6 +91,60 @@ impl<'de> Deserialize<'de> for CallerQuorum {
     }
 }
 
+/// `max_concurrency`: a positive integer, or "adaptive" (learned from
+/// outcomes within the bounds of the `adaptive` table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConcurrencyToml {
+    Fixed(u64),
+    Adaptive,
+}
+
+impl<'de> Deserialize<'de> for ConcurrencyToml {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ConcurrencyToml;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a positive integer or \"adaptive\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                if v <= 0 {
+                    return Err(E::custom(format!(
+                        "must be a positive integer or \"adaptive\", got {v}"
+                    )));
+                }
+                Ok(ConcurrencyToml::Fixed(v as u64))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                match i64::try_from(v) {
+                    Ok(v) => self.visit_i64(v),
+                    Err(_) => Err(E::custom(format!("{v} is too large"))),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                if v == "adaptive" {
+                    Ok(ConcurrencyToml::Adaptive)
+                } else {
+                    Err(E::custom(format!(
+                        "must be a positive integer or \"adaptive\", got {v:?}"
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `adaptive = { min = 2, max = 64, initial = 8 }`: the bounds of an
+/// adaptive `max_concurrency` (checked at resolution, with the defaults).
+#[derive(Deserialize, Debug, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveToml {
+    pub min: Option<i64>,
+    pub max: Option<i64>,
+    pub initial: Option<i64>,
+}
+
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ServerToml {
@@ -284,11 +338,14 @@ macro_rules! with_budget_fields {
             pub input_tokens: Option<Positive>,
             pub output_tokens: Option<Positive>,
             pub window: Option<Dur>,
-            pub max_concurrency: Option<Positive>,
             /// Money per `window` (in the currency of the prices), or per day / hour.
             pub spend: Option<Spanned<f64>>,
             pub spend_per_day: Option<Spanned<f64>>,
             pub spend_per_hour: Option<Spanned<f64>>,
+            /// A positive integer, or "adaptive" (bounds in `adaptive`).
+            pub max_concurrency: Option<Spanned<ConcurrencyToml>>,
+            /// Bounds of `max_concurrency = "adaptive"`.
+            pub adaptive: Option<Spanned<AdaptiveToml>>,
             /// Shares held back for higher priorities, e.g. `{ interactive = 0.2 }`.
             pub reserve: Option<Spanned<ReserveToml>>,
             $($(#[$fm])* pub $f: $t,)*

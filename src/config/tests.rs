@@ -229,3 +229,69 @@ slow_call_duration = "2s"
         Duration::from_secs(5)
     );
 }
+
+#[test]
+fn adaptive_concurrency_resolves_with_defaults_and_checked_bounds() {
+    let c = Config::parse(
+        "[targets.a]\nmax_concurrency = \"adaptive\"\nadaptive = { min = 2, max = 64, initial = 8 }\n\
+         reserve = { interactive = 0.25 }\n[targets.b]\nmax_concurrency = \"adaptive\"\n\
+         [targets.c]\nmax_concurrency = \"adaptive\"\nadaptive = { max = 4 }\n",
+        "t",
+    )
+    .expect("valid");
+    let a = c.target("a").budget.clone();
+    let bounds = a.adaptive.expect("adaptive");
+    assert_eq!((bounds.min, bounds.max, bounds.initial), (2, 64, 8));
+    assert_eq!(
+        a.max_concurrency,
+        Some(8),
+        "the limit before anything is learned"
+    );
+    assert_eq!(a.reserve, [250, 0], "reserves apply to the learned limit");
+    let b = c.target("b").budget.adaptive.expect("defaults");
+    assert_eq!((b.min, b.max, b.initial), (1, 256, 8));
+    let cc = c.target("c").budget.adaptive.expect("initial fitted");
+    assert_eq!((cc.min, cc.max, cc.initial), (1, 4, 4));
+
+    let adaptive = "[targets.a]\nmax_concurrency = \"adaptive\"\n";
+    for (extra, message) in [
+        (
+            "adaptive = { min = 0 }\n",
+            "adaptive.min = 0 must be at least 1",
+        ),
+        ("adaptive = { max = 100001 }\n", "at most 100000"),
+        (
+            "adaptive = { min = 9, max = 8 }\n",
+            "must not be above adaptive.max",
+        ),
+        (
+            "adaptive = { min = 2, max = 8, initial = 9 }\n",
+            "adaptive.initial = 9 must be between",
+        ),
+        ("adaptive = { minimum = 2 }\n", "unknown field"),
+    ] {
+        let err = Config::parse(&format!("{adaptive}{extra}"), "t").expect_err(extra);
+        assert!(err.to_string().contains(message), "{extra}: {err}");
+    }
+    for (toml, message) in [
+        (
+            "[targets.a]\nmax_concurrency = \"auto\"\n",
+            "positive integer or \"adaptive\"",
+        ),
+        (
+            "[targets.a]\nmax_concurrency = 4\nadaptive = { max = 8 }\n",
+            "need max_concurrency = \"adaptive\"",
+        ),
+        (
+            "[targets.a]\nadaptive = { max = 8 }\n",
+            "need max_concurrency = \"adaptive\"",
+        ),
+        (
+            "[budgets.g]\nmax_concurrency = \"adaptive\"\n",
+            "learned per target",
+        ),
+    ] {
+        let err = Config::parse(toml, "t").expect_err(toml);
+        assert!(err.to_string().contains(message), "{toml}: {err}");
+    }
+}

@@ -23,6 +23,7 @@
 //! charge the budget admits again within at most one window (see
 //! [`MAX_DEBT_WINDOWS`]); a stored TAT from before the cap is clamped on load.
 
+use super::adaptive::AdaptiveBounds;
 use super::time::Time;
 use std::time::Duration;
 
@@ -131,9 +132,23 @@ pub struct BudgetConfig {
     /// `domain::spend`); None = no spend limit. Held outside the per-slot
     /// cells: a spend limit is the target's (or group's) as a whole.
     pub spend: Option<Rate>,
+    /// `max_concurrency = "adaptive"`: the concurrency limit is learned from
+    /// outcomes within these bounds (see [`super::adaptive`]);
+    /// `max_concurrency` then holds the initial limit, and admission
+    /// enforces the learned one through [`BudgetConfig::with_concurrency`].
+    pub adaptive: Option<AdaptiveBounds>,
 }
 
 impl BudgetConfig {
+    /// This budget with another concurrency limit (an adaptive target's
+    /// learned one): the reserves apply to it like to a fixed limit.
+    pub fn with_concurrency(&self, limit: u32) -> BudgetConfig {
+        BudgetConfig {
+            max_concurrency: Some(limit),
+            ..self.clone()
+        }
+    }
+
     pub fn rate(&self, kind: Kind) -> Option<Rate> {
         self.rates[kind.index()]
     }

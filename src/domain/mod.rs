@@ -6,6 +6,7 @@
 //! That keeps every rule exactly testable and lets the engine decide how state
 //! is shared and persisted.
 
+pub mod adaptive;
 pub mod breaker;
 pub mod budget;
 pub mod duration;

@@ -527,3 +527,80 @@ async fn a_reload_changes_min_distinct_callers_live() {
         "the next failure trips it"
     );
 }
+
+/// An adaptive concurrency limit follows a reload live: what was learned
+/// is fitted into new bounds, a switch to a fixed limit enforces that
+/// limit at once, and a switch back starts learning again.
+#[tokio::test]
+async fn a_reload_moves_adaptive_bounds_and_switches_to_and_from_fixed() {
+    let adaptive = |min: u32, max: u32, initial: u32| {
+        format!(
+            "[targets.t]\nmax_concurrency = \"adaptive\"\n\
+             adaptive = {{ min = {min}, max = {max}, initial = {initial} }}\n"
+        )
+    };
+    let (e, clock) = engine(&adaptive(2, 64, 8));
+    let limit = |v: &TargetView| v.adaptive.as_ref().map(|a| a.limit);
+    // Rounds of a fleet that fills the limit and succeeds: +1 per round.
+    for _ in 0..4 {
+        let mut tokens = Vec::new();
+        loop {
+            let a = admit(&e, "t").await;
+            if !a.allowed {
+                assert_eq!(a.reason, crate::domain::Reason::ConcurrencyLimit);
+                break;
+            }
+            tokens.push(a.token);
+        }
+        clock.advance(Duration::from_millis(100));
+        for token in &tokens {
+            e.record_outcome(
+                "t",
+                OutcomeReport {
+                    permit: token,
+                    http_status: 200,
+                    latency: Some(Duration::from_millis(100)),
+                    ..OutcomeReport::default()
+                },
+            )
+            .await
+            .expect("valid report");
+        }
+    }
+    let v = e.get_target("t").await.expect("t");
+    assert_eq!(limit(&v), Some(12));
+    assert_eq!(admitted(&e, "t", 20).await, 12, "admission enforces it");
+    // Tighter bounds: the learned limit is fitted in, and enforced.
+    let r = e
+        .reload(parse(&adaptive(2, 10, 8)), "test")
+        .await
+        .expect("reload");
+    assert_eq!(r.changed, vec!["t"]);
+    let v = e.get_target("t").await.expect("t");
+    assert_eq!(limit(&v), Some(10));
+    let a = v.adaptive.as_ref().expect("adaptive");
+    assert_eq!((a.min, a.max), (2, 10));
+    assert_eq!(a.last_change, "cut 12 → 10: the configured bounds changed");
+    // The 12 calls in flight carried over; nothing more fits under 10.
+    assert_eq!(admitted(&e, "t", 5).await, 0);
+    // A fixed limit: no adaptive status, the fixed limit is what admits.
+    e.reload(parse("[targets.t]\nmax_concurrency = 14\n"), "test")
+        .await
+        .expect("reload");
+    let v = e.get_target("t").await.expect("t");
+    assert_eq!(v.adaptive, None);
+    assert_eq!(admitted(&e, "t", 5).await, 2, "12 in flight, 14 allowed");
+    // Adaptive again: learning starts over from the initial limit.
+    e.reload(parse(&adaptive(4, 64, 20)), "test")
+        .await
+        .expect("reload");
+    let v = e.get_target("t").await.expect("t");
+    assert_eq!(limit(&v), Some(20));
+    assert!(
+        v.adaptive
+            .expect("adaptive")
+            .last_change
+            .contains("initial")
+    );
+    assert_eq!(admitted(&e, "t", 10).await, 6, "14 in flight, 20 allowed");
+}

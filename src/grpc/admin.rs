@@ -116,7 +116,12 @@ pub(crate) fn target_status(v: TargetView) -> proto::TargetStatus {
                 })
                 .collect(),
         }),
-        adaptive_concurrency: None,
+        adaptive_concurrency: v.adaptive.map(|a| proto::AdaptiveLimit {
+            limit: a.limit,
+            min: a.min,
+            max: a.max,
+            last_change: a.last_change,
+        }),
         distinct_failing_callers: v.distinct_failing_callers,
     }
 }

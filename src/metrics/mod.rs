@@ -97,6 +97,9 @@ pub struct TargetMetrics {
     latency: AtomicHistogram,
     state: Gauge,
     spend: Counter<f64, AtomicU64>,
+    /// The adaptive concurrency gauge, created on the first learned limit
+    /// (targets with fixed limits never get a series).
+    adaptive: std::sync::OnceLock<Gauge>,
 }
 
 impl TargetMetrics {
@@ -138,6 +141,7 @@ pub struct Metrics {
     outcomes: Family<TargetClass, Counter>,
     call_latency: Family<TargetLabel, AtomicHistogram, Buckets>,
     breaker_state: Family<TargetLabel, Gauge>,
+    adaptive_limit: Family<TargetLabel, Gauge>,
     transitions: Family<TransitionLabels, Counter>,
     route_decisions: Family<RouteDepth, Counter>,
     route_exhausted: Family<RouteLabel, Counter>,
@@ -201,6 +205,7 @@ impl Metrics {
             Buckets(latency_buckets.clone()),
         );
         let breaker_state = Family::<TargetLabel, Gauge>::default();
+        let adaptive_limit = Family::<TargetLabel, Gauge>::default();
         let transitions = Family::<TransitionLabels, Counter>::default();
         let route_decisions = Family::<RouteDepth, Counter>::default();
         let route_exhausted = Family::<RouteLabel, Counter>::default();
@@ -243,6 +248,11 @@ impl Metrics {
             "breaker_state",
             "Breaker state per target: 0 closed, 1 open, 2 half-open, 3 forced open, 4 forced closed",
             breaker_state.clone(),
+        );
+        registry.register(
+            "adaptive_concurrency_limit",
+            "Learned concurrency limit per key slot of targets with max_concurrency = \"adaptive\"",
+            adaptive_limit.clone(),
         );
         registry.register(
             "breaker_transitions",
@@ -359,6 +369,7 @@ impl Metrics {
             outcomes,
             call_latency,
             breaker_state,
+            adaptive_limit,
             transitions,
             route_decisions,
             route_exhausted,
@@ -381,6 +392,7 @@ impl Metrics {
                 latency: AtomicHistogram::with_bounds(latency_buckets),
                 state: Gauge::default(),
                 spend: Counter::default(),
+                adaptive: Default::default(),
             }),
             rpc_handles: Vec::new(),
         };
@@ -456,6 +468,7 @@ impl Metrics {
                     .clone()
             },
             spend: self.spend.get_or_create(&TargetLabel { target }).clone(),
+            adaptive: Default::default(),
         }
     }
 
@@ -492,6 +505,23 @@ impl Metrics {
         if t.label.as_ref() != OTHER {
             t.state.set(state_value(s));
         }
+    }
+
+    /// An adaptive target's learned concurrency limit (targets folded into
+    /// `_other` have no gauge: one series cannot hold many limits).
+    pub fn set_adaptive_limit(&self, t: &TargetMetrics, limit: u32) {
+        if t.label.as_ref() == OTHER {
+            return;
+        }
+        t.adaptive
+            .get_or_init(|| {
+                self.adaptive_limit
+                    .get_or_create(&TargetLabel {
+                        target: t.label.to_string(),
+                    })
+                    .clone()
+            })
+            .set(i64::from(limit));
     }
 
     /// Whether the embedded state store is failing to commit.

@@ -2,6 +2,7 @@
 
 use super::Cx;
 use crate::config::raw::*;
+use crate::domain::adaptive::{AdaptiveBounds, MAX_LIMIT};
 use crate::domain::budget::{BudgetConfig, Kind, Rate};
 use std::ops::Range;
 
@@ -106,9 +107,39 @@ impl Cx {
                 format!("{what}: window is set but no per-window budget (requests, tokens, input_tokens, output_tokens) uses it"),
             );
         }
-        out.max_concurrency = b
-            .max_concurrency()
-            .map(|Positive(n)| u32::try_from(n).unwrap_or(u32::MAX));
+        match b.max_concurrency().map(|c| (*c.get_ref(), c.span())) {
+            Some((ConcurrencyToml::Fixed(n), _)) => {
+                out.max_concurrency = Some(u32::try_from(n).unwrap_or(u32::MAX));
+                if let Some(a) = b.adaptive() {
+                    self.err(
+                        a.span(),
+                        format!("{what}: adaptive bounds need max_concurrency = \"adaptive\""),
+                    );
+                }
+            }
+            Some((ConcurrencyToml::Adaptive, span)) if b.is_group() => self.err(
+                span,
+                format!(
+                    "{what}: max_concurrency = \"adaptive\" is learned per target; \
+                     a budget group takes a fixed max_concurrency"
+                ),
+            ),
+            Some((ConcurrencyToml::Adaptive, span)) => {
+                if let Some(bounds) = self.adaptive_bounds(b.adaptive(), span, what) {
+                    // The limit admission enforces before anything is learned.
+                    out.max_concurrency = Some(bounds.initial);
+                    out.adaptive = Some(bounds);
+                }
+            }
+            None => {
+                if let Some(a) = b.adaptive() {
+                    self.err(
+                        a.span(),
+                        format!("{what}: adaptive bounds need max_concurrency = \"adaptive\""),
+                    );
+                }
+            }
+        }
         if let Some(r) = b.reserve() {
             let span = r.span();
             let r = *r.get_ref();
@@ -147,21 +178,87 @@ impl Cx {
     }
 }
 
+impl Cx {
+    /// The bounds of an adaptive limit: defaults [`DEFAULT_ADAPTIVE`], each
+    /// checked (`1 <= min <= initial <= max <= MAX_LIMIT`).
+    fn adaptive_bounds(
+        &mut self,
+        a: Option<&toml::Spanned<AdaptiveToml>>,
+        span: Range<usize>,
+        what: &str,
+    ) -> Option<AdaptiveBounds> {
+        let (span, t) = match a {
+            Some(a) => (a.span(), *a.get_ref()),
+            None => (span, AdaptiveToml::default()),
+        };
+        let d = DEFAULT_ADAPTIVE;
+        let min = t.min.unwrap_or(i64::from(d.min));
+        let max = t.max.unwrap_or(i64::from(d.max));
+        // Unset, the initial limit is the default one fitted into the bounds.
+        let initial = t
+            .initial
+            .unwrap_or_else(|| i64::from(d.initial).clamp(min.min(max), max.max(min)));
+        let problem = if min < 1 {
+            Some(format!("adaptive.min = {min} must be at least 1"))
+        } else if max > i64::from(MAX_LIMIT) {
+            Some(format!("adaptive.max = {max} must be at most {MAX_LIMIT}"))
+        } else if min > max {
+            Some(format!(
+                "adaptive.min = {min} must not be above adaptive.max = {max}"
+            ))
+        } else if !(min..=max).contains(&initial) {
+            Some(format!(
+                "adaptive.initial = {initial} must be between adaptive.min = {min} and adaptive.max = {max}"
+            ))
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            self.err(span, format!("{what}: {p}"));
+            return None;
+        }
+        // In range of u32 now (1..=MAX_LIMIT).
+        Some(AdaptiveBounds {
+            min: min as u32,
+            max: max as u32,
+            initial: initial as u32,
+            share: 1,
+        })
+    }
+}
+
+/// Bounds of `max_concurrency = "adaptive"` when the `adaptive` table (or
+/// one of its keys) is left out: start at 8 calls at once, never below 1,
+/// never above 256 (past which a single provider deployment rarely scales,
+/// and a runaway limit would take long to come back down).
+pub const DEFAULT_ADAPTIVE: AdaptiveBounds = AdaptiveBounds {
+    min: 1,
+    max: 256,
+    initial: 8,
+    share: 1,
+};
+
 /// Targets and budget groups share the budget keys.
 pub(super) trait HasAmounts {
     fn amounts(&self) -> [(Option<Positive>, Option<Positive>); 4];
-    fn max_concurrency(&self) -> Option<Positive>;
+    fn max_concurrency(&self) -> Option<&toml::Spanned<ConcurrencyToml>>;
+    fn adaptive(&self) -> Option<&toml::Spanned<AdaptiveToml>>;
     fn reserve(&self) -> Option<&toml::Spanned<ReserveToml>>;
     /// (spend, spend_per_day, spend_per_hour).
     fn spend_amounts(&self) -> [Option<&toml::Spanned<f64>>; 3];
+    /// Budget groups take fixed limits only.
+    fn is_group(&self) -> bool;
 }
 
 impl HasAmounts for TargetToml {
     fn amounts(&self) -> [(Option<Positive>, Option<Positive>); 4] {
         TargetToml::amounts(self)
     }
-    fn max_concurrency(&self) -> Option<Positive> {
-        self.max_concurrency
+    fn max_concurrency(&self) -> Option<&toml::Spanned<ConcurrencyToml>> {
+        self.max_concurrency.as_ref()
+    }
+    fn adaptive(&self) -> Option<&toml::Spanned<AdaptiveToml>> {
+        self.adaptive.as_ref()
     }
     fn reserve(&self) -> Option<&toml::Spanned<ReserveToml>> {
         self.reserve.as_ref()
@@ -172,6 +269,9 @@ impl HasAmounts for TargetToml {
             self.spend_per_day.as_ref(),
             self.spend_per_hour.as_ref(),
         ]
+    }
+    fn is_group(&self) -> bool {
+        false
     }
 }
 
@@ -179,8 +279,11 @@ impl HasAmounts for GroupToml {
     fn amounts(&self) -> [(Option<Positive>, Option<Positive>); 4] {
         GroupToml::amounts(self)
     }
-    fn max_concurrency(&self) -> Option<Positive> {
-        self.max_concurrency
+    fn max_concurrency(&self) -> Option<&toml::Spanned<ConcurrencyToml>> {
+        self.max_concurrency.as_ref()
+    }
+    fn adaptive(&self) -> Option<&toml::Spanned<AdaptiveToml>> {
+        self.adaptive.as_ref()
     }
     fn reserve(&self) -> Option<&toml::Spanned<ReserveToml>> {
         self.reserve.as_ref()
@@ -191,5 +294,8 @@ impl HasAmounts for GroupToml {
             self.spend_per_day.as_ref(),
             self.spend_per_hour.as_ref(),
         ]
+    }
+    fn is_group(&self) -> bool {
+        true
     }
 }

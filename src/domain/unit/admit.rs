@@ -6,6 +6,7 @@ use super::{Effects, GroupRef, NEVER, Permit, UnitCx, lease_key};
 use crate::config::Enforcement;
 use crate::domain::Reason;
 use crate::domain::Time;
+use crate::domain::adaptive;
 use crate::domain::breaker::{BreakerState, Refusal, Ticket};
 use crate::domain::budget::{
     BudgetConfig, BudgetRefusal, BudgetState, Cost, Kind, Lease, Priority, Rate,
@@ -116,6 +117,11 @@ pub fn admit(
     match decision {
         Ok((ticket, slot_ix, leased, spend)) => {
             let reserved_spend = spend.commit(st, groups);
+            if let (Some(b), true) = (&cfg.budget.adaptive, leased) {
+                // Filling an adaptive limit is what lets it grow.
+                let in_flight = st.slots[slot_ix].budget.in_flight() as u32;
+                adaptive::note_admitted(b, st.adaptive_or(b.start()), in_flight);
+            }
             let permit_ref = st.breaker.commit(now, &cfg.breaker, ticket);
             st.next_admission += 1;
             note_budget_ok(cx, st, groups, slot_ix, fx);
@@ -308,6 +314,9 @@ fn choose_slot(
 ) -> Result<(usize, bool), (Reason, Option<Duration>)> {
     let cfg = cx.settings;
     let metered = !cfg.budget.is_unlimited() || !cfg.groups.is_empty();
+    // An adaptive target enforces what it has learned, reserves included.
+    let budget = super::slot_budget(cfg, st);
+    let budget: &BudgetConfig = &budget;
     let n = st.slots.len();
     // Lift pauses and disables that have run out (restoration is an event).
     for i in 0..n {
@@ -347,7 +356,7 @@ fn choose_slot(
     let n = n.min(order.len());
     for (k, o) in order.iter_mut().enumerate().take(n) {
         let i = (k + rotate) % n;
-        *o = (i, headroom(&st.slots[i].budget, &cfg.budget, now));
+        *o = (i, headroom(&st.slots[i].budget, budget, now));
     }
     let order = &mut order[..n];
     order.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
@@ -377,7 +386,7 @@ fn choose_slot(
             consider(Reason::RateLimited, Some(now.until(slot.paused_until)));
             continue;
         }
-        let slot_plan = match slot.budget.check(now, &cfg.budget, cost) {
+        let slot_plan = match slot.budget.check(now, budget, cost) {
             Ok(p) => p,
             Err(r) => {
                 let (reason, mut after) = budget_reason(&r);

@@ -15,6 +15,7 @@
 use super::UnitCx;
 use super::state::{Counters, GroupState, Learned, Slot, TargetState};
 use crate::domain::Time;
+use crate::domain::adaptive::{AdaptiveState, Change};
 use crate::domain::breaker::{
     Breaker, BreakerParts, BreakerSnapshot, BreakerState, FailureCallers, Mode, Probe,
 };
@@ -97,6 +98,70 @@ pub struct TargetRecord {
     /// with `min_distinct_callers` > 1). Read by [`decode`] and [`restore`] alike.
     #[prost(message, repeated, tag = "25")]
     pub failure_callers: Vec<CallerRecord>,
+    /// An adaptive concurrency limit's learned state (absent for fixed
+    /// limits). Tag 45 leaves 41..44 for neighbouring work. Read by
+    /// [`decode`] and [`restore`] alike: what the fleet learned about a
+    /// provider outlives a restart.
+    #[prost(message, optional, tag = "45")]
+    pub adaptive: Option<AdaptiveRecord>,
+}
+
+/// See [`crate::domain::adaptive::AdaptiveState`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AdaptiveRecord {
+    #[prost(uint32, tag = "1")]
+    pub limit: u32,
+    #[prost(uint32, tag = "2")]
+    pub credit: u32,
+    #[prost(uint32, tag = "3")]
+    pub baseline_us: u32,
+    #[prost(uint64, tag = "4")]
+    pub cut_at: u64,
+    #[prost(uint32, tag = "5")]
+    pub published: u32,
+    #[prost(uint32, tag = "6")]
+    pub from: u32,
+    /// `Change::code`.
+    #[prost(uint32, tag = "7")]
+    pub change: u32,
+    #[prost(uint64, tag = "8")]
+    pub changed_at: u64,
+    #[prost(bool, tag = "9")]
+    pub reached: bool,
+}
+
+fn adaptive_record(a: &AdaptiveState) -> AdaptiveRecord {
+    AdaptiveRecord {
+        limit: a.limit,
+        credit: a.credit,
+        baseline_us: a.baseline_us,
+        cut_at: a.cut_at.as_nanos(),
+        published: a.published,
+        from: a.from,
+        change: a.change.code(),
+        changed_at: a.changed_at.as_nanos(),
+        reached: a.reached,
+    }
+}
+
+/// The learned state a record carries, fitted into the bounds the target
+/// has now (a reload may have moved them; a target no longer adaptive
+/// forgets it).
+fn adaptive_from(cx: &UnitCx<'_>, r: &AdaptiveRecord) -> Option<AdaptiveState> {
+    let bounds = cx.settings.budget.adaptive?;
+    let mut a = AdaptiveState {
+        limit: r.limit,
+        credit: r.credit,
+        baseline_us: r.baseline_us,
+        cut_at: Time::from_nanos(r.cut_at),
+        published: r.published,
+        from: r.from,
+        change: Change::from_code(r.change),
+        changed_at: Time::from_nanos(r.changed_at),
+        reached: r.reached,
+    };
+    a.fit(&bounds);
+    Some(a)
 }
 
 /// One caller towards `min_distinct_callers`: a hash of its name and when
@@ -324,6 +389,7 @@ pub fn encode(cx: &UnitCx<'_>, st: &TargetState) -> TargetRecord {
             .collect(),
         breaker_window: p.window.as_ref().map(window_record),
         retry_window: st.retry().map(|r| window_record(r.counts())),
+        adaptive: st.adaptive().map(adaptive_record),
         failure_callers: st
             .breaker
             .failure_callers()
@@ -343,6 +409,7 @@ pub fn encode(cx: &UnitCx<'_>, st: &TargetState) -> TargetRecord {
 /// Restores the parts both readings share: notes, counters, slots (matched
 /// by name: slots no longer configured are dropped), with leases or not.
 fn fill(cx: &UnitCx<'_>, st: &mut TargetState, rec: &TargetRecord, keep_leases: bool) {
+    st.set_adaptive(rec.adaptive.as_ref().and_then(|r| adaptive_from(cx, r)));
     st.set_forced_reason(
         (!rec.forced_reason.is_empty()).then(|| rec.forced_reason.clone().into_boxed_str()),
     );

@@ -43,6 +43,21 @@ use crate::config::TargetSettings;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The budget a target's key slots enforce now: its configured budget, with
+/// an adaptive target's learned concurrency limit in place of the fixed one.
+/// Borrowed unless the target is adaptive.
+pub fn slot_budget<'a>(
+    settings: &'a TargetSettings,
+    st: &TargetState,
+) -> std::borrow::Cow<'a, BudgetConfig> {
+    match &settings.budget.adaptive {
+        Some(a) => {
+            std::borrow::Cow::Owned(settings.budget.with_concurrency(a.effective(st.adaptive())))
+        }
+        None => std::borrow::Cow::Borrowed(&settings.budget),
+    }
+}
+
 /// What a decision reads besides its state: the target's settings and
 /// identity (the seed is a hash of its name).
 #[derive(Clone, Copy, Debug)]
@@ -95,6 +110,9 @@ pub struct Effects {
     pub state_dirty: bool,
     /// Only counters changed (written at a graceful shutdown).
     pub counted: bool,
+    /// An adaptive target's learned concurrency limit moved to this (the
+    /// engine sets its gauge; events are published only on larger moves).
+    pub adaptive_limit: Option<u32>,
 }
 
 /// Provider pauses at least this long are durable before the answer leaves.

@@ -3,6 +3,7 @@
 use super::narrate::{absorb_breaker_events, describe_outcome};
 use super::state::{Learned, TargetState};
 use super::{DURABLE_PAUSE, Effects, GroupRef, Permit, UnitCx, lease_key, name_hash};
+use crate::domain::adaptive::{self, Observation};
 use crate::domain::breaker::{ANONYMOUS, BreakerState, Effect, PermitRef, Trigger};
 use crate::domain::budget::{Kind, Usage};
 use crate::domain::event::EventKind;
@@ -291,6 +292,27 @@ pub fn record(
                     .spend
                     .settle(now, g.config.spend.as_ref(), reserved_spend, actual);
             }
+            fx.state_dirty = true;
+        }
+    }
+
+    // An adaptive concurrency limit learns from reports that may steer the
+    // fleet (like latency and provider signals: not from permit-less ones).
+    if let (Some(bounds), true) = (&cfg.budget.adaptive, trusted) {
+        let obs = Observation {
+            class,
+            http_status: args.http_status,
+            error_type: args.error_type,
+            latency: args.latency,
+            recent: st.latency(),
+            issued: own.map(|p| Time::from_millis(p.issued_ms)),
+        };
+        let a = st.adaptive_or(bounds.start());
+        let before = *a;
+        if adaptive::observe(bounds, a, now, &obs, &mut fx.events) {
+            fx.adaptive_limit = Some(a.limit);
+        }
+        if *a != before {
             fx.state_dirty = true;
         }
     }

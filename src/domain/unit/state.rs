@@ -9,6 +9,7 @@
 //! [`super::admit`], [`super::outcome`] and [`super::operate`].
 
 use crate::domain::Time;
+use crate::domain::adaptive::AdaptiveState;
 use crate::domain::breaker::Breaker;
 use crate::domain::budget::BudgetState;
 use crate::domain::retry::RetryBudget;
@@ -86,6 +87,10 @@ pub struct Notes {
     pub latency_us: u32,
     /// Money spent, and the target's spend limit cell (priced targets only).
     pub spend: crate::domain::spend::Spend,
+    /// The learned concurrency limit of a `max_concurrency = "adaptive"`
+    /// target (None until its first outcome, or when not adaptive). Here,
+    /// not inline, so targets with fixed limits pay nothing for it.
+    pub adaptive: Option<AdaptiveState>,
 }
 
 /// Weight of each new latency in the moving average.
@@ -178,6 +183,23 @@ impl TargetState {
             None => x,
         };
         self.set_latency(Some(std::time::Duration::from_micros(next as u64)));
+    }
+
+    /// What an adaptive target has learned, if anything yet.
+    pub fn adaptive(&self) -> Option<&AdaptiveState> {
+        self.notes.as_ref().and_then(|n| n.adaptive.as_ref())
+    }
+    /// The learned state, started with `start` if there is none yet.
+    pub fn adaptive_or(&mut self, start: AdaptiveState) -> &mut AdaptiveState {
+        self.notes
+            .get_or_insert_with(Default::default)
+            .adaptive
+            .get_or_insert(start)
+    }
+    pub fn set_adaptive(&mut self, a: Option<AdaptiveState>) {
+        if a.is_some() || self.notes.is_some() {
+            self.notes.get_or_insert_with(Default::default).adaptive = a;
+        }
     }
 
     /// Why an operator forced the breaker, if they said.

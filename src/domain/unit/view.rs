@@ -64,6 +64,8 @@ pub struct TargetView {
     pub spend_total: f64,
     /// Every spend limit the target draws on, with what is left now.
     pub spend_limits: Vec<SpendView>,
+    /// `max_concurrency = "adaptive"`: the limit learned so far.
+    pub adaptive: Option<AdaptiveView>,
 }
 
 /// One spend limit, for status views.
@@ -74,6 +76,17 @@ pub struct SpendView {
     pub limit: f64,
     pub window: Duration,
     pub available: f64,
+}
+
+/// An adaptive concurrency limit as operators see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdaptiveView {
+    /// What admission enforces now (per key slot).
+    pub limit: u32,
+    pub min: u32,
+    pub max: u32,
+    /// Why it last moved, e.g. "cut 20 → 16: the provider answered 429".
+    pub last_change: String,
 }
 
 /// One line of a target listing.
@@ -137,6 +150,15 @@ pub fn view(
     now: Time,
 ) -> TargetView {
     let mut in_flight = 0u32;
+    let budget = super::slot_budget(settings, st);
+    let adaptive = settings.budget.adaptive.map(|b| AdaptiveView {
+        limit: b.effective(st.adaptive()),
+        min: b.min,
+        max: b.max,
+        last_change: st
+            .adaptive()
+            .map_or_else(|| b.start().describe(), |a| a.describe()),
+    });
     let slots = st
         .slots
         .iter_mut()
@@ -149,7 +171,7 @@ pub fn view(
                 disabled_until: (s.disabled_until > now).then_some(s.disabled_until),
                 disabled_reason: s.disabled_reason.as_deref().map(str::to_string),
                 paused_until: (s.paused_until > now).then_some(s.paused_until),
-                budgets: budget_views(&s.budget, &settings.budget, None, now),
+                budgets: budget_views(&s.budget, &budget, None, now),
                 learned: s
                     .learned
                     .as_ref()
@@ -217,6 +239,7 @@ pub fn view(
         distinct_failing_callers: st.breaker.distinct_failing_callers(now, &settings.breaker),
         spend_total: crate::domain::spend::dollars(st.spend().total_micros),
         spend_limits,
+        adaptive,
     }
 }
 

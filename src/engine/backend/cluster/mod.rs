@@ -678,6 +678,11 @@ fn degraded_config(config: &Config, replicas: usize) -> Config {
         if let Some(c) = b.max_concurrency.as_mut() {
             *c = (*c / n as u32).max(1);
         }
+        // An adaptive limit is learned fleet-wide: each replica alone takes
+        // its share of whatever was learned.
+        if let Some(a) = b.adaptive.as_mut() {
+            a.share = n as u32;
+        }
         b
     };
     // Half-open probes too: N replicas probing alone would send N times
@@ -1118,6 +1123,7 @@ impl Inner {
             let mut events: Vec<Vec<u8>> = Vec::new();
             let mut settled: Vec<(usize, String, Vec<u8>, u64)> = Vec::new();
             let mut transitions = Vec::new();
+            let mut adapted = Vec::new();
             let mut durable = false;
             for (ji, job) in jobs.iter().enumerate() {
                 let meta = &job.meta;
@@ -1250,6 +1256,9 @@ impl Inner {
                     }
                 }
                 durable |= fx.durable;
+                if let Some(limit) = fx.adaptive_limit {
+                    adapted.push((ji, limit));
+                }
                 for k in fx.events {
                     if let EventKind::BreakerTransition { from, to, .. } = k {
                         transitions.push((ji, from, to));
@@ -1315,6 +1324,10 @@ impl Inner {
                     }
                     for (ji, from, to) in transitions {
                         self.metrics.transition(&jobs[ji].meta.metrics, from, to);
+                    }
+                    for (ji, limit) in adapted {
+                        self.metrics
+                            .set_adaptive_limit(&jobs[ji].meta.metrics, limit);
                     }
                     for m in metas
                         .iter()

@@ -393,6 +393,9 @@ impl LocalBackend {
     /// Snapshots are queued under the lock so they reach the store in order.
     /// Returns what the answer must wait for before it leaves.
     fn finish(&self, now: Time, target: &Target, l: &Locked, fx: &mut Effects) -> Option<Pending> {
+        if let Some(limit) = fx.adaptive_limit {
+            self.metrics.set_adaptive_limit(&target.metrics, limit);
+        }
         for kind in &fx.events {
             if let EventKind::BreakerTransition { from, to, .. } = *kind {
                 self.metrics.transition(&target.metrics, from, to);
@@ -870,6 +873,11 @@ impl LocalBackend {
                 continue;
             }
             let l = t.lock();
+            if let Some(a) = &t.conf.settings.budget.adaptive {
+                // Also after a restart or reload, before anything moved it.
+                let limit = a.clamp(l.st.adaptive().map_or(a.initial, |s| s.limit));
+                self.metrics.set_adaptive_limit(&t.metrics, limit);
+            }
             for (i, slot) in l.st.slots.iter().enumerate() {
                 for kind in Kind::ALL {
                     if let Some(rate) = t.conf.settings.budget.rate(kind) {
