@@ -150,6 +150,17 @@ async fn spend_is_reserved_refused_settled_and_shown() {
     assert_eq!(r.reason(), proto::Reason::RequestTooLarge);
     assert!(r.retry_after.is_none());
 
+    // The dashboard's snapshot carries it too.
+    let snap = s.http_get("/api/snapshot", &[]).1;
+    let v: serde_json::Value = serde_json::from_str(&snap).expect("json");
+    let m_json = v["targets"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["target"] == "m"))
+        .cloned()
+        .expect("m in the snapshot");
+    assert_eq!(m_json["spend"]["total"].as_f64(), Some(0.0045), "{m_json}");
+    assert_eq!(m_json["spend"]["limits"][1]["scope"], "team");
+
     // The metric counts settled money.
     let m = s.http_get("/metrics", &[]).1;
     assert!(

@@ -56,6 +56,19 @@ pub fn target(v: &TargetView) -> Value {
         "disabled_key_slots": v.slots.iter().filter(|s| s.disabled_until.is_some()).filter_map(|s| s.name.as_deref()).collect::<Vec<_>>(),
         "last_cause": v.last_cause,
         "forced_reason": v.forced_reason,
+        "in_flight": v.in_flight,
+        "latency_ms": v.latency.map(|d| d.as_secs_f64() * 1000.0),
+        "distinct_failing_callers": v.distinct_failing_callers,
+        "spend": {
+            "total": v.spend_total,
+            "limits": v.spend_limits.iter().map(|l| json!({
+                "scope": l.scope.as_ref(), "limit": l.limit,
+                "window_ms": l.window.as_millis() as u64, "available": l.available,
+            })).collect::<Vec<_>>(),
+        },
+        "adaptive": v.adaptive.as_ref().map(|a| json!({
+            "limit": a.limit, "min": a.min, "max": a.max, "last_change": a.last_change,
+        })),
     })
 }
 
