@@ -250,52 +250,36 @@ pub(super) trait HasAmounts {
     fn is_group(&self) -> bool;
 }
 
-impl HasAmounts for TargetToml {
-    fn amounts(&self) -> [(Option<Positive>, Option<Positive>); 4] {
-        TargetToml::amounts(self)
-    }
-    fn max_concurrency(&self) -> Option<&toml::Spanned<ConcurrencyToml>> {
-        self.max_concurrency.as_ref()
-    }
-    fn adaptive(&self) -> Option<&toml::Spanned<AdaptiveToml>> {
-        self.adaptive.as_ref()
-    }
-    fn reserve(&self) -> Option<&toml::Spanned<ReserveToml>> {
-        self.reserve.as_ref()
-    }
-    fn spend_amounts(&self) -> [Option<&toml::Spanned<f64>>; 3] {
-        [
-            self.spend.as_ref(),
-            self.spend_per_day.as_ref(),
-            self.spend_per_hour.as_ref(),
-        ]
-    }
-    fn is_group(&self) -> bool {
-        false
-    }
+/// Targets and budget groups read the same keys (the macro that declares
+/// them, `with_budget_fields!`, repeats them in both structs).
+macro_rules! has_amounts {
+    ($t:ty, group: $group:expr) => {
+        impl HasAmounts for $t {
+            fn amounts(&self) -> [(Option<Positive>, Option<Positive>); 4] {
+                <$t>::amounts(self)
+            }
+            fn max_concurrency(&self) -> Option<&toml::Spanned<ConcurrencyToml>> {
+                self.max_concurrency.as_ref()
+            }
+            fn adaptive(&self) -> Option<&toml::Spanned<AdaptiveToml>> {
+                self.adaptive.as_ref()
+            }
+            fn reserve(&self) -> Option<&toml::Spanned<ReserveToml>> {
+                self.reserve.as_ref()
+            }
+            fn spend_amounts(&self) -> [Option<&toml::Spanned<f64>>; 3] {
+                [
+                    self.spend.as_ref(),
+                    self.spend_per_day.as_ref(),
+                    self.spend_per_hour.as_ref(),
+                ]
+            }
+            fn is_group(&self) -> bool {
+                $group
+            }
+        }
+    };
 }
 
-impl HasAmounts for GroupToml {
-    fn amounts(&self) -> [(Option<Positive>, Option<Positive>); 4] {
-        GroupToml::amounts(self)
-    }
-    fn max_concurrency(&self) -> Option<&toml::Spanned<ConcurrencyToml>> {
-        self.max_concurrency.as_ref()
-    }
-    fn adaptive(&self) -> Option<&toml::Spanned<AdaptiveToml>> {
-        self.adaptive.as_ref()
-    }
-    fn reserve(&self) -> Option<&toml::Spanned<ReserveToml>> {
-        self.reserve.as_ref()
-    }
-    fn spend_amounts(&self) -> [Option<&toml::Spanned<f64>>; 3] {
-        [
-            self.spend.as_ref(),
-            self.spend_per_day.as_ref(),
-            self.spend_per_hour.as_ref(),
-        ]
-    }
-    fn is_group(&self) -> bool {
-        true
-    }
-}
+has_amounts!(TargetToml, group: false);
+has_amounts!(GroupToml, group: true);
