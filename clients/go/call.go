@@ -28,8 +28,12 @@ type CallResult struct {
 // Call runs fn on the best available target of route, retrying as Backstop
 // advises and falling back along the route:
 //
-//  1. Route (with Exclude, RequiredContextTokens, EstimatedTokens) admits the
-//     best available target.
+//  1. Route (with Exclude, RequiredContextTokens, EstimatedTokens, and any
+//     AtPriority, MaxOutputTokens, Strategy, ExpectedOutputTokens) admits the
+//     best available target. A target refused for a spend limit or a
+//     priority reserve is skipped, never called and never counted as a
+//     provider failure: it shows in AllTargetsFailedError.Errors with
+//     ReasonSpendLimit / ReasonPriorityReserved and its RetryAfter.
 //  2. fn runs; its outcome is reported with the permit, status, error type,
 //     headers, latency, attempt and token usage.
 //  3. If the advice says retry, wait the advised delay and ask CanProceed for

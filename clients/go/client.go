@@ -365,12 +365,20 @@ func decide[T any](c *Client, ctx context.Context, method string, remote func(co
 
 // CanProceed asks whether a call may go to target now. A refusal is not an
 // error: it is Admission.Allowed == false with Reason and RetryAfter (Guard
-// turns it into a typed error). Errors are a cancelled ctx or a
+// turns it into a typed error). Options: EstimatedTokens, Attempt, AtPriority,
+// MaxOutputTokens (the fail-safe accepts and ignores the last two). Errors are a cancelled ctx or a
 // *ControlPlaneError (the server rejected the request); an unreachable
 // server is answered by the fail-safe.
 func (c *Client) CanProceed(ctx context.Context, target string, opts ...CallOption) (Admission, error) {
 	cs := applyCallOptions(opts)
-	req := &pb.CanProceedRequest{Target: target, Caller: c.s.caller, EstimatedTokens: cs.estimatedTokens, Attempt: uint32(max0(cs.attempt))}
+	req := &pb.CanProceedRequest{
+		Target:          target,
+		Caller:          c.s.caller,
+		EstimatedTokens: cs.estimatedTokens,
+		Attempt:         uint32(max0(cs.attempt)),
+		Priority:        pb.Priority(cs.priority),
+		MaxOutputTokens: cs.maxOutputTokens,
+	}
 	return decide(c, ctx, "CanProceed",
 		func(ctx context.Context) (Admission, error) {
 			r, err := c.dec.canProceed(ctx, req)
@@ -395,7 +403,10 @@ func (c *Client) localAdmit(target string) Admission {
 
 // Route asks which target of route (a configured route name, or "" with the
 // Candidates option) should serve a request now; the chosen target comes
-// admitted, with a permit.
+// admitted, with a permit. Options: EstimatedTokens, RequiredContextTokens,
+// Exclude, Attempt, AtPriority, MaxOutputTokens, Strategy (overrides the
+// route's own), ExpectedOutputTokens. The decision's Strategy and Reason say
+// how and why the target was chosen. The fail-safe routes in list order.
 func (c *Client) Route(ctx context.Context, route string, opts ...CallOption) (RouteDecision, error) {
 	cs := applyCallOptions(opts)
 	if route == "" && len(cs.candidates) == 0 {
@@ -409,6 +420,10 @@ func (c *Client) Route(ctx context.Context, route string, opts ...CallOption) (R
 		Exclude:               cs.exclude,
 		Caller:                c.s.caller,
 		Attempt:               uint32(max0(cs.attempt)),
+		Strategy:              pb.RouteStrategy(cs.strategy),
+		ExpectedOutputTokens:  cs.expectedOutputTokens,
+		Priority:              pb.Priority(cs.priority),
+		MaxOutputTokens:       cs.maxOutputTokens,
 	}
 	if route != "" {
 		req.Candidates = nil
@@ -442,7 +457,7 @@ func (c *Client) Route(ctx context.Context, route string, opts ...CallOption) (R
 				}
 				return d
 			}
-			return c.local.route(cands, cs.exclude)
+			return c.local.route(cands, cs.exclude, cs.strategy)
 		})
 }
 
@@ -542,6 +557,10 @@ type ClaimOptions struct {
 	Wait time.Duration
 	// Worker id recorded with the admissions (default: the client's caller).
 	Worker string
+	// The priority the deliveries are admitted at (unset = PriorityDefault):
+	// a background drain that claims as PriorityBatch never uses what budgets
+	// reserve for interactive calls.
+	Priority Priority
 }
 
 // Claim takes up to MaxItems ready items of queue. Items come only while the
@@ -551,7 +570,8 @@ func (c *Client) Claim(ctx context.Context, queue string, o ClaimOptions) (Claim
 	if worker == "" {
 		worker = c.s.caller
 	}
-	req := &pb.ClaimRequest{Queue: queue, MaxItems: uint32(max0(o.MaxItems)), Lease: pbDur(o.Lease), Wait: pbDur(o.Wait), Worker: worker}
+	req := &pb.ClaimRequest{Queue: queue, MaxItems: uint32(max0(o.MaxItems)), Lease: pbDur(o.Lease), Wait: pbDur(o.Wait), Worker: worker,
+		Priority: pb.Priority(o.Priority)}
 	var r *pb.ClaimResponse
 	err := c.unary(ctx, "Claim", c.s.queueTimeout+o.Wait, func(ctx context.Context) (err error) {
 		r, err = c.deferred.Claim(ctx, req, waitForReady)

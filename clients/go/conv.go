@@ -77,6 +77,7 @@ func outcomeOf(target string, r *pb.RecordOutcomeResponse) OutcomeResult {
 		State:        BreakerState(r.GetState()),
 		StalePermit:  r.GetStalePermit(),
 		Duplicate:    r.GetDuplicate(),
+		Cost:         r.GetCost(),
 		Raw:          r,
 	}
 	if a := r.GetRetry(); a != nil {
@@ -101,6 +102,8 @@ func routeOf(r *pb.RouteResponse) RouteDecision {
 		CostPerMTokOutput: r.GetCostPerMtokOutput(),
 		RetryAfter:        durOf(r.GetRetryAfter()),
 		State:             BreakerState(r.GetState()),
+		Strategy:          RouteStrategy(r.GetStrategy()),
+		Reason:            r.GetReason(),
 		Raw:               r,
 	}
 	for _, s := range r.GetSkipped() {

@@ -13,7 +13,8 @@ import (
 // test the category with errors.Is and read the details with errors.As.
 var (
 	// ErrRefused matches every refusal: *CircuitOpenError, *RateLimitedError,
-	// *RequestTooLargeError, *UnreachableError.
+	// *PriorityReservedError, *SpendLimitError, *RequestTooLargeError,
+	// *UnreachableError, *OtherRefusalError.
 	ErrRefused = errors.New("backstop: refused")
 	// ErrDeferred matches the *DeferredError Call returns when it saved the
 	// request to the deferred queue instead of answering it.
@@ -72,6 +73,42 @@ func (e *RateLimitedError) Error() string        { return e.message() }
 func (e *RateLimitedError) Is(target error) bool { return target == ErrRefused }
 func (e *RateLimitedError) Details() Refusal     { return e.Refusal }
 
+// PriorityReservedError: the budget's remaining room is reserved for higher
+// priorities (its reserve); RetryAfter says when this priority fits again. It
+// is a budget refusal, so errors.As(err, &rl) with a *RateLimitedError
+// variable finds it too. Not the provider's fault: nothing is reported.
+type PriorityReservedError struct{ Refusal }
+
+func (e *PriorityReservedError) Error() string        { return e.message() }
+func (e *PriorityReservedError) Is(target error) bool { return target == ErrRefused }
+func (e *PriorityReservedError) Details() Refusal     { return e.Refusal }
+
+// As lets errors.As find it as a *RateLimitedError too.
+func (e *PriorityReservedError) As(target interface{}) bool { return asRateLimited(e.Refusal, target) }
+
+// SpendLimitError: a spend limit (money per window, on the target or a
+// budget group it draws on) would be exceeded by this call's reservation
+// (estimated tokens at the input price + MaxOutputTokens at the output
+// price); RetryAfter says when the window frees enough. It is a budget
+// refusal, so errors.As(err, &rl) with a *RateLimitedError variable finds it
+// too. Not the provider's fault: nothing is reported.
+type SpendLimitError struct{ Refusal }
+
+func (e *SpendLimitError) Error() string        { return e.message() }
+func (e *SpendLimitError) Is(target error) bool { return target == ErrRefused }
+func (e *SpendLimitError) Details() Refusal     { return e.Refusal }
+
+// As lets errors.As find it as a *RateLimitedError too.
+func (e *SpendLimitError) As(target interface{}) bool { return asRateLimited(e.Refusal, target) }
+
+func asRateLimited(r Refusal, target interface{}) bool {
+	if t, ok := target.(**RateLimitedError); ok {
+		*t = &RateLimitedError{r}
+		return true
+	}
+	return false
+}
+
 // RequestTooLargeError: the estimated tokens exceed what the target's token
 // budget can ever admit; waiting will not help.
 type RequestTooLargeError struct{ Refusal }
@@ -103,6 +140,10 @@ func refusalError(a Admission) error {
 		return &CircuitOpenError{r}
 	case ReasonRateLimited, ReasonConcurrencyLimit, ReasonRetryBudgetExhausted:
 		return &RateLimitedError{r}
+	case ReasonPriorityReserved:
+		return &PriorityReservedError{r}
+	case ReasonSpendLimit:
+		return &SpendLimitError{r}
 	case ReasonRequestTooLarge:
 		return &RequestTooLargeError{r}
 	case ReasonControlPlaneUnavailable:

@@ -196,12 +196,14 @@ func (c *Client) report(ctx context.Context, p Permit, obs observed, latency tim
 // RecordOutcome.
 //
 // When the fleet says no, fn is not called and the error is a
-// *CircuitOpenError, *RateLimitedError, *RequestTooLargeError or (fail-closed
-// policy, Backstop unreachable) *UnreachableError, all matching ErrRefused and
-// carrying RetryAfter. Otherwise fn runs, its outcome is reported (classified
+// *CircuitOpenError, *RateLimitedError (also *PriorityReservedError for a
+// budget's priority reserve, *SpendLimitError for a spend limit, both found
+// by errors.As as a *RateLimitedError too), *RequestTooLargeError or
+// (fail-closed policy, Backstop unreachable) *UnreachableError, all matching
+// ErrRefused and carrying RetryAfter. Otherwise fn runs, its outcome is reported (classified
 // from its error: see Func) and Guard returns what Backstop made of it
 // (breaker state, retry advice) together with fn's own error, unchanged.
-// Options: EstimatedTokens, Attempt.
+// Options: EstimatedTokens, Attempt, AtPriority, MaxOutputTokens.
 func (c *Client) Guard(ctx context.Context, target string, fn Func, opts ...CallOption) (OutcomeResult, error) {
 	cs := applyCallOptions(opts)
 	adm, err := c.CanProceed(ctx, target, opts...)

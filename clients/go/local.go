@@ -419,7 +419,14 @@ func (e *localEngine) record(r OutcomeReport) OutcomeResult {
 	}
 }
 
-func (e *localEngine) route(candidates, exclude []string) RouteDecision {
+// route picks the first admissible candidate in list order. A requested
+// strategy cannot be applied locally (latencies, load and prices are the
+// fleet's, on the server): the decision says StrategyOrdered, and why.
+func (e *localEngine) route(candidates, exclude []string, strategy RouteStrategy) RouteDecision {
+	why := "local fail-safe (Backstop unreachable): first admissible in list order"
+	if strategy != StrategyUnspecified && strategy != StrategyOrdered {
+		why += "; " + strings.ToLower(strategy.String()) + " needs the server"
+	}
 	excluded := map[string]bool{}
 	for _, x := range exclude {
 		excluded[x] = true
@@ -432,11 +439,12 @@ func (e *localEngine) route(candidates, exclude []string) RouteDecision {
 		}
 		a := e.admit(c)
 		if a.Allowed {
-			return RouteDecision{Target: c, Permit: a.Permit, FallbackDepth: depth, Skipped: skipped, State: a.State, Local: true}
+			return RouteDecision{Target: c, Permit: a.Permit, FallbackDepth: depth, Skipped: skipped, State: a.State, Local: true,
+				Strategy: StrategyOrdered, Reason: why}
 		}
 		skipped = append(skipped, Skip{Target: c, Reason: a.Reason, RetryAfter: a.RetryAfter})
 	}
-	return RouteDecision{Skipped: skipped, RetryAfter: soonest(skipped), Local: true}
+	return RouteDecision{Skipped: skipped, RetryAfter: soonest(skipped), Local: true, Strategy: StrategyOrdered}
 }
 
 func soonest(skipped []Skip) time.Duration {

@@ -161,6 +161,10 @@ type CallOption func(*callSettings)
 type callSettings struct {
 	estimatedTokens       uint64
 	requiredContextTokens uint64
+	priority              Priority
+	maxOutputTokens       uint64
+	strategy              RouteStrategy
+	expectedOutputTokens  uint64
 	attempt               int
 	exclude               []string
 	candidates            []string
@@ -190,6 +194,27 @@ func EstimatedTokens(n uint64) CallOption { return func(c *callSettings) { c.est
 // RequiredContextTokens skips route candidates whose context window is smaller.
 func RequiredContextTokens(n uint64) CallOption {
 	return func(c *callSettings) { c.requiredContextTokens = n }
+}
+
+// AtPriority says how urgent the call is (CanProceed, Route, Guard, Call):
+// budgets with a reserve refuse lower priorities first, with
+// ReasonPriorityReserved (*PriorityReservedError from Guard). Unset is
+// PriorityDefault.
+func AtPriority(p Priority) CallOption { return func(c *callSettings) { c.priority = p } }
+
+// MaxOutputTokens is the most output the call may produce: reserved at the
+// target's output price against spend limits (CanProceed, Route, Guard,
+// Call). A refusal says ReasonSpendLimit (*SpendLimitError from Guard) with
+// RetryAfter.
+func MaxOutputTokens(n uint64) CallOption { return func(c *callSettings) { c.maxOutputTokens = n } }
+
+// Strategy overrides the route's strategy for Route (and every Route of Call).
+func Strategy(s RouteStrategy) CallOption { return func(c *callSettings) { c.strategy = s } }
+
+// ExpectedOutputTokens is the output StrategyLowestCost prices (0: the
+// route's own expected_output_tokens).
+func ExpectedOutputTokens(n uint64) CallOption {
+	return func(c *callSettings) { c.expectedOutputTokens = n }
 }
 
 // Attempt marks a retry (> 0 draws on the fleet-wide retry budget).

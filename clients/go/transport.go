@@ -50,6 +50,12 @@ type Transport struct {
 	Target func(*http.Request) string
 	// EstimateTokens says how many tokens a request will use (optional).
 	EstimateTokens func(*http.Request) uint64
+	// Options adds options to a request's admission, e.g.
+	// AtPriority(PriorityBatch) for a background job's client, or
+	// MaxOutputTokens read from the request (optional). A refusal for a
+	// spend limit or a priority reserve comes back as *SpendLimitError /
+	// *PriorityReservedError without calling the provider.
+	Options func(*http.Request) []CallOption
 	// SetKey adapts a request to the key slot Backstop chose (e.g. sets the
 	// API key header of that slot); called only when the target declares keys.
 	SetKey func(req *http.Request, keySlot string)
@@ -213,6 +219,9 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	var opts []CallOption
 	if t.EstimateTokens != nil {
 		opts = append(opts, EstimatedTokens(t.EstimateTokens(req)))
+	}
+	if t.Options != nil {
+		opts = append(opts, t.Options(req)...)
 	}
 	attempt, _ := strconv.Atoi(req.Header.Get("x-stainless-retry-count"))
 	if attempt > 0 {

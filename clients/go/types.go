@@ -104,6 +104,52 @@ func (r RetryReason) String() string {
 	return enumName(pb.RetryReason_name, int32(r), "RETRY_REASON_", "RetryReason")
 }
 
+// Priority says how urgent a call is (backstop.v1.Priority). A budget may
+// reserve headroom for higher priorities (reserve = { interactive = 0.2 }):
+// when it runs low, batch and default calls are refused with
+// ReasonPriorityReserved while interactive ones keep flowing. Pass it with the
+// AtPriority option; unset is PriorityDefault.
+type Priority int32
+
+const (
+	PriorityUnspecified Priority = 0
+	// A person is waiting.
+	PriorityInteractive Priority = 1
+	PriorityDefault     Priority = 2
+	// Background work that can wait.
+	PriorityBatch Priority = 3
+)
+
+func (p Priority) String() string {
+	return enumName(pb.Priority_name, int32(p), "PRIORITY_", "Priority")
+}
+
+// RouteStrategy says how Route orders a route's candidates
+// (backstop.v1.RouteStrategy). In a request (the Strategy option),
+// StrategyUnspecified means the route's own.
+type RouteStrategy int32
+
+const (
+	StrategyUnspecified RouteStrategy = 0
+	// First admissible in list order: a fallback list.
+	StrategyOrdered RouteStrategy = 1
+	// Random by the route's weights among admissible candidates.
+	StrategyWeighted RouteStrategy = 2
+	// Fewest outstanding permits.
+	StrategyLeastBusy RouteStrategy = 3
+	// Lowest recent latency, with a small exploration share.
+	StrategyLowestLatency RouteStrategy = 4
+	// Lowest expected price: estimated tokens at the input price plus
+	// ExpectedOutputTokens at the output price.
+	StrategyLowestCost RouteStrategy = 5
+	// Largest remaining budget fraction.
+	StrategyMostHeadroom RouteStrategy = 6
+)
+
+func (s RouteStrategy) String() string {
+	return enumName(pb.RouteStrategy_name, int32(s), "ROUTE_STRATEGY_", "RouteStrategy")
+}
+
 // BreakerMode is how an operator sets a breaker (backstop.v1.BreakerMode).
 type BreakerMode int32
 
@@ -166,8 +212,12 @@ type OutcomeResult struct {
 	// The permit had been reported already: nothing changed, and the answer
 	// repeats the first one (a retried report is safe).
 	Duplicate bool
-	Local     bool
-	Raw       *pb.RecordOutcomeResponse
+	// What the call cost at the target's prices (its usage times
+	// cost_per_mtok_input / cost_per_mtok_output); 0 when the target is
+	// unpriced, no usage was reported, or the fail-safe decided.
+	Cost  float64
+	Local bool
+	Raw   *pb.RecordOutcomeResponse
 }
 
 // Skip is a route candidate passed over, and why.
@@ -193,7 +243,13 @@ type RouteDecision struct {
 	RetryAfter        time.Duration
 	State             BreakerState
 	Local             bool
-	Raw               *pb.RouteResponse
+	// The strategy that ordered the candidates (the route's own, or the
+	// one the request asked for with the Strategy option).
+	Strategy RouteStrategy
+	// Why this target, in words, e.g. "least_busy: b has the fewest permits
+	// outstanding (1)".
+	Reason string
+	Raw    *pb.RouteResponse
 }
 
 // OutcomeReport is one provider call's outcome, as sent to RecordOutcome.

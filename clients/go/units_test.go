@@ -298,7 +298,7 @@ func TestLocalEngineTaxonomyEffects(t *testing.T) {
 	if a := e.admit("s"); a.Allowed || a.RetryAfter != 2*time.Second {
 		t.Fatalf("a fleet refusal carried into local mode: %+v", a)
 	}
-	d := e.route([]string{"s", "x", "y"}, []string{"x"})
+	d := e.route([]string{"s", "x", "y"}, []string{"x"}, StrategyUnspecified)
 	if d.Target != "y" || d.FallbackDepth != 2 || len(d.Skipped) != 2 || d.Skipped[1].Reason != ReasonExcluded {
 		t.Fatalf("local route: %+v", d)
 	}

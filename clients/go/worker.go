@@ -42,6 +42,9 @@ type DeferredWorker struct {
 	ErrorBackoff time.Duration
 	// Recorded as the caller of the admissions (default: the client's caller).
 	WorkerID string
+	// The priority deliveries are admitted at (unset = PriorityDefault;
+	// PriorityBatch leaves budgets' reserves for interactive calls).
+	Priority Priority
 
 	claimed, acked, nacked, deadLettered, errs int64
 }
@@ -93,6 +96,7 @@ func (w *DeferredWorker) run(ctx context.Context, untilEmpty bool) error {
 		started := time.Now()
 		res, err := w.Client.Claim(ctx, w.Queue, ClaimOptions{
 			MaxItems: w.MaxItems, Lease: orDefault(w.Lease, 60*time.Second), Wait: wait, Worker: w.WorkerID,
+			Priority: w.Priority,
 		})
 		if err != nil {
 			if ctx.Err() != nil {

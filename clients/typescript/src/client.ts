@@ -30,8 +30,10 @@ import type {
   OutcomeClass,
   OutcomeReport,
   OutcomeResult,
+  Priority,
   QueueStat,
   RouteDecision,
+  RouteStrategy,
   TargetStatus,
   TargetSummary,
 } from './types.js';
@@ -117,6 +119,18 @@ export interface DeferOptions {
 export interface CallOptions {
   estimatedTokens?: number;
   requiredContextTokens?: number;
+  /**
+   * How urgent the call is (default `'default'`): budgets with a `reserve`
+   * refuse lower priorities first (`priority_reserved`). Sent with every Route
+   * and retry CanProceed.
+   */
+  priority?: Priority;
+  /** The most output tokens the call may produce: reserved at the output price against spend limits. */
+  maxOutputTokens?: number;
+  /** Overrides the route's strategy for every Route of this call. */
+  strategy?: RouteStrategy;
+  /** Output tokens the `lowest_cost` strategy prices (0: the route's own setting). */
+  expectedOutputTokens?: number;
   /** Targets not to try. */
   exclude?: readonly string[];
   /** Cancels the loop (also between retries) and is passed to the provider function. */
@@ -128,6 +142,10 @@ export interface CallOptions {
 export interface GuardOptions {
   estimatedTokens?: number;
   attempt?: number;
+  /** How urgent the call is (default `'default'`); see CallOptions.priority. */
+  priority?: Priority;
+  /** The most output tokens the call may produce: reserved at the output price against spend limits. */
+  maxOutputTokens?: number;
   signal?: AbortSignal;
 }
 
@@ -473,7 +491,12 @@ export class Backstop {
     return this.local.admit(target);
   }
 
-  private localRoute(name: string | undefined, candidates: readonly string[], exclude: readonly string[]): RouteDecision {
+  private localRoute(
+    name: string | undefined,
+    candidates: readonly string[],
+    exclude: readonly string[],
+    strategy: RouteStrategy | undefined,
+  ): RouteDecision {
     const cands = candidates.length ? candidates : this.routeMemory.candidates(name ?? '');
     if (this.policy === 'fail_closed') {
       return {
@@ -482,24 +505,44 @@ export class Backstop {
         retryAfterMs: this.reconnectIntervalMs,
       };
     }
-    return this.local.route(cands, exclude);
+    return this.local.route(cands, exclude, strategy);
   }
 
   // --- decisions ----------------------------------------------------------------------------
 
-  /** May a call go to `target` now? (Does not throw on refusal; see `guard()`.) */
+  /**
+   * May a call go to `target` now? (Does not throw on refusal; see `guard()`.)
+   *
+   * `priority`: budgets with a `reserve` refuse lower priorities first, with
+   * reason `priority_reserved`. `maxOutputTokens`: the most output the call
+   * may produce, reserved at the output price against spend limits (a refusal
+   * says `spend_limit`, with `retryAfterMs`). The local fail-safe accepts both
+   * and has nothing to apply them to.
+   */
   async canProceed(
     target: string,
-    opts: { estimatedTokens?: number; attempt?: number; signal?: AbortSignal | undefined } = {},
+    opts: {
+      estimatedTokens?: number;
+      attempt?: number;
+      priority?: Priority | undefined;
+      maxOutputTokens?: number | undefined;
+      signal?: AbortSignal | undefined;
+    } = {},
   ): Promise<Admission> {
     const estimatedTokens = nonNegInt('estimatedTokens', opts.estimatedTokens);
     const attempt = nonNegInt('attempt', opts.attempt);
+    const priority = conv.priorityToProto(opts.priority);
+    const maxOutputTokens = nonNegInt('maxOutputTokens', opts.maxOutputTokens);
     const { signal } = opts;
     signal?.throwIfAborted();
     return this.decide(
       'CanProceed',
       async () => {
-        const r = await this.decisions.canProceed({ target, caller: this.caller, estimatedTokens, attempt }, this.timeoutMs, { signal });
+        const r = await this.decisions.canProceed(
+          { target, caller: this.caller, estimatedTokens, attempt, priority, maxOutputTokens },
+          this.timeoutMs,
+          { signal },
+        );
         const adm = conv.admission(target, r);
         // A fleet refusal is carried into local mode if the outage starts now.
         if (!adm.allowed && adm.reason === 'circuit_open' && adm.retryAfterMs) this.local.seedOpen(target, adm.retryAfterMs);
@@ -509,7 +552,13 @@ export class Backstop {
     );
   }
 
-  /** Which target of `route` (a configured route name, or a list of targets) should serve now. */
+  /**
+   * Which target of `route` (a configured route name, or a list of targets)
+   * should serve now. `strategy` overrides the route's own for this request
+   * (`expectedOutputTokens` is what `lowest_cost` prices the output at);
+   * `priority` and `maxOutputTokens` as in `canProceed()`. The decision's
+   * `strategy` and `reason` say how and why the target was chosen.
+   */
   async route(
     route: RouteArg,
     opts: {
@@ -517,6 +566,10 @@ export class Backstop {
       requiredContextTokens?: number;
       exclude?: readonly string[];
       attempt?: number;
+      priority?: Priority | undefined;
+      maxOutputTokens?: number | undefined;
+      strategy?: RouteStrategy | undefined;
+      expectedOutputTokens?: number | undefined;
       signal?: AbortSignal | undefined;
     } = {},
   ): Promise<RouteDecision> {
@@ -532,6 +585,10 @@ export class Backstop {
       exclude,
       caller: this.caller,
       attempt: nonNegInt('attempt', opts.attempt),
+      strategy: conv.strategyToProto(opts.strategy),
+      expectedOutputTokens: nonNegInt('expectedOutputTokens', opts.expectedOutputTokens),
+      priority: conv.priorityToProto(opts.priority),
+      maxOutputTokens: nonNegInt('maxOutputTokens', opts.maxOutputTokens),
     };
     return this.decide(
       'Route',
@@ -541,7 +598,7 @@ export class Backstop {
         for (const s of d.skipped) if (s.reason === 'circuit_open' && s.retryAfterMs) this.local.seedOpen(s.target, s.retryAfterMs);
         return d;
       },
-      () => this.localRoute(name, candidates, exclude),
+      () => this.localRoute(name, candidates, exclude, opts.strategy),
     );
   }
 
@@ -616,7 +673,8 @@ export class Backstop {
   /**
    * One provider call between CanProceed and RecordOutcome. Throws CircuitOpen /
    * RateLimited / RequestTooLarge / BackstopUnreachable (with `retryAfterMs`)
-   * when refused, without running `fn`. Otherwise runs `fn(g)`, reports the
+   * when refused, without running `fn`; a budget's priority reserve throws
+   * PriorityReserved and a spend limit SpendLimitExceeded (both RateLimited). Otherwise runs `fn(g)`, reports the
    * outcome (classified from what `fn` threw, or a success with the usage read
    * from its return value) and returns `fn`'s result; `fn`'s error propagates
    * unchanged. `g.outcome` then holds the server's answer, retry advice included.
@@ -624,7 +682,13 @@ export class Backstop {
   async guard<T>(target: string, fn: (g: GuardContext) => T | Promise<T>, opts: GuardOptions = {}): Promise<T> {
     const attempt = nonNegInt('attempt', opts.attempt);
     opts.signal?.throwIfAborted();
-    const adm = await this.canProceed(target, { estimatedTokens: opts.estimatedTokens ?? 0, attempt, signal: opts.signal });
+    const adm = await this.canProceed(target, {
+      estimatedTokens: opts.estimatedTokens ?? 0,
+      attempt,
+      priority: opts.priority,
+      maxOutputTokens: opts.maxOutputTokens,
+      signal: opts.signal,
+    });
     if (!adm.allowed) throw refusal(target, adm.reason, adm.state, adm.retryAfterMs, adm.local);
     const g = new GuardContext(target, attempt, adm, opts.signal);
     const started = performance.now();
@@ -684,6 +748,10 @@ export class Backstop {
     const [name, candidates] = routeArgs(route);
     const estimatedTokens = nonNegInt('estimatedTokens', opts.estimatedTokens);
     let requiredContext = nonNegInt('requiredContextTokens', opts.requiredContextTokens);
+    const { priority, maxOutputTokens, strategy, expectedOutputTokens } = opts;
+    // Checked up front, so a typo fails before anything is sent.
+    conv.priorityToProto(priority);
+    conv.strategyToProto(strategy);
     const { signal, defer } = opts;
     const queue = defer ? (defer.queue ?? name) : undefined;
     if (defer && !queue) throw new TypeError('defer with a list of targets needs defer.queue (a route or target name)');
@@ -700,7 +768,16 @@ export class Backstop {
 
     for (;;) {
       signal?.throwIfAborted();
-      const decision = await this.route(route, { estimatedTokens, requiredContextTokens: requiredContext, exclude, signal });
+      const decision = await this.route(route, {
+        estimatedTokens,
+        requiredContextTokens: requiredContext,
+        exclude,
+        priority,
+        maxOutputTokens,
+        strategy,
+        expectedOutputTokens,
+        signal,
+      });
       last = decision;
       if (decision.target === null) {
         errors = postMortem(errors, decision, tried);
@@ -759,7 +836,7 @@ export class Backstop {
         if (opts.deadlineMs !== undefined && performance.now() - started + result.retry.delayMs > opts.deadlineMs) break;
         if (result.retry.delayMs > 0) await sleep(result.retry.delayMs, signal);
         attempt += 1;
-        const adm = await this.canProceed(target, { estimatedTokens, attempt, signal });
+        const adm = await this.canProceed(target, { estimatedTokens, attempt, priority, maxOutputTokens, signal });
         if (!adm.allowed) {
           errors.push({
             target,
@@ -835,12 +912,24 @@ export class Backstop {
     return this.deferRaw(queue, encodePayload(payload), opts);
   }
 
-  /** Takes up to `maxItems` ready items, long-polling up to `waitMs`. */
+  /**
+   * Takes up to `maxItems` ready items, long-polling up to `waitMs`. Each item
+   * is admitted at `priority` (default `'default'`): a background drain that
+   * claims as `'batch'` never uses what budgets reserve for interactive calls.
+   */
   async claim(
     queue: string,
-    opts: { maxItems?: number; leaseMs?: number; waitMs?: number; worker?: string; signal?: AbortSignal } = {},
+    opts: {
+      maxItems?: number;
+      leaseMs?: number;
+      waitMs?: number;
+      worker?: string;
+      priority?: Priority | undefined;
+      signal?: AbortSignal;
+    } = {},
   ): Promise<ClaimResult> {
     const waitMs = opts.waitMs ?? 0;
+    const priority = conv.priorityToProto(opts.priority);
     const r = await this.transport.unary(
       this.transport.deferred,
       this.transport.deferred.claim,
@@ -851,6 +940,7 @@ export class Backstop {
         lease: opts.leaseMs === undefined ? undefined : conv.duration(opts.leaseMs),
         wait: waitMs > 0 ? conv.duration(waitMs) : undefined,
         worker: opts.worker ?? this.caller,
+        priority,
       },
       this.queueTimeoutMs + Math.max(0, waitMs),
       { signal: opts.signal },

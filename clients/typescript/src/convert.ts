@@ -21,10 +21,12 @@ import type {
   OutcomeCounters,
   OutcomeReport,
   OutcomeResult,
+  Priority,
   QueueStat,
   Reason,
   RetryReason,
   RouteDecision,
+  RouteStrategy,
   TargetStatus,
   TargetSummary,
 } from './types.js';
@@ -49,6 +51,36 @@ export const outcomeClassToProto = (c: OutcomeClass): pb.OutcomeClass =>
   valueOf(pb.OutcomeClass, 'OUTCOME_CLASS_', c) as pb.OutcomeClass;
 export const breakerModeToProto = (m: BreakerMode): pbAdmin.BreakerMode =>
   valueOf(pbAdmin.BreakerMode, 'BREAKER_MODE_', m) as pbAdmin.BreakerMode;
+export const routeStrategy = (v: number): RouteStrategy => nameOf(pb.RouteStrategy, 'ROUTE_STRATEGY_', v);
+
+const PRIORITIES: readonly Priority[] = ['interactive', 'default', 'batch'];
+const STRATEGIES: readonly RouteStrategy[] = [
+  'unspecified',
+  'ordered',
+  'weighted',
+  'least_busy',
+  'lowest_latency',
+  'lowest_cost',
+  'most_headroom',
+];
+
+/** A `priority` option on the wire (unset: UNSPECIFIED, which the server treats as DEFAULT). Throws on an unknown name. */
+export function priorityToProto(p: Priority | undefined): pb.Priority {
+  if (p === undefined) return pb.Priority.PRIORITY_UNSPECIFIED;
+  if (!PRIORITIES.includes(p)) {
+    throw new TypeError(`priority must be one of ${PRIORITIES.map((v) => `'${v}'`).join(', ')}, got ${JSON.stringify(p)}`);
+  }
+  return valueOf(pb.Priority, 'PRIORITY_', p) as pb.Priority;
+}
+
+/** A `strategy` option on the wire (unset: UNSPECIFIED, the route's own). Throws on an unknown name. */
+export function strategyToProto(s: RouteStrategy | undefined): pb.RouteStrategy {
+  if (s === undefined) return pb.RouteStrategy.ROUTE_STRATEGY_UNSPECIFIED;
+  if (!STRATEGIES.includes(s)) {
+    throw new TypeError(`strategy must be one of ${STRATEGIES.map((v) => `'${v}'`).join(', ')}, got ${JSON.stringify(s)}`);
+  }
+  return valueOf(pb.RouteStrategy, 'ROUTE_STRATEGY_', s) as pb.RouteStrategy;
+}
 
 /** Milliseconds of a Duration (undefined when unset). */
 export function ms(d: Duration | undefined): number | undefined {
@@ -89,6 +121,7 @@ export function outcomeResult(target: string, r: pb.RecordOutcomeResponse): Outc
     },
     stalePermit: r.stalePermit,
     duplicate: r.duplicate,
+    cost: r.cost,
     local: false,
   };
 }
@@ -106,6 +139,8 @@ export function routeDecision(r: pb.RouteResponse): RouteDecision {
     retryAfterMs: r.target === '' ? ms(r.retryAfter) : undefined,
     state: breakerState(r.state),
     local: false,
+    strategy: routeStrategy(r.strategy),
+    reason: r.reason,
   };
 }
 

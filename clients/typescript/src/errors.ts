@@ -38,8 +38,26 @@ export class Refused extends BackstopError {
 
 /** The breaker is open or forced open, every probe slot is taken, or every key slot is disabled. */
 export class CircuitOpen extends Refused {}
-/** A budget is spent, the provider asked the fleet to pause, or the fleet's retry budget is spent. */
+/**
+ * A budget is spent, the provider asked the fleet to pause, or the fleet's
+ * retry budget is spent. PriorityReserved and SpendLimitExceeded are budget
+ * refusals too, so `instanceof RateLimited` waits them out as well.
+ */
 export class RateLimited extends Refused {}
+/**
+ * The budget's remaining room is reserved for higher priorities (its
+ * `reserve`): this priority fits again after `retryAfterMs`. Not the
+ * provider's fault, and not counted against the breaker.
+ */
+export class PriorityReserved extends RateLimited {}
+/**
+ * A spend limit (money per window, on the target or a budget group it draws
+ * on) would be exceeded by this call's reservation (estimated tokens at the
+ * input price + `maxOutputTokens` at the output price); `retryAfterMs` says
+ * when the window frees enough. Not the provider's fault, and not counted
+ * against the breaker.
+ */
+export class SpendLimitExceeded extends RateLimited {}
 /** `estimatedTokens` exceeds what the target's token budget can ever admit. */
 export class RequestTooLarge extends Refused {}
 /** Policy `fail_closed`: Backstop is unreachable, so the call is refused. */
@@ -60,11 +78,15 @@ export function refusal(
     ? CircuitOpen
     : RATE.has(reason)
       ? RateLimited
-      : reason === 'request_too_large'
-        ? RequestTooLarge
-        : reason === 'control_plane_unavailable'
-          ? BackstopUnreachable
-          : Refused;
+      : reason === 'priority_reserved'
+        ? PriorityReserved
+        : reason === 'spend_limit'
+          ? SpendLimitExceeded
+          : reason === 'request_too_large'
+            ? RequestTooLarge
+            : reason === 'control_plane_unavailable'
+              ? BackstopUnreachable
+              : Refused;
   return new cls(target, reason, state, retryAfterMs, local);
 }
 

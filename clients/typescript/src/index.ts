@@ -29,9 +29,11 @@ export {
   ControlPlaneError,
   ControlPlaneUnavailable,
   MalformedOutput,
+  PriorityReserved,
   RateLimited,
   Refused,
   RequestTooLarge,
+  SpendLimitExceeded,
   StructuredOutputError,
 } from './errors.js';
 export {

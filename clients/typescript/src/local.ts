@@ -20,6 +20,7 @@ import type {
   Reason,
   RetryAdvice,
   RouteDecision,
+  RouteStrategy,
   Skip,
 } from './types.js';
 
@@ -338,13 +339,21 @@ export class LocalEngine {
       retry: this.advise(cls, report.attempt, hint),
       stalePermit: false,
       duplicate: false,
+      cost: 0,
       local: true,
     };
   }
 
-  route(candidates: readonly string[], exclude: readonly string[]): RouteDecision {
+  /**
+   * The first admissible candidate in list order. A requested `strategy`
+   * cannot be applied locally (latencies, load and prices are the fleet's, on
+   * the server): the decision says `ordered`, and why.
+   */
+  route(candidates: readonly string[], exclude: readonly string[], strategy?: RouteStrategy): RouteDecision {
     const skipped: Skip[] = [];
     const excluded = new Set(exclude);
+    let why = 'local fail-safe (Backstop unreachable): first admissible in list order';
+    if (strategy !== undefined && strategy !== 'unspecified' && strategy !== 'ordered') why += `; ${strategy} needs the server`;
     for (const [depth, cand] of candidates.entries()) {
       if (excluded.has(cand)) {
         skipped.push({ target: cand, reason: 'excluded', retryAfterMs: undefined });
@@ -364,6 +373,8 @@ export class LocalEngine {
           retryAfterMs: undefined,
           state: adm.state,
           local: true,
+          strategy: 'ordered',
+          reason: why,
         };
       }
       skipped.push({ target: cand, reason: adm.reason, retryAfterMs: adm.retryAfterMs });
@@ -381,6 +392,8 @@ export class LocalEngine {
       retryAfterMs: afters.length ? Math.min(...afters) : undefined,
       state: 'unspecified',
       local: true,
+      strategy: 'ordered',
+      reason: '',
     };
   }
 

@@ -65,6 +65,33 @@ export type RetryReason =
 
 export type BreakerMode = 'automatic' | 'force_open' | 'force_closed';
 
+/**
+ * How urgent a call is. A budget may reserve headroom for higher priorities
+ * (`reserve = { interactive = 0.2 }`): when it runs low, `batch` and `default`
+ * calls are refused with `priority_reserved` while `interactive` ones keep
+ * flowing. Unset means `default`.
+ */
+export type Priority = 'interactive' | 'default' | 'batch';
+
+/**
+ * How Route orders a route's candidates. In a request, unset (or
+ * `unspecified`) means the route's own strategy (`ordered` for a list of targets).
+ */
+export type RouteStrategy =
+  | 'unspecified'
+  /** First admissible in list order: a fallback list. */
+  | 'ordered'
+  /** Random by the route's weights among admissible candidates. */
+  | 'weighted'
+  /** Fewest outstanding permits. */
+  | 'least_busy'
+  /** Lowest recent latency, with a small exploration share. */
+  | 'lowest_latency'
+  /** Lowest expected price: estimated tokens at the input price + expectedOutputTokens at the output price. */
+  | 'lowest_cost'
+  /** Largest remaining budget fraction. */
+  | 'most_headroom';
+
 /** The answer to "may I call `target` now?" (CanProceed). */
 export interface Admission {
   readonly target: string;
@@ -101,6 +128,12 @@ export interface OutcomeResult {
   readonly stalePermit: boolean;
   /** This permit had been reported already: nothing changed, the answer repeats the first one. */
   readonly duplicate: boolean;
+  /**
+   * What the call cost at the target's prices (its usage times
+   * cost_per_mtok_input / cost_per_mtok_output); 0 when the target is
+   * unpriced, no usage was reported, or the fail-safe decided.
+   */
+  readonly cost: number;
   readonly local: boolean;
 }
 
@@ -126,6 +159,10 @@ export interface RouteDecision {
   readonly retryAfterMs: number | undefined;
   readonly state: BreakerState;
   readonly local: boolean;
+  /** The strategy that ordered the candidates (the route's own, or the one the request asked for). */
+  readonly strategy: RouteStrategy;
+  /** Why this target, in words, e.g. "least_busy: b has the fewest permits outstanding (1)". */
+  readonly reason: string;
 }
 
 /** One provider call's outcome, as sent to RecordOutcome. */

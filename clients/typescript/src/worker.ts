@@ -13,8 +13,9 @@
  */
 import { describe, observeError, observeSuccess } from './classify.js';
 import type { Backstop } from './client.js';
+import { priorityToProto } from './convert.js';
 import { ControlPlaneError } from './errors.js';
-import type { DeferredItemData, NackResult, OutcomeResult, Reason } from './types.js';
+import type { DeferredItemData, NackResult, OutcomeResult, Priority, Reason } from './types.js';
 
 export interface WorkerOptions {
   /** Items per Claim (default 1). */
@@ -25,6 +26,8 @@ export interface WorkerOptions {
   waitMs?: number;
   /** Recorded as the caller of the admissions (default the client's caller). */
   workerId?: string;
+  /** The priority deliveries are admitted at (default `'default'`; `'batch'` leaves budgets' reserves alone). */
+  priority?: Priority;
   /** Nack delay when the server gave no retry advice (default 1 s). */
   retryDelayMs?: number;
   /** Wait after a failed Claim (Backstop unreachable), default 500 ms. */
@@ -148,6 +151,7 @@ export class DeferredWorker implements AsyncIterable<ClaimedItem> {
   private readonly leaseMs: number;
   private readonly waitMs: number;
   private readonly workerId: string;
+  private readonly priority: Priority | undefined;
   private readonly errorBackoffMs: number;
   private readonly stopper = new AbortController();
 
@@ -159,6 +163,8 @@ export class DeferredWorker implements AsyncIterable<ClaimedItem> {
     this.leaseMs = opts.leaseMs ?? 60_000;
     this.waitMs = opts.waitMs ?? 5000;
     this.workerId = opts.workerId ?? client.caller;
+    priorityToProto(opts.priority); // a typo fails here, not on the first Claim
+    this.priority = opts.priority;
     this.retryDelayMs = opts.retryDelayMs ?? 1000;
     this.errorBackoffMs = opts.errorBackoffMs ?? 500;
     opts.signal?.addEventListener('abort', () => this.stop(), { once: true });
@@ -215,6 +221,7 @@ export class DeferredWorker implements AsyncIterable<ClaimedItem> {
           leaseMs: this.leaseMs,
           waitMs: this.waitMs,
           worker: this.workerId,
+          priority: this.priority,
           signal: this.stopper.signal,
         });
         ({ items, blockedReason: blocked, retryAfterMs } = res);

@@ -21,12 +21,16 @@ from .types import (
     OutcomeCounters,
     OutcomeReport,
     OutcomeResult,
+    Priority,
+    PriorityArg,
     QueueStat,
     Reason,
     RetryAdvice,
     RetryReason,
     RouteDecision,
+    RouteStrategy,
     Skip,
+    StrategyArg,
     TargetStatus,
     TargetSummary,
 )
@@ -89,6 +93,61 @@ def retry_reason(v: int) -> RetryReason:
     return result
 
 
+def route_strategy(v: int) -> RouteStrategy:
+    result: RouteStrategy = _enum(RouteStrategy, resilience_pb2.RouteStrategy, v, "ROUTE_STRATEGY_")
+    return result
+
+
+def _coerce(cls: Any, value: Any, what: str) -> Any:
+    """An enum member from a member or its string value ("batch", "BATCH")."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            pass
+    choices = ", ".join(repr(m.value) for m in cls)
+    raise ValueError(f"{what} must be one of {choices} (or a {cls.__name__}), got {value!r}")
+
+
+def priority(value: PriorityArg) -> Optional[Priority]:
+    """Validates a ``priority=`` argument: None (the server's default), a
+    :class:`Priority`, or its string value."""
+    if value is None:
+        return None
+    result: Priority = _coerce(Priority, value, "priority")
+    return result
+
+
+def strategy(value: StrategyArg) -> Optional[RouteStrategy]:
+    """Validates a ``strategy=`` argument: None (the route's own), a
+    :class:`RouteStrategy`, or its string value."""
+    if value is None:
+        return None
+    result: RouteStrategy = _coerce(RouteStrategy, value, "strategy")
+    return None if result == RouteStrategy.UNSPECIFIED else result
+
+
+def priority_to_proto(p: PriorityArg) -> str:
+    """The proto enum value's name (UNSPECIFIED, which the server treats as DEFAULT, for None)."""
+    member = priority(p)
+    return "PRIORITY_" + (member.name if member is not None else "UNSPECIFIED")
+
+
+def strategy_to_proto(s: StrategyArg) -> str:
+    """The proto enum value's name (UNSPECIFIED, the route's own strategy, for None)."""
+    member = strategy(s)
+    return "ROUTE_STRATEGY_" + (member.name if member is not None else "UNSPECIFIED")
+
+
+def non_negative(name: str, value: int) -> int:
+    n = int(value)
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return n
+
+
 def outcome_class_to_proto(c: OutcomeClass) -> str:
     """The proto enum value's name (protobuf accepts names for enum fields)."""
     return "OUTCOME_CLASS_" + c.name
@@ -102,10 +161,21 @@ def breaker_mode_to_proto(m: BreakerMode) -> str:
 
 
 def can_proceed_request(
-    target: str, *, caller: str, estimated_tokens: int, attempt: int
+    target: str,
+    *,
+    caller: str,
+    estimated_tokens: int,
+    attempt: int,
+    priority: PriorityArg = None,
+    max_output_tokens: int = 0,
 ) -> resilience_pb2.CanProceedRequest:
     return resilience_pb2.CanProceedRequest(
-        target=target, caller=caller, estimated_tokens=int(estimated_tokens), attempt=int(attempt)
+        target=target,
+        caller=caller,
+        estimated_tokens=int(estimated_tokens),
+        attempt=int(attempt),
+        priority=priority_to_proto(priority),
+        max_output_tokens=non_negative("max_output_tokens", max_output_tokens),
     )
 
 
@@ -171,6 +241,7 @@ def outcome_result(target: str, r: resilience_pb2.RecordOutcomeResponse) -> Outc
         retry=retry_advice(r.retry) if r.HasField("retry") else RetryAdvice(False, 0.0, RetryReason.UNSPECIFIED),
         stale_permit=r.stale_permit,
         duplicate=r.duplicate,
+        cost=float(r.cost),
     )
 
 
@@ -183,6 +254,10 @@ def route_request(
     exclude: Sequence[str],
     caller: str,
     attempt: int,
+    priority: PriorityArg = None,
+    max_output_tokens: int = 0,
+    strategy: StrategyArg = None,
+    expected_output_tokens: int = 0,
 ) -> resilience_pb2.RouteRequest:
     return resilience_pb2.RouteRequest(
         route=route or "",
@@ -192,6 +267,10 @@ def route_request(
         exclude=list(exclude),
         caller=caller,
         attempt=int(attempt),
+        priority=priority_to_proto(priority),
+        max_output_tokens=non_negative("max_output_tokens", max_output_tokens),
+        strategy=strategy_to_proto(strategy),
+        expected_output_tokens=non_negative("expected_output_tokens", expected_output_tokens),
     )
 
 
@@ -210,6 +289,8 @@ def route_decision(r: resilience_pb2.RouteResponse) -> RouteDecision:
         cost_per_mtok_output=r.cost_per_mtok_output,
         retry_after=seconds(r, "retry_after"),
         state=state(r.state),
+        strategy=route_strategy(r.strategy),
+        reason=r.reason,
     )
 
 

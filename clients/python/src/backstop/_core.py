@@ -34,10 +34,12 @@ from .types import (
     OutcomeClass,
     OutcomeReport,
     OutcomeResult,
+    PriorityArg,
     Reason,
     ReconcileStats,
     RouteDecision,
     Skip,
+    StrategyArg,
 )
 
 log = logging.getLogger("backstop")
@@ -202,13 +204,21 @@ class Core:
         return self.local_engine.admit(target, attempt)
 
     def _local_route(
-        self, route: Optional[str], candidates: Sequence[str], exclude: Sequence[str], attempt: int
+        self,
+        route: Optional[str],
+        candidates: Sequence[str],
+        exclude: Sequence[str],
+        attempt: int,
+        strategy: StrategyArg = None,
     ) -> RouteDecision:
+        """The fail-safe's Route: candidates in order (there are no fleet
+        budgets, latencies or prices locally, so a requested strategy is not
+        applied; priority and max_output_tokens have nothing to draw on)."""
         cands = list(candidates) if candidates else self.route_memory.candidates(route or "")
         if self.policy == FAIL_CLOSED:
             skipped = tuple(Skip(c, Reason.CONTROL_PLANE_UNAVAILABLE, self.reconnect_interval) for c in cands)
             return RouteDecision(None, skipped=skipped, retry_after=self.reconnect_interval, local=True)
-        return self.local_engine.route(cands, exclude, attempt)
+        return self.local_engine.route(cands, exclude, attempt, strategy=conv.strategy(strategy))
 
     def _local_record(self, report: OutcomeReport) -> OutcomeResult:
         """An outcome decided by the fail-safe: applied to the local breaker and
@@ -279,6 +289,10 @@ class Core:
         idempotency_key: str,
         max_attempts: int,
         deadline: Optional[float],
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+        strategy: StrategyArg = None,
+        expected_output_tokens: int = 0,
     ) -> CallSpec:
         name, cands = self._route_args(route)
         if defer_to not in (None, "queue"):
@@ -304,6 +318,11 @@ class Core:
             idempotency_key=idempotency_key,
             max_attempts=max_attempts,
             deadline=deadline,
+            # Checked here, so a typo fails before anything is sent.
+            priority=conv.priority(priority),
+            max_output_tokens=conv.non_negative("max_output_tokens", max_output_tokens),
+            strategy=conv.strategy(strategy),
+            expected_output_tokens=conv.non_negative("expected_output_tokens", expected_output_tokens),
         )
 
 
@@ -401,8 +420,22 @@ class Requests(Core, Generic[R]):
 
     # Resilience -------------------------------------------------------------------
 
-    def _rpc_can_proceed(self, target: str, estimated_tokens: int, attempt: int) -> Rpc:
-        req = conv.can_proceed_request(target, caller=self.caller, estimated_tokens=estimated_tokens, attempt=attempt)
+    def _rpc_can_proceed(
+        self,
+        target: str,
+        estimated_tokens: int,
+        attempt: int,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+    ) -> Rpc:
+        req = conv.can_proceed_request(
+            target,
+            caller=self.caller,
+            estimated_tokens=estimated_tokens,
+            attempt=attempt,
+            priority=priority,
+            max_output_tokens=max_output_tokens,
+        )
         return Rpc(
             "resilience",
             "CanProceed",
@@ -439,6 +472,10 @@ class Requests(Core, Generic[R]):
         required_context_tokens: int,
         exclude: Sequence[str],
         attempt: int,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+        strategy: StrategyArg = None,
+        expected_output_tokens: int = 0,
     ) -> Rpc:
         req = conv.route_request(
             route,
@@ -448,6 +485,10 @@ class Requests(Core, Generic[R]):
             exclude=exclude,
             caller=self.caller,
             attempt=attempt,
+            priority=priority,
+            max_output_tokens=max_output_tokens,
+            strategy=strategy,
+            expected_output_tokens=expected_output_tokens,
         )
         return Rpc(
             "resilience",
@@ -488,8 +529,21 @@ class Requests(Core, Generic[R]):
 
         return Rpc("deferred", "Defer", req, convert, self.queue_timeout)
 
-    def _rpc_claim(self, queue: str, max_items: int, lease: Optional[float], wait: float, worker: str) -> Rpc:
-        req = deferred_pb2.ClaimRequest(queue=queue, max_items=max_items, worker=worker or self.caller)
+    def _rpc_claim(
+        self,
+        queue: str,
+        max_items: int,
+        lease: Optional[float],
+        wait: float,
+        worker: str,
+        priority: PriorityArg = None,
+    ) -> Rpc:
+        req = deferred_pb2.ClaimRequest(
+            queue=queue,
+            max_items=max_items,
+            worker=worker or self.caller,
+            priority=conv.priority_to_proto(priority),
+        )
         if lease is not None:
             req.lease.CopyFrom(conv.duration(lease))
         if wait > 0:

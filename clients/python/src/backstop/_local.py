@@ -31,6 +31,7 @@ from .types import (
     RetryAdvice,
     RetryReason,
     RouteDecision,
+    RouteStrategy,
     Skip,
 )
 
@@ -222,9 +223,22 @@ class LocalEngine:
             advice = self._advise(cls, report.attempt, hint)
             return OutcomeResult(report.target, cls, b.state, advice, local=True)
 
-    def route(self, candidates: Sequence[str], exclude: Sequence[str], attempt: int = 0) -> RouteDecision:
+    def route(
+        self,
+        candidates: Sequence[str],
+        exclude: Sequence[str],
+        attempt: int = 0,
+        *,
+        strategy: Optional[RouteStrategy] = None,
+    ) -> RouteDecision:
+        """The first admissible candidate in list order. A requested
+        ``strategy`` cannot be applied here (latencies, load and prices are the
+        fleet's, on the server): the decision says ORDERED, and why."""
         skipped: List[Skip] = []
         excluded = set(exclude)
+        why = "local fail-safe (Backstop unreachable): first admissible in list order"
+        if strategy is not None and strategy not in (RouteStrategy.UNSPECIFIED, RouteStrategy.ORDERED):
+            why += f"; {strategy.value} needs the server"
         for depth, cand in enumerate(candidates):
             if cand in excluded:
                 skipped.append(Skip(cand, Reason.EXCLUDED))
@@ -239,6 +253,8 @@ class LocalEngine:
                     skipped=tuple(skipped),
                     state=adm.state,
                     local=True,
+                    strategy=RouteStrategy.ORDERED,
+                    reason=why,
                 )
             skipped.append(Skip(cand, adm.reason, adm.retry_after))
         afters = [s.retry_after for s in skipped if s.retry_after is not None]
@@ -247,6 +263,7 @@ class LocalEngine:
             skipped=tuple(skipped),
             retry_after=min(afters) if afters else None,
             local=True,
+            strategy=RouteStrategy.ORDERED,
         )
 
 

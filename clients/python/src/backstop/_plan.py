@@ -40,8 +40,10 @@ from .types import (
     OutcomeClass,
     OutcomeReport,
     OutcomeResult,
+    Priority,
     Reason,
     RouteDecision,
+    RouteStrategy,
 )
 
 # --- operations ------------------------------------------------------------------
@@ -55,6 +57,10 @@ class RouteOp:
     required_context_tokens: int
     exclude: Sequence[str]
     attempt: int
+    priority: Optional[Priority] = None
+    max_output_tokens: int = 0
+    strategy: Optional[RouteStrategy] = None
+    expected_output_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,8 @@ class AdmitOp:
     target: str
     estimated_tokens: int
     attempt: int
+    priority: Optional[Priority] = None
+    max_output_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,12 @@ class CallSpec:
     max_attempts: int = 0
     #: Seconds from the start after which no retry sleep is begun (None = no limit).
     deadline: Optional[float] = None
+    #: Sent with every Route and CanProceed of the call.
+    priority: Optional[Priority] = None
+    max_output_tokens: int = 0
+    #: Sent with every Route of the call (None = the route's own strategy).
+    strategy: Optional[RouteStrategy] = None
+    expected_output_tokens: int = 0
     clock: Callable[[], float] = time.monotonic
 
 
@@ -219,7 +233,16 @@ def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
     last: Optional[RouteDecision] = None
     while True:
         decision: RouteDecision = yield RouteOp(
-            spec.route, spec.candidates, spec.estimated_tokens, required_context, exclude, 0
+            spec.route,
+            spec.candidates,
+            spec.estimated_tokens,
+            required_context,
+            exclude,
+            0,
+            priority=spec.priority,
+            max_output_tokens=spec.max_output_tokens,
+            strategy=spec.strategy,
+            expected_output_tokens=spec.expected_output_tokens,
         )
         last = decision
         if decision.target is None:
@@ -270,7 +293,13 @@ def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
             if advice.delay > 0:
                 yield SleepOp(advice.delay)
             attempt += 1
-            adm: Admission = yield AdmitOp(target, spec.estimated_tokens, attempt)
+            adm: Admission = yield AdmitOp(
+                target,
+                spec.estimated_tokens,
+                attempt,
+                priority=spec.priority,
+                max_output_tokens=spec.max_output_tokens,
+            )
             if not adm.allowed:
                 errors.append(_refusal_error(adm))
                 break

@@ -63,8 +63,10 @@ from .types import (
     NackResult,
     OutcomeReport,
     OutcomeResult,
+    PriorityArg,
     QueueStat,
     RouteDecision,
+    StrategyArg,
     TargetStatus,
     TargetSummary,
 )
@@ -314,9 +316,18 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
 
     # --- decisions -------------------------------------------------------------------
 
-    async def can_proceed(self, target: str, *, estimated_tokens: int = 0, attempt: int = 0) -> Admission:
+    async def can_proceed(
+        self,
+        target: str,
+        *,
+        estimated_tokens: int = 0,
+        attempt: int = 0,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+    ) -> Admission:
+        """See :meth:`backstop.Backstop.can_proceed`."""
         return await self._decide(
-            self._rpc_can_proceed(target, estimated_tokens, attempt),
+            self._rpc_can_proceed(target, estimated_tokens, attempt, priority, max_output_tokens),
             lambda: self._local_admit(target, attempt),
         )
 
@@ -328,11 +339,26 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         required_context_tokens: int = 0,
         exclude: Sequence[str] = (),
         attempt: int = 0,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+        strategy: StrategyArg = None,
+        expected_output_tokens: int = 0,
     ) -> RouteDecision:
         name, cands = self._route_args(route)
         return await self._decide(
-            self._rpc_route(name, cands, estimated_tokens, required_context_tokens, exclude, attempt),
-            lambda: self._local_route(name, cands, exclude, attempt),
+            self._rpc_route(
+                name,
+                cands,
+                estimated_tokens,
+                required_context_tokens,
+                exclude,
+                attempt,
+                priority,
+                max_output_tokens,
+                strategy,
+                expected_output_tokens,
+            ),
+            lambda: self._local_route(name, cands, exclude, attempt, strategy),
         )
 
     async def _record(self, report: OutcomeReport) -> OutcomeResult:
@@ -340,9 +366,19 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
             return self._local_record(report)
         return await self._decide(self._rpc_record(report), lambda: self._local_record(report))
 
-    def guard(self, target: str, *, estimated_tokens: int = 0, attempt: int = 0) -> AsyncGuard:
+    def guard(
+        self,
+        target: str,
+        *,
+        estimated_tokens: int = 0,
+        attempt: int = 0,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+    ) -> AsyncGuard:
         """``async with bs.guard(target) as g:`` -- see :meth:`backstop.Backstop.guard`."""
-        return AsyncGuard(self, target, estimated_tokens, attempt)
+        return AsyncGuard(
+            self, target, estimated_tokens, attempt, priority=priority, max_output_tokens=max_output_tokens
+        )
 
     # --- call ------------------------------------------------------------------------
 
@@ -362,6 +398,10 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         idempotency_key: str = ...,
         max_attempts: int = ...,
         deadline: Optional[float] = ...,
+        priority: PriorityArg = ...,
+        max_output_tokens: int = ...,
+        strategy: StrategyArg = ...,
+        expected_output_tokens: int = ...,
     ) -> T: ...
 
     @overload
@@ -380,6 +420,10 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         idempotency_key: str = ...,
         max_attempts: int = ...,
         deadline: Optional[float] = ...,
+        priority: PriorityArg = ...,
+        max_output_tokens: int = ...,
+        strategy: StrategyArg = ...,
+        expected_output_tokens: int = ...,
     ) -> Union[T, Deferred]: ...
 
     async def call(
@@ -397,6 +441,10 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         idempotency_key: str = "",
         max_attempts: int = 0,
         deadline: Optional[float] = None,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+        strategy: StrategyArg = None,
+        expected_output_tokens: int = 0,
     ) -> Any:
         """See :meth:`backstop.Backstop.call`. ``fn`` is normally a coroutine
         function; a plain function works too (its result is used as is)."""
@@ -412,6 +460,10 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
             idempotency_key=idempotency_key,
             max_attempts=max_attempts,
             deadline=deadline,
+            priority=priority,
+            max_output_tokens=max_output_tokens,
+            strategy=strategy,
+            expected_output_tokens=expected_output_tokens,
         )
         return await self._drive(call_plan(spec), invoker(fn))
 
@@ -452,9 +504,19 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
                 required_context_tokens=op.required_context_tokens,
                 exclude=op.exclude,
                 attempt=op.attempt,
+                priority=op.priority,
+                max_output_tokens=op.max_output_tokens,
+                strategy=op.strategy,
+                expected_output_tokens=op.expected_output_tokens,
             )
         if isinstance(op, AdmitOp):
-            return await self.can_proceed(op.target, estimated_tokens=op.estimated_tokens, attempt=op.attempt)
+            return await self.can_proceed(
+                op.target,
+                estimated_tokens=op.estimated_tokens,
+                attempt=op.attempt,
+                priority=op.priority,
+                max_output_tokens=op.max_output_tokens,
+            )
         if isinstance(op, SleepOp):
             await asyncio.sleep(op.seconds)
             return None
@@ -481,9 +543,19 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         )
 
     async def claim(
-        self, queue: str, *, max_items: int = 1, lease: Optional[float] = None, wait: float = 0.0, worker: str = ""
+        self,
+        queue: str,
+        *,
+        max_items: int = 1,
+        lease: Optional[float] = None,
+        wait: float = 0.0,
+        worker: str = "",
+        priority: PriorityArg = None,
     ) -> ClaimResult:
-        return await self._unary(self._rpc_claim(queue, max_items, lease, wait, worker))  # type: ignore[no-any-return]
+        """See :meth:`backstop.Backstop.claim`."""
+        return await self._unary(  # type: ignore[no-any-return]
+            self._rpc_claim(queue, max_items, lease, wait, worker, priority)
+        )
 
     async def ack(self, item: Union[DeferredItem, str], lease_token: Optional[str] = None) -> None:
         await self._unary(self._rpc_ack(item, lease_token))

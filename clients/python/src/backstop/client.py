@@ -57,8 +57,10 @@ from .types import (
     NackResult,
     OutcomeReport,
     OutcomeResult,
+    PriorityArg,
     QueueStat,
     RouteDecision,
+    StrategyArg,
     TargetStatus,
     TargetSummary,
 )
@@ -313,10 +315,26 @@ class Backstop(Requests[OutcomeResult]):
 
     # --- decisions -------------------------------------------------------------------
 
-    def can_proceed(self, target: str, *, estimated_tokens: int = 0, attempt: int = 0) -> Admission:
-        """May a call go to ``target`` now? (Does not raise on refusal; see :meth:`guard`.)"""
+    def can_proceed(
+        self,
+        target: str,
+        *,
+        estimated_tokens: int = 0,
+        attempt: int = 0,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+    ) -> Admission:
+        """May a call go to ``target`` now? (Does not raise on refusal; see :meth:`guard`.)
+
+        ``priority`` (a :class:`Priority` or ``"interactive"`` / ``"default"`` /
+        ``"batch"``): budgets with a ``reserve`` refuse lower priorities first,
+        with :attr:`Reason.PRIORITY_RESERVED`. ``max_output_tokens``: the most
+        output the call may produce, reserved at the output price against spend
+        limits (a refusal says :attr:`Reason.SPEND_LIMIT`, with ``retry_after``).
+        The local fail-safe accepts both and has nothing to apply them to.
+        """
         return self._decide(
-            self._rpc_can_proceed(target, estimated_tokens, attempt),
+            self._rpc_can_proceed(target, estimated_tokens, attempt, priority, max_output_tokens),
             lambda: self._local_admit(target, attempt),
         )
 
@@ -328,12 +346,34 @@ class Backstop(Requests[OutcomeResult]):
         required_context_tokens: int = 0,
         exclude: Sequence[str] = (),
         attempt: int = 0,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+        strategy: StrategyArg = None,
+        expected_output_tokens: int = 0,
     ) -> RouteDecision:
-        """Which target of ``route`` (a configured route name, or a list of targets) should serve now."""
+        """Which target of ``route`` (a configured route name, or a list of targets) should serve now.
+
+        ``strategy`` (a :class:`RouteStrategy` or its name, e.g.
+        ``"lowest_latency"``) overrides the route's own for this request;
+        ``expected_output_tokens`` is what LOWEST_COST prices the output at.
+        ``priority`` and ``max_output_tokens`` as in :meth:`can_proceed`. The
+        decision's ``strategy`` and ``reason`` say how and why this target was chosen.
+        """
         name, cands = self._route_args(route)
         return self._decide(
-            self._rpc_route(name, cands, estimated_tokens, required_context_tokens, exclude, attempt),
-            lambda: self._local_route(name, cands, exclude, attempt),
+            self._rpc_route(
+                name,
+                cands,
+                estimated_tokens,
+                required_context_tokens,
+                exclude,
+                attempt,
+                priority,
+                max_output_tokens,
+                strategy,
+                expected_output_tokens,
+            ),
+            lambda: self._local_route(name, cands, exclude, attempt, strategy),
         )
 
     def _record(self, report: OutcomeReport) -> OutcomeResult:
@@ -341,11 +381,21 @@ class Backstop(Requests[OutcomeResult]):
             return self._local_record(report)
         return self._decide(self._rpc_record(report), lambda: self._local_record(report))
 
-    def guard(self, target: str, *, estimated_tokens: int = 0, attempt: int = 0) -> Guard:
+    def guard(
+        self,
+        target: str,
+        *,
+        estimated_tokens: int = 0,
+        attempt: int = 0,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+    ) -> Guard:
         """A context manager around one provider call: CanProceed on entry
-        (raising :class:`CircuitOpen` / :class:`RateLimited` when refused),
+        (raising :class:`CircuitOpen` / :class:`RateLimited` when refused; a
+        budget reserved for higher priorities raises :class:`PriorityReserved`
+        and a spend limit :class:`SpendLimitExceeded`, both RateLimited),
         RecordOutcome on exit, classified from the block's exception."""
-        return Guard(self, target, estimated_tokens, attempt)
+        return Guard(self, target, estimated_tokens, attempt, priority=priority, max_output_tokens=max_output_tokens)
 
     # --- call ------------------------------------------------------------------------
 
@@ -365,6 +415,10 @@ class Backstop(Requests[OutcomeResult]):
         idempotency_key: str = ...,
         max_attempts: int = ...,
         deadline: Optional[float] = ...,
+        priority: PriorityArg = ...,
+        max_output_tokens: int = ...,
+        strategy: StrategyArg = ...,
+        expected_output_tokens: int = ...,
     ) -> T: ...
 
     @overload
@@ -383,6 +437,10 @@ class Backstop(Requests[OutcomeResult]):
         idempotency_key: str = ...,
         max_attempts: int = ...,
         deadline: Optional[float] = ...,
+        priority: PriorityArg = ...,
+        max_output_tokens: int = ...,
+        strategy: StrategyArg = ...,
+        expected_output_tokens: int = ...,
     ) -> Union[T, Deferred]: ...
 
     def call(
@@ -400,6 +458,10 @@ class Backstop(Requests[OutcomeResult]):
         idempotency_key: str = "",
         max_attempts: int = 0,
         deadline: Optional[float] = None,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+        strategy: StrategyArg = None,
+        expected_output_tokens: int = 0,
     ) -> Any:
         """Runs ``fn(target, max_tokens, key_slot)`` on the best available target of
         ``route``, retrying per Backstop's advice and falling back along the route.
@@ -409,6 +471,14 @@ class Backstop(Requests[OutcomeResult]):
         ``defer_to="queue"`` saves ``payload`` to the route's deferred queue and
         returns a :class:`Deferred`. ``deadline`` (seconds) stops retry sleeps
         that would end later than that after the start.
+
+        ``priority`` and ``max_output_tokens`` go with every Route and retry
+        CanProceed (see :meth:`can_proceed`); ``strategy`` and
+        ``expected_output_tokens`` with every Route (see :meth:`route`). A
+        target refused for a spend limit or a priority reserve is skipped, never
+        called and never counted as a provider failure: it shows in
+        :class:`AllTargetsFailed`'s ``errors`` with reason SPEND_LIMIT /
+        PRIORITY_RESERVED and its ``retry_after``.
         """
         spec = self._call_spec(
             route,
@@ -422,6 +492,10 @@ class Backstop(Requests[OutcomeResult]):
             idempotency_key=idempotency_key,
             max_attempts=max_attempts,
             deadline=deadline,
+            priority=priority,
+            max_output_tokens=max_output_tokens,
+            strategy=strategy,
+            expected_output_tokens=expected_output_tokens,
         )
         return self._drive(call_plan(spec), invoker(fn))
 
@@ -460,9 +534,19 @@ class Backstop(Requests[OutcomeResult]):
                 required_context_tokens=op.required_context_tokens,
                 exclude=op.exclude,
                 attempt=op.attempt,
+                priority=op.priority,
+                max_output_tokens=op.max_output_tokens,
+                strategy=op.strategy,
+                expected_output_tokens=op.expected_output_tokens,
             )
         if isinstance(op, AdmitOp):
-            return self.can_proceed(op.target, estimated_tokens=op.estimated_tokens, attempt=op.attempt)
+            return self.can_proceed(
+                op.target,
+                estimated_tokens=op.estimated_tokens,
+                attempt=op.attempt,
+                priority=op.priority,
+                max_output_tokens=op.max_output_tokens,
+            )
         if isinstance(op, SleepOp):
             time.sleep(op.seconds)
             return None
@@ -491,16 +575,33 @@ class Backstop(Requests[OutcomeResult]):
         )
 
     def claim(
-        self, queue: str, *, max_items: int = 1, lease: Optional[float] = None, wait: float = 0.0, worker: str = ""
+        self,
+        queue: str,
+        *,
+        max_items: int = 1,
+        lease: Optional[float] = None,
+        wait: float = 0.0,
+        worker: str = "",
+        priority: PriorityArg = None,
     ) -> ClaimResult:
-        """Takes up to ``max_items`` ready items (long-polling up to ``wait`` seconds)."""
-        return self._unary(self._rpc_claim(queue, max_items, lease, wait, worker))  # type: ignore[no-any-return]
+        """Takes up to ``max_items`` ready items (long-polling up to ``wait`` seconds).
+        Each is admitted at ``priority`` (default DEFAULT): a background drain
+        that claims as ``"batch"`` never uses what budgets reserve for interactive calls."""
+        return self._unary(self._rpc_claim(queue, max_items, lease, wait, worker, priority))  # type: ignore[no-any-return]
 
-    def _claim_future(self, queue: str, max_items: int, lease: Optional[float], wait: float, worker: str) -> Any:
+    def _claim_future(
+        self,
+        queue: str,
+        max_items: int,
+        lease: Optional[float],
+        wait: float,
+        worker: str,
+        priority: PriorityArg = None,
+    ) -> Any:
         """A cancellable Claim, so a worker can stop in the middle of a long poll.
         Sent to the queue's replica; if that one turns out to be unreachable, the
         worker's next Claim goes to the next replica."""
-        rpc = self._rpc_claim(queue, max_items, lease, wait, worker)
+        rpc = self._rpc_claim(queue, max_items, lease, wait, worker, priority)
         replica = self._replicas.queue_replica()
         future = replica.queue_stubs().deferred.Claim.future(rpc.request, timeout=rpc.timeout)
 

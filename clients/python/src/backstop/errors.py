@@ -75,7 +75,23 @@ class CircuitOpen(Refused):
 
 class RateLimited(Refused):
     """A request/token/concurrency budget is spent, the provider asked the
-    fleet to pause, or the fleet's retry budget is spent."""
+    fleet to pause, or the fleet's retry budget is spent. The two subclasses
+    below (a budget's headroom reserved for higher priorities, a spend limit)
+    are budget refusals too, so ``except RateLimited`` waits them out as well."""
+
+
+class PriorityReserved(RateLimited):
+    """The budget's remaining room is reserved for higher priorities (its
+    ``reserve``): this call's priority fits again after ``retry_after`` seconds.
+    Not the provider's fault, and not counted against the breaker."""
+
+
+class SpendLimitExceeded(RateLimited):
+    """A spend limit (money per window, on the target or a budget group it
+    draws on) would be exceeded by this call's reservation (its input tokens
+    at the input price plus ``max_output_tokens`` at the output price).
+    ``retry_after`` says when the window frees enough. Not the provider's
+    fault, and not counted against the breaker."""
 
 
 class RequestTooLarge(Refused):
@@ -104,6 +120,10 @@ def refusal(
         cls = CircuitOpen
     elif reason in _RATE:
         cls = RateLimited
+    elif reason == Reason.PRIORITY_RESERVED:
+        cls = PriorityReserved
+    elif reason == Reason.SPEND_LIMIT:
+        cls = SpendLimitExceeded
     elif reason == Reason.REQUEST_TOO_LARGE:
         cls = RequestTooLarge
     elif reason == Reason.CONTROL_PLANE_UNAVAILABLE:

@@ -5,7 +5,9 @@
         g.usage(reply.usage.input_tokens, reply.usage.output_tokens)
 
 Entering asks CanProceed and raises :class:`CircuitOpen` / :class:`RateLimited`
-(with ``retry_after``) when refused. Leaving reports the outcome, classified
+(with ``retry_after``) when refused; :class:`PriorityReserved` and
+:class:`SpendLimitExceeded` are the RateLimited of a budget's priority reserve
+and of a spend limit. Leaving reports the outcome, classified
 from what the block did (see :func:`backstop._classify.observe_exception`),
 and never swallows the block's exception. ``g.outcome`` then holds what
 Backstop made of it, including its retry advice.
@@ -21,7 +23,7 @@ from typing import Any, Awaitable, Dict, Mapping, Optional, Protocol, Type
 
 from ._classify import Observed, normalize_headers, observe_exception
 from .errors import ControlPlaneError, refusal
-from .types import Admission, OutcomeClass, OutcomeReport, OutcomeResult
+from .types import Admission, OutcomeClass, OutcomeReport, OutcomeResult, PriorityArg
 
 log = logging.getLogger("backstop")
 
@@ -33,7 +35,15 @@ log = logging.getLogger("backstop")
 class SyncClient(Protocol):
     caller: str
 
-    def can_proceed(self, target: str, *, estimated_tokens: int = ..., attempt: int = ...) -> Admission: ...
+    def can_proceed(
+        self,
+        target: str,
+        *,
+        estimated_tokens: int = ...,
+        attempt: int = ...,
+        priority: PriorityArg = ...,
+        max_output_tokens: int = ...,
+    ) -> Admission: ...
 
     def _record(self, report: OutcomeReport) -> OutcomeResult: ...
 
@@ -41,7 +51,15 @@ class SyncClient(Protocol):
 class AsyncClient(Protocol):
     caller: str
 
-    def can_proceed(self, target: str, *, estimated_tokens: int = ..., attempt: int = ...) -> Awaitable[Admission]: ...
+    def can_proceed(
+        self,
+        target: str,
+        *,
+        estimated_tokens: int = ...,
+        attempt: int = ...,
+        priority: PriorityArg = ...,
+        max_output_tokens: int = ...,
+    ) -> Awaitable[Admission]: ...
 
     def _record(self, report: OutcomeReport) -> Awaitable[OutcomeResult]: ...
 
@@ -53,10 +71,21 @@ def _admitted(adm: Admission) -> Admission:
 
 
 class _GuardBase:
-    def __init__(self, target: str, estimated_tokens: int, attempt: int, caller: str) -> None:
+    def __init__(
+        self,
+        target: str,
+        estimated_tokens: int,
+        attempt: int,
+        caller: str,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+    ) -> None:
         self.target = target
         self.estimated_tokens = estimated_tokens
         self.attempt = attempt
+        #: Sent with the CanProceed on entry.
+        self.priority = priority
+        self.max_output_tokens = max_output_tokens
         self._caller = caller
         #: The admission (set on entry).
         self.admission: Optional[Admission] = None
@@ -148,12 +177,27 @@ class _GuardBase:
 class Guard(_GuardBase):
     """Sync guard; see the module docs. Create with :meth:`Backstop.guard`."""
 
-    def __init__(self, client: SyncClient, target: str, estimated_tokens: int = 0, attempt: int = 0) -> None:
-        super().__init__(target, estimated_tokens, attempt, client.caller)
+    def __init__(
+        self,
+        client: SyncClient,
+        target: str,
+        estimated_tokens: int = 0,
+        attempt: int = 0,
+        *,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+    ) -> None:
+        super().__init__(target, estimated_tokens, attempt, client.caller, priority, max_output_tokens)
         self._client = client
 
     def __enter__(self) -> Guard:
-        adm = self._client.can_proceed(self.target, estimated_tokens=self.estimated_tokens, attempt=self.attempt)
+        adm = self._client.can_proceed(
+            self.target,
+            estimated_tokens=self.estimated_tokens,
+            attempt=self.attempt,
+            priority=self.priority,
+            max_output_tokens=self.max_output_tokens,
+        )
         self.admission = _admitted(adm)
         self._started = time.monotonic()
         return self
@@ -174,13 +218,26 @@ class Guard(_GuardBase):
 class AsyncGuard(_GuardBase):
     """asyncio guard; see the module docs. Create with :meth:`AsyncBackstop.guard`."""
 
-    def __init__(self, client: AsyncClient, target: str, estimated_tokens: int = 0, attempt: int = 0) -> None:
-        super().__init__(target, estimated_tokens, attempt, client.caller)
+    def __init__(
+        self,
+        client: AsyncClient,
+        target: str,
+        estimated_tokens: int = 0,
+        attempt: int = 0,
+        *,
+        priority: PriorityArg = None,
+        max_output_tokens: int = 0,
+    ) -> None:
+        super().__init__(target, estimated_tokens, attempt, client.caller, priority, max_output_tokens)
         self._client = client
 
     async def __aenter__(self) -> AsyncGuard:
         adm = await self._client.can_proceed(
-            self.target, estimated_tokens=self.estimated_tokens, attempt=self.attempt
+            self.target,
+            estimated_tokens=self.estimated_tokens,
+            attempt=self.attempt,
+            priority=self.priority,
+            max_output_tokens=self.max_output_tokens,
         )
         self.admission = _admitted(adm)
         self._started = time.monotonic()

@@ -13,7 +13,7 @@ import datetime as _dt
 import json
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 
 class _ProtoEnum(str, Enum):
@@ -101,6 +101,51 @@ class RetryReason(_ProtoEnum):
     CIRCUIT_OPEN = "circuit_open"
 
 
+class Priority(_ProtoEnum):
+    """How urgent a call is (``backstop.v1.Priority``).
+
+    A budget may reserve headroom for higher priorities (``reserve = {
+    interactive = 0.2 }``): when it runs low, ``BATCH`` and ``DEFAULT`` calls
+    are refused with :attr:`Reason.PRIORITY_RESERVED` while ``INTERACTIVE``
+    ones keep flowing. Wherever a ``priority=`` is accepted, the plain strings
+    ``"interactive"``, ``"default"`` and ``"batch"`` work too; None (the
+    default) is ``DEFAULT``.
+    """
+
+    INTERACTIVE = "interactive"
+    DEFAULT = "default"
+    BATCH = "batch"
+
+
+class RouteStrategy(_ProtoEnum):
+    """How Route orders a route's candidates (``backstop.v1.RouteStrategy``).
+
+    In a request, None (or ``UNSPECIFIED``) means the route's own strategy.
+    Plain strings (``"lowest_latency"``) are accepted wherever a strategy is.
+    """
+
+    UNSPECIFIED = "unspecified"
+    #: First admissible in list order: a fallback list.
+    ORDERED = "ordered"
+    #: Random by the route's weights among admissible candidates.
+    WEIGHTED = "weighted"
+    #: Fewest outstanding permits.
+    LEAST_BUSY = "least_busy"
+    #: Lowest recent latency (with a small exploration share).
+    LOWEST_LATENCY = "lowest_latency"
+    #: Lowest expected price (estimated tokens at the input price plus
+    #: ``expected_output_tokens`` at the output price).
+    LOWEST_COST = "lowest_cost"
+    #: Largest remaining budget fraction.
+    MOST_HEADROOM = "most_headroom"
+
+
+#: What a ``priority=`` argument accepts: a :class:`Priority`, its string value, or None (DEFAULT).
+PriorityArg = Union[Priority, str, None]
+#: What a ``strategy=`` argument accepts: a :class:`RouteStrategy`, its string value, or None (the route's own).
+StrategyArg = Union[RouteStrategy, str, None]
+
+
 class BreakerMode(_ProtoEnum):
     """How an operator sets a breaker (``backstop.v1.BreakerMode``)."""
 
@@ -154,6 +199,10 @@ class OutcomeResult:
     #: The permit had already been reported: nothing changed on the server,
     #: and this answer repeats the first one (a retried report is safe).
     duplicate: bool = False
+    #: What the call cost at the target's prices (``cost_per_mtok_input`` /
+    #: ``cost_per_mtok_output`` times the reported usage); 0.0 when the target
+    #: is unpriced, no usage was reported, or the fail-safe decided.
+    cost: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -185,6 +234,12 @@ class RouteDecision:
     retry_after: Optional[float] = None
     state: BreakerState = BreakerState.UNSPECIFIED
     local: bool = False
+    #: The strategy that ordered the candidates (the route's own, or the one
+    #: the request asked for).
+    strategy: RouteStrategy = RouteStrategy.UNSPECIFIED
+    #: Why this target, in words, e.g. ``"least_busy: b has the fewest permits
+    #: outstanding (1)"``.
+    reason: str = ""
 
 
 @dataclass(frozen=True)

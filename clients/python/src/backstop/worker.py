@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import grpc
 
+from . import _convert as conv
 from ._classify import describe, observe_exception, observe_success
 from ._transport import rpc_error
 from .errors import ControlPlaneError
-from .types import ClaimResult, DeferredItem, OutcomeReport, OutcomeResult
+from .types import ClaimResult, DeferredItem, OutcomeReport, OutcomeResult, Priority, PriorityArg
 
 if TYPE_CHECKING:
     from .aio import AsyncBackstop
@@ -56,9 +57,12 @@ class _WorkerBase:
         worker_id: str,
         retry_delay: float,
         error_backoff: float,
+        priority: PriorityArg = None,
     ) -> None:
         if not queue:
             raise ValueError("queue is empty: name the route or target whose queue to drain")
+        #: The priority deliveries are admitted at (None = DEFAULT; BATCH leaves budgets' reserves alone).
+        self.priority: Optional[Priority] = conv.priority(priority)
         self.queue = queue
         self.max_items = max_items
         self.lease = lease
@@ -122,6 +126,7 @@ class DeferredWorker(_WorkerBase):
         worker_id: Optional[str] = None,
         retry_delay: float = 1.0,
         error_backoff: float = 0.5,
+        priority: PriorityArg = None,
     ) -> None:
         super().__init__(
             queue,
@@ -131,6 +136,7 @@ class DeferredWorker(_WorkerBase):
             worker_id=worker_id or client.caller,
             retry_delay=retry_delay,
             error_backoff=error_backoff,
+            priority=priority,
         )
         self.client = client
         self.handler = handler
@@ -165,7 +171,9 @@ class DeferredWorker(_WorkerBase):
         return all(q.depth == 0 and q.in_flight == 0 for q in stats if q.queue == self.queue)
 
     def _claim(self) -> Optional[ClaimResult]:
-        rpc, future = self.client._claim_future(self.queue, self.max_items, self.lease, self.wait, self.worker_id)
+        rpc, future = self.client._claim_future(
+            self.queue, self.max_items, self.lease, self.wait, self.worker_id, self.priority
+        )
         with self._lock:
             self._pending = future
         try:
@@ -261,6 +269,7 @@ class AsyncDeferredWorker(_WorkerBase):
         worker_id: Optional[str] = None,
         retry_delay: float = 1.0,
         error_backoff: float = 0.5,
+        priority: PriorityArg = None,
     ) -> None:
         super().__init__(
             queue,
@@ -270,6 +279,7 @@ class AsyncDeferredWorker(_WorkerBase):
             worker_id=worker_id or client.caller,
             retry_delay=retry_delay,
             error_backoff=error_backoff,
+            priority=priority,
         )
         self.client = client
         self.handler = handler
@@ -310,7 +320,12 @@ class AsyncDeferredWorker(_WorkerBase):
                 started = time.monotonic()
                 self._claiming = asyncio.ensure_future(
                     self.client.claim(
-                        self.queue, max_items=self.max_items, lease=self.lease, wait=self.wait, worker=self.worker_id
+                        self.queue,
+                        max_items=self.max_items,
+                        lease=self.lease,
+                        wait=self.wait,
+                        worker=self.worker_id,
+                        priority=self.priority,
                     )
                 )
                 try:
