@@ -441,6 +441,22 @@ pub fn priority_from(p: i32) -> Result<crate::domain::budget::Priority, String> 
     }
 }
 
+/// How a user request ended; None = unset (allowed only where optional).
+pub fn request_result_from(
+    r: i32,
+) -> Result<Option<crate::engine::requests::RequestResult>, String> {
+    use crate::engine::requests::RequestResult;
+    match proto::RequestResult::try_from(r) {
+        Ok(proto::RequestResult::Unspecified) => Ok(None),
+        Ok(proto::RequestResult::Completed) => Ok(Some(RequestResult::Completed)),
+        Ok(proto::RequestResult::Deferred) => Ok(Some(RequestResult::Deferred)),
+        Ok(proto::RequestResult::Failed) => Ok(Some(RequestResult::Failed)),
+        Err(_) => Err(format!(
+            "{r} is not a known RequestResult (1 COMPLETED, 2 DEFERRED, 3 FAILED)"
+        )),
+    }
+}
+
 /// A request's strategy override (unset = the route's own).
 pub fn strategy_from(s: i32) -> Result<Option<crate::domain::strategy::Strategy>, String> {
     use crate::domain::strategy::Strategy;

@@ -164,6 +164,8 @@ pub struct ServerToml {
     /// Longest pause a provider header or retry hint can impose.
     pub max_pause: Option<Dur>,
     pub max_headers: Option<Positive>,
+    pub max_open_requests: Option<Positive>,
+    pub request_ttl: Option<Dur>,
     pub max_header_bytes: Option<Positive>,
     /// Open gRPC connections at once; more are closed on accept.
     pub max_connections: Option<Positive>,

@@ -40,6 +40,12 @@ pub struct ServerConfig {
     /// Bounds on the `headers` map of one outcome.
     pub max_headers: usize,
     pub max_header_bytes: usize,
+    /// Request ids (`request_id`) tracked at once for end-to-end metrics;
+    /// past it, new ids are counted as untracked (see engine::requests).
+    pub max_open_requests: usize,
+    /// An unfinished request id is dropped (counted `expired`) this long
+    /// after its first call.
+    pub request_ttl: Duration,
     /// Open gRPC connections at once (a socket past it is closed on accept).
     pub max_connections: usize,
     /// Time a new connection has to send the HTTP/2 preface.
@@ -97,6 +103,8 @@ impl Default for ServerConfig {
             max_pause: Duration::from_secs(3600),
             max_headers: 64,
             max_header_bytes: 16 * 1024,
+            max_open_requests: 100_000,
+            request_ttl: Duration::from_secs(600),
             max_connections: 10_000,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(600),

@@ -15,6 +15,7 @@ pub mod events;
 pub mod permit;
 pub mod queue;
 pub mod reload;
+pub mod requests;
 pub mod watch;
 
 pub use crate::domain::Reason;
@@ -232,6 +233,8 @@ pub struct Engine {
     /// Event subscribers and the shared snapshot (see watch.rs).
     hub: watch::Hub,
     queue: Queues,
+    /// User requests named by `request_id`, open until finished (see requests.rs).
+    requests: requests::Requests,
     /// Where the jitter of advised backoffs comes from (uniform in [0, 1)):
     /// the thread RNG, or a fixed sequence in tests that compare engines.
     rng: Rng01,
@@ -282,7 +285,10 @@ fn route_runtimes(
             let rt = match old.get(name) {
                 Some(o) if o.settings == *r => o.clone(),
                 _ => Arc::new(RouteRuntime {
-                    settings: r.clone(),
+                    settings: {
+                        metrics.requests.born(name);
+                        r.clone()
+                    },
                     last: AtomicU32::new(NO_DEPTH),
                     publish: Mutex::new(()),
                     metrics: metrics.for_route(name, r.targets.len()),
@@ -389,6 +395,18 @@ fn warn_rate_limited(target: &str, warnings: &[String]) {
 }
 
 /// Checks a target name from a client.
+/// A request id is a map key, never a label: only its length is bounded.
+fn check_request_id(id: &str) -> Result<()> {
+    if id.len() > requests::MAX_REQUEST_ID {
+        return Err(invalid(format!(
+            "request_id is {} bytes; at most {} are accepted",
+            id.len(),
+            requests::MAX_REQUEST_ID
+        )));
+    }
+    Ok(())
+}
+
 pub fn validate_target(name: &str) -> Result<()> {
     if name.is_empty() {
         return Err(invalid(
@@ -603,7 +621,12 @@ impl Engine {
                 hub.shutdown_signal(),
             )),
         };
+        metrics.requests.born(requests::DIRECT);
         Engine {
+            requests: requests::Requests::new(
+                config.server.max_open_requests,
+                config.server.request_ttl,
+            ),
             hub,
             queue,
             adhoc_route_metrics: metrics.for_route(ADHOC_ROUTE, MAX_ROUTE_LEN),
@@ -873,6 +896,84 @@ impl Engine {
             let max = self.cfg().server.max_pause;
             adm.retry_after = adm.retry_after.map(|d| d.min(max));
         }
+    }
+
+    /// A CanProceed / Route call serving user request `id` (empty: none).
+    /// `route` is the configured route named on a Route call; other names
+    /// are not remembered (labels stay bounded).
+    pub fn note_request(&self, id: &str, route: &str) -> Result<()> {
+        if id.is_empty() {
+            return Ok(());
+        }
+        check_request_id(id)?;
+        let name = (!route.is_empty())
+            .then(|| {
+                self.routes
+                    .load()
+                    .get(route)
+                    .map(|r| r.settings.name.clone())
+            })
+            .flatten();
+        if self.requests.note_call(id, name.as_ref(), self.clock.now()) == requests::Noted::Full {
+            self.metrics.requests.untracked();
+        }
+        Ok(())
+    }
+
+    /// A RecordOutcome for user request `id` (empty: none): one more
+    /// attempt, and the request is closed when `finish` is set.
+    pub fn note_request_outcome(
+        &self,
+        id: &str,
+        finish: Option<requests::RequestResult>,
+    ) -> Result<Option<requests::Finished>> {
+        if id.is_empty() {
+            return match finish {
+                None => Ok(None),
+                Some(_) => Err(invalid(
+                    "finish needs the request_id of the request it closes",
+                )),
+            };
+        }
+        check_request_id(id)?;
+        if self.requests.note_outcome(id, self.clock.now()) == requests::Noted::Full {
+            self.metrics.requests.untracked();
+        }
+        finish
+            .map(|r| self.finish_request(id, r, requests::ClientMeasure::default()))
+            .transpose()
+    }
+
+    /// Closes user request `id` and counts it (once).
+    pub fn finish_request(
+        &self,
+        id: &str,
+        result: requests::RequestResult,
+        client: requests::ClientMeasure<'_>,
+    ) -> Result<requests::Finished> {
+        if id.is_empty() {
+            return Err(invalid(
+                "request_id is empty; give the id used on the request's CanProceed / Route / RecordOutcome calls",
+            ));
+        }
+        check_request_id(id)?;
+        let routes = self.routes.load();
+        let f = self
+            .requests
+            .finish(id, result, client, self.clock.now(), |name| {
+                routes.get(name).map(|r| r.settings.name.clone())
+            });
+        self.metrics.requests.finished(&f);
+        Ok(f)
+    }
+
+    /// Expires request ids past `request_ttl` (counted `expired`) and
+    /// forgets finished ones; called about once a second.
+    pub fn sweep_requests(&self) {
+        for f in self.requests.sweep(self.clock.now()) {
+            self.metrics.requests.finished(&f);
+        }
+        self.metrics.requests.set_open(self.requests.len());
     }
 
     /// Applies an outcome: classification, provider signals, breaker, budgets, retry advice.

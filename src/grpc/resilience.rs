@@ -6,6 +6,7 @@ use super::{
     status, to_proto_duration,
 };
 use crate::domain::retry::RetryReason;
+use crate::engine::requests::{ClientMeasure, MAX_REQUEST_ID};
 use crate::engine::{Admission, AdmitArgs, Engine, OutcomeReport, RouteQuery};
 use crate::proto;
 use crate::proto::resilience_server::Resilience;
@@ -36,6 +37,9 @@ impl ResilienceService {
         r: &proto::CanProceedRequest,
     ) -> Result<proto::CanProceedResponse, Status> {
         check_len(&r.caller, "caller", MAX_LABEL)?;
+        self.engine
+            .note_request(&r.request_id, "")
+            .map_err(status)?;
         let args = AdmitArgs {
             caller: &r.caller,
             estimated_tokens: r.estimated_tokens,
@@ -67,6 +71,16 @@ impl ResilienceService {
         };
         check_len(&r.error_type, "error_type", MAX_LABEL)?;
         check_len(&r.key_slot, "key_slot", MAX_LABEL)?;
+        // Checked before the outcome is applied, so a bad request id or
+        // finish never leaves an applied outcome behind an error.
+        check_len(&r.request_id, "request_id", MAX_REQUEST_ID)?;
+        let finish = crate::wire::request_result_from(r.finish)
+            .map_err(|e| Status::invalid_argument(format!("finish: {e}")))?;
+        if finish.is_some() && r.request_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "finish needs the request_id of the request it closes",
+            ));
+        }
         let report = OutcomeReport {
             permit: &r.permit,
             class: from_outcome_class(r.outcome)?,
@@ -90,6 +104,9 @@ impl ResilienceService {
             .record_outcome(&r.target, report)
             .await
             .map_err(status)?;
+        self.engine
+            .note_request_outcome(&r.request_id, finish)
+            .map_err(status)?;
         Ok(proto::RecordOutcomeResponse {
             cost: crate::domain::spend::dollars(res.cost_micros),
             classified_as: outcome_class(res.classified_as) as i32,
@@ -109,6 +126,9 @@ impl ResilienceService {
 impl ResilienceService {
     async fn route_one(&self, r: &proto::RouteRequest) -> Result<proto::RouteResponse, Status> {
         check_len(&r.caller, "caller", MAX_LABEL)?;
+        self.engine
+            .note_request(&r.request_id, &r.route)
+            .map_err(status)?;
         let d = self
             .engine
             .route(RouteQuery {
@@ -404,6 +424,38 @@ impl Resilience for ResilienceService {
         let out = self.route_one(&r).instrument(span.clone()).await?;
         record_route(&span, &out);
         Ok(Response::new(out))
+    }
+
+    async fn finish_request(
+        &self,
+        req: Request<proto::FinishRequestRequest>,
+    ) -> Result<Response<proto::FinishRequestResponse>, Status> {
+        let _timer = self.engine.metrics().rpc("FinishRequest");
+        let r = req.into_inner();
+        check_len(&r.route, "route", MAX_LABEL)?;
+        let result = crate::wire::request_result_from(r.result)
+            .map_err(|e| Status::invalid_argument(format!("result: {e}")))?
+            .ok_or_else(|| {
+                Status::invalid_argument(
+                    "result is unset; say how the request ended: COMPLETED, DEFERRED or FAILED",
+                )
+            })?;
+        let client = ClientMeasure {
+            route: (!r.route.is_empty()).then_some(r.route.as_str()),
+            elapsed: from_proto_duration(r.elapsed, "elapsed")?.unwrap_or_default(),
+            attempts: r.attempts,
+        };
+        let f = self
+            .engine
+            .finish_request(&r.request_id, result, client)
+            .map_err(status)?;
+        Ok(Response::new(proto::FinishRequestResponse {
+            tracked: f.tracked,
+            duplicate: f.duplicate,
+            duration: Some(to_proto_duration(f.duration)),
+            attempts: f.attempts,
+            route: f.route.to_string(),
+        }))
     }
 
     async fn can_proceed_batch(

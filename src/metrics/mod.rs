@@ -17,8 +17,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 mod histogram;
+mod requests;
 
 pub use histogram::{AtomicHistogram, Buckets};
+pub use requests::RequestMetrics;
 
 use crate::domain::OutcomeClass;
 use crate::domain::breaker::BreakerState;
@@ -162,6 +164,8 @@ pub struct Metrics {
     config_mismatch: Gauge,
     redis_rtt: AtomicHistogram,
     refusal_cache_hits: Counter,
+    /// End-to-end user-request figures.
+    pub requests: RequestMetrics,
     labels_used: AtomicUsize,
     /// Raised or lowered by a config reload; applies to targets labelled from then on.
     max_labels: AtomicUsize,
@@ -182,6 +186,7 @@ pub const RPC_METHODS: &[&str] = &[
     "Decide.CanProceed",
     "Decide.RecordOutcome",
     "Decide.Route",
+    "FinishRequest",
 ];
 
 /// Transition series created at 0 for every labelled target.
@@ -355,7 +360,9 @@ impl Metrics {
             "Cluster mode: refusals answered from this replica's cache, without Redis",
             refusal_cache_hits.clone(),
         );
+        let requests = RequestMetrics::register(&mut registry, latency_buckets.clone());
         let mut m = Metrics {
+            requests,
             cluster_degraded,
             store_failing,
             cluster_replicas,

@@ -378,6 +378,7 @@ pub async fn run(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                engine.sweep_requests();
                 if let Err(e) = engine.flush_dirty().0.wait().await {
                     tracing::error!(error = %e, "write-behind flush failed");
                 }

@@ -71,6 +71,13 @@ impl Resilience for Noop {
         }))
     }
 
+    async fn finish_request(
+        &self,
+        _r: Request<proto::FinishRequestRequest>,
+    ) -> Result<Response<proto::FinishRequestResponse>, Status> {
+        Ok(Response::new(proto::FinishRequestResponse::default()))
+    }
+
     async fn can_proceed_batch(
         &self,
         r: Request<proto::CanProceedBatchRequest>,

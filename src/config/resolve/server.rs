@@ -89,6 +89,18 @@ impl Cx {
         if let Some(Positive(n)) = s.max_headers {
             out.max_headers = n as usize;
         }
+        if let Some(Positive(n)) = s.max_open_requests {
+            out.max_open_requests = n as usize;
+        }
+        if let Some(Dur(d)) = s.request_ttl {
+            if d.is_zero() {
+                self.err(
+                    span.clone(),
+                    "[server] request_ttl must be above 0 (e.g. \"10m\")".to_string(),
+                );
+            }
+            out.request_ttl = d;
+        }
         if let Some(Positive(n)) = s.max_header_bytes {
             out.max_header_bytes = n as usize;
         }
