@@ -159,6 +159,7 @@ async fn every_dashboard_query_answers_and_the_first_open_is_an_increase() {
                 target: "budgeted".into(),
                 estimated_tokens: 100,
                 attempt: i % 3,
+                request_id: format!("req-{i}"),
                 ..Default::default()
             })
             .await
@@ -172,6 +173,12 @@ async fn every_dashboard_query_answers_and_the_first_open_is_an_increase() {
                 seconds: 1,
                 nanos: 200_000_000,
             }),
+            request_id: format!("req-{i}"),
+            finish: if i % 4 == 0 {
+                proto::RequestResult::Failed
+            } else {
+                proto::RequestResult::Completed
+            } as i32,
             ..Default::default()
         })
         .await
@@ -296,7 +303,7 @@ async fn every_dashboard_query_answers_and_the_first_open_is_an_increase() {
                 n += 1;
             }
         }
-        assert_eq!(n, 17, "every query of the dashboard was checked");
+        assert_eq!(n, 20, "every query of the dashboard was checked");
         let v = query(
             &prom,
             "sum(increase(backstop_breaker_transitions_total{target=\"m\",to=\"open\"}[1m]))",
