@@ -152,5 +152,36 @@ fn sharing_beats_deciding_alone() {
         after * 20 <= calls,
         "{after} 429s after recovery out of {calls} calls"
     );
+
+    // The server's end-to-end figures (issue #17 part 3) match what the
+    // agents measured: the same failure rate from backstop_requests_total,
+    // and the p99 of request durations within 5 % (plus half a simulated
+    // second: the FinishRequest round trip at 20 ms per simulated second).
+    let e2e = &bs["end_to_end"];
+    assert!(e2e.is_object(), "no end_to_end in {bs}");
+    let f = |k: &str| {
+        e2e[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {e2e}"))
+    };
+    assert!(f("requests") > 0.0);
+    assert_eq!(
+        f("requests_backstop"),
+        f("requests"),
+        "the server counted every finished request once"
+    );
+    assert!(
+        (f("failure_rate_agents") - f("failure_rate_backstop")).abs() < 1e-9,
+        "{e2e}"
+    );
+    assert!(
+        f("tracked") >= 0.99 * f("requests"),
+        "the server measured them itself: {e2e}"
+    );
+    let (agents, server) = (f("p99_agents_s"), f("p99_backstop_s"));
+    assert!(
+        (agents - server).abs() <= 0.05 * agents + 0.5,
+        "end-to-end p99: agents {agents} s, backstop {server} s"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

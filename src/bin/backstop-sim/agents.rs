@@ -9,8 +9,8 @@ use crate::scenario::{Request, Rng, Scenario};
 use backstop::proto::deferred_client::DeferredClient;
 use backstop::proto::resilience_client::ResilienceClient;
 use backstop::proto::{
-    AckRequest, ClaimRequest, DeferRequest, NackRequest, Priority, Reason, RecordOutcomeRequest,
-    RouteRequest,
+    AckRequest, ClaimRequest, DeferRequest, FinishRequestRequest, NackRequest, Priority, Reason,
+    RecordOutcomeRequest, RequestResult, RouteRequest,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,6 +44,19 @@ pub struct Result1 {
     pub model: Option<usize>,
 }
 
+/// One user request as its agent measured it and as Backstop measured it
+/// (FinishRequest's answer), to check the server's end-to-end figures.
+#[derive(Clone, Copy, Debug)]
+pub struct EndToEnd {
+    /// Simulated seconds from the agent's first Route to its finish.
+    pub agent_s: f64,
+    /// The server's duration for it, in simulated seconds.
+    pub server_s: f64,
+    /// The server measured it itself (saw its first call).
+    pub tracked: bool,
+    pub failed: bool,
+}
+
 /// Shared by every request task of one run.
 pub struct Fleet {
     pub scenario: Scenario,
@@ -53,6 +66,8 @@ pub struct Fleet {
     /// Provider calls made by agents (including those the drain workers make).
     pub calls: AtomicU64,
     pub stop: AtomicBool,
+    /// Backstop modes: every finished request, both measures.
+    pub e2e: Mutex<Vec<EndToEnd>>,
 }
 
 impl Fleet {
@@ -262,6 +277,37 @@ fn outcome(
     }
 }
 
+/// Closes user request `id` (started at simulated `started`) and records
+/// both measures of it.
+async fn close(
+    f: &Fleet,
+    bs: &mut ResilienceClient<Channel>,
+    id: &str,
+    result: RequestResult,
+    started: f64,
+    attempts: u32,
+) {
+    let agent_s = f.clock.now() - started;
+    let answer = bs
+        .finish_request(FinishRequestRequest {
+            request_id: id.to_string(),
+            result: result as i32,
+            route: "chat".into(),
+            elapsed: dur(f.clock.real(agent_s)),
+            attempts,
+        })
+        .await
+        .map(|x| x.into_inner());
+    if let (Ok(a), Ok(mut all)) = (answer, f.e2e.lock()) {
+        all.push(EndToEnd {
+            agent_s,
+            server_s: f.clock.sim(from_dur(a.duration)),
+            tracked: a.tracked,
+            failed: result == RequestResult::Failed,
+        });
+    }
+}
+
 fn model_index(f: &Fleet, target: &str) -> Option<usize> {
     f.scenario.models.iter().position(|m| m.name == target)
 }
@@ -277,6 +323,8 @@ pub async fn via_backstop(
     r: Request,
 ) {
     let caller = format!("agent-{}", r.agent);
+    let rid = format!("req-{}", r.id);
+    let started = f.clock.now();
     let mut exclude: Vec<String> = Vec::new();
     let mut attempt = 0u32;
     loop {
@@ -293,6 +341,7 @@ pub async fn via_backstop(
                 caller: caller.clone(),
                 attempt,
                 priority: Priority::Interactive as i32,
+                request_id: rid.clone(),
                 ..Default::default()
             })
             .await
@@ -311,6 +360,7 @@ pub async fn via_backstop(
                         || s.reason == Reason::RequestTooLarge as i32
                 });
             if never {
+                close(&f, &mut bs, &rid, RequestResult::Failed, started, attempt).await;
                 f.finish(&r, Fate::Failed, None);
                 return;
             }
@@ -328,10 +378,14 @@ pub async fn via_backstop(
                 .await;
             match d {
                 Ok(_) => {
+                    close(&f, &mut bs, &rid, RequestResult::Deferred, started, attempt).await;
                     // Recorded by the drain worker; until then it is queued.
                     f.finish(&r, Fate::QueuedAtEnd, None);
                 }
-                Err(_) => f.finish(&r, Fate::Lost, None),
+                Err(_) => {
+                    close(&f, &mut bs, &rid, RequestResult::Failed, started, attempt).await;
+                    f.finish(&r, Fate::Lost, None);
+                }
             }
             return;
         }
@@ -340,20 +394,31 @@ pub async fn via_backstop(
             return;
         };
         let reply = f.call(model, &r).await;
+        let mut report = outcome(
+            &route.target,
+            route.permit,
+            &reply,
+            attempt,
+            &r,
+            caller.clone(),
+            route.key_slot,
+        );
+        report.request_id = rid.clone();
         let advice = bs
-            .record_outcome(outcome(
-                &route.target,
-                route.permit,
-                &reply,
-                attempt,
-                &r,
-                caller.clone(),
-                route.key_slot,
-            ))
+            .record_outcome(report)
             .await
             .ok()
             .and_then(|x| x.into_inner().retry);
         if reply.status == 200 {
+            close(
+                &f,
+                &mut bs,
+                &rid,
+                RequestResult::Completed,
+                started,
+                attempt + 1,
+            )
+            .await;
             f.finish(&r, Fate::Completed, Some(model));
             return;
         }

@@ -92,6 +92,8 @@ impl Mode {
 struct Proc {
     child: Child,
     addr: String,
+    /// Backstop's HTTP listener (metrics), when it has one.
+    http: Option<String>,
     dir: Option<PathBuf>,
 }
 
@@ -187,7 +189,7 @@ fn start_backstop(bin: &PathBuf, cfg: &str, redis: Option<&str>) -> Result<Proc,
         "--listen",
         "127.0.0.1:0",
         "--http",
-        "off",
+        "127.0.0.1:0",
         "--config",
     ])
     .arg(&path)
@@ -216,6 +218,7 @@ fn start_backstop(bin: &PathBuf, cfg: &str, redis: Option<&str>) -> Result<Proc,
     let mut proc = Proc {
         child,
         addr: String::new(),
+        http: None,
         dir: Some(dir),
     };
     let line = rx
@@ -226,6 +229,10 @@ fn start_backstop(bin: &PathBuf, cfg: &str, redis: Option<&str>) -> Result<Proc,
         .find_map(|kv| kv.strip_prefix("grpc="))
         .ok_or_else(|| format!("unexpected line from backstop: {line}"))?
         .to_string();
+    proc.http = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("http="))
+        .map(str::to_string);
     Ok(proc)
 }
 
@@ -251,6 +258,7 @@ fn start_redis() -> Result<Proc, String> {
     Ok(Proc {
         child,
         addr: format!("redis://127.0.0.1:{port}/"),
+        http: None,
         dir: None,
     })
 }
@@ -319,6 +327,7 @@ async fn run_mode(mode: Mode, s: &Scenario, cli: &Cli) -> Result<report::ModeRep
         results: Default::default(),
         calls: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        e2e: Default::default(),
     });
     let reqs = scenario::requests(s);
     let mut tasks = Vec::new();
@@ -373,8 +382,45 @@ async fn run_mode(mode: Mode, s: &Scenario, cli: &Cli) -> Result<report::ModeRep
         .into_iter()
         .filter(|c| c.t <= s.duration)
         .collect();
+    // What the servers report: backstop_requests_total{route="chat"} summed
+    // over the replicas, by result.
+    let mut reported: std::collections::BTreeMap<String, f64> = Default::default();
+    for p in &procs {
+        if let Some(http) = &p.http {
+            for (result, n) in requests_total(http, "chat")? {
+                *reported.entry(result).or_default() += n;
+            }
+        }
+    }
     drop(procs);
-    Ok(report::build(mode.name(), s, &log, &results))
+    let e2e: Vec<_> = fleet.e2e.lock().map(|v| v.clone()).unwrap_or_default();
+    let mut out = report::build(mode.name(), s, &log, &results);
+    if mode != Mode::PerProcess {
+        out.end_to_end = Some(report::end_to_end(&e2e, &reported));
+    }
+    Ok(out)
+}
+
+/// `backstop_requests_total{route=<route>,result=...}` from a server's
+/// `/metrics`, by result.
+fn requests_total(http: &str, route: &str) -> Result<Vec<(String, f64)>, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(http).map_err(|e| format!("metrics: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)
+        .map_err(|e| format!("metrics: {e}"))?;
+    let prefix = format!("backstop_requests_total{{route=\"{route}\",result=\"");
+    Ok(body
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (result, value) = rest.split_once("\"} ")?;
+            Some((result.to_string(), value.trim().parse().ok()?))
+        })
+        .collect())
 }
 
 #[tokio::main]

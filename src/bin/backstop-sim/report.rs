@@ -48,6 +48,57 @@ pub struct ModeReport {
     pub calls_per_second: Vec<Vec<u32>>,
     /// Per simulated second: completed, deferred-then-completed, failed/lost at the end.
     pub answers_per_second: Vec<[u32; 2]>,
+    /// Backstop modes: the end-to-end figures Backstop reported against what
+    /// the agents measured (issue #17 part 3).
+    pub end_to_end: Option<EndToEndCheck>,
+}
+
+/// The two user-request signals, as the agents measured them and as
+/// Backstop reported them (its metrics and FinishRequest answers).
+#[derive(Serialize, Clone, Debug)]
+pub struct EndToEndCheck {
+    /// Requests the agents finished (completed, deferred or failed).
+    pub requests: usize,
+    /// Of those, how many the server measured itself (saw start to finish).
+    pub tracked: usize,
+    /// Failed over finished, by the agents' count.
+    pub failure_rate_agents: f64,
+    /// (failed + expired) over all finished, from backstop_requests_total.
+    pub failure_rate_backstop: f64,
+    /// Requests backstop_requests_total counted (all results).
+    pub requests_backstop: f64,
+    pub p99_agents_s: Option<f64>,
+    /// p99 of the durations Backstop measured (FinishRequest answers).
+    pub p99_backstop_s: Option<f64>,
+}
+
+/// Compares the agents' measures with Backstop's.
+pub fn end_to_end(
+    all: &[crate::agents::EndToEnd],
+    reported: &std::collections::BTreeMap<String, f64>,
+) -> EndToEndCheck {
+    let sorted = |f: &dyn Fn(&crate::agents::EndToEnd) -> f64| {
+        let mut v: Vec<f64> = all.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let failed = all.iter().filter(|e| e.failed).count();
+    let total: f64 = reported.values().sum();
+    let bad = reported.get("failed").copied().unwrap_or(0.0)
+        + reported.get("expired").copied().unwrap_or(0.0);
+    EndToEndCheck {
+        requests: all.len(),
+        tracked: all.iter().filter(|e| e.tracked).count(),
+        failure_rate_agents: if all.is_empty() {
+            0.0
+        } else {
+            failed as f64 / all.len() as f64
+        },
+        failure_rate_backstop: if total > 0.0 { bad / total } else { 0.0 },
+        requests_backstop: total,
+        p99_agents_s: quantile(&sorted(&|e| e.agent_s), 0.99),
+        p99_backstop_s: quantile(&sorted(&|e| e.server_s), 0.99),
+    }
 }
 
 fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
@@ -176,6 +227,7 @@ pub fn build(mode: &str, s: &Scenario, log: &[Call], results: &[Result1]) -> Mod
             .then(|| (log.len() as f64 - answered as f64) / answered as f64),
         calls_per_second: cps,
         answers_per_second: answers,
+        end_to_end: None,
     }
 }
 
@@ -272,6 +324,28 @@ pub fn markdown(s: &Scenario, modes: &[ModeReport]) -> String {
                 .unwrap_or_else(|| "—".into())
         )
     });
+    if modes.iter().any(|m| m.end_to_end.is_some()) {
+        fn e2e(m: &ModeReport, f: impl Fn(&EndToEndCheck) -> String) -> String {
+            m.end_to_end.as_ref().map(f).unwrap_or_else(|| "—".into())
+        }
+        out += &row(
+            "end-to-end failure rate: agents / Backstop's metrics",
+            &|m| {
+                e2e(m, |e| {
+                    format!(
+                        "{:.2} % / {:.2} %",
+                        100.0 * e.failure_rate_agents,
+                        100.0 * e.failure_rate_backstop
+                    )
+                })
+            },
+        );
+        out += &row("end-to-end p99 (s): agents / Backstop", &|m| {
+            e2e(m, |e| {
+                format!("{} / {}", opt(e.p99_agents_s), opt(e.p99_backstop_s))
+            })
+        });
+    }
     for m in modes.iter().filter(|m| m.skipped.is_some()) {
         out += &format!(
             "\n{} skipped: {}\n",
