@@ -91,10 +91,13 @@ struct Entry {
     done: Option<(Time, Finished)>,
 }
 
+/// One shard: request id → what is known of it.
+type Shard = Mutex<HashMap<Box<str>, Entry>>;
+
 /// The open-request table.
 #[derive(Debug)]
 pub struct Requests {
-    shards: Box<[Mutex<HashMap<Box<str>, Entry>>]>,
+    shards: Box<[Shard]>,
     per_shard: usize,
     ttl: Duration,
 }
@@ -119,7 +122,7 @@ impl Requests {
         }
     }
 
-    fn shard(&self, id: &str) -> &Mutex<HashMap<Box<str>, Entry>> {
+    fn shard(&self, id: &str) -> &Shard {
         // FNV-1a: cheap, and ids are not attacker-chosen to collide any more
         // than they could simply fill the table.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
