@@ -413,6 +413,10 @@ pub struct RouteToml {
 pub struct AuthToml {
     /// "open" (default) or "token": whether `/metrics` needs a viewer credential.
     pub metrics: Option<Spanned<String>>,
+    /// Decisions per second each principal may ask for (default: unlimited).
+    pub decision_rate: Option<Spanned<f64>>,
+    /// Decisions a principal may ask for at once (default: one second's worth).
+    pub decision_burst: Option<Positive>,
     #[serde(default)]
     pub principals: Vec<Spanned<PrincipalToml>>,
 }
@@ -441,4 +445,7 @@ pub struct PrincipalToml {
     /// A client certificate's subject common name or one of its DNS / URI
     /// names (mTLS) that stands for this principal.
     pub cert_identity: Option<Spanned<String>>,
+    /// Overrides `[auth] decision_rate` / `decision_burst` for this principal.
+    pub decision_rate: Option<Spanned<f64>>,
+    pub decision_burst: Option<Positive>,
 }

@@ -394,6 +394,16 @@ pub struct Principal {
     pub token_sha256: Option<[u8; 32]>,
     /// Client-certificate name (CN or a DNS / URI SAN) that stands for it.
     pub cert_identity: Option<String>,
+    /// How many decisions per second it may ask for (None: unlimited), so a
+    /// runaway agent cannot flood the control plane every agent shares.
+    pub decision_rate: Option<DecisionRate>,
+}
+
+/// A principal's decision rate: `per_second` sustained, `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecisionRate {
+    pub per_second: f64,
+    pub burst: u64,
 }
 
 impl Default for Config {

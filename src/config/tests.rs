@@ -295,3 +295,41 @@ fn adaptive_concurrency_resolves_with_defaults_and_checked_bounds() {
         assert!(err.to_string().contains(message), "{toml}: {err}");
     }
 }
+
+#[test]
+fn decision_rates_default_from_auth_and_bad_ones_are_located() {
+    let sha = "a".repeat(64);
+    let b = "b".repeat(64);
+    let c = Config::parse(
+        &format!(
+            "[auth]\ndecision_rate = 100\n[[auth.principals]]\nname = \"a\"\nroles = [\"agent\"]\ntoken_sha256 = \"{sha}\"\n\
+             [[auth.principals]]\nname = \"b\"\nroles = [\"agent\"]\ntoken_sha256 = \"{b}\"\ndecision_rate = 2.5\ndecision_burst = 7\n"
+        ),
+        "rates.toml",
+    )
+    .expect("valid");
+    let p = &c.auth.as_ref().expect("auth").principals;
+    assert_eq!(
+        p[0].decision_rate,
+        Some(DecisionRate {
+            per_second: 100.0,
+            burst: 100
+        })
+    );
+    assert_eq!(
+        p[1].decision_rate,
+        Some(DecisionRate {
+            per_second: 2.5,
+            burst: 7
+        })
+    );
+    for bad in ["0", "-1", "nan", "inf", "2e9"] {
+        let e = Config::parse(
+            &format!("[[auth.principals]]\nname = \"a\"\nroles = [\"agent\"]\ntoken_sha256 = \"{sha}\"\ndecision_rate = {bad}\n"),
+            "bad.toml",
+        )
+        .expect_err(bad)
+        .to_string();
+        assert!(e.contains("decision_rate") && e.contains("bad.toml:5"), "{bad}: {e}");
+    }
+}

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod error;
 pub mod events;
 pub mod permit;
+pub mod principal_rate;
 pub mod queue;
 pub mod reload;
 pub mod requests;
@@ -235,6 +236,8 @@ pub struct Engine {
     queue: Queues,
     /// User requests named by `request_id`, open until finished (see requests.rs).
     requests: requests::Requests,
+    /// Per-principal decision buckets (see principal_rate.rs).
+    principal_rates: principal_rate::PrincipalRates,
     /// Where the jitter of advised backoffs comes from (uniform in [0, 1)):
     /// the thread RNG, or a fixed sequence in tests that compare engines.
     rng: Rng01,
@@ -623,6 +626,7 @@ impl Engine {
         };
         metrics.requests.born(requests::DIRECT);
         Engine {
+            principal_rates: Default::default(),
             requests: requests::Requests::new(
                 config.server.max_open_requests,
                 config.server.request_ttl,
@@ -896,6 +900,33 @@ impl Engine {
             let max = self.cfg().server.max_pause;
             adm.retry_after = adm.retry_after.map(|d| d.min(max));
         }
+    }
+
+    /// The decision bucket of the principal a call was authenticated as
+    /// (None: no principal, or no `decision_rate`).
+    pub fn decision_limiter(
+        &self,
+        p: Option<&crate::config::Principal>,
+    ) -> Option<Arc<principal_rate::Limiter>> {
+        self.principal_rates.limiter(p?)
+    }
+
+    /// Charges `n` decisions to a principal's bucket; past its rate, the
+    /// call is RESOURCE_EXHAUSTED and nothing is decided.
+    pub fn charge_decisions(&self, l: Option<&principal_rate::Limiter>, n: u64) -> Result<()> {
+        let Some(l) = l else { return Ok(()) };
+        l.try_take(self.clock.now(), n).map_err(|wait| {
+            self.metrics.principal_throttled(l.principal());
+            let r = l.rate();
+            EngineError::ResourceExhausted(format!(
+                "principal {:?} is over its decision_rate of {}/s (burst {}): {n} decision(s) refused; \
+                 slow down, this fits again in {} ms",
+                l.principal(),
+                r.per_second,
+                r.burst,
+                wait.as_millis().max(1)
+            ))
+        })
     }
 
     /// A CanProceed / Route call serving user request `id` (empty: none).

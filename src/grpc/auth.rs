@@ -122,6 +122,7 @@ pub fn authorize(
                     roles: roles::AGENT | roles::VIEWER | roles::OPERATOR,
                     token_sha256: None,
                     cert_identity: None,
+                    decision_rate: None,
                 })
             }
             _ => {

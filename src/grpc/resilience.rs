@@ -6,6 +6,7 @@ use super::{
     status, to_proto_duration,
 };
 use crate::domain::retry::RetryReason;
+use crate::engine::principal_rate::Limiter;
 use crate::engine::requests::{ClientMeasure, MAX_REQUEST_ID};
 use crate::engine::{Admission, AdmitArgs, Engine, OutcomeReport, RouteQuery};
 use crate::proto;
@@ -30,6 +31,21 @@ pub struct ResilienceService {
 impl ResilienceService {
     pub fn new(engine: Arc<Engine>) -> Self {
         ResilienceService { engine }
+    }
+
+    /// The decision bucket of the call's principal (see `principal_rate.rs`).
+    fn limiter<T>(&self, req: &Request<T>) -> Option<Arc<Limiter>> {
+        self.engine
+            .decision_limiter(req.extensions().get::<crate::config::Principal>())
+    }
+
+    /// Charges `n` decisions before any is made: past the principal's
+    /// rate the whole call is RESOURCE_EXHAUSTED and nothing changes.
+    fn charge<T>(&self, req: &Request<T>, n: usize) -> Result<(), Status> {
+        let l = self.limiter(req);
+        self.engine
+            .charge_decisions(l.as_deref(), n as u64)
+            .map_err(status)
     }
 
     async fn can_proceed_one(
@@ -376,6 +392,7 @@ impl Resilience for ResilienceService {
             state = tracing::field::Empty,
         );
         crate::telemetry::join_caller_trace(&span, req.metadata());
+        self.charge(&req, 1)?;
         let r = req.into_inner();
         let res = self.can_proceed_one(&r).instrument(span.clone()).await?;
         record_admission(&span, &res);
@@ -397,6 +414,7 @@ impl Resilience for ResilienceService {
             retry = tracing::field::Empty,
         );
         crate::telemetry::join_caller_trace(&span, req.metadata());
+        self.charge(&req, 1)?;
         let principal = super::auth::principal(&req);
         let r = req.into_inner();
         let res = self
@@ -420,6 +438,7 @@ impl Resilience for ResilienceService {
             fallback_depth = tracing::field::Empty,
         );
         crate::telemetry::join_caller_trace(&span, req.metadata());
+        self.charge(&req, 1)?;
         let r = req.into_inner();
         let out = self.route_one(&r).instrument(span.clone()).await?;
         record_route(&span, &out);
@@ -431,6 +450,7 @@ impl Resilience for ResilienceService {
         req: Request<proto::FinishRequestRequest>,
     ) -> Result<Response<proto::FinishRequestResponse>, Status> {
         let _timer = self.engine.metrics().rpc("FinishRequest");
+        self.charge(&req, 1)?;
         let r = req.into_inner();
         check_len(&r.route, "route", MAX_LABEL)?;
         let result = crate::wire::request_result_from(r.result)
@@ -463,8 +483,9 @@ impl Resilience for ResilienceService {
         req: Request<proto::CanProceedBatchRequest>,
     ) -> Result<Response<proto::CanProceedBatchResponse>, Status> {
         let _timer = self.engine.metrics().rpc("CanProceedBatch");
+        check_batch(req.get_ref().items.len())?;
+        self.charge(&req, req.get_ref().items.len())?;
         let r = req.into_inner();
-        check_batch(r.items.len())?;
         let one = |item| async move {
             let result = match self.can_proceed_one(item).await {
                 Ok(ok) => proto::can_proceed_result::Result::Ok(ok),
@@ -494,10 +515,11 @@ impl Resilience for ResilienceService {
         req: Request<proto::RecordOutcomeBatchRequest>,
     ) -> Result<Response<proto::RecordOutcomeBatchResponse>, Status> {
         let _timer = self.engine.metrics().rpc("RecordOutcomeBatch");
+        check_batch(req.get_ref().items.len())?;
+        self.charge(&req, req.get_ref().items.len())?;
         let principal = super::auth::principal(&req);
         let principal = principal.as_deref();
         let r = req.into_inner();
-        check_batch(r.items.len())?;
         let one = |item| async move {
             let result = match self.record_one(item, principal).await {
                 Ok(ok) => proto::record_outcome_result::Result::Ok(ok),
@@ -545,6 +567,7 @@ impl Resilience for ResilienceService {
             .unwrap_or_default()
             .into();
         let principal = super::auth::principal(&req);
+        let limiter = self.limiter(&req);
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<proto::DecideResponse, Status>>(256);
         let svc = self.clone();
@@ -571,6 +594,14 @@ impl Resilience for ResilienceService {
                         break;
                     }
                 };
+                // Each item is a decision: past the principal's rate it is
+                // answered RESOURCE_EXHAUSTED and the stream goes on.
+                if let Err(e) = svc.engine.charge_decisions(limiter.as_deref(), 1) {
+                    if tx.send(Ok(item_failed(r.id, status(e)))).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 if !concurrent {
                     if tx
                         .send(Ok(svc

@@ -85,6 +85,11 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrincipalLabel {
+    principal: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLabel {
     queue: String,
 }
@@ -166,6 +171,8 @@ pub struct Metrics {
     refusal_cache_hits: Counter,
     /// End-to-end user-request figures.
     pub requests: RequestMetrics,
+    /// Calls refused by a principal's decision_rate (labels: configured principals).
+    throttled: Family<PrincipalLabel, Counter>,
     labels_used: AtomicUsize,
     /// Raised or lowered by a config reload; applies to targets labelled from then on.
     max_labels: AtomicUsize,
@@ -361,7 +368,14 @@ impl Metrics {
             refusal_cache_hits.clone(),
         );
         let requests = RequestMetrics::register(&mut registry, latency_buckets.clone());
+        let throttled = Family::<PrincipalLabel, Counter>::default();
+        registry.register(
+            "principal_throttled",
+            "Decisions refused because a principal exceeded its decision_rate",
+            throttled.clone(),
+        );
         let mut m = Metrics {
+            throttled,
             requests,
             cluster_degraded,
             store_failing,
@@ -620,6 +634,15 @@ impl Metrics {
             hist,
             started: std::time::Instant::now(),
         }
+    }
+
+    /// A principal's decisions were refused by its decision_rate.
+    pub fn principal_throttled(&self, principal: &str) {
+        self.throttled
+            .get_or_create(&PrincipalLabel {
+                principal: principal.into(),
+            })
+            .inc();
     }
 
     pub fn subscribers(&self) -> &Gauge {

@@ -97,11 +97,28 @@ impl Cx {
                     format!("[[auth.principals]] {name:?} needs token_sha256 (its bearer token's SHA-256) or cert_identity (its client certificate's name)"),
                 );
             }
+            let rate = p.decision_rate.as_ref().or(a.decision_rate.as_ref());
+            let decision_rate = rate.and_then(|r| {
+                let per_second = *r.get_ref();
+                if !(per_second.is_finite() && per_second > 0.0 && per_second <= 1e9) {
+                    self.err(
+                        r.span(),
+                        format!("decision_rate = {per_second}: give decisions per second, above 0 and at most 1e9"),
+                    );
+                    return None;
+                }
+                let burst = p
+                    .decision_burst
+                    .or(a.decision_burst)
+                    .map_or(per_second.ceil().max(1.0) as u64, |Positive(n)| n);
+                Some(crate::config::DecisionRate { per_second, burst })
+            });
             principals.push(Principal {
                 name: Arc::from(name.as_str()),
                 roles: bits,
                 token_sha256: token,
                 cert_identity: cert,
+                decision_rate,
             });
         }
         AuthConfig {
