@@ -330,6 +330,9 @@ fn decision_rates_default_from_auth_and_bad_ones_are_located() {
         )
         .expect_err(bad)
         .to_string();
-        assert!(e.contains("decision_rate") && e.contains("bad.toml:5"), "{bad}: {e}");
+        assert!(
+            e.contains("decision_rate") && e.contains("bad.toml:5"),
+            "{bad}: {e}"
+        );
     }
 }

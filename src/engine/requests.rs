@@ -336,6 +336,14 @@ mod tests {
             &*g.route, DIRECT,
             "an unconfigured name never becomes a label"
         );
+        let absurd = ClientMeasure {
+            route: None,
+            elapsed: Duration::MAX,
+            attempts: u32::MAX,
+        };
+        let h = r.finish("z", RequestResult::Failed, absurd, t(0), chat);
+        assert_eq!(h.duration, Duration::from_secs(600), "clamped to the TTL");
+        assert_eq!(h.attempts, MAX_CLIENT_ATTEMPTS);
     }
 
     #[test]
