@@ -34,6 +34,9 @@ const SHARDS: usize = 16;
 /// How long a finished id is remembered (to answer a repeated finish as a
 /// duplicate), at most `request_ttl`.
 const FINISHED_RETENTION: Duration = Duration::from_secs(60);
+/// Most attempts a client may claim for a request the server never saw: a
+/// hostile value must not be able to skew (or overflow) the attempts sum.
+pub const MAX_CLIENT_ATTEMPTS: u32 = 1000;
 /// The route label of a request no configured route served.
 pub const DIRECT: &str = "direct";
 
@@ -212,12 +215,14 @@ impl Requests {
             e.done = Some((now, f.clone()));
             return f;
         }
+        // The client's own measure, bounded: a request older than the TTL
+        // would have expired here, and no request makes a thousand calls.
         Finished {
             tracked: false,
             duplicate: false,
             result,
-            duration: client.elapsed,
-            attempts: client.attempts,
+            duration: client.elapsed.min(self.ttl),
+            attempts: client.attempts.min(MAX_CLIENT_ATTEMPTS),
             route: client.route.and_then(known_route).unwrap_or_else(direct),
         }
     }
