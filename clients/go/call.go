@@ -23,6 +23,8 @@ type CallResult struct {
 	Errors []AttemptError
 	// Decided by the local fail-safe (Backstop unreachable).
 	Local bool
+	// The success report closed the request (internal to Call).
+	completed bool
 }
 
 // Call runs fn on the best available target of route, retrying as Backstop
@@ -52,8 +54,33 @@ type CallResult struct {
 //
 // route is a configured route name, or "" with the Candidates option.
 // Cancelling ctx stops the loop (the call in flight is still reported).
+//
+// The whole loop is one user request to the server, named by the RequestID
+// option or a random id, sent on every Route, CanProceed and RecordOutcome:
+// the success report completes it; giving up finishes it as failed, and
+// deferring as deferred (FinishRequest, with the client's own elapsed time
+// and attempt count). Finishing never fails the Call, and is skipped while
+// the fail-safe decides.
 func (c *Client) Call(ctx context.Context, route string, fn Func, opts ...CallOption) (CallResult, error) {
 	cs := applyCallOptions(opts)
+	if cs.requestID == "" {
+		cs.requestID = newRequestID()
+		opts = append(append([]CallOption(nil), opts...), RequestID(cs.requestID))
+	}
+	started := time.Now()
+	res, err := c.call(ctx, route, fn, cs, opts)
+	if err != nil && !res.completed {
+		result := RequestFailed
+		if errors.Is(err, ErrDeferred) {
+			result = RequestDeferred
+		}
+		c.finishQuietly(ctx, cs.requestID, result, FinishOptions{Route: route, Elapsed: time.Since(started), Attempts: res.Calls})
+	}
+	res.completed = false
+	return res, err
+}
+
+func (c *Client) call(ctx context.Context, route string, fn Func, cs callSettings, opts []CallOption) (CallResult, error) {
 	if route == "" && len(cs.candidates) == 0 {
 		return CallResult{}, errors.New("backstop: Call needs a route name or the Candidates option")
 	}
@@ -96,11 +123,16 @@ func (c *Client) Call(ctx context.Context, route string, fn Func, opts ...CallOp
 		}
 		tried = append(tried, target)
 		slotFailed := false
-		p := Permit{Target: target, Token: d.Permit, KeySlot: d.KeySlot, MaxTokens: d.MaxTokens, FallbackDepth: d.FallbackDepth, Local: d.Local}
+		p := Permit{Target: target, Token: d.Permit, KeySlot: d.KeySlot, MaxTokens: d.MaxTokens, FallbackDepth: d.FallbackDepth, Local: d.Local,
+			RequestID: cs.requestID}
 		for {
 			obs, ferr, latency := c.invoke(ctx, fn, p)
 			calls++
-			out, rerr := c.report(ctx, p, obs, latency)
+			finish := RequestResultUnspecified
+			if ferr == nil {
+				finish = RequestCompleted
+			}
+			out, rerr := c.report(ctx, p, obs, latency, finish)
 			if rerr != nil {
 				// The server rejected the report: decide on local advice.
 				c.s.logger.Printf("could not report an outcome to Backstop (%v); using local advice", rerr)
@@ -109,7 +141,7 @@ func (c *Client) Call(ctx context.Context, route string, fn Func, opts ...CallOp
 			}
 			if ferr == nil {
 				return CallResult{Target: target, KeySlot: p.KeySlot, FallbackDepth: d.FallbackDepth, Calls: calls,
-					Outcome: out, Errors: errs, Local: p.Local}, nil
+					Outcome: out, Errors: errs, Local: p.Local, completed: true}, nil
 			}
 			msg := obs.Message
 			if msg == "" {
@@ -154,7 +186,7 @@ func (c *Client) Call(ctx context.Context, route string, fn Func, opts ...CallOp
 				break
 			}
 			p = Permit{Target: target, Token: adm.Permit, KeySlot: adm.KeySlot, Attempt: p.Attempt + 1,
-				MaxTokens: d.MaxTokens, FallbackDepth: d.FallbackDepth, Local: adm.Local, Previous: ferr}
+				MaxTokens: d.MaxTokens, FallbackDepth: d.FallbackDepth, Local: adm.Local, Previous: ferr, RequestID: cs.requestID}
 		}
 		if !slotFailed {
 			exclude = append(exclude, target)

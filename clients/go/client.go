@@ -23,6 +23,8 @@ package backstop
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"sync"
@@ -32,6 +34,7 @@ import (
 	pb "github.com/backstop-dev/backstop/clients/go/backstopv1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
@@ -378,6 +381,7 @@ func (c *Client) CanProceed(ctx context.Context, target string, opts ...CallOpti
 		Attempt:         uint32(max0(cs.attempt)),
 		Priority:        pb.Priority(cs.priority),
 		MaxOutputTokens: cs.maxOutputTokens,
+		RequestId:       cs.requestID,
 	}
 	return decide(c, ctx, "CanProceed",
 		func(ctx context.Context) (Admission, error) {
@@ -424,6 +428,7 @@ func (c *Client) Route(ctx context.Context, route string, opts ...CallOption) (R
 		ExpectedOutputTokens:  cs.expectedOutputTokens,
 		Priority:              pb.Priority(cs.priority),
 		MaxOutputTokens:       cs.maxOutputTokens,
+		RequestId:             cs.requestID,
 	}
 	if route != "" {
 		req.Candidates = nil
@@ -488,6 +493,62 @@ func (c *Client) RecordOutcome(ctx context.Context, rep OutcomeReport) (OutcomeR
 			c.rec.add(rep)
 			return res
 		})
+}
+
+// FinishRequest closes the user request requestID (the id sent with the
+// RequestID option on its CanProceed / Route / RecordOutcome calls) as
+// result: the server counts it in backstop_requests_total and measures its
+// duration and attempts. o is the client's own measure, used only by a
+// server that never saw the request. Finishing twice is harmless
+// (Duplicate). Call and Guard do this on their own.
+func (c *Client) FinishRequest(ctx context.Context, requestID string, result RequestResult, o FinishOptions) (FinishResult, error) {
+	if requestID == "" {
+		return FinishResult{}, errors.New("backstop: FinishRequest needs the request id of the request it closes")
+	}
+	if result != RequestCompleted && result != RequestDeferred && result != RequestFailed {
+		return FinishResult{}, fmt.Errorf("backstop: a request finishes as completed, deferred or failed, not %v", result)
+	}
+	req := &pb.FinishRequestRequest{
+		RequestId: requestID,
+		Result:    pb.RequestResult(result),
+		Route:     o.Route,
+		Attempts:  uint32(max0(o.Attempts)),
+	}
+	if o.Elapsed > 0 {
+		req.Elapsed = pbDur(o.Elapsed)
+	}
+	var r *pb.FinishRequestResponse
+	err := c.unary(ctx, "FinishRequest", c.s.timeout, func(ctx context.Context) (err error) {
+		r, err = c.resilience.FinishRequest(ctx, req)
+		return
+	})
+	if err != nil {
+		return FinishResult{}, err
+	}
+	return FinishResult{Tracked: r.GetTracked(), Duplicate: r.GetDuplicate(), Duration: r.GetDuration().AsDuration(),
+		Attempts: int(r.GetAttempts()), Route: r.GetRoute()}, nil
+}
+
+// finishQuietly is FinishRequest for Call and Guard: skipped while the
+// fail-safe decides, and never an error for the caller (the request then
+// expires on the server). It runs even when ctx was cancelled.
+func (c *Client) finishQuietly(ctx context.Context, requestID string, result RequestResult, o FinishOptions) {
+	if requestID == "" || !c.isRemote() || c.isClosed() {
+		return
+	}
+	if _, err := c.FinishRequest(detached{ctx}, requestID, result, o); err != nil && status.Code(err) != codes.Unimplemented {
+		// (Unimplemented: a server older than FinishRequest; nothing to say every call.)
+		c.s.logger.Printf("could not finish request %s on Backstop: %v", requestID, err)
+	}
+}
+
+// newRequestID is a fresh id for one user request: 128 random bits as 32 hex digits.
+func newRequestID() string {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return fmt.Sprintf("%x", time.Now().UnixNano())
+	}
+	return hex.EncodeToString(b[:])
 }
 
 func isLocalPermit(p string) bool {

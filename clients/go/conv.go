@@ -60,6 +60,8 @@ func recordRequest(rep OutcomeReport) *pb.RecordOutcomeRequest {
 		Headers:      rep.Headers,
 		KeySlot:      rep.KeySlot,
 		Caller:       rep.Caller,
+		RequestId:    rep.RequestID,
+		Finish:       pb.RequestResult(rep.Finish),
 	}
 }
 

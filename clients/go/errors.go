@@ -25,6 +25,12 @@ var (
 	// (UNAVAILABLE or a missed deadline) of a call with no local fallback:
 	// the deferred queue, admin calls.
 	ErrUnavailable = errors.New("backstop: control plane unavailable")
+	// ErrUnauthenticated matches a *ControlPlaneError for UNAUTHENTICATED:
+	// no token, or one the server does not accept (see WithToken).
+	ErrUnauthenticated = errors.New("backstop: unauthenticated")
+	// ErrPermissionDenied matches a *ControlPlaneError for PERMISSION_DENIED:
+	// the caller's principal lacks the role the call needs.
+	ErrPermissionDenied = errors.New("backstop: permission denied")
 )
 
 // Refusal is what every refusal error carries.
@@ -168,9 +174,18 @@ func (e *ControlPlaneError) Error() string {
 	return fmt.Sprintf("backstop: %s: %s: %s", e.Method, e.Code, e.Message)
 }
 
-// Is matches ErrUnavailable for outage codes.
+// Is matches ErrUnavailable for outage codes, ErrUnauthenticated and
+// ErrPermissionDenied for those codes.
 func (e *ControlPlaneError) Is(target error) bool {
-	return target == ErrUnavailable && isOutageCode(e.Code)
+	switch target {
+	case ErrUnavailable:
+		return isOutageCode(e.Code)
+	case ErrUnauthenticated:
+		return e.Code == codes.Unauthenticated
+	case ErrPermissionDenied:
+		return e.Code == codes.PermissionDenied
+	}
+	return false
 }
 
 // Unavailable reports whether this is an outage rather than a rejection.

@@ -27,6 +27,8 @@ type Permit struct {
 	// On a retry: what the previous attempt returned, e.g. the
 	// MalformedOutputError to build a correction prompt from.
 	Previous error
+	// The user request this call serves (see RequestID), reported with its outcome.
+	RequestID string
 }
 
 // Result is what a guarded function tells about a call that returned. All
@@ -165,7 +167,7 @@ func (c *Client) invoke(ctx context.Context, fn Func, p Permit) (obs observed, e
 	defer func() {
 		if r := recover(); r != nil {
 			obs = observed{Outcome: OutcomeBadInput, ErrorType: "client_error: panic", Message: fmt.Sprint(r)}
-			_, _ = c.report(ctx, p, obs, time.Since(started))
+			_, _ = c.report(ctx, p, obs, time.Since(started), RequestResultUnspecified)
 			panic(r)
 		}
 	}()
@@ -175,7 +177,11 @@ func (c *Client) invoke(ctx context.Context, fn Func, p Permit) (obs observed, e
 	return obs, err, latency
 }
 
-func (c *Client) report(ctx context.Context, p Permit, obs observed, latency time.Duration) (OutcomeResult, error) {
+// report sends one attempt's outcome; finish closes its request in the same call.
+func (c *Client) report(ctx context.Context, p Permit, obs observed, latency time.Duration, finish RequestResult) (OutcomeResult, error) {
+	if p.RequestID == "" {
+		finish = RequestResultUnspecified
+	}
 	return c.RecordOutcome(detached{ctx}, OutcomeReport{
 		Target:       p.Target,
 		Permit:       p.Token,
@@ -189,6 +195,8 @@ func (c *Client) report(ctx context.Context, p Permit, obs observed, latency tim
 		Headers:      obs.Headers,
 		KeySlot:      p.KeySlot,
 		Caller:       c.s.caller,
+		RequestID:    p.RequestID,
+		Finish:       finish,
 	})
 }
 
@@ -203,19 +211,40 @@ func (c *Client) report(ctx context.Context, p Permit, obs observed, latency tim
 // ErrRefused and carrying RetryAfter. Otherwise fn runs, its outcome is reported (classified
 // from its error: see Func) and Guard returns what Backstop made of it
 // (breaker state, retry advice) together with fn's own error, unchanged.
-// Options: EstimatedTokens, Attempt, AtPriority, MaxOutputTokens.
+// Options: EstimatedTokens, Attempt, AtPriority, MaxOutputTokens, RequestID.
+//
+// Without RequestID the guarded call is a user request of its own (a random
+// id): a success completes it, a refusal or failure finishes it as failed.
+// A RequestID you pass may span several guarded calls (your retries): a
+// success completes it, a failure leaves it open for your next attempt or
+// your FinishRequest.
 func (c *Client) Guard(ctx context.Context, target string, fn Func, opts ...CallOption) (OutcomeResult, error) {
 	cs := applyCallOptions(opts)
+	own := cs.requestID == ""
+	if own {
+		cs.requestID = newRequestID()
+		opts = append(append([]CallOption(nil), opts...), RequestID(cs.requestID))
+	}
 	adm, err := c.CanProceed(ctx, target, opts...)
 	if err != nil {
 		return OutcomeResult{}, err
 	}
 	if !adm.Allowed {
+		if own {
+			c.finishQuietly(ctx, cs.requestID, RequestFailed, FinishOptions{})
+		}
 		return OutcomeResult{}, refusalError(adm)
 	}
-	p := Permit{Target: target, Token: adm.Permit, KeySlot: adm.KeySlot, Attempt: cs.attempt, Local: adm.Local}
+	p := Permit{Target: target, Token: adm.Permit, KeySlot: adm.KeySlot, Attempt: cs.attempt, Local: adm.Local, RequestID: cs.requestID}
 	obs, ferr, latency := c.invoke(ctx, fn, p)
-	out, rerr := c.report(ctx, p, obs, latency)
+	finish := RequestResultUnspecified
+	if ferr == nil {
+		finish = RequestCompleted
+	}
+	out, rerr := c.report(ctx, p, obs, latency, finish)
+	if ferr != nil && own {
+		c.finishQuietly(ctx, cs.requestID, RequestFailed, FinishOptions{Attempts: 1})
+	}
 	if ferr != nil {
 		if rerr != nil {
 			// fn's own error matters more; do not replace it.

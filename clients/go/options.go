@@ -175,6 +175,7 @@ type callSettings struct {
 	idempotencyKey        string
 	maxAttempts           int
 	notBefore             time.Time
+	requestID             string
 }
 
 func applyCallOptions(opts []CallOption) callSettings {
@@ -186,6 +187,13 @@ func applyCallOptions(opts []CallOption) callSettings {
 	}
 	return c
 }
+
+// RequestID names the user request a call serves (at most 128 bytes; the
+// same on every retry and fallback of it), so the server measures the
+// request end to end: backstop_requests_total{route,result}, its duration and
+// attempts. Call and Guard make one up when it is not given; see
+// Client.FinishRequest for closing one by hand.
+func RequestID(id string) CallOption { return func(c *callSettings) { c.requestID = id } }
 
 // EstimatedTokens reserves this many tokens against token budgets (settled
 // by the outcome's real usage).

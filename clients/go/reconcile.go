@@ -109,6 +109,9 @@ func (r *reconciler) flush() error {
 		}
 		req := &pb.RecordOutcomeBatchRequest{}
 		for _, rep := range batch {
+			// The server never saw the requests these outcomes served
+			// (they were decided locally): no request id, no finish.
+			rep.RequestID, rep.Finish = "", RequestResultUnspecified
 			req.Items = append(req.Items, recordRequest(rep))
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), r.c.s.queueTimeout)

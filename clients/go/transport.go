@@ -238,10 +238,13 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		req = req.Clone(ctx)
 		t.SetKey(req, adm.KeySlot)
 	}
-	p := Permit{Target: target, Token: adm.Permit, KeySlot: adm.KeySlot, Attempt: max0(attempt), Local: adm.Local}
+	// A RequestID from Options goes with the outcome; the request is not
+	// finished here (the SDK may retry it): finish it with FinishRequest.
+	p := Permit{Target: target, Token: adm.Permit, KeySlot: adm.KeySlot, Attempt: max0(attempt), Local: adm.Local,
+		RequestID: applyCallOptions(opts).requestID}
 	started := time.Now()
 	report := func(obs observed) {
-		res, err := t.Client.report(ctx, p, obs, time.Since(started))
+		res, err := t.Client.report(ctx, p, obs, time.Since(started), RequestResultUnspecified)
 		if err != nil {
 			t.Client.s.logger.Printf("could not report the outcome of a call to %s: %v", target, err)
 			return

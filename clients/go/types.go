@@ -270,6 +270,59 @@ type OutcomeReport struct {
 	Headers map[string]string
 	KeySlot string
 	Caller  string
+	// The user request this call served (see RequestID); "" = none.
+	RequestID string
+	// Set on a request's last outcome to close it in the same call (needs
+	// RequestID): usually RequestCompleted.
+	Finish RequestResult
+}
+
+// RequestResult is how a user request ended, after all its retries and fallbacks.
+type RequestResult int32
+
+const (
+	RequestResultUnspecified RequestResult = RequestResult(pb.RequestResult_REQUEST_RESULT_UNSPECIFIED)
+	// Answered.
+	RequestCompleted RequestResult = RequestResult(pb.RequestResult_REQUEST_RESULT_COMPLETED)
+	// Saved to the deferred queue, to be served later.
+	RequestDeferred RequestResult = RequestResult(pb.RequestResult_REQUEST_RESULT_DEFERRED)
+	// Given up on: every retry and fallback failed or was refused.
+	RequestFailed RequestResult = RequestResult(pb.RequestResult_REQUEST_RESULT_FAILED)
+)
+
+func (r RequestResult) String() string {
+	switch r {
+	case RequestCompleted:
+		return "completed"
+	case RequestDeferred:
+		return "deferred"
+	case RequestFailed:
+		return "failed"
+	}
+	return "unspecified"
+}
+
+// FinishOptions is the client's own measure of a request, used only by a
+// server that never saw it (it started on another replica, or expired).
+type FinishOptions struct {
+	// A configured route name to count it under (anything else counts as "direct").
+	Route    string
+	Elapsed  time.Duration
+	Attempts int
+}
+
+// FinishResult is what FinishRequest got back.
+type FinishResult struct {
+	// This server saw the request start and measured it itself.
+	Tracked bool
+	// The request had already been finished: nothing was counted again.
+	Duplicate bool
+	// From first admission to finish (or the client's Elapsed when not tracked).
+	Duration time.Duration
+	// Outcomes reported for the request (or the client's Attempts when not tracked).
+	Attempts int
+	// The route label it was counted under ("direct" when no configured route served it).
+	Route string
 }
 
 // AttemptError is one failed attempt, refusal or skipped target inside Call.

@@ -159,7 +159,7 @@ func (w *DeferredWorker) process(ctx context.Context, item *DeferredItem) {
 		var latency time.Duration
 		obs, ferr, latency = c.invoke(ctx, func(ctx context.Context, _ Permit) (Result, error) { return w.Handler(ctx, item) }, p)
 		var rerr error
-		out, rerr = c.report(ctx, p, obs, latency)
+		out, rerr = c.report(ctx, p, obs, latency, RequestResultUnspecified)
 		if rerr != nil {
 			c.s.logger.Printf("deferred item %s: could not report the outcome: %v", item.ID, rerr)
 		}

@@ -48,6 +48,12 @@ type ResilienceClient interface {
 	//     Redis, decides up to 1024 at once (answers may come out of order) and
 	//     answers further items with RESOURCE_EXHAUSTED until some are done.
 	Decide(ctx context.Context, opts ...grpc.CallOption) (Resilience_DecideClient, error)
+	// Closes a user request named by request_id on CanProceed / Route /
+	// RecordOutcome: the server then counts it in backstop_requests_total
+	// {route,result} and measures backstop_request_duration_seconds (first
+	// admission to finish, retries and fallbacks included) and attempts per
+	// request. Finishing twice is harmless (the second answer says duplicate).
+	FinishRequest(ctx context.Context, in *FinishRequestRequest, opts ...grpc.CallOption) (*FinishRequestResponse, error)
 }
 
 type resilienceClient struct {
@@ -134,6 +140,15 @@ func (x *resilienceDecideClient) Recv() (*DecideResponse, error) {
 	return m, nil
 }
 
+func (c *resilienceClient) FinishRequest(ctx context.Context, in *FinishRequestRequest, opts ...grpc.CallOption) (*FinishRequestResponse, error) {
+	out := new(FinishRequestResponse)
+	err := c.cc.Invoke(ctx, "/backstop.v1.Resilience/FinishRequest", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ResilienceServer is the server API for Resilience service.
 // All implementations must embed UnimplementedResilienceServer
 // for forward compatibility
@@ -169,6 +184,12 @@ type ResilienceServer interface {
 	//     Redis, decides up to 1024 at once (answers may come out of order) and
 	//     answers further items with RESOURCE_EXHAUSTED until some are done.
 	Decide(Resilience_DecideServer) error
+	// Closes a user request named by request_id on CanProceed / Route /
+	// RecordOutcome: the server then counts it in backstop_requests_total
+	// {route,result} and measures backstop_request_duration_seconds (first
+	// admission to finish, retries and fallbacks included) and attempts per
+	// request. Finishing twice is harmless (the second answer says duplicate).
+	FinishRequest(context.Context, *FinishRequestRequest) (*FinishRequestResponse, error)
 	mustEmbedUnimplementedResilienceServer()
 }
 
@@ -193,6 +214,9 @@ func (UnimplementedResilienceServer) RecordOutcomeBatch(context.Context, *Record
 }
 func (UnimplementedResilienceServer) Decide(Resilience_DecideServer) error {
 	return status.Errorf(codes.Unimplemented, "method Decide not implemented")
+}
+func (UnimplementedResilienceServer) FinishRequest(context.Context, *FinishRequestRequest) (*FinishRequestResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method FinishRequest not implemented")
 }
 func (UnimplementedResilienceServer) mustEmbedUnimplementedResilienceServer() {}
 
@@ -323,6 +347,24 @@ func (x *resilienceDecideServer) Recv() (*DecideRequest, error) {
 	return m, nil
 }
 
+func _Resilience_FinishRequest_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FinishRequestRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ResilienceServer).FinishRequest(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/backstop.v1.Resilience/FinishRequest",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ResilienceServer).FinishRequest(ctx, req.(*FinishRequestRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _Resilience_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "backstop.v1.Resilience",
 	HandlerType: (*ResilienceServer)(nil),
@@ -346,6 +388,10 @@ var _Resilience_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RecordOutcomeBatch",
 			Handler:    _Resilience_RecordOutcomeBatch_Handler,
+		},
+		{
+			MethodName: "FinishRequest",
+			Handler:    _Resilience_FinishRequest_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

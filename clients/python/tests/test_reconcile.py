@@ -28,7 +28,7 @@ from backstop._local import LOCAL_PERMIT_PREFIX
 from backstop._proto import resilience_pb2
 from backstop._reconcile import MAX_ATTEMPTS, MAX_BATCH, Reconciler, reconciled
 from backstop.testing import BackstopServer, ProviderError, free_port
-from backstop.types import BreakerState, RetryAdvice, RetryReason
+from backstop.types import BreakerState, RequestResult, RetryAdvice, RetryReason
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
@@ -72,6 +72,7 @@ def test_record_outcome_takes_the_fields_of_a_report() -> None:
     full = OutcomeReport(
         target="t", permit="p", outcome=OutcomeClass.PARTIAL, http_status=503, error_type="e", latency=1.5,
         retry_after=2.0, input_tokens=3, output_tokens=4, attempt=5, headers={"h": "v"}, key_slot="k", caller="c",
+        request_id="r", finish=RequestResult.COMPLETED,
     )
     wire = record_request(full)
     assert {f.name for f, _ in wire.ListFields()} == fields

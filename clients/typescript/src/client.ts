@@ -2,6 +2,7 @@
  * The Backstop client: decisions with a local fail-safe, `guard()`, the
  * `call()` loop, the deferred queue, admin calls and the event stream.
  */
+import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import type * as grpc from '@grpc/grpc-js';
 import { contextTokensNeeded, describe, normalizeHeaders, observeError, observeSuccess, type Observed } from './classify.js';
@@ -26,12 +27,14 @@ import type {
   ClaimResult,
   Deferred,
   DeferredItemData,
+  FinishResult,
   NackResult,
   OutcomeClass,
   OutcomeReport,
   OutcomeResult,
   Priority,
   QueueStat,
+  RequestResult,
   RouteDecision,
   RouteStrategy,
   TargetStatus,
@@ -137,6 +140,12 @@ export interface CallOptions {
   signal?: AbortSignal;
   /** No retry wait is begun that would end later than this many ms after the start. */
   deadlineMs?: number;
+  /**
+   * The id of this user request (default: a fresh random one), sent on every
+   * Route / CanProceed / RecordOutcome of the call so the server measures the
+   * request end to end (`backstop_requests_total`, duration, attempts).
+   */
+  requestId?: string;
 }
 
 export interface GuardOptions {
@@ -147,9 +156,29 @@ export interface GuardOptions {
   /** The most output tokens the call may produce: reserved at the output price against spend limits. */
   maxOutputTokens?: number;
   signal?: AbortSignal;
+  /**
+   * The user request this call serves. Without one the guard is a request of
+   * its own (a success completes it, a refusal or failure fails it). One you
+   * pass may span several guards (your retries): a success completes it, a
+   * failure leaves it open for your next attempt or your `finishRequest()`.
+   */
+  requestId?: string;
 }
 
 type RouteArg = string | readonly string[];
+
+/** The user request one `call()` serves, and what its attempts did. */
+interface CallRequest {
+  readonly id: string;
+  attempts: number;
+  completed: boolean;
+  deferred: boolean;
+}
+
+/** A fresh id for one user request: 128 random bits as 32 hex digits. */
+export function newRequestId(): string {
+  return randomBytes(16).toString('hex');
+}
 
 const isLocalPermit = (permit: string): boolean => permit.startsWith(LOCAL_PERMIT_PREFIX);
 
@@ -207,6 +236,8 @@ export class GuardContext {
   readonly attempt: number;
   readonly admission: Admission;
   readonly signal: AbortSignal | undefined;
+  /** The user request this call serves (sent on its CanProceed and RecordOutcome). */
+  readonly requestId: string;
   /** What Backstop made of the outcome (set once the block has finished). */
   outcome: OutcomeResult | undefined;
   /** The report that was sent (set once the block has finished). */
@@ -215,8 +246,9 @@ export class GuardContext {
   /** @internal */ headersSet: Record<string, string> | undefined;
   /** @internal */ override: Partial<Pick<OutcomeReport, 'outcome' | 'httpStatus' | 'errorType' | 'headers'>> | undefined;
 
-  constructor(target: string, attempt: number, admission: Admission, signal: AbortSignal | undefined) {
+  constructor(target: string, attempt: number, admission: Admission, signal: AbortSignal | undefined, requestId = '') {
     this.target = target;
+    this.requestId = requestId;
     this.attempt = attempt;
     this.admission = admission;
     this.signal = signal;
@@ -439,7 +471,7 @@ export class Backstop {
       const chunk = pending.slice(i, i + 1000);
       try {
         const res = await this.decisions.recordOutcomeBatch(
-          { items: chunk.map((p) => conv.recordRequest(toReport(p))) },
+          { items: chunk.map((p) => conv.recordRequest(toReport(p), false)) },
           this.queueTimeoutMs,
         );
         const rejected = res.items.filter((it) => it.error !== undefined);
@@ -527,6 +559,8 @@ export class Backstop {
       priority?: Priority | undefined;
       maxOutputTokens?: number | undefined;
       signal?: AbortSignal | undefined;
+      /** The user request this call serves (see `finishRequest()`). */
+      requestId?: string | undefined;
     } = {},
   ): Promise<Admission> {
     const estimatedTokens = nonNegInt('estimatedTokens', opts.estimatedTokens);
@@ -539,7 +573,7 @@ export class Backstop {
       'CanProceed',
       async () => {
         const r = await this.decisions.canProceed(
-          { target, caller: this.caller, estimatedTokens, attempt, priority, maxOutputTokens },
+          { target, caller: this.caller, estimatedTokens, attempt, priority, maxOutputTokens, requestId: opts.requestId ?? '' },
           this.timeoutMs,
           { signal },
         );
@@ -571,6 +605,8 @@ export class Backstop {
       strategy?: RouteStrategy | undefined;
       expectedOutputTokens?: number | undefined;
       signal?: AbortSignal | undefined;
+      /** The user request this call serves (see `finishRequest()`). */
+      requestId?: string | undefined;
     } = {},
   ): Promise<RouteDecision> {
     const [name, candidates] = routeArgs(route);
@@ -589,6 +625,7 @@ export class Backstop {
       expectedOutputTokens: nonNegInt('expectedOutputTokens', opts.expectedOutputTokens),
       priority: conv.priorityToProto(opts.priority),
       maxOutputTokens: nonNegInt('maxOutputTokens', opts.maxOutputTokens),
+      requestId: opts.requestId ?? '',
     };
     return this.decide(
       'Route',
@@ -602,7 +639,11 @@ export class Backstop {
     );
   }
 
-  /** Reports what happened to a call (see `guard()` for the automatic version). */
+  /**
+   * Reports what happened to a call (see `guard()` for the automatic version).
+   * `requestId` names the user request it served; `finish` (e.g. `'completed'`)
+   * closes that request in the same call.
+   */
   async recordOutcome(
     target: string,
     fields: Partial<Omit<OutcomeReport, 'target' | 'caller'>> = {},
@@ -621,7 +662,47 @@ export class Backstop {
       attempt: fields.attempt ?? 0,
       keySlot: fields.keySlot ?? '',
       caller: this.caller,
+      requestId: fields.requestId,
+      finish: fields.finish,
     });
+  }
+
+  /**
+   * Closes the user request `requestId` (the id sent on its CanProceed / Route /
+   * RecordOutcome calls) as `result`: the server counts it in
+   * `backstop_requests_total` and measures its duration and attempts. `route`,
+   * `elapsedMs` and `attempts` are the client's own measure, used only by a
+   * server that never saw the request (another replica, or expired). Finishing
+   * twice is harmless (`duplicate`). `call()` and `guard()` do this on their own.
+   */
+  async finishRequest(
+    requestId: string,
+    result: RequestResult,
+    opts: { route?: string; elapsedMs?: number; attempts?: number } = {},
+  ): Promise<FinishResult> {
+    if (!requestId) throw new TypeError('finishRequest needs the requestId of the request it closes');
+    const req = {
+      requestId,
+      result: conv.requestResultToProto(result),
+      route: opts.route ?? '',
+      elapsed: opts.elapsedMs === undefined ? undefined : conv.duration(opts.elapsedMs),
+      attempts: nonNegInt('attempts', opts.attempts),
+    };
+    const t = this.transport;
+    return conv.finishResult(await t.unary(t.resilience, t.resilience.finishRequest, 'FinishRequest', req, this.timeoutMs));
+  }
+
+  /**
+   * FinishRequest for the helpers: skipped while the fail-safe decides, and never
+   * an error for the caller (the request then expires on the server).
+   */
+  private async finishQuietly(requestId: string, result: RequestResult, opts: { route?: string; elapsedMs?: number; attempts?: number } = {}): Promise<void> {
+    if (!this.remote || this.closed || !requestId) return;
+    try {
+      await this.finishRequest(requestId, result, opts);
+    } catch (e) {
+      this.log.debug?.(`could not finish request ${requestId} on Backstop: ${String(e)}`);
+    }
   }
 
   private async record(report: OutcomeReport): Promise<OutcomeResult> {
@@ -651,8 +732,12 @@ export class Backstop {
     attempt: number,
     obs: Observed,
     latencyMs: number,
+    requestId = '',
+    finish: RequestResult | undefined = undefined,
   ): OutcomeReport {
     return {
+      requestId,
+      finish,
       target,
       permit,
       outcome: obs.outcome,
@@ -682,15 +767,21 @@ export class Backstop {
   async guard<T>(target: string, fn: (g: GuardContext) => T | Promise<T>, opts: GuardOptions = {}): Promise<T> {
     const attempt = nonNegInt('attempt', opts.attempt);
     opts.signal?.throwIfAborted();
+    const ownRequest = !opts.requestId;
+    const requestId = opts.requestId || newRequestId();
     const adm = await this.canProceed(target, {
       estimatedTokens: opts.estimatedTokens ?? 0,
       attempt,
       priority: opts.priority,
       maxOutputTokens: opts.maxOutputTokens,
       signal: opts.signal,
+      requestId,
     });
-    if (!adm.allowed) throw refusal(target, adm.reason, adm.state, adm.retryAfterMs, adm.local);
-    const g = new GuardContext(target, attempt, adm, opts.signal);
+    if (!adm.allowed) {
+      if (ownRequest) await this.finishQuietly(requestId, 'failed');
+      throw refusal(target, adm.reason, adm.state, adm.retryAfterMs, adm.local);
+    }
+    const g = new GuardContext(target, attempt, adm, opts.signal, requestId);
     const started = performance.now();
     let value: T | undefined;
     let error: unknown;
@@ -712,13 +803,16 @@ export class Backstop {
       obs.errorType = o.errorType || obs.errorType;
       obs.headers = o.headers ?? obs.headers;
     }
-    g.report = this.report(target, adm.permit, adm.keySlot, attempt, obs, latencyMs);
+    const completed = !failed && (obs.outcome === 'success' || obs.outcome === 'unspecified');
+    g.report = this.report(target, adm.permit, adm.keySlot, attempt, obs, latencyMs, requestId, completed ? 'completed' : undefined);
     try {
       g.outcome = await this.record(g.report);
     } catch (e) {
       if (!failed) throw e;
       // The block's own error matters more; do not replace it.
       this.log.error(`could not report the outcome of a call to ${target}: ${String(e)}`);
+    } finally {
+      if (ownRequest && !completed) await this.finishQuietly(requestId, 'failed');
     }
     if (failed) throw error;
     return value as T;
@@ -745,6 +839,35 @@ export class Backstop {
   async call<T>(route: RouteArg, fn: CallFn<T>, opts?: CallOptions): Promise<T>;
   async call<T>(route: RouteArg, fn: CallFn<T>, opts: CallOptions & { defer: DeferOptions }): Promise<T | Deferred>;
   async call<T>(route: RouteArg, fn: CallFn<T>, opts: CallOptions & { defer?: DeferOptions } = {}): Promise<T | Deferred> {
+    // One user request: the success report closes it as completed; giving up
+    // finishes it as failed, deferring as deferred, with the client's own
+    // elapsed time and attempts (used by a server that never saw it).
+    const req: CallRequest = { id: opts.requestId || newRequestId(), attempts: 0, completed: false, deferred: false };
+    const started = performance.now();
+    const finish = (result: RequestResult) =>
+      this.finishQuietly(req.id, result, {
+        route: typeof route === 'string' ? route : '',
+        elapsedMs: performance.now() - started,
+        attempts: req.attempts,
+      });
+    let value: T | Deferred;
+    try {
+      value = await this.callAttempts(route, fn, opts, req);
+    } catch (e) {
+      if (!req.completed) await finish('failed');
+      throw e;
+    }
+    if (req.deferred) await finish('deferred');
+    return value;
+  }
+
+  private async callAttempts<T>(
+    route: RouteArg,
+    fn: CallFn<T>,
+    opts: CallOptions & { defer?: DeferOptions },
+    req: CallRequest,
+  ): Promise<T | Deferred> {
+    const requestId = req.id;
     const [name, candidates] = routeArgs(route);
     const estimatedTokens = nonNegInt('estimatedTokens', opts.estimatedTokens);
     let requiredContext = nonNegInt('requiredContextTokens', opts.requiredContextTokens);
@@ -777,6 +900,7 @@ export class Backstop {
         strategy,
         expectedOutputTokens,
         signal,
+        requestId,
       });
       last = decision;
       if (decision.target === null) {
@@ -804,12 +928,14 @@ export class Backstop {
           failed = true;
         }
         const latencyMs = performance.now() - t0;
+        req.attempts += 1;
         if (!failed) {
-          await this.recordSafe(this.report(target, permit, keySlot, attempt, observeSuccess(value), latencyMs));
+          req.completed = true; // closed by the report, even if that report is lost
+          await this.recordSafe(this.report(target, permit, keySlot, attempt, observeSuccess(value), latencyMs, requestId, 'completed'));
           return value as T;
         }
         const obs = observeErrorWithSignal(error, signal);
-        const result = await this.recordSafe(this.report(target, permit, keySlot, attempt, obs, latencyMs));
+        const result = await this.recordSafe(this.report(target, permit, keySlot, attempt, obs, latencyMs, requestId));
         errors.push({
           target,
           outcome: result.classifiedAs,
@@ -836,7 +962,7 @@ export class Backstop {
         if (opts.deadlineMs !== undefined && performance.now() - started + result.retry.delayMs > opts.deadlineMs) break;
         if (result.retry.delayMs > 0) await sleep(result.retry.delayMs, signal);
         attempt += 1;
-        const adm = await this.canProceed(target, { estimatedTokens, attempt, priority, maxOutputTokens, signal });
+        const adm = await this.canProceed(target, { estimatedTokens, attempt, priority, maxOutputTokens, signal, requestId });
         if (!adm.allowed) {
           errors.push({
             target,
@@ -870,6 +996,7 @@ export class Backstop {
         if (!(e instanceof BackstopError)) throw e;
         throw new AllTargetsFailed(routeName, errors, retryAfterMs, e, note);
       }
+      req.deferred = true;
       return { ...d, errors };
     }
     throw new AllTargetsFailed(routeName, errors, retryAfterMs, undefined, note);

@@ -19,7 +19,9 @@ import type {
   KeySlotStatus,
   OutcomeClass,
   OutcomeCounters,
+  FinishResult,
   OutcomeReport,
+  RequestResult,
   OutcomeResult,
   Priority,
   QueueStat,
@@ -144,8 +146,28 @@ export function routeDecision(r: pb.RouteResponse): RouteDecision {
   };
 }
 
-export function recordRequest(rep: OutcomeReport): pb.RecordOutcomeRequest {
+/** A `RequestResult` on the wire. Throws on an unknown name. */
+export function requestResultToProto(r: RequestResult): pb.RequestResult {
+  if (!REQUEST_RESULTS.includes(r)) {
+    throw new TypeError(`result must be one of ${REQUEST_RESULTS.map((v) => `'${v}'`).join(', ')}, got ${JSON.stringify(r)}`);
+  }
+  return valueOf(pb.RequestResult, 'REQUEST_RESULT_', r) as pb.RequestResult;
+}
+
+const REQUEST_RESULTS: readonly RequestResult[] = ['completed', 'deferred', 'failed'];
+
+export function finishResult(r: pb.FinishRequestResponse): FinishResult {
+  return { tracked: r.tracked, duplicate: r.duplicate, durationMs: ms(r.duration) ?? 0, attempts: r.attempts, route: r.route };
+}
+
+/**
+ * `withRequest: false` leaves out requestId / finish (outcomes reconciled
+ * after an outage: the server never saw those requests).
+ */
+export function recordRequest(rep: OutcomeReport, withRequest = true): pb.RecordOutcomeRequest {
   return {
+    requestId: withRequest ? (rep.requestId ?? '') : '',
+    finish: withRequest && rep.finish ? requestResultToProto(rep.finish) : pb.RequestResult.REQUEST_RESULT_UNSPECIFIED,
     target: rep.target,
     permit: rep.permit,
     outcome: outcomeClassToProto(rep.outcome),

@@ -184,3 +184,12 @@ export class ControlPlaneError extends BackstopError {
 
 /** Backstop could not be reached (queue and admin calls; decisions never throw it, they go local). */
 export class ControlPlaneUnavailable extends ControlPlaneError {}
+
+/**
+ * Backstop refused the call's credentials (UNAUTHENTICATED): no token, or one
+ * it does not accept (see the `token` option).
+ */
+export class Unauthenticated extends ControlPlaneError {}
+
+/** The caller's principal lacks the role the call needs (PERMISSION_DENIED; the message names the role). */
+export class PermissionDenied extends ControlPlaneError {}

@@ -10,7 +10,7 @@
  * const reply = await bs.call('chat', ({ target, maxTokens }) => ask(target, prompt, maxTokens));
  * ```
  */
-export { Backstop, GuardContext, sleep, structured } from './client.js';
+export { Backstop, GuardContext, newRequestId, sleep, structured } from './client.js';
 export type {
   BackstopOptions,
   CallAttempt,
@@ -29,12 +29,14 @@ export {
   ControlPlaneError,
   ControlPlaneUnavailable,
   MalformedOutput,
+  PermissionDenied,
   PriorityReserved,
   RateLimited,
   Refused,
   RequestTooLarge,
   SpendLimitExceeded,
   StructuredOutputError,
+  Unauthenticated,
 } from './errors.js';
 export {
   composeErrorType,

@@ -21,7 +21,7 @@ import {
   type RouteRequest,
   type RouteResponse,
 } from './gen/backstop/v1/resilience.js';
-import { ControlPlaneError, ControlPlaneUnavailable } from './errors.js';
+import { ControlPlaneError, ControlPlaneUnavailable, PermissionDenied, Unauthenticated } from './errors.js';
 
 /** TLS settings (PEM). Without them the channel is plaintext. */
 export interface TlsOptions {
@@ -55,7 +55,13 @@ export function controlPlaneError(method: string, err: unknown): ControlPlaneErr
   const code = typeof e.code === 'number' ? e.code : grpc.status.UNKNOWN;
   const details = typeof e.details === 'string' ? e.details : String(err);
   const name = grpc.status[code] ?? String(code);
-  const Cls = OUTAGE_CODES.has(code) ? ControlPlaneUnavailable : ControlPlaneError;
+  const Cls = OUTAGE_CODES.has(code)
+    ? ControlPlaneUnavailable
+    : code === grpc.status.UNAUTHENTICATED
+      ? Unauthenticated
+      : code === grpc.status.PERMISSION_DENIED
+        ? PermissionDenied
+        : ControlPlaneError;
   return new Cls(method, code, details, name);
 }
 

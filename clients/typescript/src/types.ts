@@ -180,6 +180,27 @@ export interface OutcomeReport {
   attempt: number;
   keySlot: string;
   caller: string;
+  /** The user request this call served (the same on all its retries and fallbacks); '' or unset: none. */
+  requestId?: string | undefined;
+  /** Set on a request's last outcome to close it in the same call (needs `requestId`). */
+  finish?: RequestResult | undefined;
+}
+
+/** How a user request ended, after all its retries and fallbacks. */
+export type RequestResult = 'completed' | 'deferred' | 'failed';
+
+/** What `finishRequest()` got back. */
+export interface FinishResult {
+  /** True when this server saw the request start and measured it itself. */
+  readonly tracked: boolean;
+  /** True when the request had already been finished (nothing counted again). */
+  readonly duplicate: boolean;
+  /** From first admission to finish (or the client's `elapsedMs` when not tracked). */
+  readonly durationMs: number;
+  /** Outcomes reported for the request (or the client's `attempts` when not tracked). */
+  readonly attempts: number;
+  /** The route label it was counted under ('direct' when no configured route served it). */
+  readonly route: string;
 }
 
 /** One failed attempt (or refusal, or skip) inside `call()`, for `AllTargetsFailed`. */

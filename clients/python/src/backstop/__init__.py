@@ -15,6 +15,7 @@ replies; :class:`DeferredWorker` to drain deferred requests.
 """
 
 from ._local import LocalPolicy
+from ._transport import TLSConfig
 from .aio import AsyncBackstop
 from .client import Backstop
 from .errors import (
@@ -25,12 +26,14 @@ from .errors import (
     ControlPlaneError,
     ControlPlaneUnavailable,
     MalformedOutput,
+    PermissionDenied,
     PriorityReserved,
     RateLimited,
     Refused,
     RequestTooLarge,
     SpendLimitExceeded,
     StructuredOutputError,
+    Unauthenticated,
 )
 from .guard import AsyncGuard, Guard
 from .structured import Correction, Structured, structured
@@ -42,6 +45,7 @@ from .types import (
     ClaimResult,
     Deferred,
     DeferredItem,
+    FinishResult,
     NackResult,
     OutcomeClass,
     OutcomeCounters,
@@ -50,6 +54,7 @@ from .types import (
     Priority,
     QueueStat,
     Reason,
+    RequestResult,
     RetryAdvice,
     ReconcileStats,
     RetryReason,
@@ -83,6 +88,7 @@ __all__ = [
     "Deferred",
     "DeferredItem",
     "DeferredWorker",
+    "FinishResult",
     "Guard",
     "LocalPolicy",
     "MalformedOutput",
@@ -91,6 +97,7 @@ __all__ = [
     "OutcomeCounters",
     "OutcomeReport",
     "OutcomeResult",
+    "PermissionDenied",
     "Priority",
     "PriorityReserved",
     "QueueStat",
@@ -98,6 +105,7 @@ __all__ = [
     "Reason",
     "ReconcileStats",
     "Refused",
+    "RequestResult",
     "RequestTooLarge",
     "RetryAdvice",
     "RetryReason",
@@ -107,8 +115,10 @@ __all__ = [
     "SpendLimitExceeded",
     "Structured",
     "StructuredOutputError",
+    "TLSConfig",
     "TargetStatus",
     "TargetSummary",
+    "Unauthenticated",
     "WorkerStats",
     "structured",
 ]

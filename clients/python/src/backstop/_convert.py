@@ -15,6 +15,7 @@ from .types import (
     BreakerState,
     ClaimResult,
     DeferredItem,
+    FinishResult,
     KeySlotStatus,
     NackResult,
     OutcomeClass,
@@ -25,6 +26,7 @@ from .types import (
     PriorityArg,
     QueueStat,
     Reason,
+    RequestResult,
     RetryAdvice,
     RetryReason,
     RouteDecision,
@@ -168,6 +170,7 @@ def can_proceed_request(
     attempt: int,
     priority: PriorityArg = None,
     max_output_tokens: int = 0,
+    request_id: str = "",
 ) -> resilience_pb2.CanProceedRequest:
     return resilience_pb2.CanProceedRequest(
         target=target,
@@ -176,6 +179,7 @@ def can_proceed_request(
         attempt=int(attempt),
         priority=priority_to_proto(priority),
         max_output_tokens=non_negative("max_output_tokens", max_output_tokens),
+        request_id=request_id,
     )
 
 
@@ -193,7 +197,9 @@ def admission(target: str, r: resilience_pb2.CanProceedResponse) -> Admission:
     )
 
 
-def record_request(rep: OutcomeReport) -> resilience_pb2.RecordOutcomeRequest:
+def record_request(rep: OutcomeReport, *, with_request: bool = True) -> resilience_pb2.RecordOutcomeRequest:
+    """``with_request=False`` leaves out ``request_id`` / ``finish`` (outcomes
+    reconciled after an outage: the server never saw those requests)."""
     req = resilience_pb2.RecordOutcomeRequest(
         target=rep.target,
         permit=rep.permit,
@@ -207,6 +213,10 @@ def record_request(rep: OutcomeReport) -> resilience_pb2.RecordOutcomeRequest:
         key_slot=rep.key_slot,
         caller=rep.caller,
     )
+    if with_request:
+        req.request_id = rep.request_id
+        if rep.finish is not None:
+            req.finish = request_result_to_proto(rep.finish)
     if rep.latency is not None:
         req.latency.CopyFrom(duration(rep.latency))
     if rep.retry_after is not None:
@@ -216,7 +226,7 @@ def record_request(rep: OutcomeReport) -> resilience_pb2.RecordOutcomeRequest:
 
 def record_batch_request(reports: Sequence[OutcomeReport]) -> resilience_pb2.RecordOutcomeBatchRequest:
     """Many reports in one RecordOutcomeBatch (the server takes at most 1000)."""
-    return resilience_pb2.RecordOutcomeBatchRequest(items=[record_request(r) for r in reports])
+    return resilience_pb2.RecordOutcomeBatchRequest(items=[record_request(r, with_request=False) for r in reports])
 
 
 def batch_errors(r: resilience_pb2.RecordOutcomeBatchResponse) -> List[Optional[str]]:
@@ -258,6 +268,7 @@ def route_request(
     max_output_tokens: int = 0,
     strategy: StrategyArg = None,
     expected_output_tokens: int = 0,
+    request_id: str = "",
 ) -> resilience_pb2.RouteRequest:
     return resilience_pb2.RouteRequest(
         route=route or "",
@@ -271,6 +282,52 @@ def route_request(
         max_output_tokens=non_negative("max_output_tokens", max_output_tokens),
         strategy=strategy_to_proto(strategy),
         expected_output_tokens=non_negative("expected_output_tokens", expected_output_tokens),
+        request_id=request_id,
+    )
+
+
+def request_result(value: Any) -> RequestResult:
+    """A :class:`RequestResult` from itself or its name (``"failed"``)."""
+    if isinstance(value, RequestResult):
+        return value
+    try:
+        return RequestResult(str(value).lower())
+    except ValueError:
+        raise ValueError(
+            f"result must be a RequestResult or one of completed / deferred / failed, got {value!r}"
+        ) from None
+
+
+def request_result_to_proto(value: Any) -> int:
+    r = request_result(value)
+    if r == RequestResult.UNSPECIFIED:
+        raise ValueError("a request must finish as completed, deferred or failed")
+    return int(resilience_pb2.RequestResult.Value(f"REQUEST_RESULT_{r.name}"))
+
+
+def finish_request_request(
+    request_id: str, result: Any, *, route: str = "", elapsed: Optional[float] = None, attempts: int = 0
+) -> resilience_pb2.FinishRequestRequest:
+    if not request_id:
+        raise ValueError("finish_request needs the request_id of the request it closes")
+    req = resilience_pb2.FinishRequestRequest(
+        request_id=request_id,
+        result=request_result_to_proto(result),
+        route=route,
+        attempts=non_negative("attempts", attempts),
+    )
+    if elapsed is not None:
+        req.elapsed.CopyFrom(duration(elapsed))
+    return req
+
+
+def finish_result(r: resilience_pb2.FinishRequestResponse) -> FinishResult:
+    return FinishResult(
+        tracked=r.tracked,
+        duplicate=r.duplicate,
+        duration=seconds(r, "duration") or 0.0,
+        attempts=int(r.attempts),
+        route=r.route,
     )
 
 

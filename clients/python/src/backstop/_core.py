@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any, Callable, Generic, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import grpc
@@ -23,7 +24,7 @@ from ._plan import CallSpec, defer_message, encode_payload, metadata_dict
 from ._proto import admin_pb2, deferred_pb2
 from ._reconcile import DEFAULT_LIMIT, Reconciler
 from ._stream import stream_enabled
-from ._transport import AddressArg, parse_addresses
+from ._transport import AddressArg, TLSConfig, parse_addresses
 from .structured import Structured
 from .types import (
     Admission,
@@ -33,9 +34,11 @@ from .types import (
     DeferredItem,
     OutcomeClass,
     OutcomeReport,
+    FinishResult,
     OutcomeResult,
     PriorityArg,
     Reason,
+    RequestResultArg,
     ReconcileStats,
     RouteDecision,
     Skip,
@@ -53,6 +56,11 @@ def default_caller() -> str:
 
 
 RouteArg = Union[str, Sequence[str]]
+
+
+def new_request_id() -> str:
+    """A fresh id for one user request: 128 random bits as 32 hex digits."""
+    return uuid.uuid4().hex
 
 #: What a recording method returns: ``OutcomeResult`` for the sync client, an
 #: awaitable of one for the asyncio client.
@@ -79,7 +87,15 @@ class Core:
         the server's defaults).
     :param local_routes: candidate lists for routes, used while Backstop is
         unreachable (routes seen in earlier Route answers are remembered too).
-    :param admin_token: bearer token for Admin calls, if the server has one.
+    :param token: bearer token sent as ``authorization: Bearer <token>`` on every
+        call (a principal's token when the server has ``[auth]``). A wrong or
+        missing one is refused with :class:`Unauthenticated`. Over plaintext it
+        is visible on the network: use ``tls=`` outside loopback.
+    :param tls: a :class:`TLSConfig` (roots to trust, and a client certificate
+        and key for mutual TLS) to connect over TLS; ``True`` = TLS with the
+        system roots. Default: plaintext.
+    :param admin_token: bearer token for Admin calls when it differs from
+        ``token`` (the server's ``[server] admin_token``).
     :param queue_timeout: deadline of deferred-queue and admin calls.
     :param connect_timeout: how long the first call may wait for the connection.
     :param reconnect_interval: how often the background probe retries Backstop
@@ -92,7 +108,7 @@ class Core:
         ``BACKSTOP_STREAM=0``); ``False`` makes each decision a unary call.
         A server without ``Decide`` gets unary calls either way.
     :param channel_options: extra gRPC channel options.
-    :param credentials: ``grpc.ssl_channel_credentials(...)`` for TLS (default: plaintext).
+    :param credentials: ready-made ``grpc.ChannelCredentials`` (instead of ``tls``).
     """
 
     def __init__(
@@ -112,6 +128,8 @@ class Core:
         channel_options: Sequence[Tuple[str, Any]] = (),
         credentials: Optional[grpc.ChannelCredentials] = None,
         stream: Optional[bool] = None,
+        token: Optional[str] = None,
+        tls: Union[TLSConfig, bool, None] = None,
     ) -> None:
         if policy not in (FAIL_OPEN, FAIL_CLOSED):
             raise ValueError(f"policy must be {FAIL_OPEN!r} or {FAIL_CLOSED!r}, got {policy!r}")
@@ -127,14 +145,26 @@ class Core:
         self.queue_timeout = float(queue_timeout)
         self.connect_timeout = float(connect_timeout)
         self.reconnect_interval = float(reconnect_interval)
+        if tls is not None and tls is not False:
+            if credentials is not None:
+                raise ValueError("pass tls= or credentials=, not both")
+            tls_config = TLSConfig() if tls is True else tls
+            if not isinstance(tls_config, TLSConfig):
+                raise TypeError(f"tls must be a TLSConfig or True, got {tls!r}")
+            credentials = tls_config.credentials()
+            channel_options = [*tls_config.channel_options(), *channel_options]
         self.credentials = credentials
         #: Whether decisions go over the Decide stream (see :mod:`backstop._stream`).
         self.stream = stream_enabled(stream)
         self.local_engine = LocalEngine(local_policy or LocalPolicy())
         self.route_memory = RouteMemory(local_routes)
         self._reconciler = Reconciler(reconcile_limit)
+        #: Sent with every call (the token), or None.
+        self._call_metadata: Optional[Tuple[Tuple[str, str], ...]] = (
+            (("authorization", f"Bearer {token}"),) if token else None
+        )
         self._admin_metadata: Optional[Tuple[Tuple[str, str], ...]] = (
-            (("authorization", f"Bearer {admin_token}"),) if admin_token else None
+            (("authorization", f"Bearer {admin_token}"),) if admin_token else self._call_metadata
         )
         self._mode_lock = threading.Lock()
         self._remote = True
@@ -293,6 +323,7 @@ class Core:
         max_output_tokens: int = 0,
         strategy: StrategyArg = None,
         expected_output_tokens: int = 0,
+        request_id: Optional[str] = None,
     ) -> CallSpec:
         name, cands = self._route_args(route)
         if defer_to not in (None, "queue"):
@@ -323,6 +354,7 @@ class Core:
             max_output_tokens=conv.non_negative("max_output_tokens", max_output_tokens),
             strategy=conv.strategy(strategy),
             expected_output_tokens=conv.non_negative("expected_output_tokens", expected_output_tokens),
+            request_id=request_id or new_request_id(),
         )
 
 
@@ -396,10 +428,14 @@ class Requests(Core, Generic[R]):
         output_tokens: int = 0,
         attempt: int = 0,
         key_slot: str = "",
+        request_id: str = "",
+        finish: Optional[RequestResultArg] = None,
     ) -> R:
         """Reports what happened to a call (see :meth:`guard` for the automatic
         version). The parameters are the fields of :class:`OutcomeReport`, the
-        one definition of a report; the asyncio client's result is awaited."""
+        one definition of a report; the asyncio client's result is awaited.
+        ``request_id`` names the user request this call served; ``finish``
+        (e.g. ``"completed"``) closes it in the same call."""
         return self._record(
             OutcomeReport(
                 target=target,
@@ -415,6 +451,8 @@ class Requests(Core, Generic[R]):
                 headers=dict(headers or {}),
                 key_slot=key_slot,
                 caller=self.caller,
+                request_id=request_id,
+                finish=conv.request_result(finish) if finish is not None else None,
             )
         )
 
@@ -427,6 +465,7 @@ class Requests(Core, Generic[R]):
         attempt: int,
         priority: PriorityArg = None,
         max_output_tokens: int = 0,
+        request_id: str = "",
     ) -> Rpc:
         req = conv.can_proceed_request(
             target,
@@ -435,6 +474,7 @@ class Requests(Core, Generic[R]):
             attempt=attempt,
             priority=priority,
             max_output_tokens=max_output_tokens,
+            request_id=request_id,
         )
         return Rpc(
             "resilience",
@@ -476,6 +516,7 @@ class Requests(Core, Generic[R]):
         max_output_tokens: int = 0,
         strategy: StrategyArg = None,
         expected_output_tokens: int = 0,
+        request_id: str = "",
     ) -> Rpc:
         req = conv.route_request(
             route,
@@ -489,6 +530,7 @@ class Requests(Core, Generic[R]):
             max_output_tokens=max_output_tokens,
             strategy=strategy,
             expected_output_tokens=expected_output_tokens,
+            request_id=request_id,
         )
         return Rpc(
             "resilience",
@@ -497,6 +539,17 @@ class Requests(Core, Generic[R]):
             lambda r: self._seen_route(route, conv.route_decision(r)),
             self.timeout,
         )
+
+    def _rpc_finish(
+        self,
+        request_id: str,
+        result: RequestResultArg,
+        route: str = "",
+        elapsed: Optional[float] = None,
+        attempts: int = 0,
+    ) -> Rpc:
+        req = conv.finish_request_request(request_id, result, route=route, elapsed=elapsed, attempts=attempts)
+        return Rpc("resilience", "FinishRequest", req, conv.finish_result, self.timeout)
 
     # Deferred ---------------------------------------------------------------------
 
@@ -612,8 +665,15 @@ class Requests(Core, Generic[R]):
             "admin", "ResetTarget", admin_pb2.ResetTargetRequest(target=target), conv.target_status, self.queue_timeout, True
         )
 
+    def _with_metadata(self, open_call: Callable[..., Any]) -> Callable[..., Any]:
+        """A stream's opener that sends the token, if any."""
+        md = self._call_metadata
+        if md is None:
+            return open_call
+        return lambda *args, **kw: open_call(*args, metadata=md, **kw)
+
     def _metadata(self, rpc: Rpc) -> Optional[Tuple[Tuple[str, str], ...]]:
-        return self._admin_metadata if rpc.admin else None
+        return self._admin_metadata if rpc.admin else self._call_metadata
 
 
 def _item_ref(item: Union[DeferredItem, str], lease_token: Optional[str]) -> Tuple[str, str]:

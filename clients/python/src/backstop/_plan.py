@@ -14,6 +14,7 @@ part of :class:`AllTargetsFailed`) or let them propagate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -42,6 +43,7 @@ from .types import (
     OutcomeResult,
     Priority,
     Reason,
+    RequestResult,
     RouteDecision,
     RouteStrategy,
 )
@@ -61,6 +63,7 @@ class RouteOp:
     max_output_tokens: int = 0
     strategy: Optional[RouteStrategy] = None
     expected_output_tokens: int = 0
+    request_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class AdmitOp:
     attempt: int
     priority: Optional[Priority] = None
     max_output_tokens: int = 0
+    request_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,21 @@ class DeferOp:
     max_attempts: int
 
 
-Op = Union[RouteOp, AdmitOp, InvokeOp, RecordOp, SleepOp, DeferOp]
+@dataclass(frozen=True)
+class FinishOp:
+    """Close the user request (FinishRequest) when it did not end with a
+    success report: FAILED or DEFERRED. ``route``, ``elapsed`` and
+    ``attempts`` count only on a server that never saw the request. The
+    executor skips it in local mode and never lets it fail the call."""
+
+    request_id: str
+    result: RequestResult
+    route: str
+    elapsed: float
+    attempts: int
+
+
+Op = Union[RouteOp, AdmitOp, InvokeOp, RecordOp, SleepOp, DeferOp, FinishOp]
 
 
 @dataclass
@@ -136,6 +154,9 @@ class CallSpec:
     #: Sent with every Route of the call (None = the route's own strategy).
     strategy: Optional[RouteStrategy] = None
     expected_output_tokens: int = 0
+    #: The user request's id, sent on every Route / CanProceed / RecordOutcome
+    #: of the call ("" = not measured as a request).
+    request_id: str = ""
     clock: Callable[[], float] = time.monotonic
 
 
@@ -149,9 +170,21 @@ def encode_payload(payload: Any) -> bytes:
 
 
 def _report(
-    spec: CallSpec, target: str, permit: str, key_slot: str, attempt: int, obs: Observed, latency: float
+    spec: CallSpec,
+    target: str,
+    permit: str,
+    key_slot: str,
+    attempt: int,
+    obs: Observed,
+    latency: float,
+    finish: Optional[RequestResult] = None,
 ) -> OutcomeReport:
-    return obs.report(target=target, permit=permit, key_slot=key_slot, attempt=attempt, latency=latency, caller=spec.caller)
+    report = obs.report(
+        target=target, permit=permit, key_slot=key_slot, attempt=attempt, latency=latency, caller=spec.caller
+    )
+    if not spec.request_id:
+        return report
+    return dataclasses.replace(report, request_id=spec.request_id, finish=finish)
 
 
 def _refusal_error(adm: Admission) -> AttemptError:
@@ -206,7 +239,39 @@ def context_tokens_needed(text: str) -> int:
     return 0
 
 
+class _Progress:
+    """What the request-level bookkeeping needs from the attempts loop."""
+
+    __slots__ = ("attempts", "completed")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.completed = False
+
+
 def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
+    """:func:`_attempts`, closed as one user request: the success report
+    carries ``finish=COMPLETED``; giving up (an exception) finishes it FAILED
+    and deferring it DEFERRED, with the client's own elapsed time and attempt
+    count (used by a server that never saw the request)."""
+    started = spec.clock()
+    progress = _Progress()
+    try:
+        value = yield from _attempts(spec, progress, started)
+    except Exception:
+        if spec.request_id and not progress.completed:
+            yield _finish(spec, RequestResult.FAILED, progress, started)
+        raise
+    if isinstance(value, Deferred) and spec.request_id:
+        yield _finish(spec, RequestResult.DEFERRED, progress, started)
+    return value
+
+
+def _finish(spec: CallSpec, result: RequestResult, progress: _Progress, started: float) -> FinishOp:
+    return FinishOp(spec.request_id, result, spec.route or "", max(0.0, spec.clock() - started), progress.attempts)
+
+
+def _attempts(spec: CallSpec, progress: _Progress, started: float) -> Generator[Op, Any, Any]:
     """Route -> call -> report -> retry per advice -> fall back -> exhausted.
 
     * After a failure whose advice says retry, sleep the advised delay and ask
@@ -224,7 +289,6 @@ def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
     * When Route has no target left: defer (if asked) or raise
       :class:`AllTargetsFailed` with every attempt and every skip.
     """
-    started = spec.clock()
     errors: List[AttemptError] = []
     exclude: List[str] = list(spec.exclude)
     tried: List[str] = []
@@ -243,6 +307,7 @@ def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
             max_output_tokens=spec.max_output_tokens,
             strategy=spec.strategy,
             expected_output_tokens=spec.expected_output_tokens,
+            request_id=spec.request_id,
         )
         last = decision
         if decision.target is None:
@@ -257,9 +322,13 @@ def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
         slot_failed = False
         while True:
             inv: Invoked = yield InvokeOp(target, decision.max_tokens, key_slot)
+            progress.attempts += 1
             if inv.error is None:
                 obs = observe_success(inv.value)
-                yield RecordOp(_report(spec, target, permit, key_slot, attempt, obs, inv.latency))
+                progress.completed = True  # closed by the report, even if that report is lost
+                yield RecordOp(
+                    _report(spec, target, permit, key_slot, attempt, obs, inv.latency, RequestResult.COMPLETED)
+                )
                 return inv.value
             obs = observe_exception(inv.error)
             result: OutcomeResult = yield RecordOp(
@@ -299,6 +368,7 @@ def call_plan(spec: CallSpec) -> Generator[Op, Any, Any]:
                 attempt,
                 priority=spec.priority,
                 max_output_tokens=spec.max_output_tokens,
+                request_id=spec.request_id,
             )
             if not adm.allowed:
                 errors.append(_refusal_error(adm))

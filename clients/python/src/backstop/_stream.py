@@ -51,7 +51,7 @@ import grpc
 from . import _convert as conv
 from ._proto import resilience_pb2
 from ._transport import OUTAGE_CODES
-from .errors import ControlPlaneError, ControlPlaneUnavailable
+from .errors import ControlPlaneError, ControlPlaneUnavailable, control_plane_error
 
 log = logging.getLogger("backstop")
 
@@ -162,16 +162,14 @@ def _answer(method: str, response: Any) -> Any:
         details = response.error.message
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "outstanding" in details:
             return USE_UNARY
-        cls = ControlPlaneUnavailable if code in OUTAGE_CODES else ControlPlaneError
-        raise cls(code, details, method)
+        raise control_plane_error(code, details, method, OUTAGE_CODES)
     if kind is None:
         raise ControlPlaneError(grpc.StatusCode.INTERNAL, "a Decide answer without a response", method)
     return getattr(response, kind)
 
 
 def _broken_error(method: str, b: _Broken) -> ControlPlaneError:
-    cls = ControlPlaneUnavailable if b.code in OUTAGE_CODES else ControlPlaneError
-    return cls(b.code, b.details, method)
+    return control_plane_error(b.code, b.details, method, OUTAGE_CODES)
 
 
 def _timed_out(method: str, timeout: float) -> ControlPlaneUnavailable:

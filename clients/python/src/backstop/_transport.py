@@ -11,14 +11,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import grpc
 import grpc.aio
 
 from ._proto import admin_pb2_grpc, deferred_pb2_grpc, events_pb2_grpc, resilience_pb2_grpc
-from .errors import ControlPlaneError, ControlPlaneUnavailable
+from .errors import ControlPlaneError, ControlPlaneUnavailable, control_plane_error
 
 log = logging.getLogger("backstop")
 
@@ -48,8 +50,7 @@ def rpc_error(method: str, e: grpc.RpcError) -> ControlPlaneError:
     for an outage (the fail-safe's cue), :class:`ControlPlaneError` otherwise."""
     code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
     details = e.details() if callable(getattr(e, "details", None)) else str(e)
-    cls = ControlPlaneUnavailable if code in OUTAGE_CODES else ControlPlaneError
-    return cls(code, details or "", method)
+    return control_plane_error(code, details or "", method, OUTAGE_CODES)
 
 
 #: What ``Backstop(address)`` accepts: one address, a comma-separated list, or a list.
@@ -160,6 +161,59 @@ def target_options(target: str, options: Sequence[Tuple[str, Any]], *, sticky: b
     given = {k for k, _ in out}
     out += [(k, v) for k, v in chosen.items() if k not in given]
     return out
+
+
+PemArg = Union[bytes, str, "os.PathLike[str]", None]
+
+
+def _pem(value: PemArg, what: str) -> Optional[bytes]:
+    """PEM bytes from bytes, PEM text, or the path of a PEM file."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    try:
+        with open(value, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"tls {what}: cannot read {value!r}: {e}") from e
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS for the connection to Backstop (``Backstop(address, tls=TLSConfig(...))``).
+
+    Each value is PEM bytes, PEM text, or the path of a PEM file.
+
+    :param root_certificates: CA certificates to trust (default: the system roots).
+    :param certificate_chain: client certificate, for mutual TLS (with ``private_key``).
+    :param private_key: the client certificate's key.
+    :param server_name: the name to verify the server's certificate against
+        when it differs from the address's host (e.g. connecting by IP).
+    """
+
+    root_certificates: PemArg = None
+    certificate_chain: PemArg = None
+    private_key: PemArg = None
+    server_name: Optional[str] = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        chain = _pem(self.certificate_chain, "certificate_chain")
+        key = _pem(self.private_key, "private_key")
+        if (chain is None) != (key is None):
+            raise ValueError("tls: certificate_chain and private_key go together (mutual TLS needs both)")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_pem(self.root_certificates, "root_certificates"),
+            private_key=key,
+            certificate_chain=chain,
+        )
+
+    def channel_options(self) -> List[Tuple[str, Any]]:
+        if not self.server_name:
+            return []
+        return [("grpc.ssl_target_name_override", self.server_name)]
 
 
 def sync_channel(

@@ -30,6 +30,7 @@ from ._core import Requests, RouteArg, Rpc, invoker
 from ._plan import (
     AdmitOp,
     DeferOp,
+    FinishOp,
     Invoked,
     InvokeOp,
     Op,
@@ -60,11 +61,13 @@ from .types import (
     ClaimResult,
     Deferred,
     DeferredItem,
+    FinishResult,
     NackResult,
     OutcomeReport,
     OutcomeResult,
     PriorityArg,
     QueueStat,
+    RequestResultArg,
     RouteDecision,
     StrategyArg,
     TargetStatus,
@@ -101,7 +104,7 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
             if self.stream:
                 for r in self._replica_set.replicas:
                     r.decide = AsyncDecideStream(
-                        r.stubs.resilience.Decide, r.target, not single_server(r.target), self.timeout
+                        self._with_metadata(r.stubs.resilience.Decide), r.target, not single_server(r.target), self.timeout
                     )
         return self._replica_set
 
@@ -324,10 +327,11 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         attempt: int = 0,
         priority: PriorityArg = None,
         max_output_tokens: int = 0,
+        request_id: str = "",
     ) -> Admission:
         """See :meth:`backstop.Backstop.can_proceed`."""
         return await self._decide(
-            self._rpc_can_proceed(target, estimated_tokens, attempt, priority, max_output_tokens),
+            self._rpc_can_proceed(target, estimated_tokens, attempt, priority, max_output_tokens, request_id),
             lambda: self._local_admit(target, attempt),
         )
 
@@ -343,6 +347,7 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         max_output_tokens: int = 0,
         strategy: StrategyArg = None,
         expected_output_tokens: int = 0,
+        request_id: str = "",
     ) -> RouteDecision:
         name, cands = self._route_args(route)
         return await self._decide(
@@ -357,6 +362,7 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
                 max_output_tokens,
                 strategy,
                 expected_output_tokens,
+                request_id,
             ),
             lambda: self._local_route(name, cands, exclude, attempt, strategy),
         )
@@ -374,11 +380,49 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         attempt: int = 0,
         priority: PriorityArg = None,
         max_output_tokens: int = 0,
+        request_id: Optional[str] = None,
     ) -> AsyncGuard:
         """``async with bs.guard(target) as g:`` -- see :meth:`backstop.Backstop.guard`."""
         return AsyncGuard(
-            self, target, estimated_tokens, attempt, priority=priority, max_output_tokens=max_output_tokens
+            self,
+            target,
+            estimated_tokens,
+            attempt,
+            priority=priority,
+            max_output_tokens=max_output_tokens,
+            request_id=request_id,
         )
+
+    async def finish_request(
+        self,
+        request_id: str,
+        result: RequestResultArg,
+        *,
+        route: str = "",
+        elapsed: Optional[float] = None,
+        attempts: int = 0,
+    ) -> FinishResult:
+        """Closes the user request ``request_id`` (the id sent on its
+        CanProceed / Route / RecordOutcome calls) as ``result``
+        (``"completed"``, ``"deferred"`` or ``"failed"``): the server counts it in
+        ``backstop_requests_total`` and measures its duration and attempts.
+        ``route``, ``elapsed`` (seconds) and ``attempts`` are the client's own
+        measure, used only by a server that never saw the request (another
+        replica, or expired). Finishing twice is harmless (``duplicate``).
+        ``call()`` and ``guard()`` do this on their own."""
+        return await self._unary(self._rpc_finish(request_id, result, route, elapsed, attempts))  # type: ignore[no-any-return]
+
+    async def _finish_quietly(
+        self, request_id: str, result: RequestResultArg, route: str = "", elapsed: Optional[float] = None, attempts: int = 0
+    ) -> None:
+        """FinishRequest for the helpers: skipped while the fail-safe decides,
+        and never an error for the caller (the request then expires on the server)."""
+        if not self._remote or self._closed or not request_id:
+            return
+        try:
+            await self._unary(self._rpc_finish(request_id, result, route, elapsed, attempts))
+        except Exception as e:
+            log.debug("could not finish request %s on Backstop: %s", request_id, e)
 
     # --- call ------------------------------------------------------------------------
 
@@ -402,6 +446,7 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         max_output_tokens: int = ...,
         strategy: StrategyArg = ...,
         expected_output_tokens: int = ...,
+        request_id: Optional[str] = ...,
     ) -> T: ...
 
     @overload
@@ -424,6 +469,7 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         max_output_tokens: int = ...,
         strategy: StrategyArg = ...,
         expected_output_tokens: int = ...,
+        request_id: Optional[str] = ...,
     ) -> Union[T, Deferred]: ...
 
     async def call(
@@ -445,6 +491,7 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
         max_output_tokens: int = 0,
         strategy: StrategyArg = None,
         expected_output_tokens: int = 0,
+        request_id: Optional[str] = None,
     ) -> Any:
         """See :meth:`backstop.Backstop.call`. ``fn`` is normally a coroutine
         function; a plain function works too (its result is used as is)."""
@@ -464,6 +511,7 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
             max_output_tokens=max_output_tokens,
             strategy=strategy,
             expected_output_tokens=expected_output_tokens,
+            request_id=request_id,
         )
         return await self._drive(call_plan(spec), invoker(fn))
 
@@ -508,6 +556,7 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
                 max_output_tokens=op.max_output_tokens,
                 strategy=op.strategy,
                 expected_output_tokens=op.expected_output_tokens,
+                request_id=op.request_id,
             )
         if isinstance(op, AdmitOp):
             return await self.can_proceed(
@@ -516,7 +565,11 @@ class AsyncBackstop(Requests[Awaitable[OutcomeResult]]):
                 attempt=op.attempt,
                 priority=op.priority,
                 max_output_tokens=op.max_output_tokens,
+                request_id=op.request_id,
             )
+        if isinstance(op, FinishOp):
+            await self._finish_quietly(op.request_id, op.result, op.route, op.elapsed, op.attempts)
+            return None
         if isinstance(op, SleepOp):
             await asyncio.sleep(op.seconds)
             return None

@@ -25,6 +25,7 @@ from ._core import Requests, RouteArg, Rpc, invoker
 from ._plan import (
     AdmitOp,
     DeferOp,
+    FinishOp,
     Invoked,
     InvokeOp,
     Op,
@@ -54,11 +55,13 @@ from .types import (
     ClaimResult,
     Deferred,
     DeferredItem,
+    FinishResult,
     NackResult,
     OutcomeReport,
     OutcomeResult,
     PriorityArg,
     QueueStat,
+    RequestResultArg,
     RouteDecision,
     StrategyArg,
     TargetStatus,
@@ -97,7 +100,7 @@ class Backstop(Requests[OutcomeResult]):
         self._flusher: Optional[threading.Thread] = None
         if self.stream:
             for r in self._replicas.replicas:
-                r.decide = DecideStream(r.stubs.resilience.Decide, r.target, not single_server(r.target), self.timeout)
+                r.decide = DecideStream(self._with_metadata(r.stubs.resilience.Decide), r.target, not single_server(r.target), self.timeout)
 
     def _connect(self, target: str, sticky: bool) -> grpc.Channel:
         return sync_channel(target, self.credentials, target_options(target, self.channel_options, sticky=sticky))
@@ -323,6 +326,7 @@ class Backstop(Requests[OutcomeResult]):
         attempt: int = 0,
         priority: PriorityArg = None,
         max_output_tokens: int = 0,
+        request_id: str = "",
     ) -> Admission:
         """May a call go to ``target`` now? (Does not raise on refusal; see :meth:`guard`.)
 
@@ -334,7 +338,7 @@ class Backstop(Requests[OutcomeResult]):
         The local fail-safe accepts both and has nothing to apply them to.
         """
         return self._decide(
-            self._rpc_can_proceed(target, estimated_tokens, attempt, priority, max_output_tokens),
+            self._rpc_can_proceed(target, estimated_tokens, attempt, priority, max_output_tokens, request_id),
             lambda: self._local_admit(target, attempt),
         )
 
@@ -350,6 +354,7 @@ class Backstop(Requests[OutcomeResult]):
         max_output_tokens: int = 0,
         strategy: StrategyArg = None,
         expected_output_tokens: int = 0,
+        request_id: str = "",
     ) -> RouteDecision:
         """Which target of ``route`` (a configured route name, or a list of targets) should serve now.
 
@@ -372,6 +377,7 @@ class Backstop(Requests[OutcomeResult]):
                 max_output_tokens,
                 strategy,
                 expected_output_tokens,
+                request_id,
             ),
             lambda: self._local_route(name, cands, exclude, attempt, strategy),
         )
@@ -389,13 +395,53 @@ class Backstop(Requests[OutcomeResult]):
         attempt: int = 0,
         priority: PriorityArg = None,
         max_output_tokens: int = 0,
+        request_id: Optional[str] = None,
     ) -> Guard:
         """A context manager around one provider call: CanProceed on entry
         (raising :class:`CircuitOpen` / :class:`RateLimited` when refused; a
         budget reserved for higher priorities raises :class:`PriorityReserved`
         and a spend limit :class:`SpendLimitExceeded`, both RateLimited),
         RecordOutcome on exit, classified from the block's exception."""
-        return Guard(self, target, estimated_tokens, attempt, priority=priority, max_output_tokens=max_output_tokens)
+        return Guard(
+            self,
+            target,
+            estimated_tokens,
+            attempt,
+            priority=priority,
+            max_output_tokens=max_output_tokens,
+            request_id=request_id,
+        )
+
+    def finish_request(
+        self,
+        request_id: str,
+        result: RequestResultArg,
+        *,
+        route: str = "",
+        elapsed: Optional[float] = None,
+        attempts: int = 0,
+    ) -> FinishResult:
+        """Closes the user request ``request_id`` (the id sent on its
+        CanProceed / Route / RecordOutcome calls) as ``result``
+        (``"completed"``, ``"deferred"`` or ``"failed"``): the server counts it in
+        ``backstop_requests_total`` and measures its duration and attempts.
+        ``route``, ``elapsed`` (seconds) and ``attempts`` are the client's own
+        measure, used only by a server that never saw the request (another
+        replica, or expired). Finishing twice is harmless (``duplicate``).
+        ``call()`` and ``guard()`` do this on their own."""
+        return self._unary(self._rpc_finish(request_id, result, route, elapsed, attempts))  # type: ignore[no-any-return]
+
+    def _finish_quietly(
+        self, request_id: str, result: RequestResultArg, route: str = "", elapsed: Optional[float] = None, attempts: int = 0
+    ) -> None:
+        """FinishRequest for the helpers: skipped while the fail-safe decides,
+        and never an error for the caller (the request then expires on the server)."""
+        if not self._remote or self._closed or not request_id:
+            return
+        try:
+            self._unary(self._rpc_finish(request_id, result, route, elapsed, attempts))
+        except Exception as e:
+            log.debug("could not finish request %s on Backstop: %s", request_id, e)
 
     # --- call ------------------------------------------------------------------------
 
@@ -419,6 +465,7 @@ class Backstop(Requests[OutcomeResult]):
         max_output_tokens: int = ...,
         strategy: StrategyArg = ...,
         expected_output_tokens: int = ...,
+        request_id: Optional[str] = ...,
     ) -> T: ...
 
     @overload
@@ -441,6 +488,7 @@ class Backstop(Requests[OutcomeResult]):
         max_output_tokens: int = ...,
         strategy: StrategyArg = ...,
         expected_output_tokens: int = ...,
+        request_id: Optional[str] = ...,
     ) -> Union[T, Deferred]: ...
 
     def call(
@@ -462,6 +510,7 @@ class Backstop(Requests[OutcomeResult]):
         max_output_tokens: int = 0,
         strategy: StrategyArg = None,
         expected_output_tokens: int = 0,
+        request_id: Optional[str] = None,
     ) -> Any:
         """Runs ``fn(target, max_tokens, key_slot)`` on the best available target of
         ``route``, retrying per Backstop's advice and falling back along the route.
@@ -496,6 +545,7 @@ class Backstop(Requests[OutcomeResult]):
             max_output_tokens=max_output_tokens,
             strategy=strategy,
             expected_output_tokens=expected_output_tokens,
+            request_id=request_id,
         )
         return self._drive(call_plan(spec), invoker(fn))
 
@@ -538,6 +588,7 @@ class Backstop(Requests[OutcomeResult]):
                 max_output_tokens=op.max_output_tokens,
                 strategy=op.strategy,
                 expected_output_tokens=op.expected_output_tokens,
+                request_id=op.request_id,
             )
         if isinstance(op, AdmitOp):
             return self.can_proceed(
@@ -546,7 +597,11 @@ class Backstop(Requests[OutcomeResult]):
                 attempt=op.attempt,
                 priority=op.priority,
                 max_output_tokens=op.max_output_tokens,
+                request_id=op.request_id,
             )
+        if isinstance(op, FinishOp):
+            self._finish_quietly(op.request_id, op.result, op.route, op.elapsed, op.attempts)
+            return None
         if isinstance(op, SleepOp):
             time.sleep(op.seconds)
             return None
@@ -603,7 +658,7 @@ class Backstop(Requests[OutcomeResult]):
         worker's next Claim goes to the next replica."""
         rpc = self._rpc_claim(queue, max_items, lease, wait, worker, priority)
         replica = self._replicas.queue_replica()
-        future = replica.queue_stubs().deferred.Claim.future(rpc.request, timeout=rpc.timeout)
+        future = replica.queue_stubs().deferred.Claim.future(rpc.request, timeout=rpc.timeout, metadata=self._metadata(rpc))
 
         def done(f: Any) -> None:
             if f.cancelled():

@@ -41,6 +41,28 @@ class ControlPlaneUnavailable(ControlPlaneError):
     (the deferred queue, admin calls)."""
 
 
+class Unauthenticated(ControlPlaneError):
+    """Backstop refused the call's credentials (UNAUTHENTICATED): no token,
+    an unknown one, or one the server does not accept (see ``token=``)."""
+
+
+class PermissionDenied(ControlPlaneError):
+    """The caller's principal lacks the role the call needs (PERMISSION_DENIED;
+    the message names the role)."""
+
+
+def control_plane_error(code: Any, details: str, method: str, outage_codes: Any = ()) -> ControlPlaneError:
+    """The right :class:`ControlPlaneError` subclass for a gRPC status code."""
+    if code in outage_codes:
+        return ControlPlaneUnavailable(code, details, method)
+    name = getattr(code, "name", "")
+    if name == "UNAUTHENTICATED":
+        return Unauthenticated(code, details, method)
+    if name == "PERMISSION_DENIED":
+        return PermissionDenied(code, details, method)
+    return ControlPlaneError(code, details, method)
+
+
 class Refused(BackstopError):
     """Backstop (or the local fail-safe) refused the call.
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from types import TracebackType
 from typing import Any, Awaitable, Dict, Mapping, Optional, Protocol, Type
 
 from ._classify import Observed, normalize_headers, observe_exception
 from .errors import ControlPlaneError, refusal
-from .types import Admission, OutcomeClass, OutcomeReport, OutcomeResult, PriorityArg
+from .types import Admission, OutcomeClass, OutcomeReport, OutcomeResult, PriorityArg, RequestResult, RequestResultArg
 
 log = logging.getLogger("backstop")
 
@@ -43,9 +44,12 @@ class SyncClient(Protocol):
         attempt: int = ...,
         priority: PriorityArg = ...,
         max_output_tokens: int = ...,
+        request_id: str = ...,
     ) -> Admission: ...
 
     def _record(self, report: OutcomeReport) -> OutcomeResult: ...
+
+    def _finish_quietly(self, request_id: str, result: RequestResultArg) -> None: ...
 
 
 class AsyncClient(Protocol):
@@ -59,9 +63,12 @@ class AsyncClient(Protocol):
         attempt: int = ...,
         priority: PriorityArg = ...,
         max_output_tokens: int = ...,
+        request_id: str = ...,
     ) -> Awaitable[Admission]: ...
 
     def _record(self, report: OutcomeReport) -> Awaitable[OutcomeResult]: ...
+
+    def _finish_quietly(self, request_id: str, result: RequestResultArg) -> Awaitable[None]: ...
 
 
 def _admitted(adm: Admission) -> Admission:
@@ -79,8 +86,17 @@ class _GuardBase:
         caller: str,
         priority: PriorityArg = None,
         max_output_tokens: int = 0,
+        request_id: Optional[str] = None,
     ) -> None:
         self.target = target
+        #: The user request this call serves, sent on its CanProceed and
+        #: RecordOutcome. A guard without one is a request of its own: its
+        #: success closes it as completed, a refusal or failure as failed. A
+        #: ``request_id`` you pass may span several guards (your retries): a
+        #: success completes it, a failure leaves it open for your next
+        #: attempt or your :meth:`~backstop.Backstop.finish_request`.
+        self.request_id = request_id or uuid.uuid4().hex
+        self._own_request = not request_id
         self.estimated_tokens = estimated_tokens
         self.attempt = attempt
         #: Sent with the CanProceed on entry.
@@ -158,7 +174,7 @@ class _GuardBase:
         obs = dataclasses.replace(obs, input_tokens=self._input_tokens, output_tokens=self._output_tokens)
         adm = self.admission
         assert adm is not None
-        return obs.report(
+        report = obs.report(
             target=self.target,
             permit=adm.permit,
             key_slot=adm.key_slot,
@@ -166,6 +182,14 @@ class _GuardBase:
             latency=latency,
             caller=self._caller,
         )
+        completed = exc is None and obs.outcome in (OutcomeClass.SUCCESS, OutcomeClass.UNSPECIFIED)
+        return dataclasses.replace(
+            report, request_id=self.request_id, finish=RequestResult.COMPLETED if completed else None
+        )
+
+    def _fails_request(self, report: Optional[OutcomeReport]) -> bool:
+        """Whether leaving (or a refusal) closes the guard's own request as failed."""
+        return self._own_request and (report is None or report.finish is None)
 
     def _report_failed(self, err: ControlPlaneError, exc: Optional[BaseException]) -> None:
         if exc is None:
@@ -186,8 +210,9 @@ class Guard(_GuardBase):
         *,
         priority: PriorityArg = None,
         max_output_tokens: int = 0,
+        request_id: Optional[str] = None,
     ) -> None:
-        super().__init__(target, estimated_tokens, attempt, client.caller, priority, max_output_tokens)
+        super().__init__(target, estimated_tokens, attempt, client.caller, priority, max_output_tokens, request_id)
         self._client = client
 
     def __enter__(self) -> Guard:
@@ -197,7 +222,10 @@ class Guard(_GuardBase):
             attempt=self.attempt,
             priority=self.priority,
             max_output_tokens=self.max_output_tokens,
+            request_id=self.request_id,
         )
+        if not adm.allowed and self._fails_request(None):
+            self._client._finish_quietly(self.request_id, RequestResult.FAILED)
         self.admission = _admitted(adm)
         self._started = time.monotonic()
         return self
@@ -213,6 +241,9 @@ class Guard(_GuardBase):
             self.outcome = self._client._record(self.report)
         except ControlPlaneError as err:
             self._report_failed(err, exc)
+        finally:
+            if self._fails_request(self.report):
+                self._client._finish_quietly(self.request_id, RequestResult.FAILED)
 
 
 class AsyncGuard(_GuardBase):
@@ -227,8 +258,9 @@ class AsyncGuard(_GuardBase):
         *,
         priority: PriorityArg = None,
         max_output_tokens: int = 0,
+        request_id: Optional[str] = None,
     ) -> None:
-        super().__init__(target, estimated_tokens, attempt, client.caller, priority, max_output_tokens)
+        super().__init__(target, estimated_tokens, attempt, client.caller, priority, max_output_tokens, request_id)
         self._client = client
 
     async def __aenter__(self) -> AsyncGuard:
@@ -238,7 +270,10 @@ class AsyncGuard(_GuardBase):
             attempt=self.attempt,
             priority=self.priority,
             max_output_tokens=self.max_output_tokens,
+            request_id=self.request_id,
         )
+        if not adm.allowed and self._fails_request(None):
+            await self._client._finish_quietly(self.request_id, RequestResult.FAILED)
         self.admission = _admitted(adm)
         self._started = time.monotonic()
         return self
@@ -254,3 +289,6 @@ class AsyncGuard(_GuardBase):
             self.outcome = await self._client._record(self.report)
         except ControlPlaneError as err:
             self._report_failed(err, exc)
+        finally:
+            if self._fails_request(self.report):
+                await self._client._finish_quietly(self.request_id, RequestResult.FAILED)

@@ -146,6 +146,22 @@ PriorityArg = Union[Priority, str, None]
 StrategyArg = Union[RouteStrategy, str, None]
 
 
+class RequestResult(_ProtoEnum):
+    """How a user request ended, after all its retries and fallbacks (``backstop.v1.RequestResult``)."""
+
+    UNSPECIFIED = "unspecified"
+    #: Answered.
+    COMPLETED = "completed"
+    #: Saved to the durable queue, to be served later.
+    DEFERRED = "deferred"
+    #: Given up on: every retry and fallback failed or was refused.
+    FAILED = "failed"
+
+
+#: A :class:`RequestResult` or its name (``"completed"``, ``"deferred"``, ``"failed"``).
+RequestResultArg = Union[RequestResult, str]
+
+
 class BreakerMode(_ProtoEnum):
     """How an operator sets a breaker (``backstop.v1.BreakerMode``)."""
 
@@ -264,6 +280,27 @@ class OutcomeReport:
     headers: Mapping[str, str] = field(default_factory=dict)
     key_slot: str = ""
     caller: str = ""
+    #: The user request this call served (the same on every retry and
+    #: fallback of that request; "" = none). See :meth:`Backstop.finish_request`.
+    request_id: str = ""
+    #: Set on a request's last outcome to close it in the same call (needs ``request_id``).
+    finish: Optional["RequestResult"] = None
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    """What :meth:`Backstop.finish_request` got back."""
+
+    #: True when this server saw the request start and measured it itself.
+    tracked: bool
+    #: True when the request had already been finished (nothing counted again).
+    duplicate: bool
+    #: Seconds from first admission to finish (or the client's ``elapsed`` when not tracked).
+    duration: float
+    #: Outcomes reported for the request (or the client's ``attempts`` when not tracked).
+    attempts: int
+    #: The route label it was counted under ("direct" when no configured route served it).
+    route: str
 
 
 @dataclass(frozen=True)

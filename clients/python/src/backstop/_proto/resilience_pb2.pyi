@@ -61,6 +61,13 @@ class OutcomeClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_CLASS_PARTIAL: _ClassVar[OutcomeClass]
     OUTCOME_CLASS_TIMEOUT: _ClassVar[OutcomeClass]
 
+class RequestResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REQUEST_RESULT_UNSPECIFIED: _ClassVar[RequestResult]
+    REQUEST_RESULT_COMPLETED: _ClassVar[RequestResult]
+    REQUEST_RESULT_DEFERRED: _ClassVar[RequestResult]
+    REQUEST_RESULT_FAILED: _ClassVar[RequestResult]
+
 class RetryReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RETRY_REASON_UNSPECIFIED: _ClassVar[RetryReason]
@@ -111,6 +118,10 @@ OUTCOME_CLASS_PERSISTENT: OutcomeClass
 OUTCOME_CLASS_BAD_INPUT: OutcomeClass
 OUTCOME_CLASS_PARTIAL: OutcomeClass
 OUTCOME_CLASS_TIMEOUT: OutcomeClass
+REQUEST_RESULT_UNSPECIFIED: RequestResult
+REQUEST_RESULT_COMPLETED: RequestResult
+REQUEST_RESULT_DEFERRED: RequestResult
+REQUEST_RESULT_FAILED: RequestResult
 RETRY_REASON_UNSPECIFIED: RetryReason
 RETRY_REASON_SUCCEEDED: RetryReason
 RETRY_REASON_RETRYABLE: RetryReason
@@ -122,20 +133,22 @@ RETRY_REASON_CORRECT_AND_RETRY: RetryReason
 RETRY_REASON_CIRCUIT_OPEN: RetryReason
 
 class CanProceedRequest(_message.Message):
-    __slots__ = ("target", "caller", "estimated_tokens", "attempt", "priority", "max_output_tokens")
+    __slots__ = ("target", "caller", "estimated_tokens", "attempt", "priority", "max_output_tokens", "request_id")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     target: str
     caller: str
     estimated_tokens: int
     attempt: int
     priority: Priority
     max_output_tokens: int
-    def __init__(self, target: _Optional[str] = ..., caller: _Optional[str] = ..., estimated_tokens: _Optional[int] = ..., attempt: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, target: _Optional[str] = ..., caller: _Optional[str] = ..., estimated_tokens: _Optional[int] = ..., attempt: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., max_output_tokens: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CanProceedResponse(_message.Message):
     __slots__ = ("allowed", "reason", "state", "retry_after", "permit", "key_slot", "shadow_reason", "degraded")
@@ -158,7 +171,7 @@ class CanProceedResponse(_message.Message):
     def __init__(self, allowed: bool = ..., reason: _Optional[_Union[Reason, str]] = ..., state: _Optional[_Union[BreakerState, str]] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., permit: _Optional[str] = ..., key_slot: _Optional[str] = ..., shadow_reason: _Optional[_Union[Reason, str]] = ..., degraded: bool = ...) -> None: ...
 
 class RecordOutcomeRequest(_message.Message):
-    __slots__ = ("target", "permit", "outcome", "http_status", "error_type", "latency", "retry_after", "input_tokens", "output_tokens", "attempt", "headers", "key_slot", "caller")
+    __slots__ = ("target", "permit", "outcome", "http_status", "error_type", "latency", "retry_after", "input_tokens", "output_tokens", "attempt", "headers", "key_slot", "caller", "request_id", "finish")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +192,8 @@ class RecordOutcomeRequest(_message.Message):
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     KEY_SLOT_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FINISH_FIELD_NUMBER: _ClassVar[int]
     target: str
     permit: str
     outcome: OutcomeClass
@@ -192,7 +207,37 @@ class RecordOutcomeRequest(_message.Message):
     headers: _containers.ScalarMap[str, str]
     key_slot: str
     caller: str
-    def __init__(self, target: _Optional[str] = ..., permit: _Optional[str] = ..., outcome: _Optional[_Union[OutcomeClass, str]] = ..., http_status: _Optional[int] = ..., error_type: _Optional[str] = ..., latency: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., attempt: _Optional[int] = ..., headers: _Optional[_Mapping[str, str]] = ..., key_slot: _Optional[str] = ..., caller: _Optional[str] = ...) -> None: ...
+    request_id: str
+    finish: RequestResult
+    def __init__(self, target: _Optional[str] = ..., permit: _Optional[str] = ..., outcome: _Optional[_Union[OutcomeClass, str]] = ..., http_status: _Optional[int] = ..., error_type: _Optional[str] = ..., latency: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., retry_after: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., attempt: _Optional[int] = ..., headers: _Optional[_Mapping[str, str]] = ..., key_slot: _Optional[str] = ..., caller: _Optional[str] = ..., request_id: _Optional[str] = ..., finish: _Optional[_Union[RequestResult, str]] = ...) -> None: ...
+
+class FinishRequestRequest(_message.Message):
+    __slots__ = ("request_id", "result", "route", "elapsed", "attempts")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    result: RequestResult
+    route: str
+    elapsed: _duration_pb2.Duration
+    attempts: int
+    def __init__(self, request_id: _Optional[str] = ..., result: _Optional[_Union[RequestResult, str]] = ..., route: _Optional[str] = ..., elapsed: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., attempts: _Optional[int] = ...) -> None: ...
+
+class FinishRequestResponse(_message.Message):
+    __slots__ = ("tracked", "duplicate", "duration", "attempts", "route")
+    TRACKED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    tracked: bool
+    duplicate: bool
+    duration: _duration_pb2.Duration
+    attempts: int
+    route: str
+    def __init__(self, tracked: bool = ..., duplicate: bool = ..., duration: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., attempts: _Optional[int] = ..., route: _Optional[str] = ...) -> None: ...
 
 class RecordOutcomeResponse(_message.Message):
     __slots__ = ("classified_as", "state", "retry", "stale_permit", "duplicate", "degraded", "cost")
@@ -223,7 +268,7 @@ class RetryAdvice(_message.Message):
     def __init__(self, retry: bool = ..., delay: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[_Union[RetryReason, str]] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("route", "candidates", "estimated_tokens", "required_context_tokens", "exclude", "caller", "attempt", "strategy", "expected_output_tokens", "priority", "max_output_tokens")
+    __slots__ = ("route", "candidates", "estimated_tokens", "required_context_tokens", "exclude", "caller", "attempt", "strategy", "expected_output_tokens", "priority", "max_output_tokens", "request_id")
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +280,7 @@ class RouteRequest(_message.Message):
     EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     route: str
     candidates: _containers.RepeatedScalarFieldContainer[str]
     estimated_tokens: int
@@ -246,7 +292,8 @@ class RouteRequest(_message.Message):
     expected_output_tokens: int
     priority: Priority
     max_output_tokens: int
-    def __init__(self, route: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., estimated_tokens: _Optional[int] = ..., required_context_tokens: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., caller: _Optional[str] = ..., attempt: _Optional[int] = ..., strategy: _Optional[_Union[RouteStrategy, str]] = ..., expected_output_tokens: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, route: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., estimated_tokens: _Optional[int] = ..., required_context_tokens: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., caller: _Optional[str] = ..., attempt: _Optional[int] = ..., strategy: _Optional[_Union[RouteStrategy, str]] = ..., expected_output_tokens: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., max_output_tokens: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("target", "permit", "fallback_depth", "skipped", "max_tokens", "cost_per_mtok_input", "cost_per_mtok_output", "retry_after", "key_slot", "state", "degraded", "strategy", "reason")

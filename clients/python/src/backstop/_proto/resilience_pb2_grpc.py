@@ -64,6 +64,11 @@ class ResilienceStub(object):
                 request_serializer=backstop_dot_v1_dot_resilience__pb2.DecideRequest.SerializeToString,
                 response_deserializer=backstop_dot_v1_dot_resilience__pb2.DecideResponse.FromString,
                 _registered_method=True)
+        self.FinishRequest = channel.unary_unary(
+                '/backstop.v1.Resilience/FinishRequest',
+                request_serializer=backstop_dot_v1_dot_resilience__pb2.FinishRequestRequest.SerializeToString,
+                response_deserializer=backstop_dot_v1_dot_resilience__pb2.FinishRequestResponse.FromString,
+                _registered_method=True)
 
 
 class ResilienceServicer(object):
@@ -130,6 +135,17 @@ class ResilienceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinishRequest(self, request, context):
+        """Closes a user request named by request_id on CanProceed / Route /
+        RecordOutcome: the server then counts it in backstop_requests_total
+        {route,result} and measures backstop_request_duration_seconds (first
+        admission to finish, retries and fallbacks included) and attempts per
+        request. Finishing twice is harmless (the second answer says duplicate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResilienceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +178,11 @@ def add_ResilienceServicer_to_server(servicer, server):
                     servicer.Decide,
                     request_deserializer=backstop_dot_v1_dot_resilience__pb2.DecideRequest.FromString,
                     response_serializer=backstop_dot_v1_dot_resilience__pb2.DecideResponse.SerializeToString,
+            ),
+            'FinishRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishRequest,
+                    request_deserializer=backstop_dot_v1_dot_resilience__pb2.FinishRequestRequest.FromString,
+                    response_serializer=backstop_dot_v1_dot_resilience__pb2.FinishRequestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -326,6 +347,33 @@ class Resilience(object):
             '/backstop.v1.Resilience/Decide',
             backstop_dot_v1_dot_resilience__pb2.DecideRequest.SerializeToString,
             backstop_dot_v1_dot_resilience__pb2.DecideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backstop.v1.Resilience/FinishRequest',
+            backstop_dot_v1_dot_resilience__pb2.FinishRequestRequest.SerializeToString,
+            backstop_dot_v1_dot_resilience__pb2.FinishRequestResponse.FromString,
             options,
             channel_credentials,
             insecure,

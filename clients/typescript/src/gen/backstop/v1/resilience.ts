@@ -154,6 +154,18 @@ export enum OutcomeClass {
   UNRECOGNIZED = -1,
 }
 
+/** How a user request ended, after all its retries and fallbacks. */
+export enum RequestResult {
+  REQUEST_RESULT_UNSPECIFIED = 0,
+  /** REQUEST_RESULT_COMPLETED - Answered. */
+  REQUEST_RESULT_COMPLETED = 1,
+  /** REQUEST_RESULT_DEFERRED - Put on a durable queue to be served later (counts as not answered now). */
+  REQUEST_RESULT_DEFERRED = 2,
+  /** REQUEST_RESULT_FAILED - Given up on: every retry and fallback failed or was refused. */
+  REQUEST_RESULT_FAILED = 3,
+  UNRECOGNIZED = -1,
+}
+
 export enum RetryReason {
   RETRY_REASON_UNSPECIFIED = 0,
   /** RETRY_REASON_SUCCEEDED - The call succeeded; nothing to retry. */
@@ -196,6 +208,13 @@ export interface CanProceedRequest {
    * reserved). Settled with the real usage by RecordOutcome.
    */
   maxOutputTokens: number;
+  /**
+   * Optional id of the user request this call serves (at most 128 bytes),
+   * the same on every attempt, retry and fallback of that request. The
+   * server measures the request end to end from its first admission until
+   * FinishRequest (or a RecordOutcome with finish set) closes it.
+   */
+  requestId: string;
 }
 
 export interface CanProceedResponse {
@@ -253,11 +272,55 @@ export interface RecordOutcomeRequest {
   keySlot: string;
   /** Optional agent id, recorded in events. */
   caller: string;
+  /**
+   * The user request this call served (see CanProceedRequest.request_id);
+   * the outcome counts as one of its attempts.
+   */
+  requestId: string;
+  /**
+   * Set on a request's last outcome to close it in the same call (saves a
+   * FinishRequest): usually REQUEST_RESULT_COMPLETED on the success.
+   * Needs request_id.
+   */
+  finish: RequestResult;
 }
 
 export interface RecordOutcomeRequest_HeadersEntry {
   key: string;
   value: string;
+}
+
+export interface FinishRequestRequest {
+  /** The id used on the request's CanProceed / Route / RecordOutcome calls. */
+  requestId: string;
+  result: RequestResult;
+  /**
+   * Used only when this server never saw the request (it started on another
+   * replica, or expired): the route label to count it under (a configured
+   * route name; anything else counts as "direct").
+   */
+  route: string;
+  /**
+   * Used only when this server never saw the request: the client's own
+   * measurement of its duration and attempts.
+   */
+  elapsed: Duration | undefined;
+  attempts: number;
+}
+
+export interface FinishRequestResponse {
+  /** True when this server saw the request start and measured it itself. */
+  tracked: boolean;
+  /** True when the request had already been finished: nothing was counted again. */
+  duplicate: boolean;
+  /** From first admission to finish (or the client's elapsed when not tracked). */
+  duration:
+    | Duration
+    | undefined;
+  /** Outcomes reported for the request (or the client's attempts when not tracked). */
+  attempts: number;
+  /** The route label it was counted under ("direct" when no configured route served it). */
+  route: string;
 }
 
 export interface RecordOutcomeResponse {
@@ -316,6 +379,11 @@ export interface RouteRequest {
   priority: Priority;
   /** As in CanProceedRequest: output tokens reserved against spend limits. */
   maxOutputTokens: number;
+  /**
+   * As in CanProceedRequest: the user request this call serves; the request
+   * is counted under this route's name.
+   */
+  requestId: string;
 }
 
 export interface RouteResponse {
@@ -439,7 +507,7 @@ export interface DecideResponse {
 }
 
 function createBaseCanProceedRequest(): CanProceedRequest {
-  return { target: "", caller: "", estimatedTokens: 0, attempt: 0, priority: 0, maxOutputTokens: 0 };
+  return { target: "", caller: "", estimatedTokens: 0, attempt: 0, priority: 0, maxOutputTokens: 0, requestId: "" };
 }
 
 export const CanProceedRequest: MessageFns<CanProceedRequest> = {
@@ -461,6 +529,9 @@ export const CanProceedRequest: MessageFns<CanProceedRequest> = {
     }
     if (message.maxOutputTokens !== 0) {
       writer.uint32(48).uint64(message.maxOutputTokens);
+    }
+    if (message.requestId !== "") {
+      writer.uint32(58).string(message.requestId);
     }
     return writer;
   },
@@ -526,6 +597,14 @@ export const CanProceedRequest: MessageFns<CanProceedRequest> = {
             message.maxOutputTokens = longToNumber(reader.uint64());
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -549,6 +628,7 @@ export const CanProceedRequest: MessageFns<CanProceedRequest> = {
     message.attempt = object.attempt ?? 0;
     message.priority = object.priority ?? 0;
     message.maxOutputTokens = object.maxOutputTokens ?? 0;
+    message.requestId = object.requestId ?? "";
     return message;
   },
 };
@@ -718,6 +798,8 @@ function createBaseRecordOutcomeRequest(): RecordOutcomeRequest {
     headers: {},
     keySlot: "",
     caller: "",
+    requestId: "",
+    finish: 0,
   };
 }
 
@@ -761,6 +843,12 @@ export const RecordOutcomeRequest: MessageFns<RecordOutcomeRequest> = {
     }
     if (message.caller !== "") {
       writer.uint32(106).string(message.caller);
+    }
+    if (message.requestId !== "") {
+      writer.uint32(114).string(message.requestId);
+    }
+    if (message.finish !== 0) {
+      writer.uint32(120).int32(message.finish);
     }
     return writer;
   },
@@ -885,6 +973,22 @@ export const RecordOutcomeRequest: MessageFns<RecordOutcomeRequest> = {
             message.caller = reader.string();
             continue;
           }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.finish = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -927,6 +1031,8 @@ export const RecordOutcomeRequest: MessageFns<RecordOutcomeRequest> = {
     );
     message.keySlot = object.keySlot ?? "";
     message.caller = object.caller ?? "";
+    message.requestId = object.requestId ?? "";
+    message.finish = object.finish ?? 0;
     return message;
   },
 };
@@ -998,6 +1104,216 @@ export const RecordOutcomeRequest_HeadersEntry: MessageFns<RecordOutcomeRequest_
     const message = createBaseRecordOutcomeRequest_HeadersEntry();
     message.key = object.key ?? "";
     message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseFinishRequestRequest(): FinishRequestRequest {
+  return { requestId: "", result: 0, route: "", elapsed: undefined, attempts: 0 };
+}
+
+export const FinishRequestRequest: MessageFns<FinishRequestRequest> = {
+  encode(message: FinishRequestRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.result !== 0) {
+      writer.uint32(16).int32(message.result);
+    }
+    if (message.route !== "") {
+      writer.uint32(26).string(message.route);
+    }
+    if (message.elapsed !== undefined) {
+      Duration.encode(message.elapsed, writer.uint32(34).fork()).join();
+    }
+    if (message.attempts !== 0) {
+      writer.uint32(40).uint32(message.attempts);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FinishRequestRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFinishRequestRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.result = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.route = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.elapsed = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.attempts = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<FinishRequestRequest>, I>>(base?: I): FinishRequestRequest {
+    return FinishRequestRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<FinishRequestRequest>, I>>(object: I): FinishRequestRequest {
+    const message = createBaseFinishRequestRequest();
+    message.requestId = object.requestId ?? "";
+    message.result = object.result ?? 0;
+    message.route = object.route ?? "";
+    message.elapsed = (object.elapsed !== undefined && object.elapsed !== null)
+      ? Duration.fromPartial(object.elapsed)
+      : undefined;
+    message.attempts = object.attempts ?? 0;
+    return message;
+  },
+};
+
+function createBaseFinishRequestResponse(): FinishRequestResponse {
+  return { tracked: false, duplicate: false, duration: undefined, attempts: 0, route: "" };
+}
+
+export const FinishRequestResponse: MessageFns<FinishRequestResponse> = {
+  encode(message: FinishRequestResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.tracked !== false) {
+      writer.uint32(8).bool(message.tracked);
+    }
+    if (message.duplicate !== false) {
+      writer.uint32(16).bool(message.duplicate);
+    }
+    if (message.duration !== undefined) {
+      Duration.encode(message.duration, writer.uint32(26).fork()).join();
+    }
+    if (message.attempts !== 0) {
+      writer.uint32(32).uint32(message.attempts);
+    }
+    if (message.route !== "") {
+      writer.uint32(42).string(message.route);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FinishRequestResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFinishRequestResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.tracked = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.duplicate = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.duration = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.attempts = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.route = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<FinishRequestResponse>, I>>(base?: I): FinishRequestResponse {
+    return FinishRequestResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<FinishRequestResponse>, I>>(object: I): FinishRequestResponse {
+    const message = createBaseFinishRequestResponse();
+    message.tracked = object.tracked ?? false;
+    message.duplicate = object.duplicate ?? false;
+    message.duration = (object.duration !== undefined && object.duration !== null)
+      ? Duration.fromPartial(object.duration)
+      : undefined;
+    message.attempts = object.attempts ?? 0;
+    message.route = object.route ?? "";
     return message;
   },
 };
@@ -1233,6 +1549,7 @@ function createBaseRouteRequest(): RouteRequest {
     expectedOutputTokens: 0,
     priority: 0,
     maxOutputTokens: 0,
+    requestId: "",
   };
 }
 
@@ -1270,6 +1587,9 @@ export const RouteRequest: MessageFns<RouteRequest> = {
     }
     if (message.maxOutputTokens !== 0) {
       writer.uint32(88).uint64(message.maxOutputTokens);
+    }
+    if (message.requestId !== "") {
+      writer.uint32(98).string(message.requestId);
     }
     return writer;
   },
@@ -1375,6 +1695,14 @@ export const RouteRequest: MessageFns<RouteRequest> = {
             message.maxOutputTokens = longToNumber(reader.uint64());
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1403,6 +1731,7 @@ export const RouteRequest: MessageFns<RouteRequest> = {
     message.expectedOutputTokens = object.expectedOutputTokens ?? 0;
     message.priority = object.priority ?? 0;
     message.maxOutputTokens = object.maxOutputTokens ?? 0;
+    message.requestId = object.requestId ?? "";
     return message;
   },
 };
@@ -2465,6 +2794,23 @@ export const ResilienceService = {
     responseSerialize: (value: DecideResponse): Buffer => Buffer.from(DecideResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): DecideResponse => DecideResponse.decode(value),
   },
+  /**
+   * Closes a user request named by request_id on CanProceed / Route /
+   * RecordOutcome: the server then counts it in backstop_requests_total
+   * {route,result} and measures backstop_request_duration_seconds (first
+   * admission to finish, retries and fallbacks included) and attempts per
+   * request. Finishing twice is harmless (the second answer says duplicate).
+   */
+  finishRequest: {
+    path: "/backstop.v1.Resilience/FinishRequest" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: FinishRequestRequest): Buffer => Buffer.from(FinishRequestRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): FinishRequestRequest => FinishRequestRequest.decode(value),
+    responseSerialize: (value: FinishRequestResponse): Buffer =>
+      Buffer.from(FinishRequestResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): FinishRequestResponse => FinishRequestResponse.decode(value),
+  },
 } as const;
 
 export interface ResilienceServer extends UntypedServiceImplementation {
@@ -2505,6 +2851,14 @@ export interface ResilienceServer extends UntypedServiceImplementation {
    *   answers further items with RESOURCE_EXHAUSTED until some are done.
    */
   decide: handleBidiStreamingCall<DecideRequest, DecideResponse>;
+  /**
+   * Closes a user request named by request_id on CanProceed / Route /
+   * RecordOutcome: the server then counts it in backstop_requests_total
+   * {route,result} and measures backstop_request_duration_seconds (first
+   * admission to finish, retries and fallbacks included) and attempts per
+   * request. Finishing twice is harmless (the second answer says duplicate).
+   */
+  finishRequest: handleUnaryCall<FinishRequestRequest, FinishRequestResponse>;
 }
 
 export interface ResilienceClient extends Client {
@@ -2617,6 +2971,28 @@ export interface ResilienceClient extends Client {
   decide(): ClientDuplexStream<DecideRequest, DecideResponse>;
   decide(options: Partial<CallOptions>): ClientDuplexStream<DecideRequest, DecideResponse>;
   decide(metadata: Metadata, options?: Partial<CallOptions>): ClientDuplexStream<DecideRequest, DecideResponse>;
+  /**
+   * Closes a user request named by request_id on CanProceed / Route /
+   * RecordOutcome: the server then counts it in backstop_requests_total
+   * {route,result} and measures backstop_request_duration_seconds (first
+   * admission to finish, retries and fallbacks included) and attempts per
+   * request. Finishing twice is harmless (the second answer says duplicate).
+   */
+  finishRequest(
+    request: FinishRequestRequest,
+    callback: (error: ServiceError | null, response: FinishRequestResponse) => void,
+  ): ClientUnaryCall;
+  finishRequest(
+    request: FinishRequestRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: FinishRequestResponse) => void,
+  ): ClientUnaryCall;
+  finishRequest(
+    request: FinishRequestRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: FinishRequestResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const ResilienceClient = makeGenericClientConstructor(
