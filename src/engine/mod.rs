@@ -12,7 +12,9 @@ pub mod backend;
 pub mod clock;
 pub mod error;
 pub mod events;
+pub mod history;
 pub mod permit;
+pub mod preview;
 pub mod queue;
 pub mod reload;
 pub mod watch;
@@ -231,6 +233,8 @@ pub struct Engine {
     adhoc_route_metrics: metrics::RouteMetrics,
     /// Event subscribers and the shared snapshot (see watch.rs).
     hub: watch::Hub,
+    /// The dashboard's per-target 15-minute traffic history (see history.rs).
+    history: history::History,
     queue: Queues,
     /// Where the jitter of advised backoffs comes from (uniform in [0, 1)):
     /// the thread RNG, or a fixed sequence in tests that compare engines.
@@ -605,6 +609,7 @@ impl Engine {
         };
         Engine {
             hub,
+            history: history::History::new(config.events.history_targets),
             queue,
             adhoc_route_metrics: metrics.for_route(ADHOC_ROUTE, MAX_ROUTE_LEN),
             routes: arc_swap::ArcSwap::from_pointee(routes),
@@ -650,6 +655,11 @@ impl Engine {
 
     pub fn events(&self) -> &EventBus {
         &self.events
+    }
+
+    /// This replica's recent traffic per target, for the dashboard.
+    pub fn history(&self) -> &history::History {
+        &self.history
     }
 
     pub fn backend(&self) -> &Backend {
@@ -861,6 +871,8 @@ impl Engine {
     pub async fn can_proceed(&self, target: &str, args: AdmitArgs<'_>) -> Result<Admission> {
         let mut adm = self.backend.admit(target, &args).await?;
         self.seal(target, &mut adm);
+        self.history
+            .admission(target, self.clock.now(), adm.allowed);
         Ok(adm)
     }
 
@@ -967,7 +979,18 @@ impl Engine {
             attempt: report.attempt,
             caller: report.caller,
         };
-        self.backend.record(target, args, (self.rng)()).await
+        let latency = report.latency;
+        let res = self.backend.record(target, args, (self.rng)()).await?;
+        if !res.duplicate {
+            use OutcomeClass::*;
+            let failed = matches!(
+                res.classified_as,
+                Transient | RateLimited | Persistent | Timeout
+            );
+            self.history
+                .outcome(target, self.clock.now(), failed, latency);
+        }
+        Ok(res)
     }
 
     /// Picks the first admissible candidate of a route and admits it.
@@ -1097,6 +1120,8 @@ impl Engine {
         let mut rest = tries.into_iter().zip(unavailable).enumerate();
         for (i, (cand, _)) in rest.by_ref() {
             let mut adm = self.backend.admit(&cand.target, &args).await?;
+            self.history
+                .admission(&cand.target, self.clock.now(), adm.allowed);
             if adm.allowed {
                 self.seal(&cand.target, &mut adm);
                 depth = cand.depth;
