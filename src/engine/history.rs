@@ -101,7 +101,7 @@ impl History {
         }
         let before = self.rings.len();
         self.rings
-            .retain(|_, r| !r.lock().unwrap_or_else(|e| e.into_inner()).is_idle(now));
+            .retain(|_, r| !r.get_mut().unwrap_or_else(|e| e.into_inner()).is_idle(now));
         let dropped = before.saturating_sub(self.rings.len());
         self.held.fetch_sub(dropped, Ordering::Relaxed);
         dropped > 0
