@@ -210,6 +210,7 @@ pub struct EventsToml {
     pub subscriber_buffer: Option<Positive>,
     pub max_subscribers: Option<Positive>,
     pub max_snapshot_targets: Option<Positive>,
+    pub history_targets: Option<Positive>,
 }
 
 /// `[telemetry]`: metrics labels and OpenTelemetry export.

@@ -179,6 +179,9 @@ pub struct EventsConfig {
     pub max_subscribers: usize,
     /// Most targets one Snapshot lists.
     pub max_snapshot_targets: usize,
+    /// Most targets the dashboard's 15-minute traffic history is kept for
+    /// (about 15 KB each); others have none.
+    pub history_targets: usize,
 }
 
 impl Default for EventsConfig {
@@ -188,6 +191,7 @@ impl Default for EventsConfig {
             subscriber_buffer: 1024,
             max_subscribers: 256,
             max_snapshot_targets: 10_000,
+            history_targets: 2000,
         }
     }
 }

@@ -336,3 +336,13 @@ fn decision_rates_default_from_auth_and_bad_ones_are_located() {
         );
     }
 }
+
+#[test]
+fn history_targets_defaults_to_2000_and_must_be_positive() {
+    let c = Config::parse("", "t").expect("valid");
+    assert_eq!(c.events.history_targets, 2000);
+    let c = Config::parse("[events]\nhistory_targets = 50\n", "t").expect("valid");
+    assert_eq!(c.events.history_targets, 50);
+    let e = Config::parse("[events]\nhistory_targets = 0\n", "t").expect_err("zero");
+    assert!(e.to_string().contains("positive"), "{e}");
+}

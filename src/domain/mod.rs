@@ -12,6 +12,7 @@ pub mod budget;
 pub mod duration;
 pub mod event;
 pub mod headers;
+pub mod history;
 pub mod reason;
 pub mod retry;
 pub mod route;

@@ -104,6 +104,23 @@ impl EventBus {
         true
     }
 
+    /// The newest `limit` retained events matching `keep`, oldest first.
+    /// Scans from the newest end, so a small `limit` reads little of the ring.
+    pub fn recent(&self, limit: usize, keep: impl Fn(&Event) -> bool) -> Vec<Arc<Event>> {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<Arc<Event>> = ring
+            .buf
+            .iter()
+            .rev()
+            .filter(|e| keep(e))
+            .take(limit)
+            .cloned()
+            .collect();
+        drop(ring);
+        out.reverse();
+        out
+    }
+
     /// The last seq handed out (0 if none yet).
     pub fn last_seq(&self) -> u64 {
         self.ring.lock().unwrap_or_else(|e| e.into_inner()).next_seq - 1
@@ -169,6 +186,11 @@ mod tests {
         assert!(bus.subscribe_since(1).backlog.is_none());
         // Resuming at the head is an empty backlog, not a gap.
         assert_eq!(bus.subscribe_since(5).backlog.map(|b| b.len()), Some(0));
+        // The newest two, oldest first; a filter that matches nothing is empty.
+        let seqs: Vec<u64> = bus.recent(2, |_| true).iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![4, 5]);
+        assert!(bus.recent(10, |e| e.seq > 5).is_empty());
+        assert_eq!(bus.recent(100, |_| true).len(), 3);
     }
 
     #[tokio::test]

@@ -12,7 +12,9 @@ pub mod backend;
 pub mod clock;
 pub mod error;
 pub mod events;
+pub mod history;
 pub mod permit;
+pub mod preview;
 pub mod principal_rate;
 pub mod queue;
 pub mod reload;
@@ -233,6 +235,8 @@ pub struct Engine {
     adhoc_route_metrics: metrics::RouteMetrics,
     /// Event subscribers and the shared snapshot (see watch.rs).
     hub: watch::Hub,
+    /// The dashboard's per-target 15-minute traffic history (see history.rs).
+    history: history::History,
     queue: Queues,
     /// User requests named by `request_id`, open until finished (see requests.rs).
     requests: requests::Requests,
@@ -632,6 +636,7 @@ impl Engine {
                 config.server.request_ttl,
             ),
             hub,
+            history: history::History::new(config.events.history_targets),
             queue,
             adhoc_route_metrics: metrics.for_route(ADHOC_ROUTE, MAX_ROUTE_LEN),
             routes: arc_swap::ArcSwap::from_pointee(routes),
@@ -677,6 +682,11 @@ impl Engine {
 
     pub fn events(&self) -> &EventBus {
         &self.events
+    }
+
+    /// This replica's recent traffic per target, for the dashboard.
+    pub fn history(&self) -> &history::History {
+        &self.history
     }
 
     pub fn backend(&self) -> &Backend {
@@ -888,6 +898,8 @@ impl Engine {
     pub async fn can_proceed(&self, target: &str, args: AdmitArgs<'_>) -> Result<Admission> {
         let mut adm = self.backend.admit(target, &args).await?;
         self.seal(target, &mut adm);
+        self.history
+            .admission(target, self.clock.now(), adm.allowed);
         Ok(adm)
     }
 
@@ -1099,7 +1111,18 @@ impl Engine {
             attempt: report.attempt,
             caller: report.caller,
         };
-        self.backend.record(target, args, (self.rng)()).await
+        let latency = report.latency;
+        let res = self.backend.record(target, args, (self.rng)()).await?;
+        if !res.duplicate {
+            use OutcomeClass::*;
+            let failed = matches!(
+                res.classified_as,
+                Transient | RateLimited | Persistent | Timeout
+            );
+            self.history
+                .outcome(target, self.clock.now(), failed, latency);
+        }
+        Ok(res)
     }
 
     /// Picks the first admissible candidate of a route and admits it.
@@ -1229,6 +1252,8 @@ impl Engine {
         let mut rest = tries.into_iter().zip(unavailable).enumerate();
         for (i, (cand, _)) in rest.by_ref() {
             let mut adm = self.backend.admit(&cand.target, &args).await?;
+            self.history
+                .admission(&cand.target, self.clock.now(), adm.allowed);
             if adm.allowed {
                 self.seal(&cand.target, &mut adm);
                 depth = cand.depth;

@@ -677,3 +677,44 @@ async fn forced_states_and_listing() {
     assert_eq!(page2.targets[0].name.as_ref(), "a/2");
     assert!(page2.next_page_token.is_empty());
 }
+
+#[tokio::test]
+async fn admissions_and_outcomes_feed_the_history_and_routes_preview_without_admitting() {
+    let (e, clock) = engine(
+        "[targets.a]\nrequests_per_minute = 2\n[targets.b]\n\
+         [routes.r]\ntargets = [\"a\", \"b\"]\n",
+    );
+    let a1 = admit(&e, "a").await;
+    let _a2 = admit(&e, "a").await;
+    assert!(!admit(&e, "a").await.allowed, "a's budget of 2 is spent");
+    clock.advance(secs(10));
+    e.record_outcome(
+        "a",
+        OutcomeReport {
+            permit: &a1.token,
+            http_status: 500,
+            latency: Some(Duration::from_millis(250)),
+            ..OutcomeReport::default()
+        },
+    )
+    .await
+    .expect("report");
+    let now = e.now();
+    let t = e.history().totals("a", now).expect("a has history");
+    assert_eq!((t.admitted, t.refused, t.failed), (2, 1, 1));
+    let s = e.history().series("a", now).expect("series");
+    let last = s.points[crate::domain::history::BUCKETS - 1];
+    assert_eq!(
+        (last.admitted, last.failed),
+        (0, 1),
+        "the outcome is 10 s later"
+    );
+    assert!(last.p50_ms.is_some_and(|p| (180.0..360.0).contains(&p)));
+    // The preview sees a out of budget and would choose b, without
+    // admitting anything (b's history stays empty).
+    let p = e.preview_routes().await;
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].chosen.as_deref(), Some("b"));
+    assert_eq!(p[0].unavailable.len(), 1);
+    assert!(e.history().totals("b", now).is_none());
+}

@@ -1,12 +1,13 @@
 //! JSON payloads of the SSE stream (what the dashboard reads).
 
 use crate::domain::Time;
+use crate::domain::history::{Point, Series, Totals};
 use crate::engine::events::{Event, EventKind};
 use crate::engine::watch::WatchItem;
 use crate::engine::{BudgetView, TargetView};
 use serde_json::{Value, json};
 
-fn ms(t: Time) -> u64 {
+pub fn ms(t: Time) -> u64 {
     t.as_nanos() / 1_000_000
 }
 
@@ -69,10 +70,48 @@ pub fn target(v: &TargetView) -> Value {
         "adaptive": v.adaptive.as_ref().map(|a| json!({
             "limit": a.limit, "min": a.min, "max": a.max, "last_change": a.last_change,
         })),
+        "learned": v.slots.iter().flat_map(|s| s.learned.iter().map(|(kind, l)| json!({
+            "key_slot": s.name.as_deref(), "kind": kind.as_str(), "limit": l.limit,
+            "remaining": l.remaining, "reset_at_ms": ms(l.reset_at),
+            "observed_at_ms": ms(l.observed_at),
+        }))).collect::<Vec<_>>(),
+        "key_slots": v.slots.iter().map(|s| json!({
+            "name": s.name.as_deref(), "in_flight": s.in_flight,
+            "paused_until_ms": opt_ms(s.paused_until),
+            "disabled_until_ms": opt_ms(s.disabled_until),
+            "disabled_reason": s.disabled_reason,
+        })).collect::<Vec<_>>(),
     })
 }
 
-fn event(e: &Event) -> Value {
+/// A target's 15-minute history totals (None: no history kept for it).
+pub fn totals(t: Option<Totals>) -> Value {
+    t.map_or(
+        Value::Null,
+        |t| json!({ "admitted": t.admitted, "refused": t.refused, "failed": t.failed }),
+    )
+}
+
+/// A target's history as parallel arrays, oldest bucket first (compact for
+/// sparklines: one number per bucket per series).
+pub fn series(s: &Series) -> Value {
+    let p = &s.points;
+    let q = |f: fn(&Point) -> Option<f64>| -> Vec<Value> {
+        p.iter()
+            .map(|x| f(x).map_or(Value::Null, |v| json!((v * 10.0).round() / 10.0)))
+            .collect()
+    };
+    json!({
+        "start_ms": ms(s.start),
+        "admitted": p.iter().map(|x| x.admitted).collect::<Vec<_>>(),
+        "refused": p.iter().map(|x| x.refused).collect::<Vec<_>>(),
+        "failed": p.iter().map(|x| x.failed).collect::<Vec<_>>(),
+        "p50_ms": q(|x| x.p50_ms),
+        "p99_ms": q(|x| x.p99_ms),
+    })
+}
+
+pub fn event(e: &Event) -> Value {
     let mut v = match &e.kind {
         EventKind::BreakerTransition {
             from,

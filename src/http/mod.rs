@@ -1,6 +1,7 @@
 //! The HTTP side: Prometheus metrics, Server-Sent Events for browsers, the
 //! live dashboard, and liveness/readiness probes. Thin adapters like `grpc`.
 
+mod api;
 mod json;
 
 use crate::domain::event::EventKind;
@@ -37,6 +38,14 @@ pub fn router(state: HttpState) -> Router {
         .route("/events", get(events))
         .route("/api/snapshot", get(snapshot))
         .route("/api/event-kinds", get(event_kinds))
+        .route("/api/events", get(api::events))
+        .route("/api/history", get(api::history))
+        .route("/api/routes", get(api::routes))
+        .route("/api/queues", get(api::queues))
+        .route(
+            "/api/targets/{*rest}",
+            axum::routing::post(api::target_action),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state)
@@ -97,28 +106,45 @@ const COOKIE_EQ: &str = "backstop_token=";
 /// `/metrics` with `[auth] metrics = "token"`) needs the viewer role, or,
 /// without `[auth]`, the admin token if there is one (see grpc/auth.rs).
 fn authorized(s: &HttpState, headers: &HeaderMap) -> Option<Response> {
+    authorized_as(s, headers, Need::Viewer).err()
+}
+
+/// Whether the request holds the credential `need` asks for; Ok carries the
+/// principal's name (None without `[auth]`). Operator actions need
+/// [`Need::Operator`]: the operator role, or without `[auth]` the admin
+/// token (anyone, on a server with neither, as with the gRPC Admin service).
+// The refusal is the handler's response as is: boxing it would only add an
+// allocation on the refused path.
+#[allow(clippy::result_large_err)]
+fn authorized_as(
+    s: &HttpState,
+    headers: &HeaderMap,
+    need: Need,
+) -> Result<Option<String>, Response> {
     let cfg = s.engine.config();
     let cred = credential(headers);
-    match crate::grpc::auth::authorize(&cfg, cred.as_deref(), None, Need::Viewer, true, "this page")
-    {
-        Ok(_) => None,
+    let what = if need == Need::Operator {
+        "this action"
+    } else {
+        "this page"
+    };
+    match crate::grpc::auth::authorize(&cfg, cred.as_deref(), None, need, true, what) {
+        Ok(p) => Ok(p.map(|p| p.name.to_string())),
         Err(st) => {
             let code = if st.code() == tonic::Code::PermissionDenied {
                 StatusCode::FORBIDDEN
             } else {
                 StatusCode::UNAUTHORIZED
             };
-            Some(
-                (
-                    code,
-                    [(header::WWW_AUTHENTICATE, "Bearer")],
-                    format!(
-                        "{}\n(send `Authorization: Bearer <token>`, or sign in at / for a cookie)\n",
-                        st.message()
-                    ),
-                )
-                    .into_response(),
+            Err((
+                code,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                format!(
+                    "{}\n(send `Authorization: Bearer <token>`, or sign in at / for a cookie)\n",
+                    st.message()
+                ),
             )
+                .into_response())
         }
     }
 }
@@ -212,21 +238,47 @@ async fn login(State(s): State<HttpState>, body: String) -> Response {
     }
 }
 
-/// The current state of every target (what a Snapshot event carries), for polling.
+/// The current state of every target (what a Snapshot event carries), for
+/// polling; plus, for the dashboard, each target's 15-minute totals
+/// (`recent`, null when no history is kept for it), the history cap, and
+/// whether this viewer may act (`viewer.operator`: the page shows the
+/// operator buttons only then; the actions check again).
 async fn snapshot(State(s): State<HttpState>, headers: HeaderMap) -> Response {
     if let Some(denied) = authorized(&s, &headers) {
         return denied;
     }
+    let now = s.engine.now();
     let item = WatchItem::Snapshot(SnapshotPart::whole(
         s.engine.events().last_seq(),
-        s.engine.now(),
+        now,
         s.engine.snapshot(&WatchFilter::default()).await.into(),
     ));
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        json::item(&item).to_string(),
-    )
-        .into_response()
+    let mut v = json::item(&item);
+    let h = s.engine.history();
+    if let Some(list) = v.get_mut("targets").and_then(|t| t.as_array_mut()) {
+        for t in list {
+            let recent = t
+                .get("target")
+                .and_then(|n| n.as_str())
+                .map(|n| json::totals(h.totals(n, now)))
+                .unwrap_or_default();
+            if let Some(m) = t.as_object_mut() {
+                m.insert("recent".into(), recent);
+            }
+        }
+    }
+    if let Some(m) = v.as_object_mut() {
+        let operator = authorized_as(&s, &headers, Need::Operator).is_ok();
+        m.insert(
+            "viewer".into(),
+            serde_json::json!({ "operator": operator, "guarded": guarded(&s) }),
+        );
+        m.insert(
+            "history".into(),
+            serde_json::json!({ "cap": h.cap(), "held": h.held(), "capped": h.capped() }),
+        );
+    }
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
 }
 
 /// The event kind names the stream can carry (the dashboard subscribes to each).

@@ -18,6 +18,7 @@ impl Cx {
             subscriber_buffer: n(e.subscriber_buffer, d.subscriber_buffer),
             max_subscribers: n(e.max_subscribers, d.max_subscribers),
             max_snapshot_targets: n(e.max_snapshot_targets, d.max_snapshot_targets),
+            history_targets: n(e.history_targets, d.history_targets),
         }
     }
 
