@@ -146,6 +146,8 @@ pub(super) async fn routes(State(s): State<HttpState>, headers: HeaderMap) -> Re
                     "target": t.as_ref(), "reason": why.as_str(),
                 })).collect::<Vec<_>>(),
                 "recent_fallbacks": fallbacks.iter().map(|e| json::event(e)).collect::<Vec<_>>(),
+                // End to end (requests named by request_id), since start.
+                "requests": s.engine.metrics().requests.summary(&r.name),
             })
         })
         .collect();

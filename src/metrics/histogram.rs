@@ -71,6 +71,40 @@ impl AtomicHistogram {
     pub fn count(&self) -> u64 {
         self.0.count.load(Ordering::Relaxed)
     }
+
+    /// Sum of the observations, in seconds.
+    pub fn sum_secs(&self) -> f64 {
+        self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    /// The `q` quantile by linear interpolation inside its bucket (what
+    /// Prometheus' `histogram_quantile` computes), None when empty. Past the
+    /// last bound it answers the last bound.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self
+            .0
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut below = 0u64;
+        for (i, c) in counts.iter().enumerate() {
+            if (below + c) as f64 >= rank && *c > 0 {
+                let lo = if i == 0 { 0.0 } else { self.0.bounds[i - 1] };
+                let Some(&hi) = self.0.bounds.get(i) else {
+                    return Some(lo);
+                };
+                return Some(lo + (hi - lo) * (rank - below as f64) / *c as f64);
+            }
+            below += c;
+        }
+        self.0.bounds.last().copied()
+    }
 }
 
 impl TypedMetric for AtomicHistogram {
@@ -115,6 +149,25 @@ mod tests {
             cum += c;
         }
         f64::NAN
+    }
+
+    #[test]
+    fn quantile_interpolates_inside_the_bucket_like_prometheus() {
+        let h = AtomicHistogram::with_bounds([1.0, 2.0, 4.0].into());
+        assert_eq!(h.quantile(0.5), None);
+        for _ in 0..10 {
+            h.observe(Duration::from_millis(1500));
+        }
+        // All ten in (1, 2]: the median is halfway, the p99 near the top.
+        assert_eq!(h.quantile(0.5), Some(1.5));
+        assert!((h.quantile(0.99).unwrap_or(0.0) - 1.99).abs() < 1e-9);
+        h.observe(Duration::from_secs(100));
+        assert_eq!(
+            h.quantile(1.0),
+            Some(4.0),
+            "past the last bound: the last bound"
+        );
+        assert!((h.sum_secs() - 115.0).abs() < 1e-9);
     }
 
     #[test]

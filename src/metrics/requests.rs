@@ -115,6 +115,33 @@ impl RequestMetrics {
             .observe(Duration::from_secs(u64::from(f.attempts)));
     }
 
+    /// A route's requests since the server started, for the dashboard:
+    /// counts by result, p50 / p99 duration and mean attempts.
+    pub fn summary(&self, route: &str) -> serde_json::Value {
+        let count = |result: RequestResult| {
+            self.total
+                .get_or_create(&RouteResult {
+                    route: route.into(),
+                    result: result.label().into(),
+                })
+                .get()
+        };
+        let l = RouteLabel {
+            route: route.into(),
+        };
+        let d = self.duration.get_or_create(&l).clone();
+        let a = self.attempts.get_or_create(&l).clone();
+        serde_json::json!({
+            "completed": count(RequestResult::Completed),
+            "deferred": count(RequestResult::Deferred),
+            "failed": count(RequestResult::Failed),
+            "expired": count(RequestResult::Expired),
+            "p50_s": d.quantile(0.5),
+            "p99_s": d.quantile(0.99),
+            "mean_attempts": (a.count() > 0).then(|| a.sum_secs() / a.count() as f64),
+        })
+    }
+
     pub fn untracked(&self) {
         self.untracked.inc();
     }

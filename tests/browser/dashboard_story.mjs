@@ -81,6 +81,9 @@ async function history([forced, busy, route, shot]) {
   // Routes: the forced-open primary is passed over; the busy one is chosen now.
   await page.waitForFunction(([r, b]) => document.querySelector(`.route[data-route="${r}"] li.chosen`)?.dataset.target === b,
     [route, busy], { timeout: T });
+  // The route's end-to-end line is there (figures, or how to get them).
+  await page.waitForFunction((r) => /requests end to end|no user requests finished yet/
+    .test(document.querySelector(`.route[data-route="${r}"] .requests`)?.textContent || ""), route, { timeout: T });
   // State by text and shape as well as colour.
   const badge = await page.locator(`${cardSel(forced)} .state`).evaluate((el) => ({
     text: el.textContent.trim(), shape: getComputedStyle(el, "::before").content,
