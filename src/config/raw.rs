@@ -435,6 +435,17 @@ pub struct TlsToml {
     pub require_client_cert: Option<bool>,
 }
 
+/// One `[tenants.<name>]` entry.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TenantToml {
+    /// Names (targets, routes, queues) starting with it belong to the
+    /// tenant (default: "<name>/").
+    pub prefix: Option<Spanned<String>>,
+    /// Most targets the tenant's principals may bring into existence.
+    pub max_targets: Option<Positive>,
+}
+
 /// One `[[auth.principals]]` entry.
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
@@ -446,6 +457,9 @@ pub struct PrincipalToml {
     /// A client certificate's subject common name or one of its DNS / URI
     /// names (mTLS) that stands for this principal.
     pub cert_identity: Option<Spanned<String>>,
+    /// The tenant it belongs to (`[tenants.<name>]`): it then sees and
+    /// affects only that tenant's targets, routes and queues.
+    pub tenant: Option<Spanned<String>>,
     /// Overrides `[auth] decision_rate` / `decision_burst` for this principal.
     pub decision_rate: Option<Spanned<f64>>,
     pub decision_burst: Option<Positive>,

@@ -349,6 +349,8 @@ pub struct Config {
     /// `[auth]`: None = no principals (the admin token alone guards
     /// operator calls, as before roles existed).
     pub auth: Option<AuthConfig>,
+    /// `[tenants.<name>]`, by name.
+    pub tenants: BTreeMap<String, Arc<Tenant>>,
 }
 
 /// What a principal may do. A principal may hold several; `operator`
@@ -401,6 +403,26 @@ pub struct Principal {
     /// How many decisions per second it may ask for (None: unlimited), so a
     /// runaway agent cannot flood the control plane every agent shares.
     pub decision_rate: Option<DecisionRate>,
+    /// The tenant it is confined to (None: it sees the whole server).
+    pub tenant: Option<Arc<Tenant>>,
+}
+
+/// A tenant (`[tenants.<name>]`): the names starting with `prefix` are its
+/// targets, routes and queues; its principals see and affect nothing else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenant {
+    pub name: Arc<str>,
+    pub prefix: Arc<str>,
+    /// Most targets its principals may bring into existence (None: only the
+    /// server's `max_targets` applies).
+    pub max_targets: Option<usize>,
+}
+
+impl Tenant {
+    /// Whether `name` (a target, route or queue) belongs to this tenant.
+    pub fn owns(&self, name: &str) -> bool {
+        name.starts_with(self.prefix.as_ref())
+    }
 }
 
 /// A principal's decision rate: `per_second` sustained, `burst` at once.
@@ -423,6 +445,7 @@ impl Default for Config {
             routes: HashMap::new(),
             groups: Vec::new(),
             auth: None,
+            tenants: BTreeMap::new(),
         }
     }
 }

@@ -875,9 +875,19 @@ impl Engine {
 
     /// Moves a dead letter back to its queue with a fresh attempt count.
     pub async fn requeue(&self, id: &str) -> Result<()> {
+        self.requeue_within(id, &|_| true).await
+    }
+
+    /// Requeues a dead letter only if `owns` its queue (a tenant's
+    /// operator); otherwise it answers exactly as for an unknown id.
+    pub async fn requeue_within(
+        &self,
+        id: &str,
+        owns: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<()> {
         match &self.queue {
-            Queues::Local(q) => q.requeue(id).await,
-            Queues::Redis(q) => q.requeue(id).await,
+            Queues::Local(q) => q.requeue(id, owns).await,
+            Queues::Redis(q) => q.requeue(id, owns).await,
         }
     }
 

@@ -173,6 +173,7 @@ mod tests {
             token_sha256: None,
             cert_identity: None,
             decision_rate: r,
+            tenant: None,
         };
         assert!(rates.limiter(&p("free", None)).is_none());
         let a = rates.limiter(&p("a", Some(rate(1.0, 1)))).expect("a");

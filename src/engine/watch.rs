@@ -11,6 +11,7 @@ use super::error::{EngineError, Result};
 use super::events::Event;
 use super::{DecisionBackend, Engine, TargetView};
 use crate::domain::Time;
+use crate::domain::event::EventKind;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -90,6 +91,10 @@ pub struct WatchFilter {
     pub targets: HashSet<String>,
     /// Event kind names (see [`super::events::EventKind::name`]).
     pub kinds: HashSet<&'static str>,
+    /// A tenant's watcher sees only events about its own names (and none
+    /// of the server-wide ones: cluster and config events name every
+    /// tenant's replicas and targets).
+    pub tenant: Option<Arc<crate::config::Tenant>>,
 }
 
 /// Most names a filter may list.
@@ -99,6 +104,16 @@ impl WatchFilter {
     fn matches(&self, e: &Event) -> bool {
         (self.targets.is_empty() || self.targets.contains(e.target.as_ref()))
             && (self.kinds.is_empty() || self.kinds.contains(e.kind.name()))
+            && self.tenant.as_ref().is_none_or(|t| {
+                t.owns(&e.target)
+                    && !matches!(
+                        e.kind,
+                        EventKind::RedisUnavailable { .. }
+                            | EventKind::RedisRestored { .. }
+                            | EventKind::ConfigMismatch { .. }
+                            | EventKind::ConfigReloaded { .. }
+                    )
+            })
     }
 }
 
@@ -233,7 +248,7 @@ impl Engine {
     /// list (one copy for 200 dashboards, not 200). Held weakly: once the
     /// last watcher has streamed it, the memory is freed.
     pub async fn shared_snapshot(&self, filter: &WatchFilter) -> Arc<[TargetView]> {
-        if !filter.targets.is_empty() {
+        if !filter.targets.is_empty() || filter.tenant.is_some() {
             return self.snapshot(filter).await.into();
         }
         let seq = self.events.last_seq();
@@ -258,9 +273,14 @@ impl Engine {
 
     /// Current state of every target matching `filter` (at most `max_snapshot_targets`).
     pub async fn snapshot(&self, filter: &WatchFilter) -> Vec<TargetView> {
-        self.backend
+        let mut views = self
+            .backend
             .views(&filter.targets, self.cfg().events.max_snapshot_targets)
-            .await
+            .await;
+        if let Some(t) = &filter.tenant {
+            views.retain(|v| t.owns(&v.name));
+        }
+        views
     }
 }
 

@@ -141,12 +141,17 @@ impl Admin for AdminService {
         &self,
         req: Request<proto::ListTargetsRequest>,
     ) -> Result<Response<proto::ListTargetsResponse>, Status> {
+        let t = super::tenant::of(&req);
         let r = req.into_inner();
         check_len(&r.prefix, "prefix", 256)?;
         check_len(&r.page_token, "page_token", 256)?;
+        // A tenant lists only its own names (an unrelated prefix: nothing).
+        let Some(prefix) = super::tenant::confine_prefix(t.as_deref(), &r.prefix) else {
+            return Ok(Response::new(proto::ListTargetsResponse::default()));
+        };
         let page = self
             .engine
-            .list_targets(&r.prefix, r.page_size, &r.page_token)
+            .list_targets(prefix, r.page_size, &r.page_token)
             .await
             .map_err(status)?;
         Ok(Response::new(proto::ListTargetsResponse {
@@ -170,7 +175,9 @@ impl Admin for AdminService {
         &self,
         req: Request<proto::GetTargetRequest>,
     ) -> Result<Response<proto::TargetStatus>, Status> {
+        let t = super::tenant::of(&req);
         let r = req.into_inner();
+        super::tenant::check(t.as_deref(), "target", &r.target)?;
         let v = self.engine.get_target(&r.target).await.map_err(status)?;
         Ok(Response::new(target_status(v)))
     }
@@ -180,7 +187,9 @@ impl Admin for AdminService {
         req: Request<proto::SetBreakerStateRequest>,
     ) -> Result<Response<proto::TargetStatus>, Status> {
         let by = super::auth::who(&req);
+        let t = super::tenant::of(&req);
         let r = req.into_inner();
+        super::tenant::check(t.as_deref(), "target", &r.target)?;
         let mode = match proto::BreakerMode::try_from(r.mode) {
             Ok(proto::BreakerMode::Automatic) => Mode::Automatic,
             Ok(proto::BreakerMode::ForceOpen) => Mode::ForcedOpen,
@@ -238,6 +247,13 @@ impl Admin for AdminService {
         req: Request<proto::ReloadConfigRequest>,
     ) -> Result<Response<proto::ReloadConfigResponse>, Status> {
         let by = super::auth::who(&req);
+        if let Some(t) = super::tenant::of(&req) {
+            return Err(Status::permission_denied(format!(
+                "ReloadConfig changes every tenant's settings; principal {by:?} belongs to tenant {:?} \
+                 (a principal without a tenant, with the operator role, may reload)",
+                t.name.as_ref()
+            )));
+        }
         let r = req.into_inner();
         check_len(&r.reason, "reason", 512)?;
         let source = attributed(
@@ -270,7 +286,9 @@ impl Admin for AdminService {
         req: Request<proto::ResetTargetRequest>,
     ) -> Result<Response<proto::TargetStatus>, Status> {
         let by = super::auth::who(&req);
+        let t = super::tenant::of(&req);
         let r = req.into_inner();
+        super::tenant::check(t.as_deref(), "target", &r.target)?;
         let v = self.engine.reset_target(&r.target).await.map_err(status)?;
         tracing::info!(principal = %by, action = "reset_target", target = %r.target, "operator action");
         Ok(Response::new(target_status(v)))

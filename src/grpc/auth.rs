@@ -123,6 +123,7 @@ pub fn authorize(
                     token_sha256: None,
                     cert_identity: None,
                     decision_rate: None,
+                    tenant: None,
                 })
             }
             _ => {

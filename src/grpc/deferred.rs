@@ -53,7 +53,9 @@ impl Deferred for DeferredService {
         &self,
         req: Request<proto::DeferRequest>,
     ) -> Result<Response<proto::DeferResponse>, Status> {
+        let t = super::tenant::of(&req);
         let r = req.into_inner();
+        super::tenant::check(t.as_deref(), "queue", &r.queue)?;
         let not_before = match r.not_before {
             Some(t) if t.seconds < 0 || t.nanos < 0 => {
                 return Err(Status::invalid_argument("not_before is before 1970"));
@@ -91,7 +93,9 @@ impl Deferred for DeferredService {
         &self,
         req: Request<proto::ClaimRequest>,
     ) -> Result<Response<proto::ClaimResponse>, Status> {
+        let t = super::tenant::of(&req);
         let r = req.into_inner();
+        super::tenant::check(t.as_deref(), "queue", &r.queue)?;
         check_len(&r.worker, "worker", 256)?;
         let lease = from_proto_duration(r.lease, "lease")?;
         let wait = from_proto_duration(r.wait, "wait")?;
@@ -156,14 +160,23 @@ impl Deferred for DeferredService {
         &self,
         req: Request<proto::ListDeadLettersRequest>,
     ) -> Result<Response<proto::ListDeadLettersResponse>, Status> {
+        let t = super::tenant::of(&req);
         let r = req.into_inner();
+        if !r.queue.is_empty() {
+            super::tenant::check(t.as_deref(), "queue", &r.queue)?;
+        }
         let (items, next_page_token) = self
             .engine
             .list_dead_letters(&r.queue, r.page_size, &r.page_token)
             .await
             .map_err(status)?;
         Ok(Response::new(proto::ListDeadLettersResponse {
-            items: items.into_iter().map(item).collect(),
+            // All queues asked for: a tenant sees its own queues' items only.
+            items: items
+                .into_iter()
+                .filter(|i| t.as_deref().is_none_or(|t| t.owns(&i.queue)))
+                .map(item)
+                .collect(),
             next_page_token,
         }))
     }
@@ -173,8 +186,13 @@ impl Deferred for DeferredService {
         req: Request<proto::RequeueRequest>,
     ) -> Result<Response<proto::RequeueResponse>, Status> {
         let by = super::auth::who(&req);
+        let t = super::tenant::of(&req);
         let r = req.into_inner();
-        self.engine.requeue(&r.id).await.map_err(status)?;
+        let owns = |queue: &str| t.as_deref().is_none_or(|t| t.owns(queue));
+        self.engine
+            .requeue_within(&r.id, &owns)
+            .await
+            .map_err(status)?;
         tracing::info!(principal = %by, action = "requeue", item = %r.id, "operator action");
         Ok(Response::new(proto::RequeueResponse {}))
     }
@@ -183,14 +201,19 @@ impl Deferred for DeferredService {
         &self,
         req: Request<proto::QueueStatsRequest>,
     ) -> Result<Response<proto::QueueStatsResponse>, Status> {
+        let t = super::tenant::of(&req);
         let r = req.into_inner();
         check_len(&r.queue, "queue", 256)?;
+        if !r.queue.is_empty() {
+            super::tenant::check(t.as_deref(), "queue", &r.queue)?;
+        }
         let queues = self
             .engine
             .queue_stats(&r.queue)
             .await
             .map_err(status)?
             .into_iter()
+            .filter(|q| t.as_deref().is_none_or(|t| t.owns(&q.queue)))
             .map(|q| proto::QueueStat {
                 queue: q.queue,
                 depth: q.depth,

@@ -110,8 +110,10 @@ impl Events for EventsService {
         &self,
         req: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let tenant = super::tenant::of(&req);
         let r = req.into_inner();
-        let f = filter(r.targets, &r.kinds)?;
+        let mut f = filter(r.targets, &r.kinds)?;
+        f.tenant = tenant;
         let mut watcher = self.engine.watch(r.since_seq, f).await.map_err(status)?;
         // A small buffer to the connection (a few snapshot parts): when it
         // fills, the watcher's own (bounded) buffer lags and turns into Gap +

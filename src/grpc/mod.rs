@@ -6,6 +6,7 @@ pub mod codec;
 pub mod deferred;
 pub mod events;
 pub mod resilience;
+pub mod tenant;
 
 use crate::engine::EngineError;
 pub(crate) use crate::wire::*;

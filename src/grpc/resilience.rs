@@ -1,10 +1,12 @@
 //! `backstop.v1.Resilience`: CanProceed, RecordOutcome, Route, their
 //! batches, and Decide (all three over one long-lived stream).
 
+use super::tenant;
 use super::{
     breaker_state, check_len, from_outcome_class, from_proto_duration, outcome_class, reason,
     status, to_proto_duration,
 };
+use crate::config::Tenant;
 use crate::domain::retry::RetryReason;
 use crate::engine::principal_rate::Limiter;
 use crate::engine::requests::{ClientMeasure, MAX_REQUEST_ID};
@@ -22,6 +24,14 @@ const MAX_LABEL: usize = 256;
 /// Most requests one Decide stream may have outstanding (decided but not
 /// yet answered); past it an item gets RESOURCE_EXHAUSTED.
 pub const MAX_OUTSTANDING: usize = 1024;
+
+/// Who a call is from: the principal it was authenticated as (if any) and
+/// the tenant that confines it (if any).
+#[derive(Clone, Copy, Default)]
+struct Who<'a> {
+    principal: Option<&'a str>,
+    tenant: Option<&'a Tenant>,
+}
 
 #[derive(Clone)]
 pub struct ResilienceService {
@@ -51,7 +61,9 @@ impl ResilienceService {
     async fn can_proceed_one(
         &self,
         r: &proto::CanProceedRequest,
+        who: Who<'_>,
     ) -> Result<proto::CanProceedResponse, Status> {
+        tenant::check(who.tenant, "target", &r.target)?;
         check_len(&r.caller, "caller", MAX_LABEL)?;
         self.engine
             .note_request(&r.request_id, "")
@@ -78,10 +90,11 @@ impl ResilienceService {
     async fn record_one(
         &self,
         r: &proto::RecordOutcomeRequest,
-        principal: Option<&str>,
+        who: Who<'_>,
     ) -> Result<proto::RecordOutcomeResponse, Status> {
+        tenant::check(who.tenant, "target", &r.target)?;
         check_len(&r.caller, "caller", MAX_LABEL)?;
-        let caller = match (r.caller.as_str(), principal) {
+        let caller = match (r.caller.as_str(), who.principal) {
             ("", Some(p)) => p,
             (c, _) => c,
         };
@@ -140,7 +153,17 @@ impl ResilienceService {
 }
 
 impl ResilienceService {
-    async fn route_one(&self, r: &proto::RouteRequest) -> Result<proto::RouteResponse, Status> {
+    async fn route_one(
+        &self,
+        r: &proto::RouteRequest,
+        who: Who<'_>,
+    ) -> Result<proto::RouteResponse, Status> {
+        if !r.route.is_empty() {
+            tenant::check(who.tenant, "route", &r.route)?;
+        }
+        for c in &r.candidates {
+            tenant::check(who.tenant, "target", c)?;
+        }
         check_len(&r.caller, "caller", MAX_LABEL)?;
         self.engine
             .note_request(&r.request_id, &r.route)
@@ -201,7 +224,7 @@ impl ResilienceService {
         &self,
         r: proto::DecideRequest,
         stream_parent: &str,
-        principal: Option<&str>,
+        who: Who<'_>,
     ) -> proto::DecideResponse {
         use proto::decide_request::Request as Q;
         use proto::decide_response::Response as A;
@@ -224,7 +247,7 @@ impl ResilienceService {
                     state = tracing::field::Empty,
                 );
                 crate::telemetry::join_traceparent(&span, parent);
-                let res = self.can_proceed_one(q).instrument(span.clone()).await;
+                let res = self.can_proceed_one(q, who).instrument(span.clone()).await;
                 if let Ok(res) = &res {
                     record_admission(&span, res);
                 }
@@ -242,7 +265,7 @@ impl ResilienceService {
                     retry = tracing::field::Empty,
                 );
                 crate::telemetry::join_traceparent(&span, parent);
-                let res = self.record_one(q, principal).instrument(span.clone()).await;
+                let res = self.record_one(q, who).instrument(span.clone()).await;
                 if let Ok(res) = &res {
                     record_outcome(&span, res);
                 }
@@ -258,7 +281,7 @@ impl ResilienceService {
                     fallback_depth = tracing::field::Empty,
                 );
                 crate::telemetry::join_traceparent(&span, parent);
-                let res = self.route_one(q).instrument(span.clone()).await;
+                let res = self.route_one(q, who).instrument(span.clone()).await;
                 if let Ok(out) = &res {
                     record_route(&span, out);
                 }
@@ -279,7 +302,7 @@ impl ResilienceService {
         &self,
         r: proto::DecideRequest,
         stream_parent: &str,
-        principal: Option<&str>,
+        who: Who<'_>,
     ) -> proto::DecideResponse {
         let id = r.id;
         let deadline = match from_proto_duration(r.deadline, "deadline") {
@@ -287,9 +310,9 @@ impl ResilienceService {
             Err(s) => return item_failed(id, s),
         };
         match deadline {
-            None => self.decide_one(r, stream_parent, principal).await,
+            None => self.decide_one(r, stream_parent, who).await,
             Some(d) => {
-                match tokio::time::timeout(d, self.decide_one(r, stream_parent, principal)).await {
+                match tokio::time::timeout(d, self.decide_one(r, stream_parent, who)).await {
                     Ok(resp) => resp,
                     Err(_) => item_failed(
                         id,
@@ -393,8 +416,16 @@ impl Resilience for ResilienceService {
         );
         crate::telemetry::join_caller_trace(&span, req.metadata());
         self.charge(&req, 1)?;
+        let t = tenant::of(&req);
+        let who = Who {
+            principal: None,
+            tenant: t.as_deref(),
+        };
         let r = req.into_inner();
-        let res = self.can_proceed_one(&r).instrument(span.clone()).await?;
+        let res = self
+            .can_proceed_one(&r, who)
+            .instrument(span.clone())
+            .await?;
         record_admission(&span, &res);
         Ok(Response::new(res))
     }
@@ -416,11 +447,13 @@ impl Resilience for ResilienceService {
         crate::telemetry::join_caller_trace(&span, req.metadata());
         self.charge(&req, 1)?;
         let principal = super::auth::principal(&req);
+        let t = tenant::of(&req);
+        let who = Who {
+            principal: principal.as_deref(),
+            tenant: t.as_deref(),
+        };
         let r = req.into_inner();
-        let res = self
-            .record_one(&r, principal.as_deref())
-            .instrument(span.clone())
-            .await?;
+        let res = self.record_one(&r, who).instrument(span.clone()).await?;
         record_outcome(&span, &res);
         Ok(Response::new(res))
     }
@@ -439,8 +472,13 @@ impl Resilience for ResilienceService {
         );
         crate::telemetry::join_caller_trace(&span, req.metadata());
         self.charge(&req, 1)?;
+        let t = tenant::of(&req);
+        let who = Who {
+            principal: None,
+            tenant: t.as_deref(),
+        };
         let r = req.into_inner();
-        let out = self.route_one(&r).instrument(span.clone()).await?;
+        let out = self.route_one(&r, who).instrument(span.clone()).await?;
         record_route(&span, &out);
         Ok(Response::new(out))
     }
@@ -485,9 +523,14 @@ impl Resilience for ResilienceService {
         let _timer = self.engine.metrics().rpc("CanProceedBatch");
         check_batch(req.get_ref().items.len())?;
         self.charge(&req, req.get_ref().items.len())?;
+        let t = tenant::of(&req);
+        let who = Who {
+            principal: None,
+            tenant: t.as_deref(),
+        };
         let r = req.into_inner();
         let one = |item| async move {
-            let result = match self.can_proceed_one(item).await {
+            let result = match self.can_proceed_one(item, who).await {
                 Ok(ok) => proto::can_proceed_result::Result::Ok(ok),
                 Err(e) => proto::can_proceed_result::Result::Error(item_error(e)),
             };
@@ -518,10 +561,14 @@ impl Resilience for ResilienceService {
         check_batch(req.get_ref().items.len())?;
         self.charge(&req, req.get_ref().items.len())?;
         let principal = super::auth::principal(&req);
-        let principal = principal.as_deref();
+        let t = tenant::of(&req);
+        let who = Who {
+            principal: principal.as_deref(),
+            tenant: t.as_deref(),
+        };
         let r = req.into_inner();
         let one = |item| async move {
-            let result = match self.record_one(item, principal).await {
+            let result = match self.record_one(item, who).await {
                 Ok(ok) => proto::record_outcome_result::Result::Ok(ok),
                 Err(e) => proto::record_outcome_result::Result::Error(item_error(e)),
             };
@@ -567,6 +614,7 @@ impl Resilience for ResilienceService {
             .unwrap_or_default()
             .into();
         let principal = super::auth::principal(&req);
+        let tenant = tenant::of(&req);
         let limiter = self.limiter(&req);
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<proto::DecideResponse, Status>>(256);
@@ -605,7 +653,14 @@ impl Resilience for ResilienceService {
                 if !concurrent {
                     if tx
                         .send(Ok(svc
-                            .decide_within(r, &stream_parent, principal.as_deref())
+                            .decide_within(
+                                r,
+                                &stream_parent,
+                                Who {
+                                    principal: principal.as_deref(),
+                                    tenant: tenant.as_deref(),
+                                },
+                            )
                             .await))
                         .await
                         .is_err()
@@ -627,11 +682,13 @@ impl Resilience for ResilienceService {
                     continue;
                 };
                 let (svc, tx, stream_parent) = (svc.clone(), tx.clone(), stream_parent.clone());
-                let principal = principal.clone();
+                let (principal, tenant) = (principal.clone(), tenant.clone());
                 tokio::spawn(async move {
-                    let resp = svc
-                        .decide_within(r, &stream_parent, principal.as_deref())
-                        .await;
+                    let who = Who {
+                        principal: principal.as_deref(),
+                        tenant: tenant.as_deref(),
+                    };
+                    let resp = svc.decide_within(r, &stream_parent, who).await;
                     let _ = tx.send(Ok(resp)).await;
                     drop(slot);
                 });

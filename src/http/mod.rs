@@ -129,6 +129,19 @@ fn authorized_as(
         "this page"
     };
     match crate::grpc::auth::authorize(&cfg, cred.as_deref(), None, need, true, what) {
+        // Every page here shows the whole server (all tenants' names): a
+        // principal confined to a tenant uses the gRPC Watch / ListTargets /
+        // GetTarget, which are filtered to its tenant.
+        Ok(Some(p)) if p.tenant.is_some() => Err((
+            StatusCode::FORBIDDEN,
+            format!(
+                "{what} shows every tenant; principal {:?} belongs to tenant {:?}: use the gRPC \
+                 Events/Watch and Admin/ListTargets, which show only its tenant\n",
+                p.name.as_ref(),
+                p.tenant.as_ref().map_or("", |t| t.name.as_ref())
+            ),
+        )
+            .into_response()),
         Ok(p) => Ok(p.map(|p| p.name.to_string())),
         Err(st) => {
             let code = if st.code() == tonic::Code::PermissionDenied {

@@ -2,12 +2,68 @@
 
 use super::Cx;
 use crate::config::raw::*;
-use crate::config::{AuthConfig, Principal, roles};
-use std::collections::HashSet;
+use crate::config::{AuthConfig, Principal, Tenant, roles};
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
 use std::sync::Arc;
 
 impl Cx {
-    pub(super) fn auth(&mut self, a: AuthToml) -> AuthConfig {
+    /// `[tenants.<name>]`: prefixes must be distinct and none may contain
+    /// another (a name must belong to one tenant at most).
+    pub(super) fn tenants(
+        &mut self,
+        list: Vec<(String, Range<usize>, TenantToml)>,
+    ) -> BTreeMap<String, Arc<Tenant>> {
+        let mut out: BTreeMap<String, Arc<Tenant>> = BTreeMap::new();
+        for (name, span, t) in list {
+            if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+                self.err(
+                    span.clone(),
+                    "[tenants.<name>]: a tenant name is 1-64 printable characters",
+                );
+                continue;
+            }
+            let (prefix, pspan) = match &t.prefix {
+                Some(p) => (p.get_ref().clone(), p.span()),
+                None => (format!("{name}/"), span.clone()),
+            };
+            if prefix.is_empty() || prefix.len() > 128 || prefix.chars().any(char::is_control) {
+                self.err(
+                    pspan,
+                    format!("[tenants.{name}] prefix must be 1-128 printable characters"),
+                );
+                continue;
+            }
+            if let Some(other) = out.values().find(|o| {
+                o.prefix.starts_with(prefix.as_str()) || prefix.starts_with(o.prefix.as_ref())
+            }) {
+                self.err(
+                    pspan,
+                    format!(
+                        "[tenants.{name}] prefix {prefix:?} overlaps tenant {:?}'s {:?}: a name must belong to one tenant",
+                        other.name.as_ref(),
+                        other.prefix.as_ref()
+                    ),
+                );
+                continue;
+            }
+            out.insert(
+                name.clone(),
+                Arc::new(Tenant {
+                    name: Arc::from(name.as_str()),
+                    prefix: Arc::from(prefix.as_str()),
+                    max_targets: t.max_targets.map(|Positive(n)| n as usize),
+                }),
+            );
+        }
+        out
+    }
+
+    pub(super) fn auth(
+        &mut self,
+        a: AuthToml,
+        tenants: &BTreeMap<String, Arc<Tenant>>,
+    ) -> AuthConfig {
         let metrics_open = match a.metrics.as_ref().map(|m| m.get_ref().as_str()) {
             None | Some("open") => true,
             Some("token") => false,
@@ -113,7 +169,25 @@ impl Cx {
                     .map_or(per_second.ceil().max(1.0) as u64, |Positive(n)| n);
                 Some(crate::config::DecisionRate { per_second, burst })
             });
+            let tenant = match &p.tenant {
+                None => None,
+                Some(t) => match tenants.get(t.get_ref()) {
+                    Some(x) => Some(x.clone()),
+                    None => {
+                        self.err(
+                            t.span(),
+                            format!(
+                                "[[auth.principals]] {name:?}: tenant {:?} is not declared; declared tenants: {:?}",
+                                t.get_ref(),
+                                tenants.keys().collect::<Vec<_>>()
+                            ),
+                        );
+                        None
+                    }
+                },
+            };
             principals.push(Principal {
+                tenant,
                 name: Arc::from(name.as_str()),
                 roles: bits,
                 token_sha256: token,

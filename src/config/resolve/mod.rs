@@ -95,6 +95,8 @@ impl Cx {
         let mut targets = Vec::new();
         let mut routes = Vec::new();
         let mut groups = Vec::new();
+        let mut auth = None;
+        let mut tenants = Vec::new();
         for (key, value) in doc.into_inner() {
             let key_span = key.span();
             match key.get_ref().as_ref() {
@@ -123,21 +125,24 @@ impl Cx {
                         config.cluster = self.cluster(c, key_span);
                     }
                 }
-                "auth" => {
-                    if let Some(a) = self.de::<AuthToml>(value, "[auth]") {
-                        config.auth = Some(self.auth(a));
-                    }
-                }
+                // Resolved after the loop: principals name tenants, which
+                // may come later in the file.
+                "auth" => auth = self.de::<AuthToml>(value, "[auth]"),
+                "tenants" => tenants = self.named(value, "[tenants]", |n| format!("[tenants.{n}]")),
                 other => self.err(
                     key_span,
                     format!(
-                        "unknown section `{other}`; expected one of: server, defaults, targets, routes, budgets, queue, events, telemetry, cluster, auth"
+                        "unknown section `{other}`; expected one of: server, defaults, targets, routes, budgets, queue, events, telemetry, cluster, auth, tenants"
                     ),
                 ),
             }
         }
         if let Some((s, span)) = server {
             config.server = self.server(s, span);
+        }
+        config.tenants = self.tenants(tenants);
+        if let Some(a) = auth {
+            config.auth = Some(self.auth(a, &config.tenants));
         }
         if config.server.max_message_bytes < config.queue.max_payload_bytes + 64 * 1024 {
             self.err(

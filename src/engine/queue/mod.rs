@@ -938,12 +938,12 @@ impl DeferredQueue {
     }
 
     /// Moves a dead letter back to its queue with a fresh attempt count.
-    pub async fn requeue(&self, id: &str) -> Result<()> {
+    pub async fn requeue(&self, id: &str, owns: &(dyn Fn(&str) -> bool + Sync)) -> Result<()> {
         let id = parse_id(id)?;
         let now = self.clock.now();
         let pending = {
             let mut s = self.lock();
-            let Some(rec) = s.dead.get(&id) else {
+            let Some(rec) = s.dead.get(&id).filter(|r| owns(&r.queue)) else {
                 return Err(EngineError::NotFound(format!(
                     "item {id} is not in the dead-letter list"
                 )));

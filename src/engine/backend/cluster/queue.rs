@@ -1051,13 +1051,16 @@ impl RedisQueue {
     }
 
     /// Moves a dead letter back to its queue with a fresh attempt count.
-    pub async fn requeue(&self, id: &str) -> Result<()> {
+    pub async fn requeue(&self, id: &str, owns: &(dyn Fn(&str) -> bool + Sync)) -> Result<()> {
         let id = parse_id(id)?;
         let not_dead =
             || EngineError::NotFound(format!("item {id} is not in the dead-letter list"));
         let Some((queue, rec)) = self.locate(id).await? else {
             return Err(not_dead());
         };
+        if !owns(&queue) {
+            return Err(not_dead());
+        }
         let now = self.clock.now();
         let args = vec![
             id.to_string().into_bytes(),

@@ -1,0 +1,352 @@
+//! End-to-end: tenants on the real binary. A principal of tenant A can
+//! decide on, list, get, force, watch, defer to and claim from only A's
+//! names; B's names answer NOT_FOUND exactly as names that exist nowhere;
+//! B's events never reach A's Watch; server-wide pages refuse A.
+
+mod common;
+
+use backstop::proto;
+use common::Server;
+use common::sha256_hex as sha;
+use std::time::Duration;
+use tonic::{Code, Request};
+
+fn config() -> String {
+    let p = |name: &str, roles: &str, tenant: &str| {
+        format!(
+            "[[auth.principals]]\nname = \"{name}\"\nroles = [{roles}]\ntoken_sha256 = \"{}\"\n{tenant}\n",
+            sha(&format!("{name}-token-0000000"))
+        )
+    };
+    format!(
+        r#"
+[auth]
+metrics = "token"
+
+[tenants.a]
+[tenants.b]
+prefix = "team-b:"
+
+[targets."a/m"]
+[targets."team-b:m"]
+[routes."a/chat"]
+targets = ["a/m"]
+[routes."team-b:chat"]
+targets = ["team-b:m"]
+
+{}{}{}{}
+"#,
+        p("a-agent", "\"agent\"", "tenant = \"a\""),
+        p("a-oncall", "\"operator\"", "tenant = \"a\""),
+        p("b-oncall", "\"operator\", \"agent\"", "tenant = \"b\""),
+        p("root", "\"operator\"", ""),
+    )
+}
+
+fn with<T>(who: &str, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {who}-token-0000000")
+            .parse()
+            .expect("ascii"),
+    );
+    r
+}
+
+fn can(target: &str) -> proto::CanProceedRequest {
+    proto::CanProceedRequest {
+        target: target.into(),
+        ..Default::default()
+    }
+}
+
+/// The message with the name replaced, to compare answers for two names.
+fn shape(e: &tonic::Status, name: &str) -> (Code, String) {
+    (e.code(), e.message().replace(name, "NAME"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_sees_and_affects_only_its_own_names() {
+    let s = Server::start(&config(), &[]);
+    let mut c = s.resilience().await;
+    let mut admin = s.admin().await;
+    let ch = s.channel().await;
+    let mut q = proto::deferred_client::DeferredClient::new(ch.clone());
+
+    // Decisions: own names work; B's name and a name that exists nowhere
+    // outside A get the same NOT_FOUND.
+    assert!(
+        c.can_proceed(with("a-agent", can("a/m")))
+            .await
+            .expect("own target")
+            .into_inner()
+            .allowed
+    );
+    let exists = c
+        .can_proceed(with("a-agent", can("team-b:m")))
+        .await
+        .expect_err("B's target");
+    let nowhere = c
+        .can_proceed(with("a-agent", can("team-b:nothing")))
+        .await
+        .expect_err("no such target");
+    assert_eq!(exists.code(), Code::NotFound);
+    assert_eq!(
+        shape(&exists, "team-b:m"),
+        shape(&nowhere, "team-b:nothing")
+    );
+    let e = c
+        .record_outcome(with(
+            "a-agent",
+            proto::RecordOutcomeRequest {
+                target: "team-b:m".into(),
+                http_status: 503,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("outcome on B");
+    assert_eq!(e.code(), Code::NotFound);
+    for r in [
+        proto::RouteRequest {
+            route: "team-b:chat".into(),
+            ..Default::default()
+        },
+        proto::RouteRequest {
+            candidates: vec!["a/m".into(), "team-b:m".into()],
+            ..Default::default()
+        },
+    ] {
+        let e = c.route(with("a-agent", r)).await.expect_err("B's route");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    }
+    let r = c
+        .route(with(
+            "a-agent",
+            proto::RouteRequest {
+                route: "a/chat".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("own route")
+        .into_inner();
+    assert_eq!(r.target, "a/m");
+    let batch = c
+        .can_proceed_batch(with(
+            "a-agent",
+            proto::CanProceedBatchRequest {
+                items: vec![can("a/m"), can("team-b:m")],
+            },
+        ))
+        .await
+        .expect("batch")
+        .into_inner();
+    assert!(matches!(
+        batch.items[0].result,
+        Some(proto::can_proceed_result::Result::Ok(_))
+    ));
+    match &batch.items[1].result {
+        Some(proto::can_proceed_result::Result::Error(e)) => {
+            assert_eq!(e.code, Code::NotFound as i32)
+        }
+        other => panic!("B's item: {other:?}"),
+    }
+
+    // Admin: A's operator lists, gets and forces only A's targets.
+    let list = admin
+        .list_targets(with("a-oncall", proto::ListTargetsRequest::default()))
+        .await
+        .expect("list")
+        .into_inner();
+    let names: Vec<_> = list.targets.iter().map(|t| t.target.as_str()).collect();
+    assert_eq!(names, ["a/m"], "{names:?}");
+    let other = admin
+        .list_targets(with(
+            "a-oncall",
+            proto::ListTargetsRequest {
+                prefix: "team-b:".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(other.targets.is_empty());
+    let g1 = admin
+        .get_target(with(
+            "a-oncall",
+            proto::GetTargetRequest {
+                target: "team-b:m".into(),
+            },
+        ))
+        .await
+        .expect_err("B's target");
+    let g2 = admin
+        .get_target(with(
+            "a-oncall",
+            proto::GetTargetRequest {
+                target: "team-b:zzz".into(),
+            },
+        ))
+        .await
+        .expect_err("nothing");
+    assert_eq!(shape(&g1, "team-b:m"), shape(&g2, "team-b:zzz"));
+    let force = |target: &str| proto::SetBreakerStateRequest {
+        target: target.into(),
+        mode: proto::BreakerMode::ForceOpen as i32,
+        reason: "test".into(),
+    };
+    assert_eq!(
+        admin
+            .set_breaker_state(with("a-oncall", force("team-b:m")))
+            .await
+            .expect_err("B's target")
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        admin
+            .reset_target(with(
+                "a-oncall",
+                proto::ResetTargetRequest {
+                    target: "team-b:m".into()
+                }
+            ))
+            .await
+            .expect_err("B's target")
+            .code(),
+        Code::NotFound
+    );
+    let e = admin
+        .reload_config(with("a-oncall", proto::ReloadConfigRequest::default()))
+        .await
+        .expect_err("a tenant cannot reload everyone's config");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // B's breaker was not touched by any of that.
+    let b = admin
+        .get_target(with(
+            "root",
+            proto::GetTargetRequest {
+                target: "team-b:m".into(),
+            },
+        ))
+        .await
+        .expect("root sees everything")
+        .into_inner();
+    assert_eq!(b.state, proto::BreakerState::Closed as i32);
+
+    // Watch: A sees A's snapshot and events only.
+    let mut ev = proto::events_client::EventsClient::new(ch.clone());
+    let mut watch = ev
+        .watch(with("a-oncall", proto::WatchRequest::default()))
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("snapshot in time")
+        .expect("stream")
+        .expect("an item");
+    let snap: Vec<String> = match &first.kind {
+        Some(proto::event::Kind::Snapshot(s)) => {
+            s.targets.iter().map(|t| t.target.clone()).collect()
+        }
+        other => panic!("a snapshot first: {other:?}"),
+    };
+    assert_eq!(snap, ["a/m"], "{first:?}");
+    admin
+        .set_breaker_state(with("b-oncall", force("team-b:m")))
+        .await
+        .expect("B forces its own");
+    admin
+        .set_breaker_state(with("a-oncall", force("a/m")))
+        .await
+        .expect("A forces its own");
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("event in time")
+        .expect("stream")
+        .expect("an item");
+    assert_eq!(next.target, "a/m", "B's event never reaches A: {next:?}");
+
+    // Queues.
+    let defer = |queue: &str| proto::DeferRequest {
+        queue: queue.into(),
+        payload: b"x".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(
+        q.defer(with("a-agent", defer("team-b:chat")))
+            .await
+            .expect_err("B's queue")
+            .code(),
+        Code::NotFound
+    );
+    q.defer(with("b-oncall", defer("team-b:chat")))
+        .await
+        .expect("B defers to its own queue");
+    let e = q
+        .claim(with(
+            "a-agent",
+            proto::ClaimRequest {
+                queue: "team-b:chat".into(),
+                max_items: 1,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("B's queue");
+    assert_eq!(e.code(), Code::NotFound);
+    let stats = q
+        .queue_stats(with("a-oncall", proto::QueueStatsRequest::default()))
+        .await
+        .expect("stats")
+        .into_inner();
+    assert!(
+        stats.queues.iter().all(|s| s.queue.starts_with("a/")),
+        "{stats:?}"
+    );
+
+    // Server-wide HTTP pages refuse a tenant's principal, serve the root one.
+    let (status, _) = s.http_get(
+        "/api/snapshot",
+        &[("Authorization", "Bearer a-oncall-token-0000000")],
+    );
+    assert!(status.contains("403"), "{status}");
+    let (status, _) = s.http_get(
+        "/metrics",
+        &[("Authorization", "Bearer a-oncall-token-0000000")],
+    );
+    assert!(status.contains("403"), "{status}");
+    let (status, body) = s.http_get(
+        "/api/snapshot",
+        &[("Authorization", "Bearer root-token-0000000")],
+    );
+    assert!(status.contains("200"), "{status}");
+    assert!(body.contains("team-b:m") && body.contains("a/m"));
+}
+
+#[test]
+fn overlapping_prefixes_and_unknown_tenants_are_config_errors() {
+    let dir = common::TempDir::new("tenants");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[tenants.a]\nprefix = \"team\"\n[tenants.b]\nprefix = \"team-b\"\n\
+         [[auth.principals]]\nname = \"x\"\nroles = [\"agent\"]\ntenant = \"c\"\n\
+         token_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(common::binary())
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("check-config");
+    let err =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("overlaps"), "{err}");
+    assert!(err.contains("tenant \"c\" is not declared"), "{err}");
+}
