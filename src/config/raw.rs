@@ -442,8 +442,6 @@ pub struct TenantToml {
     /// Names (targets, routes, queues) starting with it belong to the
     /// tenant (default: "<name>/").
     pub prefix: Option<Spanned<String>>,
-    /// Most targets the tenant's principals may bring into existence.
-    pub max_targets: Option<Positive>,
 }
 
 /// One `[[auth.principals]]` entry.

@@ -413,9 +413,6 @@ pub struct Principal {
 pub struct Tenant {
     pub name: Arc<str>,
     pub prefix: Arc<str>,
-    /// Most targets its principals may bring into existence (None: only the
-    /// server's `max_targets` applies).
-    pub max_targets: Option<usize>,
 }
 
 impl Tenant {

@@ -56,7 +56,6 @@ mod tests {
         Tenant {
             name: "a".into(),
             prefix: "a/".into(),
-            max_targets: None,
         }
     }
 

@@ -52,7 +52,6 @@ impl Cx {
                 Arc::new(Tenant {
                     name: Arc::from(name.as_str()),
                     prefix: Arc::from(prefix.as_str()),
-                    max_targets: t.max_targets.map(|Positive(n)| n as usize),
                 }),
             );
         }
