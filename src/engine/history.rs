@@ -60,10 +60,23 @@ impl History {
             f(&mut r.lock().unwrap_or_else(|e| e.into_inner()));
             return;
         }
+        // A target beyond the cap must cost next to nothing: plain loads
+        // first, so thousands of capped targets do not all write the same
+        // counters' cache lines on every call.
+        if self.held.load(Ordering::Relaxed) >= self.cap {
+            if !self.sweep(now) {
+                if self.turned_away.load(Ordering::Relaxed) == 0 {
+                    self.turned_away.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+        }
         if self.held.fetch_add(1, Ordering::Relaxed) >= self.cap {
             self.held.fetch_sub(1, Ordering::Relaxed);
             if !self.sweep(now) {
-                self.turned_away.fetch_add(1, Ordering::Relaxed);
+                if self.turned_away.load(Ordering::Relaxed) == 0 {
+                    self.turned_away.fetch_add(1, Ordering::Relaxed);
+                }
                 return;
             }
             // The sweep made room: claim it (another target may race us to it).
