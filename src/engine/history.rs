@@ -63,26 +63,20 @@ impl History {
         // A target beyond the cap must cost next to nothing: plain loads
         // first, so thousands of capped targets do not all write the same
         // counters' cache lines on every call.
-        if self.held.load(Ordering::Relaxed) >= self.cap {
-            if !self.sweep(now) {
-                if self.turned_away.load(Ordering::Relaxed) == 0 {
-                    self.turned_away.fetch_add(1, Ordering::Relaxed);
-                }
-                return;
-            }
+        if self.held.load(Ordering::Relaxed) >= self.cap && !self.sweep(now) {
+            self.turn_away();
+            return;
         }
         if self.held.fetch_add(1, Ordering::Relaxed) >= self.cap {
             self.held.fetch_sub(1, Ordering::Relaxed);
             if !self.sweep(now) {
-                if self.turned_away.load(Ordering::Relaxed) == 0 {
-                    self.turned_away.fetch_add(1, Ordering::Relaxed);
-                }
+                self.turn_away();
                 return;
             }
             // The sweep made room: claim it (another target may race us to it).
             if self.held.fetch_add(1, Ordering::Relaxed) >= self.cap {
                 self.held.fetch_sub(1, Ordering::Relaxed);
-                self.turned_away.fetch_add(1, Ordering::Relaxed);
+                self.turn_away();
                 return;
             }
         }
@@ -96,6 +90,14 @@ impl History {
             self.held.fetch_sub(1, Ordering::Relaxed);
         }
         f(&mut entry.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Remembers that a target was turned away (the JSON says `capped`);
+    /// written once, read after, so capped targets share no written line.
+    fn turn_away(&self) {
+        if self.turned_away.load(Ordering::Relaxed) == 0 {
+            self.turned_away.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Drops rings with nothing in the window; true if any was dropped. Runs
