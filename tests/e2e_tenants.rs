@@ -299,6 +299,85 @@ async fn a_tenant_sees_and_affects_only_its_own_names() {
         .await
         .expect_err("B's queue");
     assert_eq!(e.code(), Code::NotFound);
+    // A dead letter of B: A's operator cannot requeue it (the same answer
+    // as for an id that does not exist); B's can.
+    let dead = q
+        .defer(with(
+            "b-oncall",
+            proto::DeferRequest {
+                max_attempts: 1,
+                ..defer("team-b:chat")
+            },
+        ))
+        .await
+        .expect("defer")
+        .into_inner();
+    // B's target is forced open above; Claim admits through it.
+    admin
+        .set_breaker_state(with(
+            "b-oncall",
+            proto::SetBreakerStateRequest {
+                target: "team-b:m".into(),
+                mode: proto::BreakerMode::Automatic as i32,
+                reason: "test".into(),
+            },
+        ))
+        .await
+        .expect("B releases its own");
+    let mut tries = 0;
+    let item = loop {
+        tries += 1;
+        assert!(tries < 50, "the dead-letter candidate was never claimed");
+        let c = q
+            .claim(with(
+                "b-oncall",
+                proto::ClaimRequest {
+                    queue: "team-b:chat".into(),
+                    max_items: 10,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("claim")
+            .into_inner();
+        if let Some(i) = c.items.into_iter().find(|i| i.id == dead.id) {
+            break i;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    q.nack(with(
+        "b-oncall",
+        proto::NackRequest {
+            id: item.id.clone(),
+            lease_token: item.lease_token,
+            reason: "bad".into(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .expect("nack: dead on its only attempt");
+    let foreign = q
+        .requeue(with(
+            "a-oncall",
+            proto::RequeueRequest {
+                id: dead.id.clone(),
+            },
+        ))
+        .await
+        .expect_err("B's dead letter");
+    let unknown = q
+        .requeue(with(
+            "a-oncall",
+            proto::RequeueRequest {
+                id: "999999".into(),
+            },
+        ))
+        .await
+        .expect_err("no such item");
+    assert_eq!(shape(&foreign, &dead.id), shape(&unknown, "999999"));
+    q.requeue(with("b-oncall", proto::RequeueRequest { id: dead.id }))
+        .await
+        .expect("B requeues its own");
     let stats = q
         .queue_stats(with("a-oncall", proto::QueueStatsRequest::default()))
         .await
