@@ -58,6 +58,11 @@ fn p99(mut v: Vec<Duration>) -> Duration {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_is_refused_and_does_not_slow_another_principal() {
+    a_flood_is_refused_past_the_principals_rate_in_every_shape().await;
+    another_principals_p99_stays_within_twice_its_unloaded_value().await;
+}
+
 async fn a_flood_is_refused_past_the_principals_rate_in_every_shape() {
     let s = Server::start(&config(), &[]);
     let mut c = s.resilience().await;
@@ -139,13 +144,14 @@ async fn a_flood_is_refused_past_the_principals_rate_in_every_shape() {
     assert!(!m.contains("backstop_principal_throttled_total{principal=\"calm\"}"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Runs after the flood test in the same test function: two tests of this
+/// file running at once would each be the other's load.
 async fn another_principals_p99_stays_within_twice_its_unloaded_value() {
     let s = Server::start(&config(), &[]);
     let mut calm = s.resilience().await;
     let measure = |mut c: proto::resilience_client::ResilienceClient<_>| async move {
-        let mut took = Vec::with_capacity(400);
-        for _ in 0..400 {
+        let mut took = Vec::with_capacity(1000);
+        for _ in 0..1000 {
             let t = Instant::now();
             c.can_proceed(with(CALM, can())).await.expect("calm");
             took.push(t.elapsed());
@@ -153,37 +159,51 @@ async fn another_principals_p99_stays_within_twice_its_unloaded_value() {
         p99(took)
     };
     // Warm up, then the unloaded p99.
-    for _ in 0..50 {
+    for _ in 0..100 {
         calm.can_proceed(with(CALM, can())).await.expect("warm");
     }
     let unloaded = measure(calm.clone()).await;
 
-    // Two runaway loops on their own connections, each call refused cheaply.
+    // A runaway agent: two connections each sending 250 calls a second,
+    // ten times its decision_rate of 50/s. (An unpaced loop would measure
+    // this 2-core machine's CPU, not the limiter: every call, refused or
+    // not, costs the transport and the debug-built server the same.)
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut floods = Vec::new();
     for _ in 0..2 {
         let mut f = s.resilience().await;
-        let (stop, refused) = (stop.clone(), refused.clone());
+        let (stop, refused, sent) = (stop.clone(), refused.clone(), sent.clone());
         floods.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(4));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if f.can_proceed(with(FLOOD, can())).await.is_err() {
                     refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let loaded = measure(calm.clone()).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for f in floods {
         f.await.expect("flood task");
     }
     let refused = refused.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!("unloaded p99 {unloaded:?}, loaded p99 {loaded:?}, {refused} flood calls refused");
-    assert!(refused > 100, "the flood was refused: {refused}");
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "unloaded p99 {unloaded:?}, loaded p99 {loaded:?}, {refused} of {sent} flood calls refused"
+    );
+    assert!(
+        refused * 10 >= sent * 8 && refused > 100,
+        "the flood was refused: {refused} of {sent}"
+    );
     // Twice the unloaded p99, with 1 ms of slack for timer granularity on a
-    // busy 2-core machine (the unloaded p99 is well under a millisecond).
+    // busy 2-core machine.
     assert!(
         loaded <= unloaded * 2 + Duration::from_millis(1),
         "calm p99 {loaded:?} under the flood vs {unloaded:?} unloaded"
