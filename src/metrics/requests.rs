@@ -76,8 +76,14 @@ impl RequestMetrics {
         m
     }
 
-    /// Creates a route's series at 0 (so the first failure is an increase).
+    /// Creates a route's series at 0 (so the first failure is an increase,
+    /// and dashboards find every family before the first request).
     pub fn born(&self, route: &str) {
+        let l = RouteLabel {
+            route: route.into(),
+        };
+        let _ = self.duration.get_or_create(&l);
+        let _ = self.attempts.get_or_create(&l);
         for r in [
             RequestResult::Completed,
             RequestResult::Deferred,
