@@ -100,6 +100,16 @@ async fn a_flood_is_refused_past_the_principals_rate_in_every_shape() {
         .can_proceed_batch(with(FLOOD, batch))
         .await
         .expect_err("100 items are over the burst");
+    assert_eq!(e.code(), Code::InvalidArgument, "it could never fit");
+    assert!(e.message().contains("split"), "{}", e.message());
+    // Within the burst but over what is left now: refused, nothing taken.
+    let batch = proto::CanProceedBatchRequest {
+        items: (0..20).map(|_| can()).collect(),
+    };
+    let e = c
+        .can_proceed_batch(with(FLOOD, batch))
+        .await
+        .expect_err("the burst is spent");
     assert_eq!(e.code(), Code::ResourceExhausted);
 
     // Decide: each item is a decision; refused items are item errors and

@@ -121,6 +121,51 @@ async fn a_tenant_sees_and_affects_only_its_own_names() {
         let e = c.route(with("a-agent", r)).await.expect_err("B's route");
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
     }
+    // An unknown route of its own: the answer lists no other tenant's routes.
+    let e = c
+        .route(with(
+            "a-agent",
+            proto::RouteRequest {
+                route: "a/nope".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("unknown route");
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(!e.message().contains("team-b"), "{}", e.message());
+    // FinishRequest: a foreign route label is NOT_FOUND; request ids are per
+    // tenant (A's "req-1" is not B's).
+    let finish = |id: &str, route: &str| proto::FinishRequestRequest {
+        request_id: id.into(),
+        result: proto::RequestResult::Failed as i32,
+        route: route.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        c.finish_request(with("a-agent", finish("x", "team-b:chat")))
+            .await
+            .expect_err("B's route")
+            .code(),
+        Code::NotFound
+    );
+    let mut b_can = can("team-b:m");
+    b_can.request_id = "req-1".into();
+    c.can_proceed(with("b-oncall", b_can))
+        .await
+        .expect("B's request");
+    let a_fin = c
+        .finish_request(with("a-agent", finish("req-1", "")))
+        .await
+        .expect("A finishes its own req-1")
+        .into_inner();
+    assert!(!a_fin.tracked, "A's req-1 is not B's: {a_fin:?}");
+    let b_fin = c
+        .finish_request(with("b-oncall", finish("req-1", "")))
+        .await
+        .expect("B finishes its req-1")
+        .into_inner();
+    assert!(b_fin.tracked && !b_fin.duplicate, "{b_fin:?}");
     let r = c
         .route(with(
             "a-agent",

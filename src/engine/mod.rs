@@ -404,7 +404,8 @@ fn warn_rate_limited(target: &str, warnings: &[String]) {
 /// Checks a target name from a client.
 /// A request id is a map key, never a label: only its length is bounded.
 fn check_request_id(id: &str) -> Result<()> {
-    if id.len() > requests::MAX_REQUEST_ID {
+    // Room for the tenant's name the adapter puts in front of a tenant's ids.
+    if id.len() > requests::MAX_REQUEST_ID + 80 {
         return Err(invalid(format!(
             "request_id is {} bytes; at most {} are accepted",
             id.len(),
@@ -937,6 +938,16 @@ impl Engine {
     /// call is RESOURCE_EXHAUSTED and nothing is decided.
     pub fn charge_decisions(&self, l: Option<&principal_rate::Limiter>, n: u64) -> Result<()> {
         let Some(l) = l else { return Ok(()) };
+        if n > l.rate().burst {
+            // It would never fit: say so rather than advise a wait.
+            self.metrics.principal_throttled(l.principal());
+            return Err(invalid(format!(
+                "{n} decisions in one call exceed principal {:?}'s decision_burst of {}: \
+                 split the batch",
+                l.principal(),
+                l.rate().burst
+            )));
+        }
         l.try_take(self.clock.now(), n).map_err(|wait| {
             self.metrics.principal_throttled(l.principal());
             let r = l.rate();

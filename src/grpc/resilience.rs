@@ -33,6 +33,17 @@ struct Who<'a> {
     tenant: Option<&'a Tenant>,
 }
 
+/// The key a request id is tracked under: tenants name their requests
+/// independently, so a tenant's id lives in its own space (two tenants'
+/// `req-1` are two requests, and one cannot finish the other's).
+fn request_key<'a>(who: Who<'_>, id: &'a str) -> Result<std::borrow::Cow<'a, str>, Status> {
+    check_len(id, "request_id", MAX_REQUEST_ID)?;
+    Ok(match who.tenant {
+        Some(t) if !id.is_empty() => format!("{}\u{0}{id}", t.name).into(),
+        _ => id.into(),
+    })
+}
+
 #[derive(Clone)]
 pub struct ResilienceService {
     engine: Arc<Engine>,
@@ -66,7 +77,7 @@ impl ResilienceService {
         tenant::check(who.tenant, "target", &r.target)?;
         check_len(&r.caller, "caller", MAX_LABEL)?;
         self.engine
-            .note_request(&r.request_id, "")
+            .note_request(&request_key(who, &r.request_id)?, "")
             .map_err(status)?;
         let args = AdmitArgs {
             caller: &r.caller,
@@ -133,9 +144,12 @@ impl ResilienceService {
             .record_outcome(&r.target, report)
             .await
             .map_err(status)?;
-        self.engine
-            .note_request_outcome(&r.request_id, finish)
-            .map_err(status)?;
+        // A repeated report (its answer was lost) is not another attempt.
+        if !res.duplicate {
+            self.engine
+                .note_request_outcome(&request_key(who, &r.request_id)?, finish)
+                .map_err(status)?;
+        }
         Ok(proto::RecordOutcomeResponse {
             cost: crate::domain::spend::dollars(res.cost_micros),
             classified_as: outcome_class(res.classified_as) as i32,
@@ -166,7 +180,7 @@ impl ResilienceService {
         }
         check_len(&r.caller, "caller", MAX_LABEL)?;
         self.engine
-            .note_request(&r.request_id, &r.route)
+            .note_request(&request_key(who, &r.request_id)?, &r.route)
             .map_err(status)?;
         let d = self
             .engine
@@ -186,7 +200,14 @@ impl ResilienceService {
                 max_output_tokens: r.max_output_tokens,
             })
             .await
-            .map_err(status)?;
+            .map_err(|e| match (e, who.tenant) {
+                // The engine lists the configured routes; a tenant must not
+                // learn the others' names from it.
+                (crate::engine::EngineError::NotFound(_), Some(t)) => {
+                    tenant::not_found(t, "route", &r.route)
+                }
+                (e, _) => status(e),
+            })?;
         let skipped = d
             .skipped
             .iter()
@@ -489,8 +510,16 @@ impl Resilience for ResilienceService {
     ) -> Result<Response<proto::FinishRequestResponse>, Status> {
         let _timer = self.engine.metrics().rpc("FinishRequest");
         self.charge(&req, 1)?;
+        let t = tenant::of(&req);
+        let who = Who {
+            principal: None,
+            tenant: t.as_deref(),
+        };
         let r = req.into_inner();
         check_len(&r.route, "route", MAX_LABEL)?;
+        if !r.route.is_empty() {
+            tenant::check(who.tenant, "route", &r.route)?;
+        }
         let result = crate::wire::request_result_from(r.result)
             .map_err(|e| Status::invalid_argument(format!("result: {e}")))?
             .ok_or_else(|| {
@@ -505,7 +534,7 @@ impl Resilience for ResilienceService {
         };
         let f = self
             .engine
-            .finish_request(&r.request_id, result, client)
+            .finish_request(&request_key(who, &r.request_id)?, result, client)
             .map_err(status)?;
         Ok(Response::new(proto::FinishRequestResponse {
             tracked: f.tracked,
