@@ -74,6 +74,12 @@ pub struct Finished {
     pub attempts: u32,
     /// The route label (a configured route's name, or [`DIRECT`]).
     pub route: Arc<str>,
+    /// Duration and attempts are real measures: the server saw the
+    /// request's first call, or the client sent its own. False when the
+    /// first the server heard of it was an outcome (it started elsewhere):
+    /// counted, but kept out of the duration and attempts histograms so a
+    /// near-zero guess does not pull the p99 down.
+    pub measured: bool,
 }
 
 /// The client's own measurement, counted when the server never saw the request.
@@ -89,6 +95,8 @@ struct Entry {
     started: Time,
     route: Option<Arc<str>>,
     attempts: u32,
+    /// Created by a CanProceed / Route call (its start is known), not by an outcome.
+    seen_start: bool,
     /// Set once finished; the entry then stays until `FINISHED_RETENTION`
     /// after `done_at` so a second finish is recognised.
     done: Option<(Time, Finished)>,
@@ -139,13 +147,13 @@ impl Requests {
     /// A CanProceed / Route call for `id` at `now`. The first call starts the
     /// request's clock; a Route names its route (the first one named wins).
     pub fn note_call(&self, id: &str, route: Option<&Arc<str>>, now: Time) -> Noted {
-        self.touch(id, route, now, |_| {})
+        self.touch(id, route, now, true, |_| {})
     }
 
     /// A RecordOutcome for `id`: one more attempt (starting the request if
     /// this is the first the server hears of it).
     pub fn note_outcome(&self, id: &str, now: Time) -> Noted {
-        self.touch(id, None, now, |e| {
+        self.touch(id, None, now, false, |e| {
             if e.done.is_none() {
                 e.attempts = e.attempts.saturating_add(1);
             }
@@ -158,6 +166,7 @@ impl Requests {
         id: &str,
         route: Option<&Arc<str>>,
         now: Time,
+        call: bool,
         f: impl FnOnce(&mut Entry),
     ) -> Noted {
         let Ok(mut map) = self.shard(id).lock() else {
@@ -177,6 +186,7 @@ impl Requests {
             started: now,
             route: route.cloned(),
             attempts: 0,
+            seen_start: call,
             done: None,
         };
         f(&mut e);
@@ -211,6 +221,7 @@ impl Requests {
                 duration: now.since(e.started),
                 attempts: e.attempts,
                 route: e.route.clone().unwrap_or_else(direct),
+                measured: e.seen_start,
             };
             e.done = Some((now, f.clone()));
             return f;
@@ -223,6 +234,7 @@ impl Requests {
             result,
             duration: client.elapsed.min(self.ttl),
             attempts: client.attempts.min(MAX_CLIENT_ATTEMPTS),
+            measured: !client.elapsed.is_zero() || client.attempts > 0,
             route: client.route.and_then(known_route).unwrap_or_else(direct),
         }
     }
@@ -245,6 +257,7 @@ impl Requests {
                         duration: now.since(e.started),
                         attempts: e.attempts,
                         route: e.route.clone().unwrap_or_else(|| DIRECT.into()),
+                        measured: e.seen_start,
                     });
                     false
                 }
@@ -299,6 +312,41 @@ mod tests {
         assert_eq!(f.duration, Duration::from_millis(5_500));
         assert_eq!(f.attempts, 2);
         assert_eq!(&*f.route, "chat");
+    }
+
+    #[test]
+    fn a_request_first_heard_of_by_its_outcome_is_counted_but_not_measured() {
+        let r = Requests::new(100, Duration::from_secs(600));
+        // Started on another replica: this one only sees the last outcome.
+        r.note_outcome("elsewhere", t(5_000));
+        let f = r.finish(
+            "elsewhere",
+            RequestResult::Completed,
+            ClientMeasure::default(),
+            t(5_000),
+            chat,
+        );
+        assert!(f.tracked && !f.measured, "{f:?}");
+        r.note_call("here", None, t(0));
+        let g = r.finish(
+            "here",
+            RequestResult::Completed,
+            ClientMeasure::default(),
+            t(10),
+            chat,
+        );
+        assert!(g.measured);
+        let none = r.finish(
+            "never",
+            RequestResult::Failed,
+            ClientMeasure::default(),
+            t(0),
+            chat,
+        );
+        assert!(
+            !none.tracked && !none.measured,
+            "no measure at all: not measured"
+        );
     }
 
     #[test]

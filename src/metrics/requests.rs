@@ -108,6 +108,9 @@ impl RequestMetrics {
                 result: f.result.label().into(),
             })
             .inc();
+        if !f.measured {
+            return;
+        }
         let l = RouteLabel {
             route: f.route.to_string(),
         };
