@@ -44,6 +44,28 @@ fn request_key<'a>(who: Who<'_>, id: &'a str) -> Result<std::borrow::Cow<'a, str
     })
 }
 
+/// [`Who`], owned: taken from a request's extensions once, lent per decision.
+struct Caller {
+    principal: Option<Arc<str>>,
+    tenant: Option<Arc<Tenant>>,
+}
+
+impl Caller {
+    fn of<T>(req: &Request<T>) -> Caller {
+        Caller {
+            principal: super::auth::principal(req),
+            tenant: tenant::of(req),
+        }
+    }
+
+    fn who(&self) -> Who<'_> {
+        Who {
+            principal: self.principal.as_deref(),
+            tenant: self.tenant.as_deref(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct ResilienceService {
     engine: Arc<Engine>,
@@ -437,11 +459,8 @@ impl Resilience for ResilienceService {
         );
         crate::telemetry::join_caller_trace(&span, req.metadata());
         self.charge(&req, 1)?;
-        let t = tenant::of(&req);
-        let who = Who {
-            principal: None,
-            tenant: t.as_deref(),
-        };
+        let caller = Caller::of(&req);
+        let who = caller.who();
         let r = req.into_inner();
         let res = self
             .can_proceed_one(&r, who)
@@ -467,12 +486,8 @@ impl Resilience for ResilienceService {
         );
         crate::telemetry::join_caller_trace(&span, req.metadata());
         self.charge(&req, 1)?;
-        let principal = super::auth::principal(&req);
-        let t = tenant::of(&req);
-        let who = Who {
-            principal: principal.as_deref(),
-            tenant: t.as_deref(),
-        };
+        let caller = Caller::of(&req);
+        let who = caller.who();
         let r = req.into_inner();
         let res = self.record_one(&r, who).instrument(span.clone()).await?;
         record_outcome(&span, &res);
@@ -493,11 +508,8 @@ impl Resilience for ResilienceService {
         );
         crate::telemetry::join_caller_trace(&span, req.metadata());
         self.charge(&req, 1)?;
-        let t = tenant::of(&req);
-        let who = Who {
-            principal: None,
-            tenant: t.as_deref(),
-        };
+        let caller = Caller::of(&req);
+        let who = caller.who();
         let r = req.into_inner();
         let out = self.route_one(&r, who).instrument(span.clone()).await?;
         record_route(&span, &out);
@@ -510,11 +522,8 @@ impl Resilience for ResilienceService {
     ) -> Result<Response<proto::FinishRequestResponse>, Status> {
         let _timer = self.engine.metrics().rpc("FinishRequest");
         self.charge(&req, 1)?;
-        let t = tenant::of(&req);
-        let who = Who {
-            principal: None,
-            tenant: t.as_deref(),
-        };
+        let caller = Caller::of(&req);
+        let who = caller.who();
         let r = req.into_inner();
         check_len(&r.route, "route", MAX_LABEL)?;
         if !r.route.is_empty() {
@@ -552,11 +561,8 @@ impl Resilience for ResilienceService {
         let _timer = self.engine.metrics().rpc("CanProceedBatch");
         check_batch(req.get_ref().items.len())?;
         self.charge(&req, req.get_ref().items.len())?;
-        let t = tenant::of(&req);
-        let who = Who {
-            principal: None,
-            tenant: t.as_deref(),
-        };
+        let caller = Caller::of(&req);
+        let who = caller.who();
         let r = req.into_inner();
         let one = |item| async move {
             let result = match self.can_proceed_one(item, who).await {
@@ -589,12 +595,8 @@ impl Resilience for ResilienceService {
         let _timer = self.engine.metrics().rpc("RecordOutcomeBatch");
         check_batch(req.get_ref().items.len())?;
         self.charge(&req, req.get_ref().items.len())?;
-        let principal = super::auth::principal(&req);
-        let t = tenant::of(&req);
-        let who = Who {
-            principal: principal.as_deref(),
-            tenant: t.as_deref(),
-        };
+        let caller = Caller::of(&req);
+        let who = caller.who();
         let r = req.into_inner();
         let one = |item| async move {
             let result = match self.record_one(item, who).await {
@@ -642,8 +644,7 @@ impl Resilience for ResilienceService {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .into();
-        let principal = super::auth::principal(&req);
-        let tenant = tenant::of(&req);
+        let caller = Arc::new(Caller::of(&req));
         let limiter = self.limiter(&req);
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<proto::DecideResponse, Status>>(256);
@@ -681,16 +682,7 @@ impl Resilience for ResilienceService {
                 }
                 if !concurrent {
                     if tx
-                        .send(Ok(svc
-                            .decide_within(
-                                r,
-                                &stream_parent,
-                                Who {
-                                    principal: principal.as_deref(),
-                                    tenant: tenant.as_deref(),
-                                },
-                            )
-                            .await))
+                        .send(Ok(svc.decide_within(r, &stream_parent, caller.who()).await))
                         .await
                         .is_err()
                     {
@@ -711,13 +703,9 @@ impl Resilience for ResilienceService {
                     continue;
                 };
                 let (svc, tx, stream_parent) = (svc.clone(), tx.clone(), stream_parent.clone());
-                let (principal, tenant) = (principal.clone(), tenant.clone());
+                let caller = caller.clone();
                 tokio::spawn(async move {
-                    let who = Who {
-                        principal: principal.as_deref(),
-                        tenant: tenant.as_deref(),
-                    };
-                    let resp = svc.decide_within(r, &stream_parent, who).await;
+                    let resp = svc.decide_within(r, &stream_parent, caller.who()).await;
                     let _ = tx.send(Ok(resp)).await;
                     drop(slot);
                 });

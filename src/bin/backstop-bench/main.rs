@@ -16,7 +16,10 @@
 //! backstop-bench soak --duration 10m --kill-every 15s   # chaos soak (see soak.rs)
 //! ```
 
+#[path = "../shared/backstop_bin.rs"]
+mod backstop_bin;
 mod baseline;
+use backstop_bin::backstop_bin;
 mod load;
 mod redis_peer;
 mod soak;
@@ -173,24 +176,6 @@ fn spawn_listening(mut cmd: Command, what: &str, dir: Option<TempDir>) -> Result
         addr,
         _dir: dir,
     })
-}
-
-/// The `backstop` binary: the one given, else the one built beside this
-/// load generator (shared by the load runs and the soak).
-fn backstop_bin(given: Option<&PathBuf>) -> Result<PathBuf, String> {
-    if let Some(p) = given {
-        return Ok(p.clone());
-    }
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let p = me.with_file_name("backstop");
-    if p.exists() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "no backstop binary next to {}; build it (cargo build --release) or pass --backstop-bin",
-            me.display()
-        ))
-    }
 }
 
 fn start_backstop(args: &RunArgs, max_targets: usize) -> Result<Proc, String> {

@@ -20,6 +20,9 @@
 //! ```
 
 mod agents;
+#[path = "../shared/backstop_bin.rs"]
+mod backstop_bin;
+use backstop_bin::backstop_bin;
 mod plot;
 mod provider;
 mod report;
@@ -104,22 +107,6 @@ impl Drop for Proc {
         if let Some(d) = &self.dir {
             let _ = std::fs::remove_dir_all(d);
         }
-    }
-}
-
-fn backstop_bin(given: Option<&PathBuf>) -> Result<PathBuf, String> {
-    if let Some(p) = given {
-        return Ok(p.clone());
-    }
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let p = me.with_file_name("backstop");
-    if p.exists() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "no backstop binary next to {}; build it or pass --backstop-bin",
-            me.display()
-        ))
     }
 }
 
