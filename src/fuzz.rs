@@ -59,6 +59,13 @@ fn permit_from(data: &[u8]) -> Permit {
         slot: (u64_at(data, 3) >> 8) as u8,
         reserved_tokens: u64_at(data, 4),
         reserved_spend: u64_at(data, 7) & 0xffff_ffff,
+        // Scopes are written only with money reserved.
+        scopes: if u64_at(data, 7) & 0xffff_ffff == 0 {
+            [0; 3]
+        } else {
+            let s = u64_at(data, 8);
+            [(s as u32).max(1), (s >> 32) as u32, 0]
+        },
         issued_ms: u64_at(data, 5),
         expires_ms: u64_at(data, 6),
         tag: tag(name_hash(TARGET)),

@@ -5,8 +5,8 @@
 //! engine over the `RedisBackend` on a real `redis-server`, with the same
 //! injected clock and the same jitter sequence. Every answer (allowed,
 //! reason, state, retry_after, permit generation and probe flag, advice,
-//! route choice and skips) and every target's full state after every step
-//! must be identical.
+//! route choice and skips) and every target's full state (and every route
+//! and caller spend limit's level) after every step must be identical.
 //!
 //! This is the defence against the cluster path drifting from the embedded
 //! one: both decide with the same pure functions, but the Redis backend
@@ -64,6 +64,9 @@ budgets = ["shared"]
 max_concurrency = 2
 [routes.main]
 targets = ["g1", "g2", "t"]
+spend_per_hour = 0.04
+[callers.diff]
+spend_per_hour = 0.06
 "#;
 
 #[derive(Clone, Debug)]
@@ -184,6 +187,8 @@ impl Pair {
             l += &format!("{t}: {:?}\n", self.local.get_target(t).await.ok());
             r += &format!("{t}: {:?}\n", self.redis.get_target(t).await.ok());
         }
+        l += &format!("spend: {:?}\n", self.local.spend_levels());
+        r += &format!("spend: {:?}\n", self.redis.spend_levels());
         (l, r)
     }
 
@@ -202,6 +207,7 @@ impl Pair {
                     attempt,
                     priority: backstop::domain::budget::Priority::ALL[priority],
                     max_output_tokens: tokens / 2,
+                    spend_scoped: false,
                 };
                 let l = self.local.can_proceed(TARGETS[target], args).await;
                 let r = self.redis.can_proceed(TARGETS[target], args).await;

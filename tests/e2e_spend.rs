@@ -164,9 +164,258 @@ async fn spend_is_reserved_refused_settled_and_shown() {
     // The metric counts settled money.
     let m = s.http_get("/metrics", &[]).1;
     assert!(
-        m.contains("backstop_spend_total{target=\"m\"} 0.0045"),
+        m.contains("backstop_spend_total{target=\"m\",caller=\"\"} 0.0045"),
         "{m}"
     );
+}
+
+/// Limits wider than a target: half a cent an hour through route `cheap`,
+/// a cent an hour for caller `bot`, two cents an hour for tenant `acme`
+/// (every `acme/` target). All at $3 / $15 per million tokens.
+const SCOPES: &str = r#"
+[tenants.acme]
+spend_per_hour = 0.02
+[callers."bot"]
+spend_per_hour = 0.01
+[routes.cheap]
+targets = ["acme/a", "acme/b"]
+spend = 0.005
+window = "1h"
+[targets."acme/a"]
+cost_per_mtok_input = 3.0
+cost_per_mtok_output = 15.0
+[targets."acme/b"]
+cost_per_mtok_input = 3.0
+cost_per_mtok_output = 15.0
+[targets."acme/c"]
+cost_per_mtok_input = 3.0
+cost_per_mtok_output = 15.0
+[targets.free]
+"#;
+
+fn route(caller: &str, input: u64) -> proto::RouteRequest {
+    proto::RouteRequest {
+        route: "cheap".into(),
+        caller: caller.into(),
+        estimated_tokens: input,
+        ..Default::default()
+    }
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+/// A route's, a caller's and a tenant's spend limits hold across every
+/// target they span: reserved at admission (all or nothing), refused with
+/// SPEND_LIMIT naming the scope, settled with the real tokens through the
+/// permit, shown in metrics, and kept across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_caller_and_tenant_limits_span_targets() {
+    let s = Server::start(SCOPES, &[]);
+    let mut events = s.sse("/events?kinds=spend_limit_reached", &[]);
+    assert_eq!(next_sse(&mut events).expect("snapshot").event, "snapshot");
+    let mut c = s.resilience().await;
+
+    // Route: 1000 in = 0.3 cents of the route's 0.5; a second does not fit
+    // on either member (each would take the route past its limit).
+    let first = c.route(route("", 1000)).await.expect("route").into_inner();
+    assert_eq!(first.target, "acme/a", "{first:?}");
+    let no = c.route(route("", 1000)).await.expect("route").into_inner();
+    assert!(no.target.is_empty(), "{no:?}");
+    let reasons: Vec<(&str, proto::Reason)> = no
+        .skipped
+        .iter()
+        .map(|k| (k.target.as_str(), k.reason()))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("acme/a", proto::Reason::SpendLimit),
+            ("acme/b", proto::Reason::SpendLimit)
+        ]
+    );
+    // 0.1 cents missing of 0.5 an hour: a fifth of the hour.
+    let wait = secs(&no.retry_after);
+    assert!(wait > 715.0 && wait <= 720.0, "{wait}");
+    let e = next_sse(&mut events).expect("route event");
+    let v: serde_json::Value = serde_json::from_str(&e.data).expect("json");
+    assert_eq!(v["scope"].as_str(), Some("route:cheap"), "{v}");
+    assert_eq!(v["limit"].as_f64(), Some(0.005));
+    // The same target asked directly is not the route's business.
+    let direct = c
+        .can_proceed(ask("acme/a", 1000, 0))
+        .await
+        .expect("ok")
+        .into_inner();
+    assert!(direct.allowed, "{direct:?}");
+
+    // The routed call really used 100 tokens in: 0.03 cents; 0.27 comes
+    // back to the route (and the tenant), so the route has room again.
+    let out = c
+        .record_outcome(proto::RecordOutcomeRequest {
+            target: "acme/a".into(),
+            permit: first.permit,
+            outcome: proto::OutcomeClass::Success as i32,
+            input_tokens: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("record")
+        .into_inner();
+    assert!((out.cost - 0.0003).abs() < 1e-12, "{}", out.cost);
+    let again = c.route(route("", 1000)).await.expect("route").into_inner();
+    assert_eq!(again.target, "acme/a", "{again:?}");
+
+    // Caller: a cent an hour across targets; three 0.3-cent calls fit,
+    // a fourth refuses naming the caller, on any target.
+    let mut bot_permits = Vec::new();
+    for t in ["acme/c", "acme/a", "acme/c"] {
+        let a = c
+            .can_proceed(proto::CanProceedRequest {
+                caller: "bot".into(),
+                ..ask(t, 1000, 0)
+            })
+            .await
+            .expect("ok")
+            .into_inner();
+        assert!(a.allowed, "{t}: {a:?}");
+        bot_permits.push((t, a.permit));
+    }
+    let r = c
+        .can_proceed(proto::CanProceedRequest {
+            caller: "bot".into(),
+            ..ask("acme/c", 1000, 0)
+        })
+        .await
+        .expect("ok")
+        .into_inner();
+    assert_eq!(r.reason(), proto::Reason::SpendLimit, "{r:?}");
+    let e = next_sse(&mut events).expect("caller event");
+    let v: serde_json::Value = serde_json::from_str(&e.data).expect("json");
+    assert_eq!(
+        (v["scope"].as_str(), v["target"].as_str()),
+        (Some("caller:bot"), Some("acme/c"))
+    );
+    // Another caller is not held back by bot's limit (the tenant has room:
+    // 0.03 + 0.3 (route) + 0.3 (direct) + 0.9 (bot) = 1.53 of 2 cents).
+    let other = c
+        .can_proceed(proto::CanProceedRequest {
+            caller: "someone".into(),
+            ..ask("acme/c", 1000, 0)
+        })
+        .await
+        .expect("ok")
+        .into_inner();
+    assert!(other.allowed, "{other:?}");
+    // Tenant: 1.83 of 2 cents now; 0.3 more refuses naming the tenant,
+    // whoever asks and whichever acme target; other tenants' (and
+    // tenant-less) targets are not affected.
+    let r = c
+        .can_proceed(ask("acme/b", 1000, 0))
+        .await
+        .expect("ok")
+        .into_inner();
+    assert_eq!(r.reason(), proto::Reason::SpendLimit, "{r:?}");
+    let e = next_sse(&mut events).expect("tenant event");
+    let v: serde_json::Value = serde_json::from_str(&e.data).expect("json");
+    assert_eq!(v["scope"].as_str(), Some("tenant:acme"), "{v}");
+    assert!(
+        c.can_proceed(ask("free", 1000, 0))
+            .await
+            .expect("ok")
+            .into_inner()
+            .allowed
+    );
+
+    // bot's first call settles at its real cost with bot's label.
+    let (t, p) = bot_permits.remove(0);
+    c.record_outcome(proto::RecordOutcomeRequest {
+        target: t.into(),
+        permit: p,
+        outcome: proto::OutcomeClass::Success as i32,
+        input_tokens: 1000,
+        output_tokens: 100,
+        caller: "bot".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("record");
+    let m = s.http_get("/metrics", &[]).1;
+    assert!(
+        (metric(&m, "backstop_spend_total{target=\"acme/c\",caller=\"bot\"}") - 0.0045).abs()
+            < 1e-9,
+        "{m}"
+    );
+    assert!(
+        (metric(&m, "backstop_spend_scope_spent{scope=\"caller:bot\"}") - 0.0045).abs() < 1e-9,
+        "{m}"
+    );
+    assert!(
+        (metric(&m, "backstop_spend_scope_spent{scope=\"route:cheap\"}") - 0.0003).abs() < 1e-9,
+        "{m}"
+    );
+    // bot: 0.45 settled + 0.6 reserved = 1.05 of 1 cent: in debt.
+    assert!(
+        metric(&m, "backstop_spend_scope_remaining{scope=\"caller:bot\"}") < 0.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "backstop_spend_scope_refusals_total{scope=\"tenant:acme\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+
+    // A restart on the same data (graceful: levels are written behind, at
+    // most a second old after a crash, like budget levels): the money stays spent.
+    drop(c);
+    drop(events);
+    let mut s = s;
+    assert!(s.terminate().success());
+    let s = Server::start_in(s.into_dir(), SCOPES, &[]);
+    let mut c = s.resilience().await;
+    let r = c
+        .can_proceed(proto::CanProceedRequest {
+            caller: "bot".into(),
+            ..ask("acme/c", 1000, 0)
+        })
+        .await
+        .expect("ok")
+        .into_inner();
+    assert_eq!(
+        r.reason(),
+        proto::Reason::SpendLimit,
+        "after a restart: {r:?}"
+    );
+}
+
+/// Scope limits are checked like a target's: amounts, windows, names.
+#[test]
+fn scope_limits_are_validated() {
+    for (toml, needle) in [
+        ("[callers.bot]\n", "sets no limit"),
+        ("[callers.bot]\nspend = 1.0\n", "needs a window"),
+        ("[callers.bot]\nspend_per_day = -1.0\n", "above 0"),
+        (
+            "[tenants.a]\nspend_per_day = 1.0\nspend_per_hour = 1.0\n",
+            "set one of",
+        ),
+        (
+            "[targets.t]\n[routes.r]\ntargets = [\"t\"]\nwindow = \"1h\"\n",
+            "window is set but spend is not",
+        ),
+    ] {
+        let e = backstop::config::Config::parse(toml, "t.toml").expect_err(toml);
+        assert!(e.to_string().contains(needle), "{toml}: {e}");
+    }
+    let ok = backstop::config::Config::parse(SCOPES, "t.toml").expect("valid");
+    let mut keys: Vec<&str> = ok.spend_scopes.values().map(|s| s.key.as_ref()).collect();
+    keys.sort();
+    assert_eq!(keys, vec!["caller:bot", "route:cheap", "tenant:acme"]);
 }
 
 #[test]
@@ -174,4 +423,77 @@ fn a_spend_limit_on_an_unpriced_target_is_a_config_error() {
     let e = backstop::config::Config::parse("[targets.free]\nspend_per_day = 1.0\n", "t.toml")
         .expect_err("unpriced");
     assert!(e.to_string().contains("cost_per_mtok"), "{e}");
+}
+
+/// Cluster mode: two replicas on one real Redis share a caller's limit.
+/// Twenty concurrent reservations spread over both admit exactly what the
+/// limit holds (compare-and-set on the shared cell, not a per-replica
+/// share), and a permit from one replica settles on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_scope_limits_through_redis() {
+    let redis = common::Redis::start();
+    let a = Server::start_replica(SCOPES, &redis.url(), &[]).await;
+    let b = Server::start_replica(SCOPES, &redis.url(), &[]).await;
+    let (ca, cb) = (a.resilience().await, b.resilience().await);
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let mut c = if i % 2 == 0 { ca.clone() } else { cb.clone() };
+        calls.push(tokio::spawn(async move {
+            let r = c
+                .can_proceed(proto::CanProceedRequest {
+                    caller: "bot".into(),
+                    ..ask("acme/c", 1000, 0)
+                })
+                .await
+                .expect("ok")
+                .into_inner();
+            (i % 2, r)
+        }));
+    }
+    let mut allowed = Vec::new();
+    for h in calls {
+        let (replica, r) = h.await.expect("task");
+        if r.allowed {
+            allowed.push((replica, r.permit));
+        } else {
+            assert_eq!(r.reason(), proto::Reason::SpendLimit, "{r:?}");
+            assert!(!r.degraded);
+        }
+    }
+    // 0.3 cents each of a cent an hour: three, fleet-wide.
+    assert_eq!(allowed.len(), 3, "{allowed:?}");
+    // One admitted on a settles on b at a tenth of its reservation: room
+    // for one more, on either replica.
+    let (from, permit) = allowed.remove(0);
+    let mut other = if from == 0 { cb.clone() } else { ca.clone() };
+    other
+        .record_outcome(proto::RecordOutcomeRequest {
+            target: "acme/c".into(),
+            permit,
+            outcome: proto::OutcomeClass::Success as i32,
+            input_tokens: 100,
+            caller: "bot".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("record");
+    let mut c = if from == 0 { ca.clone() } else { cb.clone() };
+    let more = c
+        .can_proceed(proto::CanProceedRequest {
+            caller: "bot".into(),
+            ..ask("acme/c", 1000, 0)
+        })
+        .await
+        .expect("ok")
+        .into_inner();
+    assert!(more.allowed, "the refund made room: {more:?}");
+    let full = c
+        .can_proceed(proto::CanProceedRequest {
+            caller: "bot".into(),
+            ..ask("acme/c", 1000, 0)
+        })
+        .await
+        .expect("ok")
+        .into_inner();
+    assert_eq!(full.reason(), proto::Reason::SpendLimit);
 }

@@ -406,7 +406,48 @@ pub struct RouteToml {
     pub explore: Option<Spanned<f64>>,
     /// `lowest_cost`: output tokens to price when a request does not say.
     pub expected_output_tokens: Option<u64>,
+    /// Money per `window` (in the currency of the prices), or per day / hour.
+    pub spend: Option<Spanned<f64>>,
+    pub window: Option<Dur>,
+    pub spend_per_day: Option<Spanned<f64>>,
+    pub spend_per_hour: Option<Spanned<f64>>,
 }
+
+/// One `[callers."<name>"]` entry.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct CallerToml {
+    /// Money per `window` (in the currency of the prices), or per day / hour.
+    pub spend: Option<Spanned<f64>>,
+    pub window: Option<Dur>,
+    pub spend_per_day: Option<Spanned<f64>>,
+    pub spend_per_hour: Option<Spanned<f64>>,
+}
+
+/// Routes, callers and tenants take the same spend keys (`spend` with
+/// `window`, `spend_per_hour` or `spend_per_day`).
+pub trait HasSpend {
+    /// (spend, spend_per_day, spend_per_hour), and the window of `spend`.
+    fn spend_keys(&self) -> ([Option<&Spanned<f64>>; 3], Option<Dur>);
+}
+
+macro_rules! has_spend {
+    ($($t:ty),*) => {$(
+        impl HasSpend for $t {
+            fn spend_keys(&self) -> ([Option<&Spanned<f64>>; 3], Option<Dur>) {
+                (
+                    [
+                        self.spend.as_ref(),
+                        self.spend_per_day.as_ref(),
+                        self.spend_per_hour.as_ref(),
+                    ],
+                    self.window,
+                )
+            }
+        }
+    )*};
+}
+has_spend!(RouteToml, CallerToml, TenantToml);
 
 /// `[auth]`: principals with roles (see `grpc/auth.rs`).
 #[derive(Deserialize, Debug, Default)]
@@ -442,6 +483,17 @@ pub struct TenantToml {
     /// Names (targets, routes, queues) starting with it belong to the
     /// tenant (default: "<name>/").
     pub prefix: Option<Spanned<String>>,
+    /// Targets the tenant may hold (within the server's `max_targets`).
+    pub max_targets: Option<Positive>,
+    /// Bytes of payload the tenant's queues may hold (within the server's).
+    pub max_queue_bytes: Option<Positive>,
+    /// Watch streams the tenant's principals may hold open at once.
+    pub max_watchers: Option<Positive>,
+    /// Money per `window` (in the currency of the prices), or per day / hour.
+    pub spend: Option<Spanned<f64>>,
+    pub window: Option<Dur>,
+    pub spend_per_day: Option<Spanned<f64>>,
+    pub spend_per_hour: Option<Spanned<f64>>,
 }
 
 /// One `[[auth.principals]]` entry.

@@ -327,7 +327,53 @@ pub struct RouteSettings {
     pub weights: Vec<f64>,
     pub explore: f64,
     pub expected_output_tokens: u64,
+    /// Money calls through this route may spend (`spend` + `window`,
+    /// `spend_per_hour`, `spend_per_day` on the route).
+    pub spend: Option<Arc<SpendScope>>,
 }
+
+/// A spend limit wider than one target: a route's, a caller's or a
+/// tenant's. Checked by the engine beside the target's own limits and kept
+/// by the decision backend like them (reserved at admission, settled at
+/// the outcome with the real tokens).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpendScope {
+    /// `route:<name>`, `caller:<name>` or `tenant:<name>`: its name in
+    /// events, metrics, storage and Redis keys.
+    pub key: Arc<str>,
+    pub limit: crate::domain::budget::Rate,
+    /// 32 bits of the key's hash: what a permit carries to find the scope
+    /// again when its outcome settles (checked unique when the config loads).
+    pub hash: u32,
+}
+
+impl SpendScope {
+    pub fn new(kind: &str, name: &str, limit: crate::domain::budget::Rate) -> SpendScope {
+        let key = format!("{kind}:{name}");
+        SpendScope {
+            hash: scope_hash(&key),
+            key: Arc::from(key.as_str()),
+            limit,
+        }
+    }
+}
+
+/// The permit's handle on a spend scope (never 0: 0 means "none").
+pub fn scope_hash(key: &str) -> u32 {
+    (crate::domain::unit::name_hash(key) as u32).max(1)
+}
+
+/// `[callers."<name>"]`: what one caller (the `caller` field of its
+/// requests) may spend, whichever targets and routes it uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallerSettings {
+    pub name: Arc<str>,
+    pub spend: Option<Arc<SpendScope>>,
+}
+
+/// Most callers a config may name (`[callers]` is config-bound so the
+/// `caller` label of the spend metric stays bounded).
+pub const MAX_CALLERS: usize = 10_000;
 
 /// Default exploration share of `lowest_latency` routes.
 pub const DEFAULT_EXPLORE: f64 = 0.05;
@@ -351,6 +397,13 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// `[tenants.<name>]`, by name.
     pub tenants: BTreeMap<String, Arc<Tenant>>,
+    /// `[callers."<name>"]`, by name.
+    pub callers: HashMap<String, Arc<CallerSettings>>,
+    /// Every route, caller and tenant spend limit, by [`SpendScope::hash`].
+    pub spend_scopes: HashMap<u32, Arc<SpendScope>>,
+    /// Tenants with a spend limit (most configs: none, so admission
+    /// skips the prefix checks entirely).
+    pub tenant_spend: Vec<Arc<Tenant>>,
 }
 
 /// What a principal may do. A principal may hold several; `operator`
@@ -413,6 +466,13 @@ pub struct Principal {
 pub struct Tenant {
     pub name: Arc<str>,
     pub prefix: Arc<str>,
+    /// Money all of the tenant's targets together may spend.
+    pub spend: Option<Arc<SpendScope>>,
+    /// Caps (None: only the server's): targets it may hold, bytes of
+    /// payload its queues may hold, Watch streams open at once.
+    pub max_targets: Option<usize>,
+    pub max_queue_bytes: Option<u64>,
+    pub max_watchers: Option<usize>,
 }
 
 impl Tenant {
@@ -443,6 +503,9 @@ impl Default for Config {
             groups: Vec::new(),
             auth: None,
             tenants: BTreeMap::new(),
+            callers: HashMap::new(),
+            spend_scopes: HashMap::new(),
+            tenant_spend: Vec::new(),
         }
     }
 }

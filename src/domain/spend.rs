@@ -119,6 +119,45 @@ impl Spend {
     }
 }
 
+/// Reserves `cost` against several limits at once, all or nothing (a
+/// route's, a caller's and a tenant's: see `config::SpendScope`). On a
+/// refusal nothing is taken, and the answer names the limit that waits
+/// longest (the one the call must wait for) with whether it only now
+/// started refusing (its edge flag: the event fires once per episode).
+pub fn reserve_all(cells: &mut [(&mut Spend, &Rate)], now: Time, cost: u64) -> Result<(), Refusal> {
+    let mut tats = Vec::with_capacity(cells.len());
+    let mut worst: Option<(usize, Duration)> = None;
+    for (i, (spend, limit)) in cells.iter().enumerate() {
+        match spend.check(now, limit, cost, 0) {
+            Ok(tat) => tats.push(tat),
+            Err(wait) => {
+                if worst.is_none_or(|(_, w)| wait > w) {
+                    worst = Some((i, wait));
+                }
+            }
+        }
+    }
+    if let Some((index, wait)) = worst {
+        let first = !std::mem::replace(&mut cells[index].0.limited, true);
+        return Err(Refusal { index, wait, first });
+    }
+    for ((spend, _), tat) in cells.iter_mut().zip(tats) {
+        spend.commit(tat);
+    }
+    Ok(())
+}
+
+/// Why [`reserve_all`] refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Which limit (index into the cells).
+    pub index: usize,
+    /// When it frees enough for the call.
+    pub wait: Duration,
+    /// It was not refusing before this call.
+    pub first: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +231,37 @@ mod tests {
         let mut free = Spend::default();
         free.settle(T0, None, 0, 42);
         assert_eq!(free.total_micros, 42);
+    }
+
+    /// Three limits: one that is short refuses the call, nothing is taken
+    /// from the others, the refusal names the one that waits longest and
+    /// says "first" only once; once it frees, all three are charged.
+    #[test]
+    fn reserve_all_is_all_or_nothing() {
+        let (roomy, tight) = (per_hour(10.0), per_hour(1.0));
+        let (mut a, mut b, mut c) = (Spend::default(), Spend::default(), Spend::default());
+        let tat = b.check(T0, &tight, 900_000, 0).expect("fits");
+        b.commit(tat);
+        let mut cells = [(&mut a, &roomy), (&mut b, &tight), (&mut c, &roomy)];
+        let r = reserve_all(&mut cells, T0, 500_000).expect_err("b is short");
+        assert_eq!((r.index, r.first), (1, true));
+        assert_eq!(
+            r.wait,
+            Duration::from_secs(1440),
+            "40 cents of an hour's dollar"
+        );
+        let again = reserve_all(&mut cells, T0, 500_000).expect_err("still short");
+        assert!(!again.first, "the edge fires once");
+        assert!(
+            (a.available(T0, &roomy) - 10_000_000.0).abs() < 1.0,
+            "a untouched"
+        );
+        let later = T0 + Duration::from_secs(1440);
+        let mut cells = [(&mut a, &roomy), (&mut b, &tight), (&mut c, &roomy)];
+        reserve_all(&mut cells, later, 500_000).expect("fits now");
+        assert!(!b.limited, "admitting clears the edge");
+        assert!((a.available(later, &roomy) - 9_500_000.0).abs() < 1.0);
+        assert!((c.available(later, &roomy) - 9_500_000.0).abs() < 1.0);
     }
 
     #[test]

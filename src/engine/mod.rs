@@ -193,6 +193,27 @@ impl DecisionBackend for Backend {
     async fn views(&self, only: &HashSet<String>, max: usize) -> Vec<TargetView> {
         each!(self, b => DecisionBackend::views(b, only, max).await)
     }
+    async fn reserve_spend(
+        &self,
+        scopes: &[Arc<crate::config::SpendScope>],
+        cost: u64,
+    ) -> Result<backend::SpendAnswer> {
+        each!(self, b => DecisionBackend::reserve_spend(b, scopes, cost).await)
+    }
+    async fn settle_spend(
+        &self,
+        scopes: &[Arc<crate::config::SpendScope>],
+        reserved: u64,
+        actual: u64,
+    ) -> Result<()> {
+        each!(self, b => DecisionBackend::settle_spend(b, scopes, reserved, actual).await)
+    }
+    fn spend_levels(
+        &self,
+        scopes: &[Arc<crate::config::SpendScope>],
+    ) -> Vec<backend::ledger::ScopeLevel> {
+        each!(self, b => DecisionBackend::spend_levels(b, scopes))
+    }
     fn ensure(&self, target: &str) -> Result<()> {
         each!(self, b => DecisionBackend::ensure(b, target))
     }
@@ -598,6 +619,7 @@ impl Engine {
             config.telemetry.max_target_labels,
             config.telemetry.latency_buckets.clone(),
         ));
+        metrics.set_callers(config.callers.keys());
         (events, metrics)
     }
 
@@ -749,6 +771,7 @@ impl Engine {
     /// and returns the Prometheus text exposition.
     pub fn render_metrics(&self) -> String {
         self.backend.refresh_gauges();
+        self.metrics.set_scope_levels(&self.spend_levels());
         let stats = match &self.queue {
             Queues::Local(q) => q.queue_stats(""),
             // As last read (reading Redis here would make a scrape wait on it).
@@ -758,6 +781,15 @@ impl Engine {
             self.metrics.set_queue(&q.queue, q.depth, q.oldest_age);
         }
         self.metrics.encode()
+    }
+
+    /// Every route, caller and tenant spend limit with its level, by key
+    /// (in cluster mode, as this replica last read or wrote it).
+    pub fn spend_levels(&self) -> Vec<backend::ledger::ScopeLevel> {
+        let mut scopes: Vec<Arc<crate::config::SpendScope>> =
+            self.cfg().spend_scopes.values().cloned().collect();
+        scopes.sort_by(|a, b| a.key.cmp(&b.key));
+        self.backend.spend_levels(&scopes)
     }
 
     /// The embedded store's health as its writer sees it
@@ -907,11 +939,177 @@ impl Engine {
 
     /// May a call go to `target` now? Admission reserves what it needs.
     pub async fn can_proceed(&self, target: &str, args: AdmitArgs<'_>) -> Result<Admission> {
-        let mut adm = self.backend.admit(target, &args).await?;
+        let scopes = self.spend_scopes(target, None, args.caller);
+        let mut adm = self.admit_scoped(target, &args, &scopes).await?;
         self.seal(target, &mut adm);
         self.history
             .admission(target, self.clock.now(), adm.allowed);
         Ok(adm)
+    }
+
+    /// The route, caller and tenant spend limits a call to `target` draws
+    /// on. Most configs have none: then this allocates nothing.
+    fn spend_scopes(
+        &self,
+        target: &str,
+        route: Option<&RouteSettings>,
+        caller: &str,
+    ) -> Vec<Arc<crate::config::SpendScope>> {
+        let c = self.cfg();
+        let mut out = Vec::new();
+        if let Some(s) = route.and_then(|r| r.spend.as_ref()) {
+            out.push(s.clone());
+        }
+        if !caller.is_empty()
+            && let Some(s) = c.callers.get(caller).and_then(|c| c.spend.as_ref())
+        {
+            out.push(s.clone());
+        }
+        // Prefixes never overlap: one tenant at most.
+        if let Some(s) = c
+            .tenant_spend
+            .iter()
+            .find(|t| t.owns(target))
+            .and_then(|t| t.spend.as_ref())
+        {
+            out.push(s.clone());
+        }
+        out
+    }
+
+    /// Admits through the backend, reserving the call's cost against its
+    /// wider spend limits first (they span many admission units, so they
+    /// cannot be decided inside one): a scope that is spent refuses with
+    /// SPEND_LIMIT and the unit is never asked; a unit that refuses gives
+    /// the money back. The permit names the scopes, so the outcome settles
+    /// them with the real cost.
+    async fn admit_scoped(
+        &self,
+        target: &str,
+        args: &AdmitArgs<'_>,
+        scopes: &[Arc<crate::config::SpendScope>],
+    ) -> Result<Admission> {
+        if scopes.is_empty() {
+            return self.backend.admit(target, args).await;
+        }
+        let cost = {
+            let c = self.cfg();
+            let t = c.target(target);
+            crate::domain::spend::Prices {
+                input: t.cost_per_mtok_input,
+                output: t.cost_per_mtok_output,
+            }
+            .micros(args.estimated_tokens, args.max_output_tokens)
+        };
+        if cost > 0 {
+            let ans = self.backend.reserve_spend(scopes, cost).await?;
+            if let Some((scope, r)) = ans.refused {
+                let now = self.clock.now();
+                if r.first {
+                    self.publish(
+                        now,
+                        &Arc::from(target),
+                        EventKind::SpendLimitReached {
+                            scope: scope.key.clone(),
+                            limit: crate::domain::spend::dollars(scope.limit.amount),
+                            window: scope.limit.window,
+                            retry_after: r.wait,
+                        },
+                    );
+                }
+                // The unit was not asked; its breaker state is still worth
+                // telling (a read, on this refusal path only).
+                let state = match self.backend.view(target).await {
+                    Ok(v) => v.state,
+                    Err(_) => crate::domain::breaker::BreakerState::Closed,
+                };
+                self.metrics.scope_refusal(&scope.key);
+                return Ok(Admission {
+                    allowed: false,
+                    reason: Reason::SpendLimit,
+                    state,
+                    retry_after: Some(r.wait),
+                    permit: None,
+                    token: String::new(),
+                    key_slot: None,
+                    shadow_reason: None,
+                    degraded: ans.degraded,
+                });
+            }
+        }
+        let scoped = AdmitArgs {
+            spend_scoped: true,
+            ..*args
+        };
+        let res = self.backend.admit(target, &scoped).await;
+        // Kept only when the permit carries exactly this reservation (a
+        // shadow-mode target reserves nothing: its money comes back too).
+        let kept = matches!(&res, Ok(a) if a.allowed
+            && a.permit.is_some_and(|p| p.reserved_spend == cost));
+        if !kept {
+            if cost > 0
+                && let Err(e) = self.backend.settle_spend(scopes, cost, 0).await
+            {
+                tracing::warn!(target = %target, error = %e, "could not give back a spend reservation");
+            }
+            return res;
+        }
+        let mut adm = res?;
+        if let Some(p) = adm.permit.as_mut() {
+            for (slot, s) in p.scopes.iter_mut().zip(scopes) {
+                *slot = s.hash;
+            }
+        }
+        Ok(adm)
+    }
+
+    /// Settles an outcome's cost against the wider spend limits: those its
+    /// permit names (a reload that dropped one skips it), or, for a report
+    /// without a permit, the caller's and the tenant's (nothing was reserved).
+    async fn settle_scopes(
+        &self,
+        target: &str,
+        permit: Option<&crate::domain::unit::Permit>,
+        report: &OutcomeReport<'_>,
+        settings: &TargetSettings,
+    ) {
+        let c = self.cfg();
+        if c.spend_scopes.is_empty() {
+            return;
+        }
+        let (scopes, reserved) = match permit {
+            Some(p) => (
+                p.scopes
+                    .iter()
+                    .filter(|&&h| h != 0)
+                    .filter_map(|h| c.spend_scopes.get(h).cloned())
+                    .collect::<Vec<_>>(),
+                p.reserved_spend,
+            ),
+            None => {
+                drop(c);
+                (self.spend_scopes(target, None, report.caller), 0)
+            }
+        };
+        if scopes.is_empty() {
+            return;
+        }
+        let reported = report.input_tokens > 0 || report.output_tokens > 0;
+        let actual = if reported {
+            crate::domain::spend::Prices {
+                input: settings.cost_per_mtok_input,
+                output: settings.cost_per_mtok_output,
+            }
+            .micros(report.input_tokens, report.output_tokens)
+        } else {
+            reserved
+        };
+        if actual == 0 && reserved == 0 {
+            return;
+        }
+        if let Err(e) = self.backend.settle_spend(&scopes, reserved, actual).await {
+            tracing::warn!(target = %target, error = %e, "could not settle spend limits");
+        }
     }
 
     /// Signs an admission's permit and clamps budget refusals like pauses.
@@ -1135,6 +1333,8 @@ impl Engine {
         let latency = report.latency;
         let res = self.backend.record(target, args, (self.rng)()).await?;
         if !res.duplicate {
+            self.settle_scopes(target, permit.as_ref(), &report, &settings)
+                .await;
             use OutcomeClass::*;
             let failed = matches!(
                 res.classified_as,
@@ -1200,6 +1400,7 @@ impl Engine {
             attempt: q.attempt,
             priority: q.priority,
             max_output_tokens: q.max_output_tokens,
+            spend_scoped: false,
         };
         let (strategy, explore, expected_output) = match &runtime {
             Some(rt) => (
@@ -1272,7 +1473,12 @@ impl Engine {
         let mut position = 0;
         let mut rest = tries.into_iter().zip(unavailable).enumerate();
         for (i, (cand, _)) in rest.by_ref() {
-            let mut adm = self.backend.admit(&cand.target, &args).await?;
+            let scopes = self.spend_scopes(
+                &cand.target,
+                runtime.as_deref().map(|r| r.settings.as_ref()),
+                q.caller,
+            );
+            let mut adm = self.admit_scoped(&cand.target, &args, &scopes).await?;
             self.history
                 .admission(&cand.target, self.clock.now(), adm.allowed);
             if adm.allowed {

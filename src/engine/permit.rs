@@ -20,10 +20,12 @@
 //! nothing. Replays are handled by the settled-permit memory
 //! (`settled.rs`): the first report of a permit counts, later ones do not.
 //!
-//! Format (hex fields): `2.<tag>.<id>.<gen>.<probe>.<flags>.<reserved>.<issued_ms>.<expires_ms>[.<spend>].<mac>`,
+//! Format (hex fields): `2.<tag>.<id>.<gen>.<probe>.<flags>.<reserved>.<issued_ms>.<expires_ms>[.<spend>[.<scopes>]].<mac>`,
 //! where `flags = slot | leased << 8` and `spend` (money reserved against
 //! spend limits, in micro-units) is written only when not zero, so permits
-//! of targets without prices keep their length. Clients treat it as opaque.
+//! of targets without prices keep their length; `scopes` (the route, caller
+//! and tenant spend limits the money was also reserved against, as 1 to 3
+//! hashes joined by `-`) only when there are any. Clients treat it as opaque.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -61,8 +63,11 @@ impl std::fmt::Display for PermitError {
 const VERSION: &str = "2";
 /// MAC bytes kept (HMAC-SHA256 truncated to 128 bits, as RFC 2104 allows).
 const MAC_LEN: usize = 16;
-/// Longest permit string accepted: 9 u64 fields in hex, a tag, the MAC, dots.
-pub const MAX_PERMIT_LEN: usize = 1 + 9 * 17 + 1 + 2 * MAC_LEN;
+/// Longest permit string accepted: 9 u64 fields in hex, the scopes, a tag,
+/// the MAC, dots.
+pub const MAX_PERMIT_LEN: usize = 1 + 9 * 17 + 1 + SCOPES_LEN + 1 + 2 * MAC_LEN;
+/// Longest scopes field: three 32-bit hashes and two dashes.
+const SCOPES_LEN: usize = 3 * 8 + 2;
 
 /// Signs and verifies permits with the server's key.
 ///
@@ -130,9 +135,15 @@ impl PermitKey {
             buf[n] = b'.';
             n = write_hex(&mut buf, n + 1, v);
         }
-        if p.reserved_spend > 0 {
+        if p.reserved_spend > 0 || p.scopes[0] != 0 {
             buf[n] = b'.';
             n = write_hex(&mut buf, n + 1, p.reserved_spend);
+            let mut first = true;
+            for h in p.scopes.into_iter().filter(|&h| h != 0) {
+                buf[n] = if first { b'.' } else { b'-' };
+                first = false;
+                n = write_hex(&mut buf, n + 1, u64::from(h));
+            }
         }
         let mac = self.mac(target, &buf[..n]);
         buf[n] = b'.';
@@ -178,16 +189,43 @@ impl PermitKey {
         let reserved_tokens = field()?;
         let issued_ms = field()?;
         let expires_ms = field()?;
-        // Optional: present only when money was reserved (never as 0).
-        let reserved_spend = match parts.next() {
+        // Optional: present only when money was reserved, or scopes follow
+        // (0 only then: a call without an estimate still settles its scopes).
+        let spend_field = parts.next();
+        let reserved_spend = match spend_field {
             None => 0,
             Some(p) => {
-                if p.is_empty() || p.len() > 16 || p == "0" {
+                if p.is_empty() || p.len() > 16 {
                     return Err(PermitError::Malformed("malformed field"));
                 }
                 u64::from_str_radix(p, 16).map_err(|_| PermitError::Malformed("malformed field"))?
             }
         };
+        // Optional, after the spend: the wider limits it was reserved against.
+        let mut scopes = [0u32; 3];
+        let scopes_field = parts.next();
+        if spend_field == Some("0") && scopes_field.is_none() {
+            return Err(PermitError::Malformed("malformed field"));
+        }
+        if let Some(p) = scopes_field {
+            if p.is_empty() {
+                return Err(PermitError::Malformed("malformed field"));
+            }
+            let mut hashes = p.split('-');
+            for slot in scopes.iter_mut() {
+                let Some(h) = hashes.next() else { break };
+                if h.is_empty() || h.len() > 8 {
+                    return Err(PermitError::Malformed("malformed field"));
+                }
+                *slot = u32::from_str_radix(h, 16)
+                    .ok()
+                    .filter(|&h| h != 0)
+                    .ok_or(PermitError::Malformed("malformed field"))?;
+            }
+            if hashes.next().is_some() {
+                return Err(PermitError::Malformed("malformed field"));
+            }
+        }
         if parts.next().is_some() {
             return Err(PermitError::Malformed("too many fields"));
         }
@@ -211,6 +249,7 @@ impl PermitKey {
             slot: (flags & 0xff) as u8,
             reserved_tokens,
             reserved_spend,
+            scopes,
             issued_ms,
             expires_ms,
             tag,
@@ -254,10 +293,49 @@ mod tests {
             slot: 2,
             reserved_tokens: 12_000,
             reserved_spend: 875,
+            scopes: [0; 3],
             issued_ms: 1_700_000_000_000,
             expires_ms: 1_700_000_120_000,
             tag: 0xbeef,
         }
+    }
+
+    /// Scopes follow the spend: one to three non-zero hashes; a scope
+    /// field without money, an empty or zero hash, or a fourth hash is
+    /// refused before the MAC is even checked.
+    #[test]
+    fn scopes_ride_after_the_spend_and_round_trip() {
+        let k = PermitKey::new(b"0123456789abcdef0123456789abcdef");
+        for scopes in [[7, 0, 0], [1, 0xffff_ffff, 0], [0xdead_beef, 2, 3]] {
+            let p = Permit { scopes, ..sample() };
+            let s = k.sign("t", &p);
+            assert!(s.len() <= MAX_PERMIT_LEN, "{}", s.len());
+            assert_eq!(s.split('.').count(), 12, "{s}");
+            assert_eq!(k.verify("t", 0xbeef, &s), Ok(p));
+        }
+        let (body, _) = k
+            .sign("t", &sample())
+            .rsplit_once('.')
+            .map(|(b, m)| (b.to_string(), m.to_string()))
+            .unwrap_or_default();
+        for bad in ["", "0", "1-", "1-2-3-4", "123456789", "x"] {
+            let forged = format!("{body}.{bad}.{}", "00".repeat(MAC_LEN));
+            assert_eq!(
+                k.verify("t", 0xbeef, &forged),
+                Err(PermitError::Malformed("malformed field")),
+                "{bad:?}"
+            );
+        }
+        // Scopes without money (a call without an estimate): the spend
+        // field is written as 0 so the scopes can follow.
+        let free = Permit {
+            reserved_spend: 0,
+            scopes: [9, 0, 0],
+            ..sample()
+        };
+        let s = k.sign("t", &free);
+        assert!(s.contains(".0.9."), "{s}");
+        assert_eq!(k.verify("t", 0xbeef, &s), Ok(free));
     }
 
     /// Money reserved adds a ninth field; without any the permit keeps its

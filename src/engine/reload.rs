@@ -95,6 +95,7 @@ impl Engine {
         self.refuse_unsafe(&old, &new).await?;
         self.metrics
             .set_max_target_labels(new.telemetry.max_target_labels);
+        self.metrics.set_callers(new.callers.keys());
         let new = Arc::new(new);
         let diff = diff_targets(&old, &new);
         let (added, removed, changed) = match &self.backend {

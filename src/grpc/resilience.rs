@@ -107,6 +107,7 @@ impl ResilienceService {
             attempt: r.attempt,
             priority: crate::wire::priority_from(r.priority).map_err(Status::invalid_argument)?,
             max_output_tokens: r.max_output_tokens,
+            spend_scoped: false,
         };
         let adm = self
             .engine

@@ -56,6 +56,10 @@ mod tests {
         Tenant {
             name: "a".into(),
             prefix: "a/".into(),
+            spend: None,
+            max_targets: None,
+            max_queue_bytes: None,
+            max_watchers: None,
         }
     }
 

@@ -31,6 +31,19 @@ struct TargetLabel {
     target: String,
 }
 
+/// Spend by target and caller (`caller` is one of `[callers]`, or empty:
+/// config-bound, so the label stays bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetCaller {
+    target: String,
+    caller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabel {
+    scope: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetReason {
     target: String,
@@ -103,7 +116,11 @@ pub struct TargetMetrics {
     outcomes: Vec<Counter>,
     latency: AtomicHistogram,
     state: Gauge,
+    /// Spend with no caller label (the caller is not in `[callers]`).
     spend: Counter<f64, AtomicU64>,
+    spend_by_caller: Family<TargetCaller, Counter<f64, AtomicU64>>,
+    /// The `[callers]` names (replaced by a reload).
+    callers: Arc<arc_swap::ArcSwap<std::collections::HashSet<String>>>,
     /// The adaptive concurrency gauge, created on the first learned limit
     /// (targets with fixed limits never get a series).
     adaptive: std::sync::OnceLock<Gauge>,
@@ -115,15 +132,31 @@ impl TargetMetrics {
         self.attempts[usize::from(attempt > 0)].inc();
     }
 
-    /// An outcome, with what the call cost (in micro-units of the prices' currency).
-    pub fn outcome(&self, class: OutcomeClass, latency: Option<Duration>, cost_micros: u64) {
+    /// An outcome, with what the call cost (in micro-units of the prices'
+    /// currency) and who reported it (a label only if in `[callers]`).
+    pub fn outcome(
+        &self,
+        class: OutcomeClass,
+        latency: Option<Duration>,
+        cost_micros: u64,
+        caller: &str,
+    ) {
         self.outcomes[class.index()].inc();
         if let Some(l) = latency {
             self.latency.observe(l);
         }
         if cost_micros > 0 {
-            self.spend
-                .inc_by(crate::domain::spend::dollars(cost_micros));
+            let dollars = crate::domain::spend::dollars(cost_micros);
+            if !caller.is_empty() && self.callers.load().contains(caller) {
+                self.spend_by_caller
+                    .get_or_create(&TargetCaller {
+                        target: self.label.to_string(),
+                        caller: caller.to_string(),
+                    })
+                    .inc_by(dollars);
+            } else {
+                self.spend.inc_by(dollars);
+            }
         }
     }
 }
@@ -154,8 +187,12 @@ pub struct Metrics {
     route_exhausted: Family<RouteLabel, Counter>,
     rpc_duration: Family<MethodLabel, AtomicHistogram>,
     pub(crate) budget_remaining: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    scope_remaining: Family<ScopeLabel, Gauge<f64, AtomicU64>>,
+    scope_spent: Family<ScopeLabel, Gauge<f64, AtomicU64>>,
+    scope_refusals: Family<ScopeLabel, Counter>,
+    callers: Arc<arc_swap::ArcSwap<std::collections::HashSet<String>>>,
     /// Money spent per target.
-    spend: Family<TargetLabel, Counter<f64, AtomicU64>>,
+    spend: Family<TargetCaller, Counter<f64, AtomicU64>>,
     subscribers: Gauge,
     queue_depth: Family<QueueLabel, Gauge>,
     queue_oldest: Family<QueueLabel, Gauge<f64, AtomicU64>>,
@@ -224,11 +261,29 @@ impl Metrics {
         let rpc_duration = Family::<MethodLabel, AtomicHistogram>::default();
         let budget_remaining = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
         let subscribers = Gauge::default();
-        let spend = Family::<TargetLabel, Counter<f64, AtomicU64>>::default();
+        let spend = Family::<TargetCaller, Counter<f64, AtomicU64>>::default();
         registry.register(
             "spend",
-            "Money spent per target at its configured prices (cost_per_mtok_*), from settled outcomes",
+            "Money spent per target (and caller, for callers named in [callers]) at the target's configured prices (cost_per_mtok_*), from settled outcomes",
             spend.clone(),
+        );
+        let scope_remaining = Family::<ScopeLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "spend_scope_remaining",
+            "Money a route, caller or tenant spend limit (scope = route:<name>, caller:<name>, tenant:<name>) may still reserve now (negative in debt)",
+            scope_remaining.clone(),
+        );
+        let scope_refusals = Family::<ScopeLabel, Counter>::default();
+        registry.register(
+            "spend_scope_refusals",
+            "Admissions refused with SPEND_LIMIT by a route, caller or tenant spend limit (the target's own decisions metric does not count these: its unit was not asked)",
+            scope_refusals.clone(),
+        );
+        let scope_spent = Family::<ScopeLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "spend_scope_spent",
+            "Money settled against a route, caller or tenant spend limit since its cell was created",
+            scope_spent.clone(),
         );
         let queue_depth = Family::<QueueLabel, Gauge>::default();
         let queue_oldest = Family::<QueueLabel, Gauge<f64, AtomicU64>>::default();
@@ -397,6 +452,10 @@ impl Metrics {
             rpc_duration,
             budget_remaining,
             spend,
+            scope_remaining,
+            scope_spent,
+            scope_refusals,
+            callers: Default::default(),
             subscribers,
             queue_depth,
             queue_oldest,
@@ -413,6 +472,8 @@ impl Metrics {
                 latency: AtomicHistogram::with_bounds(latency_buckets),
                 state: Gauge::default(),
                 spend: Counter::default(),
+                spend_by_caller: Default::default(),
+                callers: Default::default(),
                 adaptive: Default::default(),
             }),
             rpc_handles: Vec::new(),
@@ -488,7 +549,15 @@ impl Metrics {
                     })
                     .clone()
             },
-            spend: self.spend.get_or_create(&TargetLabel { target }).clone(),
+            spend: self
+                .spend
+                .get_or_create(&TargetCaller {
+                    target,
+                    caller: String::new(),
+                })
+                .clone(),
+            spend_by_caller: self.spend.clone(),
+            callers: self.callers.clone(),
             adaptive: Default::default(),
         }
     }
@@ -578,6 +647,35 @@ impl Metrics {
     /// Cluster mode: a refusal answered from the replica's cache.
     pub fn refusal_cache_hit(&self) {
         self.refusal_cache_hits.inc();
+    }
+
+    /// The `[callers]` names, which the spend metric labels by caller.
+    pub fn set_callers<'a>(&self, names: impl Iterator<Item = &'a String>) {
+        self.callers.store(Arc::new(names.cloned().collect()));
+    }
+
+    /// A refusal by a route, caller or tenant spend limit.
+    pub fn scope_refusal(&self, scope: &str) {
+        self.scope_refusals
+            .get_or_create(&ScopeLabel {
+                scope: scope.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets the gauges of route, caller and tenant spend limits (at scrape time).
+    pub fn set_scope_levels(&self, levels: &[crate::engine::backend::ledger::ScopeLevel]) {
+        for l in levels {
+            let label = ScopeLabel {
+                scope: l.key.to_string(),
+            };
+            self.scope_remaining
+                .get_or_create(&label)
+                .set(l.available_micros / 1e6);
+            self.scope_spent
+                .get_or_create(&label)
+                .set(crate::domain::spend::dollars(l.total_micros));
+        }
     }
 
     /// Sets the headroom gauge of one budget (refreshed at scrape time).
@@ -764,12 +862,15 @@ mod tests {
     fn histograms_encode_cumulative_buckets() {
         let m = Metrics::new(10, crate::config::DEFAULT_LATENCY_BUCKETS.into());
         let t = m.for_target("t");
+        m.set_callers([String::from("bot")].iter());
         t.outcome(
             OutcomeClass::Success,
             Some(Duration::from_millis(30)),
             1_250_000,
+            "someone",
         );
-        t.outcome(OutcomeClass::Success, Some(Duration::from_secs(3)), 0);
+        t.outcome(OutcomeClass::Success, Some(Duration::from_secs(3)), 0, "");
+        t.outcome(OutcomeClass::Timeout, None, 500_000, "bot");
         let text = m.encode();
         assert!(
             text.contains("backstop_call_latency_seconds_count{target=\"t\"} 2"),
@@ -785,7 +886,11 @@ mod tests {
         );
         assert!(text.contains("backstop_outcomes_total{target=\"t\",class=\"success\"} 2"));
         assert!(
-            text.contains("backstop_spend_total{target=\"t\"} 1.25"),
+            text.contains("backstop_spend_total{target=\"t\",caller=\"\"} 1.25"),
+            "a caller not in [callers] gets no label of its own: {text}"
+        );
+        assert!(
+            text.contains("backstop_spend_total{target=\"t\",caller=\"bot\"} 0.5"),
             "{text}"
         );
     }

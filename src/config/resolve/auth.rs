@@ -47,11 +47,17 @@ impl Cx {
                 );
                 continue;
             }
+            let what = format!("[tenants.{name}]");
+            let spend = self.spend_scope(&t, "tenant", &name, span.clone(), &what);
             out.insert(
                 name.clone(),
                 Arc::new(Tenant {
                     name: Arc::from(name.as_str()),
                     prefix: Arc::from(prefix.as_str()),
+                    spend,
+                    max_targets: t.max_targets.map(|Positive(n)| n as usize),
+                    max_queue_bytes: t.max_queue_bytes.map(|Positive(n)| n),
+                    max_watchers: t.max_watchers.map(|Positive(n)| n as usize),
                 }),
             );
         }

@@ -51,56 +51,9 @@ impl Cx {
                 (None, None) => {}
             }
         }
-        let spends = [
-            (b.spend_amounts()[0], window, "spend"),
-            (
-                b.spend_amounts()[1],
-                Some(std::time::Duration::from_secs(86_400)),
-                "spend_per_day",
-            ),
-            (
-                b.spend_amounts()[2],
-                Some(std::time::Duration::from_secs(3600)),
-                "spend_per_hour",
-            ),
-        ];
-        for (amount, w, key) in spends {
-            let Some(a) = amount else { continue };
-            let x = *a.get_ref();
-            if key == "spend" {
-                any_windowed = true;
-            }
-            if !(x.is_finite() && x > 0.0 && x <= 1e9) {
-                self.err(
-                    a.span(),
-                    format!("{what}: {key} = {x} must be an amount of money above 0 (at most 1e9)"),
-                );
-                continue;
-            }
-            if out.spend.is_some() {
-                self.err(
-                    a.span(),
-                    format!(
-                        "{what}: set one of spend (with window), spend_per_hour or spend_per_day"
-                    ),
-                );
-                continue;
-            }
-            match w {
-                Some(w) if !w.is_zero() => {
-                    out.spend = Some(Rate {
-                        amount: crate::domain::spend::limit_micros(x),
-                        window: w,
-                    })
-                }
-                _ => self.err(
-                    a.span(),
-                    format!(
-                        "{what}: spend needs a window, e.g. window = \"1h\" (or use spend_per_day)"
-                    ),
-                ),
-            }
-        }
+        let (spend, spend_windowed) = self.spend_limit(b.spend_amounts(), window, what);
+        out.spend = spend;
+        any_windowed |= spend_windowed;
         if window.is_some() && !any_windowed {
             self.err(
                 span,
@@ -224,6 +177,96 @@ impl Cx {
             initial: initial as u32,
             share: 1,
         })
+    }
+}
+
+impl Cx {
+    /// A spend limit from `spend` (with `window`), `spend_per_day` or
+    /// `spend_per_hour` (at most one), as micro-units per window; the
+    /// second value says whether `spend` used the window.
+    pub(super) fn spend_limit(
+        &mut self,
+        amounts: [Option<&toml::Spanned<f64>>; 3],
+        window: Option<std::time::Duration>,
+        what: &str,
+    ) -> (Option<Rate>, bool) {
+        let spends = [
+            (amounts[0], window, "spend"),
+            (
+                amounts[1],
+                Some(std::time::Duration::from_secs(86_400)),
+                "spend_per_day",
+            ),
+            (
+                amounts[2],
+                Some(std::time::Duration::from_secs(3600)),
+                "spend_per_hour",
+            ),
+        ];
+        let (mut out, mut windowed) = (None, false);
+        for (amount, w, key) in spends {
+            let Some(a) = amount else { continue };
+            let x = *a.get_ref();
+            if key == "spend" {
+                windowed = true;
+            }
+            if !(x.is_finite() && x > 0.0 && x <= 1e9) {
+                self.err(
+                    a.span(),
+                    format!("{what}: {key} = {x} must be an amount of money above 0 (at most 1e9)"),
+                );
+                continue;
+            }
+            if out.is_some() {
+                self.err(
+                    a.span(),
+                    format!(
+                        "{what}: set one of spend (with window), spend_per_hour or spend_per_day"
+                    ),
+                );
+                continue;
+            }
+            match w {
+                Some(w) if !w.is_zero() => {
+                    out = Some(Rate {
+                        amount: crate::domain::spend::limit_micros(x),
+                        window: w,
+                    })
+                }
+                _ => self.err(
+                    a.span(),
+                    format!(
+                        "{what}: spend needs a window, e.g. window = \"1h\" (or use spend_per_day)"
+                    ),
+                ),
+            }
+        }
+        (out, windowed)
+    }
+
+    /// The spend limit of a route, a caller or a tenant, as a scope named
+    /// `<kind>:<name>`.
+    pub(super) fn spend_scope<S: HasSpend>(
+        &mut self,
+        s: &S,
+        kind: &str,
+        name: &str,
+        span: Range<usize>,
+        what: &str,
+    ) -> Option<std::sync::Arc<crate::config::SpendScope>> {
+        let (amounts, window) = s.spend_keys();
+        let window = window.map(|Dur(d)| d);
+        if window.is_some_and(|w| w.is_zero()) {
+            self.err(span.clone(), format!("{what}: window must be above 0"));
+        }
+        let (limit, windowed) = self.spend_limit(amounts, window, what);
+        if window.is_some() && !windowed {
+            self.err(
+                span,
+                format!("{what}: window is set but spend is not (window is the period of spend)"),
+            );
+        }
+        limit.map(|l| std::sync::Arc::new(crate::config::SpendScope::new(kind, name, l)))
     }
 }
 

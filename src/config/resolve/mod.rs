@@ -97,6 +97,7 @@ impl Cx {
         let mut groups = Vec::new();
         let mut auth = None;
         let mut tenants = Vec::new();
+        let mut callers = Vec::new();
         for (key, value) in doc.into_inner() {
             let key_span = key.span();
             match key.get_ref().as_ref() {
@@ -129,10 +130,11 @@ impl Cx {
                 // may come later in the file.
                 "auth" => auth = self.de::<AuthToml>(value, "[auth]"),
                 "tenants" => tenants = self.named(value, "[tenants]", |n| format!("[tenants.{n}]")),
+                "callers" => callers = self.named(value, "[callers]", |n| format!("[callers.{n:?}]")),
                 other => self.err(
                     key_span,
                     format!(
-                        "unknown section `{other}`; expected one of: server, defaults, targets, routes, budgets, queue, events, telemetry, cluster, auth, tenants"
+                        "unknown section `{other}`; expected one of: server, defaults, targets, routes, budgets, queue, events, telemetry, cluster, auth, tenants, callers"
                     ),
                 ),
             }
@@ -159,6 +161,8 @@ impl Cx {
         let group_ix = self.groups(groups, &mut config);
         self.targets(targets, &base, &group_ix, &mut config);
         self.routes(routes, &mut config);
+        self.callers(callers, &mut config);
+        self.index_spend_scopes(&mut config);
         config
     }
 

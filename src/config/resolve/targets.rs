@@ -231,6 +231,7 @@ impl Cx {
                     x
                 }
             };
+            let spend = self.spend_scope(&r, "route", &name, span.clone(), &what);
             config.routes.insert(
                 name.clone(),
                 Arc::new(RouteSettings {
@@ -240,9 +241,86 @@ impl Cx {
                     weights,
                     explore,
                     expected_output_tokens: r.expected_output_tokens.unwrap_or(0),
+                    spend,
                 }),
             );
         }
+    }
+
+    /// `[callers."<name>"]`: a caller's spend limit, across every target
+    /// and route it uses.
+    pub(super) fn callers(
+        &mut self,
+        callers: Vec<(String, Range<usize>, CallerToml)>,
+        config: &mut Config,
+    ) {
+        if callers.len() > crate::config::MAX_CALLERS {
+            self.err(
+                0..0,
+                format!(
+                    "[callers] names {} callers; at most {}",
+                    callers.len(),
+                    crate::config::MAX_CALLERS
+                ),
+            );
+            return;
+        }
+        for (name, span, c) in callers {
+            let what = format!("[callers.{name:?}]");
+            if name.is_empty() || name.len() > MAX_TARGET_LEN {
+                self.err(
+                    span.clone(),
+                    format!("{what}: caller names must be 1..={MAX_TARGET_LEN} bytes"),
+                );
+            }
+            self.printable(&name, span.clone(), &what);
+            let spend = self.spend_scope(&c, "caller", &name, span.clone(), &what);
+            if spend.is_none() {
+                self.err(
+                    span,
+                    format!("{what} sets no limit; give it e.g. spend_per_day = 50.0"),
+                );
+            }
+            config.callers.insert(
+                name.clone(),
+                Arc::new(crate::config::CallerSettings {
+                    name: name.into(),
+                    spend,
+                }),
+            );
+        }
+    }
+
+    /// Indexes every route, caller and tenant spend limit by its hash (what
+    /// a permit carries); two scopes with one hash would settle each
+    /// other's money, so the config is refused (rename one).
+    pub(super) fn index_spend_scopes(&mut self, config: &mut Config) {
+        let scopes: Vec<Arc<crate::config::SpendScope>> = config
+            .routes
+            .values()
+            .filter_map(|r| r.spend.clone())
+            .chain(config.callers.values().filter_map(|c| c.spend.clone()))
+            .chain(config.tenants.values().filter_map(|t| t.spend.clone()))
+            .collect();
+        for s in scopes {
+            if let Some(other) = config.spend_scopes.insert(s.hash, s.clone())
+                && other.key != s.key
+            {
+                self.err(
+                    0..0,
+                    format!(
+                        "spend limits {:?} and {:?} have the same 32-bit hash; rename one",
+                        other.key, s.key
+                    ),
+                );
+            }
+        }
+        config.tenant_spend = config
+            .tenants
+            .values()
+            .filter(|t| t.spend.is_some())
+            .cloned()
+            .collect();
     }
 
     pub(super) fn target_name(&mut self, name: &str, span: Range<usize>, what: &str) {

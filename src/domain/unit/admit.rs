@@ -43,6 +43,10 @@ pub struct AdmitArgs<'a> {
     /// Output tokens the call may produce: reserved at the output price
     /// against spend limits (0 = only the input estimate is reserved).
     pub max_output_tokens: u64,
+    /// The engine reserved this call's cost against route, caller or tenant
+    /// spend limits: the permit carries the cost even when the target and
+    /// its groups have no limit of their own, so the outcome settles it.
+    pub spend_scoped: bool,
 }
 
 /// Decides one admission: breaker (and half-open probe slots), the fleet's
@@ -147,6 +151,7 @@ pub fn admit(
                     slot: slot_ix as u8,
                     reserved_tokens: args.estimated_tokens,
                     reserved_spend,
+                    scopes: [0; 3],
                     issued_ms: now.as_millis(),
                     expires_ms: (now + cx.permit_lifetime()).as_millis(),
                     tag: cx.tag(),
@@ -238,12 +243,12 @@ fn check_spend(
         target: None,
         groups: Vec::new(),
     };
-    if !limited {
+    if !limited && !args.spend_scoped {
         return Ok(plan);
     }
     let cost = prices.micros(args.estimated_tokens, args.max_output_tokens);
     plan.cost = cost;
-    if cost == 0 {
+    if cost == 0 || !limited {
         return Ok(plan);
     }
     let scopes = std::iter::once((None, &cfg.budget))

@@ -695,6 +695,7 @@ requests_per_minute = 100
                         attempt: *attempt,
                         priority: Default::default(),
                         max_output_tokens: 0,
+                        spend_scoped: false,
                     };
                     let a = admit(cx, st, &mut groups, *now, &args, &mut fx);
                     if let Some(p) = a.permit {

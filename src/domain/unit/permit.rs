@@ -15,6 +15,10 @@ pub struct Permit {
     pub reserved_tokens: u64,
     /// Money reserved against spend limits, in micro-units (0 = none).
     pub reserved_spend: u64,
+    /// The wider spend limits (route, caller, tenant) that `reserved_spend`
+    /// was also reserved against, by their 32-bit hash (0 = none): the
+    /// engine's, settled beside the target's (see `config::SpendScope`).
+    pub scopes: [u32; 3],
     /// Milliseconds since the Unix epoch.
     pub issued_ms: u64,
     /// After this the permit settles nothing (its lease and reservation

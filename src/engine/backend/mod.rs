@@ -27,6 +27,7 @@
 //!   the embedded backend.
 
 pub mod cluster;
+pub mod ledger;
 pub mod local;
 
 #[cfg(test)]
@@ -35,12 +36,23 @@ pub(crate) mod props;
 pub use cluster::RedisBackend;
 pub use local::LocalBackend;
 
+use crate::config::SpendScope;
 use crate::domain::breaker::Mode;
 use crate::domain::unit::view::{TargetPage, TargetView};
 use crate::domain::unit::{Admission, AdmitArgs, OutcomeArgs, OutcomeResult};
 use crate::engine::error::Result;
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::Arc;
+
+/// What a spend reservation answered.
+#[derive(Clone, Debug, Default)]
+pub struct SpendAnswer {
+    /// The scope that refused, when it went to wait (nothing was reserved).
+    pub refused: Option<(Arc<SpendScope>, crate::domain::spend::Refusal)>,
+    /// Cluster mode: decided without Redis (this replica's share).
+    pub degraded: bool,
+}
 
 /// The calls every decision backend answers (see the module doc for what
 /// each must promise). Futures are `Send`: the engine awaits them on any
@@ -105,6 +117,26 @@ pub trait DecisionBackend: Send + Sync {
         s: &str,
     ) -> std::result::Result<crate::domain::unit::Permit, crate::engine::permit::PermitError>;
 
+    /// Reserves `cost` (micro-units) against route, caller and tenant
+    /// spend limits, all or nothing (see `ledger.rs`).
+    fn reserve_spend(
+        &self,
+        scopes: &[Arc<SpendScope>],
+        cost: u64,
+    ) -> impl Future<Output = Result<SpendAnswer>> + Send;
+
+    /// Settles what [`DecisionBackend::reserve_spend`] reserved against the
+    /// real cost (a refused admission settles at 0: the money comes back).
+    fn settle_spend(
+        &self,
+        scopes: &[Arc<SpendScope>],
+        reserved: u64,
+        actual: u64,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Levels of these scopes, as this process last knew them.
+    fn spend_levels(&self, scopes: &[Arc<SpendScope>]) -> Vec<ledger::ScopeLevel>;
+
     /// Number of targets held.
     fn target_count(&self) -> usize;
 
@@ -166,6 +198,21 @@ impl DecisionBackend for LocalBackend {
         self.permit_key().verify(target, tag, s)
     }
 
+    async fn reserve_spend(&self, scopes: &[Arc<SpendScope>], cost: u64) -> Result<SpendAnswer> {
+        Ok(LocalBackend::reserve_spend(self, scopes, cost))
+    }
+    async fn settle_spend(
+        &self,
+        scopes: &[Arc<SpendScope>],
+        reserved: u64,
+        actual: u64,
+    ) -> Result<()> {
+        LocalBackend::settle_spend(self, scopes, reserved, actual);
+        Ok(())
+    }
+    fn spend_levels(&self, scopes: &[Arc<SpendScope>]) -> Vec<ledger::ScopeLevel> {
+        LocalBackend::spend_levels(self, scopes)
+    }
     fn target_count(&self) -> usize {
         LocalBackend::target_count(self)
     }
@@ -230,6 +277,20 @@ impl DecisionBackend for RedisBackend {
         RedisBackend::verify(self, target, tag, s)
     }
 
+    async fn reserve_spend(&self, scopes: &[Arc<SpendScope>], cost: u64) -> Result<SpendAnswer> {
+        RedisBackend::reserve_spend(self, scopes, cost).await
+    }
+    async fn settle_spend(
+        &self,
+        scopes: &[Arc<SpendScope>],
+        reserved: u64,
+        actual: u64,
+    ) -> Result<()> {
+        RedisBackend::settle_spend(self, scopes, reserved, actual).await
+    }
+    fn spend_levels(&self, scopes: &[Arc<SpendScope>]) -> Vec<ledger::ScopeLevel> {
+        RedisBackend::spend_levels(self, scopes)
+    }
     fn target_count(&self) -> usize {
         RedisBackend::target_count(self)
     }

@@ -1150,6 +1150,7 @@ impl Admitter for Engine {
                     attempt: need.2,
                     priority: worker.priority,
                     max_output_tokens: 0,
+                    spend_scoped: false,
                 },
             )
             .await?;

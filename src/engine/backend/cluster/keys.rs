@@ -12,6 +12,7 @@
 //! {prefix}:{g:<hash of component>}:g:<group>        a budget group's state
 //! {prefix}:{tag}:p:<target>:<permit id>             a settled permit (its first answer), until the permit expires
 //! {prefix}:{tag}:c:<target>                         refusals answered from a replica's cache
+//! {prefix}:{s}:s:<scope>                            a route's, caller's or tenant's spend cell
 //! {prefix}:targets                                  the names of every target (listing, max_targets)
 //! {prefix}:events                                   the event stream (all replicas read it)
 //! {prefix}:permit-key                               the key that signs permits (set once)
@@ -103,6 +104,13 @@ impl Keys {
 
     pub fn counts(&self, tag: &str, target: &str) -> String {
         format!("{}:{tag}:c:{target}", self.prefix)
+    }
+
+    /// A spend scope's cell (`scope` = `caller:<name>`...). Every scope
+    /// shares one tag: a reservation across a route, a caller and a tenant
+    /// commits in one script on one Redis Cluster slot.
+    pub fn spend(&self, scope: &str) -> String {
+        format!("{}:{{s}}:s:{scope}", self.prefix)
     }
 
     pub fn index(&self) -> String {

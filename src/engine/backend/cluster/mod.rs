@@ -30,6 +30,7 @@ pub mod queue;
 mod reload;
 mod replica;
 pub mod scripts;
+mod spend;
 mod stream;
 
 use crate::config::{ClusterConfig, Config, OnRedisUnavailable, TargetSettings};
@@ -104,6 +105,7 @@ enum Op {
         attempt: u32,
         priority: Priority,
         max_output_tokens: u64,
+        spend_scoped: bool,
     },
     Record {
         args: OwnedOutcome,
@@ -294,6 +296,8 @@ pub(crate) struct Inner {
     pub(crate) digest: arc_swap::ArcSwap<String>,
     pub(crate) live_replicas: AtomicUsize,
     boot: Time,
+    /// Spend scope cells as last read or written: (version, cell) by key.
+    spend_cache: Mutex<HashMap<Arc<str>, (u64, crate::domain::spend::Spend)>>,
 }
 
 /// The cluster backend (a cheap handle; clones share everything).
@@ -358,6 +362,7 @@ impl RedisBackend {
                 digest: arc_swap::ArcSwap::from_pointee(digest),
                 live_replicas: AtomicUsize::new(1),
                 boot,
+                spend_cache: Mutex::new(HashMap::new()),
                 config: arc_swap::ArcSwap::new(config),
                 cluster,
                 clock,
@@ -465,6 +470,7 @@ impl RedisBackend {
             attempt: args.attempt,
             priority: args.priority,
             max_output_tokens: args.max_output_tokens,
+            spend_scoped: args.spend_scoped,
         };
         match inner.submit(meta.clone(), op).await {
             Ok(Answer::Admission(a)) => Ok(a),
@@ -1169,6 +1175,7 @@ impl Inner {
                             attempt,
                             priority,
                             max_output_tokens,
+                            spend_scoped,
                         } => {
                             let args = AdmitArgs {
                                 caller,
@@ -1176,6 +1183,7 @@ impl Inner {
                                 attempt: *attempt,
                                 priority: *priority,
                                 max_output_tokens: *max_output_tokens,
+                                spend_scoped: *spend_scoped,
                             };
                             Answer::Admission(unit::admit(&cx, st, &mut refs, now, &args, &mut fx))
                         }
@@ -1717,9 +1725,12 @@ fn deliver(jobs: Vec<Job>, answers: Vec<Answer>, now: Time) {
             }
             Answer::Outcome(r) => {
                 if let Op::Record { args, .. } = &job.op {
-                    job.meta
-                        .metrics
-                        .outcome(r.classified_as, args.args.latency, r.cost_micros);
+                    job.meta.metrics.outcome(
+                        r.classified_as,
+                        args.args.latency,
+                        r.cost_micros,
+                        args.args.caller,
+                    );
                 }
             }
             Answer::View(_) => {}

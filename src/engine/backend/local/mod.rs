@@ -144,6 +144,8 @@ pub struct LocalBackend {
     /// The permit key's secret when it is kept in the store (not configured):
     /// written again after a failure, in case the file itself was lost.
     stored_secret: Option<Box<[u8]>>,
+    /// Route, caller and tenant spend limits (see `backend::ledger`).
+    pub(crate) ledger: super::ledger::Ledger,
 }
 
 impl LocalBackend {
@@ -181,6 +183,7 @@ impl LocalBackend {
             boot: clock.now(),
             recovering: std::sync::atomic::AtomicU64::new(0),
             stored_secret: None,
+            ledger: Default::default(),
             clock,
             config: ArcSwap::new(config.clone()),
         };
@@ -277,6 +280,10 @@ impl LocalBackend {
                 None => cleanup.push(Op::Group(Arc::from(name.as_str()), None)),
             }
         }
+        cleanup.extend(
+            b.ledger
+                .restore(loaded.spends, &b.config.load().spend_scopes, now),
+        );
         report.items = loaded.items.len();
         report.dead = loaded.dead.len();
         let (queue, queue_ops) = queue(
@@ -314,6 +321,37 @@ impl LocalBackend {
     /// Number of targets held.
     pub fn target_count(&self) -> usize {
         self.targets.len()
+    }
+
+    /// See [`super::DecisionBackend::reserve_spend`].
+    pub fn reserve_spend(
+        &self,
+        scopes: &[Arc<crate::config::SpendScope>],
+        cost: u64,
+    ) -> super::SpendAnswer {
+        super::SpendAnswer {
+            refused: self.ledger.reserve(scopes, self.clock.now(), cost, 1).err(),
+            degraded: false,
+        }
+    }
+
+    /// See [`super::DecisionBackend::settle_spend`].
+    pub fn settle_spend(
+        &self,
+        scopes: &[Arc<crate::config::SpendScope>],
+        reserved: u64,
+        actual: u64,
+    ) {
+        self.ledger
+            .settle(scopes, self.clock.now(), reserved, actual, 1);
+    }
+
+    /// See [`super::DecisionBackend::spend_levels`].
+    pub fn spend_levels(
+        &self,
+        scopes: &[Arc<crate::config::SpendScope>],
+    ) -> Vec<super::ledger::ScopeLevel> {
+        self.ledger.levels(scopes.iter(), self.clock.now())
     }
 
     fn insert_target(&self, name: Arc<str>, conf: Arc<Conf>) -> Arc<Target> {
@@ -566,7 +604,8 @@ impl LocalBackend {
                             },
                         );
                     }
-                    t.metrics.outcome(args.class, args.latency, r.cost_micros);
+                    t.metrics
+                        .outcome(args.class, args.latency, r.cost_micros, args.caller);
                     let pending = self.finish(now, &t, l, &mut fx);
                     (r, pending)
                 }
@@ -788,6 +827,10 @@ impl LocalBackend {
         for g in self.groups.load().iter() {
             let rec: GroupRecord = codec::encode_group(&lock(&g.state));
             last = p.write_behind(vec![Op::Group(g.name.clone(), Some(rec))]);
+        }
+        let spends = self.ledger.flush();
+        if !spends.is_empty() {
+            last = p.write_behind(spends);
         }
         // An empty write: even an idle server notices within a second that
         // its store file was removed or replaced (see `RedbStore`). Waited

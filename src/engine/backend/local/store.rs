@@ -65,11 +65,25 @@ pub struct IdemRecord {
     pub expires_at: u64,
 }
 
+/// A route's, caller's or tenant's spending (`config::SpendScope`): its
+/// limit cell (TAT, ns), total spent (micro-units) and edge flag.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SpendRecord {
+    #[prost(uint64, tag = "1")]
+    pub tat: u64,
+    #[prost(uint64, tag = "2")]
+    pub total: u64,
+    #[prost(bool, tag = "3")]
+    pub limited: bool,
+}
+
 /// One write; `None` deletes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     Target(Arc<str>, Option<TargetRecord>),
     Group(Arc<str>, Option<GroupRecord>),
+    /// A spend scope's ledger, by its key (`caller:<name>`...).
+    Spend(Arc<str>, Option<SpendRecord>),
     Item(u64, Option<ItemRecord>),
     Dead(u64, Option<ItemRecord>),
     Idem(String, Option<IdemRecord>),
@@ -91,6 +105,7 @@ pub enum Op {
 pub struct Loaded {
     pub targets: Vec<(String, TargetRecord)>,
     pub groups: Vec<(String, GroupRecord)>,
+    pub spends: Vec<(String, SpendRecord)>,
     pub items: Vec<ItemRecord>,
     pub dead: Vec<ItemRecord>,
     pub idem: Vec<(String, IdemRecord)>,
@@ -150,6 +165,7 @@ const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 const ITEMS: TableDefinition<u64, &[u8]> = TableDefinition::new("items");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
 const IDEM: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+const SPENDS: TableDefinition<&str, &[u8]> = TableDefinition::new("spends");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const FORMAT: &[u8] = b"backstop-state-v1";
 
@@ -362,6 +378,7 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
         tx.open_table(ITEMS).map_err(|e| err(&e))?;
         tx.open_table(DEAD).map_err(|e| err(&e))?;
         tx.open_table(IDEM).map_err(|e| err(&e))?;
+        tx.open_table(SPENDS).map_err(|e| err(&e))?;
     }
     tx.commit().map_err(|e| err(&e))
 }
@@ -449,6 +466,15 @@ impl RedbStore {
             let rec = decode(&self.path, "groups", k.value(), v.value())?;
             out.groups.push((k.value().to_string(), rec));
         }
+        // Absent in a file written before spend scopes existed and opened
+        // read-only since: nothing to load then.
+        if let Ok(t) = tx.open_table(SPENDS) {
+            for row in t.range::<&str>(..).map_err(|e| err(&e))? {
+                let (k, v) = row.map_err(|e| err(&e))?;
+                let rec = decode(&self.path, "spends", k.value(), v.value())?;
+                out.spends.push((k.value().to_string(), rec));
+            }
+        }
         for (def, dest, name) in [
             (ITEMS, &mut out.items, "items"),
             (DEAD, &mut out.dead, "dead"),
@@ -514,6 +540,7 @@ impl RedbStore {
             let mut items = tx.open_table(ITEMS).map_err(|e| err(&e))?;
             let mut dead = tx.open_table(DEAD).map_err(|e| err(&e))?;
             let mut idem = tx.open_table(IDEM).map_err(|e| err(&e))?;
+            let mut spends = tx.open_table(SPENDS).map_err(|e| err(&e))?;
             let mut meta = tx.open_table(META).map_err(|e| err(&e))?;
             for op in ops {
                 let r = match op {
@@ -525,6 +552,10 @@ impl RedbStore {
                         .insert(k.as_ref(), v.encode_to_vec().as_slice())
                         .map(|_| ()),
                     Op::Group(k, None) => groups.remove(k.as_ref()).map(|_| ()),
+                    Op::Spend(k, Some(v)) => spends
+                        .insert(k.as_ref(), v.encode_to_vec().as_slice())
+                        .map(|_| ()),
+                    Op::Spend(k, None) => spends.remove(k.as_ref()).map(|_| ()),
                     Op::Item(k, Some(v)) => {
                         items.insert(*k, v.encode_to_vec().as_slice()).map(|_| ())
                     }
