@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::http_post;
+
 use backstop::proto;
 use common::Server;
 use std::io::{BufRead, BufReader};
@@ -293,32 +295,6 @@ async fn a_viewer_sees_no_operator_buttons_and_cannot_act() {
         &[("Authorization", "Bearer viewer-token-00000")],
     );
     assert!(!body.contains("forced_open"), "{body}");
-}
-
-/// Sends an HTTP/1.0 POST and returns (status code, body).
-fn http_post(server: &Server, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let addr = server.http.as_deref().expect("the HTTP listener is on");
-    let mut s = std::net::TcpStream::connect(addr).expect("connect http");
-    let mut req = format!(
-        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body.to_string())
 }
 
 fn json(body: &str) -> serde_json::Value {

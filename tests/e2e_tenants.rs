@@ -433,23 +433,153 @@ async fn a_tenant_sees_and_affects_only_its_own_names() {
         "{stats:?}"
     );
 
-    // Server-wide HTTP pages refuse a tenant's principal, serve the root one.
-    let (status, _) = s.http_get(
-        "/api/snapshot",
-        &[("Authorization", "Bearer a-oncall-token-0000000")],
+    // HTTP pages show a tenant's principal only its tenant; the root one sees all.
+    let a = [("Authorization", "Bearer a-oncall-token-0000000")];
+    let (status, body) = s.http_get("/api/snapshot", &a);
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        body.contains("\"a/m\"") && !body.contains("team-b"),
+        "{body}"
     );
-    assert!(status.contains("403"), "{status}");
-    let (status, _) = s.http_get(
-        "/metrics",
-        &[("Authorization", "Bearer a-oncall-token-0000000")],
+    let (status, body) = s.http_get("/metrics", &a);
+    assert!(status.contains("200"), "{status}");
+    assert!(body.contains("target=\"a/m\""), "{body}");
+    assert!(!body.contains("team-b"), "no series names b: {body}");
+    assert!(
+        body.contains("backstop_target_tenant{target=\"a/m\",tenant=\"a\"} 1"),
+        "{body}"
     );
-    assert!(status.contains("403"), "{status}");
+    assert!(
+        body.trim_end().ends_with("# EOF"),
+        "still a valid exposition"
+    );
+    for page in [
+        "/api/routes",
+        "/api/queues",
+        "/api/events",
+        "/api/history?targets=a/m,team-b:m",
+    ] {
+        let (status, body) = s.http_get(page, &a);
+        assert!(status.contains("200"), "{page}: {status}");
+        assert!(
+            !body.contains("team-b:chat") && !body.contains("\"team-b:m\":{"),
+            "{page}: {body}"
+        );
+    }
+    let (status, body) = s.http_get("/api/routes", &a);
+    assert!(body.contains("a/chat"), "{status} {body}");
+    // The live stream: a's snapshot only.
+    let mut sse = s.sse("/events", &a);
+    let snap = common::next_sse(&mut sse).expect("snapshot");
+    assert!(
+        snap.data.contains("a/m") && !snap.data.contains("team-b"),
+        "{}",
+        snap.data
+    );
+    // An operator action on another tenant's target: not found, as in gRPC.
+    let (code, body) = common::http_post(
+        &s,
+        "/api/targets/team-b:m/reset",
+        &[
+            ("Authorization", "Bearer a-oncall-token-0000000"),
+            ("X-Backstop-Action", "1"),
+        ],
+        "",
+    );
+    assert_eq!(code, 404, "{body}");
     let (status, body) = s.http_get(
         "/api/snapshot",
         &[("Authorization", "Bearer root-token-0000000")],
     );
     assert!(status.contains("200"), "{status}");
     assert!(body.contains("team-b:m") && body.contains("a/m"));
+}
+
+/// Per-tenant caps: targets created on first use, payload bytes in the
+/// tenant's queues, open event streams. A tenant at a cap gets
+/// RESOURCE_EXHAUSTED naming the cap; the other tenant is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_caps_hold_one_tenant_without_starving_another() {
+    let cfg = config().replace(
+        "[tenants.a]\n",
+        "[tenants.a]\nmax_targets = 2\nmax_queue_bytes = 3000\nmax_watchers = 1\n",
+    );
+    let s = Server::start(&cfg, &[]);
+    let mut c = s.resilience().await;
+    let ch = s.channel().await;
+
+    // Targets: two new ones, then the cap (configured a/m does not count).
+    for t in ["a/new1", "a/new2"] {
+        assert!(c.can_proceed(with("a-agent", can(t))).await.is_ok(), "{t}");
+    }
+    let e = c
+        .can_proceed(with("a-agent", can("a/new3")))
+        .await
+        .expect_err("a is at max_targets");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("[tenants.a] max_targets"), "{e:?}");
+    // Existing targets still decide; b creates its own freely.
+    assert!(c.can_proceed(with("a-agent", can("a/new1"))).await.is_ok());
+    for t in ["team-b:1", "team-b:2", "team-b:3"] {
+        assert!(c.can_proceed(with("b-oncall", can(t))).await.is_ok(), "{t}");
+    }
+
+    // Queue bytes: 1500 fits twice... not quite (records carry more than
+    // the payload), once for sure; the second passes 3000 and is refused.
+    let mut q = proto::deferred_client::DeferredClient::new(ch.clone());
+    let big = |queue: &str| proto::DeferRequest {
+        queue: queue.into(),
+        payload: vec![7u8; 1600],
+        ..Default::default()
+    };
+    q.defer(with("a-agent", big("a/chat")))
+        .await
+        .expect("first fits");
+    let e = q
+        .defer(with("a-agent", big("a/m")))
+        .await
+        .expect_err("a's queues are full");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_queue_bytes"), "{e:?}");
+    q.defer(with("b-oncall", big("team-b:chat")))
+        .await
+        .expect("b has no cap");
+    q.defer(with("b-oncall", big("team-b:chat")))
+        .await
+        .expect("b has no cap");
+
+    // Watchers: one stream for a; b still watches.
+    let mut ev = proto::events_client::EventsClient::new(ch.clone());
+    let first = ev
+        .watch(with("a-agent", proto::WatchRequest::default()))
+        .await
+        .expect("a's one stream");
+    let e = ev
+        .watch(with("a-agent", proto::WatchRequest::default()))
+        .await
+        .expect_err("a is at max_watchers");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_watchers"), "{e:?}");
+    let _b = ev
+        .watch(with("b-oncall", proto::WatchRequest::default()))
+        .await
+        .expect("b is not capped");
+    // Closing a's stream gives the slot back.
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match ev
+            .watch(with("a-agent", proto::WatchRequest::default()))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted);
+                assert!(std::time::Instant::now() < deadline, "slot never came back");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
 
 #[test]

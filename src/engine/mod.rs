@@ -620,6 +620,7 @@ impl Engine {
             config.telemetry.latency_buckets.clone(),
         ));
         metrics.set_callers(config.callers.keys());
+        metrics.set_tenants(config.tenants.values().map(|t| t.as_ref()));
         (events, metrics)
     }
 

@@ -96,6 +96,8 @@ impl Engine {
         self.metrics
             .set_max_target_labels(new.telemetry.max_target_labels);
         self.metrics.set_callers(new.callers.keys());
+        self.metrics
+            .set_tenants(new.tenants.values().map(|t| t.as_ref()));
         let new = Arc::new(new);
         let diff = diff_targets(&old, &new);
         let (added, removed, changed) = match &self.backend {

@@ -101,7 +101,7 @@ pub struct WatchFilter {
 pub const MAX_FILTER: usize = 1000;
 
 impl WatchFilter {
-    fn matches(&self, e: &Event) -> bool {
+    pub fn matches(&self, e: &Event) -> bool {
         (self.targets.is_empty() || self.targets.contains(e.target.as_ref()))
             && (self.kinds.is_empty() || self.kinds.contains(e.kind.name()))
             && self.tenant.as_ref().is_none_or(|t| {
@@ -123,6 +123,9 @@ impl WatchFilter {
 pub struct Hub {
     subscribers: AtomicUsize,
     max_subscribers: usize,
+    /// Open subscriptions per tenant, for `[tenants.<name>] max_watchers`
+    /// (a lock taken only when a stream opens or closes).
+    per_tenant: Mutex<std::collections::HashMap<Arc<str>, usize>>,
     /// Flips to true when the server starts draining.
     shutdown: tokio::sync::watch::Sender<bool>,
     snapshot: Mutex<SnapshotCache>,
@@ -133,13 +136,16 @@ impl Hub {
         Hub {
             subscribers: AtomicUsize::new(0),
             max_subscribers,
+            per_tenant: Mutex::default(),
             shutdown: tokio::sync::watch::Sender::new(false),
             snapshot: Mutex::default(),
         }
     }
 
-    /// Takes a subscriber slot, or says the bound is reached.
-    fn join(&self) -> Result<()> {
+    /// Takes a subscriber slot (and one of its tenant's), or says which
+    /// bound is reached. A tenant at its `max_watchers` cannot crowd the
+    /// server's slots out from under the other tenants.
+    fn join(&self, tenant: Option<&crate::config::Tenant>) -> Result<()> {
         let max = self.max_subscribers;
         if self.subscribers.fetch_add(1, Ordering::Relaxed) >= max {
             self.subscribers.fetch_sub(1, Ordering::Relaxed);
@@ -147,11 +153,36 @@ impl Hub {
                 "{max} event subscribers are already connected ([events] max_subscribers); close one or raise the limit"
             )));
         }
+        if let Some(t) = tenant {
+            let mut per = self.per_tenant.lock().unwrap_or_else(|e| e.into_inner());
+            let n = per.entry(t.name.clone()).or_default();
+            if let Some(cap) = t.max_watchers
+                && *n >= cap
+            {
+                drop(per);
+                self.subscribers.fetch_sub(1, Ordering::Relaxed);
+                return Err(EngineError::ResourceExhausted(format!(
+                    "tenant {:?} already has {cap} event streams open ([tenants.{}] max_watchers); close one first",
+                    t.name.as_ref(),
+                    t.name.as_ref()
+                )));
+            }
+            *n += 1;
+        }
         Ok(())
     }
 
-    fn leave(&self) {
+    fn leave(&self, tenant: Option<&Arc<str>>) {
         self.subscribers.fetch_sub(1, Ordering::Relaxed);
+        if let Some(t) = tenant {
+            let mut per = self.per_tenant.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = per.get_mut(t) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per.remove(t);
+                }
+            }
+        }
     }
 
     /// Live streams end and long polls answer from now on.
@@ -166,11 +197,11 @@ impl Hub {
 }
 
 /// Releases a subscriber slot when the watcher goes away.
-struct SubscriberGuard(Arc<Engine>);
+struct SubscriberGuard(Arc<Engine>, Option<Arc<str>>);
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
-        self.0.hub.leave();
+        self.0.hub.leave(self.1.as_ref());
         self.0.metrics.subscribers().dec();
     }
 }
@@ -196,9 +227,9 @@ impl Engine {
                 filter.targets.len()
             )));
         }
-        self.hub.join()?;
+        self.hub.join(filter.tenant.as_deref())?;
         self.metrics.subscribers().inc();
-        let guard = SubscriberGuard(self.clone());
+        let guard = SubscriberGuard(self.clone(), filter.tenant.as_ref().map(|t| t.name.clone()));
         let sub = self.events.subscribe_since(since_seq);
         let mut w = Watcher {
             engine: self.clone(),

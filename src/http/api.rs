@@ -9,7 +9,7 @@
 //! 15-minute totals (enough to sort and filter by); the page asks for the
 //! series of the targets it actually shows.
 
-use super::{HttpState, authorized, authorized_as, json};
+use super::{HttpState, authorized_as, json, viewer};
 use crate::domain::breaker::Mode;
 use crate::domain::history::{BUCKET, BUCKETS};
 use crate::engine::EngineError;
@@ -55,14 +55,19 @@ pub(super) async fn events(
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
 ) -> Response {
-    if let Some(denied) = authorized(&s, &headers) {
-        return denied;
-    }
+    let tenant = match viewer(&s, &headers) {
+        Ok(t) => t,
+        Err(denied) => return denied,
+    };
     let limit = q.limit.unwrap_or(DEFAULT_EVENTS).min(MAX_EVENTS);
     // The seq is read first: an event published in between is both listed
     // and resumed after, and the page drops duplicates by seq.
     let last_seq = s.engine.events().last_seq();
-    let events = s.engine.events().recent(limit, |_| true);
+    let filter = crate::engine::watch::WatchFilter {
+        tenant,
+        ..Default::default()
+    };
+    let events = s.engine.events().recent(limit, |e| filter.matches(e));
     ok_json(json!({
         "last_seq": events.last().map_or(last_seq, |e| e.seq.max(last_seq)),
         "now_ms": json::ms(s.engine.now()),
@@ -84,9 +89,10 @@ pub(super) async fn history(
     headers: HeaderMap,
     Query(q): Query<HistoryQuery>,
 ) -> Response {
-    if let Some(denied) = authorized(&s, &headers) {
-        return denied;
-    }
+    let tenant = match viewer(&s, &headers) {
+        Ok(t) => t,
+        Err(denied) => return denied,
+    };
     let names: Vec<&str> = q
         .targets
         .as_deref()
@@ -109,7 +115,12 @@ pub(super) async fn history(
     let targets: serde_json::Map<String, Value> = names
         .iter()
         .map(|&n| {
-            let v = h.series(n, now).map_or(Value::Null, |x| json::series(&x));
+            // Another tenant's name reads like one with no history.
+            let v = if tenant.as_ref().is_some_and(|t| !t.owns(n)) {
+                Value::Null
+            } else {
+                h.series(n, now).map_or(Value::Null, |x| json::series(&x))
+            };
             (n.to_string(), v)
         })
         .collect();
@@ -127,12 +138,14 @@ pub(super) async fn history(
 /// Each configured route: its targets in order, the one Route would choose
 /// now (computed by the engine without admitting), and recent fallbacks.
 pub(super) async fn routes(State(s): State<HttpState>, headers: HeaderMap) -> Response {
-    if let Some(denied) = authorized(&s, &headers) {
-        return denied;
-    }
+    let tenant = match viewer(&s, &headers) {
+        Ok(t) => t,
+        Err(denied) => return denied,
+    };
     let previews = s.engine.preview_routes().await;
     let routes: Vec<Value> = previews
         .iter()
+        .filter(|r| tenant.as_ref().is_none_or(|t| t.owns(&r.name)))
         .map(|r| {
             let fallbacks = s.engine.events().recent(FALLBACKS_PER_ROUTE, |e| {
                 matches!(&e.kind, EventKind::FallbackActivated { route, .. } if *route == r.name)
@@ -156,12 +169,13 @@ pub(super) async fn routes(State(s): State<HttpState>, headers: HeaderMap) -> Re
 
 /// Depth, oldest age, in flight and dead letters of every queue.
 pub(super) async fn queues(State(s): State<HttpState>, headers: HeaderMap) -> Response {
-    if let Some(denied) = authorized(&s, &headers) {
-        return denied;
-    }
+    let tenant = match viewer(&s, &headers) {
+        Ok(t) => t,
+        Err(denied) => return denied,
+    };
     match s.engine.queue_stats("").await {
         Ok(stats) => ok_json(json!({
-            "queues": stats.iter().map(|q| json!({
+            "queues": stats.iter().filter(|q| tenant.as_ref().is_none_or(|t| t.owns(&q.queue))).map(|q| json!({
                 "queue": q.queue, "depth": q.depth, "in_flight": q.in_flight,
                 "dead_letters": q.dead_letters,
                 "oldest_age_ms": q.oldest_age.as_millis() as u64, "bytes": q.bytes,
@@ -219,7 +233,13 @@ pub(super) async fn target_action(
             "use /api/targets/<name>/breaker or /api/targets/<name>/reset",
         );
     };
-    let by = principal.unwrap_or_else(|| "-".into());
+    if let Some(t) = principal.as_ref().and_then(|p| p.tenant.as_ref())
+        && !t.owns(target)
+    {
+        let e = crate::grpc::tenant::not_found(t, "target", target);
+        return error(StatusCode::NOT_FOUND, e.message());
+    }
+    let by = principal.map_or_else(|| "-".into(), |p| p.name.to_string());
     let result = match action {
         "breaker" => {
             let b: BreakerBody = match serde_json::from_str(&body) {

@@ -4,6 +4,7 @@
 mod api;
 mod json;
 
+use crate::config::Tenant;
 use crate::domain::event::EventKind;
 use crate::engine::Engine;
 use crate::engine::watch::{SnapshotPart, WatchFilter, WatchItem};
@@ -65,10 +66,20 @@ async fn metrics(State(s): State<HttpState>, headers: HeaderMap) -> Response {
         .auth
         .as_ref()
         .is_none_or(|a| a.metrics_open);
-    if !open && let Some(denied) = authorized(&s, &headers) {
-        return denied;
+    // Open metrics show the whole server; with `metrics = "token"` a
+    // tenant's viewer sees only the series of its own names.
+    let tenant = if open {
+        None
+    } else {
+        match viewer(&s, &headers) {
+            Ok(t) => t,
+            Err(denied) => return denied,
+        }
+    };
+    let mut body = s.engine.render_metrics();
+    if let Some(t) = tenant {
+        body = tenant_metrics(&body, &t);
     }
-    let body = s.engine.render_metrics();
     (
         [(
             header::CONTENT_TYPE,
@@ -102,15 +113,67 @@ fn credential(headers: &HeaderMap) -> Option<String> {
 const COOKIE: &str = "backstop_token";
 const COOKIE_EQ: &str = "backstop_token=";
 
-/// What shows the whole fleet (`/events`, `/api/snapshot`, the dashboard;
+/// What shows the fleet (`/events`, `/api/snapshot`, the dashboard;
 /// `/metrics` with `[auth] metrics = "token"`) needs the viewer role, or,
 /// without `[auth]`, the admin token if there is one (see grpc/auth.rs).
+/// Ok carries the viewer's tenant: each page then shows only its names.
+// The refusal is the handler's response as is (see `authorized_as`).
+#[allow(clippy::result_large_err)]
+fn viewer(s: &HttpState, headers: &HeaderMap) -> Result<Option<Arc<Tenant>>, Response> {
+    authorized_as(s, headers, Need::Viewer).map(|p| p.and_then(|p| p.tenant))
+}
+
+/// The metrics text with only what a tenant may see: series naming a
+/// target, route, queue or spend scope of another tenant (or of none) are
+/// dropped, with the family headers kept; series naming nothing (process
+/// totals, RPC latencies) stay.
+fn tenant_metrics(text: &str, t: &Tenant) -> String {
+    let scope_prefixes = [format!("route:{}", t.prefix), format!("tenant:{}", t.name)];
+    let mut out = String::with_capacity(text.len() / 2);
+    for line in text.lines() {
+        let keep = line.starts_with('#')
+            || label_values(line).all(|(k, v)| match k {
+                "target" | "route" | "queue" => t.owns(v),
+                // A caller is not a tenant's name: its series are dropped.
+                "caller" => v.is_empty(),
+                "scope" => scope_prefixes.iter().any(|p| v.starts_with(p.as_str())),
+                _ => true,
+            });
+        if keep {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// (name, value) of each label of one exposition line (values are quoted;
+/// the exposition escapes `"` and `\` inside them).
+fn label_values(line: &str) -> impl Iterator<Item = (&str, &str)> {
+    let inner = line
+        .split_once('{')
+        .and_then(|(_, rest)| rest.rsplit_once('}'))
+        .map_or("", |(l, _)| l);
+    let mut rest = inner;
+    std::iter::from_fn(move || {
+        let (name, after) = rest.split_once("=\"")?;
+        let bytes = after.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() && bytes[i] != b'"' {
+            i += if bytes[i] == b'\\' { 2 } else { 1 };
+        }
+        let value = after.get(..i.min(after.len()))?;
+        rest = after.get(i + 1..).unwrap_or("").trim_start_matches(',');
+        Some((name.trim(), value))
+    })
+}
+
 fn authorized(s: &HttpState, headers: &HeaderMap) -> Option<Response> {
     authorized_as(s, headers, Need::Viewer).err()
 }
 
 /// Whether the request holds the credential `need` asks for; Ok carries the
-/// principal's name (None without `[auth]`). Operator actions need
+/// principal (None without `[auth]`). Operator actions need
 /// [`Need::Operator`]: the operator role, or without `[auth]` the admin
 /// token (anyone, on a server with neither, as with the gRPC Admin service).
 // The refusal is the handler's response as is: boxing it would only add an
@@ -120,7 +183,7 @@ fn authorized_as(
     s: &HttpState,
     headers: &HeaderMap,
     need: Need,
-) -> Result<Option<String>, Response> {
+) -> Result<Option<crate::config::Principal>, Response> {
     let cfg = s.engine.config();
     let cred = credential(headers);
     let what = if need == Need::Operator {
@@ -129,20 +192,7 @@ fn authorized_as(
         "this page"
     };
     match crate::grpc::auth::authorize(&cfg, cred.as_deref(), None, need, true, what) {
-        // Every page here shows the whole server (all tenants' names): a
-        // principal confined to a tenant uses the gRPC Watch / ListTargets /
-        // GetTarget, which are filtered to its tenant.
-        Ok(Some(p)) if p.tenant.is_some() => Err((
-            StatusCode::FORBIDDEN,
-            format!(
-                "{what} shows every tenant; principal {:?} belongs to tenant {:?}: use the gRPC \
-                 Events/Watch and Admin/ListTargets, which show only its tenant\n",
-                p.name.as_ref(),
-                p.tenant.as_ref().map_or("", |t| t.name.as_ref())
-            ),
-        )
-            .into_response()),
-        Ok(p) => Ok(p.map(|p| p.name.to_string())),
+        Ok(p) => Ok(p),
         Err(st) => {
             let code = if st.code() == tonic::Code::PermissionDenied {
                 StatusCode::FORBIDDEN
@@ -257,14 +307,19 @@ async fn login(State(s): State<HttpState>, body: String) -> Response {
 /// whether this viewer may act (`viewer.operator`: the page shows the
 /// operator buttons only then; the actions check again).
 async fn snapshot(State(s): State<HttpState>, headers: HeaderMap) -> Response {
-    if let Some(denied) = authorized(&s, &headers) {
-        return denied;
-    }
+    let tenant = match viewer(&s, &headers) {
+        Ok(t) => t,
+        Err(denied) => return denied,
+    };
     let now = s.engine.now();
+    let filter = WatchFilter {
+        tenant,
+        ..Default::default()
+    };
     let item = WatchItem::Snapshot(SnapshotPart::whole(
         s.engine.events().last_seq(),
         now,
-        s.engine.snapshot(&WatchFilter::default()).await.into(),
+        s.engine.snapshot(&filter).await.into(),
     ));
     let mut v = json::item(&item);
     let h = s.engine.history();
@@ -330,9 +385,10 @@ async fn events(
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
 ) -> Response {
-    if let Some(denied) = authorized(&s, &headers) {
-        return denied;
-    }
+    let tenant = match viewer(&s, &headers) {
+        Ok(t) => t,
+        Err(denied) => return denied,
+    };
     let since = match headers
         .get("last-event-id")
         .map(|v| v.to_str().map(str::parse::<u64>))
@@ -341,7 +397,10 @@ async fn events(
         Some(_) => return bad_request("Last-Event-ID must be an event seq (a number)\n".into()),
         None => q.since.unwrap_or(0),
     };
-    let mut filter = WatchFilter::default();
+    let mut filter = WatchFilter {
+        tenant,
+        ..Default::default()
+    };
     if let Some(t) = q.targets.as_deref().filter(|t| !t.is_empty()) {
         filter.targets = t.split(',').map(|s| s.trim().to_string()).collect();
     }

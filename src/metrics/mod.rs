@@ -39,6 +39,15 @@ struct TargetCaller {
     caller: String,
 }
 
+/// Which tenant a target belongs to: joined onto any per-target series in
+/// PromQL (`... * on(target) group_left(tenant) backstop_target_tenant`), so
+/// the per-target families do not each carry one more label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetTenant {
+    target: String,
+    tenant: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScopeLabel {
     scope: String,
@@ -190,6 +199,9 @@ pub struct Metrics {
     scope_remaining: Family<ScopeLabel, Gauge<f64, AtomicU64>>,
     scope_spent: Family<ScopeLabel, Gauge<f64, AtomicU64>>,
     scope_refusals: Family<ScopeLabel, Counter>,
+    target_tenant: Family<TargetTenant, Gauge>,
+    /// (tenant, prefix) of every `[tenants]` entry.
+    tenants: arc_swap::ArcSwap<Vec<(String, String)>>,
     callers: Arc<arc_swap::ArcSwap<std::collections::HashSet<String>>>,
     /// Money spent per target.
     spend: Family<TargetCaller, Counter<f64, AtomicU64>>,
@@ -278,6 +290,12 @@ impl Metrics {
             "spend_scope_refusals",
             "Admissions refused with SPEND_LIMIT by a route, caller or tenant spend limit (the target's own decisions metric does not count these: its unit was not asked)",
             scope_refusals.clone(),
+        );
+        let target_tenant = Family::<TargetTenant, Gauge>::default();
+        registry.register(
+            "target_tenant",
+            "1 for each target that belongs to a tenant ([tenants.<name>]); join it on `target` to break any per-target series down by tenant",
+            target_tenant.clone(),
         );
         let scope_spent = Family::<ScopeLabel, Gauge<f64, AtomicU64>>::default();
         registry.register(
@@ -455,6 +473,8 @@ impl Metrics {
             scope_remaining,
             scope_spent,
             scope_refusals,
+            target_tenant,
+            tenants: Default::default(),
             callers: Default::default(),
             subscribers,
             queue_depth,
@@ -494,6 +514,19 @@ impl Metrics {
 
     fn build(&self, label: &str) -> TargetMetrics {
         let target = label.to_string();
+        if let Some((tenant, _)) = self
+            .tenants
+            .load()
+            .iter()
+            .find(|(_, prefix)| label.starts_with(prefix.as_str()))
+        {
+            self.target_tenant
+                .get_or_create(&TargetTenant {
+                    target: target.clone(),
+                    tenant: tenant.clone(),
+                })
+                .set(1);
+        }
         TargetMetrics {
             label: Arc::from(label),
             decisions: Reason::ALL
@@ -652,6 +685,16 @@ impl Metrics {
     /// The `[callers]` names, which the spend metric labels by caller.
     pub fn set_callers<'a>(&self, names: impl Iterator<Item = &'a String>) {
         self.callers.store(Arc::new(names.cloned().collect()));
+    }
+
+    /// The tenants, by prefix (targets labelled from now on get their
+    /// `backstop_target_tenant` series).
+    pub fn set_tenants<'a>(&self, tenants: impl Iterator<Item = &'a crate::config::Tenant>) {
+        self.tenants.store(Arc::new(
+            tenants
+                .map(|t| (t.name.to_string(), t.prefix.to_string()))
+                .collect(),
+        ));
     }
 
     /// A refusal by a route, caller or tenant spend limit.

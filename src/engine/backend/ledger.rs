@@ -269,7 +269,8 @@ mod tests {
     fn cells_survive_a_restart() {
         let l = Ledger::default();
         let c = scope("caller:bot", 1.0);
-        l.reserve(std::slice::from_ref(&c), T0, 700_000, 1).expect("fits");
+        l.reserve(std::slice::from_ref(&c), T0, 700_000, 1)
+            .expect("fits");
         l.settle(std::slice::from_ref(&c), T0, 700_000, 700_000, 1);
         let ops = l.flush();
         assert_eq!(ops.len(), 1);

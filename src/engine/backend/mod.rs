@@ -29,6 +29,7 @@
 pub mod cluster;
 pub mod ledger;
 pub mod local;
+pub mod quota;
 
 #[cfg(test)]
 pub(crate) mod props;

@@ -152,6 +152,12 @@ pub trait Admitter: Sync {
     fn ensure_queue_target(&self, queue: &str) -> Result<()>;
     /// Why a request could never be delivered from `queue`, if so.
     fn never_deliverable(&self, queue: &str, estimated: u64, context: u64) -> Option<String>;
+    /// The `[tenants.<name>] max_queue_bytes` that `queue` falls under, if
+    /// any: (the tenant, its prefix, the cap).
+    fn tenant_queue_cap(&self, queue: &str) -> Option<TenantCap> {
+        let _ = queue;
+        None
+    }
     /// Admits one delivery: (target, signed permit, key slot), or why not and
     /// when to ask again. `need` is (estimated tokens, required context,
     /// deliveries so far): a redelivery is a retry.
@@ -334,6 +340,33 @@ pub(crate) fn too_many_items(held: u64) -> EngineError {
     ))
 }
 
+/// A tenant's cap on the payload bytes its queues hold.
+#[derive(Clone, Debug)]
+pub struct TenantCap {
+    pub tenant: Arc<str>,
+    pub prefix: Arc<str>,
+    pub max_bytes: u64,
+}
+
+/// Bytes the tenant's queues hold, from per-queue counts (at most
+/// `max_queues` of them: Defer is not the decision hot path).
+fn tenant_bytes(s: &QueueState, cap: &TenantCap) -> u64 {
+    s.counts
+        .iter()
+        .filter(|(q, _)| q.starts_with(cap.prefix.as_ref()))
+        .map(|(_, c)| c.bytes)
+        .sum()
+}
+
+pub(crate) fn tenant_full(cap: &TenantCap, held: u64, more: u64) -> EngineError {
+    EngineError::ResourceExhausted(format!(
+        "tenant {:?}'s queues hold {held} bytes; accepting {more} more would pass its limit of {} ([tenants.{}] max_queue_bytes); ack or drain its queues first",
+        cap.tenant.as_ref(),
+        cap.max_bytes,
+        cap.tenant.as_ref()
+    ))
+}
+
 pub(crate) fn too_many_bytes(limits: &QueueConfig, total: u64, more: u64) -> EngineError {
     EngineError::ResourceExhausted(format!(
         "deferred queues hold {total} bytes; accepting {more} more would pass the limit of {} ([queue] max_total_bytes)",
@@ -497,6 +530,7 @@ impl DeferredQueue {
         let limits: &QueueConfig = &limits_guard;
         let now = self.clock.now();
         let mut a = a;
+        let tenant_cap = adm.tenant_queue_cap(&a.queue);
         /// What one look at the queue decided.
         enum Step {
             /// A Defer with the same key is still being written: wait for it.
@@ -554,6 +588,13 @@ impl DeferredQueue {
                     if s.total_bytes + bytes > limits.max_total_bytes {
                         s.next_id -= 1;
                         return Err(too_many_bytes(limits, s.total_bytes, bytes));
+                    }
+                    if let Some(cap) = &tenant_cap {
+                        let held = tenant_bytes(&s, cap);
+                        if held + bytes > cap.max_bytes {
+                            s.next_id -= 1;
+                            return Err(tenant_full(cap, held, bytes));
+                        }
                     }
                     s.total_bytes += bytes;
                     let c = counts(&mut s, &a.queue);
@@ -1058,6 +1099,17 @@ impl DeferredQueue {
 }
 
 impl Admitter for Engine {
+    fn tenant_queue_cap(&self, queue: &str) -> Option<TenantCap> {
+        let c = self.cfg();
+        c.tenants.values().find(|t| t.owns(queue)).and_then(|t| {
+            t.max_queue_bytes.map(|max_bytes| TenantCap {
+                tenant: t.name.clone(),
+                prefix: t.prefix.clone(),
+                max_bytes,
+            })
+        })
+    }
+
     fn check_queue(&self, queue: &str) -> Result<()> {
         if self.config().routes.contains_key(queue) {
             return Ok(());

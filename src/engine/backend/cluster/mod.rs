@@ -296,6 +296,8 @@ pub(crate) struct Inner {
     pub(crate) digest: arc_swap::ArcSwap<String>,
     pub(crate) live_replicas: AtomicUsize,
     boot: Time,
+    /// Targets created on first use per tenant (`[tenants.<name>] max_targets`).
+    tenant_targets: crate::engine::backend::quota::TenantTargets,
     /// Spend scope cells as last read or written: (version, cell) by key.
     spend_cache: Mutex<HashMap<Arc<str>, (u64, crate::domain::spend::Spend)>>,
 }
@@ -363,6 +365,7 @@ impl RedisBackend {
                 live_replicas: AtomicUsize::new(1),
                 boot,
                 spend_cache: Mutex::new(HashMap::new()),
+                tenant_targets: Default::default(),
                 config: arc_swap::ArcSwap::new(config),
                 cluster,
                 clock,
@@ -867,6 +870,7 @@ impl Inner {
                 .routes
                 .values()
                 .any(|r| r.targets.iter().any(|t| t.as_ref() == name));
+        let mut tenant = None;
         if !configured {
             let max = config.server.max_targets;
             if self.created.load(Ordering::Relaxed) >= max {
@@ -875,6 +879,7 @@ impl Inner {
                      declare it in the config file or raise [server] max_targets"
                 )));
             }
+            tenant = self.tenant_targets.check(&config, name)?;
         }
         let key: Arc<str> = Arc::from(name);
         let meta = self
@@ -883,6 +888,9 @@ impl Inner {
             .or_insert_with(|| {
                 if !configured {
                     self.created.fetch_add(1, Ordering::Relaxed);
+                    if let Some(t) = &tenant {
+                        self.tenant_targets.created(t);
+                    }
                 }
                 let settings = config.target(name).clone();
                 Arc::new(Meta {

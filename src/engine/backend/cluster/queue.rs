@@ -124,8 +124,9 @@ fn script(body: &str) -> Script {
 }
 
 /// ARGV: Q, now, scoped key ('' = none), record, due, enqueued, max attempts,
-/// bytes, max_queues, max_depth, max_items, max_total_bytes
-/// -> {0, id, depth} added; {1, id, depth} duplicate; {-1..-4, n} a limit.
+/// bytes, max_queues, max_depth, max_items, max_total_bytes,
+/// tenant prefix, tenant max bytes (0 = no tenant cap)
+/// -> {0, id, depth} added; {1, id, depth} duplicate; {-1..-5, n} a limit.
 static DEFER: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
@@ -144,6 +145,18 @@ if items >= tonumber(ARGV[11]) then return {-3, items} end
 local bytes = tonumber(redis.call('HGET', K_cnt, 'bytes') or '0')
 local b = tonumber(ARGV[8])
 if bytes + b > tonumber(ARGV[12]) then return {-4, bytes} end
+local tmax = tonumber(ARGV[14] or '0')
+if tmax > 0 then
+  -- The tenant's queues: a scan of the queue set (at most max_queues).
+  local tp = ARGV[13]
+  local held = 0
+  for _, q in ipairs(redis.call('SMEMBERS', K_queues)) do
+    if string.sub(q, 1, #tp) == tp then
+      held = held + tonumber(redis.call('HGET', K_cnt, 'b:' .. q) or '0')
+    end
+  end
+  if held + b > tmax then return {-5, held} end
+end
 local id = redis.call('INCR', K_seq)
 redis.call('HSET', K_item, id, ARGV[4])
 redis.call('HSET', K_att, id, 0)
@@ -571,9 +584,10 @@ impl RedisQueue {
         } else {
             idem_key(&a.queue, &a.idempotency_key)
         };
-        match self.insert(&rec, &scoped, now).await {
+        let cap = adm.tenant_queue_cap(&rec.queue);
+        match self.insert(&rec, &scoped, now, cap.as_ref()).await {
             Ok(v) => {
-                let r = self.interpret(&v, &rec.queue, item_bytes(&rec))?;
+                let r = self.interpret(&v, &rec.queue, item_bytes(&rec), cap.as_ref())?;
                 self.replicated().await?;
                 self.announce(now, &rec.queue, &r);
                 Ok(r)
@@ -608,6 +622,7 @@ impl RedisQueue {
         rec: &ItemRecord,
         scoped: &str,
         now: Time,
+        cap: Option<&crate::engine::queue::TenantCap>,
     ) -> std::result::Result<Vec<Value>, LinkError> {
         let l_guard = self.limits.load();
         let l: &QueueConfig = &l_guard;
@@ -622,6 +637,8 @@ impl RedisQueue {
             l.max_depth.to_string().into_bytes(),
             l.max_items.to_string().into_bytes(),
             l.max_total_bytes.to_string().into_bytes(),
+            cap.map_or_else(Vec::new, |c| c.prefix.as_bytes().to_vec()),
+            cap.map_or(0, |c| c.max_bytes).to_string().into_bytes(),
         ];
         match self.run(&DEFER, &rec.queue, now, args).await? {
             Value::Array(v) => Ok(v),
@@ -630,7 +647,13 @@ impl RedisQueue {
     }
 
     /// DEFER's answer: the item, or which limit refused it.
-    fn interpret(&self, v: &[Value], queue: &str, b: u64) -> Result<DeferResult> {
+    fn interpret(
+        &self,
+        v: &[Value],
+        queue: &str,
+        b: u64,
+        cap: Option<&crate::engine::queue::TenantCap>,
+    ) -> Result<DeferResult> {
         let l_guard = self.limits.load();
         let l: &QueueConfig = &l_guard;
         let code = v.first().map_or(0, int);
@@ -644,6 +667,10 @@ impl RedisQueue {
             -1 => Err(too_many_queues(l)),
             -2 => Err(queue_full(l, queue, n)),
             -3 => Err(too_many_items(n)),
+            -5 => match cap {
+                Some(cap) => Err(crate::engine::queue::tenant_full(cap, n, b)),
+                None => Err(too_many_bytes(l, n, b)),
+            },
             _ => Err(too_many_bytes(l, n, b)),
         }
     }
@@ -686,11 +713,12 @@ impl RedisQueue {
             let scoped = idem_key(&rec.queue, &rec.idempotency_key);
             rec.id = 0;
             let now = self.clock.now();
-            let v = match self.insert(&rec, &scoped, now).await {
+            // Accepted already (into the spool): no tenant cap refuses it now.
+            let v = match self.insert(&rec, &scoped, now, None).await {
                 Ok(v) => v,
                 Err(_) => break,
             };
-            match self.interpret(&v, &rec.queue, item_bytes(&rec)) {
+            match self.interpret(&v, &rec.queue, item_bytes(&rec), None) {
                 Ok(r) => {
                     if self.replicated().await.is_err() {
                         break;

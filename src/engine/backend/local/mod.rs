@@ -146,6 +146,8 @@ pub struct LocalBackend {
     stored_secret: Option<Box<[u8]>>,
     /// Route, caller and tenant spend limits (see `backend::ledger`).
     pub(crate) ledger: super::ledger::Ledger,
+    /// Targets created on first use per tenant (`[tenants.<name>] max_targets`).
+    tenant_targets: super::quota::TenantTargets,
 }
 
 impl LocalBackend {
@@ -184,6 +186,7 @@ impl LocalBackend {
             recovering: std::sync::atomic::AtomicU64::new(0),
             stored_secret: None,
             ledger: Default::default(),
+            tenant_targets: Default::default(),
             clock,
             config: ArcSwap::new(config.clone()),
         };
@@ -371,18 +374,24 @@ impl LocalBackend {
             return Ok(t.clone());
         }
         validate_target(name)?;
-        let max = self.config.load().server.max_targets;
+        let config = self.config.load();
+        let max = config.server.max_targets;
         if self.created.load(Ordering::Relaxed) >= max {
             return Err(EngineError::ResourceExhausted(format!(
                 "target {name:?} is unknown and the server already tracks the maximum of {max} targets created on first use; \
                  declare it in the config file or raise [server] max_targets"
             )));
         }
+        let tenant = self.tenant_targets.check(&config, name)?;
+        drop(config);
         // One allocation of the name, shared by the map key and the target.
         let key: Arc<str> = Arc::from(name);
         let entry = self.targets.entry(key.clone());
         let t = entry.or_insert_with(|| {
             self.created.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = &tenant {
+                self.tenant_targets.created(t);
+            }
             // Read inside the map's entry lock: a reload's sweep, which
             // reads the map after replacing the default, cannot miss it.
             Arc::new(Target::new(
