@@ -604,3 +604,31 @@ fn overlapping_prefixes_and_unknown_tenants_are_config_errors() {
     assert!(err.contains("overlaps"), "{err}");
     assert!(err.contains("tenant \"c\" is not declared"), "{err}");
 }
+
+/// A tenant's route may list only its own targets, and a budget group may
+/// not be shared across tenants: either would let one tenant reach into
+/// another's targets or budget. Checked when the config loads.
+#[test]
+fn routes_and_budget_groups_stay_within_one_tenant() {
+    let bad_route = "[tenants.a]\n[tenants.b]\n[targets.\"a/m\"]\n[targets.\"b/m\"]\n\
+                     [routes.\"a/chat\"]\ntargets = [\"a/m\", \"b/m\"]\n";
+    let e = backstop::config::Config::parse(bad_route, "t.toml").expect_err("route crosses");
+    assert!(
+        e.to_string()
+            .contains("belongs to tenant \"a\" but lists \"b/m\""),
+        "{e}"
+    );
+    let bad_group = "[tenants.a]\n[budgets.shared]\nrequests_per_minute = 10\n\
+                     [targets.\"a/m\"]\nbudgets = [\"shared\"]\n[targets.free]\nbudgets = [\"shared\"]\n";
+    let e = backstop::config::Config::parse(bad_group, "t.toml").expect_err("group crosses");
+    assert!(
+        e.to_string().contains("may not be shared across tenants"),
+        "{e}"
+    );
+    // Tenantless routes may list anyone's targets (only tenantless
+    // principals can use them); a group within one tenant is fine.
+    let ok = "[tenants.a]\n[budgets.g]\nrequests_per_minute = 10\n\
+              [targets.\"a/m\"]\nbudgets = [\"g\"]\n[targets.\"a/n\"]\nbudgets = [\"g\"]\n\
+              [routes.everything]\ntargets = [\"a/m\", \"a/n\"]\n";
+    backstop::config::Config::parse(ok, "t.toml").expect("valid");
+}

@@ -162,6 +162,7 @@ impl Cx {
         self.targets(targets, &base, &group_ix, &mut config);
         self.routes(routes, &mut config);
         self.callers(callers, &mut config);
+        self.tenant_boundaries(&config);
         self.index_spend_scopes(&mut config);
         config
     }

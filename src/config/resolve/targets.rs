@@ -291,6 +291,68 @@ impl Cx {
         }
     }
 
+    /// Tenants stay apart in the config too: a tenant's route lists only
+    /// that tenant's targets (else its principals could Route into another
+    /// tenant's target), and a budget group is drawn on by targets of one
+    /// tenant at most (else one tenant could spend another's budget).
+    pub(super) fn tenant_boundaries(&mut self, config: &Config) {
+        let owner = |name: &str| {
+            config
+                .tenants
+                .values()
+                .find(|t| t.owns(name))
+                .map(|t| t.name.clone())
+        };
+        let mut routes: Vec<&Arc<RouteSettings>> = config.routes.values().collect();
+        routes.sort_by(|a, b| a.name.cmp(&b.name));
+        for r in routes {
+            let Some(tenant) = owner(&r.name) else {
+                continue;
+            };
+            for t in &r.targets {
+                if owner(t).as_ref() != Some(&tenant) {
+                    self.err(
+                        0..0,
+                        format!(
+                            "[routes.{:?}] belongs to tenant {:?} but lists {:?}, which does not: a tenant's routes may only list its own targets",
+                            r.name.as_ref(),
+                            tenant.as_ref(),
+                            t.as_ref()
+                        ),
+                    );
+                }
+            }
+        }
+        let mut group_owner: HashMap<usize, (Option<Arc<str>>, &str)> = HashMap::new();
+        for (name, t) in &config.targets {
+            let mine = owner(name);
+            for &g in &t.groups {
+                match group_owner.get(&g) {
+                    None => {
+                        group_owner.insert(g, (mine.clone(), name));
+                    }
+                    Some((other, first)) if *other != mine => {
+                        let who = |o: &Option<Arc<str>>| {
+                            o.as_ref().map_or("no tenant".to_string(), |t| {
+                                format!("tenant {:?}", t.as_ref())
+                            })
+                        };
+                        self.err(
+                            0..0,
+                            format!(
+                                "[budgets.{}] is drawn on by {first:?} ({}) and {name:?} ({}): a budget group may not be shared across tenants",
+                                config.groups.get(g).map_or("?", |g| g.name.as_ref()),
+                                who(other),
+                                who(&mine)
+                            ),
+                        );
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+
     /// Indexes every route, caller and tenant spend limit by its hash (what
     /// a permit carries); two scopes with one hash would settle each
     /// other's money, so the config is refused (rename one).
