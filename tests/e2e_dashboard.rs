@@ -146,7 +146,8 @@ async fn events_from_before_the_page_opened_are_listed_and_sparklines_move_with_
     let (forced, busy) = ("anthropic/claude-sonnet", "openai/gpt-4o");
     let server = Server::start(
         "[targets.\"anthropic/claude-sonnet\"]\n[targets.\"openai/gpt-4o\"]\n\
-         [routes.chat]\ntargets = [\"anthropic/claude-sonnet\", \"openai/gpt-4o\"]\n",
+         [routes.chat]\ntargets = [\"anthropic/claude-sonnet\", \"openai/gpt-4o\"]\n\
+         spend_per_day = 25.0\n",
         &[],
     );
     server
@@ -187,7 +188,11 @@ async fn events_from_before_the_page_opened_are_listed_and_sparklines_move_with_
         "moved",
         "the sparkline moved with the traffic"
     );
-    assert_eq!(story.line(), "ok", "routes, header and narrow window");
+    assert_eq!(
+        story.line(),
+        "ok",
+        "routes, spend limits, header and narrow window"
+    );
     story.finish();
     assert!(shot.exists(), "a screenshot was taken");
     keep_screenshot(&shot, "history");

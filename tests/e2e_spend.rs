@@ -370,6 +370,37 @@ async fn route_caller_and_tenant_limits_span_targets() {
         "{m}"
     );
 
+    // The dashboard's spend panel reads the same levels.
+    let v: serde_json::Value =
+        serde_json::from_str(&s.http_get("/api/spend", &[]).1).expect("json");
+    let scopes: Vec<(&str, f64)> = v["scopes"]
+        .as_array()
+        .expect("scopes")
+        .iter()
+        .map(|x| {
+            (
+                x["scope"].as_str().unwrap_or(""),
+                x["limit"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        scopes,
+        vec![
+            ("caller:bot", 0.01),
+            ("route:cheap", 0.005),
+            ("tenant:acme", 0.02)
+        ]
+    );
+    assert!(
+        v["scopes"][0]["available"].as_f64().unwrap_or(1.0) < 0.0,
+        "{v}"
+    );
+    assert!(
+        (v["scopes"][0]["spent"].as_f64().unwrap_or(0.0) - 0.0045).abs() < 1e-9,
+        "{v}"
+    );
+
     // A restart on the same data (graceful: levels are written behind, at
     // most a second old after a crash, like budget levels): the money stays spent.
     drop(c);

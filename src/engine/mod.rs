@@ -122,6 +122,8 @@ struct RouteRuntime {
 }
 
 const NO_DEPTH: u32 = u32::MAX - 1;
+/// Pages of other tenants' dead letters one ListDeadLetters reads through.
+const MAX_SKIPPED_PAGES: usize = 64;
 /// The route name ad-hoc candidate lists are reported under.
 const ADHOC_ROUTE: &str = "_adhoc";
 const EXHAUSTED: u32 = u32::MAX;
@@ -905,6 +907,28 @@ impl Engine {
             Queues::Local(q) => q.list_dead_letters(queue, page_size, page_token),
             Queues::Redis(q) => q.list_dead_letters(queue, page_size, page_token).await,
         }
+    }
+
+    /// Dead letters of every queue `owns` (a tenant's), a page at a time:
+    /// pages of other tenants' items are read through, so a page comes back
+    /// empty only at the end (or after [`MAX_SKIPPED_PAGES`] pages with
+    /// nothing of the tenant's, with a token to go on from).
+    pub async fn list_dead_letters_within(
+        &self,
+        page_size: u32,
+        page_token: &str,
+        owns: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<(Vec<queue::Item>, String)> {
+        let mut token = page_token.to_string();
+        for _ in 0..MAX_SKIPPED_PAGES {
+            let (items, next) = self.list_dead_letters("", page_size, &token).await?;
+            let mine: Vec<queue::Item> = items.into_iter().filter(|i| owns(&i.queue)).collect();
+            if !mine.is_empty() || next.is_empty() {
+                return Ok((mine, next));
+            }
+            token = next;
+        }
+        Ok((Vec::new(), token))
     }
 
     /// Moves a dead letter back to its queue with a fresh attempt count.

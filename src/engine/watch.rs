@@ -304,10 +304,21 @@ impl Engine {
 
     /// Current state of every target matching `filter` (at most `max_snapshot_targets`).
     pub async fn snapshot(&self, filter: &WatchFilter) -> Vec<TargetView> {
-        let mut views = self
-            .backend
-            .views(&filter.targets, self.cfg().events.max_snapshot_targets)
-            .await;
+        let max = self.cfg().events.max_snapshot_targets;
+        let mut only = filter.targets.clone();
+        if let Some(t) = &filter.tenant
+            && only.is_empty()
+        {
+            // The tenant's first `max` names, not the server's first `max`
+            // names filtered (which could hold none of the tenant's).
+            match self.backend.list(&t.prefix, max, "").await {
+                Ok(page) if !page.targets.is_empty() => {
+                    only = page.targets.iter().map(|s| s.name.to_string()).collect();
+                }
+                _ => return Vec::new(),
+            }
+        }
+        let mut views = self.backend.views(&only, max).await;
         if let Some(t) = &filter.tenant {
             views.retain(|v| t.owns(&v.name));
         }

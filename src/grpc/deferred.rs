@@ -165,18 +165,22 @@ impl Deferred for DeferredService {
         if !r.queue.is_empty() {
             super::tenant::check(t.as_deref(), "queue", &r.queue)?;
         }
-        let (items, next_page_token) = self
-            .engine
-            .list_dead_letters(&r.queue, r.page_size, &r.page_token)
-            .await
-            .map_err(status)?;
+        let (items, next_page_token) = match t.as_deref() {
+            // All queues asked for by a tenant: its own queues' items only,
+            // read through pages of others'.
+            Some(t) if r.queue.is_empty() => self
+                .engine
+                .list_dead_letters_within(r.page_size, &r.page_token, &|q| t.owns(q))
+                .await
+                .map_err(status)?,
+            _ => self
+                .engine
+                .list_dead_letters(&r.queue, r.page_size, &r.page_token)
+                .await
+                .map_err(status)?,
+        };
         Ok(Response::new(proto::ListDeadLettersResponse {
-            // All queues asked for: a tenant sees its own queues' items only.
-            items: items
-                .into_iter()
-                .filter(|i| t.as_deref().is_none_or(|t| t.owns(&i.queue)))
-                .map(item)
-                .collect(),
+            items: items.into_iter().map(item).collect(),
             next_page_token,
         }))
     }

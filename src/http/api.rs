@@ -167,6 +167,37 @@ pub(super) async fn routes(State(s): State<HttpState>, headers: HeaderMap) -> Re
     ok_json(json!({ "routes": routes }))
 }
 
+/// Every route, caller and tenant spend limit with its level (a tenant's
+/// viewer: its routes' and its own only). Money is in the prices' currency.
+pub(super) async fn spend(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    let tenant = match viewer(&s, &headers) {
+        Ok(t) => t,
+        Err(denied) => return denied,
+    };
+    let now = s.engine.now();
+    let scopes: Vec<Value> = s
+        .engine
+        .spend_levels()
+        .iter()
+        .filter(|l| {
+            tenant.as_ref().is_none_or(|t| {
+                l.key.strip_prefix("route:").is_some_and(|r| t.owns(r))
+                    || l.key.strip_prefix("tenant:") == Some(t.name.as_ref())
+            })
+        })
+        .map(|l| {
+            json!({
+                "scope": l.key.as_ref(),
+                "limit": crate::domain::spend::dollars(l.limit.amount),
+                "window_s": l.limit.window.as_secs_f64(),
+                "available": l.available_micros / 1e6,
+                "spent": crate::domain::spend::dollars(l.total_micros),
+            })
+        })
+        .collect();
+    ok_json(json!({ "now_ms": json::ms(now), "scopes": scopes }))
+}
+
 /// Depth, oldest age, in flight and dead letters of every queue.
 pub(super) async fn queues(State(s): State<HttpState>, headers: HeaderMap) -> Response {
     let tenant = match viewer(&s, &headers) {

@@ -43,6 +43,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/history", get(api::history))
         .route("/api/routes", get(api::routes))
         .route("/api/queues", get(api::queues))
+        .route("/api/spend", get(api::spend))
         .route(
             "/api/targets/{*rest}",
             axum::routing::post(api::target_action),

@@ -7,7 +7,7 @@
 //   "events <n>"  the events from before the page opened are listed
 //   "sparks"      the busy target's sparkline is drawn -> the test sends traffic
 //   "moved"       the sparkline moved
-//   "ok"          routes panel, header, narrow window and screenshot checked
+//   "ok"          routes and spend panels, header, narrow window and screenshot checked
 // node dashboard_story.mjs many <url> <count> <screenshot.png>
 //   "render <json>"  how long the first full list render took (the test asserts)
 //   "ok"             search, filter and narrow window checked
@@ -84,6 +84,11 @@ async function history([forced, busy, route, shot]) {
   // The route's end-to-end line is there (figures, or how to get them).
   await page.waitForFunction((r) => /requests end to end|no user requests finished yet/
     .test(document.querySelector(`.route[data-route="${r}"] .requests`)?.textContent || ""), route, { timeout: T });
+  // The route's spend limit has its own row (a day's 25, nothing spent).
+  await page.waitForFunction((r) => {
+    const row = document.querySelector(`#spendpanel:not([hidden]) tr[data-scope="route:${r}"]`);
+    return row && /25\.00 \/ day/.test(row.textContent);
+  }, route, { timeout: T });
   // State by text and shape as well as colour.
   const badge = await page.locator(`${cardSel(forced)} .state`).evaluate((el) => ({
     text: el.textContent.trim(), shape: getComputedStyle(el, "::before").content,
