@@ -1108,3 +1108,52 @@ async fn after_a_crash_even_unflushed_budgets_restart_empty() {
     );
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// A tenant listing every queue's dead letters reads through pages of
+/// other tenants' items: its first page holds its item although five of
+/// another tenant's come before it (pages of two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_dead_letters_are_found_through_other_tenants_pages() {
+    let d = dir("tenant-dead");
+    let clock = Arc::new(ManualClock::new(T0));
+    let cfg = |window: u32| {
+        format!(
+            "[tenants.a]\n[tenants.b]\n[targets.\"a/m\"]\ncontext_window = {window}\n\
+             [targets.\"b/m\"]\ncontext_window = {window}\n[routes.\"a/chat\"]\ntargets = [\"a/m\"]\n\
+             [routes.\"b/chat\"]\ntargets = [\"b/m\"]\n"
+        )
+    };
+    {
+        let (e, _) = open(&cfg(200_000), &d, &clock);
+        for (q, n) in [("b/chat", 5), ("a/chat", 1)] {
+            for i in 0..n {
+                e.defer(DeferArgs {
+                    required_context_tokens: 100_000,
+                    ..item(q, i)
+                })
+                .await
+                .expect("fits today");
+            }
+        }
+    }
+    // Windows shrink: every item can never be delivered and is dead-lettered.
+    let (e, _) = open(&cfg(8000), &d, &clock);
+    for q in ["b/chat", "a/chat"] {
+        let r = e.claim(q, 10, None, None, "w").await.expect("claim");
+        assert!(r.items.is_empty());
+    }
+    let (all, _) = e.list_dead_letters("", 10, "").await.expect("list");
+    assert_eq!(all.len(), 6);
+    let (mine, next) = e
+        .list_dead_letters_within(2, "", &|q| q.starts_with("a/"))
+        .await
+        .expect("list");
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0].queue, "a/chat");
+    let (rest, _) = e
+        .list_dead_letters_within(2, &next, &|q| q.starts_with("a/"))
+        .await
+        .expect("list");
+    assert!(rest.is_empty() || next.is_empty());
+    let _ = std::fs::remove_dir_all(&d);
+}
