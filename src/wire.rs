@@ -278,6 +278,19 @@ pub fn event_to_proto(e: &Event) -> proto::Event {
             previous: *previous,
             why: why.clone(),
         }),
+        EventKind::OperatorAction {
+            action,
+            principal,
+            tenant,
+            reason,
+            via,
+        } => PKind::OperatorAction(proto::OperatorAction {
+            action: action.to_string(),
+            principal: principal.to_string(),
+            tenant: tenant.to_string(),
+            reason: reason.clone(),
+            via: via.to_string(),
+        }),
     };
     proto::Event {
         seq: e.seq,
@@ -422,6 +435,13 @@ pub fn event_from_proto(e: proto::Event) -> Option<(Time, Arc<str>, EventKind)> 
             limit: r.limit,
             previous: r.previous,
             why: r.why,
+        },
+        PKind::OperatorAction(a) => EventKind::OperatorAction {
+            action: Arc::from(a.action.as_str()),
+            principal: Arc::from(a.principal.as_str()),
+            tenant: Arc::from(a.tenant.as_str()),
+            reason: a.reason,
+            via: Arc::from(a.via.as_str()),
         },
         PKind::Snapshot(_) | PKind::Gap(_) => return None,
     };

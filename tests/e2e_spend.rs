@@ -370,6 +370,57 @@ async fn route_caller_and_tenant_limits_span_targets() {
         "{m}"
     );
 
+    // GetTarget lists the tenant's limit among those the target draws on.
+    let t = s
+        .admin()
+        .await
+        .get_target(proto::GetTargetRequest {
+            target: "acme/c".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    let limits: Vec<(String, f64)> = t
+        .spend
+        .expect("spend")
+        .limits
+        .iter()
+        .map(|l| (l.scope.clone(), l.limit))
+        .collect();
+    assert_eq!(limits, vec![("tenant:acme".to_string(), 0.02)]);
+
+    // A call that could never fit the caller's cent is not asked to wait.
+    let r = c
+        .can_proceed(proto::CanProceedRequest {
+            caller: "bot".into(),
+            ..ask("acme/c", 10_000, 0)
+        })
+        .await
+        .expect("ok")
+        .into_inner();
+    assert_eq!(r.reason(), proto::Reason::RequestTooLarge, "{r:?}");
+    assert!(r.retry_after.is_none());
+    // A report without a permit is not trusted here: a huge usage under
+    // bot's name charges nothing to bot's limit.
+    let before = metric(
+        &s.http_get("/metrics", &[]).1,
+        "backstop_spend_scope_spent{scope=\"caller:bot\"}",
+    );
+    c.record_outcome(proto::RecordOutcomeRequest {
+        target: "acme/c".into(),
+        outcome: proto::OutcomeClass::Success as i32,
+        input_tokens: 1_000_000_000,
+        caller: "bot".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("record");
+    let after = metric(
+        &s.http_get("/metrics", &[]).1,
+        "backstop_spend_scope_spent{scope=\"caller:bot\"}",
+    );
+    assert_eq!(before, after);
+
     // The dashboard's spend panel reads the same levels.
     let v: serde_json::Value =
         serde_json::from_str(&s.http_get("/api/spend", &[]).1).expect("json");

@@ -305,16 +305,45 @@ async fn a_tenant_sees_and_affects_only_its_own_names() {
         .set_breaker_state(with("b-oncall", force("team-b:m")))
         .await
         .expect("B forces its own");
-    admin
+    let forced = admin
         .set_breaker_state(with("a-oncall", force("a/m")))
         .await
-        .expect("A forces its own");
+        .expect("A forces its own")
+        .into_inner();
+    // The audit names the principal and its tenant.
+    assert!(
+        forced.forced_reason.ends_with("(by a-oncall of tenant a)"),
+        "{forced:?}"
+    );
     let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
         .await
         .expect("event in time")
         .expect("stream")
         .expect("an item");
     assert_eq!(next.target, "a/m", "B's event never reaches A: {next:?}");
+    // The audit event follows: who, of which tenant, what, why (B's audit
+    // event, like B's other events, never reaches A).
+    let audit = loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("audit event in time")
+            .expect("stream")
+            .expect("an item");
+        assert_eq!(e.target, "a/m", "{e:?}");
+        if let Some(proto::event::Kind::OperatorAction(a)) = e.kind {
+            break a;
+        }
+    };
+    assert_eq!(
+        (
+            audit.action.as_str(),
+            audit.principal.as_str(),
+            audit.tenant.as_str(),
+            audit.via.as_str()
+        ),
+        ("set_breaker_state", "a-oncall", "a", "grpc")
+    );
+    assert!(audit.reason.contains("ForcedOpen"), "{audit:?}");
 
     // Queues.
     let defer = |queue: &str| proto::DeferRequest {
@@ -487,6 +516,31 @@ async fn a_tenant_sees_and_affects_only_its_own_names() {
         "",
     );
     assert_eq!(code, 404, "{body}");
+    // The requeue's audit event names B's queue, B's operator and tenant:
+    // the root viewer sees it, A's does not.
+    let (_, body) = s.http_get(
+        "/api/events?limit=1000",
+        &[("Authorization", "Bearer root-token-0000000")],
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let requeued = v["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| e["kind"] == "operator_action" && e["action"] == "requeue")
+        .cloned()
+        .expect("a requeue audit event");
+    assert_eq!(
+        (
+            requeued["target"].as_str(),
+            requeued["principal"].as_str(),
+            requeued["tenant"].as_str()
+        ),
+        (Some("team-b:chat"), Some("b-oncall"), Some("b")),
+        "{requeued}"
+    );
+    let (_, body) = s.http_get("/api/events?limit=1000", &a);
+    assert!(!body.contains("b-oncall"), "{body}");
     let (status, body) = s.http_get(
         "/api/snapshot",
         &[("Authorization", "Bearer root-token-0000000")],

@@ -126,13 +126,22 @@ pub enum EventKind {
         previous: u32,
         why: String,
     },
+    /// The audit of an operator action (force, reset, requeue, reload):
+    /// who, of which tenant, what and why.
+    OperatorAction {
+        action: Arc<str>,
+        principal: Arc<str>,
+        tenant: Arc<str>,
+        reason: String,
+        via: Arc<str>,
+    },
 }
 
 impl EventKind {
     /// Every kind's stable name, in the order of `backstop.v1.EventKind`
     /// (after SNAPSHOT and GAP, which are not events). The one list the gRPC
     /// filter, the SSE filter and the dashboard (via `/api/event-kinds`) use.
-    pub const NAMES: [&'static str; 19] = [
+    pub const NAMES: [&'static str; 20] = [
         "breaker_transition",
         "probe_expired",
         "target_forced",
@@ -152,6 +161,7 @@ impl EventKind {
         "target_removed",
         "spend_limit_reached",
         "limit_adapted",
+        "operator_action",
     ];
 
     /// The known name equal to `s`, if any.
@@ -181,6 +191,7 @@ impl EventKind {
             EventKind::TargetRemoved { .. } => "target_removed",
             EventKind::SpendLimitReached { .. } => "spend_limit_reached",
             EventKind::LimitAdapted { .. } => "limit_adapted",
+            EventKind::OperatorAction { .. } => "operator_action",
         }
     }
 }

@@ -598,6 +598,32 @@ impl Engine {
         }
     }
 
+    /// Publishes the audit event of an operator action on `subject` (a
+    /// target, a queue, or "" for the whole server), so Watch, `/events`
+    /// and the dashboard show who did what, of which tenant, and why.
+    pub fn audit(
+        &self,
+        subject: &str,
+        action: &str,
+        by: Option<&crate::config::Principal>,
+        reason: &str,
+        via: &str,
+    ) {
+        self.publish(
+            self.clock.now(),
+            &Arc::from(subject),
+            EventKind::OperatorAction {
+                action: Arc::from(action),
+                principal: by.map_or_else(|| Arc::from("-"), |p| p.name.clone()),
+                tenant: by
+                    .and_then(|p| p.tenant.as_ref())
+                    .map_or_else(|| Arc::from(""), |t| t.name.clone()),
+                reason: reason.to_string(),
+                via: Arc::from(via),
+            },
+        );
+    }
+
     /// This replica and the cluster (Admin GetCluster).
     pub async fn cluster_status(&self) -> backend::cluster::ClusterStatus {
         match &self.backend {
@@ -1026,6 +1052,21 @@ impl Engine {
             }
             .micros(args.estimated_tokens, args.max_output_tokens)
         };
+        // A call that could never fit one of these limits is not asked to
+        // wait (as with a target's own limit).
+        if scopes.iter().any(|s| cost > s.limit.amount) {
+            return Ok(Admission {
+                allowed: false,
+                reason: Reason::RequestTooLarge,
+                state: crate::domain::breaker::BreakerState::Closed,
+                retry_after: None,
+                permit: None,
+                token: String::new(),
+                key_slot: None,
+                shadow_reason: None,
+                degraded: false,
+            });
+        }
         if cost > 0 {
             let ans = self.backend.reserve_spend(scopes, cost).await?;
             if let Some((scope, r)) = ans.refused {
@@ -1089,8 +1130,9 @@ impl Engine {
     }
 
     /// Settles an outcome's cost against the wider spend limits: those its
-    /// permit names (a reload that dropped one skips it), or, for a report
-    /// without a permit, the caller's and the tenant's (nothing was reserved).
+    /// permit names (a reload that dropped one skips it), or, for a trusted
+    /// report without a permit, the caller's and the tenant's (nothing was
+    /// reserved).
     async fn settle_scopes(
         &self,
         target: &str,
@@ -1111,10 +1153,14 @@ impl Engine {
                     .collect::<Vec<_>>(),
                 p.reserved_spend,
             ),
-            None => {
+            // Without a permit a report imposes nothing on its own (see
+            // `outcomes_without_permit`): it is charged to its caller's and
+            // tenant's limits only when such reports are trusted.
+            None if c.server.outcomes_without_permit == Permitless::Trusted => {
                 drop(c);
                 (self.spend_scopes(target, None, report.caller), 0)
             }
+            None => return,
         };
         if scopes.is_empty() {
             return;
@@ -1685,7 +1731,26 @@ impl Engine {
     /// Full state of one target.
     pub async fn get_target(&self, name: &str) -> Result<TargetView> {
         validate_target(name)?;
-        self.backend.view(name).await
+        let mut v = self.backend.view(name).await?;
+        // Every call to it draws on its tenant's spend limit too (a route's
+        // or a caller's depends on the call: those show in /api/spend).
+        let tenant = self
+            .cfg()
+            .tenant_spend
+            .iter()
+            .find(|t| t.owns(name))
+            .and_then(|t| t.spend.clone());
+        if let Some(scope) = tenant {
+            for l in self.backend.spend_levels(std::slice::from_ref(&scope)) {
+                v.spend_limits.push(crate::domain::unit::view::SpendView {
+                    scope: l.key.clone(),
+                    limit: crate::domain::spend::dollars(l.limit.amount),
+                    window: l.limit.window,
+                    available: l.available_micros / 1e6,
+                });
+            }
+        }
+        Ok(v)
     }
 
     /// Forces a breaker open or closed, or returns it to automatic control.

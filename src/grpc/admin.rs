@@ -187,6 +187,7 @@ impl Admin for AdminService {
         req: Request<proto::SetBreakerStateRequest>,
     ) -> Result<Response<proto::TargetStatus>, Status> {
         let by = super::auth::who(&req);
+        let who = super::auth::principal_of(&req);
         let t = super::tenant::of(&req);
         let r = req.into_inner();
         super::tenant::check(t.as_deref(), "target", &r.target)?;
@@ -210,6 +211,13 @@ impl Admin for AdminService {
             .await
             .map_err(status)?;
         tracing::info!(principal = %by, action = "set_breaker_state", target = %r.target, mode = ?mode, reason = %r.reason, "operator action");
+        self.engine.audit(
+            &r.target,
+            "set_breaker_state",
+            who.as_ref(),
+            &format!("{mode:?}: {}", r.reason),
+            "grpc",
+        );
         Ok(Response::new(target_status(v)))
     }
 
@@ -247,6 +255,7 @@ impl Admin for AdminService {
         req: Request<proto::ReloadConfigRequest>,
     ) -> Result<Response<proto::ReloadConfigResponse>, Status> {
         let by = super::auth::who(&req);
+        let who = super::auth::principal_of(&req);
         if let Some(t) = super::tenant::of(&req) {
             return Err(Status::permission_denied(format!(
                 "ReloadConfig changes every tenant's settings; principal {by:?} belongs to tenant {:?} \
@@ -270,6 +279,8 @@ impl Admin for AdminService {
             .reload_from_source(&source)
             .await
             .map_err(status)?;
+        self.engine
+            .audit("", "reload_config", who.as_ref(), &r.reason, "grpc");
         Ok(Response::new(proto::ReloadConfigResponse {
             digest: rep.digest,
             previous_digest: rep.previous_digest,
@@ -286,11 +297,14 @@ impl Admin for AdminService {
         req: Request<proto::ResetTargetRequest>,
     ) -> Result<Response<proto::TargetStatus>, Status> {
         let by = super::auth::who(&req);
+        let who = super::auth::principal_of(&req);
         let t = super::tenant::of(&req);
         let r = req.into_inner();
         super::tenant::check(t.as_deref(), "target", &r.target)?;
         let v = self.engine.reset_target(&r.target).await.map_err(status)?;
         tracing::info!(principal = %by, action = "reset_target", target = %r.target, "operator action");
+        self.engine
+            .audit(&r.target, "reset_target", who.as_ref(), "", "grpc");
         Ok(Response::new(target_status(v)))
     }
 }

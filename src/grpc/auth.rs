@@ -291,7 +291,22 @@ pub fn principal<T>(req: &tonic::Request<T>) -> Option<Arc<str>> {
 pub fn who<T>(req: &tonic::Request<T>) -> Arc<str> {
     req.extensions()
         .get::<Principal>()
-        .map_or_else(|| Arc::from("-"), |p| p.name.clone())
+        .map_or_else(|| Arc::from("-"), audit_name)
+}
+
+/// The whole principal a call was authenticated as (None without `[auth]`).
+pub fn principal_of<T>(req: &tonic::Request<T>) -> Option<Principal> {
+    req.extensions().get::<Principal>().cloned()
+}
+
+/// How the audit names a principal: its name, and its tenant when it has
+/// one ("oncall of tenant support"), so every operator action's event and
+/// log line say both.
+pub fn audit_name(p: &Principal) -> Arc<str> {
+    match &p.tenant {
+        None => p.name.clone(),
+        Some(t) => Arc::from(format!("{} of tenant {}", p.name, t.name).as_str()),
+    }
 }
 
 #[cfg(test)]

@@ -190,14 +190,30 @@ impl Deferred for DeferredService {
         req: Request<proto::RequeueRequest>,
     ) -> Result<Response<proto::RequeueResponse>, Status> {
         let by = super::auth::who(&req);
+        let who = super::auth::principal_of(&req);
         let t = super::tenant::of(&req);
         let r = req.into_inner();
-        let owns = |queue: &str| t.as_deref().is_none_or(|t| t.owns(queue));
+        // The queue check also learns the item's queue: the audit event's subject.
+        let queue = std::sync::Mutex::new(String::new());
+        let owns = |q: &str| {
+            if let Ok(mut seen) = queue.lock() {
+                q.clone_into(&mut seen);
+            }
+            t.as_deref().is_none_or(|t| t.owns(q))
+        };
         self.engine
             .requeue_within(&r.id, &owns)
             .await
             .map_err(status)?;
         tracing::info!(principal = %by, action = "requeue", item = %r.id, "operator action");
+        let queue = queue.into_inner().unwrap_or_default();
+        self.engine.audit(
+            &queue,
+            "requeue",
+            who.as_ref(),
+            &format!("item {}", r.id),
+            "grpc",
+        );
         Ok(Response::new(proto::RequeueResponse {}))
     }
 

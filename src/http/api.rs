@@ -270,7 +270,10 @@ pub(super) async fn target_action(
         let e = crate::grpc::tenant::not_found(t, "target", target);
         return error(StatusCode::NOT_FOUND, e.message());
     }
-    let by = principal.map_or_else(|| "-".into(), |p| p.name.to_string());
+    let by = principal.as_ref().map_or_else(
+        || "-".into(),
+        |p| crate::grpc::auth::audit_name(p).to_string(),
+    );
     let result = match action {
         "breaker" => {
             let b: BreakerBody = match serde_json::from_str(&body) {
@@ -304,11 +307,24 @@ pub(super) async fn target_action(
             };
             let r = s.engine.set_breaker_mode(target, mode, &reason).await;
             tracing::info!(principal = %by, action = "set_breaker_state", target = %target, mode = ?mode, reason = %b.reason, via = "dashboard", "operator action");
+            if r.is_ok() {
+                s.engine.audit(
+                    target,
+                    "set_breaker_state",
+                    principal.as_ref(),
+                    &format!("{mode:?}: {}", b.reason.trim()),
+                    "dashboard",
+                );
+            }
             r
         }
         "reset" => {
             let r = s.engine.reset_target(target).await;
             tracing::info!(principal = %by, action = "reset_target", target = %target, via = "dashboard", "operator action");
+            if r.is_ok() {
+                s.engine
+                    .audit(target, "reset_target", principal.as_ref(), "", "dashboard");
+            }
             r
         }
         _ => {

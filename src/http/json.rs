@@ -210,6 +210,16 @@ pub fn event(e: &Event) -> Value {
             previous,
             why,
         } => json!({ "limit": limit, "previous": previous, "why": why }),
+        EventKind::OperatorAction {
+            action,
+            principal,
+            tenant,
+            reason,
+            via,
+        } => json!({
+            "action": action.as_ref(), "principal": principal.as_ref(),
+            "tenant": tenant.as_ref(), "reason": reason, "via": via.as_ref(),
+        }),
     };
     if let Value::Object(m) = &mut v {
         m.insert("seq".into(), json!(e.seq));

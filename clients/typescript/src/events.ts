@@ -32,7 +32,8 @@ export type EventKindName =
   | 'config_reloaded'
   | 'target_removed'
   | 'spend_limit_reached'
-  | 'limit_adapted';
+  | 'limit_adapted'
+  | 'operator_action';
 
 export interface BackstopEvent {
   readonly seq: number;
@@ -84,6 +85,8 @@ const FIELDS: ReadonlyArray<[keyof Event, EventKindName]> = [
   // A spend limit started refusing; an adaptive concurrency limit moved.
   ['spendLimitReached', 'spend_limit_reached'],
   ['limitAdapted', 'limit_adapted'],
+  // The audit of an operator action (who, of which tenant, what, why).
+  ['operatorAction', 'operator_action'],
 ];
 
 export function toEvent(e: Event): BackstopEvent {
