@@ -28,7 +28,7 @@ from backstop._proto import resilience_pb2 as backstop_dot_v1_dot_resilience__pb
 from backstop._proto import admin_pb2 as backstop_dot_v1_dot_admin__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62\x61\x63kstop/v1/events.proto\x12\x0b\x62\x61\x63kstop.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1c\x62\x61\x63kstop/v1/resilience.proto\x1a\x17\x62\x61\x63kstop/v1/admin.proto\"Y\n\x0cWatchRequest\x12\x11\n\tsince_seq\x18\x01 \x01(\x04\x12\x0f\n\x07targets\x18\x02 \x03(\t\x12%\n\x05kinds\x18\x03 \x03(\x0e\x32\x16.backstop.v1.EventKind\"\xb2\t\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06target\x18\x03 \x01(\t\x12)\n\x08snapshot\x18\n \x01(\x0b\x32\x15.backstop.v1.SnapshotH\x00\x12<\n\x12\x62reaker_transition\x18\x0b \x01(\x0b\x32\x1e.backstop.v1.BreakerTransitionH\x00\x12\x32\n\rprobe_expired\x18\x0c \x01(\x0b\x32\x19.backstop.v1.ProbeExpiredH\x00\x12\x32\n\rtarget_forced\x18\r \x01(\x0b\x32\x19.backstop.v1.TargetForcedH\x00\x12\x30\n\x0crate_limited\x18\x0e \x01(\x0b\x32\x18.backstop.v1.RateLimitedH\x00\x12\x36\n\x0f\x62udget_restored\x18\x0f \x01(\x0b\x32\x1b.backstop.v1.BudgetRestoredH\x00\x12<\n\x12\x66\x61llback_activated\x18\x10 \x01(\x0b\x32\x1e.backstop.v1.FallbackActivatedH\x00\x12\x36\n\x0froute_exhausted\x18\x11 \x01(\x0b\x32\x1b.backstop.v1.RouteExhaustedH\x00\x12\x1f\n\x03gap\x18\x12 \x01(\x0b\x32\x10.backstop.v1.GapH\x00\x12\x39\n\x11key_slot_disabled\x18\x13 \x01(\x0b\x32\x1c.backstop.v1.KeySlotDisabledH\x00\x12\x30\n\x0ctarget_reset\x18\x14 \x01(\x0b\x32\x18.backstop.v1.TargetResetH\x00\x12-\n\x08\x64\x65\x66\x65rred\x18\x15 \x01(\x0b\x32\x19.backstop.v1.ItemDeferredH\x00\x12+\n\x07\x64rained\x18\x16 \x01(\x0b\x32\x18.backstop.v1.ItemDrainedH\x00\x12\x36\n\rdead_lettered\x18\x17 \x01(\x0b\x32\x1d.backstop.v1.ItemDeadLetteredH\x00\x12:\n\x11redis_unavailable\x18\x18 \x01(\x0b\x32\x1d.backstop.v1.RedisUnavailableH\x00\x12\x34\n\x0eredis_restored\x18\x19 \x01(\x0b\x32\x1a.backstop.v1.RedisRestoredH\x00\x12\x36\n\x0f\x63onfig_mismatch\x18\x1a \x01(\x0b\x32\x1b.backstop.v1.ConfigMismatchH\x00\x12\x36\n\x0f\x63onfig_reloaded\x18\x1b \x01(\x0b\x32\x1b.backstop.v1.ConfigReloadedH\x00\x12\x34\n\x0etarget_removed\x18\x1c \x01(\x0b\x32\x1a.backstop.v1.TargetRemovedH\x00\x12=\n\x13spend_limit_reached\x18\x1d \x01(\x0b\x32\x1e.backstop.v1.SpendLimitReachedH\x00\x12\x32\n\rlimit_adapted\x18\x1e \x01(\x0b\x32\x19.backstop.v1.LimitAdaptedH\x00\x42\x06\n\x04kind\"U\n\x08Snapshot\x12,\n\x07targets\x18\x01 \x03(\x0b\x32\x1b.backstop.v1.TargetSnapshot\x12\x0c\n\x04part\x18\x02 \x01(\r\x12\r\n\x05parts\x18\x03 \x01(\r\"\xd6\x02\n\x0eTargetSnapshot\x12\x0e\n\x06target\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12.\n\nopen_until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x04 \x01(\r\x12\x1a\n\x12probes_outstanding\x18\x05 \x01(\r\x12.\n\x08\x63ounters\x18\x06 \x01(\x0b\x32\x1c.backstop.v1.OutcomeCounters\x12*\n\x07\x62udgets\x18\x07 \x03(\x0b\x32\x19.backstop.v1.BudgetStatus\x12\x30\n\x0cpaused_until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_cause\x18\t \x01(\t\"\xf4\x01\n\x11\x42reakerTransition\x12\'\n\x04\x66rom\x18\x01 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12%\n\x02to\x18\x02 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12.\n\x0b\x63\x61use_class\x18\x03 \x01(\x0e\x32\x19.backstop.v1.OutcomeClass\x12\x10\n\x08\x66\x61ilures\x18\x04 \x01(\r\x12\x0e\n\x06\x63\x61ller\x18\x05 \x01(\t\x12\r\n\x05\x63\x61use\x18\x06 \x01(\t\x12.\n\nopen_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1d\n\x0cProbeExpired\x12\r\n\x05probe\x18\x01 \x01(\x04\"F\n\x0cTargetForced\x12&\n\x04mode\x18\x01 \x01(\x0e\x32\x18.backstop.v1.BreakerMode\x12\x0e\n\x06reason\x18\x02 \x01(\t\"e\n\x0bRateLimited\x12\x10\n\x08key_slot\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03why\x18\x04 \x01(\t\"\"\n\x0e\x42udgetRestored\x12\x10\n\x08key_slot\x18\x01 \x01(\t\"[\n\x0fKeySlotDisabled\x12\x10\n\x08key_slot\x18\x01 \x01(\t\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03why\x18\x03 \x01(\t\"m\n\x11\x46\x61llbackActivated\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0c\n\x04\x66rom\x18\x02 \x01(\t\x12\n\n\x02to\x18\x03 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\r\x12 \n\x03why\x18\x05 \x01(\x0e\x32\x13.backstop.v1.Reason\"O\n\x0eRouteExhausted\x12\r\n\x05route\x18\x01 \x01(\t\x12.\n\x0bretry_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"*\n\x03Gap\x12\x13\n\x0bmissed_from\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\r\n\x0bTargetReset\"8\n\x0cItemDeferred\x12\r\n\x05queue\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x04\"(\n\x0bItemDrained\x12\r\n\x05queue\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"2\n\x10RedisUnavailable\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"0\n\rRedisRestored\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x0e\n\x06merged\x18\x02 \x01(\r\"\"\n\x0e\x43onfigMismatch\x12\x10\n\x08replicas\x18\x01 \x03(\t\"\x91\x01\n\x0e\x43onfigReloaded\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x17\n\x0fprevious_digest\x18\x02 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x03 \x03(\t\x12\x0f\n\x07removed\x18\x04 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x05 \x03(\t\x12\x15\n\rneeds_restart\x18\x06 \x03(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\"\x1f\n\rTargetRemoved\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8c\x01\n\x11SpendLimitReached\x12\r\n\x05scope\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x01\x12)\n\x06window\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x0cLimitAdapted\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x10\n\x08previous\x18\x02 \x01(\r\x12\x0b\n\x03why\x18\x03 \x01(\t\"O\n\x10ItemDeadLettered\x12\r\n\x05queue\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\r*\xa3\x05\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_KIND_SNAPSHOT\x10\x01\x12!\n\x1d\x45VENT_KIND_BREAKER_TRANSITION\x10\x02\x12\x1c\n\x18\x45VENT_KIND_PROBE_EXPIRED\x10\x03\x12\x1c\n\x18\x45VENT_KIND_TARGET_FORCED\x10\x04\x12\x1b\n\x17\x45VENT_KIND_RATE_LIMITED\x10\x05\x12\x1e\n\x1a\x45VENT_KIND_BUDGET_RESTORED\x10\x06\x12!\n\x1d\x45VENT_KIND_FALLBACK_ACTIVATED\x10\x07\x12\x1e\n\x1a\x45VENT_KIND_ROUTE_EXHAUSTED\x10\x08\x12\x12\n\x0e\x45VENT_KIND_GAP\x10\t\x12 \n\x1c\x45VENT_KIND_KEY_SLOT_DISABLED\x10\n\x12\x1b\n\x17\x45VENT_KIND_TARGET_RESET\x10\x0b\x12\x17\n\x13\x45VENT_KIND_DEFERRED\x10\x0c\x12\x16\n\x12\x45VENT_KIND_DRAINED\x10\r\x12\x1c\n\x18\x45VENT_KIND_DEAD_LETTERED\x10\x0e\x12 \n\x1c\x45VENT_KIND_REDIS_UNAVAILABLE\x10\x0f\x12\x1d\n\x19\x45VENT_KIND_REDIS_RESTORED\x10\x10\x12\x1e\n\x1a\x45VENT_KIND_CONFIG_MISMATCH\x10\x11\x12\x1e\n\x1a\x45VENT_KIND_CONFIG_RELOADED\x10\x12\x12\x1d\n\x19\x45VENT_KIND_TARGET_REMOVED\x10\x13\x12\"\n\x1e\x45VENT_KIND_SPEND_LIMIT_REACHED\x10\x14\x12\x1c\n\x18\x45VENT_KIND_LIMIT_ADAPTED\x10\x15\x32\x42\n\x06\x45vents\x12\x38\n\x05Watch\x12\x19.backstop.v1.WatchRequest\x1a\x12.backstop.v1.Event0\x01\x42\x43ZAgithub.com/backstop-dev/backstop/clients/go/backstopv1;backstopv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62\x61\x63kstop/v1/events.proto\x12\x0b\x62\x61\x63kstop.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1c\x62\x61\x63kstop/v1/resilience.proto\x1a\x17\x62\x61\x63kstop/v1/admin.proto\"Y\n\x0cWatchRequest\x12\x11\n\tsince_seq\x18\x01 \x01(\x04\x12\x0f\n\x07targets\x18\x02 \x03(\t\x12%\n\x05kinds\x18\x03 \x03(\x0e\x32\x16.backstop.v1.EventKind\"\xea\t\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06target\x18\x03 \x01(\t\x12)\n\x08snapshot\x18\n \x01(\x0b\x32\x15.backstop.v1.SnapshotH\x00\x12<\n\x12\x62reaker_transition\x18\x0b \x01(\x0b\x32\x1e.backstop.v1.BreakerTransitionH\x00\x12\x32\n\rprobe_expired\x18\x0c \x01(\x0b\x32\x19.backstop.v1.ProbeExpiredH\x00\x12\x32\n\rtarget_forced\x18\r \x01(\x0b\x32\x19.backstop.v1.TargetForcedH\x00\x12\x30\n\x0crate_limited\x18\x0e \x01(\x0b\x32\x18.backstop.v1.RateLimitedH\x00\x12\x36\n\x0f\x62udget_restored\x18\x0f \x01(\x0b\x32\x1b.backstop.v1.BudgetRestoredH\x00\x12<\n\x12\x66\x61llback_activated\x18\x10 \x01(\x0b\x32\x1e.backstop.v1.FallbackActivatedH\x00\x12\x36\n\x0froute_exhausted\x18\x11 \x01(\x0b\x32\x1b.backstop.v1.RouteExhaustedH\x00\x12\x1f\n\x03gap\x18\x12 \x01(\x0b\x32\x10.backstop.v1.GapH\x00\x12\x39\n\x11key_slot_disabled\x18\x13 \x01(\x0b\x32\x1c.backstop.v1.KeySlotDisabledH\x00\x12\x30\n\x0ctarget_reset\x18\x14 \x01(\x0b\x32\x18.backstop.v1.TargetResetH\x00\x12-\n\x08\x64\x65\x66\x65rred\x18\x15 \x01(\x0b\x32\x19.backstop.v1.ItemDeferredH\x00\x12+\n\x07\x64rained\x18\x16 \x01(\x0b\x32\x18.backstop.v1.ItemDrainedH\x00\x12\x36\n\rdead_lettered\x18\x17 \x01(\x0b\x32\x1d.backstop.v1.ItemDeadLetteredH\x00\x12:\n\x11redis_unavailable\x18\x18 \x01(\x0b\x32\x1d.backstop.v1.RedisUnavailableH\x00\x12\x34\n\x0eredis_restored\x18\x19 \x01(\x0b\x32\x1a.backstop.v1.RedisRestoredH\x00\x12\x36\n\x0f\x63onfig_mismatch\x18\x1a \x01(\x0b\x32\x1b.backstop.v1.ConfigMismatchH\x00\x12\x36\n\x0f\x63onfig_reloaded\x18\x1b \x01(\x0b\x32\x1b.backstop.v1.ConfigReloadedH\x00\x12\x34\n\x0etarget_removed\x18\x1c \x01(\x0b\x32\x1a.backstop.v1.TargetRemovedH\x00\x12=\n\x13spend_limit_reached\x18\x1d \x01(\x0b\x32\x1e.backstop.v1.SpendLimitReachedH\x00\x12\x32\n\rlimit_adapted\x18\x1e \x01(\x0b\x32\x19.backstop.v1.LimitAdaptedH\x00\x12\x36\n\x0foperator_action\x18\x1f \x01(\x0b\x32\x1b.backstop.v1.OperatorActionH\x00\x42\x06\n\x04kind\"U\n\x08Snapshot\x12,\n\x07targets\x18\x01 \x03(\x0b\x32\x1b.backstop.v1.TargetSnapshot\x12\x0c\n\x04part\x18\x02 \x01(\r\x12\r\n\x05parts\x18\x03 \x01(\r\"\xd6\x02\n\x0eTargetSnapshot\x12\x0e\n\x06target\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12.\n\nopen_until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x04 \x01(\r\x12\x1a\n\x12probes_outstanding\x18\x05 \x01(\r\x12.\n\x08\x63ounters\x18\x06 \x01(\x0b\x32\x1c.backstop.v1.OutcomeCounters\x12*\n\x07\x62udgets\x18\x07 \x03(\x0b\x32\x19.backstop.v1.BudgetStatus\x12\x30\n\x0cpaused_until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_cause\x18\t \x01(\t\"\xf4\x01\n\x11\x42reakerTransition\x12\'\n\x04\x66rom\x18\x01 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12%\n\x02to\x18\x02 \x01(\x0e\x32\x19.backstop.v1.BreakerState\x12.\n\x0b\x63\x61use_class\x18\x03 \x01(\x0e\x32\x19.backstop.v1.OutcomeClass\x12\x10\n\x08\x66\x61ilures\x18\x04 \x01(\r\x12\x0e\n\x06\x63\x61ller\x18\x05 \x01(\t\x12\r\n\x05\x63\x61use\x18\x06 \x01(\t\x12.\n\nopen_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1d\n\x0cProbeExpired\x12\r\n\x05probe\x18\x01 \x01(\x04\"F\n\x0cTargetForced\x12&\n\x04mode\x18\x01 \x01(\x0e\x32\x18.backstop.v1.BreakerMode\x12\x0e\n\x06reason\x18\x02 \x01(\t\"e\n\x0bRateLimited\x12\x10\n\x08key_slot\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03why\x18\x04 \x01(\t\"\"\n\x0e\x42udgetRestored\x12\x10\n\x08key_slot\x18\x01 \x01(\t\"[\n\x0fKeySlotDisabled\x12\x10\n\x08key_slot\x18\x01 \x01(\t\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03why\x18\x03 \x01(\t\"m\n\x11\x46\x61llbackActivated\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0c\n\x04\x66rom\x18\x02 \x01(\t\x12\n\n\x02to\x18\x03 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\r\x12 \n\x03why\x18\x05 \x01(\x0e\x32\x13.backstop.v1.Reason\"O\n\x0eRouteExhausted\x12\r\n\x05route\x18\x01 \x01(\t\x12.\n\x0bretry_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"*\n\x03Gap\x12\x13\n\x0bmissed_from\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\r\n\x0bTargetReset\"8\n\x0cItemDeferred\x12\r\n\x05queue\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x04\"(\n\x0bItemDrained\x12\r\n\x05queue\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"2\n\x10RedisUnavailable\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"0\n\rRedisRestored\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x0e\n\x06merged\x18\x02 \x01(\r\"\"\n\x0e\x43onfigMismatch\x12\x10\n\x08replicas\x18\x01 \x03(\t\"\x91\x01\n\x0e\x43onfigReloaded\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x17\n\x0fprevious_digest\x18\x02 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x03 \x03(\t\x12\x0f\n\x07removed\x18\x04 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x05 \x03(\t\x12\x15\n\rneeds_restart\x18\x06 \x03(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\"\x1f\n\rTargetRemoved\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8c\x01\n\x11SpendLimitReached\x12\r\n\x05scope\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x01\x12)\n\x06window\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x0cLimitAdapted\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x10\n\x08previous\x18\x02 \x01(\r\x12\x0b\n\x03why\x18\x03 \x01(\t\"`\n\x0eOperatorAction\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0b\n\x03via\x18\x05 \x01(\t\"O\n\x10ItemDeadLettered\x12\r\n\x05queue\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\r*\xc3\x05\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_KIND_SNAPSHOT\x10\x01\x12!\n\x1d\x45VENT_KIND_BREAKER_TRANSITION\x10\x02\x12\x1c\n\x18\x45VENT_KIND_PROBE_EXPIRED\x10\x03\x12\x1c\n\x18\x45VENT_KIND_TARGET_FORCED\x10\x04\x12\x1b\n\x17\x45VENT_KIND_RATE_LIMITED\x10\x05\x12\x1e\n\x1a\x45VENT_KIND_BUDGET_RESTORED\x10\x06\x12!\n\x1d\x45VENT_KIND_FALLBACK_ACTIVATED\x10\x07\x12\x1e\n\x1a\x45VENT_KIND_ROUTE_EXHAUSTED\x10\x08\x12\x12\n\x0e\x45VENT_KIND_GAP\x10\t\x12 \n\x1c\x45VENT_KIND_KEY_SLOT_DISABLED\x10\n\x12\x1b\n\x17\x45VENT_KIND_TARGET_RESET\x10\x0b\x12\x17\n\x13\x45VENT_KIND_DEFERRED\x10\x0c\x12\x16\n\x12\x45VENT_KIND_DRAINED\x10\r\x12\x1c\n\x18\x45VENT_KIND_DEAD_LETTERED\x10\x0e\x12 \n\x1c\x45VENT_KIND_REDIS_UNAVAILABLE\x10\x0f\x12\x1d\n\x19\x45VENT_KIND_REDIS_RESTORED\x10\x10\x12\x1e\n\x1a\x45VENT_KIND_CONFIG_MISMATCH\x10\x11\x12\x1e\n\x1a\x45VENT_KIND_CONFIG_RELOADED\x10\x12\x12\x1d\n\x19\x45VENT_KIND_TARGET_REMOVED\x10\x13\x12\"\n\x1e\x45VENT_KIND_SPEND_LIMIT_REACHED\x10\x14\x12\x1c\n\x18\x45VENT_KIND_LIMIT_ADAPTED\x10\x15\x12\x1e\n\x1a\x45VENT_KIND_OPERATOR_ACTION\x10\x16\x32\x42\n\x06\x45vents\x12\x38\n\x05Watch\x12\x19.backstop.v1.WatchRequest\x1a\x12.backstop.v1.Event0\x01\x42\x43ZAgithub.com/backstop-dev/backstop/clients/go/backstopv1;backstopv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,56 +36,58 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'backstop.v1.events_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZAgithub.com/backstop-dev/backstop/clients/go/backstopv1;backstopv1'
-  _globals['_EVENTKIND']._serialized_start=3428
-  _globals['_EVENTKIND']._serialized_end=4103
+  _globals['_EVENTKIND']._serialized_start=3582
+  _globals['_EVENTKIND']._serialized_end=4289
   _globals['_WATCHREQUEST']._serialized_start=161
   _globals['_WATCHREQUEST']._serialized_end=250
   _globals['_EVENT']._serialized_start=253
-  _globals['_EVENT']._serialized_end=1455
-  _globals['_SNAPSHOT']._serialized_start=1457
-  _globals['_SNAPSHOT']._serialized_end=1542
-  _globals['_TARGETSNAPSHOT']._serialized_start=1545
-  _globals['_TARGETSNAPSHOT']._serialized_end=1887
-  _globals['_BREAKERTRANSITION']._serialized_start=1890
-  _globals['_BREAKERTRANSITION']._serialized_end=2134
-  _globals['_PROBEEXPIRED']._serialized_start=2136
-  _globals['_PROBEEXPIRED']._serialized_end=2165
-  _globals['_TARGETFORCED']._serialized_start=2167
-  _globals['_TARGETFORCED']._serialized_end=2237
-  _globals['_RATELIMITED']._serialized_start=2239
-  _globals['_RATELIMITED']._serialized_end=2340
-  _globals['_BUDGETRESTORED']._serialized_start=2342
-  _globals['_BUDGETRESTORED']._serialized_end=2376
-  _globals['_KEYSLOTDISABLED']._serialized_start=2378
-  _globals['_KEYSLOTDISABLED']._serialized_end=2469
-  _globals['_FALLBACKACTIVATED']._serialized_start=2471
-  _globals['_FALLBACKACTIVATED']._serialized_end=2580
-  _globals['_ROUTEEXHAUSTED']._serialized_start=2582
-  _globals['_ROUTEEXHAUSTED']._serialized_end=2661
-  _globals['_GAP']._serialized_start=2663
-  _globals['_GAP']._serialized_end=2705
-  _globals['_TARGETRESET']._serialized_start=2707
-  _globals['_TARGETRESET']._serialized_end=2720
-  _globals['_ITEMDEFERRED']._serialized_start=2722
-  _globals['_ITEMDEFERRED']._serialized_end=2778
-  _globals['_ITEMDRAINED']._serialized_start=2780
-  _globals['_ITEMDRAINED']._serialized_end=2820
-  _globals['_REDISUNAVAILABLE']._serialized_start=2822
-  _globals['_REDISUNAVAILABLE']._serialized_end=2872
-  _globals['_REDISRESTORED']._serialized_start=2874
-  _globals['_REDISRESTORED']._serialized_end=2922
-  _globals['_CONFIGMISMATCH']._serialized_start=2924
-  _globals['_CONFIGMISMATCH']._serialized_end=2958
-  _globals['_CONFIGRELOADED']._serialized_start=2961
-  _globals['_CONFIGRELOADED']._serialized_end=3106
-  _globals['_TARGETREMOVED']._serialized_start=3108
-  _globals['_TARGETREMOVED']._serialized_end=3139
-  _globals['_SPENDLIMITREACHED']._serialized_start=3142
-  _globals['_SPENDLIMITREACHED']._serialized_end=3282
-  _globals['_LIMITADAPTED']._serialized_start=3284
-  _globals['_LIMITADAPTED']._serialized_end=3344
-  _globals['_ITEMDEADLETTERED']._serialized_start=3346
-  _globals['_ITEMDEADLETTERED']._serialized_end=3425
-  _globals['_EVENTS']._serialized_start=4105
-  _globals['_EVENTS']._serialized_end=4171
+  _globals['_EVENT']._serialized_end=1511
+  _globals['_SNAPSHOT']._serialized_start=1513
+  _globals['_SNAPSHOT']._serialized_end=1598
+  _globals['_TARGETSNAPSHOT']._serialized_start=1601
+  _globals['_TARGETSNAPSHOT']._serialized_end=1943
+  _globals['_BREAKERTRANSITION']._serialized_start=1946
+  _globals['_BREAKERTRANSITION']._serialized_end=2190
+  _globals['_PROBEEXPIRED']._serialized_start=2192
+  _globals['_PROBEEXPIRED']._serialized_end=2221
+  _globals['_TARGETFORCED']._serialized_start=2223
+  _globals['_TARGETFORCED']._serialized_end=2293
+  _globals['_RATELIMITED']._serialized_start=2295
+  _globals['_RATELIMITED']._serialized_end=2396
+  _globals['_BUDGETRESTORED']._serialized_start=2398
+  _globals['_BUDGETRESTORED']._serialized_end=2432
+  _globals['_KEYSLOTDISABLED']._serialized_start=2434
+  _globals['_KEYSLOTDISABLED']._serialized_end=2525
+  _globals['_FALLBACKACTIVATED']._serialized_start=2527
+  _globals['_FALLBACKACTIVATED']._serialized_end=2636
+  _globals['_ROUTEEXHAUSTED']._serialized_start=2638
+  _globals['_ROUTEEXHAUSTED']._serialized_end=2717
+  _globals['_GAP']._serialized_start=2719
+  _globals['_GAP']._serialized_end=2761
+  _globals['_TARGETRESET']._serialized_start=2763
+  _globals['_TARGETRESET']._serialized_end=2776
+  _globals['_ITEMDEFERRED']._serialized_start=2778
+  _globals['_ITEMDEFERRED']._serialized_end=2834
+  _globals['_ITEMDRAINED']._serialized_start=2836
+  _globals['_ITEMDRAINED']._serialized_end=2876
+  _globals['_REDISUNAVAILABLE']._serialized_start=2878
+  _globals['_REDISUNAVAILABLE']._serialized_end=2928
+  _globals['_REDISRESTORED']._serialized_start=2930
+  _globals['_REDISRESTORED']._serialized_end=2978
+  _globals['_CONFIGMISMATCH']._serialized_start=2980
+  _globals['_CONFIGMISMATCH']._serialized_end=3014
+  _globals['_CONFIGRELOADED']._serialized_start=3017
+  _globals['_CONFIGRELOADED']._serialized_end=3162
+  _globals['_TARGETREMOVED']._serialized_start=3164
+  _globals['_TARGETREMOVED']._serialized_end=3195
+  _globals['_SPENDLIMITREACHED']._serialized_start=3198
+  _globals['_SPENDLIMITREACHED']._serialized_end=3338
+  _globals['_LIMITADAPTED']._serialized_start=3340
+  _globals['_LIMITADAPTED']._serialized_end=3400
+  _globals['_OPERATORACTION']._serialized_start=3402
+  _globals['_OPERATORACTION']._serialized_end=3498
+  _globals['_ITEMDEADLETTERED']._serialized_start=3500
+  _globals['_ITEMDEADLETTERED']._serialized_end=3579
+  _globals['_EVENTS']._serialized_start=4291
+  _globals['_EVENTS']._serialized_end=4357
 # @@protoc_insertion_point(module_scope)

@@ -34,6 +34,7 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_TARGET_REMOVED: _ClassVar[EventKind]
     EVENT_KIND_SPEND_LIMIT_REACHED: _ClassVar[EventKind]
     EVENT_KIND_LIMIT_ADAPTED: _ClassVar[EventKind]
+    EVENT_KIND_OPERATOR_ACTION: _ClassVar[EventKind]
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_SNAPSHOT: EventKind
 EVENT_KIND_BREAKER_TRANSITION: EventKind
@@ -56,6 +57,7 @@ EVENT_KIND_CONFIG_RELOADED: EventKind
 EVENT_KIND_TARGET_REMOVED: EventKind
 EVENT_KIND_SPEND_LIMIT_REACHED: EventKind
 EVENT_KIND_LIMIT_ADAPTED: EventKind
+EVENT_KIND_OPERATOR_ACTION: EventKind
 
 class WatchRequest(_message.Message):
     __slots__ = ("since_seq", "targets", "kinds")
@@ -68,7 +70,7 @@ class WatchRequest(_message.Message):
     def __init__(self, since_seq: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[EventKind, str]]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("seq", "at", "target", "snapshot", "breaker_transition", "probe_expired", "target_forced", "rate_limited", "budget_restored", "fallback_activated", "route_exhausted", "gap", "key_slot_disabled", "target_reset", "deferred", "drained", "dead_lettered", "redis_unavailable", "redis_restored", "config_mismatch", "config_reloaded", "target_removed", "spend_limit_reached", "limit_adapted")
+    __slots__ = ("seq", "at", "target", "snapshot", "breaker_transition", "probe_expired", "target_forced", "rate_limited", "budget_restored", "fallback_activated", "route_exhausted", "gap", "key_slot_disabled", "target_reset", "deferred", "drained", "dead_lettered", "redis_unavailable", "redis_restored", "config_mismatch", "config_reloaded", "target_removed", "spend_limit_reached", "limit_adapted", "operator_action")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +95,7 @@ class Event(_message.Message):
     TARGET_REMOVED_FIELD_NUMBER: _ClassVar[int]
     SPEND_LIMIT_REACHED_FIELD_NUMBER: _ClassVar[int]
     LIMIT_ADAPTED_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_ACTION_FIELD_NUMBER: _ClassVar[int]
     seq: int
     at: _timestamp_pb2.Timestamp
     target: str
@@ -117,7 +120,8 @@ class Event(_message.Message):
     target_removed: TargetRemoved
     spend_limit_reached: SpendLimitReached
     limit_adapted: LimitAdapted
-    def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., breaker_transition: _Optional[_Union[BreakerTransition, _Mapping]] = ..., probe_expired: _Optional[_Union[ProbeExpired, _Mapping]] = ..., target_forced: _Optional[_Union[TargetForced, _Mapping]] = ..., rate_limited: _Optional[_Union[RateLimited, _Mapping]] = ..., budget_restored: _Optional[_Union[BudgetRestored, _Mapping]] = ..., fallback_activated: _Optional[_Union[FallbackActivated, _Mapping]] = ..., route_exhausted: _Optional[_Union[RouteExhausted, _Mapping]] = ..., gap: _Optional[_Union[Gap, _Mapping]] = ..., key_slot_disabled: _Optional[_Union[KeySlotDisabled, _Mapping]] = ..., target_reset: _Optional[_Union[TargetReset, _Mapping]] = ..., deferred: _Optional[_Union[ItemDeferred, _Mapping]] = ..., drained: _Optional[_Union[ItemDrained, _Mapping]] = ..., dead_lettered: _Optional[_Union[ItemDeadLettered, _Mapping]] = ..., redis_unavailable: _Optional[_Union[RedisUnavailable, _Mapping]] = ..., redis_restored: _Optional[_Union[RedisRestored, _Mapping]] = ..., config_mismatch: _Optional[_Union[ConfigMismatch, _Mapping]] = ..., config_reloaded: _Optional[_Union[ConfigReloaded, _Mapping]] = ..., target_removed: _Optional[_Union[TargetRemoved, _Mapping]] = ..., spend_limit_reached: _Optional[_Union[SpendLimitReached, _Mapping]] = ..., limit_adapted: _Optional[_Union[LimitAdapted, _Mapping]] = ...) -> None: ...
+    operator_action: OperatorAction
+    def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., breaker_transition: _Optional[_Union[BreakerTransition, _Mapping]] = ..., probe_expired: _Optional[_Union[ProbeExpired, _Mapping]] = ..., target_forced: _Optional[_Union[TargetForced, _Mapping]] = ..., rate_limited: _Optional[_Union[RateLimited, _Mapping]] = ..., budget_restored: _Optional[_Union[BudgetRestored, _Mapping]] = ..., fallback_activated: _Optional[_Union[FallbackActivated, _Mapping]] = ..., route_exhausted: _Optional[_Union[RouteExhausted, _Mapping]] = ..., gap: _Optional[_Union[Gap, _Mapping]] = ..., key_slot_disabled: _Optional[_Union[KeySlotDisabled, _Mapping]] = ..., target_reset: _Optional[_Union[TargetReset, _Mapping]] = ..., deferred: _Optional[_Union[ItemDeferred, _Mapping]] = ..., drained: _Optional[_Union[ItemDrained, _Mapping]] = ..., dead_lettered: _Optional[_Union[ItemDeadLettered, _Mapping]] = ..., redis_unavailable: _Optional[_Union[RedisUnavailable, _Mapping]] = ..., redis_restored: _Optional[_Union[RedisRestored, _Mapping]] = ..., config_mismatch: _Optional[_Union[ConfigMismatch, _Mapping]] = ..., config_reloaded: _Optional[_Union[ConfigReloaded, _Mapping]] = ..., target_removed: _Optional[_Union[TargetRemoved, _Mapping]] = ..., spend_limit_reached: _Optional[_Union[SpendLimitReached, _Mapping]] = ..., limit_adapted: _Optional[_Union[LimitAdapted, _Mapping]] = ..., operator_action: _Optional[_Union[OperatorAction, _Mapping]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
     __slots__ = ("targets", "part", "parts")
@@ -328,6 +332,20 @@ class LimitAdapted(_message.Message):
     previous: int
     why: str
     def __init__(self, limit: _Optional[int] = ..., previous: _Optional[int] = ..., why: _Optional[str] = ...) -> None: ...
+
+class OperatorAction(_message.Message):
+    __slots__ = ("action", "principal", "tenant", "reason", "via")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    principal: str
+    tenant: str
+    reason: str
+    via: str
+    def __init__(self, action: _Optional[str] = ..., principal: _Optional[str] = ..., tenant: _Optional[str] = ..., reason: _Optional[str] = ..., via: _Optional[str] = ...) -> None: ...
 
 class ItemDeadLettered(_message.Message):
     __slots__ = ("queue", "id", "reason", "attempts")

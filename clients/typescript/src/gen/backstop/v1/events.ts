@@ -59,6 +59,7 @@ export enum EventKind {
   EVENT_KIND_TARGET_REMOVED = 19,
   EVENT_KIND_SPEND_LIMIT_REACHED = 20,
   EVENT_KIND_LIMIT_ADAPTED = 21,
+  EVENT_KIND_OPERATOR_ACTION = 22,
   UNRECOGNIZED = -1,
 }
 
@@ -103,6 +104,7 @@ export interface Event {
   targetRemoved?: TargetRemoved | undefined;
   spendLimitReached?: SpendLimitReached | undefined;
   limitAdapted?: LimitAdapted | undefined;
+  operatorAction?: OperatorAction | undefined;
 }
 
 /**
@@ -284,6 +286,25 @@ export interface LimitAdapted {
   why: string;
 }
 
+/**
+ * The audit of an operator action: who did what to the event's target (the
+ * target, or for a requeue the item's queue, or "" for a config reload),
+ * of which tenant, and why. Published beside the action's own event
+ * (target_forced, target_reset, config_reloaded; a requeue has no other).
+ */
+export interface OperatorAction {
+  /** "set_breaker_state", "reset_target", "requeue" or "reload_config". */
+  action: string;
+  /** The principal's name ("-" when the server has no [auth]). */
+  principal: string;
+  /** Its tenant ("" when it has none). */
+  tenant: string;
+  /** The reason given ("" when none), and for a requeue the item id. */
+  reason: string;
+  /** Where it came from: "grpc" or "dashboard". */
+  via: string;
+}
+
 /** A deferred item used its last attempt. */
 export interface ItemDeadLettered {
   queue: string;
@@ -411,6 +432,7 @@ function createBaseEvent(): Event {
     targetRemoved: undefined,
     spendLimitReached: undefined,
     limitAdapted: undefined,
+    operatorAction: undefined,
   };
 }
 
@@ -487,6 +509,9 @@ export const Event: MessageFns<Event> = {
     }
     if (message.limitAdapted !== undefined) {
       LimitAdapted.encode(message.limitAdapted, writer.uint32(242).fork()).join();
+    }
+    if (message.operatorAction !== undefined) {
+      OperatorAction.encode(message.operatorAction, writer.uint32(250).fork()).join();
     }
     return writer;
   },
@@ -696,6 +721,14 @@ export const Event: MessageFns<Event> = {
             message.limitAdapted = LimitAdapted.decode(reader, reader.uint32());
             continue;
           }
+          case 31: {
+            if (tag !== 250) {
+              break;
+            }
+
+            message.operatorAction = OperatorAction.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -776,6 +809,9 @@ export const Event: MessageFns<Event> = {
       : undefined;
     message.limitAdapted = (object.limitAdapted !== undefined && object.limitAdapted !== null)
       ? LimitAdapted.fromPartial(object.limitAdapted)
+      : undefined;
+    message.operatorAction = (object.operatorAction !== undefined && object.operatorAction !== null)
+      ? OperatorAction.fromPartial(object.operatorAction)
       : undefined;
     return message;
   },
@@ -2466,6 +2502,109 @@ export const LimitAdapted: MessageFns<LimitAdapted> = {
     message.limit = object.limit ?? 0;
     message.previous = object.previous ?? 0;
     message.why = object.why ?? "";
+    return message;
+  },
+};
+
+function createBaseOperatorAction(): OperatorAction {
+  return { action: "", principal: "", tenant: "", reason: "", via: "" };
+}
+
+export const OperatorAction: MessageFns<OperatorAction> = {
+  encode(message: OperatorAction, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.action !== "") {
+      writer.uint32(10).string(message.action);
+    }
+    if (message.principal !== "") {
+      writer.uint32(18).string(message.principal);
+    }
+    if (message.tenant !== "") {
+      writer.uint32(26).string(message.tenant);
+    }
+    if (message.reason !== "") {
+      writer.uint32(34).string(message.reason);
+    }
+    if (message.via !== "") {
+      writer.uint32(42).string(message.via);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): OperatorAction {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseOperatorAction();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.action = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.principal = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.tenant = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.via = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<OperatorAction>, I>>(base?: I): OperatorAction {
+    return OperatorAction.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<OperatorAction>, I>>(object: I): OperatorAction {
+    const message = createBaseOperatorAction();
+    message.action = object.action ?? "";
+    message.principal = object.principal ?? "";
+    message.tenant = object.tenant ?? "";
+    message.reason = object.reason ?? "";
+    message.via = object.via ?? "";
     return message;
   },
 };
