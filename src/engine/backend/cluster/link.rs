@@ -288,6 +288,31 @@ impl Link {
         }
     }
 
+    /// For the deferred queue's Claim / Ack / Nack and listings, which are
+    /// not on the decision path: tried even while the link is open, with
+    /// `patience` instead of `redis_timeout`, and their failures do not move
+    /// the breaker. Redis slower than `redis_timeout` is slow, not gone: a
+    /// decision must not wait for it (it decides degraded), but a Claim can,
+    /// and failing it would only make the worker retry.
+    pub async fn call_patient<T, F, Fut>(&self, patience: Duration, f: F) -> Result<T, LinkError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.conn()?;
+        match tokio::time::timeout(patience, f(conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(LinkError::Redis(e.to_string())),
+            Err(_) => Err(LinkError::Timeout),
+        }
+    }
+
+    /// How long [`Link::call_patient`] waits: what the connection itself
+    /// allows a response (`redis_timeout` × 4, at least 200 ms).
+    pub fn patience(&self) -> Duration {
+        self.timeout.max(Duration::from_millis(50)) * 4
+    }
+
     /// One probe: PING (and the role). Closes the link on success; returns
     /// whether it was open before (so the caller can merge back).
     pub async fn probe(&self) -> Result<bool, LinkError> {

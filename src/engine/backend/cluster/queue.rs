@@ -503,21 +503,25 @@ impl RedisQueue {
     ) -> std::result::Result<Value, LinkError> {
         let keys = self.keys.for_queue(queue);
         let queue = queue.to_string();
-        self.backend
-            .inner
-            .link
-            .call(|mut c| async move {
-                let mut inv = s.prepare_invoke();
-                for k in &keys {
-                    inv.key(k);
-                }
-                inv.arg(queue).arg(ms(now));
-                for a in &args {
-                    inv.arg(a.as_slice());
-                }
-                inv.invoke_async::<Value>(&mut c).await
-            })
-            .await
+        let link = &self.backend.inner.link;
+        let call = |mut c: super::link::Conn| async move {
+            let mut inv = s.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            inv.arg(queue).arg(ms(now));
+            for a in &args {
+                inv.arg(a.as_slice());
+            }
+            inv.invoke_async::<Value>(&mut c).await
+        };
+        // A Defer must answer within redis_timeout (it is spooled when Redis
+        // does not answer); the rest of the queue waits for a slow Redis.
+        if std::ptr::eq(s, &*DEFER) {
+            link.call(call).await
+        } else {
+            link.call_patient(link.patience(), call).await
+        }
     }
 
     async fn run_list(
