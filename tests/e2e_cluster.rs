@@ -392,6 +392,40 @@ async fn a_frozen_redis_degrades_fast_and_state_merges_back() {
     }
 }
 
+/// Replica A opens a breaker through Redis; replica B never decided on that
+/// target, so it has nothing of it cached. Redis then stops answering: B,
+/// deciding alone, still refuses, because it heard A's transition on the
+/// shared event stream (the chaos soak found B admitting here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_degraded_replica_honours_an_open_breaker_it_only_heard_of() {
+    let redis = Redis::start();
+    let config = "[cluster]\nredis_url = \"redis://unused\"\nredis_timeout = \"50ms\"\n[targets.h]\nbreaker = { failure_threshold = 2, open_duration = \"60s\" }\n";
+    let servers = replicas(config, &redis.url(), 2).await;
+    let mut c = clients(&servers).await;
+    for _ in 0..2 {
+        let p = c[0].can_proceed(can("h")).await.expect("ok").into_inner();
+        assert!(!p.degraded);
+        c[0].record_outcome(outcome("h", &p.permit, 503))
+            .await
+            .expect("ok");
+    }
+    let r = c[0].can_proceed(can("h")).await.expect("ok").into_inner();
+    assert_eq!(r.reason(), proto::Reason::CircuitOpen);
+    // The event reaches B's stream reader within its 500 ms block.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    redis.signal("STOP");
+    let r = c[1].can_proceed(can("h")).await.expect("ok").into_inner();
+    redis.signal("CONT");
+    assert!(r.degraded, "decided without Redis: {r:?}");
+    assert!(!r.allowed, "B forgot the open breaker A announced: {r:?}");
+    assert_eq!(r.reason(), proto::Reason::CircuitOpen);
+    let wait = r.retry_after.expect("says how long");
+    assert!(
+        wait.seconds >= 55,
+        "until A's open-until (60 s), not a fresh short period: {wait:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_with_aof_keeps_outages_pauses_and_disabled_keys() {
     let mut redis = Redis::start_with(&[

@@ -794,6 +794,33 @@ impl Breaker {
         self.push_transition(from, Cause::Operator { mode }, out);
     }
 
+    /// Takes in an open period decided elsewhere (cluster mode: another
+    /// replica's breaker transition, read from the shared event stream,
+    /// for a replica about to decide without Redis). Until `open_until` the
+    /// breaker that sent it is open (only an operator can end that early,
+    /// and that comes as its own event), so this one is made open at least
+    /// that long. Forced modes win; an open period already as long is kept.
+    /// Returns whether anything changed.
+    pub fn learn_open(&mut self, now: Time, open_until: Time) -> bool {
+        if self.mode != Mode::Automatic || open_until <= now {
+            return false;
+        }
+        if self.phase == Phase::Open {
+            if self.open_until >= open_until {
+                return false;
+            }
+        } else {
+            // A new open period: probes of the old generation are void.
+            self.phase = Phase::Open;
+            self.opened_at = now;
+            self.half_open_successes = 0;
+            self.probes.clear();
+            self.generation += 1;
+        }
+        self.open_until = open_until;
+        true
+    }
+
     /// Back to a fresh, automatic, closed breaker.
     pub fn reset(&mut self, out: &mut Vec<BreakerEvent>) {
         let from = self.state();

@@ -488,7 +488,7 @@ async fn decide(
             if r.reason() == proto::Reason::CircuitOpen
                 && let Some(after) = &r.retry_after
             {
-                told_open(cx, a.inc, a.sent, a.recv, ms(after));
+                told_open(cx, a.inc, a.sent, a.recv, ms(after), r.degraded);
             }
         }
     }
@@ -499,7 +499,7 @@ async fn decide(
 /// least from `recv` (the answer had been decided by then) until
 /// `sent + delay` (its open-until is no earlier). Near-identical windows
 /// (many refusals quote the same open-until) are kept once.
-fn told_open(cx: &Cx, inc: u64, sent: u64, recv: u64, delay: u64) {
+fn told_open(cx: &Cx, inc: u64, sent: u64, recv: u64, delay: u64, degraded: bool) {
     if delay == 0 {
         return;
     }
@@ -507,10 +507,12 @@ fn told_open(cx: &Cx, inc: u64, sent: u64, recv: u64, delay: u64) {
         from: recv,
         until: sent + delay,
         inc,
+        degraded,
     };
     let mut s = cx.led.lock();
     if let Some(last) = s.told_open.last()
         && last.inc == inc
+        && last.degraded == degraded
         && last.until.abs_diff(t.until) <= 20
     {
         return;
@@ -620,7 +622,14 @@ async fn hunter(cx: Arc<Cx>, i: u64) {
                 && !o.duplicate
                 && adv.reason() == proto::RetryReason::CircuitOpen
             {
-                told_open(&cx, inc, sent, recv, adv.delay.as_ref().map_or(0, ms));
+                told_open(
+                    &cx,
+                    inc,
+                    sent,
+                    recv,
+                    adv.delay.as_ref().map_or(0, ms),
+                    o.degraded,
+                );
             }
         }
     }
@@ -859,7 +868,14 @@ async fn trip(cx: &Cx) {
                 && !o.duplicate
                 && adv.reason() == proto::RetryReason::CircuitOpen
             {
-                told_open(cx, inc, sent, recv, adv.delay.as_ref().map_or(0, ms));
+                told_open(
+                    cx,
+                    inc,
+                    sent,
+                    recv,
+                    adv.delay.as_ref().map_or(0, ms),
+                    o.degraded,
+                );
                 return;
             }
         }
@@ -914,6 +930,7 @@ async fn faults(
         .map_err(|e| e.to_string())??;
         let inc = cx.next_inc.fetch_add(1, Ordering::Relaxed);
         cx.conns[victim].set(inc, &started.addr)?;
+        cx.led.lock().replica_of.insert(inc, victim);
         servers[victim] = Some(started);
         let ready = now_ms();
         let mut s = cx.led.lock();
@@ -1126,6 +1143,12 @@ pub async fn run(args: SoakArgs) -> Result<(), String> {
         next_payload: AtomicU64::new(0),
         seed,
     });
+    {
+        let mut s = cx.led.lock();
+        for r in 0..n {
+            s.replica_of.insert(r as u64, r);
+        }
+    }
     HOME.scope(0, setup(&cx)).await?;
 
     // Tasks alternate between the replicas (all on replica 0 without --cluster).
@@ -1294,6 +1317,10 @@ fn print_report(r: &Report) {
             "{} / {} / {}",
             r.told_open, r.told_open_spanning_restart, r.open_forgotten_after_restart
         ),
+    );
+    line(
+        "admitted while another replica said open, both degraded (cluster; allowed)",
+        r.open_unknown_in_partition.to_string(),
     );
     line("probes seen", r.probes.to_string());
     let maxes: Vec<String> = r

@@ -144,6 +144,9 @@ pub struct ToldOpen {
     pub from: u64,
     pub until: u64,
     pub inc: u64,
+    /// Cluster: the answer was decided without Redis (the open lives only
+    /// in that replica's fallback until it merges back).
+    pub degraded: bool,
 }
 
 /// A call that got no answer (deadline passed, connection refused or broken).
@@ -186,6 +189,8 @@ pub struct State {
     pub freezes: Vec<(u64, Option<u64>)>,
     /// Cluster: CanProceed / RecordOutcome answers flagged `degraded`.
     pub degraded_decisions: u64,
+    /// Cluster: which replica each incarnation (one process) was.
+    pub replica_of: HashMap<u64, usize>,
     pub calls: u64,
     pub decisions: u64,
     pub admitted: u64,
@@ -428,6 +433,7 @@ impl Ledger {
             a
         };
         let mut open_forgotten_after_restart = 0u64;
+        let mut open_unknown_in_partition = 0u64;
         let mut told_open_spanning_restart = 0u64;
         for t in &s.told_open {
             // Told open, then killed, and the new process was ready while
@@ -445,6 +451,21 @@ impl Ledger {
             }
             let i = flaky.partition_point(|a| a.issued_ms < from);
             for a in flaky[i..].iter().take_while(|a| a.issued_ms < until) {
+                // Cluster: with Redis unreachable, each replica decides
+                // alone (`on_redis_unavailable = "local"`). An open decided
+                // there by one replica is in no place the other can read
+                // until it merges back, so the other replica, itself
+                // degraded, cannot honour it: a partition, not forgetting.
+                // Counted and reported, not a violation. An open decided
+                // through Redis stays a violation for every replica.
+                if self.cluster
+                    && t.degraded
+                    && a.degraded
+                    && s.replica_of.get(&a.inc) != s.replica_of.get(&t.inc)
+                {
+                    open_unknown_in_partition += 1;
+                    continue;
+                }
                 if a.inc != t.inc {
                     open_forgotten_after_restart += 1;
                 }
@@ -627,6 +648,7 @@ impl Ledger {
             unacked,
             told_open: s.told_open.len() as u64,
             open_forgotten_after_restart,
+            open_unknown_in_partition,
             told_open_spanning_restart,
             probes: s.probes.len() as u64,
             max_probes_by_incarnation: max_probes_by_inc,
@@ -708,6 +730,9 @@ pub struct Report {
     pub unacked: u64,
     pub told_open: u64,
     pub open_forgotten_after_restart: u64,
+    /// Cluster: admissions by a degraded replica while another degraded
+    /// replica had said open (neither could reach Redis): not violations.
+    pub open_unknown_in_partition: u64,
     /// Open periods a client was told about that outlived a kill and restart.
     pub told_open_spanning_restart: u64,
     pub probes: u64,

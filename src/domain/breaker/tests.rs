@@ -895,3 +895,34 @@ proptest! {
         prop_assert_eq!(ea, eb);
     }
 }
+
+#[test]
+fn an_open_period_learnt_from_elsewhere_opens_or_extends_but_never_shortens() {
+    let c = cfg();
+    let mut ev = Vec::new();
+    // Closed: opens until then, in a new generation, refusing meanwhile.
+    let mut b = Breaker::new(7);
+    let g = b.generation();
+    assert!(b.learn_open(T0, T0 + secs(30)));
+    assert_eq!(b.state(), BreakerState::Open);
+    assert_eq!(b.open_until(), Some(T0 + secs(30)));
+    assert_eq!(b.generation(), g + 1);
+    assert!(b.admit(T0 + secs(29), &c, &mut ev).is_err());
+    // A shorter or equal period changes nothing; a longer one extends.
+    assert!(!b.learn_open(T0, T0 + secs(10)));
+    assert!(!b.learn_open(T0, T0 + secs(30)));
+    assert_eq!(b.open_until(), Some(T0 + secs(30)));
+    assert!(b.learn_open(T0 + secs(1), T0 + secs(45)));
+    assert_eq!(b.open_until(), Some(T0 + secs(45)));
+    assert_eq!(b.generation(), g + 1, "extending is the same open period");
+    // Half-open after it: probes then as usual.
+    b.tick(T0 + secs(45), &c, &mut ev);
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    // A period already over, and a forced mode, are left alone.
+    let mut b = Breaker::new(7);
+    assert!(!b.learn_open(T0 + secs(5), T0 + secs(5)));
+    assert_eq!(b.state(), BreakerState::Closed);
+    b.set_mode(Mode::ForcedClosed, &mut ev);
+    assert!(!b.learn_open(T0, T0 + secs(30)));
+    assert_eq!(b.state(), BreakerState::ForcedClosed);
+}

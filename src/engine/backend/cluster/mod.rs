@@ -86,6 +86,12 @@ pub(crate) struct Meta {
     pub(crate) refused_delta: AtomicU64,
     /// Already in the cluster's list of targets.
     indexed: AtomicBool,
+    /// The latest open-until (ms) any replica announced for this breaker on
+    /// the shared event stream; 0 after an operator reset or force. A
+    /// degraded replica honours it, so that an open breaker decided by
+    /// another replica shortly before Redis stopped answering is not
+    /// forgotten because this replica's cache of the target was older.
+    heard_open_until: AtomicU64,
 }
 
 impl Meta {
@@ -815,6 +821,23 @@ impl Meta {
     pub(crate) fn forget_refusal(&self) {
         *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
+
+    /// An open period announced on the event stream (max of all heard).
+    pub(crate) fn heard_open(&self, until: Time) {
+        self.heard_open_until
+            .fetch_max(until.as_millis(), Ordering::Relaxed);
+    }
+
+    /// An operator changed the breaker: what was heard no longer holds.
+    pub(crate) fn forget_heard_open(&self) {
+        self.heard_open_until.store(0, Ordering::Relaxed);
+    }
+
+    /// The open-until heard, while it is still in the future.
+    fn heard_open_until(&self, now: Time) -> Option<Time> {
+        let ms = self.heard_open_until.load(Ordering::Relaxed);
+        (ms > now.as_millis()).then(|| Time::from_millis(ms))
+    }
 }
 
 impl Inner {
@@ -859,6 +882,26 @@ impl Inner {
     }
 
     /// This replica's record of `target`, created on first use (within max_targets).
+    /// The target's meta if this replica has one or the config declares
+    /// the target (then it is made); never one created on first use.
+    fn known_meta(&self, name: &str) -> Option<Arc<Meta>> {
+        if let Some(m) = self.metas.get(name) {
+            return Some(m.clone());
+        }
+        let config = self.config.load();
+        let configured = config.targets.contains_key(name)
+            || config
+                .routes
+                .values()
+                .any(|r| r.targets.iter().any(|t| t.as_ref() == name));
+        drop(config);
+        if configured {
+            self.meta(name).ok()
+        } else {
+            None
+        }
+    }
+
     fn meta(&self, name: &str) -> Result<Arc<Meta>> {
         if let Some(m) = self.metas.get(name) {
             return Ok(m.clone());
@@ -902,6 +945,7 @@ impl Inner {
                     refusal: Mutex::new(None),
                     refused_delta: AtomicU64::new(0),
                     indexed: AtomicBool::new(false),
+                    heard_open_until: AtomicU64::new(0),
                 })
             })
             .clone();
@@ -1665,6 +1709,9 @@ impl Inner {
                     .read()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
+                if let Some(until) = meta.heard_open_until(self.clock.now()) {
+                    fallback.learn_open(&meta.name, until);
+                }
                 let mut a = fallback.admit(&meta.name, args).await?;
                 a.degraded = true;
                 Ok(a)
@@ -1695,6 +1742,9 @@ impl Inner {
                     .read()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
+                if let Some(until) = meta.heard_open_until(self.clock.now()) {
+                    fallback.learn_open(&meta.name, until);
+                }
                 let mut r = fallback.record(&meta.name, args, rand01).await?;
                 r.degraded = true;
                 Ok(r)

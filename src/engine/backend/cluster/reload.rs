@@ -131,6 +131,11 @@ impl RedisBackend {
                     m.refused_delta.swap(0, Ordering::Relaxed),
                 ),
                 indexed: std::sync::atomic::AtomicBool::new(m.indexed.load(Ordering::Relaxed)),
+                // What was heard is a fact about the shared breaker, not
+                // about these settings: it carries over.
+                heard_open_until: std::sync::atomic::AtomicU64::new(
+                    m.heard_open_until.load(Ordering::Relaxed),
+                ),
             });
             inner.metas.insert(m.name.clone(), fresh);
         }

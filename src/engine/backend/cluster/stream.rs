@@ -77,6 +77,25 @@ fn publish(inner: &Inner, id: &str, data: &[u8]) {
     ) && let Some(m) = inner.metas.get(target.as_ref())
     {
         m.forget_refusal();
+        if matches!(
+            kind,
+            EventKind::TargetForced { .. } | EventKind::TargetReset
+        ) {
+            m.forget_heard_open();
+        }
+    }
+    // A breaker opened on some replica: remembered here even for a target
+    // this replica has not decided on yet (if it is in the config; targets
+    // created on first use count against this replica's cap only when its
+    // own clients use them), for when this replica must decide without Redis.
+    if let EventKind::BreakerTransition {
+        to: crate::domain::breaker::BreakerState::Open,
+        open_until: Some(until),
+        ..
+    } = &kind
+        && let Some(m) = inner.known_meta(&target)
+    {
+        m.heard_open(*until);
     }
     if matches!(kind, EventKind::ItemDeferred { .. }) {
         inner.queue_wake.notify_waiters();

@@ -945,6 +945,19 @@ impl LocalBackend {
         }
     }
 
+    /// Makes a target's breaker open until at least `open_until` (cluster
+    /// mode: a degraded fallback taking in an open period another replica
+    /// announced; see `Breaker::learn_open`).
+    pub fn learn_open(&self, name: &str, open_until: Time) {
+        if let Ok(t) = self.target(name) {
+            let now = self.clock.now();
+            let mut l = t.lock();
+            if l.st.breaker.learn_open(now, open_until) {
+                self.metrics.set_state(&t.metrics, l.st.breaker.state());
+            }
+        }
+    }
+
     /// Replaces a target's state with `rec`, exactly (cluster mode: seeds the
     /// degraded fallback with the last state known from Redis).
     pub fn seed(&self, name: &str, rec: &store::TargetRecord) {
