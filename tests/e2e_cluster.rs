@@ -411,6 +411,20 @@ async fn a_degraded_replica_honours_an_open_breaker_it_only_heard_of() {
     }
     let r = c[0].can_proceed(can("h")).await.expect("ok").into_inner();
     assert_eq!(r.reason(), proto::Reason::CircuitOpen);
+    // A replica (re)started now answers its very first call from Redis, not
+    // degraded from an empty fallback: it waits for Redis before serving.
+    let fresh = Server::start(config, &["--redis", &redis.url()]);
+    let r = fresh
+        .resilience()
+        .await
+        .can_proceed(can("h"))
+        .await
+        .expect("ok")
+        .into_inner();
+    assert!(
+        !r.degraded && !r.allowed,
+        "first call of a new replica: {r:?}"
+    );
     // The event reaches B's stream reader within its 500 ms block.
     tokio::time::sleep(Duration::from_millis(700)).await;
     redis.signal("STOP");

@@ -587,6 +587,15 @@ impl Engine {
         }
     }
 
+    /// Cluster mode: waits up to `limit` for Redis to answer before serving
+    /// (see `RedisBackend::wait_linked`); true at once when embedded.
+    pub async fn wait_for_redis(&self, limit: std::time::Duration) -> bool {
+        match self.backend.redis() {
+            Some(b) => b.wait_linked(limit).await,
+            None => true,
+        }
+    }
+
     /// Publishes an engine-level event (fallbacks, route exhaustion): on this
     /// server's bus, or in cluster mode to every replica.
     fn publish(&self, at: Time, target: &Arc<str>, kind: EventKind) {

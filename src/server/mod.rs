@@ -200,6 +200,12 @@ fn spawn_reload_on_sighup(engine: Arc<Engine>, hup: Hangup) -> Option<tokio::tas
 /// hangs.
 const STORE_STALL: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Cluster mode: how long a starting replica waits for Redis before it
+/// serves anyway (degraded). Long enough for a connection to a healthy
+/// Redis, short enough that an outage does not keep the fleet's fallback
+/// control plane from starting.
+const REDIS_AT_START: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Serves until SIGTERM / Ctrl-C, then drains in-flight calls (up to
 /// `shutdown_grace`) and returns.
 ///
@@ -226,6 +232,11 @@ pub async fn run(
     let hup = sighup();
     let engine = Arc::new(open_engine(config.clone(), opts, grpc_addr)?.with_source(source));
     engine.start_cluster(grpc_addr.to_string());
+    if config.cluster.is_some() && !engine.wait_for_redis(REDIS_AT_START).await {
+        tracing::warn!(
+            "Redis did not answer within {REDIS_AT_START:?} of starting: serving degraded (deciding locally) until it does"
+        );
+    }
     let reloader = spawn_reload_on_sighup(engine.clone(), hup);
     if config.cluster.is_some() {
         let e = engine.clone();

@@ -393,6 +393,27 @@ impl RedisBackend {
         tokio::spawn(async move { stream::read(inner).await });
     }
 
+    /// Waits (up to `limit`) until the background connection made by
+    /// [`RedisBackend::start`] is up. A server calls this before it serves:
+    /// a replica restarted while Redis is fine then decides from the shared
+    /// state from its first call, instead of degraded from an empty fallback
+    /// (the chaos soak caught a restarted replica admitting through a
+    /// breaker the fleet had just opened). With Redis down it gives up after
+    /// `limit` and the replica serves degraded: never "will not start".
+    pub async fn wait_linked(&self, limit: std::time::Duration) -> bool {
+        let started = std::time::Instant::now();
+        loop {
+            let link = &self.inner.link;
+            if link.is_connected() && !link.is_open() {
+                return true;
+            }
+            if started.elapsed() >= limit {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Connects now and waits for it (tests and tools; `start` does this in
     /// the background for a server).
     pub async fn connect(&self) -> std::result::Result<(), String> {

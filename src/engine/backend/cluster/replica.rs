@@ -78,6 +78,10 @@ impl Inner {
             self.events.clone(),
             self.metrics.clone(),
         );
+        // The other live replicas may each have admitted since this one
+        // last read a unit: one request each is held back from every
+        // seeded budget (see `BudgetState::charge_requests`).
+        let peers = (live - 1) as u64;
         let units: Vec<_> = self.units.iter().map(|u| u.value().clone()).collect();
         for u in units {
             // Wait for a batch in flight on this unit (bounded by
@@ -95,6 +99,7 @@ impl Inner {
                         )
                     {
                         fallback.seed(name, &rec);
+                        fallback.charge_for_peers(name, peers);
                     }
                 }
                 for (g, c) in &cache.groups {
@@ -104,6 +109,7 @@ impl Inner {
                         )
                     {
                         fallback.seed_group(*g, &rec);
+                        fallback.charge_group_for_peers(*g, peers);
                     }
                 }
             }

@@ -945,6 +945,28 @@ impl LocalBackend {
         }
     }
 
+    /// Charges every key slot's budget of a target `n` requests now (cluster mode: a fresh fallback's allowance for the
+    /// other replicas' unseen admissions; see `BudgetState::charge_requests`).
+    pub fn charge_for_peers(&self, name: &str, n: u64) {
+        let Some(t) = self.targets.get(name).map(|t| t.clone()) else {
+            return;
+        };
+        let now = self.clock.now();
+        let mut l = t.lock();
+        for slot in l.st.slots.iter_mut() {
+            slot.budget.charge_requests(now, &t.conf.settings.budget, n);
+        }
+    }
+
+    /// The same for a budget group (charged once, however many targets share it).
+    pub fn charge_group_for_peers(&self, group: usize, n: u64) {
+        if let Some(g) = self.groups.load().get(group) {
+            lock(&g.state)
+                .budget
+                .charge_requests(self.clock.now(), &g.config, n);
+        }
+    }
+
     /// Makes a target's breaker open until at least `open_until` (cluster
     /// mode: a degraded fallback taking in an open period another replica
     /// announced; see `Breaker::learn_open`).
