@@ -78,7 +78,14 @@ pub struct OffsetClock {
     base: SystemClock,
     /// Nanoseconds to add to the local clock.
     offset: std::sync::atomic::AtomicI64,
+    /// The measurement the offset came from: (its round trip, when it was
+    /// taken), for [`OffsetClock::sample`].
+    best: std::sync::Mutex<Option<(std::time::Duration, Time)>>,
 }
+
+/// How long the offset from a fast round trip is preferred over slower
+/// new ones (clocks drift apart by far less than a millisecond in it).
+const SAMPLE_KEEP: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl OffsetClock {
     pub fn new() -> Self {
@@ -91,6 +98,25 @@ impl OffsetClock {
         let off = i128::from(shared.as_nanos()) - i128::from(local.as_nanos());
         let off = off.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
         self.offset.store(off, Ordering::Relaxed);
+    }
+
+    /// One measurement: the shared clock read `shared` somewhere in a round
+    /// trip of `rtt` whose midpoint was `local`. The offset is off by at
+    /// most rtt / 2, so a sample is taken only if its round trip is no
+    /// longer than the one the offset came from, or that one is older than
+    /// [`SAMPLE_KEEP`]: on a loaded machine a single slow round trip would
+    /// otherwise move every deadline this replica computes by tens of
+    /// milliseconds against the other replicas'.
+    pub fn sample(&self, shared: Time, local: Time, rtt: std::time::Duration) {
+        let mut best = self.best.lock().unwrap_or_else(|e| e.into_inner());
+        let take = match *best {
+            None => true,
+            Some((best_rtt, at)) => rtt <= best_rtt || local.since(at) > SAMPLE_KEEP,
+        };
+        if take {
+            *best = Some((rtt, local));
+            self.sync(shared, local);
+        }
     }
 
     /// The local clock, uncorrected.
@@ -108,5 +134,41 @@ impl Clock for OffsetClock {
         let t =
             self.base.now().as_nanos() as i128 + i128::from(self.offset.load(Ordering::Relaxed));
         Time::from_nanos(t.clamp(0, i128::from(u64::MAX)) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const T: Time = Time::from_secs(1_000);
+
+    #[test]
+    fn the_offset_comes_from_the_fastest_recent_round_trip() {
+        let c = OffsetClock::new();
+        c.sample(T + Duration::from_millis(3), T, Duration::from_millis(2));
+        assert_eq!(c.offset(), 3_000_000);
+        // A slower round trip (less exact) does not replace it...
+        c.sample(
+            T + Duration::from_secs(1) + Duration::from_millis(40),
+            T + Duration::from_secs(1),
+            Duration::from_millis(80),
+        );
+        assert_eq!(c.offset(), 3_000_000);
+        // ...a faster or equal one does...
+        c.sample(
+            T + Duration::from_secs(2) + Duration::from_millis(1),
+            T + Duration::from_secs(2),
+            Duration::from_millis(1),
+        );
+        assert_eq!(c.offset(), 1_000_000);
+        // ...and once the kept one is old, any new one does (clocks drift).
+        c.sample(
+            T + Duration::from_secs(40) - Duration::from_millis(5),
+            T + Duration::from_secs(40),
+            Duration::from_millis(50),
+        );
+        assert_eq!(c.offset(), -5_000_000);
     }
 }

@@ -502,6 +502,9 @@ impl RedisBackend {
             max_output_tokens: args.max_output_tokens,
             spend_scoped: args.spend_scoped,
         };
+        if inner.awaiting_merge(&meta.name) {
+            return inner.fallback_admit(&meta, args).await;
+        }
         match inner.submit(meta.clone(), op).await {
             Ok(Answer::Admission(a)) => Ok(a),
             Ok(_) => Err(EngineError::Unavailable("unexpected answer".into())),
@@ -521,6 +524,9 @@ impl RedisBackend {
         // What this outcome does may make a cached refusal wrong (a longer
         // pause, a refund): this replica asks Redis again next time.
         meta.forget_refusal();
+        if inner.awaiting_merge(&meta.name) {
+            return inner.fallback_record(&meta, args, rand01).await;
+        }
         let owned = OwnedOutcome::from(&args);
         match inner
             .submit(
@@ -1721,23 +1727,61 @@ impl Inner {
             }),
             OnRedisUnavailable::Local => {
                 self.ensure_degraded(&e.to_string()).await;
-                self.degraded_targets
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(meta.name.clone());
-                let fallback = self
-                    .fallback
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                if let Some(until) = meta.heard_open_until(self.clock.now()) {
-                    fallback.learn_open(&meta.name, until);
-                }
-                let mut a = fallback.admit(&meta.name, args).await?;
-                a.degraded = true;
-                Ok(a)
+                self.fallback_admit(meta, args).await
             }
         }
+    }
+
+    /// True while this target's decisions must stay on the fallback: it was
+    /// decided there during this outage and is not merged back yet. Until
+    /// it is, Redis holds none of what the fallback decided (an open breaker
+    /// would be half-open there and hand out probes). Takes the set's lock
+    /// only while degraded, never on the normal path.
+    fn awaiting_merge(&self, name: &str) -> bool {
+        self.degraded.load(Ordering::Acquire)
+            && self
+                .degraded_targets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(name)
+    }
+
+    fn fallback_now(&self, meta: &Meta) -> Arc<LocalBackend> {
+        self.degraded_targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(meta.name.clone());
+        let fallback = self
+            .fallback
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(until) = meta.heard_open_until(self.clock.now()) {
+            fallback.learn_open(&meta.name, until);
+        }
+        fallback
+    }
+
+    /// An admission decided by this replica alone (degraded).
+    async fn fallback_admit(&self, meta: &Meta, args: &AdmitArgs<'_>) -> Result<Admission> {
+        let mut a = self.fallback_now(meta).admit(&meta.name, args).await?;
+        a.degraded = true;
+        Ok(a)
+    }
+
+    /// An outcome taken in by this replica alone (degraded).
+    async fn fallback_record(
+        &self,
+        meta: &Meta,
+        args: OutcomeArgs<'_>,
+        rand01: f64,
+    ) -> Result<OutcomeResult> {
+        let mut r = self
+            .fallback_now(meta)
+            .record(&meta.name, args, rand01)
+            .await?;
+        r.degraded = true;
+        Ok(r)
     }
 
     async fn degraded_record(
@@ -1754,21 +1798,7 @@ impl Inner {
             ))),
             _ => {
                 self.ensure_degraded(&e.to_string()).await;
-                self.degraded_targets
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(meta.name.clone());
-                let fallback = self
-                    .fallback
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                if let Some(until) = meta.heard_open_until(self.clock.now()) {
-                    fallback.learn_open(&meta.name, until);
-                }
-                let mut r = fallback.record(&meta.name, args, rand01).await?;
-                r.degraded = true;
-                Ok(r)
+                self.fallback_record(meta, args, rand01).await
             }
         }
     }

@@ -13,6 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// How often a replica that cannot reach Redis tries again (one PING).
+const PROBE_WHILE_UNREACHABLE: Duration = Duration::from_millis(100);
+
 /// Heartbeats expire after this: a replica silent for longer is not live.
 const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
 
@@ -34,6 +37,9 @@ impl Inner {
                         }
                     }
                 }
+            } else if self.degraded.load(Ordering::Acquire) {
+                // A merge failed without the link opening: try again.
+                self.leave_degraded().await;
             }
             if !self.link.is_open() {
                 if !have_key {
@@ -42,11 +48,19 @@ impl Inner {
                 self.heartbeat(&mut last_mismatch).await;
                 self.flush_refusals().await;
             }
-            tokio::time::sleep(if self.link.is_open() {
-                Duration::from_millis(500)
-            } else {
-                Duration::from_secs(1)
-            })
+            // While Redis is unreachable, probe often: every replica leaves
+            // degraded mode within about this much of Redis returning, and
+            // until the last one has, the first one back spends the shared
+            // budgets at their full rate while the others still spend their
+            // local shares (the chaos soak measured the overlap as budget
+            // admissions past burst + rate·t with 500 ms here).
+            tokio::time::sleep(
+                if self.link.is_open() || self.degraded.load(Ordering::Acquire) {
+                    PROBE_WHILE_UNREACHABLE
+                } else {
+                    Duration::from_secs(1)
+                },
+            )
             .await;
         }
     }
@@ -128,44 +142,74 @@ impl Inner {
     }
 
     /// Out of degraded mode: every target decided on while degraded is
-    /// merged back into the shared state.
+    /// merged back into the shared state. Until a target is merged, its
+    /// decisions stay on the fallback (`awaiting_merge`); it leaves the set
+    /// just before its merge is queued, so its next Redis decision runs
+    /// after the merge. The replica stays degraded until all are merged; a
+    /// merge that fails on the link keeps its target (and the replica)
+    /// degraded for the next probe to try again.
     async fn leave_degraded(self: &Arc<Self>) {
         let _t = self.transition.lock().await;
-        if !self.degraded.swap(false, Ordering::AcqRel) {
+        if !self.degraded.load(Ordering::Acquire) {
             return;
         }
-        let names: Vec<Arc<str>> = self
-            .degraded_targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .collect();
         let fallback = self
             .fallback
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let mut merged = 0u32;
-        for name in &names {
-            let Some((rec, groups)) = fallback.export(name) else {
-                continue;
-            };
-            let Ok(meta) = self.meta(name) else { continue };
-            meta.forget_refusal();
-            if self
-                .submit(
-                    meta,
-                    Op::Merge {
-                        target: rec,
-                        groups,
-                    },
-                )
-                .await
-                .is_ok()
-            {
-                merged += 1;
+        // Targets first decided on the fallback while earlier ones merged
+        // are taken in the next pass.
+        for _pass in 0..4 {
+            let names: Vec<Arc<str>> = self
+                .degraded_targets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned()
+                .collect();
+            if names.is_empty() {
+                break;
+            }
+            for name in &names {
+                self.degraded_targets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(name);
+                let Some((rec, groups)) = fallback.export(name) else {
+                    continue;
+                };
+                let Ok(meta) = self.meta(name) else { continue };
+                meta.forget_refusal();
+                match self
+                    .submit(
+                        meta,
+                        Op::Merge {
+                            target: rec,
+                            groups,
+                        },
+                    )
+                    .await
+                {
+                    Ok(_) => merged += 1,
+                    Err(super::Fail::Link(e)) => {
+                        self.degraded_targets
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(name.clone());
+                        tracing::warn!(replica = %self.replica_id, target = %name, error = %e,
+                            "merging back failed: still degraded, the next probe tries again");
+                        return;
+                    }
+                    Err(super::Fail::Engine(e)) => {
+                        tracing::warn!(replica = %self.replica_id, target = %name, error = %e,
+                            "merging back refused: what this replica decided alone about it is dropped");
+                    }
+                }
             }
         }
+        self.degraded.store(false, Ordering::Release);
         self.metrics
             .set_cluster(false, self.live_replicas.load(Ordering::Relaxed));
         tracing::info!(replica = %self.replica_id, merged, "Redis reachable again: merged back");
@@ -227,8 +271,7 @@ impl Inner {
         let json = serde_json::to_string(&me).unwrap_or_default();
         let (rkey, set) = (self.keys.replica(&self.replica_id), self.keys.replicas());
         let id = self.replica_id.clone();
-        let local_before = self.local_now();
-        let time: Result<(u64, u64), _> = self
+        let _ = self
             .link
             .call(|mut c| async move {
                 let _: Value = redis::cmd("SET")
@@ -238,18 +281,30 @@ impl Inner {
                     .arg(HEARTBEAT_TTL.as_millis() as u64)
                     .query_async(&mut c)
                     .await?;
-                let _: Value = redis::cmd("SADD")
+                redis::cmd("SADD")
                     .arg(&set)
                     .arg(&id)
-                    .query_async(&mut c)
-                    .await?;
-                redis::cmd("TIME").query_async(&mut c).await
+                    .query_async::<Value>(&mut c)
+                    .await
             })
             .await;
-        if let (Ok((secs, micros)), Some(sync)) = (time, self.clock_sync.as_ref()) {
+        // TIME alone in its round trip: the offset is off by at most half
+        // of it (see `OffsetClock::sample`).
+        if let Some(sync) = self.clock_sync.as_ref() {
+            let local_before = self.local_now();
+            let time: Result<(u64, u64), _> = self
+                .link
+                .call(|mut c| async move { redis::cmd("TIME").query_async(&mut c).await })
+                .await;
             let local_after = self.local_now();
-            let mid = Time::from_nanos((local_before.as_nanos() + local_after.as_nanos()) / 2);
-            sync.sync(Time::from_nanos(secs * 1_000_000_000 + micros * 1000), mid);
+            if let Ok((secs, micros)) = time {
+                let mid = Time::from_nanos((local_before.as_nanos() + local_after.as_nanos()) / 2);
+                sync.sample(
+                    Time::from_nanos(secs * 1_000_000_000 + micros * 1000),
+                    mid,
+                    local_after.since(local_before),
+                );
+            }
         }
         if let Ok(replicas) = self.replicas().await {
             self.live_replicas
