@@ -597,6 +597,7 @@ async fn hunter(cx: Arc<Cx>, i: u64) {
                 generation: fields.generation,
                 start: fields.issued_ms,
                 end: sent_at.min(fields.issued_ms + PROBE_LEASE_MS),
+                degraded: r.degraded,
             });
         }
         let out = cx
@@ -782,6 +783,7 @@ async fn vanisher(cx: Arc<Cx>) {
                     generation: p.generation,
                     start: p.issued_ms,
                     end: p.issued_ms + PROBE_LEASE_MS,
+                    degraded: r.degraded,
                 });
             }
             tokio::time::sleep(Duration::from_millis(40)).await;
@@ -849,6 +851,7 @@ async fn trip(cx: &Cx) {
                 generation: fields.generation,
                 start: fields.issued_ms,
                 end: now_ms().min(fields.issued_ms + PROBE_LEASE_MS),
+                degraded: r.degraded,
             });
         }
         if let Some(Answer {

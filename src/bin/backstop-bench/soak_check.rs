@@ -135,6 +135,8 @@ pub struct Probe {
     pub generation: u64,
     pub start: u64,
     pub end: u64,
+    /// Cluster: admitted by a replica deciding without Redis.
+    pub degraded: bool,
 }
 
 /// A breaker the server said is open: from `from` (the answer arrived) to
@@ -491,13 +493,13 @@ impl Ledger {
         // and its generation live in Redis, shared by both replicas and kept
         // across a replica's restart, so probes are counted fleet-wide per
         // generation (reported under incarnation 0).
-        let mut by_gen: BTreeMap<(u64, u64), Vec<(u64, i32)>> = BTreeMap::new();
-        for p in &s.probes {
+        let mut by_gen: BTreeMap<(u64, u64), Vec<(u64, i32, usize)>> = BTreeMap::new();
+        for (i, p) in s.probes.iter().enumerate() {
             let end = p.end.saturating_sub(SLACK_MS).max(p.start);
             let inc = if self.cluster { 0 } else { p.inc };
             let ev = by_gen.entry((inc, p.generation)).or_default();
-            ev.push((p.start, 1));
-            ev.push((end, -1));
+            ev.push((p.start, 1, i));
+            ev.push((end, -1, i));
         }
         let mut max_probes_by_inc: BTreeMap<u64, usize> = BTreeMap::new();
         for ((inc, generation), mut ev) in by_gen {
@@ -505,16 +507,37 @@ impl Ledger {
             // then is not outstanding alongside one admitted then.
             ev.sort();
             let (mut cur, mut max) = (0i64, 0i64);
-            for (t, d) in ev {
+            let mut open: Vec<usize> = Vec::new();
+            for (t, d, i) in ev {
                 cur += i64::from(d);
+                if d > 0 {
+                    open.push(i);
+                } else {
+                    open.retain(|&o| o != i);
+                }
                 if cur > max {
                     max = cur;
                     if max as usize > MAX_PROBES {
+                        // Which processes gave them, and whether decided
+                        // without Redis (cluster), to tell the cases apart.
+                        let who: Vec<String> = open
+                            .iter()
+                            .map(|&o| {
+                                let p = &s.probes[o];
+                                format!(
+                                    "{}@{}{}",
+                                    p.start,
+                                    p.inc,
+                                    if p.degraded { " degraded" } else { "" }
+                                )
+                            })
+                            .collect();
                         note(
                             &mut v,
                             "too_many_probes",
                             format!(
-                                "{max} outstanding at {t} (incarnation {inc}, generation {generation})"
+                                "{max} outstanding at {t} (incarnation {inc}, generation {generation}): admitted at@incarnation {}",
+                                who.join(", ")
                             ),
                         );
                     }
