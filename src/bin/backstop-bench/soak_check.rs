@@ -493,7 +493,9 @@ impl Ledger {
         // and its generation live in Redis, shared by both replicas and kept
         // across a replica's restart, so probes are counted fleet-wide per
         // generation (reported under incarnation 0).
-        let mut by_gen: BTreeMap<(u64, u64), Vec<(u64, i32, usize)>> = BTreeMap::new();
+        // (incarnation, generation) -> (time, +1 start / -1 end, probe index)
+        type Edges = Vec<(u64, i32, usize)>;
+        let mut by_gen: BTreeMap<(u64, u64), Edges> = BTreeMap::new();
         for (i, p) in s.probes.iter().enumerate() {
             let end = p.end.saturating_sub(SLACK_MS).max(p.start);
             let inc = if self.cluster { 0 } else { p.inc };
