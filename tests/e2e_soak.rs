@@ -54,11 +54,10 @@ fn chaos_soak_60s_has_no_violations() {
 /// replicas; one replica killed every 10 s (alternating), Redis frozen for
 /// 2 s every third interval. Skipped when `redis-server` is not installed.
 ///
-/// Ignored in the suite: degraded mode (a replica deciding alone while Redis
-/// is unreachable) does not yet keep every invariant (RELIABILITY.md,
-/// "Chaos soak in cluster mode"); run it with `-- --ignored`.
+/// Degraded mode (each replica deciding alone while Redis is frozen) is
+/// held to the same invariants; RELIABILITY.md "Cluster mode" lists what
+/// this soak found there and how each was fixed.
 #[test]
-#[ignore = "cluster degraded mode still breaks invariants; see RELIABILITY.md"]
 fn cluster_chaos_soak_60s_has_no_violations() {
     if Command::new("redis-server")
         .arg("--version")
