@@ -165,19 +165,8 @@ mod tests {
         let now = Time::from_secs(1_000_000);
         let mut shared = TargetState::new(7, 1, 1);
         let mut local = TargetState::new(7, 1, 1);
-        // The local side saw five failures and opened; and a pause.
-        let mut ev = Vec::new();
-        for _ in 0..5 {
-            local.breaker.record(
-                now,
-                &settings.breaker,
-                None,
-                Effect::Failure(crate::domain::breaker::Trigger::Outcome(
-                    crate::domain::OutcomeClass::Transient,
-                )),
-                &mut ev,
-            );
-        }
+        // The local side saw its failure threshold and opened; and a pause.
+        trip(&mut local.breaker, &settings, now);
         assert_eq!(local.breaker.state(), BreakerState::Open);
         local.slots[0].paused_until = now + Duration::from_secs(30);
         shared.slots[0].paused_until = now + Duration::from_secs(10);
