@@ -107,6 +107,15 @@ pub struct Link {
     role: RwLock<String>,
 }
 
+/// How long a decision connection waits for any response before it gives
+/// up on it: `redis_timeout` × 4, at least 200 ms. A decision stops waiting
+/// at `redis_timeout` (and decides degraded); the connection keeps the
+/// request a while longer so that a late answer is read, not mistaken for
+/// the next one, and the patient queue calls wait this long.
+fn response_timeout(redis_timeout: Duration) -> Duration {
+    redis_timeout.max(Duration::from_millis(50)) * 4
+}
+
 impl Link {
     /// A link that is not connected yet (see [`Link::connect`]); it starts
     /// open, so decisions made before the first connection are degraded.
@@ -132,7 +141,7 @@ impl Link {
                         .map_err(|e| LinkError::Redis(e.to_string()))?;
                     let cfg = ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
-                        .set_response_timeout(Some(timeout.max(Duration::from_millis(50)) * 4))
+                        .set_response_timeout(Some(response_timeout(timeout)))
                         .set_number_of_retries(1)
                         .set_max_delay(Duration::from_millis(500));
                     ConnectionManager::new_with_config(client, cfg)
@@ -144,7 +153,7 @@ impl Link {
                     let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}")).collect();
                     let client = redis::cluster::ClusterClient::builder(urls)
                         .connection_timeout(timeout.max(Duration::from_millis(200)))
-                        .response_timeout(timeout.max(Duration::from_millis(50)) * 4)
+                        .response_timeout(response_timeout(timeout))
                         .retries(1)
                         .build()
                         .map_err(|e| LinkError::Redis(e.to_string()))?;
@@ -308,9 +317,9 @@ impl Link {
     }
 
     /// How long [`Link::call_patient`] waits: what the connection itself
-    /// allows a response (`redis_timeout` × 4, at least 200 ms).
+    /// allows a response (see [`response_timeout`]).
     pub fn patience(&self) -> Duration {
-        self.timeout.max(Duration::from_millis(50)) * 4
+        response_timeout(self.timeout)
     }
 
     /// One probe: PING (and the role). Closes the link on success; returns

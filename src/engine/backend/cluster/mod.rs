@@ -698,6 +698,16 @@ pub struct ReplicaInfo {
     pub config_digest: String,
 }
 
+/// Declared in the config: as a target, or named by a route (such targets
+/// do not count against `max_targets`).
+fn is_configured(config: &Config, name: &str) -> bool {
+    config.targets.contains_key(name)
+        || config
+            .routes
+            .values()
+            .any(|r| r.targets.iter().any(|t| t.as_ref() == name))
+}
+
 /// The config a degraded replica decides with: every rate and concurrency
 /// budget, and the half-open probe allowance, divided by the number of live
 /// replicas, so N replicas deciding
@@ -908,38 +918,27 @@ impl Inner {
             .clone()
     }
 
-    /// This replica's record of `target`, created on first use (within max_targets).
     /// The target's meta if this replica has one or the config declares
     /// the target (then it is made); never one created on first use.
     fn known_meta(&self, name: &str) -> Option<Arc<Meta>> {
         if let Some(m) = self.metas.get(name) {
             return Some(m.clone());
         }
-        let config = self.config.load();
-        let configured = config.targets.contains_key(name)
-            || config
-                .routes
-                .values()
-                .any(|r| r.targets.iter().any(|t| t.as_ref() == name));
-        drop(config);
-        if configured {
+        if is_configured(&self.config.load(), name) {
             self.meta(name).ok()
         } else {
             None
         }
     }
 
+    /// This replica's record of `target`, created on first use (within max_targets).
     fn meta(&self, name: &str) -> Result<Arc<Meta>> {
         if let Some(m) = self.metas.get(name) {
             return Ok(m.clone());
         }
         validate_target(name)?;
         let config = self.config.load_full();
-        let configured = config.targets.contains_key(name)
-            || config
-                .routes
-                .values()
-                .any(|r| r.targets.iter().any(|t| t.as_ref() == name));
+        let configured = is_configured(&config, name);
         let mut tenant = None;
         if !configured {
             let max = config.server.max_targets;
@@ -982,7 +981,7 @@ impl Inner {
     /// A target that exists somewhere in the cluster (NOT_FOUND otherwise).
     async fn existing(&self, name: &str) -> Result<Arc<Meta>> {
         validate_target(name)?;
-        if self.metas.contains_key(name) || self.config.load().targets.contains_key(name) {
+        if self.metas.contains_key(name) || is_configured(&self.config.load(), name) {
             return self.meta(name);
         }
         let key = self.keys.index();
@@ -998,13 +997,7 @@ impl Inner {
             })
             .await
             .unwrap_or(false);
-        let route_member = self
-            .config
-            .load()
-            .routes
-            .values()
-            .any(|r| r.targets.iter().any(|t| t.as_ref() == name));
-        if known || route_member {
+        if known {
             self.meta(name)
         } else {
             Err(EngineError::NotFound(format!(

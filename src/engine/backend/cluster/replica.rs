@@ -300,7 +300,10 @@ impl Inner {
             if let Ok((secs, micros)) = time {
                 let mid = Time::from_nanos((local_before.as_nanos() + local_after.as_nanos()) / 2);
                 sync.sample(
-                    Time::from_nanos(secs * 1_000_000_000 + micros * 1000),
+                    Time::from_nanos(
+                        secs.saturating_mul(1_000_000_000)
+                            .saturating_add(micros.saturating_mul(1000)),
+                    ),
                     mid,
                     local_after.since(local_before),
                 );

@@ -945,8 +945,9 @@ impl LocalBackend {
         }
     }
 
-    /// Charges every key slot's budget of a target `n` requests now (cluster mode: a fresh fallback's allowance for the
-    /// other replicas' unseen admissions; see `BudgetState::charge_requests`).
+    /// Charges every key slot's budget of a target `n` requests now
+    /// (cluster mode: a fresh fallback's allowance for the other replicas'
+    /// unseen admissions; see `BudgetState::charge_requests`).
     pub fn charge_for_peers(&self, name: &str, n: u64) {
         let Some(t) = self.targets.get(name).map(|t| t.clone()) else {
             return;
