@@ -217,16 +217,34 @@ func (s *Server) Pause() error {
 	pid := s.cmd.Process.Pid
 	s.mu.Unlock()
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
-		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil {
-			return nil // no procfs: best effort
-		}
-		// "pid (comm) STATE ...": the state follows the last ')'.
-		if i := strings.LastIndexByte(string(stat), ')'); i >= 0 && i+2 < len(stat) && stat[i+2] == 'T' {
+		if allThreadsStopped(pid) {
 			return nil
 		}
 	}
 	return errors.New("backstoptest: the server did not stop after SIGSTOP")
+}
+
+// allThreadsStopped reports whether every thread of pid is stopped. The
+// process's own stat shows only its main thread; a worker thread on another
+// core takes the signal a moment later. Without procfs it answers true (best
+// effort).
+func allThreadsStopped(pid int) bool {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return true
+	}
+	for _, t := range tasks {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, t.Name()))
+		if err != nil {
+			continue // the thread exited meanwhile
+		}
+		// "tid (comm) STATE ...": the state follows the last ')'.
+		i := strings.LastIndexByte(string(stat), ')')
+		if i < 0 || i+2 >= len(stat) || (stat[i+2] != 'T' && stat[i+2] != 't') {
+			return false
+		}
+	}
+	return true
 }
 
 // Resume continues a paused process (SIGCONT).

@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { AllTargetsFailed, Backstop, CircuitOpen, ControlPlaneError, structured } from '@backstop/client';
 import { BackstopServer, overloaded } from '@backstop/client/testing';
-import { CHAT, FAST, backstopBin, recordingLogger, waitFor } from './helpers.mjs';
+import { CHAT, FAST, backstopBin, recordingLogger, stopProcess, waitFor } from './helpers.mjs';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const PKG = join(HERE, '..');
@@ -143,7 +143,7 @@ test('a hung server costs one short deadline, then decisions are local and insta
     // a missed deadline here would (correctly) switch to local mode, so wait for a remote answer.
     const remoteAnswer = async () => bs.mode === 'remote' && !(await bs.canProceed('hung/model')).local;
     await waitFor(remoteAnswer, 10_000, 'a remote answer before the server hangs');
-    process.kill(server.pid, 'SIGSTOP');
+    await stopProcess(server.pid);
     try {
       let t0 = performance.now();
       const adm = await bs.canProceed('hung/model');

@@ -1,5 +1,5 @@
 // Shared test helpers: where the server binary is, short configs, waiting for conditions.
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -50,4 +50,32 @@ export async function waitFor(cond, timeoutMs, what) {
 export function recordingLogger() {
   const lines = [];
   return { lines, warn: (m) => lines.push(['warn', m]), error: (m) => lines.push(['error', m]) };
+}
+
+/**
+ * SIGSTOP `pid` and wait until every thread of it is stopped. A signal reaches
+ * threads running on another core a moment later; meanwhile a decision on an
+ * open Decide stream could still be answered, so a test that expects a hung
+ * server must not send until the kernel reports all of them stopped.
+ */
+export async function stopProcess(pid) {
+  process.kill(pid, 'SIGSTOP');
+  const stopped = () => {
+    let tasks;
+    try {
+      tasks = readdirSync(`/proc/${pid}/task`);
+    } catch {
+      return true; // no procfs (not Linux): best effort
+    }
+    return tasks.every((t) => {
+      try {
+        const stat = readFileSync(`/proc/${pid}/task/${t}/stat`, 'utf8');
+        const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+        return state === 'T' || state === 't';
+      } catch {
+        return true; // the thread exited meanwhile
+      }
+    });
+  };
+  await waitFor(async () => stopped(), 5_000, `process ${pid} to stop after SIGSTOP`);
 }
