@@ -1072,3 +1072,80 @@ async fn each_replica_reloads_on_its_own_and_the_digest_check_shows_who_differs(
     assert!(err.message().contains("restarted"), "{}", err.message());
     assert_eq!(cluster_view(&servers[0]).await.config_digest, r.digest);
 }
+
+/// TLS to Redis (`rediss://`, for managed Redis that only speaks TLS): Redis
+/// serves TLS with a certificate from a private CA and demands client
+/// certificates (`tls-auth-clients yes`). Replicas given the CA
+/// (`redis_ca`) and a client certificate share one breaker over TLS; a
+/// replica without a client certificate is turned away by Redis, and one
+/// that does not trust the private CA refuses Redis's certificate: both
+/// still serve, degraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_state_over_tls_to_redis() {
+    let ca = common::new_ca("redis test ca");
+    let certs = common::TempDir::new("redis-tls");
+    let d = certs.path().display().to_string();
+    let (cert, key) = common::leaf(&ca, "redis", &["127.0.0.1"]);
+    let (client_cert, client_key) = common::leaf(&ca, "backstop-replica", &["backstop-replica"]);
+    for (name, pem) in [
+        ("ca.pem", &ca.pem),
+        ("redis.pem", &cert),
+        ("redis.key", &key),
+        ("client.pem", &client_cert),
+        ("client.key", &client_key),
+    ] {
+        std::fs::write(certs.path().join(name), pem).expect("write");
+    }
+    let tls_port = common::free_port().to_string();
+    let (rc, rk, rca) = (
+        format!("{d}/redis.pem"),
+        format!("{d}/redis.key"),
+        format!("{d}/ca.pem"),
+    );
+    let _redis = Redis::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &rc,
+        "--tls-key-file",
+        &rk,
+        "--tls-ca-cert-file",
+        &rca,
+        "--tls-auth-clients",
+        "yes",
+    ]);
+    let url = format!("rediss://127.0.0.1:{tls_port}/0");
+    let config = format!(
+        "[cluster]\nredis_ca = \"{d}/ca.pem\"\nredis_client_cert = \"{d}/client.pem\"\nredis_client_key = \"{d}/client.key\"\n"
+    );
+    let servers = replicas(&config, &url, 2).await;
+    breaker_is_shared(&servers).await;
+    assert!(cluster_view(&servers[0]).await.redis_reachable);
+
+    let anonymous = Server::start(
+        &format!("[cluster]\nredis_ca = \"{d}/ca.pem\"\n"),
+        &["--redis", &url],
+    );
+    let untrusting = Server::start("[cluster]\n", &["--redis", &url]);
+    // Give both time to try (a starting replica waits up to 2 s for Redis).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (who, s) in [
+        ("no client certificate", &anonymous),
+        ("no CA", &untrusting),
+    ] {
+        let c = cluster_view(s).await;
+        assert!(!c.redis_reachable && c.degraded, "{who}: {c:?}");
+        let r = s
+            .resilience()
+            .await
+            .can_proceed(can("m"))
+            .await
+            .expect("serves without Redis")
+            .into_inner();
+        assert!(r.degraded, "{who}: {r:?}");
+    }
+}

@@ -5,40 +5,12 @@
 mod common;
 
 use backstop::proto;
-use common::{Server, TempDir};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use common::{Ca, Server, TempDir, leaf, new_ca};
 use std::io::{Read as _, Write as _};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_rustls::rustls;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-fn new_ca(name: &str) -> Ca {
-    let key = KeyPair::generate().expect("key");
-    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name.push(DnType::CommonName, name);
-    let cert = p.self_signed(&key).expect("self-signed");
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(p, key),
-    }
-}
-
-/// (certificate PEM, key PEM) for `cn` with these subject alternative names.
-fn leaf(ca: &Ca, cn: &str, sans: &[&str]) -> (String, String) {
-    let key = KeyPair::generate().expect("key");
-    let mut p = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .expect("params");
-    p.distinguished_name.push(DnType::CommonName, cn);
-    let cert = p.signed_by(&key, &ca.issuer).expect("signed");
-    (cert.pem(), key.serialize_pem())
-}
 
 use common::sha256_hex as sha;
 

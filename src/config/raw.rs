@@ -200,6 +200,13 @@ pub struct ClusterToml {
     pub replica_id: Option<Spanned<String>>,
     /// With replicas: WAIT for this many to acknowledge transitions and Defers.
     pub min_replicas_acked: Option<u32>,
+    /// TLS to Redis (`rediss://`): a PEM CA bundle to trust instead of the
+    /// system's roots (a private CA).
+    pub redis_ca: Option<Spanned<String>>,
+    /// TLS to Redis: a client certificate (PEM) for Redis's `tls-auth-clients`.
+    pub redis_client_cert: Option<Spanned<String>>,
+    /// TLS to Redis: the client certificate's private key (PEM).
+    pub redis_client_key: Option<Spanned<String>>,
 }
 
 /// `[events]`: the event log and its subscribers.

@@ -66,6 +66,12 @@ impl Overrides {
         {
             return Err("[cluster] needs redis_url (e.g. \"redis://127.0.0.1:6379/0\") or redis_cluster_nodes, or pass --redis URL".into());
         }
+        if let Some(c) = &config.cluster
+            && c.tls != super::RedisTls::default()
+            && !c.redis.uses_tls()
+        {
+            return Err("[cluster] redis_ca / redis_client_cert / redis_client_key are for TLS: use a rediss:// URL (or rediss://host:port cluster nodes), or remove them".into());
+        }
         Ok(())
     }
 }
@@ -243,5 +249,52 @@ budgets = ["shared"]
             ..Default::default()
         };
         assert!(bad.apply(&mut c).unwrap_err().contains("not a URL"));
+    }
+
+    #[test]
+    fn redis_tls_files_need_a_tls_address() {
+        let toml = "[cluster]\nredis_ca = \"/etc/ca.pem\"\n";
+        let with = |url: &str| {
+            let mut c = Config::parse(toml, "t.toml").expect("parses");
+            Overrides {
+                redis: Some(url.into()),
+                ..Default::default()
+            }
+            .apply(&mut c)
+            .map(|()| c)
+        };
+        let c = with("rediss://cache.internal:6380/0").expect("TLS address");
+        let cl = c.cluster.as_ref().expect("cluster");
+        assert!(cl.redis.uses_tls());
+        assert_eq!(
+            cl.tls.ca.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        let e = with("redis://127.0.0.1:6379/0").unwrap_err();
+        assert!(e.contains("rediss://") && e.contains("redis_ca"), "{e}");
+        // Half a client identity, an empty path, a mixed node list: located errors.
+        for (bad, says) in [
+            (
+                "[cluster]\nredis_url = \"rediss://h:1/0\"\nredis_client_cert = \"c.pem\"\n",
+                "go together",
+            ),
+            (
+                "[cluster]\nredis_url = \"rediss://h:1/0\"\nredis_ca = \" \"\n",
+                "redis_ca is empty",
+            ),
+            (
+                "[cluster]\nredis_cluster_nodes = [\"rediss://a:1\", \"b:2\"]\n",
+                "every node as rediss://",
+            ),
+        ] {
+            let e = Config::parse(bad, "t.toml").unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("t.toml"), "{bad}: {e}");
+        }
+        let c = Config::parse(
+            "[cluster]\nredis_cluster_nodes = [\"rediss://a:1\", \"rediss://b:2\"]\n",
+            "t.toml",
+        )
+        .expect("TLS cluster nodes");
+        assert!(c.cluster.as_ref().is_some_and(|c| c.redis.uses_tls()));
     }
 }

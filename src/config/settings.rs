@@ -152,6 +152,29 @@ pub struct ClusterConfig {
     pub replica_id: Option<String>,
     /// WAIT for this many Redis replicas after transitions and Defers (0 = off).
     pub min_replicas_acked: u32,
+    /// Certificates for TLS to Redis; used when the URL (or a cluster node)
+    /// says `rediss://`.
+    pub tls: RedisTls,
+}
+
+/// TLS material for Redis, as paths: read again at every connection, so a
+/// rotated CA bundle or client certificate is picked up when the replica
+/// reconnects. Without a CA the system's roots are trusted.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct RedisTls {
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl RedisTarget {
+    /// Whether connections are TLS (`rediss://`).
+    pub fn uses_tls(&self) -> bool {
+        match self {
+            RedisTarget::Url(u) => u.starts_with("rediss://"),
+            RedisTarget::Cluster(nodes) => nodes.iter().any(|n| n.starts_with("rediss://")),
+        }
+    }
 }
 
 impl ClusterConfig {
@@ -164,6 +187,7 @@ impl ClusterConfig {
             on_redis_unavailable: OnRedisUnavailable::Local,
             replica_id: None,
             min_replicas_acked: 0,
+            tls: RedisTls::default(),
         }
     }
 }

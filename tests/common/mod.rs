@@ -521,3 +521,32 @@ pub fn http_post(
         .unwrap_or(0);
     (code, body.to_string())
 }
+
+/// A throwaway certificate authority (rcgen) for TLS tests.
+pub struct Ca {
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+pub fn new_ca(name: &str) -> Ca {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let cert = p.self_signed(&key).expect("self-signed");
+    Ca {
+        pem: cert.pem(),
+        issuer: rcgen::Issuer::new(p, key),
+    }
+}
+
+/// (certificate PEM, key PEM) for `cn` with these subject alternative names.
+pub fn leaf(ca: &Ca, cn: &str, sans: &[&str]) -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut p =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .expect("params");
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    let cert = p.signed_by(&key, &ca.issuer).expect("signed");
+    (cert.pem(), key.serialize_pem())
+}

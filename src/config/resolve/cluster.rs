@@ -2,8 +2,9 @@
 
 use super::Cx;
 use crate::config::raw::*;
-use crate::config::{ClusterConfig, OnRedisUnavailable, RedisTarget};
+use crate::config::{ClusterConfig, OnRedisUnavailable, RedisTarget, RedisTls};
 use std::ops::Range;
+use std::path::PathBuf;
 
 impl Cx {
     /// `[cluster]`: exactly one of redis_url / redis_cluster_nodes.
@@ -27,15 +28,29 @@ impl Cx {
                     self.err(n.span(), "[cluster] redis_cluster_nodes lists no node");
                 }
                 for node in n.get_ref() {
-                    if node
-                        .rsplit_once(':')
-                        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+                    // host:port, or rediss://host:port for TLS.
+                    let bare = node.strip_prefix("rediss://").unwrap_or(node);
+                    if bare.contains('/')
+                        || bare
+                            .rsplit_once(':')
+                            .is_none_or(|(_, p)| p.parse::<u16>().is_err())
                     {
                         self.err(
                             n.span(),
-                            format!("[cluster] redis_cluster_nodes: {node:?} is not host:port"),
+                            format!("[cluster] redis_cluster_nodes: {node:?} is not host:port (or rediss://host:port for TLS)"),
                         );
                     }
+                }
+                let tls = n
+                    .get_ref()
+                    .iter()
+                    .filter(|x| x.starts_with("rediss://"))
+                    .count();
+                if tls != 0 && tls != n.get_ref().len() {
+                    self.err(
+                        n.span(),
+                        "[cluster] redis_cluster_nodes: give every node as rediss://host:port (TLS) or none",
+                    );
                 }
                 RedisTarget::Cluster(n.into_inner())
             }
@@ -101,6 +116,27 @@ impl Cx {
         }
         if let Some(n) = c.min_replicas_acked {
             out.min_replicas_acked = n;
+        }
+        let mut path = |what: &str, p: Option<toml::Spanned<String>>| {
+            let p = p?;
+            if p.get_ref().trim().is_empty() {
+                self.err(
+                    p.span(),
+                    format!("[cluster] {what} is empty; give a PEM file path"),
+                );
+            }
+            Some(PathBuf::from(p.into_inner()))
+        };
+        out.tls = RedisTls {
+            ca: path("redis_ca", c.redis_ca),
+            client_cert: path("redis_client_cert", c.redis_client_cert),
+            client_key: path("redis_client_key", c.redis_client_key),
+        };
+        if out.tls.client_cert.is_some() != out.tls.client_key.is_some() {
+            self.err(
+                span,
+                "[cluster] redis_client_cert and redis_client_key go together (a client certificate and its key)",
+            );
         }
         Some(out)
     }

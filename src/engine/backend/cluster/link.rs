@@ -10,13 +10,61 @@
 //! success closes it again. A replica also starts while Redis is down: the
 //! connection is made in the background and the link starts open.
 
-use crate::config::RedisTarget;
+use crate::config::{ClusterConfig, RedisTarget, RedisTls};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// Where Redis is and how to reach it: the address, and for `rediss://`
+/// the certificates, read from their files at every dial (a CA bundle or a
+/// client certificate rotated on disk is used from the next reconnect).
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub redis: RedisTarget,
+    pub tls: RedisTls,
+}
+
+impl Endpoint {
+    pub fn of(c: &ClusterConfig) -> Endpoint {
+        Endpoint {
+            redis: c.redis.clone(),
+            tls: c.tls.clone(),
+        }
+    }
+
+    /// The PEM material for TLS, or None to use the system's roots (and
+    /// plain connections for `redis://`). A file that cannot be read is a
+    /// connection failure naming it (the replica stays degraded and keeps
+    /// trying, as for any unreachable Redis).
+    fn certificates(&self) -> Result<Option<redis::TlsCertificates>, LinkError> {
+        if !self.redis.uses_tls() || self.tls == RedisTls::default() {
+            return Ok(None);
+        }
+        let read = |p: &std::path::Path, what: &str| {
+            std::fs::read(p).map_err(|e| {
+                LinkError::Redis(format!("cannot read [cluster] {what} {}: {e}", p.display()))
+            })
+        };
+        let root_cert = match &self.tls.ca {
+            Some(p) => Some(read(p, "redis_ca")?),
+            None => None,
+        };
+        let client_tls = match (&self.tls.client_cert, &self.tls.client_key) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                client_cert: read(c, "redis_client_cert")?,
+                client_key: read(k, "redis_client_key")?,
+            }),
+            _ => None,
+        };
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
+    }
+}
 
 /// Consecutive failures that open the link.
 pub const FAILURES_TO_OPEN: u32 = 3;
@@ -96,7 +144,7 @@ impl LinkError {
 
 /// The shared connection with its deadline and breaker.
 pub struct Link {
-    target: RedisTarget,
+    target: Endpoint,
     conn: RwLock<Option<Conn>>,
     timeout: Duration,
     failures: AtomicU32,
@@ -119,7 +167,7 @@ fn response_timeout(redis_timeout: Duration) -> Duration {
 impl Link {
     /// A link that is not connected yet (see [`Link::connect`]); it starts
     /// open, so decisions made before the first connection are degraded.
-    pub fn new(target: RedisTarget, timeout: Duration) -> Link {
+    pub fn new(target: Endpoint, timeout: Duration) -> Link {
         Link {
             target,
             conn: RwLock::new(None),
@@ -133,38 +181,14 @@ impl Link {
 
     /// Opens a fresh connection of the configured kind (also used for the
     /// event reader, which blocks and so needs its own).
-    pub async fn dial(target: &RedisTarget, timeout: Duration) -> Result<Conn, LinkError> {
-        let dial = async {
-            match target {
-                RedisTarget::Url(url) => {
-                    let client = redis::Client::open(url.as_str())
-                        .map_err(|e| LinkError::Redis(e.to_string()))?;
-                    let cfg = ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
-                        .set_response_timeout(Some(response_timeout(timeout)))
-                        .set_number_of_retries(1)
-                        .set_max_delay(Duration::from_millis(500));
-                    ConnectionManager::new_with_config(client, cfg)
-                        .await
-                        .map(Conn::Single)
-                        .map_err(|e| LinkError::Redis(e.to_string()))
-                }
-                RedisTarget::Cluster(nodes) => {
-                    let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}")).collect();
-                    let client = redis::cluster::ClusterClient::builder(urls)
-                        .connection_timeout(timeout.max(Duration::from_millis(200)))
-                        .response_timeout(response_timeout(timeout))
-                        .retries(1)
-                        .build()
-                        .map_err(|e| LinkError::Redis(e.to_string()))?;
-                    client
-                        .get_async_connection()
-                        .await
-                        .map(Conn::Cluster)
-                        .map_err(|e| LinkError::Redis(e.to_string()))
-                }
-            }
-        };
+    pub async fn dial(target: &Endpoint, timeout: Duration) -> Result<Conn, LinkError> {
+        let connect = timeout.max(Duration::from_millis(200));
+        let dial = Self::open(
+            target,
+            connect,
+            response_timeout(timeout),
+            Some(Duration::from_millis(500)),
+        );
         tokio::time::timeout(Duration::from_secs(2), dial)
             .await
             .map_err(|_| LinkError::Timeout)?
@@ -172,39 +196,67 @@ impl Link {
 
     /// A connection for blocking reads (`XREAD BLOCK`): its response
     /// timeout must outlast the block time, unlike the decision connection's.
-    pub async fn dial_reader(target: &RedisTarget) -> Result<Conn, LinkError> {
-        let dial = async {
-            match target {
-                RedisTarget::Url(url) => {
-                    let client = redis::Client::open(url.as_str())
-                        .map_err(|e| LinkError::Redis(e.to_string()))?;
-                    let cfg = ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(Duration::from_secs(1)))
-                        .set_response_timeout(Some(Duration::from_secs(3)))
-                        .set_number_of_retries(1);
-                    ConnectionManager::new_with_config(client, cfg)
-                        .await
-                        .map(Conn::Single)
-                        .map_err(|e| LinkError::Redis(e.to_string()))
-                }
-                RedisTarget::Cluster(nodes) => {
-                    let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}")).collect();
-                    redis::cluster::ClusterClient::builder(urls)
-                        .connection_timeout(Duration::from_secs(1))
-                        .response_timeout(Duration::from_secs(3))
-                        .retries(1)
-                        .build()
-                        .map_err(|e| LinkError::Redis(e.to_string()))?
-                        .get_async_connection()
-                        .await
-                        .map(Conn::Cluster)
-                        .map_err(|e| LinkError::Redis(e.to_string()))
-                }
-            }
-        };
+    pub async fn dial_reader(target: &Endpoint) -> Result<Conn, LinkError> {
+        let dial = Self::open(target, Duration::from_secs(1), Duration::from_secs(3), None);
         tokio::time::timeout(Duration::from_secs(3), dial)
             .await
             .map_err(|_| LinkError::Timeout)?
+    }
+
+    /// A client of the configured kind; `max_delay` caps the connection
+    /// manager's reconnect backoff.
+    async fn open(
+        target: &Endpoint,
+        connect: Duration,
+        response: Duration,
+        max_delay: Option<Duration>,
+    ) -> Result<Conn, LinkError> {
+        let err = |e: redis::RedisError| LinkError::Redis(e.to_string());
+        match &target.redis {
+            RedisTarget::Url(url) => {
+                let client = match target.certificates()? {
+                    Some(certs) => redis::Client::build_with_tls(url.as_str(), certs),
+                    None => redis::Client::open(url.as_str()),
+                }
+                .map_err(err)?;
+                let mut cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(connect))
+                    .set_response_timeout(Some(response))
+                    .set_number_of_retries(1);
+                if let Some(d) = max_delay {
+                    cfg = cfg.set_max_delay(d);
+                }
+                ConnectionManager::new_with_config(client, cfg)
+                    .await
+                    .map(Conn::Single)
+                    .map_err(err)
+            }
+            RedisTarget::Cluster(nodes) => {
+                let urls: Vec<String> = nodes
+                    .iter()
+                    .map(|n| {
+                        if n.starts_with("rediss://") {
+                            n.clone()
+                        } else {
+                            format!("redis://{n}")
+                        }
+                    })
+                    .collect();
+                let mut b = redis::cluster::ClusterClient::builder(urls)
+                    .connection_timeout(connect)
+                    .response_timeout(response)
+                    .retries(1);
+                if let Some(certs) = target.certificates()? {
+                    b = b.certs(certs);
+                }
+                b.build()
+                    .map_err(err)?
+                    .get_async_connection()
+                    .await
+                    .map(Conn::Cluster)
+                    .map_err(err)
+            }
+        }
     }
 
     /// Connects (or reconnects) the shared connection.
@@ -336,7 +388,7 @@ impl Link {
                 LinkError::Redis(_) => Ok(Vec::new()),
                 other => Err(other),
             })?;
-        let role = match (&self.target, role.first()) {
+        let role = match (&self.target.redis, role.first()) {
             (RedisTarget::Cluster(_), _) => "cluster".to_string(),
             (_, Some(Value::BulkString(b))) => String::from_utf8_lossy(b).into_owned(),
             (_, Some(Value::SimpleString(s))) => s.clone(),

@@ -331,7 +331,10 @@ impl RedisBackend {
             clock_sync,
         } = replica;
         let keys = Keys::new(&cluster.key_prefix, &config);
-        let link = Arc::new(Link::new(cluster.redis.clone(), cluster.redis_timeout));
+        let link = Arc::new(Link::new(
+            link::Endpoint::of(&cluster),
+            cluster.redis_timeout,
+        ));
         // Until Redis gives the shared key, the configured one (or a
         // temporary one: permits signed with it verify only here).
         let secret = config

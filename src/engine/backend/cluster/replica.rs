@@ -24,15 +24,26 @@ impl Inner {
     pub(super) async fn supervise(self: Arc<Self>) {
         let mut have_key = self.config.load().server.permit_key.is_some();
         let mut last_mismatch = String::new();
+        // The last probe error logged: each new reason once at WARN (a
+        // wrong CA or a refused client certificate must be visible without
+        // debug logs), not one line per probe.
+        let mut last_probe_error = String::new();
         loop {
             if self.link.is_open() || !self.link.is_connected() {
                 if self.link.is_connected() {
                     self.ensure_degraded("Redis stopped answering").await;
                 }
                 match self.link.probe().await {
-                    Ok(_) => self.leave_degraded().await,
+                    Ok(_) => {
+                        last_probe_error.clear();
+                        self.leave_degraded().await
+                    }
                     Err(e) => {
-                        if self.degraded_since_boot() {
+                        let why = e.to_string();
+                        if why != last_probe_error {
+                            tracing::warn!(replica = %self.replica_id, error = %why, "Redis unreachable");
+                            last_probe_error = why;
+                        } else if self.degraded_since_boot() {
                             tracing::debug!(error = %e, "Redis still unreachable");
                         }
                     }

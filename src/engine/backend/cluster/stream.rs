@@ -110,7 +110,7 @@ pub(super) async fn read(inner: Arc<Inner>) {
     let tail = inner.config.load().events.ring_size;
     let mut last: Option<String> = None;
     loop {
-        let conn = Link::dial_reader(&inner.cluster.redis).await;
+        let conn = Link::dial_reader(&super::link::Endpoint::of(&inner.cluster)).await;
         let Ok(mut conn) = conn else {
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
