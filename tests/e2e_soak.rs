@@ -58,12 +58,12 @@ fn chaos_soak_60s_has_no_violations() {
 /// held to the same invariants; RELIABILITY.md "Cluster mode" lists what
 /// this soak found there and how each was fixed.
 ///
-/// Ignored in the suite: a partial partition (one replica still degraded
-/// for up to a probe interval after the other is back on Redis) can put one
-/// half-open probe over the limit; the fresh-clone CI run caught it once
-/// (RELIABILITY.md). Run it with `-- --ignored`.
+/// A partial partition (one replica still degraded for up to a probe
+/// interval after the other is back on Redis) can put one half-open probe
+/// over the limit fleet-wide; the checker reports that on its own line when
+/// each side kept its own bound (`probes_in_partition`), and as a
+/// violation otherwise (RELIABILITY.md).
 #[test]
-#[ignore = "a partial partition can admit one probe over half_open_max_probes; see RELIABILITY.md"]
 fn cluster_chaos_soak_60s_has_no_violations() {
     if Command::new("redis-server")
         .arg("--version")

@@ -1326,6 +1326,10 @@ fn print_report(r: &Report) {
         r.open_unknown_in_partition.to_string(),
     );
     line("probes seen", r.probes.to_string());
+    line(
+        "probes over the allowance in a partition: one replica through Redis, one alone within its share (cluster; allowed)",
+        r.probes_in_partition.to_string(),
+    );
     let maxes: Vec<String> = r
         .max_probes_by_incarnation
         .iter()
