@@ -579,3 +579,92 @@ async fn replicas_share_scope_limits_through_redis() {
         .into_inner();
     assert_eq!(full.reason(), proto::Reason::SpendLimit);
 }
+
+/// Cluster mode: what a replica spends alone on a caller's limit while
+/// Redis is frozen (degraded, at its half of the limit) is charged to the
+/// shared cell when it merges back, so the fleet cannot spend the outage's
+/// money twice: after the merge only what is left of the hour's cent is
+/// admitted, on either replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_decided_alone_is_merged_back_into_the_shared_limit() {
+    let redis = common::Redis::start();
+    // A patient Redis timeout: spontaneous slowness on a loaded machine
+    // must not make the answers after the merge degraded.
+    let config = format!("{SCOPES}\n[cluster]\nredis_timeout = \"250ms\"\n");
+    let a = Server::start_replica(&config, &redis.url(), &[]).await;
+    let b = Server::start_replica(&config, &redis.url(), &[]).await;
+    let (mut ca, mut cb) = (a.resilience().await, b.resilience().await);
+    let bot = |target: &str| proto::CanProceedRequest {
+        caller: "bot".into(),
+        ..ask(target, 1000, 0)
+    };
+
+    // Each replica knows the other is live (its heartbeat), so alone it
+    // takes half of each limit.
+    for s in [&a, &b] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut admin = s.admin().await;
+        while admin
+            .get_cluster(proto::GetClusterRequest {})
+            .await
+            .expect("get_cluster")
+            .into_inner()
+            .replicas
+            .len()
+            < 2
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replicas never saw each other"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    // ... and has counted it (the count is refreshed with each heartbeat, every second).
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    redis.signal("STOP");
+    // Alone, replica a has half of the cent: one call of 0.3 cents.
+    let alone = ca
+        .can_proceed(bot("acme/c"))
+        .await
+        .expect("ok")
+        .into_inner();
+    assert!(alone.allowed && alone.degraded, "{alone:?}");
+    let second = ca
+        .can_proceed(bot("acme/c"))
+        .await
+        .expect("ok")
+        .into_inner();
+    assert_eq!(second.reason(), proto::Reason::SpendLimit, "{second:?}");
+    ca.record_outcome(proto::RecordOutcomeRequest {
+        target: "acme/c".into(),
+        permit: alone.permit,
+        outcome: proto::OutcomeClass::Success as i32,
+        input_tokens: 1000,
+        caller: "bot".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("record while degraded");
+    redis.signal("CONT");
+    for s in [&a, &b] {
+        s.wait_cluster_ready().await;
+    }
+
+    // 1 cent − 0.3 spent alone = room for two more calls of 0.3, not three.
+    let mut admitted = 0;
+    for i in 0..4 {
+        let c = if i % 2 == 0 { &mut cb } else { &mut ca };
+        let r = c.can_proceed(bot("acme/c")).await.expect("ok").into_inner();
+        assert!(!r.degraded, "call {i}: {r:?}");
+        if r.allowed {
+            admitted += 1;
+        } else {
+            assert_eq!(r.reason(), proto::Reason::SpendLimit, "call {i}: {r:?}");
+        }
+    }
+    assert_eq!(
+        admitted, 2,
+        "the 0.3 cents spent alone count against the shared cent"
+    );
+}

@@ -94,6 +94,15 @@ impl Spend {
         self.total_micros = self.total_micros.saturating_add(actual);
     }
 
+    /// Charges what was spent elsewhere against this cell: `moved` net
+    /// micro-units taken (negative: given back) and `settled` real cost
+    /// counted. A cluster replica that decided alone merges its spending
+    /// back this way.
+    pub fn absorb(&mut self, now: Time, limit: &Rate, moved: i64, settled: u64) {
+        self.cell.adjust(now, limit, moved);
+        self.total_micros = self.total_micros.saturating_add(settled);
+    }
+
     /// Money still available under `limit` now, in micro-units (negative in debt).
     pub fn available(&self, now: Time, limit: &Rate) -> f64 {
         self.cell.available(now, limit)

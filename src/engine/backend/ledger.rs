@@ -35,10 +35,32 @@ pub struct ScopeLevel {
     pub limit: Rate,
 }
 
+/// One scope's cell, and what it moved since it was created: a cluster
+/// replica's fallback ledger is created empty for each outage, and what it
+/// reserved and settled alone is charged to the shared cell in Redis when
+/// the replica merges back (`take_moved`).
+#[derive(Clone, Copy, Debug, Default)]
+struct Cell {
+    spend: Spend,
+    /// Net micro-units taken from the cell: reservations, plus each
+    /// settlement's real cost minus what it had reserved.
+    moved: i64,
+    /// Real cost settled here, in micro-units.
+    settled: u64,
+}
+
+/// What a fallback ledger spent on one scope while its replica decided alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Moved {
+    pub key: Arc<str>,
+    pub moved: i64,
+    pub settled: u64,
+}
+
 /// Spend cells by scope key.
 #[derive(Default)]
 pub struct Ledger {
-    cells: RwLock<HashMap<Arc<str>, Arc<Mutex<Spend>>>>,
+    cells: RwLock<HashMap<Arc<str>, Arc<Mutex<Cell>>>>,
     /// Something changed since the last [`Ledger::flush`].
     dirty: AtomicBool,
 }
@@ -58,7 +80,7 @@ fn shared(limit: &Rate, share: u64) -> Rate {
 impl Ledger {
     /// The cell of each scope (created empty), sorted by key with their
     /// limits: the order locks are taken in.
-    fn cells(&self, scopes: &[Arc<SpendScope>]) -> Vec<(Arc<Mutex<Spend>>, Rate)> {
+    fn cells(&self, scopes: &[Arc<SpendScope>]) -> Vec<(Arc<Mutex<Cell>>, Rate)> {
         let mut out = Vec::with_capacity(scopes.len());
         let mut missing = Vec::new();
         {
@@ -97,11 +119,17 @@ impl Ledger {
         let limits: Vec<Rate> = cells.iter().map(|(_, l)| shared(l, share)).collect();
         let mut pairs: Vec<(&mut Spend, &Rate)> = guards
             .iter_mut()
-            .map(|g| &mut **g)
+            .map(|g| &mut g.spend)
             .zip(limits.iter())
             .collect();
         let r = reserve_all(&mut pairs, now, cost);
         drop(pairs);
+        if r.is_ok() {
+            let cost = i64::try_from(cost).unwrap_or(i64::MAX);
+            for g in guards.iter_mut() {
+                g.moved = g.moved.saturating_add(cost);
+            }
+        }
         drop(guards);
         self.dirty.store(true, Ordering::Release);
         r.map_err(|refusal| {
@@ -123,8 +151,19 @@ impl Ledger {
         actual: u64,
         share: u64,
     ) {
+        let delta = i64::try_from(i128::from(actual) - i128::from(reserved)).unwrap_or(
+            if actual > reserved {
+                i64::MAX
+            } else {
+                i64::MIN
+            },
+        );
         for (cell, limit) in self.cells(scopes) {
-            lock(&cell).settle(now, Some(&shared(&limit, share)), reserved, actual);
+            let mut c = lock(&cell);
+            c.spend
+                .settle(now, Some(&shared(&limit, share)), reserved, actual);
+            c.moved = c.moved.saturating_add(delta);
+            c.settled = c.settled.saturating_add(actual);
         }
         self.dirty.store(true, Ordering::Release);
     }
@@ -138,7 +177,7 @@ impl Ledger {
         let map = self.cells.read().unwrap_or_else(|e| e.into_inner());
         scopes
             .map(|s| {
-                let spend = map.get(&s.key).map(|c| *lock(c)).unwrap_or_default();
+                let spend = map.get(&s.key).map(|c| lock(c).spend).unwrap_or_default();
                 ScopeLevel {
                     key: s.key.clone(),
                     total_micros: spend.total_micros,
@@ -158,7 +197,7 @@ impl Ledger {
         let map = self.cells.read().unwrap_or_else(|e| e.into_inner());
         map.iter()
             .map(|(k, c)| {
-                let s = *lock(c);
+                let s = lock(c).spend;
                 Op::Spend(
                     k.clone(),
                     Some(SpendRecord {
@@ -191,17 +230,46 @@ impl Ledger {
                     cell.clamp_debt(now, &s.limit);
                     map.insert(
                         s.key.clone(),
-                        Arc::new(Mutex::new(Spend::restore(
-                            cell.tat(),
-                            rec.total,
-                            rec.limited,
-                        ))),
+                        Arc::new(Mutex::new(Cell {
+                            spend: Spend::restore(cell.tat(), rec.total, rec.limited),
+                            ..Cell::default()
+                        })),
                     );
                 }
                 None => cleanup.push(Op::Spend(Arc::from(key.as_str()), None)),
             }
         }
         cleanup
+    }
+
+    /// What every cell moved since it was created (or since the last take),
+    /// zeroing it: the caller charges it elsewhere and, if that fails, gives
+    /// it back with [`Ledger::give_back`].
+    pub fn take_moved(&self) -> Vec<Moved> {
+        let map = self.cells.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (key, c) in map.iter() {
+            let mut c = lock(c);
+            if c.moved != 0 || c.settled != 0 {
+                out.push(Moved {
+                    key: key.clone(),
+                    moved: std::mem::take(&mut c.moved),
+                    settled: std::mem::take(&mut c.settled),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    /// Returns what [`Ledger::take_moved`] took and could not be charged.
+    pub fn give_back(&self, m: &Moved) {
+        let map = self.cells.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(&m.key) {
+            let mut c = lock(c);
+            c.moved = c.moved.saturating_add(m.moved);
+            c.settled = c.settled.saturating_add(m.settled);
+        }
     }
 }
 
@@ -254,6 +322,32 @@ mod tests {
     }
 
     /// A replica deciding alone gets its share: a third of the dollar.
+    #[test]
+    fn what_a_ledger_moved_is_taken_once_and_can_be_given_back() {
+        let l = Ledger::default();
+        let s = [scope("caller:bot", 1.0)];
+        l.reserve(&s, T0, 3000, 2).expect("fits");
+        l.reserve(&s, T0, 3000, 2).expect("fits");
+        // One settles at a tenth of its reservation: 2,700 given back.
+        l.settle(&s, T0, 3000, 300, 2);
+        let m = l.take_moved();
+        assert_eq!(
+            m,
+            vec![Moved {
+                key: Arc::from("caller:bot"),
+                moved: 3300,
+                settled: 300
+            }]
+        );
+        assert!(l.take_moved().is_empty(), "taken once");
+        l.give_back(&m[0]);
+        assert_eq!(l.take_moved(), m, "given back whole");
+        // A refusal moves nothing.
+        let tiny = [scope("caller:tiny", 0.000001)];
+        assert!(l.reserve(&tiny, T0, 1_000_000, 1).is_err());
+        assert!(l.take_moved().is_empty());
+    }
+
     #[test]
     fn a_share_divides_the_limit() {
         let l = Ledger::default();

@@ -220,6 +220,19 @@ impl Inner {
                 }
             }
         }
+        // Route, caller and tenant spend decided alone: charged to the
+        // shared cells before the replica counts as back.
+        let backend = super::RedisBackend {
+            inner: self.clone(),
+        };
+        match backend.merge_spend(&fallback).await {
+            Ok(n) => merged += n,
+            Err(e) => {
+                tracing::warn!(replica = %self.replica_id, error = %e,
+                    "merging back spend limits failed: still degraded, the next probe tries again");
+                return;
+            }
+        }
         self.degraded.store(false, Ordering::Release);
         self.metrics
             .set_cluster(false, self.live_replicas.load(Ordering::Relaxed));

@@ -11,8 +11,8 @@
 //! Without Redis the replica decides on its fallback's ledger at its share
 //! of each limit (`on_redis_unavailable = "local"`), admits without a check
 //! (`"open"`), or refuses (`"closed"`), as for targets. What a replica spent
-//! alone is not merged back into Redis when it returns: the cells then
-//! undercount that replica's share of the outage.
+//! alone is merged back when Redis returns (`merge_spend`): each scope's
+//! net movement in the fallback is charged to the shared cell.
 
 use super::link::LinkError;
 use super::{Committed, RedisBackend};
@@ -53,7 +53,15 @@ fn decode(b: &[u8]) -> Spend {
 /// What to do to the cells.
 enum Change {
     Reserve(u64),
-    Settle { reserved: u64, actual: u64 },
+    Settle {
+        reserved: u64,
+        actual: u64,
+    },
+    /// What the fallback spent alone during an outage (merge back).
+    Absorb {
+        moved: i64,
+        settled: u64,
+    },
 }
 
 impl RedisBackend {
@@ -157,6 +165,11 @@ impl RedisBackend {
                         cell.settle(now, Some(&s.limit), reserved, actual);
                     }
                 }
+                Change::Absorb { moved, settled } => {
+                    for (cell, s) in cells.iter_mut().zip(&scopes) {
+                        cell.absorb(now, &s.limit, moved, settled);
+                    }
+                }
             }
             let expected: Vec<u64> = current.iter().map(|c| c.0).collect();
             let records: Vec<Vec<u8>> = cells.iter().map(encode).collect();
@@ -204,6 +217,49 @@ impl RedisBackend {
         }
     }
 
+    /// Merges back what this replica's fallback spent on route, caller and
+    /// tenant limits while it decided alone (see the module doc): each
+    /// scope's net movement is charged to its shared cell in Redis. A scope
+    /// whose commit fails keeps its amount in the fallback for the next
+    /// attempt; the error says the replica must stay degraded.
+    pub(super) async fn merge_spend(
+        &self,
+        fallback: &crate::engine::backend::LocalBackend,
+    ) -> std::result::Result<u32, LinkError> {
+        let config = self.inner.config.load_full();
+        let by_key: std::collections::HashMap<&str, &Arc<SpendScope>> = config
+            .spend_scopes
+            .values()
+            .map(|s| (s.key.as_ref(), s))
+            .collect();
+        let mut merged = 0u32;
+        let mut taken = fallback.ledger.take_moved().into_iter();
+        while let Some(m) = taken.next() {
+            // A scope no longer configured (reloaded away): nothing to charge.
+            let Some(scope) = by_key.get(m.key.as_ref()) else {
+                continue;
+            };
+            let change = Change::Absorb {
+                moved: m.moved,
+                settled: m.settled,
+            };
+            match self.change(std::slice::from_ref(*scope), change).await {
+                Ok(a) if !a.degraded => merged += 1,
+                other => {
+                    fallback.ledger.give_back(&m);
+                    for rest in taken {
+                        fallback.ledger.give_back(&rest);
+                    }
+                    return Err(match other {
+                        Err(e) => LinkError::Redis(e.to_string()),
+                        Ok(_) => LinkError::NotConnected,
+                    });
+                }
+            }
+        }
+        Ok(merged)
+    }
+
     /// Redis failed: decide per `on_redis_unavailable`.
     async fn degraded_change(
         &self,
@@ -213,6 +269,13 @@ impl RedisBackend {
     ) -> Result<SpendAnswer> {
         let inner = &self.inner;
         inner.metrics.redis_error(e.kind());
+        if matches!(change, Change::Absorb { .. }) {
+            // A merge never decides alone: it waits for the next attempt.
+            return Ok(SpendAnswer {
+                refused: None,
+                degraded: true,
+            });
+        }
         match inner.cluster.on_redis_unavailable {
             OnRedisUnavailable::Closed => Err(EngineError::Unavailable(format!(
                 "Redis is unreachable ({e}) and [cluster] on_redis_unavailable = \"closed\""
@@ -238,6 +301,7 @@ impl RedisBackend {
                         fallback.ledger.settle(scopes, now, reserved, actual, share);
                         None
                     }
+                    Change::Absorb { .. } => None,
                 };
                 Ok(SpendAnswer {
                     refused,
