@@ -233,3 +233,111 @@ async fn a_reload_rotates_tokens_at_once() {
         .await
         .expect("the new one works");
 }
+
+/// Secrets never leave the server: with debug logging, after right and
+/// wrong tokens on gRPC and HTTP, a sign-in attempt, an operator action, a
+/// reload and a refused call, no token (valid or not) appears in the
+/// server's captured output (stdout and stderr), `/metrics`, the event log
+/// (`/api/events`), the dashboard snapshot, or any error message a client
+/// got back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_logs_metrics_events_or_errors() {
+    const WRONG: &str = "wrong-secret-token-123456";
+    let secrets = [
+        "fleet-token-000000",
+        "oncall-token-00000",
+        "viewer-token-00000",
+        WRONG,
+    ];
+    let server = Server::start_capturing(
+        &config("[auth]\nmetrics = \"token\"\n"),
+        &[],
+        &[("RUST_LOG", "debug")],
+    );
+    let mut said = Vec::new();
+    let mut r = proto::resilience_client::ResilienceClient::new(server.channel().await);
+    let mut a = proto::admin_client::AdminClient::new(server.channel().await);
+    assert!(
+        r.can_proceed(with("fleet-token-000000", can("p/m")))
+            .await
+            .expect("agent")
+            .into_inner()
+            .allowed
+    );
+    for (who, e) in [
+        (
+            "wrong token",
+            r.can_proceed(with(WRONG, can("p/m"))).await.err(),
+        ),
+        (
+            "no token",
+            r.can_proceed(Request::new(can("p/m"))).await.err(),
+        ),
+        (
+            "agent forcing",
+            a.set_breaker_state(with("fleet-token-000000", force("p/m")))
+                .await
+                .err(),
+        ),
+        (
+            "wrong operator",
+            a.set_breaker_state(with(WRONG, force("p/m"))).await.err(),
+        ),
+    ] {
+        let e = e.unwrap_or_else(|| panic!("{who} was refused"));
+        said.push(format!("{who}: {} {}", e.message(), e.metadata().len()));
+        for (k, v) in e.metadata().clone().into_headers() {
+            said.push(format!("{k:?}: {v:?}"));
+        }
+    }
+    a.set_breaker_state(with("oncall-token-00000", force("p/m")))
+        .await
+        .expect("operator");
+    a.reload_config(with(
+        "oncall-token-00000",
+        proto::ReloadConfigRequest {
+            reason: "rotate".into(),
+        },
+    ))
+    .await
+    .expect("reload");
+    let wrong = format!("token={WRONG}");
+    said.push(http(
+        &server,
+        &format!(
+            "POST /login HTTP/1.0\r\nHost: {{addr}}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{wrong}",
+            wrong.len()
+        ),
+    ));
+    let (status, body) =
+        server.http_get("/metrics", &[("Authorization", &format!("Bearer {WRONG}"))]);
+    said.push(format!("{status} {body}"));
+    let viewer = [("Authorization", "Bearer viewer-token-00000")];
+    let mut pages = Vec::new();
+    for path in ["/metrics", "/api/events?limit=1000", "/api/snapshot"] {
+        let (status, body) = server.http_get(path, &viewer);
+        assert!(status.contains("200"), "{path}: {status}");
+        pages.push((path, body));
+    }
+    assert!(
+        pages[1].1.contains("provider incident"),
+        "the event log has the operator action: {}",
+        pages[1].1
+    );
+    // Let the debug log of the last requests reach the capture.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let logs = server.output.lock().expect("output").clone();
+    assert!(
+        logs.contains("DEBUG") && logs.contains("provider incident"),
+        "the capture has the debug log and the audit line"
+    );
+    for secret in secrets {
+        assert!(!logs.contains(secret), "{secret} in the server's output");
+        for (path, body) in &pages {
+            assert!(!body.contains(secret), "{secret} in {path}");
+        }
+        for s in &said {
+            assert!(!s.contains(secret), "{secret} in an answer: {s}");
+        }
+    }
+}

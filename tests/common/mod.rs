@@ -46,6 +46,9 @@ pub struct Server {
     pub http: Option<String>,
     pub dir: TempDir,
     pub config_path: PathBuf,
+    /// Everything the server wrote to stdout, and to stderr when started
+    /// with [`Server::start_capturing`] (for tests that read its logs).
+    pub output: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 pub fn binary() -> &'static str {
@@ -73,7 +76,23 @@ impl Server {
         Self::spawn(TempDir::new("srv"), None, extra, &[])
     }
 
+    /// Starts with its logs (stderr) captured into [`Server::output`]
+    /// instead of passed through, at the `RUST_LOG` given in `env`.
+    pub fn start_capturing(config: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn_with(TempDir::new("srv"), Some(config), extra, env, true)
+    }
+
     fn spawn(dir: TempDir, config: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn_with(dir, config, extra, env, false)
+    }
+
+    fn spawn_with(
+        dir: TempDir,
+        config: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        capture_stderr: bool,
+    ) -> Server {
         let config_path = dir.path().join("backstop.toml");
         let mut cmd = Command::new(binary());
         cmd.arg("serve");
@@ -93,10 +112,16 @@ impl Server {
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(if capture_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            });
         let mut child = cmd.spawn().expect("spawn backstop");
         let stdout = child.stdout.take().expect("stdout");
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
+        let out = output.clone();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
             let mut line = String::new();
@@ -104,9 +129,25 @@ impl Server {
                 if line.starts_with("backstop listening") {
                     let _ = tx.send(line.clone());
                 }
+                out.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&line);
                 line.clear();
             }
         });
+        if let Some(stderr) = child.stderr.take() {
+            let out = output.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stderr);
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                    out.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_str(&line);
+                    line.clear();
+                }
+            });
+        }
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("backstop did not report its listening address within 30 s");
@@ -121,6 +162,7 @@ impl Server {
             http: field("http"),
             dir,
             config_path,
+            output,
         }
     }
 
