@@ -1322,7 +1322,7 @@ fn print_report(r: &Report) {
         ),
     );
     line(
-        "admitted while another replica said open, both degraded (cluster; allowed)",
+        "admitted while another replica, deciding without Redis, said open (cluster partition; allowed)",
         r.open_unknown_in_partition.to_string(),
     );
     line("probes seen", r.probes.to_string());

@@ -480,6 +480,25 @@ impl Ledger {
         let mut open_forgotten_after_restart = 0u64;
         let mut open_unknown_in_partition = 0u64;
         let mut told_open_spanning_restart = 0u64;
+        // Cluster: when incarnation `inc` next decided on the flaky target
+        // through Redis after `after` (an admission or a refusal not
+        // flagged degraded): by then it had merged back what it decided
+        // alone (a target decided degraded stays on the fallback until its
+        // merge is done).
+        let back_on_redis = |inc: u64, after: u64| -> Option<u64> {
+            let i = flaky.partition_point(|a| a.issued_ms <= after);
+            let admitted = flaky[i..]
+                .iter()
+                .find(|a| a.inc == inc && !a.degraded)
+                .map(|a| a.issued_ms);
+            let refused = s
+                .told_open
+                .iter()
+                .filter(|o| o.inc == inc && !o.degraded && o.from > after)
+                .map(|o| o.from)
+                .min();
+            admitted.into_iter().chain(refused).min()
+        };
         for t in &s.told_open {
             // Told open, then killed, and the new process was ready while
             // still inside the open period: the case "never forgotten" is about.
@@ -494,34 +513,70 @@ impl Ledger {
             if from >= until {
                 continue;
             }
+            // Cluster, an open decided without Redis: it reaches Redis when
+            // its replica merges back, which is no later than that
+            // replica's next decision through Redis, and (when the open
+            // was decided in a Redis freeze) about when Redis thaws (the
+            // replica probes every 100 ms; 1 s allowed).
+            let unmerged_until = if self.cluster && t.degraded {
+                let thaw = s
+                    .freezes
+                    .iter()
+                    .find(|&&(stop, cont)| {
+                        stop <= t.from + SLACK_MS && cont.is_none_or(|c| t.from <= c + 1000)
+                    })
+                    .and_then(|&(_, cont)| cont.map(|c| c + 1000));
+                let back = back_on_redis(t.inc, t.from);
+                // Killed before it merged back: what it decided alone is
+                // lost, and admissions after that are violations (a
+                // degraded replica's fallback is not durable).
+                let killed = s
+                    .windows
+                    .iter()
+                    .filter(|&&(k, _, r)| k >= t.from && Some(&r) == s.replica_of.get(&t.inc))
+                    .map(|&(k, _, _)| k)
+                    .min();
+                [thaw, back, killed]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(u64::MAX)
+            } else {
+                0
+            };
             let i = flaky.partition_point(|a| a.issued_ms < from);
             for a in flaky[i..].iter().take_while(|a| a.issued_ms < until) {
+                let other_replica = s.replica_of.get(&a.inc) != s.replica_of.get(&t.inc);
                 // Cluster: with Redis unreachable, each replica decides
                 // alone (`on_redis_unavailable = "local"`). An open decided
-                // there by one replica is in no place the other can read
-                // until it merges back, so the other replica, itself
-                // degraded, cannot honour it: a partition, not forgetting.
-                // Counted and reported, not a violation. An open decided
-                // through Redis stays a violation for every replica.
+                // there by one replica is in no place another can read
+                // until it merges back: another replica, itself degraded,
+                // cannot honour it, nor can Redis answer for it before the
+                // merge (at the edge of a freeze one replica is back on
+                // Redis before the other). A partition, not forgetting:
+                // counted and reported, not a violation. An open decided
+                // through Redis stays a violation for every replica, and so
+                // does an admission through Redis after the merge.
                 if self.cluster
                     && t.degraded
-                    && a.degraded
-                    && s.replica_of.get(&a.inc) != s.replica_of.get(&t.inc)
+                    && other_replica
+                    && (a.degraded || a.issued_ms < unmerged_until)
                 {
                     open_unknown_in_partition += 1;
                     continue;
                 }
-                if a.inc != t.inc {
+                if !other_replica && a.inc != t.inc {
                     open_forgotten_after_restart += 1;
                 }
                 note(
                     &mut v,
                     "open_breaker_admitted",
                     format!(
-                        "told open {}..{} (incarnation {}), admitted {} at {} (incarnation {}{})",
+                        "told open {}..{} (incarnation {}{}), admitted {} at {} (incarnation {}{})",
                         t.from,
                         t.until,
                         t.inc,
+                        if t.degraded { ", degraded" } else { "" },
                         if a.probe { "a probe" } else { "a call" },
                         a.issued_ms,
                         a.inc,
@@ -806,8 +861,9 @@ pub struct Report {
     pub unacked: u64,
     pub told_open: u64,
     pub open_forgotten_after_restart: u64,
-    /// Cluster: admissions by a degraded replica while another degraded
-    /// replica had said open (neither could reach Redis): not violations.
+    /// Cluster: admissions while another replica, deciding without Redis,
+    /// had said open: by a replica itself degraded, or through Redis before
+    /// the open was merged back (see the rule in `check`): not violations.
     pub open_unknown_in_partition: u64,
     /// Cluster: moments more than `MAX_PROBES` probes were outstanding
     /// because a replica cut off from Redis probed within its share while
@@ -915,6 +971,80 @@ mod tests {
             (1200, 5000, 5, false),
         ]);
         assert_eq!((too_many(&r), r.probes_in_partition), (0, 0));
+    }
+
+    /// An open told by incarnation 4 (replica 1) from 1000 to 9000, and
+    /// one admission of the flaky target; incarnation 5 is replica 0.
+    fn open_report(
+        told_degraded: bool,
+        admitted: (u64, u64, bool),
+        setup: impl FnOnce(&mut State),
+    ) -> Report {
+        let ledger = Ledger::new(true);
+        {
+            let mut s = ledger.lock();
+            s.replica_of.extend([(4, 1), (5, 0)]);
+            s.told_open.push(ToldOpen {
+                from: 1000,
+                until: 9000,
+                inc: 4,
+                degraded: told_degraded,
+            });
+            let (issued_ms, inc, degraded) = admitted;
+            s.admissions.entry(Tgt::Flaky).or_default().push(Adm {
+                issued_ms,
+                probe: true,
+                inc,
+                degraded,
+            });
+            setup(&mut s);
+        }
+        ledger.check(true)
+    }
+
+    #[test]
+    fn an_open_decided_alone_is_a_partition_only_until_it_can_have_been_merged() {
+        let bad = |r: &Report| {
+            r.violations
+                .get("open_breaker_admitted")
+                .copied()
+                .unwrap_or(0)
+        };
+        let freeze = |s: &mut State| s.freezes.push((900, Some(3000)));
+        // Told open alone in a freeze; the other replica, back on Redis
+        // first, admits before the thaw + 1 s: the open was not merged yet.
+        let r = open_report(true, (3200, 5, false), freeze);
+        assert_eq!(
+            (bad(&r), r.open_unknown_in_partition),
+            (0, 1),
+            "{:?}",
+            r.examples
+        );
+        // The same admission 1.5 s after the thaw: merged by then; a violation.
+        let r = open_report(true, (4500, 5, false), freeze);
+        assert_eq!(bad(&r), 1);
+        // No freeze (Redis slow for one replica): partition until the
+        // degraded replica decides through Redis again.
+        let back = |s: &mut State| {
+            // A refusal through Redis (its own short open period ends
+            // before the admission below).
+            s.told_open.push(ToldOpen {
+                from: 2000,
+                until: 2100,
+                inc: 4,
+                degraded: false,
+            })
+        };
+        assert_eq!(bad(&open_report(true, (1500, 5, false), back)), 0);
+        assert_eq!(bad(&open_report(true, (2500, 5, false), back)), 1);
+        // Killed before merging back: what it decided alone is lost.
+        let killed = |s: &mut State| s.windows.push((2000, Some(2500), 1));
+        assert_eq!(bad(&open_report(true, (1500, 5, false), killed)), 0);
+        assert_eq!(bad(&open_report(true, (2600, 5, false), killed)), 1);
+        // An open decided through Redis binds every replica at once.
+        assert_eq!(bad(&open_report(false, (3200, 5, false), freeze)), 1);
+        // Both degraded: neither can know the other's open.
+        assert_eq!(bad(&open_report(true, (8000, 5, true), |_| {})), 0);
     }
 
     #[test]
