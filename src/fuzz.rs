@@ -35,6 +35,7 @@ pub const TARGETS: &[(&str, Property)] = &[
     ("config", config),
     ("target_record", target_record),
     ("requests", requests),
+    ("script_replies", script_replies),
 ];
 
 const KEY: &[u8] = b"fuzzing-key-fuzzing-key-fuzzing-key!";
@@ -212,6 +213,78 @@ pub fn requests(data: &[u8]) {
     }
 }
 
+/// Replies of the cluster backend's Lua scripts (Redis is outside input
+/// too: a Redis-compatible server or a proxy may answer differently): the
+/// first bytes choose the script and how many keys it was sent, the rest
+/// are the reply's values. A reply is accepted only in the shape its
+/// callers index by (so a malformed one is an error, never a panic later);
+/// a settled answer and a spend cell that decode re-encode to themselves.
+pub fn script_replies(data: &[u8]) {
+    use crate::engine::backend::cluster::{
+        Committed, decode_answer, decode_spend, encode_answer, encode_spend, parse_commit,
+        parse_read,
+    };
+    use redis::Value;
+    let [which, n, m, rest @ ..] = data else {
+        return;
+    };
+    let (n, m) = (usize::from(*n % 8), usize::from(*m % 8));
+    // The reply: a tag byte per value, then its payload.
+    let mut vals = Vec::new();
+    let mut i = 0;
+    while i < rest.len() {
+        let tag = rest[i];
+        i += 1;
+        let take = |i: &mut usize, len: usize| {
+            let s = &rest[(*i).min(rest.len())..(*i + len).min(rest.len())];
+            *i += len;
+            s.to_vec()
+        };
+        vals.push(match tag % 5 {
+            0 => Value::Int(u64_at(&take(&mut i, 8), 0) as i64),
+            1 => {
+                let len = usize::from(rest.get(i).copied().unwrap_or(0) % 32);
+                i += 1;
+                Value::BulkString(take(&mut i, len))
+            }
+            2 => {
+                let len = usize::from(rest.get(i).copied().unwrap_or(0) % 16);
+                i += 1;
+                Value::SimpleString(String::from_utf8_lossy(&take(&mut i, len)).into_owned())
+            }
+            3 => Value::Nil,
+            _ => Value::Okay,
+        });
+    }
+    match which % 4 {
+        0 => match parse_commit(&vals, n, m) {
+            Ok(Committed::Ok(v)) => assert_eq!(v.len(), n, "versions for every key"),
+            Ok(Committed::Conflict(c)) => assert_eq!(c.len(), n, "a record for every key"),
+            Ok(Committed::Duplicates(d)) => {
+                assert!(
+                    !d.is_empty() && d.iter().all(|(j, _)| *j < m),
+                    "{d:?} of {m}"
+                )
+            }
+            Err(e) => assert!(e.contains("commit script"), "{e}"),
+        },
+        1 => {
+            if let Ok(v) = parse_read(&vals, n) {
+                assert_eq!(v.len(), n);
+            }
+        }
+        2 => {
+            if let Some(a) = decode_answer(rest) {
+                assert_eq!(decode_answer(&encode_answer(&a)), Some(a));
+            }
+        }
+        _ => {
+            let cell = decode_spend(rest);
+            assert_eq!(decode_spend(&encode_spend(&cell)), cell);
+        }
+    }
+}
+
 /// Hand-written starting points per target, replayed with the corpora.
 pub fn seeds(target: &str) -> Vec<Vec<u8>> {
     let text = |v: &[&str]| v.iter().map(|s| s.as_bytes().to_vec()).collect();
@@ -293,6 +366,38 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 .encode_to_vec(),
             );
             vec![cp, ro, vec![4, 0x2a, 0x02, 0x08, 0xff]]
+        }
+        "script_replies" => {
+            let int = |v: u64| {
+                let mut b = vec![0u8];
+                b.extend(v.to_le_bytes());
+                b
+            };
+            let bulk = |s: &[u8]| {
+                let mut b = vec![1u8, s.len() as u8];
+                b.extend_from_slice(s);
+                b
+            };
+            let reply = |which: u8, n: u8, m: u8, vals: &[Vec<u8>]| {
+                let mut b = vec![which, n, m];
+                for v in vals {
+                    b.extend(v);
+                }
+                b
+            };
+            vec![
+                // Committed with versions for two keys; with one too few.
+                reply(0, 2, 0, &[int(1), int(7), int(9)]),
+                reply(0, 2, 0, &[int(1), int(7)]),
+                // A conflict with one pair too many; a duplicate beyond the permits sent.
+                reply(0, 1, 0, &[int(0), int(3), bulk(b"rec"), int(4), bulk(b"x")]),
+                reply(0, 1, 1, &[int(2), int(2), bulk(b"answer")]),
+                // Read: two pairs for one key.
+                reply(1, 1, 0, &[int(1), bulk(b"r"), int(2), bulk(b"s")]),
+                // A settled answer and a spend cell.
+                vec![2, 0, 0, 1, 1, 7, 0, 0, 0, 0, 0, 0, 0, 0],
+                [&[3u8, 0, 0][..], b"18446744073709551615 99 1"].concat(),
+            ]
         }
         _ => Vec::new(),
     }

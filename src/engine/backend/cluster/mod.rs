@@ -31,6 +31,8 @@ mod reload;
 mod replica;
 pub mod scripts;
 mod spend;
+/// The spend cell codec, for the fuzz properties (`crate::fuzz`).
+pub(crate) use spend::{decode as decode_spend, encode as encode_spend};
 mod stream;
 
 use crate::config::{ClusterConfig, Config, OnRedisUnavailable, TargetSettings};
@@ -192,7 +194,8 @@ struct UnitCache {
 }
 
 /// What a commit answered.
-enum Committed {
+#[derive(Debug, PartialEq)]
+pub(crate) enum Committed {
     Ok(Vec<u64>),
     /// Current (version, record) of every key, in the order sent.
     Conflict(Vec<(u64, Vec<u8>)>),
@@ -201,7 +204,7 @@ enum Committed {
 }
 
 /// A settled permit's first answer, as stored in Redis.
-fn encode_answer(a: &SettledAnswer) -> Vec<u8> {
+pub(crate) fn encode_answer(a: &SettledAnswer) -> Vec<u8> {
     let mut b = Vec::with_capacity(11);
     b.push(a.class.index() as u8);
     b.push(u8::from(a.advice.retry));
@@ -223,7 +226,7 @@ fn encode_answer(a: &SettledAnswer) -> Vec<u8> {
     b
 }
 
-fn decode_answer(b: &[u8]) -> Option<SettledAnswer> {
+pub(crate) fn decode_answer(b: &[u8]) -> Option<SettledAnswer> {
     if b.len() != 11 {
         return None;
     }
@@ -247,6 +250,60 @@ fn decode_answer(b: &[u8]) -> Option<SettledAnswer> {
             reason,
         },
     })
+}
+
+/// The COMMIT script's reply for `n` state keys and `m` settled-permit
+/// keys, checked for the shape the callers index by: exactly `n` versions,
+/// exactly `n` (version, record) pairs, or 1..=`m` permit indexes. A reply
+/// of any other shape (a Redis-compatible server or proxy that answers
+/// differently) is an error naming it, never a panic further on.
+pub(crate) fn parse_commit(
+    vals: &[Value],
+    n: usize,
+    m: usize,
+) -> std::result::Result<Committed, String> {
+    let bad = |what: &str| Err(format!("unexpected answer from the commit script: {what}"));
+    let rest = vals.get(1..).unwrap_or_default();
+    match vals.first().map(int) {
+        Some(1) if rest.len() == n => Ok(Committed::Ok(rest.iter().map(int).collect())),
+        Some(1) => bad(&format!("{} versions for {n} keys", rest.len())),
+        Some(0) => parse_pairs(rest, n)
+            .map(Committed::Conflict)
+            .or_else(|e| bad(&e)),
+        Some(2) => {
+            if rest.is_empty() || rest.len() % 2 != 0 {
+                return bad("an odd or empty list of settled permits");
+            }
+            let mut out = Vec::with_capacity(rest.len() / 2);
+            for p in rest.chunks(2) {
+                let j = int(&p[0]);
+                if j == 0 || j > m as u64 {
+                    return bad(&format!("settled permit {j} of {m}"));
+                }
+                out.push(((j - 1) as usize, bytes(&p[1])));
+            }
+            Ok(Committed::Duplicates(out))
+        }
+        _ => bad("no status"),
+    }
+}
+
+/// The READ script's reply for `n` keys: exactly `n` (version, record) pairs.
+pub(crate) fn parse_read(
+    vals: &[Value],
+    n: usize,
+) -> std::result::Result<Vec<(u64, Vec<u8>)>, String> {
+    parse_pairs(vals, n).map_err(|e| format!("unexpected answer from the read script: {e}"))
+}
+
+fn parse_pairs(vals: &[Value], n: usize) -> std::result::Result<Vec<(u64, Vec<u8>)>, String> {
+    if vals.len() != 2 * n {
+        return Err(format!(
+            "{} values for {n} (version, record) pairs",
+            vals.len()
+        ));
+    }
+    Ok(vals.chunks(2).map(|p| (int(&p[0]), bytes(&p[1]))).collect())
 }
 
 fn bytes(v: &Value) -> Vec<u8> {
@@ -1108,6 +1165,7 @@ impl Inner {
 
     /// Reads state records: targets then groups, (version, record) each.
     async fn read(&self, keys: Vec<String>) -> std::result::Result<Vec<(u64, Vec<u8>)>, LinkError> {
+        let n = keys.len();
         let vals: Vec<Value> = self
             .link
             .call(|mut c| async move {
@@ -1118,10 +1176,7 @@ impl Inner {
                 inv.invoke_async(&mut c).await
             })
             .await?;
-        Ok(vals
-            .chunks(2)
-            .map(|p| (int(&p[0]), p.get(1).map(bytes).unwrap_or_default()))
-            .collect())
+        parse_read(&vals, n).map_err(LinkError::Redis)
     }
 
     fn decode_target(&self, meta: &Meta, version: u64, record: Vec<u8>) -> Cached {
@@ -1532,29 +1587,7 @@ impl Inner {
             })
             .await?;
         self.metrics.redis_round_trip(started.elapsed());
-        match vals.first().map(int) {
-            Some(1) => Ok(Committed::Ok(vals[1..].iter().map(int).collect())),
-            Some(0) => Ok(Committed::Conflict(
-                vals[1..]
-                    .chunks(2)
-                    .map(|p| (int(&p[0]), p.get(1).map(bytes).unwrap_or_default()))
-                    .collect(),
-            )),
-            Some(2) => Ok(Committed::Duplicates(
-                vals[1..]
-                    .chunks(2)
-                    .map(|p| {
-                        (
-                            (int(&p[0]) as usize).saturating_sub(1),
-                            p.get(1).map(bytes).unwrap_or_default(),
-                        )
-                    })
-                    .collect(),
-            )),
-            _ => Err(LinkError::Redis(
-                "unexpected answer from the commit script".into(),
-            )),
-        }
+        parse_commit(&vals, n, settled.len()).map_err(LinkError::Redis)
     }
 
     /// Appends events to the stream outside the commit (Redis Cluster: the

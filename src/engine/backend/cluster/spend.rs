@@ -28,7 +28,7 @@ use std::sync::atomic::Ordering;
 /// means another replica committed on the same scope meanwhile).
 const MAX_TRIES: usize = 16;
 
-fn encode(s: &Spend) -> Vec<u8> {
+pub(crate) fn encode(s: &Spend) -> Vec<u8> {
     format!(
         "{} {} {}",
         s.tat().as_nanos(),
@@ -39,7 +39,7 @@ fn encode(s: &Spend) -> Vec<u8> {
 }
 
 /// A cell from its record ('' or damaged: a fresh cell).
-fn decode(b: &[u8]) -> Spend {
+pub(crate) fn decode(b: &[u8]) -> Spend {
     let text = String::from_utf8_lossy(b);
     let mut f = text.split(' ').map(|x| x.parse::<u64>().unwrap_or(0));
     let (tat, total, limited) = (f.next(), f.next(), f.next());
