@@ -250,10 +250,10 @@ impl RedisBackend {
                     for rest in taken {
                         fallback.ledger.give_back(&rest);
                     }
-                    return Err(match other {
-                        Err(e) => LinkError::Redis(e.to_string()),
-                        Ok(_) => LinkError::NotConnected,
-                    });
+                    return Err(LinkError::Redis(match other {
+                        Err(e) => e.to_string(),
+                        Ok(_) => format!("Redis failed while charging {}", m.key),
+                    }));
                 }
             }
         }
