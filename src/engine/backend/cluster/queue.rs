@@ -556,7 +556,9 @@ impl RedisQueue {
     /// Publishes the dead letters a script's lease expiry made:
     /// `{n, (id, attempts)...}` from `v[0]`; returns where the rest starts.
     fn publish_expired(&self, now: Time, queue: &str, v: &[Value]) -> usize {
-        let n = v.first().map_or(0, int).max(0) as usize;
+        // Never more pairs than the reply holds (a malformed count must not
+        // overflow the index arithmetic below).
+        let n = (v.first().map_or(0, int).max(0) as usize).min(v.len() / 2);
         for k in 0..n {
             let (Some(id), Some(att)) = (v.get(1 + 2 * k), v.get(2 + 2 * k)) else {
                 break;
@@ -771,7 +773,7 @@ impl RedisQueue {
             ];
             let v = self.run_list(&TAKE, queue, now, args).await?;
             let mut i = self.publish_expired(now, queue, &v);
-            let n = v.get(i).map_or(0, int).max(0) as usize;
+            let n = (v.get(i).map_or(0, int).max(0) as usize).min(v.len() / 5);
             i += 1;
             let mut taken = std::collections::VecDeque::new();
             for _ in 0..n {
@@ -1140,7 +1142,10 @@ impl RedisQueue {
             let i = self.publish_expired(now, &q, &v);
             let at = |k: usize| v.get(i + k).map_or(0, int).max(0) as u64;
             let (waiting, in_flight, dead, b) = (at(0), at(1), at(2), at(3));
-            if waiting + in_flight + dead == 0 && !queue.is_empty() && b == 0 {
+            if waiting.saturating_add(in_flight).saturating_add(dead) == 0
+                && !queue.is_empty()
+                && b == 0
+            {
                 // A queue never used: none (as embedded).
                 let known = self.stats_known(&q).await?;
                 if !known {
