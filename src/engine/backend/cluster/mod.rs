@@ -1473,7 +1473,7 @@ impl Inner {
                     {
                         self.index(m);
                     }
-                    deliver(jobs, answers, now);
+                    deliver(jobs, answers, now, &config);
                     return;
                 }
                 Ok(Committed::Conflict(current)) => {
@@ -1839,7 +1839,7 @@ fn fail_all(jobs: Vec<Job>, e: LinkError) {
     }
 }
 
-fn deliver(jobs: Vec<Job>, answers: Vec<Answer>, now: Time) {
+fn deliver(jobs: Vec<Job>, answers: Vec<Answer>, now: Time, config: &Config) {
     for (job, answer) in jobs.into_iter().zip(answers) {
         match &answer {
             Answer::Admission(a) => {
@@ -1849,7 +1849,22 @@ fn deliver(jobs: Vec<Job>, answers: Vec<Answer>, now: Time) {
                         attempt,
                         priority,
                         ..
-                    } => Some((*estimated_tokens, *attempt, *priority)),
+                    } => {
+                        // A budget that holds some of itself back from this
+                        // priority (its own or a group's reserve): as it
+                        // refills, its refusal turns from RATE_LIMITED into
+                        // PRIORITY_RESERVED before it admits, so the first
+                        // reason cannot stand for the whole wait.
+                        let s = &job.meta.settings;
+                        let held = s.budget.held_back(*priority) > 0
+                            || s.groups.iter().any(|&g| {
+                                config
+                                    .groups
+                                    .get(g)
+                                    .is_some_and(|gr| gr.budget.held_back(*priority) > 0)
+                            });
+                        (!held).then_some((*estimated_tokens, *attempt, *priority))
+                    }
                     _ => None,
                 };
                 job.meta.remember_refusal(now, a, asked);
