@@ -246,6 +246,22 @@ mod tests {
     /// from the others, the refusal names the one that waits longest and
     /// says "first" only once; once it frees, all three are charged.
     #[test]
+    fn absorbing_absurd_amounts_stays_bounded() {
+        let limit = per_hour(1.0);
+        let now = Time::from_secs(1_000_000);
+        let mut s = Spend::default();
+        // The most a merge could ever carry: debt bounded to one window.
+        s.absorb(now, &limit, i64::MAX, u64::MAX);
+        assert_eq!(s.total_micros, u64::MAX);
+        assert!(s.available(now, &limit) >= -(limit.amount as f64) - 1.0);
+        s.absorb(now, &limit, 1, u64::MAX);
+        assert_eq!(s.total_micros, u64::MAX, "the total saturates");
+        // The most it could give back: never more than full.
+        s.absorb(now, &limit, i64::MIN, 0);
+        assert!(s.available(now, &limit) <= limit.amount as f64);
+    }
+
+    #[test]
     fn reserve_all_is_all_or_nothing() {
         let (roomy, tight) = (per_hour(10.0), per_hour(1.0));
         let (mut a, mut b, mut c) = (Spend::default(), Spend::default(), Spend::default());

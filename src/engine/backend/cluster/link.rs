@@ -49,7 +49,21 @@ impl Endpoint {
             })
         };
         let root_cert = match &self.tls.ca {
-            Some(p) => Some(read(p, "redis_ca")?),
+            Some(p) => {
+                let pem = read(p, "redis_ca")?;
+                // A file that holds no certificate would leave nothing to
+                // trust and surface only as a vague handshake failure.
+                if !pem
+                    .windows(CERT_PEM.len())
+                    .any(|w| w == CERT_PEM.as_bytes())
+                {
+                    return Err(LinkError::Redis(format!(
+                        "[cluster] redis_ca {} holds no PEM certificate ({CERT_PEM:?})",
+                        p.display()
+                    )));
+                }
+                Some(pem)
+            }
             None => None,
         };
         let client_tls = match (&self.tls.client_cert, &self.tls.client_key) {
@@ -65,6 +79,9 @@ impl Endpoint {
         }))
     }
 }
+
+/// How a PEM certificate starts.
+const CERT_PEM: &str = "-----BEGIN CERTIFICATE-----";
 
 /// Consecutive failures that open the link.
 pub const FAILURES_TO_OPEN: u32 = 3;
@@ -405,5 +422,52 @@ impl Link {
         let was_open = self.open.swap(false, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
         Ok(was_open)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_files_that_cannot_serve_are_named() {
+        let dir = std::env::temp_dir().join(format!("backstop-link-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let garbage = dir.join("ca.pem");
+        std::fs::write(&garbage, "not a pem\n").expect("write");
+        let endpoint = |ca: std::path::PathBuf| Endpoint {
+            redis: RedisTarget::Url("rediss://cache:6380/0".into()),
+            tls: RedisTls {
+                ca: Some(ca),
+                ..RedisTls::default()
+            },
+        };
+        let err = |e: Result<Option<redis::TlsCertificates>, LinkError>| match e {
+            Err(LinkError::Redis(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        let m = err(endpoint(garbage.clone()).certificates());
+        assert!(
+            m.contains("holds no PEM certificate") && m.contains("ca.pem"),
+            "{m}"
+        );
+        let m = err(endpoint(dir.join("missing.pem")).certificates());
+        assert!(
+            m.contains("cannot read [cluster] redis_ca") && m.contains("missing.pem"),
+            "{m}"
+        );
+        std::fs::write(
+            &garbage,
+            format!("{CERT_PEM}\nAAAA\n-----END CERTIFICATE-----\n"),
+        )
+        .expect("write");
+        assert!(matches!(endpoint(garbage).certificates(), Ok(Some(_))));
+        // A plain address uses no certificates at all.
+        let plain = Endpoint {
+            redis: RedisTarget::Url("redis://cache:6379/0".into()),
+            tls: RedisTls::default(),
+        };
+        assert!(matches!(plain.certificates(), Ok(None)));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -97,6 +97,20 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
+    /// Whether its budget or one of its groups' holds a reserve back from
+    /// `p`. As such a budget refills, a refusal at `p` turns from
+    /// RATE_LIMITED into PRIORITY_RESERVED before it admits, so the first
+    /// reason cannot stand for the whole wait (the refusal cache skips it).
+    fn holds_back(&self, p: Priority, config: &Config) -> bool {
+        self.settings.budget.held_back(p) > 0
+            || self.settings.groups.iter().any(|&g| {
+                config
+                    .groups
+                    .get(g)
+                    .is_some_and(|gr| gr.budget.held_back(p) > 0)
+            })
+    }
+
     fn cx(&self) -> UnitCx<'_> {
         UnitCx {
             settings: &self.settings,
@@ -1849,22 +1863,11 @@ fn deliver(jobs: Vec<Job>, answers: Vec<Answer>, now: Time, config: &Config) {
                         attempt,
                         priority,
                         ..
-                    } => {
-                        // A budget that holds some of itself back from this
-                        // priority (its own or a group's reserve): as it
-                        // refills, its refusal turns from RATE_LIMITED into
-                        // PRIORITY_RESERVED before it admits, so the first
-                        // reason cannot stand for the whole wait.
-                        let s = &job.meta.settings;
-                        let held = s.budget.held_back(*priority) > 0
-                            || s.groups.iter().any(|&g| {
-                                config
-                                    .groups
-                                    .get(g)
-                                    .is_some_and(|gr| gr.budget.held_back(*priority) > 0)
-                            });
-                        (!held).then_some((*estimated_tokens, *attempt, *priority))
-                    }
+                    } => (!job.meta.holds_back(*priority, config)).then_some((
+                        *estimated_tokens,
+                        *attempt,
+                        *priority,
+                    )),
                     _ => None,
                 };
                 job.meta.remember_refusal(now, a, asked);
